@@ -1,0 +1,77 @@
+"""bbb: Bayes by Backprop for PyTorch.
+
+Variational Bayesian layers with a factorised Gaussian posterior (Blundell et al. 2015),
+three gradient estimators, priors with closed-form or Monte Carlo KL, a correctly scaled
+minibatch ELBO, and predictive uncertainty tools. Everything public is re-exported here.
+"""
+
+from . import metrics
+from .convert import bayesianize, to_deterministic
+from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
+from .kl import KL_MODES, closed_form_kl, has_closed_form
+from .likelihoods import NOISE_MODELS, Categorical, Gaussian, Likelihood
+from .nn import (
+    ESTIMATORS,
+    SAMPLING_MODES,
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesLinear,
+    BayesModule,
+    bayes_modules,
+    kl_divergence,
+    resample,
+    sampling,
+    set_sampling,
+    vectorized_samples,
+)
+from .predictive import ClassificationPrediction, RegressionPrediction, predict, sample_outputs
+from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, make_prior
+from .pruning import PruneResult, prune_by_snr, remove_pruning, snr
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ELBO",
+    "ESTIMATORS",
+    "KL_MODES",
+    "KL_WEIGHTINGS",
+    "NOISE_MODELS",
+    "SAMPLING_MODES",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesModule",
+    "Categorical",
+    "ClassificationPrediction",
+    "ELBOResult",
+    "Gaussian",
+    "GaussianPrior",
+    "LaplacePrior",
+    "Likelihood",
+    "Prior",
+    "PruneResult",
+    "RegressionPrediction",
+    "ScaleMixturePrior",
+    "__version__",
+    "bayes_modules",
+    "bayesianize",
+    "blundell_weight",
+    "closed_form_kl",
+    "has_closed_form",
+    "kl_divergence",
+    "linear_annealing",
+    "make_prior",
+    "metrics",
+    "predict",
+    "prune_by_snr",
+    "remove_pruning",
+    "resample",
+    "sample_outputs",
+    "sampling",
+    "set_sampling",
+    "snr",
+    "to_deterministic",
+    "vectorized_samples",
+]

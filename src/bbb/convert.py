@@ -1,0 +1,163 @@
+"""Convert between ordinary and Bayesian networks.
+
+- :func:`bayesianize`: replace ``nn.Linear`` / ``nn.Conv1d/2d/3d`` inside a model by their
+  Bayesian counterparts, optionally starting mu at the trained weights.
+- :func:`to_deterministic`: export the mean network (mu, pruning applied) as plain ``torch.nn``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .nn.conv import BayesConv1d, BayesConv2d, BayesConv3d, _BayesConvNd
+from .nn.linear import BayesLinear
+from .priors import Prior
+
+__all__ = ["bayesianize", "to_deterministic"]
+
+_CONV_PAIRS: tuple[tuple[type[nn.Module], type[_BayesConvNd]], ...] = (
+    (nn.Conv1d, BayesConv1d),
+    (nn.Conv2d, BayesConv2d),
+    (nn.Conv3d, BayesConv3d),
+)
+
+
+def _bayes_for(
+    module: nn.Module, kwargs: dict[str, Any], init_from_weights: bool
+) -> nn.Module | None:
+    w = getattr(module, "weight", None)
+    factory = {"device": w.device, "dtype": w.dtype} if isinstance(w, torch.Tensor) else {}
+    new: nn.Module | None = None
+    if type(module) is nn.Linear:
+        new = BayesLinear(
+            module.in_features, module.out_features, module.bias is not None, **kwargs, **factory
+        )
+    else:
+        for torch_cls, bayes_cls in _CONV_PAIRS:
+            if type(module) is torch_cls:
+                assert isinstance(module, nn.modules.conv._ConvNd)
+                if module.transposed:
+                    return None
+                new = bayes_cls(
+                    module.in_channels,
+                    module.out_channels,
+                    module.kernel_size,  # type: ignore[arg-type]
+                    stride=module.stride,  # type: ignore[arg-type]
+                    padding=module.padding,  # type: ignore[arg-type]
+                    dilation=module.dilation,  # type: ignore[arg-type]
+                    groups=module.groups,
+                    bias=module.bias is not None,
+                    padding_mode=module.padding_mode,
+                    **kwargs,
+                    **factory,
+                )
+    if new is not None and init_from_weights:
+        assert isinstance(new, (BayesLinear, _BayesConvNd))
+        with torch.no_grad():
+            new.weight_mu.copy_(module.weight)  # type: ignore[arg-type]
+            if module.bias is not None and new.bias_mu is not None:  # type: ignore[union-attr]
+                new.bias_mu.copy_(module.bias)  # type: ignore[arg-type]
+    return new
+
+
+def bayesianize(
+    model: nn.Module,
+    *,
+    prior: Prior | None = None,
+    estimator: str = "reparam",
+    kl: str = "auto",
+    init_from_weights: bool = False,
+    mu_init: str | tuple[float, float] = "fan_in",
+    rho_init: float | tuple[float, float] = (-5.0, -4.0),
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in ``model`` by a Bayesian layer.
+
+    Args:
+        model: any ``nn.Module`` (the module itself may be a Linear/Conv).
+        prior, estimator, kl, rho_init: passed to every new layer. One prior object is shared
+            by all layers (priors hold no trainable state).
+        init_from_weights: start mu at the existing weights and biases (fine-tuning a trained
+            network); otherwise mu is initialised by ``mu_init`` (default fan-in scaled).
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns the converted model. Other modules (activations, norms, transposed convs) are kept.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    kwargs: dict[str, Any] = {
+        "prior": prior,
+        "estimator": estimator,
+        "kl": kl,
+        "mu_init": mu_init,
+        "rho_init": rho_init,
+    }
+    top = _bayes_for(model, kwargs, init_from_weights)
+    if top is not None:
+        return top
+    for name, child in list(model.named_children()):
+        new = _bayes_for(child, kwargs, init_from_weights)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            bayesianize(child, inplace=True, init_from_weights=init_from_weights, **kwargs)
+    return model
+
+
+def _deterministic_for(module: nn.Module) -> nn.Module | None:
+    if not isinstance(module, (BayesLinear, _BayesConvNd)):
+        return None
+    w = module.weight_mu.detach()
+    if module.weight_mask is not None:
+        w = w * module.weight_mask
+    factory = {"device": w.device, "dtype": w.dtype}
+    bias = module.bias_mu is not None
+    new: nn.Module
+    if isinstance(module, BayesLinear):
+        new = nn.Linear(module.in_features, module.out_features, bias, **factory)
+    else:
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[module._dim]
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=bias,
+            padding_mode=module.padding_mode,
+            **factory,
+        )
+    with torch.no_grad():
+        new.weight.copy_(w)  # type: ignore[operator]
+        if bias:
+            new.bias.copy_(module.bias_mu)  # type: ignore[union-attr,operator]
+    return new
+
+
+def to_deterministic(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every Bayesian layer replaced by its mean network.
+
+    Weights are ``weight_mu`` (times the pruning mask), biases ``bias_mu``: the same function
+    as ``bbb.sampling(model, "mean")``, as plain ``nn.Linear``/``nn.ConvNd`` modules.
+    """
+    top = _deterministic_for(model)
+    if top is not None:
+        return top
+    model = copy.deepcopy(model)
+    _replace_with_deterministic(model)
+    return model
+
+
+def _replace_with_deterministic(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        new = _deterministic_for(child)
+        if new is not None:
+            setattr(module, name, new)
+        else:
+            _replace_with_deterministic(child)

@@ -1,0 +1,177 @@
+"""The minibatch ELBO of Bayes by Backprop, on a per-example scale.
+
+For a minibatch of B examples out of a data set of N, with S weight samples w_s ~ q:
+
+    loss = (1 / (S B)) sum_s sum_b -log p(y_b | x_b, w_s)  +  beta * pi_i * KL(q || p) / B
+
+``nll`` is the first term (mean over samples and examples), ``kl`` is KL(q || p) in nats for
+the whole network (closed form, or Monte Carlo averaged over the S samples) and the KL weight
+``beta * pi_i / B`` depends on the weighting scheme:
+
+- ``"uniform"``: pi_i = B / N, so the KL term is KL / N. Summed over the M minibatches of an
+  epoch (times B) this is exactly the full-data negative ELBO divided by N.
+- ``"blundell"``: pi_i = 2^(M-i) / (2^M - 1) for minibatch i = 1..M of the epoch (Blundell et
+  al. 2015, eq. 9), computed as 2^-i / (1 - 2^-M) so M = 391 does not overflow. The weights sum
+  to 1 over an epoch: early minibatches carry most of the KL.
+- ``beta`` (``kl_scale``): a constant (1 is the true ELBO) or a schedule of the optimisation
+  step (annealing, e.g. :func:`linear_annealing`).
+
+Dividing by B keeps the loss on the scale of an ordinary mean loss, so learning rates behave as
+in deterministic training; multiply by N to get the negative ELBO of the whole data set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .likelihoods import Likelihood
+from .nn.module import kl_divergence, vectorized_samples
+
+__all__ = ["ELBO", "ELBOResult", "KL_WEIGHTINGS", "blundell_weight", "linear_annealing"]
+
+KL_WEIGHTINGS = ("uniform", "blundell")
+
+
+def blundell_weight(batch_index: int, num_batches: int) -> float:
+    """pi_i = 2^(M-i) / (2^M - 1) for the 0-based minibatch ``batch_index`` (i = index + 1)."""
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if not isinstance(batch_index, int) or not 0 <= batch_index < num_batches:
+        raise ValueError(f"batch_index must lie in [0, {num_batches}), got {batch_index!r}")
+    i = batch_index + 1
+    # 2^-i / (1 - 2^-M); 2^-i underflows to 0.0 (not an error) for i > ~1074, which is the
+    # correct limit of a vanishing weight.
+    return math.ldexp(1.0, -i) / -math.expm1(-num_batches * math.log(2.0))
+
+
+def linear_annealing(
+    warmup_steps: int, start: float = 0.0, end: float = 1.0
+) -> Callable[[int], float]:
+    """A KL scale that rises linearly from ``start`` to ``end`` over ``warmup_steps`` steps."""
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps!r}")
+
+    def schedule(step: int) -> float:
+        t = min(step / warmup_steps, 1.0)
+        return start + (end - start) * t
+
+    return schedule
+
+
+@dataclass
+class ELBOResult:
+    """Output of :class:`ELBO`: all on the per-example scale described in the module doc."""
+
+    loss: Tensor  # scalar to backpropagate: nll + kl_weight * kl
+    nll: Tensor  # scalar, mean negative log-likelihood over samples and examples (nats)
+    kl: Tensor  # scalar, KL(q || p) of the whole network (nats)
+    kl_weight: float  # beta * pi_i / B
+    output: Tensor  # (S, B, ...) model outputs
+
+
+class ELBO(nn.Module):
+    """Negative ELBO per example for a minibatch (see the module docstring for the formula).
+
+    Args:
+        likelihood: :class:`bbb.Categorical` or :class:`bbb.Gaussian`.
+        dataset_size: N, the number of training examples (required: the KL scale depends on it;
+            under ``torch.distributed``, the global size, not a rank's share).
+        num_samples: S weight samples per step, evaluated in one vectorized forward pass.
+        kl_weighting: ``"uniform"`` or ``"blundell"``.
+        kl_scale: beta, a float >= 0 or a callable ``step -> float`` (annealing). The step
+            counter (a buffer, saved in ``state_dict``) advances by one at each call made in
+            training mode with gradients enabled.
+
+    Call ``elbo(model, x, y, batch_index=i, num_batches=M)``; ``batch_index``/``num_batches``
+    are required for ``"blundell"`` only.
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        likelihood: Likelihood,
+        dataset_size: int,
+        *,
+        num_samples: int = 1,
+        kl_weighting: str = "uniform",
+        kl_scale: float | Callable[[int], float] = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(likelihood, Likelihood):
+            raise TypeError(
+                f"likelihood must be a bbb Likelihood (Categorical, Gaussian), got {type(likelihood).__name__}"
+            )
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
+            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if kl_weighting not in KL_WEIGHTINGS:
+            raise ValueError(
+                f"unknown kl_weighting {kl_weighting!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"
+            )
+        if not callable(kl_scale):
+            kl_scale = float(kl_scale)
+            if not math.isfinite(kl_scale) or kl_scale < 0:
+                raise ValueError(f"kl_scale must be a finite number >= 0, got {kl_scale!r}")
+        self.likelihood = likelihood
+        self.dataset_size = dataset_size
+        self.num_samples = num_samples
+        self.kl_weighting = kl_weighting
+        self.kl_scale = kl_scale
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
+        """beta * pi_i / B for this minibatch."""
+        beta = self.kl_scale(int(self.step)) if callable(self.kl_scale) else self.kl_scale
+        if self.kl_weighting == "uniform":
+            return beta / self.dataset_size
+        if batch_index is None or num_batches is None:
+            raise ValueError("kl_weighting='blundell' needs batch_index and num_batches")
+        return beta * blundell_weight(batch_index, num_batches) / batch_size
+
+    def forward(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_index: int | None = None,
+        num_batches: int | None = None,
+    ) -> ELBOResult:
+        """Evaluate the objective on a minibatch ``x`` (B, ...), ``y`` (B, ...)."""
+        b = x.shape[0] if x.dim() else 0
+        if b == 0:
+            raise ValueError(f"ELBO needs a non-empty minibatch, got x of shape {tuple(x.shape)}")
+        if y.shape[0] != b:
+            raise ValueError(
+                f"x has {b} examples but y has {y.shape[0]} (shapes {tuple(x.shape)}, {tuple(y.shape)})"
+            )
+        if b > self.dataset_size:
+            raise ValueError(
+                f"minibatch of {b} examples is larger than dataset_size={self.dataset_size}: "
+                "dataset_size must be the number of training examples"
+            )
+        s = self.num_samples
+        with vectorized_samples(model, s):
+            xs = x if s == 1 else x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
+            out = model(xs)
+            out = out.reshape(s, b, *out.shape[1:])
+            kl = kl_divergence(model)
+        nll = -self.likelihood.log_prob(out, y).mean()
+        weight = self.kl_weight(b, batch_index, num_batches)
+        loss = nll + weight * kl
+        if self.training and torch.is_grad_enabled():
+            self.step += 1
+        return ELBOResult(loss=loss, nll=nll.detach(), kl=kl.detach(), kl_weight=weight, output=out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dataset_size={self.dataset_size}, num_samples={self.num_samples}, "
+            f"kl_weighting={self.kl_weighting!r}"
+        )

@@ -1,0 +1,156 @@
+"""Likelihoods p(y | x, w): how a network's output becomes a distribution over targets.
+
+A likelihood turns the outputs of S weight samples, shape (S, B, ...), into per-sample,
+per-example log-likelihoods (S, B) for the ELBO, and into a predictive summary
+(:mod:`bbb.predictive`) with the aleatoric/epistemic split.
+
+- :class:`Categorical`: the network outputs logits (B, C); targets are class indices (B,).
+- :class:`Gaussian`: regression with ``noise="fixed"`` (a given sigma), ``"learned"`` (one
+  homoscedastic sigma per output dimension, a parameter of this module: give the ELBO's
+  parameters to the optimizer too) or ``"heteroscedastic"`` (the network outputs the mean and
+  the log-variance: (B, 2 D), means first). Targets are (B, D), or (B,) when D = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Likelihood", "Categorical", "Gaussian", "NOISE_MODELS"]
+
+NOISE_MODELS = ("fixed", "learned", "heteroscedastic")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+class Likelihood(nn.Module):
+    """Base class. ``output``: (S, B, ...) network outputs of S weight samples."""
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """log p(target | output) per sample and example, shape (S, B) (nats)."""
+        raise NotImplementedError
+
+
+class Categorical(Likelihood):
+    """Softmax classification: ``output`` are logits (S, B, C); targets (B,) in [0, C)."""
+
+    def check_target(self, output: Tensor, target: Tensor) -> None:
+        if output.dim() != 3:
+            raise ValueError(
+                f"Categorical expects logits of shape (B, C) from the model, got {tuple(output.shape[1:])}"
+            )
+        if target.dim() != 1 or target.shape[0] != output.shape[1]:
+            raise ValueError(
+                f"Categorical expects integer targets of shape ({output.shape[1]},), "
+                f"got {tuple(target.shape)}"
+            )
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise ValueError(
+                f"Categorical targets must be integer class indices, got {target.dtype}"
+            )
+        num_classes = output.shape[-1]
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+            raise ValueError(
+                f"Categorical targets must lie in [0, {num_classes}), got values in "
+                f"[{int(target.min())}, {int(target.max())}]"
+            )
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        self.check_target(output, target)
+        s, b, c = output.shape
+        nll = F.cross_entropy(output.reshape(s * b, c), target.repeat(s), reduction="none")
+        return -nll.reshape(s, b)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Gaussian(Likelihood):
+    """Gaussian regression likelihood.
+
+    Args:
+        noise: ``"fixed"``, ``"learned"`` or ``"heteroscedastic"`` (see the module docstring).
+        sigma: the noise standard deviation for ``"fixed"``, and the initial value for
+            ``"learned"`` (in the units of the (normalised) targets).
+        output_dim: number of target dimensions D (needed for ``"learned"``; checked otherwise).
+        min_variance: a floor added to the heteroscedastic variance exp(log_var) for stability.
+    """
+
+    log_sigma: Tensor
+
+    def __init__(
+        self,
+        noise: str = "fixed",
+        sigma: float = 1.0,
+        output_dim: int = 1,
+        min_variance: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"unknown noise {noise!r}; accepted values: {', '.join(NOISE_MODELS)}")
+        sigma = float(sigma)
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"Gaussian sigma must be a finite positive number, got {sigma!r}")
+        if not isinstance(output_dim, int) or output_dim < 1:
+            raise ValueError(f"Gaussian output_dim must be a positive integer, got {output_dim!r}")
+        if min_variance < 0:
+            raise ValueError(f"Gaussian min_variance must be >= 0, got {min_variance!r}")
+        self.noise = noise
+        self.output_dim = output_dim
+        self.min_variance = float(min_variance)
+        init = torch.full((output_dim,), math.log(sigma))
+        if noise == "learned":
+            self.log_sigma = nn.Parameter(init)
+        else:
+            self.register_buffer("log_sigma", init)
+
+    @property
+    def sigma(self) -> Tensor:
+        """The homoscedastic noise standard deviation (D,) (fixed or learned)."""
+        return self.log_sigma.exp()
+
+    def mean_and_variance(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """Split outputs (S, B, D or 2D) into the mean (S, B, D) and noise variance (S, B, D)."""
+        if output.dim() == 2:  # (S, B) from a model with a squeezed single output
+            output = output.unsqueeze(-1)
+        d = output.shape[-1]
+        if self.noise == "heteroscedastic":
+            if d % 2:
+                raise ValueError(
+                    "heteroscedastic Gaussian expects the model to output 2*D values per example "
+                    f"(means, then log-variances), got {d}"
+                )
+            mean, log_var = output.split(d // 2, dim=-1)
+            return mean, log_var.exp() + self.min_variance
+        if d != self.output_dim:
+            raise ValueError(
+                f"Gaussian(noise={self.noise!r}) expects {self.output_dim} output(s) per example, got {d}"
+            )
+        var = (2 * self.log_sigma).exp().to(output.dtype).expand_as(output)
+        return output, var
+
+    def _target(self, mean: Tensor, target: Tensor) -> Tensor:
+        if target.dim() == 1:
+            target = target.unsqueeze(-1)
+        if target.shape != mean.shape[1:]:
+            raise ValueError(
+                f"Gaussian target shape {tuple(target.shape)} does not match the model's mean "
+                f"shape {tuple(mean.shape[1:])}"
+            )
+        return target
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        mean, var = self.mean_and_variance(output)
+        target = self._target(mean, target)
+        lp = -0.5 * (_LOG_2PI + var.log() + (target - mean) ** 2 / var)
+        return lp.sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"noise={self.noise!r}, output_dim={self.output_dim}"

@@ -1,0 +1,629 @@
+"""Evaluation metrics for predictive distributions.
+
+All functions here are pure functions on :class:`torch.Tensor` inputs; they hold no model
+code and never modify their arguments. Scalar metrics are returned as Python ``float``.
+Internally everything is computed in ``float64`` (on the inputs' device), so results do not
+depend on the precision the model was run in.
+
+Classification metrics take *predictive probabilities* ``probs`` of shape ``(B, C)`` (B
+examples, C classes; each row a probability vector, e.g. the Monte-Carlo average of the
+softmax outputs) and integer ``labels`` of shape ``(B,)`` with values in ``[0, C)``.
+
+Regression metrics take predictive means/variances and targets of shape ``(B,)`` or
+``(B, D)`` (a ``(B,)`` tensor is treated as ``(B, 1)``), or, for the Monte-Carlo mixture
+predictive, per-sample means/variances of shape ``(S, B, D)`` (S posterior samples).
+
+Every function validates its inputs and raises ``TypeError`` (not a tensor, wrong dtype) or
+``ValueError`` (wrong shape - the actual shape is named in the message -, NaN/inf values,
+probabilities that do not sum to 1, labels out of range, non-positive variances).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PROB_SUM_ATOL",
+    "ReliabilityData",
+    "accuracy",
+    "auroc",
+    "brier",
+    "classification_report",
+    "error",
+    "expected_calibration_error",
+    "gaussian_log_likelihood",
+    "mixture_gaussian_log_likelihood",
+    "nll",
+    "plot_reliability_diagram",
+    "regression_report",
+    "reliability_diagram_data",
+    "rmse",
+]
+
+#: Absolute tolerance for ``|sum_c probs[b, c] - 1|`` (and for probabilities slightly
+#: outside ``[0, 1]``) accepted by the classification metrics.
+PROB_SUM_ATOL: float = 1e-3
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _require_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _require_finite(t: Tensor, name: str) -> None:
+    if torch.isnan(t).any():
+        raise ValueError(f"{name} contains NaN values")
+    if torch.isinf(t).any():
+        raise ValueError(f"{name} contains infinite values")
+
+
+def _as_float64(x: object, name: str) -> Tensor:
+    """Check ``x`` is a real, finite tensor and return it as ``float64``."""
+    t = _require_tensor(x, name)
+    if t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have a real numeric dtype, got {t.dtype}")
+    t = t.detach().to(torch.float64)
+    _require_finite(t, name)
+    return t
+
+
+def _check_classification(
+    probs: object, labels: object, atol: float = PROB_SUM_ATOL
+) -> tuple[Tensor, Tensor]:
+    """Validate ``probs`` (B, C) and ``labels`` (B,); return (float64 probs, int64 labels)."""
+    p = _require_tensor(probs, "probs")
+    y = _require_tensor(labels, "labels")
+    if p.dim() != 2:
+        raise ValueError(f"probs must have shape (B, C), got shape {_shape(p)}")
+    if y.dim() != 1:
+        raise ValueError(f"labels must have shape (B,), got shape {_shape(y)}")
+    B, C = p.shape
+    if B == 0:
+        raise ValueError(f"probs is empty (shape {_shape(p)}); need at least one example")
+    if C == 0:
+        raise ValueError(f"probs has no classes (shape {_shape(p)})")
+    if y.shape[0] != B:
+        raise ValueError(
+            f"labels has shape {_shape(y)} but probs has shape {_shape(p)}; "
+            f"expected labels of shape ({B},)"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {y.dtype}")
+    p = _as_float64(p, "probs")
+    y = y.detach().to(device=p.device, dtype=torch.int64)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= C:
+        raise ValueError(
+            f"labels must be in range [0, {C}) for probs with {C} classes, "
+            f"got values in [{lo}, {hi}]"
+        )
+    if (p < -atol).any() or (p > 1.0 + atol).any():
+        raise ValueError(
+            f"probs must lie in [0, 1], got values in [{p.min().item():.6g}, "
+            f"{p.max().item():.6g}]. Pass probabilities (e.g. softmax outputs), not logits"
+        )
+    sums = p.sum(dim=1)
+    dev = (sums - 1.0).abs()
+    if (dev > atol).any():
+        i = int(dev.argmax())
+        raise ValueError(
+            f"each row of probs must sum to 1 (atol={atol:g}); row {i} sums to "
+            f"{sums[i].item():.6g}. Pass probabilities (e.g. softmax outputs), not logits"
+        )
+    return p, y
+
+
+def _as_2d(t: Tensor, name: str) -> Tensor:
+    """Treat (B,) as (B, 1); accept (B, D); reject anything else."""
+    if t.dim() == 1:
+        return t.unsqueeze(1)
+    if t.dim() == 2:
+        return t
+    raise ValueError(f"{name} must have shape (B,) or (B, D), got shape {_shape(t)}")
+
+
+def _check_matching_2d(**tensors: object) -> list[Tensor]:
+    """Validate tensors of shape (B,) or (B, D) that must agree after (B,) -> (B, 1)."""
+    names = list(tensors)
+    raw = [_as_float64(tensors[name], name) for name in names]
+    out = [_as_2d(t, name) for t, name in zip(raw, names, strict=True)]
+    ref = out[0]
+    if ref.shape[0] == 0:
+        raise ValueError(f"{names[0]} is empty (shape {_shape(raw[0])}); need B >= 1")
+    for name, r, t in zip(names[1:], raw[1:], out[1:], strict=True):
+        if t.shape != ref.shape:
+            raise ValueError(
+                f"shape mismatch: {names[0]} has shape {_shape(raw[0])} but {name} has "
+                f"shape {_shape(r)} ((B,) is treated as (B, 1))"
+            )
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {ref.device}")
+    return out
+
+
+def _require_positive(t: Tensor, name: str) -> None:
+    if (t <= 0).any():
+        raise ValueError(f"{name} must be strictly positive, got minimum {t.min().item():.6g}")
+
+
+def _check_n_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
+# --------------------------------------------------------------------------------------
+# classification
+# --------------------------------------------------------------------------------------
+
+
+def accuracy(probs: Tensor, labels: Tensor) -> float:
+    """Fraction of examples whose arg-max class equals the label.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``; rows sum to 1.
+        labels: integer class labels, shape ``(B,)``, values in ``[0, C)``.
+
+    Returns:
+        Accuracy as a fraction in ``[0, 1]`` (not a percentage). Ties in ``probs`` are
+        broken by :func:`torch.argmax` (the first maximal class).
+    """
+    p, y = _check_classification(probs, labels)
+    return (p.argmax(dim=1) == y).to(torch.float64).mean().item()
+
+
+def error(probs: Tensor, labels: Tensor) -> float:
+    """Classification error rate, ``1 - accuracy(probs, labels)``.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+
+    Returns:
+        Fraction of misclassified examples in ``[0, 1]`` (not a percentage).
+    """
+    return 1.0 - accuracy(probs, labels)
+
+
+def nll(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the labels under the predictive distribution.
+
+    ``-(1/B) * sum_b log(max(probs[b, labels[b]], eps))``.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+        eps: lower clamp on the probability of the true class, so that a zero probability
+            gives the finite value ``-log(eps)`` instead of ``inf``.
+
+    Returns:
+        Mean NLL in nats per example (>= 0).
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    p, y = _check_classification(probs, labels)
+    p_true = p.gather(1, y.unsqueeze(1)).squeeze(1).clamp(min=eps)
+    return (-p_true.log()).mean().item()
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score.
+
+    Convention (Brier 1950): for each example the squared error is **summed over classes**,
+    ``sum_c (probs[b, c] - onehot(labels[b])_c)^2``, and then **averaged over examples**.
+    The score therefore lies in ``[0, 2]``; a perfect one-hot prediction scores 0 and the
+    uniform prediction scores ``(C - 1) / C``. (Some libraries divide additionally by C.)
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+
+    Returns:
+        Brier score (dimensionless, lower is better).
+    """
+    p, y = _check_classification(probs, labels)
+    onehot = torch.nn.functional.one_hot(y, num_classes=p.shape[1]).to(p.dtype)
+    return (p - onehot).pow(2).sum(dim=1).mean().item()
+
+
+@dataclass(frozen=True)
+class ReliabilityData:
+    """Per-bin statistics for a reliability diagram (top-label confidence).
+
+    Attributes:
+        bin_edges: ``(n_bins + 1,)`` equally spaced edges ``0, 1/n_bins, ..., 1``. Bin ``i``
+            is the interval ``(bin_edges[i], bin_edges[i + 1]]`` (bin 0 also contains 0).
+        bin_confidence: ``(n_bins,)`` mean top-label confidence of the examples in each
+            bin; NaN for empty bins.
+        bin_accuracy: ``(n_bins,)`` fraction of correctly classified examples in each bin;
+            NaN for empty bins.
+        bin_count: ``(n_bins,)`` number of examples in each bin (int64); sums to B.
+
+    All tensors are ``float64`` (``bin_count``: ``int64``) on the CPU.
+    """
+
+    bin_edges: Tensor
+    bin_confidence: Tensor
+    bin_accuracy: Tensor
+    bin_count: Tensor
+
+    @property
+    def n_bins(self) -> int:
+        """Number of bins."""
+        return int(self.bin_count.numel())
+
+    def ece(self) -> float:
+        """Expected calibration error implied by these bins (see
+        :func:`expected_calibration_error`)."""
+        total = self.bin_count.sum()
+        nonempty = self.bin_count > 0
+        weights = self.bin_count[nonempty].to(torch.float64) / total
+        gaps = (self.bin_accuracy[nonempty] - self.bin_confidence[nonempty]).abs()
+        return (weights * gaps).sum().item()
+
+
+def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityData:
+    """Bin examples by top-label confidence into equal-width bins on ``[0, 1]``.
+
+    The top-label confidence of example ``b`` is ``max_c probs[b, c]``; it is counted as
+    correct when ``argmax_c probs[b, c] == labels[b]``. Bins are ``(i/n, (i+1)/n]``
+    (Guo et al., 2017, "On Calibration of Modern Neural Networks").
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+        n_bins: number of equal-width bins (>= 1).
+
+    Returns:
+        A :class:`ReliabilityData` with per-bin edges, mean confidence, accuracy and count.
+    """
+    _check_n_bins(n_bins)
+    p, y = _check_classification(probs, labels)
+    conf, pred = p.max(dim=1)
+    conf = conf.clamp(0.0, 1.0).cpu()
+    correct = (pred == y).to(torch.float64).cpu()
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    # bucketize with right=False: index i such that edges[i] < conf <= edges[i+1].
+    idx = torch.bucketize(conf, edges[1:-1].contiguous(), right=False)
+    count = torch.bincount(idx, minlength=n_bins)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    corr_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    denom = count.to(torch.float64)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    bin_conf = torch.where(count > 0, conf_sum / denom.clamp(min=1.0), nan)
+    bin_acc = torch.where(count > 0, corr_sum / denom.clamp(min=1.0), nan)
+    return ReliabilityData(
+        bin_edges=edges, bin_confidence=bin_conf, bin_accuracy=bin_acc, bin_count=count
+    )
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error (ECE) of the top-label confidence.
+
+    ``ECE = sum_i (|B_i| / B) * |acc(B_i) - conf(B_i)|`` over equal-width confidence bins
+    ``B_i = (i/n_bins, (i+1)/n_bins]`` (Guo et al., 2017); empty bins contribute 0.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+        n_bins: number of equal-width bins (>= 1); 15 as in Guo et al.
+
+    Returns:
+        ECE as a fraction in ``[0, 1]`` (multiply by 100 for percent).
+    """
+    return reliability_diagram_data(probs, labels, n_bins=n_bins).ece()
+
+
+def plot_reliability_diagram(
+    probs: Tensor,
+    labels: Tensor,
+    path: str | os.PathLike[str],
+    n_bins: int = 15,
+    title: str | None = None,
+) -> Path:
+    """Write a reliability diagram (accuracy vs confidence per bin) as a PNG file.
+
+    The upper panel shows per-bin accuracy (bars), the gap to the mean confidence (hatched)
+    and the diagonal of perfect calibration, with the ECE in the legend; the lower panel
+    shows the number of examples per bin. Matplotlib is imported lazily and the figure is
+    rendered with the non-interactive Agg canvas, without touching ``pyplot`` or the global
+    backend.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+        path: output file; parent directories are created if needed.
+        n_bins: number of equal-width confidence bins.
+        title: optional figure title.
+
+    Returns:
+        The path written to, as a :class:`pathlib.Path`.
+    """
+    data = reliability_diagram_data(probs, labels, n_bins=n_bins)
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = data.bin_edges.numpy()
+    width = float(edges[1] - edges[0])
+    left = edges[:-1]
+    nonempty = (data.bin_count > 0).numpy()
+    acc = torch.nan_to_num(data.bin_accuracy, nan=0.0).numpy()
+    conf = torch.nan_to_num(data.bin_confidence, nan=0.0).numpy()
+    counts = data.bin_count.numpy()
+
+    fig = Figure(figsize=(5.0, 6.0))
+    FigureCanvasAgg(fig)
+    ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(
+        left[nonempty],
+        acc[nonempty],
+        width=width,
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        label="accuracy",
+    )
+    ax.bar(
+        left[nonempty],
+        (conf - acc)[nonempty],
+        bottom=acc[nonempty],
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", title=f"ECE = {100.0 * data.ece():.2f}%")
+    if title is not None:
+        ax.set_title(title)
+    ax_hist.bar(left, counts, width=width, align="edge", color="gray", edgecolor="black")
+    ax_hist.set_xlabel("confidence (top-label probability)")
+    ax_hist.set_ylabel("count")
+    fig.tight_layout()
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# regression
+# --------------------------------------------------------------------------------------
+
+
+def rmse(mean: Tensor, target: Tensor) -> float:
+    """Root-mean-squared error between predictions and targets.
+
+    ``sqrt(mean_{b,d} (mean[b, d] - target[b, d])^2)`` - the mean runs over all examples
+    and output dimensions (for D = 1 this is the usual RMSE).
+
+    Args:
+        mean: point predictions, shape ``(B,)`` or ``(B, D)``.
+        target: targets, same shape as ``mean`` (``(B,)`` and ``(B, 1)`` are interchangeable).
+
+    Returns:
+        RMSE in the units of ``target``.
+    """
+    m, t = _check_matching_2d(mean=mean, target=target)
+    return (m - t).pow(2).mean().sqrt().item()
+
+
+def _gaussian_log_density(mean: Tensor, var: Tensor, target: Tensor) -> Tensor:
+    """Elementwise ``log N(target; mean, var)`` (float64, broadcasting)."""
+    return -0.5 * (_LOG_2PI + var.log() + (target - mean).pow(2) / var)
+
+
+def gaussian_log_likelihood(mean: Tensor, var: Tensor, target: Tensor) -> float:
+    """Mean over examples of the Gaussian log-likelihood of the targets.
+
+    ``(1/B) * sum_b sum_d log N(target[b, d]; mean[b, d], var[b, d])`` - summed over output
+    dimensions (a diagonal Gaussian), averaged over examples.
+
+    Args:
+        mean: predictive means, shape ``(B,)`` or ``(B, D)``.
+        var: predictive variances (not standard deviations), same shape, strictly positive.
+        target: targets, same shape.
+
+    Returns:
+        Log-likelihood in nats per example (higher is better), in the units of the inputs.
+    """
+    m, v, t = _check_matching_2d(mean=mean, var=var, target=target)
+    _require_positive(v, "var")
+    return _gaussian_log_density(m, v, t).sum(dim=1).mean().item()
+
+
+def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate (S, B, D) means/vars and (B, D)/(B,) target; return float64 3-D/2-D tensors."""
+    mu = _as_float64(means, "means")
+    var = _as_float64(vars, "vars")
+    y = _as_float64(target, "target")
+    if mu.dim() == 2:  # (S, B) with scalar outputs
+        mu = mu.unsqueeze(2)
+    if var.dim() == 2:
+        var = var.unsqueeze(2)
+    if mu.dim() != 3:
+        raise ValueError(f"means must have shape (S, B, D) or (S, B), got shape {_shape(mu)}")
+    if var.shape != mu.shape:
+        raise ValueError(
+            f"vars must have the same shape as means {_shape(mu)}, got shape {_shape(var)}"
+        )
+    S, B, D = mu.shape
+    if S == 0 or B == 0:
+        raise ValueError(f"means is empty (shape {_shape(mu)}); need S >= 1 and B >= 1")
+    y2 = _as_2d(y, "target")
+    if y2.shape != (B, D):
+        raise ValueError(
+            f"target must have shape ({B}, {D})"
+            + (f" or ({B},)" if D == 1 else "")
+            + f" to match means of shape {_shape(mu)}, got shape {_shape(y)}"
+        )
+    _require_positive(var, "vars")
+    return mu, var, y2
+
+
+def _check_y_scale(y_scale: float) -> None:
+    if not (isinstance(y_scale, (int, float)) and math.isfinite(y_scale) and y_scale > 0):
+        raise ValueError(f"y_scale must be a finite positive number, got {y_scale!r}")
+
+
+def mixture_gaussian_log_likelihood(
+    means: Tensor, vars: Tensor, target: Tensor, y_scale: float = 1.0
+) -> float:
+    """Test log-likelihood of the Monte-Carlo mixture predictive (the standard UCI metric).
+
+    With S posterior samples each giving a diagonal Gaussian ``N(mu_s, diag(var_s))``, the
+    predictive is the equal-weight mixture and the metric is
+
+        ``(1/B) * sum_b log( (1/S) * sum_s N(y_b; mu_{s,b}, diag(var_{s,b})) )``
+
+    computed stably with ``logsumexp`` over s (the D output dims are summed inside each
+    component, i.e. each sample is a joint D-dimensional Gaussian).
+
+    Normalised targets: if the model was trained on ``y_norm = (y - m) / s``, pass
+    ``means``, ``vars`` and ``target`` in *normalised* units and ``y_scale=s``. The result
+    is then the log-likelihood in the *original* units of y: by the change of variables
+    ``y = m + s * y_norm`` each output dimension contributes ``-log(s)``, so
+    ``D * log(s)`` is subtracted. With ``y_scale=1`` the result is in the inputs' units.
+
+    Args:
+        means: per-sample predictive means, shape ``(S, B, D)`` (or ``(S, B)`` for D = 1).
+        vars: per-sample predictive variances, same shape, strictly positive.
+        target: targets, shape ``(B, D)`` or ``(B,)`` (the latter only for D = 1).
+        y_scale: the standard deviation ``s`` used to normalise the targets (> 0).
+
+    Returns:
+        Mean log-likelihood in nats per example (higher is better).
+    """
+    _check_y_scale(y_scale)
+    mu, var, y = _check_mixture(means, vars, target)
+    S, _, D = mu.shape
+    log_comp = _gaussian_log_density(mu, var, y.unsqueeze(0)).sum(dim=2)  # (S, B)
+    log_mix = torch.logsumexp(log_comp, dim=0) - math.log(S)  # (B,)
+    return (log_mix.mean() - D * math.log(y_scale)).item()
+
+
+def regression_report(
+    means: Tensor, vars: Tensor, target: Tensor, y_scale: float = 1.0
+) -> dict[str, float]:
+    """RMSE of the mixture mean and mixture test log-likelihood.
+
+    Args:
+        means: per-sample predictive means, shape ``(S, B, D)`` (or ``(S, B)``).
+        vars: per-sample predictive variances, same shape, strictly positive.
+        target: targets, shape ``(B, D)`` or ``(B,)``.
+        y_scale: normalisation scale of the targets (see
+            :func:`mixture_gaussian_log_likelihood`); inputs in normalised units.
+
+    Returns:
+        ``{"rmse": ..., "log_likelihood": ...}`` where ``rmse`` is the RMSE of the
+        predictive mean ``(1/S) sum_s mu_s`` multiplied by ``y_scale`` (so in original
+        units) and ``log_likelihood`` is
+        ``mixture_gaussian_log_likelihood(means, vars, target, y_scale)`` (nats/example,
+        original units).
+    """
+    _check_y_scale(y_scale)
+    mu, var, y = _check_mixture(means, vars, target)
+    return {
+        "rmse": rmse(mu.mean(dim=0), y) * y_scale,
+        "log_likelihood": mixture_gaussian_log_likelihood(mu, var, y, y_scale=y_scale),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# out-of-distribution detection
+# --------------------------------------------------------------------------------------
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of the entries of a 1-D tensor, ties getting their average rank."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    counts = counts.to(torch.float64)
+    start = torch.cumsum(counts, dim=0) - counts  # number of strictly smaller values
+    return (start + (counts + 1.0) / 2.0)[inverse]
+
+
+def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
+    """Area under the ROC curve for separating two sets of scores.
+
+    The positive set is the one expected to score *higher* (e.g. predictive entropy of
+    out-of-distribution inputs as positives vs in-distribution inputs as negatives). The
+    result is computed exactly from ranks (Mann-Whitney U statistic):
+
+        ``AUROC = P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)``
+
+    over all pairs, i.e. ties count as 1/2. Hence ``auroc(a, b) == 1 - auroc(b, a)``.
+
+    Args:
+        scores_negative: scores of the negative set, shape ``(N_neg,)``, N_neg >= 1.
+        scores_positive: scores of the positive set, shape ``(N_pos,)``, N_pos >= 1.
+
+    Returns:
+        AUROC in ``[0, 1]``: 1 for perfect separation, 0.5 for chance/identical sets.
+    """
+    neg = _as_float64(scores_negative, "scores_negative")
+    pos = _as_float64(scores_positive, "scores_positive")
+    for name, t in (("scores_negative", neg), ("scores_positive", pos)):
+        if t.dim() != 1:
+            raise ValueError(f"{name} must have shape (N,), got shape {_shape(t)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {_shape(t)})")
+    if neg.device != pos.device:
+        raise ValueError(f"scores_negative is on {neg.device} but scores_positive on {pos.device}")
+    n_neg, n_pos = neg.numel(), pos.numel()
+    ranks = _average_ranks(torch.cat([neg, pos]))
+    u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0
+    return (u / (n_neg * n_pos)).clamp(0.0, 1.0).item()
+
+
+# --------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------
+
+
+def classification_report(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """All classification metrics at once.
+
+    Args:
+        probs: predictive probabilities, shape ``(B, C)``.
+        labels: integer class labels, shape ``(B,)``.
+        n_bins: number of ECE bins.
+
+    Returns:
+        ``{"error", "accuracy", "nll", "ece", "brier"}`` as floats; error, accuracy and ece
+        are fractions in ``[0, 1]``, nll is in nats per example, brier as in :func:`brier`.
+    """
+    _check_n_bins(n_bins)
+    p, y = _check_classification(probs, labels)
+    acc = accuracy(p, y)
+    return {
+        "error": 1.0 - acc,
+        "accuracy": acc,
+        "nll": nll(p, y),
+        "ece": expected_calibration_error(p, y, n_bins=n_bins),
+        "brier": brier(p, y),
+    }

@@ -1,0 +1,31 @@
+"""Bayesian layers and the helpers that act on every Bayesian layer of a model."""
+
+from .conv import BayesConv1d, BayesConv2d, BayesConv3d
+from .estimators import ESTIMATORS
+from .linear import BayesLinear
+from .module import (
+    SAMPLING_MODES,
+    BayesModule,
+    bayes_modules,
+    kl_divergence,
+    resample,
+    sampling,
+    set_sampling,
+    vectorized_samples,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "SAMPLING_MODES",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesModule",
+    "bayes_modules",
+    "kl_divergence",
+    "resample",
+    "sampling",
+    "set_sampling",
+    "vectorized_samples",
+]

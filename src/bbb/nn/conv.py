@@ -1,0 +1,189 @@
+"""``BayesConv1d/2d/3d``: convolutions with a factorised Gaussian posterior.
+
+Same arguments as ``torch.nn.ConvNd`` plus ``prior``, ``estimator``, ``kl``, ``mu_init`` and
+``rho_init`` (see :class:`bbb.BayesLinear`). Several weight samples in one pass are folded into
+the channel groups of a single convolution.
+
+Note on ``estimator="local"``: local reparameterisation samples each output from a Gaussian with
+the right mean and variance, but independently across output positions, whereas positions that
+share a weight are correlated under weight-space sampling. For convolutions it is therefore an
+approximation (a popular and effective one); ``"reparam"`` and ``"flipout"`` are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
+
+from ..priors import Prior
+from .module import BayesModule
+
+__all__ = ["BayesConv1d", "BayesConv2d", "BayesConv3d"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _BayesConvNd(BayesModule):
+    _dim: int = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        prior: Prior | None = None,
+        estimator: str = "reparam",
+        kl: str = "auto",
+        mu_init: str | tuple[float, float] = "fan_in",
+        rho_init: float | tuple[float, float] = (-5.0, -4.0),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for arg, v in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+        ):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} {arg} must be a positive integer, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                f"divisible by groups ({groups})"
+            )
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"unknown padding_mode {padding_mode!r}; accepted values: {', '.join(_PADDING_MODES)}"
+            )
+        ntuple = _ntuple(self._dim)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size: tuple[int, ...] = ntuple(kernel_size)
+        self.stride: tuple[int, ...] = ntuple(stride)
+        self.dilation: tuple[int, ...] = ntuple(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding: tuple[int, ...] | str = padding
+            if padding == "same":
+                total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+                pads: list[int] = []
+                for t in reversed(total):
+                    pads += [t // 2, t - t // 2]
+                self._explicit_pad: tuple[int, ...] = tuple(pads)
+            else:
+                self._explicit_pad = (0,) * (2 * self._dim)
+        else:
+            self.padding = ntuple(padding)
+            self._explicit_pad = _reverse_repeat_tuple(self.padding, 2)
+        weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        fan_in = (in_channels // groups) * math.prod(self.kernel_size)
+        self._init_posterior(
+            weight_shape,
+            bias,
+            prior=prior,
+            estimator=estimator,
+            kl=kl,
+            mu_init=mu_init,
+            rho_init=rho_init,
+            fan_in=fan_in,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != self._dim + 2 or x.shape[1] != self.in_channels:
+            spatial = ", ".join(["..."] * self._dim)
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (N, {self.in_channels}, {spatial}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
+        conv = _CONV[self._dim]
+        kwargs: dict[str, Any] = {
+            "stride": self.stride,
+            "dilation": self.dilation,
+            "groups": groups,
+        }
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._explicit_pad, mode=self.padding_mode)
+            return conv(x, w, b, padding=0, **kwargs)
+        return conv(x, w, b, padding=self.padding, **kwargs)
+
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return self._conv(x, w, b, self.groups)
+
+    def op_batched(self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
+        # Fold the S samples into channel groups: (S*B, C, *sp) -> (B, S*C, *sp), one grouped
+        # convolution with S*groups groups, then unfold (B, S*O, *sp') -> (S*B, O, *sp').
+        s = num_samples
+        sb, c, *spatial = x.shape
+        b_rows = sb // s
+        xs = x.reshape(s, b_rows, c, *spatial).transpose(0, 1).reshape(b_rows, s * c, *spatial)
+        ws = w.reshape(s * w.shape[1], *w.shape[2:])
+        bs = None if b is None else b.reshape(-1)
+        y = self._conv(xs, ws, bs, s * self.groups)
+        o = self.out_channels
+        out_spatial = y.shape[2:]
+        return y.reshape(b_rows, s, o, *out_spatial).transpose(0, 1).reshape(sb, o, *out_spatial)
+
+    def sign_shapes(
+        self, x: Tensor, y_shape: torch.Size
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # One sign per example and channel, shared over positions (they share the weights).
+        ones = (1,) * self._dim
+        return (x.shape[0], x.shape[1], *ones), (y_shape[0], y_shape[1], *ones)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias_mu is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + ", " + super().extra_repr()
+
+
+class BayesConv1d(_BayesConvNd):
+    """Bayesian ``nn.Conv1d``: input (N, C_in, L) -> output (N, C_out, L')."""
+
+    _dim = 1
+
+
+class BayesConv2d(_BayesConvNd):
+    """Bayesian ``nn.Conv2d``: input (N, C_in, H, W) -> output (N, C_out, H', W')."""
+
+    _dim = 2
+
+
+class BayesConv3d(_BayesConvNd):
+    """Bayesian ``nn.Conv3d``: input (N, C_in, D, H, W) -> output (N, C_out, D', H', W')."""
+
+    _dim = 3

@@ -1,0 +1,122 @@
+"""Gradient estimators, written once for every layer that is linear in its weights.
+
+A layer supplies its operation ``op(x, w, b)`` (``F.linear`` or ``F.convNd`` with its stride,
+padding, ...) and a batched variant ``op_batched(x, w, b, S)`` that applies S different weights
+to the S blocks of a sample-folded batch. Shapes below: ``N`` rows in the batch (the sample
+dimension, when present, folded in front: ``N = S * B``), ``W`` the weight shape, ``O`` the
+number of outputs (out features / out channels).
+
+- :func:`reparam` (weight-space sampling, Blundell et al. 2015): ``w = mu + sigma * eps``,
+  one weight sample per Monte Carlo sample, shared by the rows of that sample.
+- :func:`local` (local reparameterisation, Kingma et al. 2015): sample pre-activations from
+  N(op(x, mu) + mu_b, op(x^2, sigma^2) + sigma_b^2) with independent noise per row and output.
+  Exact for linear layers. For convolutions it matches the mean and variance of each output but
+  not the correlation between output positions that share a weight: an approximation there.
+- :func:`flipout` (Wen et al. 2018): one shared perturbation ``dW = sigma * eps`` per Monte Carlo
+  sample, decorrelated across rows by random signs: ``op(x, mu) + op(x * s_in, dW) * s_out``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["ESTIMATORS", "Posterior", "LayerOps", "reparam", "local", "flipout", "rademacher"]
+
+ESTIMATORS = ("reparam", "local", "flipout")
+
+
+class Posterior(NamedTuple):
+    """Mean and standard deviation of the weight (shape W) and bias (shape (O,)) posteriors."""
+
+    w_mu: Tensor
+    w_sigma: Tensor
+    b_mu: Tensor | None
+    b_sigma: Tensor | None
+
+
+class LayerOps(Protocol):
+    """What an estimator needs from a layer."""
+
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """Apply one weight ``w`` (shape W) and bias ``b`` (shape (O,)) to ``x`` (N, ...)."""
+        ...
+
+    def op_batched(self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
+        """Apply weights ``w`` (S, *W) and biases ``b`` (S, O) to the S blocks of ``x`` (S*B, ...)."""
+        ...
+
+    def sign_shapes(
+        self, x: Tensor, y_shape: torch.Size
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of flipout's input and output sign tensors (broadcastable to x and y)."""
+        ...
+
+
+def rademacher(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Independent random signs (+1/-1) of the given shape, dtype and device of ``like``."""
+    return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+
+
+def _apply(ops: LayerOps, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
+    """Apply sample-stacked weights (S, *W) / biases (S, O): a plain op when S = 1."""
+    if num_samples == 1:
+        return ops.op(x, w[0], None if b is None else b[0])
+    return ops.op_batched(x, w, b, num_samples)
+
+
+def reparam(
+    ops: LayerOps, x: Tensor, post: Posterior, eps_w: Tensor, eps_b: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weight-space sampling. ``eps_w``: (S, *W), ``eps_b``: (S, O) standard normal noise.
+
+    Returns ``(y, w, b)``: the output (N, O, ...) and the sampled weights (S, *W) and biases
+    (S, O), kept for a Monte Carlo KL from the same sample.
+    """
+    w = torch.addcmul(post.w_mu, post.w_sigma, eps_w)
+    b = None
+    if post.b_mu is not None and eps_b is not None:
+        assert post.b_sigma is not None
+        b = torch.addcmul(post.b_mu, post.b_sigma, eps_b)
+    return _apply(ops, x, w, b, eps_w.shape[0]), w, b
+
+
+def _min_variance(dtype: torch.dtype) -> float:
+    return max(1e-16, torch.finfo(dtype).tiny)
+
+
+def local(ops: LayerOps, x: Tensor, post: Posterior) -> Tensor:
+    """Local reparameterisation: independent Gaussian pre-activations per row and output.
+
+    The variance is floored at a tiny positive value before the square root (1e-16, or the
+    smallest normal number of the dtype), so an all-zero input row with ``bias=False`` gives a
+    zero-variance output without a NaN gradient (the floor passes no gradient).
+    """
+    mean = ops.op(x, post.w_mu, post.b_mu)
+    b_var = None if post.b_sigma is None else post.b_sigma * post.b_sigma
+    var = ops.op(x * x, post.w_sigma * post.w_sigma, b_var)
+    std = var.clamp_min(_min_variance(var.dtype)).sqrt()
+    return torch.addcmul(mean, std, torch.randn_like(mean))
+
+
+def flipout(
+    ops: LayerOps, x: Tensor, post: Posterior, eps_w: Tensor, eps_b: Tensor | None
+) -> Tensor:
+    """Flipout. ``eps_w``: (S, *W) shared perturbation noise, ``eps_b``: (S, O).
+
+    ``y = op(x, mu_w, mu_b) + op_S(x * s_in, sigma_w * eps_w, sigma_b * eps_b) * s_out`` with
+    independent random signs per row (per row and channel for convolutions). Each row's output
+    has exactly the distribution of weight-space sampling; rows are decorrelated by the signs.
+    The underlying weight sample is ``w = mu + sigma * eps_w``: a Monte Carlo KL uses it.
+    """
+    num_samples = eps_w.shape[0]
+    mean = ops.op(x, post.w_mu, post.b_mu)
+    dw = post.w_sigma * eps_w
+    db = None
+    if post.b_sigma is not None and eps_b is not None:
+        db = post.b_sigma * eps_b
+    s_in_shape, s_out_shape = ops.sign_shapes(x, mean.shape)
+    pert = _apply(ops, x * rademacher(s_in_shape, x), dw, db, num_samples)
+    return torch.addcmul(mean, pert, rademacher(s_out_shape, pert))

@@ -1,0 +1,414 @@
+"""``BayesModule``: the shared machinery of every Bayesian layer.
+
+A Bayesian layer holds a factorised Gaussian posterior q(w) = N(mu, sigma^2) over its weight
+and bias, with ``sigma = softplus(rho)`` (``weight_mu``, ``weight_rho``, ``bias_mu``,
+``bias_rho`` parameters), a prior (a :class:`bbb.priors.Prior` submodule), a gradient
+estimator and a KL mode. Subclasses only say how the weights act on the input (``op``).
+
+Sampling modes (per layer; set them for a whole model with :func:`sampling`):
+
+- ``"sample"`` (default): fresh noise at every forward pass, drawn by the layer's estimator.
+- ``"mean"``: use ``mu``: a deterministic network (the "mean network").
+- ``"frozen"``: draw one weight sample and keep it across calls until :func:`resample`; always
+  weight-space (local noise cannot be frozen), as Thompson sampling needs.
+
+Several Monte Carlo samples in one pass: inside :func:`vectorized_samples` (used by
+:class:`bbb.ELBO` and :func:`bbb.predict`), a layer receives a batch of ``S * B`` rows, the S
+copies of the batch stacked in front, and uses a different weight sample for each block.
+
+The KL divergence of the latest forward pass is computed on demand by :meth:`BayesModule.kl`
+(and summed over a model by :func:`kl_divergence`), so prediction pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import kl as _kl
+from ..priors import GaussianPrior, Prior
+from . import estimators as est
+
+__all__ = [
+    "BayesModule",
+    "SAMPLING_MODES",
+    "MU_INITS",
+    "kl_divergence",
+    "bayes_modules",
+    "sampling",
+    "set_sampling",
+    "resample",
+    "vectorized_samples",
+]
+
+SAMPLING_MODES = ("sample", "mean", "frozen")
+MU_INITS = ("paper", "fan_in")
+_LOG_SIGMA_SWITCH = -20.0  # below this rho, log(softplus(rho)) == rho to float precision
+
+
+def _softplus_and_log(rho: Tensor) -> tuple[Tensor, Tensor]:
+    """sigma = softplus(rho) and log(sigma), both finite with finite gradients for any rho."""
+    sigma = F.softplus(rho)
+    tiny = torch.finfo(rho.dtype).tiny
+    log_sigma = torch.where(rho < _LOG_SIGMA_SWITCH, rho, torch.log(sigma.clamp_min(tiny)))
+    return sigma, log_sigma
+
+
+@dataclass
+class _Record:
+    """What the latest forward pass leaves for the KL: noise and, where computed, the sample."""
+
+    eps_w: Tensor | None = None  # (S, *W)
+    eps_b: Tensor | None = None  # (S, O)
+    w: Tensor | None = None  # (S, *W) weight sample, when the estimator built it
+    b: Tensor | None = None  # (S, O)
+
+
+class BayesModule(nn.Module):
+    """Base class of the Bayesian layers (factorised Gaussian posterior over weight and bias).
+
+    Subclasses call :meth:`_init_posterior` and implement :meth:`op`, :meth:`op_batched` and
+    :meth:`sign_shapes`.
+    """
+
+    weight_mu: nn.Parameter
+    weight_rho: nn.Parameter
+    bias_mu: nn.Parameter | None
+    bias_rho: nn.Parameter | None
+    weight_mask: Tensor | None
+    prior: Prior
+
+    def _init_posterior(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool,
+        *,
+        prior: Prior | None,
+        estimator: str,
+        kl: str,
+        mu_init: str | tuple[float, float],
+        rho_init: float | tuple[float, float],
+        fan_in: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        if estimator not in est.ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {estimator!r}; accepted values: {', '.join(est.ESTIMATORS)}"
+            )
+        if prior is None:
+            prior = GaussianPrior(1.0)
+        if not isinstance(prior, Prior):
+            raise TypeError(
+                f"prior must be a bbb Prior (GaussianPrior, ScaleMixturePrior, LaplacePrior), "
+                f"got {type(prior).__name__}"
+            )
+        self.estimator = estimator
+        self.kl_mode = _kl.resolve_kl_mode(kl, prior)
+        self.prior = prior
+        self.mode = "sample"
+        self.num_samples = 1
+        self._fan_in = fan_in
+        factory = {"device": device, "dtype": dtype}
+        out = weight_shape[0]
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory))
+        self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(out, **factory))
+            self.bias_rho = nn.Parameter(torch.empty(out, **factory))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        self.register_buffer("weight_mask", None)
+        self._record: _Record | None = None
+        self._frozen: _Record | None = None
+        self.reset_parameters(mu_init=mu_init, rho_init=rho_init)
+
+    # ----------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def reset_parameters(
+        self,
+        mu_init: str | tuple[float, float] = "fan_in",
+        rho_init: float | tuple[float, float] = (-5.0, -4.0),
+    ) -> None:
+        """Initialise the posterior.
+
+        Args:
+            mu_init: ``"paper"``: mu ~ U(-0.2, 0.2) (the layer of the paper's common
+                implementation); ``"fan_in"``: mu ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
+                scale of ``nn.Linear``/``nn.ConvNd``; or a ``(low, high)`` uniform range.
+            rho_init: a constant, or a ``(low, high)`` uniform range for rho
+                (sigma = softplus(rho); the default (-5, -4) gives sigma of about 0.007-0.018).
+        """
+        if isinstance(mu_init, str):
+            if mu_init == "paper":
+                low, high = -0.2, 0.2
+            elif mu_init == "fan_in":
+                bound = 1.0 / max(self._fan_in, 1) ** 0.5
+                low, high = -bound, bound
+            else:
+                raise ValueError(
+                    f"unknown mu_init {mu_init!r}; accepted values: {', '.join(MU_INITS)} "
+                    "or a (low, high) tuple"
+                )
+        else:
+            low, high = (float(v) for v in mu_init)
+        if isinstance(rho_init, (int, float)):
+            r_low = r_high = float(rho_init)
+        else:
+            r_low, r_high = (float(v) for v in rho_init)
+        if low > high or r_low > r_high:
+            raise ValueError(f"init ranges must have low <= high, got mu {mu_init}, rho {rho_init}")
+        for mu, rho in self._pairs():
+            mu.uniform_(low, high)
+            rho.uniform_(r_low, r_high)
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        pairs = [(self.weight_mu, self.weight_rho)]
+        if self.bias_mu is not None and self.bias_rho is not None:
+            pairs.append((self.bias_mu, self.bias_rho))
+        return pairs
+
+    # ----------------------------------------------------------------- posterior access
+    @property
+    def weight_sigma(self) -> Tensor:
+        """Posterior standard deviation of the weights, softplus(rho) (shape W)."""
+        return F.softplus(self.weight_rho)
+
+    @property
+    def bias_sigma(self) -> Tensor | None:
+        """Posterior standard deviation of the biases (shape (O,)), or None."""
+        return None if self.bias_rho is None else F.softplus(self.bias_rho)
+
+    def _posterior(self) -> est.Posterior:
+        w_sigma = F.softplus(self.weight_rho)
+        w_mu = self.weight_mu
+        if self.weight_mask is not None:
+            w_mu = w_mu * self.weight_mask
+            w_sigma = w_sigma * self.weight_mask
+        b_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
+        return est.Posterior(w_mu, w_sigma, self.bias_mu, b_sigma)
+
+    # ----------------------------------------------------------------- the ops (subclasses)
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def op_batched(
+        self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int
+    ) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def sign_shapes(
+        self, x: Tensor, y_shape: torch.Size
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check_input(self, x: Tensor) -> None:  # pragma: no cover - subclasses override
+        pass
+
+    # ----------------------------------------------------------------- forward
+    def _noise(self, num_samples: int, like: Tensor) -> _Record:
+        eps_w = torch.randn(
+            (num_samples, *self.weight_mu.shape), dtype=like.dtype, device=like.device
+        )
+        eps_b = None
+        if self.bias_mu is not None:
+            eps_b = torch.randn(
+                (num_samples, self.bias_mu.shape[0]), dtype=like.dtype, device=like.device
+            )
+        return _Record(eps_w=eps_w, eps_b=eps_b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the layer to ``x``; inside :func:`vectorized_samples`, ``x`` is (S * B, ...)."""
+        self._check_input(x)
+        num_samples = self.num_samples
+        if num_samples > 1 and x.shape[0] % num_samples != 0:
+            raise ValueError(
+                f"{type(self).__name__}: batch of {x.shape[0]} rows is not a multiple of "
+                f"num_samples={num_samples} (inside vectorized_samples the S copies of the batch "
+                "are stacked along the first dimension)"
+            )
+        mode = self.mode
+        post = self._posterior()
+        if mode == "mean":
+            self._record = _Record()
+            return self.op(x, post.w_mu, post.b_mu)
+        if mode == "frozen":
+            noise = self._frozen
+            if noise is None or noise.eps_w is None or noise.eps_w.shape[0] != num_samples:
+                noise = self._noise(num_samples, self.weight_mu)
+                self._frozen = noise
+            assert noise.eps_w is not None
+            y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
+            self._record = _Record(noise.eps_w, noise.eps_b, w, b)
+            return y
+        if self.estimator == "local":
+            self._record = _Record()
+            return est.local(self, x, post)
+        noise = self._noise(num_samples, self.weight_mu)
+        assert noise.eps_w is not None
+        if self.estimator == "reparam":
+            y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
+            self._record = _Record(noise.eps_w, noise.eps_b, w, b)
+            return y
+        self._record = noise
+        return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
+
+    # ----------------------------------------------------------------- KL
+    def kl(self) -> Tensor:
+        """KL(q || p) in nats for the latest forward pass, a scalar that backpropagates.
+
+        ``closed_form``: the exact sum over weights (pruned weights excluded). ``mc``: the
+        estimate log q(w) - log p(w), averaged over the S weight samples of the latest pass.
+        The weight sample is the one the forward pass used for ``reparam`` and ``flipout``
+        (``w = mu + sigma * eps`` with flipout's shared ``eps``), and the frozen sample in
+        ``frozen`` mode. The local estimator and the mean mode never draw weights: for them an
+        independent weight sample is drawn for the KL alone.
+        """
+        total = self.weight_mu.new_zeros(())
+        mask = self.weight_mask
+        if self.kl_mode == "closed_form":
+            for i, (mu, rho) in enumerate(self._pairs()):
+                sigma, log_sigma = _softplus_and_log(rho)
+                term = _kl.closed_form_kl(mu, sigma, self.prior, log_sigma)
+                if i == 0 and mask is not None:
+                    term = term * mask
+                total = total + term.sum()
+            return total
+        record = self._record
+        if record is None or record.eps_w is None:
+            record = self._noise(1, self.weight_mu)
+        eps_list = [record.eps_w, record.eps_b]
+        samples = [record.w, record.b]
+        for i, (mu, rho) in enumerate(self._pairs()):
+            eps = eps_list[i]
+            assert eps is not None
+            sigma, log_sigma = _softplus_and_log(rho)
+            if i == 0 and mask is not None:
+                mu, sigma = mu * mask, sigma * mask
+            w = samples[i]
+            if w is None:
+                w = torch.addcmul(mu, sigma, eps)
+            term = _kl.mc_kl(w, eps, log_sigma, self.prior)
+            if i == 0 and mask is not None:
+                term = term * mask
+            total = total + term.sum() / eps.shape[0]
+        return total
+
+    # ----------------------------------------------------------------- modes
+    def resample(self) -> None:
+        """Forget the frozen weight sample; the next forward in ``"frozen"`` mode draws anew."""
+        self._frozen = None
+
+    def set_sampling(self, mode: str) -> None:
+        """Set this layer's sampling mode (``"sample"``, ``"mean"`` or ``"frozen"``)."""
+        if mode not in SAMPLING_MODES:
+            raise ValueError(
+                f"unknown sampling mode {mode!r}; accepted values: {', '.join(SAMPLING_MODES)}"
+            )
+        self.mode = mode
+
+    # ----------------------------------------------------------------- state dict
+    def _load_from_state_dict(  # type: ignore[override]
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight_mask"
+        mask = state_dict.get(key)
+        if mask is not None and self.weight_mask is None:
+            self.weight_mask = torch.empty_like(mask, device=self.weight_mu.device)
+        elif mask is None and self.weight_mask is not None:
+            self.weight_mask = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator!r}, kl={self.kl_mode!r}, mode={self.mode!r}"
+
+
+# --------------------------------------------------------------------- model-level helpers
+def bayes_modules(model: nn.Module) -> Iterator[BayesModule]:
+    """All Bayesian layers inside ``model`` (including ``model`` itself)."""
+    for m in model.modules():
+        if isinstance(m, BayesModule):
+            yield m
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """Summed KL(q || p) (nats) of all Bayesian layers for the latest forward pass.
+
+    A scalar tensor that backpropagates to every ``mu`` and ``rho``. Zero (a tensor) for a
+    model without Bayesian layers.
+    """
+    total: Tensor | None = None
+    for m in bayes_modules(model):
+        k = m.kl()
+        total = k if total is None else total + k
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return total
+
+
+def set_sampling(model: nn.Module, mode: str) -> None:
+    """Set the sampling mode of every Bayesian layer in ``model``."""
+    for m in bayes_modules(model):
+        m.set_sampling(mode)
+
+
+@contextlib.contextmanager
+def sampling(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Context manager: use ``mode`` in every Bayesian layer, restore the previous modes after.
+
+    >>> with bbb.sampling(model, "mean"):
+    ...     y = model(x)          # the mean network
+    """
+    layers = list(bayes_modules(model))
+    previous = [m.mode for m in layers]
+    try:
+        for m in layers:
+            m.set_sampling(mode)
+        yield model
+    finally:
+        for m, p in zip(layers, previous, strict=True):
+            m.mode = p
+
+
+def resample(model: nn.Module) -> None:
+    """Draw new frozen weight samples (at the next forward) in every Bayesian layer."""
+    for m in bayes_modules(model):
+        m.resample()
+
+
+@contextlib.contextmanager
+def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
+    """Context manager: Bayesian layers treat their input as ``num_samples`` stacked copies.
+
+    Inside it the model is called on ``x.repeat(S, ...)`` (shape (S * B, ...)), and each
+    Bayesian layer uses S independent weight samples, one per block of B rows, in one batched
+    operation. Non-Bayesian layers see an ordinary batch. :class:`bbb.ELBO` and
+    :func:`bbb.predict` use this; call it yourself only for custom objectives.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    layers = list(bayes_modules(model))
+    previous = [m.num_samples for m in layers]
+    try:
+        for m in layers:
+            m.num_samples = num_samples
+        yield model
+    finally:
+        for m, p in zip(layers, previous, strict=True):
+            m.num_samples = p

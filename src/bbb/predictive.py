@@ -1,0 +1,198 @@
+"""Predictive distributions: averaging over weight samples, and the uncertainty split.
+
+:func:`predict` runs S weight samples in one vectorized pass per chunk of inputs and returns a
+:class:`ClassificationPrediction` or a :class:`RegressionPrediction`:
+
+- classification: predictive probabilities p(y|x) = mean_s softmax(f_s(x)); total uncertainty
+  ``entropy`` = H[p(y|x)]; ``aleatoric`` = mean_s H[softmax(f_s(x))] (expected entropy);
+  ``epistemic`` = entropy - aleatoric (the mutual information between y and w). All in nats.
+- regression: the mixture of S Gaussians N(mu_s(x), var_s(x)); ``mean`` = mean_s mu_s;
+  ``aleatoric`` = mean_s var_s (noise); ``epistemic`` = variance over s of mu_s (population
+  variance, 1/S); ``variance`` = aleatoric + epistemic (law of total variance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .likelihoods import Categorical, Gaussian, Likelihood
+from .nn.module import vectorized_samples
+
+__all__ = [
+    "ClassificationPrediction",
+    "RegressionPrediction",
+    "Prediction",
+    "predict",
+    "sample_outputs",
+]
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+@dataclass
+class ClassificationPrediction:
+    """Predictive summary for classification. B examples, C classes, S samples."""
+
+    probs: Tensor  # (B, C) predictive probabilities
+    sample_probs: Tensor  # (S, B, C) per-sample probabilities
+
+    @property
+    def entropy(self) -> Tensor:
+        """Total predictive entropy H[p(y|x)] (B,), nats."""
+        return _entropy(self.probs)
+
+    @property
+    def aleatoric(self) -> Tensor:
+        """Expected entropy mean_s H[p_s(y|x)] (B,), nats."""
+        return _entropy(self.sample_probs).mean(0)
+
+    @property
+    def epistemic(self) -> Tensor:
+        """Mutual information I[y; w | x] = entropy - aleatoric (B,), nats, >= 0."""
+        return (self.entropy - self.aleatoric).clamp_min(0.0)
+
+    @property
+    def predicted(self) -> Tensor:
+        """Most probable class (B,)."""
+        return self.probs.argmax(-1)
+
+    def log_prob(self, target: Tensor) -> Tensor:
+        """Predictive log-probability of integer targets (B,), nats."""
+        p = self.probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+        return torch.log(p.clamp_min(1e-30))
+
+
+@dataclass
+class RegressionPrediction:
+    """Predictive summary for regression: a mixture of S Gaussians per example (B, D)."""
+
+    sample_means: Tensor  # (S, B, D)
+    sample_variances: Tensor  # (S, B, D) noise variance of each sample
+
+    @property
+    def mean(self) -> Tensor:
+        """Predictive mean (B, D)."""
+        return self.sample_means.mean(0)
+
+    @property
+    def aleatoric(self) -> Tensor:
+        """Expected noise variance mean_s var_s (B, D)."""
+        return self.sample_variances.mean(0)
+
+    @property
+    def epistemic(self) -> Tensor:
+        """Variance of the sample means over weight samples (B, D) (1/S normalisation)."""
+        return self.sample_means.var(0, correction=0)
+
+    @property
+    def variance(self) -> Tensor:
+        """Total predictive variance = aleatoric + epistemic (B, D)."""
+        return self.aleatoric + self.epistemic
+
+    @property
+    def std(self) -> Tensor:
+        """Total predictive standard deviation (B, D)."""
+        return self.variance.sqrt()
+
+    def log_prob(self, target: Tensor) -> Tensor:
+        """Log-density of targets (B, D) or (B,) under the mixture, summed over D (B,), nats."""
+        if target.dim() == 1:
+            target = target.unsqueeze(-1)
+        m, v = self.sample_means, self.sample_variances
+        lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
+        s = m.shape[0]
+        return (torch.logsumexp(lp, dim=0) - math.log(s)).sum(-1)
+
+    def quantiles(
+        self, q: Sequence[float], num_draws: int = 20, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Quantiles of the predictive mixture, estimated from ``num_draws`` draws per sample.
+
+        Returns (len(q), B, D).
+        """
+        m, v = self.sample_means, self.sample_variances
+        eps = torch.randn(
+            (num_draws, *m.shape), generator=generator, dtype=m.dtype, device=m.device
+        )
+        draws = (m + v.sqrt() * eps).reshape(-1, *m.shape[1:])
+        qs = torch.tensor(list(q), dtype=m.dtype, device=m.device)
+        return torch.quantile(draws, qs, dim=0)
+
+
+Prediction = ClassificationPrediction | RegressionPrediction
+
+
+def sample_outputs(
+    model: nn.Module, x: Tensor, num_samples: int, *, max_rows: int = 65536
+) -> Tensor:
+    """Model outputs for ``num_samples`` weight samples, (S, B, ...), without gradients.
+
+    Inputs are processed in chunks of at most ``max_rows // S`` examples, each chunk in one
+    vectorized pass (S * chunk rows).
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+    chunk = max(1, max_rows // num_samples)
+    outs = []
+    with torch.no_grad(), vectorized_samples(model, num_samples):
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start : start + chunk]
+            b = xb.shape[0]
+            rep = (
+                xb.unsqueeze(0)
+                .expand(num_samples, *xb.shape)
+                .reshape(num_samples * b, *xb.shape[1:])
+            )
+            out = model(rep)
+            outs.append(out.reshape(num_samples, b, *out.shape[1:]))
+    return torch.cat(outs, dim=1)
+
+
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    likelihood: Likelihood | None = None,
+    num_samples: int = 100,
+    max_rows: int = 65536,
+) -> ClassificationPrediction | RegressionPrediction:
+    """Predictive distribution of ``model`` at inputs ``x`` (B, ...), averaged over samples.
+
+    Args:
+        model: a network with Bayesian layers (in its current sampling mode: ``"sample"``
+            draws fresh weights per sample; under ``bbb.sampling(model, "mean")`` all samples
+            coincide).
+        x: inputs (B, ...).
+        likelihood: :class:`bbb.Categorical` (default; the model outputs logits) or
+            :class:`bbb.Gaussian` (regression; its noise model gives the aleatoric part).
+        num_samples: S, the number of weight samples.
+        max_rows: bound on S * chunk rows per forward pass (memory).
+    """
+    if likelihood is None:
+        likelihood = Categorical()
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError("predict: inputs contain NaN or Inf values")
+    outputs = sample_outputs(model, x, num_samples, max_rows=max_rows)
+    if isinstance(likelihood, Categorical):
+        if outputs.dim() != 3:
+            raise ValueError(
+                f"Categorical predict expects logits (B, C) from the model, got {tuple(outputs.shape[1:])}"
+            )
+        sample_probs = torch.softmax(outputs, dim=-1)
+        return ClassificationPrediction(sample_probs.mean(0), sample_probs)
+    if isinstance(likelihood, Gaussian):
+        with torch.no_grad():
+            mean, var = likelihood.mean_and_variance(outputs)
+        return RegressionPrediction(mean, var)
+    raise TypeError(
+        f"predict supports Categorical and Gaussian likelihoods, got {type(likelihood).__name__}"
+    )

@@ -1,0 +1,179 @@
+"""Priors over weights: Gaussian, the paper's scale mixture of two Gaussians, and Laplace.
+
+Each prior is a small ``nn.Module`` whose hyper-parameters are buffers (so they travel with
+``state_dict`` and ``.to(device/dtype)``) and which exposes a ``torch.distributions`` object
+through :meth:`Prior.distribution`. The KL code (:mod:`bbb.kl`) uses that object to look up a
+closed form; the Monte Carlo KL uses :meth:`Prior.log_prob`.
+
+All priors are zero-centred by default, factorised over weights, and fixed (not learned).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch import distributions as D
+
+__all__ = ["Prior", "GaussianPrior", "ScaleMixturePrior", "LaplacePrior", "make_prior"]
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return value
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+class Prior(nn.Module):
+    """Base class: a factorised prior p(w) = prod_j p(w_j) over a weight tensor."""
+
+    def distribution(self) -> D.Distribution:
+        """The scalar (batch shape ``()``) ``torch.distributions`` object of one weight."""
+        raise NotImplementedError
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        """Elementwise log-density (nats) of weights ``w`` (any shape; result has that shape)."""
+        return self.distribution().log_prob(w)
+
+    def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Draw weights of the given shape from the prior."""
+        return self.distribution().sample(torch.Size(shape))
+
+    def _buffer(self, name: str, value: float) -> None:
+        self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()))
+
+
+class GaussianPrior(Prior):
+    """p(w) = N(w; mean, sigma^2) for every weight.
+
+    Args:
+        sigma: standard deviation (> 0).
+        mean: location (default 0).
+    """
+
+    sigma: Tensor
+    mean: Tensor
+
+    def __init__(self, sigma: float = 1.0, mean: float = 0.0) -> None:
+        super().__init__()
+        self._buffer("sigma", _positive("GaussianPrior sigma", sigma))
+        self._buffer("mean", _finite("GaussianPrior mean", mean))
+
+    def distribution(self) -> D.Normal:
+        return D.Normal(self.mean, self.sigma, validate_args=False)
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        z = (w - self.mean) / self.sigma
+        return -0.5 * z * z - torch.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma.item():.4g}, mean={self.mean.item():.4g}"
+
+
+class ScaleMixturePrior(Prior):
+    """The scale mixture of Blundell et al. (2015), eq. 7:
+
+    p(w) = pi N(w; 0, sigma1^2) + (1 - pi) N(w; 0, sigma2^2), usually sigma1 > sigma2.
+
+    The log-density is computed with ``logsumexp`` so that a tiny ``sigma2`` (e.g. e^-8) neither
+    underflows nor produces NaN gradients. There is no closed-form KL from a Gaussian to this
+    prior; ``kl="auto"`` therefore uses the Monte Carlo estimate.
+
+    Args:
+        pi: mixture weight of the first component, in (0, 1).
+        sigma1, sigma2: standard deviations of the two components (> 0).
+    """
+
+    pi: Tensor
+    sigma1: Tensor
+    sigma2: Tensor
+
+    def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = math.exp(-6)) -> None:
+        super().__init__()
+        pi = float(pi)
+        if not (0.0 < pi < 1.0):
+            raise ValueError(
+                f"ScaleMixturePrior pi must lie in the open interval (0, 1), got {pi!r}"
+            )
+        self._buffer("pi", pi)
+        self._buffer("sigma1", _positive("ScaleMixturePrior sigma1", sigma1))
+        self._buffer("sigma2", _positive("ScaleMixturePrior sigma2", sigma2))
+
+    def distribution(self) -> D.MixtureSameFamily:
+        mix = D.Categorical(probs=torch.stack([self.pi, 1 - self.pi]), validate_args=False)
+        comp = D.Normal(
+            torch.zeros_like(self.pi).expand(2),
+            torch.stack([self.sigma1, self.sigma2]),
+            validate_args=False,
+        )
+        return D.MixtureSameFamily(mix, comp, validate_args=False)
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        half_log_2pi = 0.5 * math.log(2 * math.pi)
+        w2 = w * w
+        lp1 = torch.log(self.pi) - torch.log(self.sigma1) - half_log_2pi - w2 / (2 * self.sigma1**2)
+        lp2 = (
+            torch.log1p(-self.pi)
+            - torch.log(self.sigma2)
+            - half_log_2pi
+            - w2 / (2 * self.sigma2**2)
+        )
+        return torch.logaddexp(lp1, lp2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pi={self.pi.item():.4g}, sigma1={self.sigma1.item():.4g}, "
+            f"sigma2={self.sigma2.item():.4g}"
+        )
+
+
+class LaplacePrior(Prior):
+    """p(w) = Laplace(w; loc, scale) = exp(-|w - loc| / scale) / (2 scale).
+
+    A Gaussian posterior has a closed-form KL to it (``torch.distributions`` registers it).
+    """
+
+    scale: Tensor
+    loc: Tensor
+
+    def __init__(self, scale: float = 1.0, loc: float = 0.0) -> None:
+        super().__init__()
+        self._buffer("scale", _positive("LaplacePrior scale", scale))
+        self._buffer("loc", _finite("LaplacePrior loc", loc))
+
+    def distribution(self) -> D.Laplace:
+        return D.Laplace(self.loc, self.scale, validate_args=False)
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        return -(w - self.loc).abs() / self.scale - torch.log(2 * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.item():.4g}, loc={self.loc.item():.4g}"
+
+
+PRIOR_NAMES = ("gaussian", "scale_mixture", "laplace")
+
+
+def make_prior(name: str, **kwargs: float) -> Prior:
+    """Build a prior from its name (``"gaussian"``, ``"scale_mixture"``, ``"laplace"``).
+
+    Keyword arguments are the prior's constructor arguments (``sigma``; ``pi, sigma1, sigma2``;
+    ``scale``).
+    """
+    key = name.lower().replace("-", "_")
+    if key in ("gaussian", "normal"):
+        return GaussianPrior(**kwargs)
+    if key in ("scale_mixture", "mixture"):
+        return ScaleMixturePrior(**kwargs)
+    if key == "laplace":
+        return LaplacePrior(**kwargs)
+    raise ValueError(f"unknown prior {name!r}; accepted values: {', '.join(PRIOR_NAMES)}")
