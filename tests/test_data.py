@@ -235,8 +235,9 @@ def _idx(dims: tuple[int, ...], payload: bytes, type_code: int = 0x08) -> bytes:
 def test_parse_idx() -> None:
     array = parse_idx(_idx((2, 3), bytes(range(6))))
     assert array.shape == (2, 3) and array.dtype == np.uint8 and array[1, 2] == 5
-    wide = parse_idx(_idx((2,), (7).to_bytes(4, "big") + (-1).to_bytes(4, "big", signed=True),
-                          type_code=0x0C))
+    wide = parse_idx(
+        _idx((2,), (7).to_bytes(4, "big") + (-1).to_bytes(4, "big", signed=True), type_code=0x0C)
+    )
     assert wide.tolist() == [7, -1]
     with pytest.raises(DataError, match="magic"):
         parse_idx(b"\x01\x00\x08\x01" + bytes(8))
@@ -350,8 +351,14 @@ def test_uci_by_name_info_and_discovery(shared: Path) -> None:
     assert (info.n_splits, info.n_hidden, info.n_epochs) == (20, 50, 40)
     assert (info.name, info.n_rows, info.n_features) == ("bostonHousing", 506, 13)
     names = {p.name for p in find_uci_datasets(shared / "uci")}
-    assert {"bostonHousing", "concrete", "energy", "kin8nm", "power-plant",
-            "wine-quality-red"} <= names
+    assert {
+        "bostonHousing",
+        "concrete",
+        "energy",
+        "kin8nm",
+        "power-plant",
+        "wine-quality-red",
+    } <= names
     with pytest.raises(ValueError, match=r"0\.\.19"):
         load_uci(shared / "uci" / "bostonHousing", 20)
 
@@ -407,8 +414,7 @@ def test_synthetic_uci_normalisation(tmp_path: Path) -> None:
     x_test, y_test = split.test.tensors
     np.testing.assert_allclose(x_test.numpy(), (data[test, :2] - x_mean) / x_std, atol=1e-5)
     np.testing.assert_allclose(y_test.numpy()[:, 0], (data[test, 2] - y_mean) / y_std, atol=1e-5)
-    np.testing.assert_allclose(split.denormalize_y(y_test).numpy()[:, 0], data[test, 2],
-                               atol=1e-5)
+    np.testing.assert_allclose(split.denormalize_y(y_test).numpy()[:, 0], data[test, 2], atol=1e-5)
     x_train, _ = split.train.tensors
     assert torch.all(x_train[:, 1] == 0)
     info = uci_info(tmp_path / "toyset")

@@ -47,9 +47,10 @@ DATA_DIR_ENV = "BBB_DATA_DIR"
 _CHUNK = 1 << 20
 
 MNIST_SOURCE = (
-    "the four MNIST IDX files from the usual mirrors (http://yann.lecun.com/exdb/mnist/, "
+    "the usual MNIST mirrors (http://yann.lecun.com/exdb/mnist/, "
     "https://ossci-datasets.s3.amazonaws.com/mnist/) or torchvision's MNIST/raw/ folder "
-    "(torchvision.datasets.MNIST(root, download=True)); place them in <data-dir>/mnist/"
+    "(torchvision.datasets.MNIST(root, download=True)); the four *-ubyte.gz files go in "
+    "<data-dir>/mnist/"
 )
 UCI_SOURCE = (
     "the Hernandez-Lobato & Adams (2015) split repository "

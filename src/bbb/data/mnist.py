@@ -125,7 +125,9 @@ def find_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         if _idx_path(candidate, _FILES["train"][0]) or _idx_path(candidate, _FILES["test"][0]):
             return candidate
     tried = ", ".join(str(c) for c in candidates)
-    raise MissingDataError(f"No MNIST files found (looked in {tried}). Get {MNIST_SOURCE}.")
+    raise MissingDataError(
+        f"No MNIST files found (looked in {tried}). Get them from {MNIST_SOURCE}."
+    )
 
 
 def _idx_path(directory: Path, stem: str) -> Path | None:

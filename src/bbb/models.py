@@ -1,0 +1,106 @@
+"""Ready-made networks: Bayesian and deterministic MLPs, a small Bayesian convnet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .nn.conv import BayesConv2d
+from .nn.linear import BayesLinear
+from .priors import Prior
+
+__all__ = ["METHODS", "Standardize", "bayes_convnet", "bayes_mlp", "count_parameters", "mlp"]
+
+METHODS = ("bbb", "sgd", "dropout")
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the statistics stored as buffers (saved with the model)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def bayes_mlp(
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    *,
+    prior: Prior | None = None,
+    estimator: str = "reparam",
+    kl: str = "auto",
+    mu_init: str | tuple[float, float] = "paper",
+    rho_init: float | tuple[float, float] = (-5.0, -4.0),
+) -> nn.Sequential:
+    """in -> [BayesLinear -> ReLU] * len(hidden) -> BayesLinear -> out (logits or means)."""
+    layers: list[nn.Module] = []
+    sizes = [in_features, *hidden]
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [
+            BayesLinear(a, b, prior=prior, estimator=estimator, kl=kl, mu_init=mu_init, rho_init=rho_init),
+            nn.ReLU(),
+        ]
+    layers.append(
+        BayesLinear(
+            sizes[-1], out_features, prior=prior, estimator=estimator, kl=kl, mu_init=mu_init, rho_init=rho_init
+        )
+    )
+    return nn.Sequential(*layers)
+
+
+def mlp(
+    in_features: int, hidden: Sequence[int], out_features: int, *, dropout: float = 0.0
+) -> nn.Sequential:
+    """Deterministic baseline: in -> [Linear -> ReLU (-> Dropout)] * len(hidden) -> Linear."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    layers: list[nn.Module] = []
+    sizes = [in_features, *hidden]
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(sizes[-1], out_features))
+    return nn.Sequential(*layers)
+
+
+def bayes_convnet(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    *,
+    channels: tuple[int, int] = (16, 32),
+    image_size: int = 28,
+    prior: Prior | None = None,
+    estimator: str = "reparam",
+    kl: str = "auto",
+) -> nn.Sequential:
+    """Two Bayesian 3x3 conv layers (each ReLU + 2x2 max-pool) and a Bayesian linear head."""
+    c1, c2 = channels
+    side = image_size // 4
+    kw = {"prior": prior, "estimator": estimator, "kl": kl}
+    return nn.Sequential(
+        BayesConv2d(in_channels, c1, 3, padding=1, **kw),  # type: ignore[arg-type]
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        BayesConv2d(c1, c2, 3, padding=1, **kw),  # type: ignore[arg-type]
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        BayesLinear(c2 * side * side, num_classes, mu_init="fan_in", **kw),  # type: ignore[arg-type]
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+

@@ -1,0 +1,194 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then
+renamed over its final name (``os.replace`` is atomic on POSIX), so a crash or ``kill -9`` at any
+moment leaves either the old file or the new one, never a half-written one. The last two epoch
+checkpoints are kept (``checkpoint-<epoch>.pt``); loading falls back to the older one when the
+newest is corrupt, and says so.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: they hold only tensors, numbers,
+strings and containers of them, and loading never executes code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "rng_state",
+    "set_rng_state",
+    "check_writable",
+]
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+KEEP = 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupt (the message names the file)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20) -> None:
+    """Fail early, with a clear message, when ``directory`` cannot hold a run's files.
+
+    Creates the directory, writes and removes a probe file of ``need_bytes`` bytes.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * need_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(tmp)
+    except OSError as e:
+        raise OSError(
+            f"run directory {directory} is not writable ({e.strerror or e}): "
+            "choose another --out, free disk space or fix its permissions"
+        ) from e
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch and Python RNG states, in a ``weights_only``-loadable form."""
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Epoch checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest epoch checkpoint, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str], epoch: int, state: dict[str, Any], keep: int = KEEP
+) -> Path:
+    """Atomically write ``state`` as ``checkpoint-<epoch>.pt``; keep the newest ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = directory / f"checkpoint-{epoch:05d}.pt"
+    atomic_write_bytes(path, buf.getvalue())
+    for old in list_checkpoints(directory)[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return path
+
+
+def _load_one(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means a bad file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a bbb checkpoint dictionary")
+    return state
+
+
+def load_checkpoint(
+    path_or_dir: str | os.PathLike[str], map_location: str | torch.device | None = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint file, or the newest good one of a directory.
+
+    In a directory, a corrupt newest checkpoint is reported with a warning naming it and the
+    previous one is used; if none is readable, :class:`CheckpointError` names each file tried.
+    """
+    p = Path(path_or_dir)
+    if p.is_dir():
+        candidates = list(reversed(list_checkpoints(p)))
+        if not candidates:
+            raise CheckpointError(f"no checkpoint-*.pt found in {p}")
+        errors = []
+        for c in candidates:
+            try:
+                state = _load_one(c, map_location)
+            except CheckpointError as e:
+                errors.append(str(e))
+                warnings.warn(f"{e}; trying an older checkpoint", stacklevel=2)
+                continue
+            return state, c
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+    return _load_one(p, map_location), p

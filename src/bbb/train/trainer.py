@@ -1,0 +1,426 @@
+"""The one training loop: ELBO steps, validation, best model, checkpoints, resume.
+
+Used by the ``bbb`` command line, the experiments and library users alike::
+
+    trainer = bbb.train.Trainer(model, elbo, optimizer, train_loader, val_loader=val_loader,
+                                epochs=20, out_dir="runs/mnist")
+    summary = trainer.fit()          # or trainer.fit(resume=True) after a crash
+
+Each epoch: ELBO steps over ``train_loader`` (minibatch i of M gets the ELBO's KL weight for
+index i), a validation pass (``evaluate``), a line in ``metrics.jsonl``, an atomic checkpoint
+(model, optimizer, scheduler, ELBO state, RNG states, loader generator, epoch) and, when the
+validation metric improved, ``best.pt``. ``fit(resume=True)`` continues from the newest
+readable checkpoint; on CPU the resumed run ends with exactly the parameters of an uninterrupted
+one (all randomness comes from the saved generators).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .. import metrics as M
+from ..elbo import ELBO
+from ..likelihoods import Categorical, Gaussian
+from ..predictive import ClassificationPrediction, predict
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["Trainer", "TrainingDivergedError", "evaluate", "seed_everything", "LOWER_IS_BETTER"]
+
+LOWER_IS_BETTER = ("error", "nll", "ece", "brier", "rmse", "loss")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf; the message names the epoch and step."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and Python's ``random``; return a generator for data-loader shuffling."""
+    import random
+
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    likelihood: Categorical | Gaussian,
+    *,
+    num_samples: int = 10,
+    device: torch.device | str = "cpu",
+    y_scale: float = 1.0,
+    n_bins: int = 15,
+) -> dict[str, float]:
+    """Predictive metrics of ``model`` over ``loader`` with ``num_samples`` weight samples.
+
+    Classification: ``error``, ``accuracy``, ``nll`` (predictive, nats per example), ``ece``,
+    ``brier``. Regression: ``rmse`` and ``log_likelihood`` (of the Gaussian mixture predictive,
+    noise included; in original units when ``y_scale`` is the target's normalisation scale)
+    and ``nll`` = -log_likelihood.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(likelihood, Categorical):
+            probs, labels = [], []
+            for x, y in _batches(loader, device):
+                pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+                assert isinstance(pred, ClassificationPrediction)
+                probs.append(pred.probs.cpu())
+                labels.append(y.cpu())
+            if not probs:
+                raise ValueError("evaluate: the data loader is empty")
+            return M.classification_report(torch.cat(probs), torch.cat(labels), n_bins=n_bins)
+        means, variances, targets = [], [], []
+        for x, y in _batches(loader, device):
+            pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+            means.append(pred.sample_means.cpu())  # type: ignore[union-attr]
+            variances.append(pred.sample_variances.cpu())  # type: ignore[union-attr]
+            targets.append(y.cpu())
+        if not means:
+            raise ValueError("evaluate: the data loader is empty")
+        report = M.regression_report(
+            torch.cat(means, 1), torch.cat(variances, 1), torch.cat(targets), y_scale=y_scale
+        )
+        report["nll"] = -report["log_likelihood"]
+        return report
+    finally:
+        model.train(was_training)
+
+
+class Trainer:
+    """Trains a Bayesian network by minimising the minibatch negative ELBO.
+
+    Args:
+        model: the network (Bayesian layers inside).
+        elbo: a :class:`bbb.ELBO` (its likelihood's parameters, e.g. a learned noise, should be
+            in ``optimizer`` too).
+        optimizer: any ``torch.optim`` optimizer.
+        train_loader: a ``DataLoader`` yielding ``(x, y)``.
+        val_loader: optional validation loader; the best-on-validation model is kept.
+        scheduler: optional LR scheduler, stepped once per epoch.
+        epochs: total number of epochs (a resumed run continues up to it).
+        out_dir: run directory for ``metrics.jsonl``, checkpoints, ``best.pt``; None: in memory.
+        val_metric: the key of :func:`evaluate`'s report to select on (``"error"`` for
+            classification and ``"nll"`` for regression by default; lower is better except
+            for ``accuracy`` and ``log_likelihood``).
+        val_samples: weight samples for validation predictions.
+        patience: stop after this many epochs without improvement (None: never).
+        progress: show a tqdm progress bar per epoch.
+        log: called with one line per epoch (``print`` by default; None for silence).
+        loader_generator: the generator that shuffles ``train_loader`` (saved for resume).
+        y_scale: target normalisation scale for regression metrics in original units.
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        device: where the model lives.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        elbo: ELBO,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader[Any],
+        *,
+        val_loader: Iterable[Any] | None = None,
+        scheduler: Any | None = None,
+        epochs: int = 10,
+        out_dir: str | Path | None = None,
+        val_metric: str | None = None,
+        val_samples: int = 10,
+        patience: int | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = print,
+        loader_generator: torch.Generator | None = None,
+        y_scale: float = 1.0,
+        grad_clip: float | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+        if val_samples < 1:
+            raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
+        if len(train_loader) == 0:
+            raise ValueError("the training data loader is empty")
+        self.model = model
+        self.elbo = elbo
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.scheduler = scheduler
+        self.epochs = epochs
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        classification = isinstance(elbo.likelihood, Categorical)
+        self.val_metric = val_metric or ("error" if classification else "nll")
+        valid = (
+            ("error", "accuracy", "nll", "ece", "brier")
+            if classification
+            else ("rmse", "log_likelihood", "nll")
+        )
+        if self.val_metric not in valid:
+            raise ValueError(
+                f"unknown val_metric {self.val_metric!r}; accepted values: {', '.join(valid)}"
+            )
+        self.val_samples = val_samples
+        self.patience = patience
+        self.progress = progress
+        self.log = log
+        self.loader_generator = loader_generator
+        self.y_scale = y_scale
+        self.grad_clip = grad_clip
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.best_metric = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_state: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _score(self, report: dict[str, float]) -> float:
+        v = report[self.val_metric]
+        return -v if self.val_metric in ("accuracy", "log_likelihood") else v
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": "bbb-checkpoint-1",
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "elbo": self.elbo.state_dict(),
+            "rng": rng_state(),
+            "loader_generator": None
+            if self.loader_generator is None
+            else self.loader_generator.get_state(),
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.elbo.load_state_dict(state["elbo"])
+        set_rng_state(state["rng"])
+        if self.loader_generator is not None and state.get("loader_generator") is not None:
+            self.loader_generator.set_state(state["loader_generator"])
+        self.epoch = int(state["epoch"])
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+
+    def _metrics_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
+
+    def _load_history(self) -> None:
+        path = self._metrics_path()
+        self.history = []
+        if path is None or not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if row.get("epoch", 0) <= self.epoch:
+                self.history.append(row)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        path = self._metrics_path()
+        if path is not None:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _save_best(self) -> None:
+        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.out_dir is not None:
+            import io
+
+            buf = io.BytesIO()
+            torch.save({"model": self.best_state, "epoch": self.epoch}, buf)
+            atomic_write_bytes(self.out_dir / "best.pt", buf.getvalue())
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training data; returns mean loss, nll, kl and timing."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        self.elbo.train()
+        num_batches = len(self.train_loader)
+        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        n_seen = 0
+        bar = tqdm(
+            total=num_batches,
+            desc=f"epoch {self.epoch + 1}/{self.epochs}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(_batches(self.train_loader, self.device)):
+            result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
+            loss_value = float(result.loss.detach())
+            if not math.isfinite(loss_value):
+                last = None if self.out_dir is None else latest_checkpoint(self.out_dir / "checkpoints")
+                where = f"; the last good checkpoint {last} is intact" if last else ""
+                raise TrainingDivergedError(
+                    f"loss became {loss_value} at epoch {self.epoch + 1}, step {i + 1} of "
+                    f"{num_batches} (nll={float(result.nll)}, kl={float(result.kl)}){where}. "
+                    "Try a smaller learning rate, a smaller initial rho or gradient clipping."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            if self.grad_clip is not None:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.optimizer.step()
+            b = x.shape[0]
+            n_seen += b
+            sums["loss"] += loss_value * b
+            sums["nll"] += float(result.nll) * b
+            sums["kl"] += float(result.kl) * b
+            bar.update(1)
+            if self.progress:
+                bar.set_postfix(
+                    loss=f"{loss_value:.4g}", nll=f"{float(result.nll):.4g}", kl=f"{float(result.kl):.4g}"
+                )
+        bar.close()
+        out = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        out["train_seconds"] = time.perf_counter() - start
+        return out
+
+    def validate(self) -> dict[str, float]:
+        """Validation report (empty when there is no validation loader)."""
+        if self.val_loader is None:
+            return {}
+        assert isinstance(self.elbo.likelihood, (Categorical, Gaussian))
+        return evaluate(
+            self.model,
+            self.val_loader,
+            self.elbo.likelihood,
+            num_samples=self.val_samples,
+            device=self.device,
+            y_scale=self.y_scale,
+        )
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until ``epochs`` (or early stopping); returns a summary dictionary.
+
+        With ``resume=True`` and a run directory holding checkpoints, training continues from
+        the newest readable one (a corrupt newest one is skipped with a warning).
+        """
+        ckpt_dir = None if self.out_dir is None else self.out_dir / "checkpoints"
+        if self.out_dir is not None:
+            check_writable(self.out_dir)
+        if resume:
+            if ckpt_dir is None:
+                raise ValueError("resume=True needs an out_dir")
+            if latest_checkpoint(ckpt_dir) is None:
+                raise CheckpointError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+            state, path = load_checkpoint(ckpt_dir, map_location=self.device)
+            self._restore(state)
+            self._load_history()
+            if self.out_dir is not None and (self.out_dir / "best.pt").exists():
+                best = torch.load(self.out_dir / "best.pt", map_location=self.device, weights_only=True)
+                self.best_state = best["model"]
+            if self.log:
+                self.log(f"resumed from {path} (epoch {self.epoch})")
+        elif self.out_dir is not None:
+            path = self._metrics_path()
+            if path is not None and path.exists():
+                path.unlink()
+        stopped_early = False
+        while self.epoch < self.epochs:
+            train_stats = self.train_epoch()
+            val = self.validate()
+            self.epoch += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            improved = False
+            if val:
+                score = self._score(val)
+                if score < self.best_metric:
+                    self.best_metric, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+                    improved = True
+                else:
+                    self.bad_epochs += 1
+            else:
+                self.best_epoch, improved = self.epoch, True
+            if improved:
+                self._save_best()
+            row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            self._append_metrics(row)
+            if ckpt_dir is not None:
+                save_checkpoint(ckpt_dir, self.epoch, self._state())
+            if self.log:
+                vtxt = f" val_{self.val_metric}={val[self.val_metric]:.4g}" if val else ""
+                self.log(
+                    f"epoch {self.epoch}/{self.epochs} loss={train_stats['loss']:.4g} "
+                    f"nll={train_stats['nll']:.4g} kl={train_stats['kl']:.4g}{vtxt} "
+                    f"({train_stats['train_seconds']:.1f}s)"
+                )
+            if self.patience is not None and self.bad_epochs >= self.patience:
+                stopped_early = True
+                if self.log:
+                    self.log(f"early stopping: no improvement for {self.patience} epochs")
+                break
+        return {
+            "epochs_trained": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_val": None if not math.isfinite(self.best_metric) else self._unscore(),
+            "val_metric": self.val_metric,
+            "stopped_early": stopped_early,
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+        }
+
+    def _unscore(self) -> float:
+        v = self.best_metric
+        return -v if self.val_metric in ("accuracy", "log_likelihood") else v
+
+    def load_best(self) -> None:
+        """Load the best-on-validation weights into the model (no-op if none was kept)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
