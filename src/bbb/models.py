@@ -46,12 +46,20 @@ def bayes_mlp(
     sizes = [in_features, *hidden]
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [
-            BayesLinear(a, b, prior=prior, estimator=estimator, kl=kl, mu_init=mu_init, rho_init=rho_init),
+            BayesLinear(
+                a, b, prior=prior, estimator=estimator, kl=kl, mu_init=mu_init, rho_init=rho_init
+            ),
             nn.ReLU(),
         ]
     layers.append(
         BayesLinear(
-            sizes[-1], out_features, prior=prior, estimator=estimator, kl=kl, mu_init=mu_init, rho_init=rho_init
+            sizes[-1],
+            out_features,
+            prior=prior,
+            estimator=estimator,
+            kl=kl,
+            mu_init=mu_init,
+            rho_init=rho_init,
         )
     )
     return nn.Sequential(*layers)
@@ -102,5 +110,3 @@ def bayes_convnet(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-

@@ -111,18 +111,27 @@ class RegressionPrediction:
         return (torch.logsumexp(lp, dim=0) - math.log(s)).sum(-1)
 
     def quantiles(
-        self, q: Sequence[float], num_draws: int = 20, generator: torch.Generator | None = None
+        self,
+        q: Sequence[float],
+        num_draws: int = 20,
+        generator: torch.Generator | None = None,
+        *,
+        include_noise: bool = True,
     ) -> Tensor:
-        """Quantiles of the predictive mixture, estimated from ``num_draws`` draws per sample.
+        """Quantiles (len(q), B, D) of the predictive distribution.
 
-        Returns (len(q), B, D).
+        ``include_noise=True``: of the predictive mixture of y, estimated from ``num_draws``
+        draws per weight sample. ``False``: of the network's mean output over weight samples
+        (the distribution of f(x; w), w ~ q: epistemic uncertainty only).
         """
         m, v = self.sample_means, self.sample_variances
+        qs = torch.tensor(list(q), dtype=m.dtype, device=m.device)
+        if not include_noise:
+            return torch.quantile(m, qs, dim=0)
         eps = torch.randn(
             (num_draws, *m.shape), generator=generator, dtype=m.dtype, device=m.device
         )
         draws = (m + v.sqrt() * eps).reshape(-1, *m.shape[1:])
-        qs = torch.tensor(list(q), dtype=m.dtype, device=m.device)
         return torch.quantile(draws, qs, dim=0)
 
 

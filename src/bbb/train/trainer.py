@@ -208,6 +208,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
+        self.best_elbo_state: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _score(self, report: dict[str, float]) -> float:
@@ -273,11 +274,13 @@ class Trainer:
 
     def _save_best(self) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best_elbo_state = {k: v.detach().clone() for k, v in self.elbo.state_dict().items()}
         if self.out_dir is not None:
             import io
 
             buf = io.BytesIO()
-            torch.save({"model": self.best_state, "epoch": self.epoch}, buf)
+            best = {"model": self.best_state, "elbo": self.best_elbo_state, "epoch": self.epoch}
+            torch.save(best, buf)
             atomic_write_bytes(self.out_dir / "best.pt", buf.getvalue())
 
     # ------------------------------------------------------------------ training
@@ -302,7 +305,11 @@ class Trainer:
             result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
             loss_value = float(result.loss.detach())
             if not math.isfinite(loss_value):
-                last = None if self.out_dir is None else latest_checkpoint(self.out_dir / "checkpoints")
+                last = (
+                    None
+                    if self.out_dir is None
+                    else latest_checkpoint(self.out_dir / "checkpoints")
+                )
                 where = f"; the last good checkpoint {last} is intact" if last else ""
                 raise TrainingDivergedError(
                     f"loss became {loss_value} at epoch {self.epoch + 1}, step {i + 1} of "
@@ -323,7 +330,9 @@ class Trainer:
             bar.update(1)
             if self.progress:
                 bar.set_postfix(
-                    loss=f"{loss_value:.4g}", nll=f"{float(result.nll):.4g}", kl=f"{float(result.kl):.4g}"
+                    loss=f"{loss_value:.4g}",
+                    nll=f"{float(result.nll):.4g}",
+                    kl=f"{float(result.kl):.4g}",
                 )
         bar.close()
         out = {k: v / max(n_seen, 1) for k, v in sums.items()}
@@ -362,8 +371,11 @@ class Trainer:
             self._restore(state)
             self._load_history()
             if self.out_dir is not None and (self.out_dir / "best.pt").exists():
-                best = torch.load(self.out_dir / "best.pt", map_location=self.device, weights_only=True)
+                best = torch.load(
+                    self.out_dir / "best.pt", map_location=self.device, weights_only=True
+                )
                 self.best_state = best["model"]
+                self.best_elbo_state = best["elbo"]
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
         elif self.out_dir is not None:
@@ -421,6 +433,8 @@ class Trainer:
         return -v if self.val_metric in ("accuracy", "log_likelihood") else v
 
     def load_best(self) -> None:
-        """Load the best-on-validation weights into the model (no-op if none was kept)."""
+        """Load the best-on-validation weights (model and ELBO, e.g. a learned noise)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        if self.best_elbo_state is not None:
+            self.elbo.load_state_dict(self.best_elbo_state)

@@ -1,0 +1,290 @@
+"""The ``bbb`` command: parses arguments, builds a config, calls the library.
+
+Commands: ``demo``, ``train``, ``evaluate``, ``prune``. Errors are printed as one line
+(``bbb: error: ...``) with a non-zero exit code; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig, load_config_file
+
+__all__ = ["main", "build_parser"]
+
+_HELP = {
+    "dataset": "data set: mnist, toy (the paper's regression curve) or uci",
+    "data_dir": "data root holding mnist/, uci/, mushroom/ (default: $BBB_DATA_DIR, then ../shared/data)",
+    "uci_path": "UCI split-format directory (or a name under DATA_DIR/uci) for --dataset uci",
+    "uci_split": "UCI split index",
+    "subset": "use only the first N training examples (quick runs)",
+    "val_fraction": "UCI: share of the training split held out for validation",
+    "toy_n": "toy: number of training points",
+    "method": "bbb (Bayes by Backprop), sgd (plain network) or dropout",
+    "hidden": "hidden layer widths",
+    "dropout": "dropout probability for --method dropout",
+    "estimator": "gradient estimator: reparam, local or flipout",
+    "prior": "prior: gaussian, scale_mixture or laplace",
+    "prior_sigma": "Gaussian prior sigma / Laplace scale",
+    "prior_pi": "scale-mixture weight pi of the first component",
+    "prior_sigma1": "scale-mixture sigma1",
+    "prior_sigma2": "scale-mixture sigma2",
+    "kl": "KL: auto, closed_form or mc",
+    "mu_init": "posterior mean initialisation: paper (U(-0.2, 0.2)) or fan_in",
+    "rho_init": "initial rho (sigma = softplus(rho))",
+    "noise": "regression noise: fixed, learned or heteroscedastic",
+    "noise_sigma": "regression noise std (fixed) or its initial value (learned)",
+    "kl_weighting": "per-minibatch KL weights: uniform or blundell",
+    "kl_scale": "constant KL multiplier beta (1 = the ELBO)",
+    "kl_anneal_steps": "linear KL warm-up steps (0 = none)",
+    "num_samples": "Monte Carlo weight samples per training step",
+    "optimizer": "adam or sgd",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay (deterministic baselines)",
+    "batch_size": "minibatch size",
+    "epochs": "training epochs",
+    "patience": "early stopping after this many epochs without improvement",
+    "grad_clip": "clip the gradient norm to this value",
+    "seed": "random seed (makes a CPU run reproducible)",
+    "val_samples": "weight samples for validation/test predictions",
+    "device": "torch device, e.g. cpu or cuda",
+}
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a dataclass field annotation string/type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        elem, is_list = _base_type(hints[f.name])
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{_HELP.get(f.name, f.name)} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if is_list:
+            kwargs.update(nargs="+", type=elem)
+        else:
+            kwargs["type"] = elem
+        p.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bbb",
+        description="Bayes by Backprop for PyTorch: train, evaluate and prune Bayesian networks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="fit the paper's regression curve and plot the uncertainty band",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--epochs", type=int, default=300, help="training epochs")
+    demo.add_argument("--n-train", type=int, default=500, help="training points")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser(
+        "train",
+        help="train a network (options from flags or --config; flags win)",
+        description="Train a Bayesian (or baseline) MLP. Every option can also be set in a TOML "
+        "config file (--config); flags override the file.",
+    )
+    train.add_argument("--config", help="TOML config file, or a run's config.json")
+    train.add_argument("--out", help="run directory (default: runs/<dataset>-<method>)")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a killed run from its newest good checkpoint"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(train)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="test metrics of a trained run",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("run_dir", help="run directory written by `bbb train`")
+    ev.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
+    ev.add_argument("--split", default="test", choices=["val", "test"], help="which split")
+
+    pr = sub.add_parser(
+        "prune",
+        help="remove the weights of lowest signal-to-noise ratio, then evaluate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pr.add_argument("run_dir", help="run directory written by `bbb train`")
+    pr.add_argument("--fraction", type=float, default=0.95, help="share of weights to remove")
+    pr.add_argument("--per-layer", action="store_true", help="threshold each layer separately")
+    pr.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
+    pr.add_argument("--split", default="test", choices=["val", "test"], help="which split")
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    values: dict[str, Any] = {}
+    resume = args.resume is not None
+    if resume:
+        run = Path(args.resume)
+        saved = run / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume: {saved} does not exist")
+        values.update(load_config_file(saved))
+    elif args.config:
+        values.update(load_config_file(args.config))
+    for name in TrainConfig.field_names():
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    cfg = TrainConfig.from_dict(values, source=args.config or "flags").validate()
+    out = Path(args.resume) if resume else Path(args.out or f"runs/{cfg.dataset}-{cfg.method}")
+    return cfg, out, resume
+
+
+def _evaluate(
+    run_dir: str, num_samples: int, split: str, prune: float | None, per_layer: bool
+) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from .predictive import ClassificationPrediction, predict
+    from .pruning import prune_by_snr
+    from .runs import load_run
+    from .train.trainer import evaluate
+
+    cfg, model, likelihood, data = load_run(run_dir)
+    ds = data.test if split == "test" else data.val
+    if ds is None:
+        raise ConfigError(f"the run's data set has no {split} split")
+    result: dict[str, Any] = {"run": run_dir, "split": split, "num_samples": num_samples}
+    if prune is not None:
+        pr = prune_by_snr(model, prune, per_layer=per_layer)
+        result["pruned"] = {
+            "fraction": pr.fraction,
+            "threshold": pr.threshold,
+            "removed": pr.removed,
+            "total": pr.total,
+        }
+    samples = num_samples if cfg.method == "bbb" else 1
+    report = evaluate(
+        model,
+        DataLoader(ds, batch_size=1000),
+        likelihood,
+        num_samples=samples,  # type: ignore[arg-type]
+        device=cfg.device,
+        y_scale=data.y_std,
+    )
+    result["metrics"] = report
+    x = ds.tensors[0][:2000].to(cfg.device)
+    pred = predict(model, x, likelihood=likelihood, num_samples=samples)
+    if isinstance(pred, ClassificationPrediction):
+        result["uncertainty"] = {
+            "mean_entropy": float(pred.entropy.mean()),
+            "mean_aleatoric": float(pred.aleatoric.mean()),
+            "mean_epistemic": float(pred.epistemic.mean()),
+        }
+    else:
+        s2 = data.y_std**2
+        result["uncertainty"] = {
+            "mean_total_variance": float(pred.variance.mean()) * s2,
+            "mean_aleatoric_variance": float(pred.aleatoric.mean()) * s2,
+            "mean_epistemic_variance": float(pred.epistemic.mean()) * s2,
+        }
+    return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    for section in ("pruned", "metrics", "uncertainty"):
+        if section in result:
+            print(f"{section}:")
+            for k, v in result[section].items():
+                print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(
+            args.out,
+            epochs=args.epochs,
+            n_train=args.n_train,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.command == "train":
+        from .runs import train_run
+
+        cfg, out, resume = _train_config(args)
+        summary = train_run(cfg, out, resume=resume, progress=not args.quiet)
+        metrics = json.loads((out / "metrics.json").read_text())
+        print(f"run directory: {out}")
+        print(
+            f"best epoch {summary['best_epoch']} of {summary['epochs_trained']}, {summary['wall_seconds']:.1f}s"
+        )
+        for split in ("val", "test"):
+            if split in metrics:
+                text = ", ".join(f"{k}={v:.4g}" for k, v in metrics[split].items())
+                print(f"{split}: {text}")
+        return 0
+    if args.command in ("evaluate", "prune"):
+        fraction = args.fraction if args.command == "prune" else None
+        per_layer = getattr(args, "per_layer", False)
+        result = _evaluate(args.run_dir, args.num_samples, args.split, fraction, per_layer)
+        _print_table(result)
+        name = "eval.json" if fraction is None else f"prune-{fraction:g}.json"
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.run_dir) / name, json.dumps(result, indent=2) + "\n")
+        print(f"written: {Path(args.run_dir) / name}")
+        return 0
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bbb`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("bbb: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bbb: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Typed run configuration: defaults, TOML/JSON files, and validation.
+
+One flat dataclass, :class:`TrainConfig`, describes a training run. It is filled from defaults,
+then a config file (a TOML file a user writes, or the ``config.json`` a run saved), then
+command-line flags (flags win). Unknown keys and out-of-range values are errors that name the
+key and list what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .elbo import KL_WEIGHTINGS
+from .kl import KL_MODES
+from .likelihoods import NOISE_MODELS
+from .models import METHODS
+from .nn.estimators import ESTIMATORS
+from .priors import PRIOR_NAMES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["TrainConfig", "load_config_file", "DATASETS", "OPTIMIZERS", "ConfigError"]
+
+DATASETS = ("mnist", "toy", "uci")
+OPTIMIZERS = ("adam", "sgd")
+MU_INITS = ("paper", "fan_in")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid (the message names the key)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json`` in the run directory)."""
+
+    # data
+    dataset: str = "mnist"  # mnist | toy | uci
+    data_dir: str | None = (
+        None  # root holding mnist/, uci/, mushroom/ (default: BBB_DATA_DIR, ../shared/data)
+    )
+    uci_path: str | None = None  # a UCI split-format directory (dataset = uci)
+    uci_split: int = 0
+    subset: int | None = None  # use the first N training examples (quick runs)
+    val_fraction: float = 0.1  # uci: share of the training split held out for validation
+    toy_n: int = 300  # toy: number of training points
+    # model
+    method: str = "bbb"  # bbb | sgd | dropout (deterministic baselines)
+    hidden: list[int] = field(default_factory=lambda: [400, 400])
+    dropout: float = 0.5
+    estimator: str = "local"
+    prior: str = "gaussian"  # gaussian | scale_mixture | laplace
+    prior_sigma: float = 1.0  # gaussian sigma / laplace scale
+    prior_pi: float = 0.5
+    prior_sigma1: float = 1.0
+    prior_sigma2: float = math.exp(-6)
+    kl: str = "auto"
+    mu_init: str = "fan_in"
+    rho_init: float = -5.0
+    # objective
+    noise: str = "learned"  # regression likelihood: fixed | learned | heteroscedastic
+    noise_sigma: float = 1.0
+    kl_weighting: str = "uniform"
+    kl_scale: float = 1.0
+    kl_anneal_steps: int = 0  # linear KL warm-up over this many steps (0: none)
+    num_samples: int = 1
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # for the deterministic baselines
+    batch_size: int = 128
+    epochs: int = 10
+    patience: int | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    val_samples: int = 10
+    device: str = "cpu"
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise :class:`ConfigError` naming the key and accepted values."""
+        choices = {
+            "dataset": DATASETS,
+            "method": METHODS,
+            "estimator": ESTIMATORS,
+            "prior": PRIOR_NAMES,
+            "kl": KL_MODES,
+            "mu_init": MU_INITS,
+            "noise": NOISE_MODELS,
+            "kl_weighting": KL_WEIGHTINGS,
+            "optimizer": OPTIMIZERS,
+        }
+        for key, accepted in choices.items():
+            value = getattr(self, key)
+            if value not in accepted:
+                raise ConfigError(
+                    f"unknown {key} {value!r}; accepted values: {', '.join(accepted)}"
+                )
+        positive_int = ["batch_size", "epochs", "num_samples", "val_samples", "toy_n"]
+        for key in positive_int:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+        for key in ("subset", "patience"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be a positive integer or unset, got {v!r}")
+        for key in ("lr", "prior_sigma", "prior_sigma1", "prior_sigma2", "noise_sigma"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{key} must be a finite positive number, got {v!r}")
+        if not 0 < self.prior_pi < 1:
+            raise ConfigError(f"prior_pi must lie in (0, 1), got {self.prior_pi!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        if (
+            self.kl_scale < 0
+            or self.kl_anneal_steps < 0
+            or self.weight_decay < 0
+            or self.momentum < 0
+        ):
+            raise ConfigError("kl_scale, kl_anneal_steps, weight_decay and momentum must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be > 0 or unset, got {self.grad_clip!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError(
+                f"hidden must be a non-empty list of positive integers, got {self.hidden!r}"
+            )
+        if self.dataset == "uci" and not self.uci_path:
+            raise ConfigError("dataset 'uci' needs uci_path (a directory in the UCI split format)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys are an error naming them and the valid keys."""
+        names = cls.field_names()
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
+            )
+        cfg = cls(**values)
+        return cfg
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or JSON (``.json``, e.g. a run's ``config.json``) config file.
+
+    A TOML file may put the keys at the top level or under a ``[train]`` table. Returns the raw
+    mapping (validated by :meth:`TrainConfig.from_dict`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(
+            f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {e}"
+        ) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of keys")
+    if "train" in data and isinstance(data["train"], dict):
+        data = data["train"]
+    return data

@@ -1,0 +1,304 @@
+"""Assemble a run from a :class:`bbb.config.TrainConfig`: data, model, objective, trainer.
+
+The command line and the experiments call these functions; the training loop itself is
+:class:`bbb.train.Trainer`. A run directory holds::
+
+    config.json          the resolved configuration
+    normalization.json   regression only: training-split statistics (original units)
+    metrics.jsonl        one line per epoch
+    checkpoints/         checkpoint-<epoch>.pt, the last two (atomic)
+    best.pt              the best-on-validation model
+    metrics.json         final summary (validation and test metrics of the best model)
+    *.png                learning curves; reliability diagram or regression band
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import plots
+from .config import ConfigError, TrainConfig
+from .elbo import ELBO, linear_annealing
+from .likelihoods import Categorical, Gaussian, Likelihood
+from .models import bayes_mlp, mlp
+from .priors import Prior, make_prior
+from .train.checkpoint import atomic_write_text
+from .train.trainer import Trainer, evaluate, seed_everything
+
+__all__ = ["RunData", "build_data", "build_model", "build_likelihood", "train_run", "load_run"]
+
+
+@dataclass
+class RunData:
+    """Datasets of a run and how to read its targets."""
+
+    train: TensorDataset
+    val: TensorDataset | None
+    test: TensorDataset | None
+    in_features: int
+    out_features: int  # classes, or target dimensions
+    classification: bool
+    y_mean: float = 0.0
+    y_std: float = 1.0
+    normalization: dict[str, Any] | None = None
+
+
+def build_data(cfg: TrainConfig) -> RunData:
+    """Load the data set named by ``cfg.dataset`` with its protocol splits."""
+    from . import data as D
+
+    if cfg.dataset == "mnist":
+        train = D.load_mnist(cfg.data_dir, split="train", subset=cfg.subset)
+        val = D.load_mnist(cfg.data_dir, split="val", subset=_sub(cfg.subset, 10000))
+        test = D.load_mnist(cfg.data_dir, split="test", subset=_sub(cfg.subset, 10000))
+        return RunData(train, val, test, 784, 10, True)
+    if cfg.dataset == "toy":
+        train, val = D.load_toy(n_train=cfg.toy_n, n_val=max(cfg.toy_n // 3, 10), seed=cfg.seed)
+        return RunData(train, val, None, 1, 1, False)
+    assert cfg.uci_path is not None
+    split = D.load_uci(
+        cfg.uci_path,
+        cfg.uci_split,
+        validation_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        data_dir=cfg.data_dir,
+    )
+    norm = {
+        "x_mean": split.x_mean.tolist(),
+        "x_std": split.x_std.tolist(),
+        "y_mean": split.y_mean.tolist(),
+        "y_std": split.y_std.tolist(),
+        "note": "x and y were normalised with these training statistics; metrics are in "
+        "original units",
+    }
+    train = split.train
+    if cfg.subset is not None:
+        train = TensorDataset(*(t[: cfg.subset] for t in train.tensors))
+    return RunData(
+        train,
+        split.val,
+        split.test,
+        split.n_features,
+        1,
+        False,
+        float(split.y_mean[0]),
+        float(split.y_std[0]),
+        norm,
+    )
+
+
+def _sub(subset: int | None, cap: int) -> int | None:
+    return None if subset is None else min(subset, cap)
+
+
+def build_prior(cfg: TrainConfig) -> Prior:
+    if cfg.prior == "gaussian":
+        return make_prior("gaussian", sigma=cfg.prior_sigma)
+    if cfg.prior == "laplace":
+        return make_prior("laplace", scale=cfg.prior_sigma)
+    return make_prior(
+        "scale_mixture", pi=cfg.prior_pi, sigma1=cfg.prior_sigma1, sigma2=cfg.prior_sigma2
+    )
+
+
+def build_likelihood(cfg: TrainConfig, data: RunData) -> Likelihood:
+    if data.classification:
+        return Categorical()
+    return Gaussian(noise=cfg.noise, sigma=cfg.noise_sigma, output_dim=data.out_features)
+
+
+def build_model(cfg: TrainConfig, data: RunData) -> nn.Module:
+    """The network for ``cfg.method``: a Bayesian MLP, or a deterministic (dropout) baseline."""
+    out = data.out_features
+    if not data.classification and cfg.noise == "heteroscedastic":
+        out *= 2
+    if cfg.method == "bbb":
+        return bayes_mlp(
+            data.in_features,
+            cfg.hidden,
+            out,
+            prior=build_prior(cfg),
+            estimator=cfg.estimator,
+            kl=cfg.kl,
+            mu_init=cfg.mu_init,
+            rho_init=cfg.rho_init,
+        )
+    return mlp(
+        data.in_features, cfg.hidden, out, dropout=cfg.dropout if cfg.method == "dropout" else 0.0
+    )
+
+
+def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _check_data(name: str, ds: TensorDataset | None) -> None:
+    if ds is None:
+        return
+    if len(ds) == 0:
+        raise ValueError(f"the {name} set is empty")
+    for t in ds.tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the {name} set contains NaN or Inf values")
+
+
+def train_run(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg`` into ``out_dir``; return its summary."""
+    cfg.validate()
+    out = Path(out_dir)
+    if resume:
+        saved = out / "config.json"
+        if not saved.exists():
+            raise ConfigError(f"cannot resume: {saved} does not exist")
+    generator = seed_everything(cfg.seed)
+    data = build_data(cfg)
+    for name, ds in (("training", data.train), ("validation", data.val), ("test", data.test)):
+        _check_data(name, ds)
+    if cfg.batch_size > len(data.train):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} examples)"
+        )
+    model = build_model(cfg, data).to(cfg.device)
+    likelihood = build_likelihood(cfg, data).to(cfg.device)
+    kl_scale: Any = cfg.kl_scale
+    if cfg.kl_anneal_steps > 0:
+        kl_scale = linear_annealing(cfg.kl_anneal_steps, end=cfg.kl_scale)
+    elbo = ELBO(
+        likelihood,
+        len(data.train),
+        num_samples=cfg.num_samples,
+        kl_weighting=cfg.kl_weighting,
+        kl_scale=kl_scale,
+    )
+    if cfg.method != "bbb":
+        elbo = ELBO(likelihood, len(data.train), num_samples=1, kl_scale=0.0)
+    optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
+    train_loader = DataLoader(
+        data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
+    )
+    eval_bs = max(cfg.batch_size, 1000)
+    val_loader = None if data.val is None else DataLoader(data.val, batch_size=eval_bs)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        cfg.save(out / "config.json")
+        if data.normalization is not None:
+            atomic_write_text(out / "normalization.json", json.dumps(data.normalization, indent=2))
+    val_samples = cfg.val_samples if cfg.method == "bbb" else 1
+    trainer = Trainer(
+        model,
+        elbo,
+        optimizer,
+        train_loader,
+        val_loader=val_loader,
+        epochs=cfg.epochs,
+        out_dir=out,
+        val_samples=val_samples,
+        patience=cfg.patience,
+        progress=progress,
+        log=log,
+        loader_generator=generator,
+        y_scale=data.y_std,
+        grad_clip=cfg.grad_clip,
+        device=cfg.device,
+    )
+    start = time.perf_counter()
+    summary = trainer.fit(resume=resume)
+    trainer.load_best()
+    summary["wall_seconds"] = time.perf_counter() - start
+    finish_run(out, cfg, model, likelihood, data, trainer.history, summary)
+    return summary
+
+
+def finish_run(
+    out: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    likelihood: Likelihood,
+    data: RunData,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> None:
+    """Evaluate the best model, write ``metrics.json`` and the plots."""
+    samples = cfg.val_samples if cfg.method == "bbb" else 1
+    result: dict[str, Any] = {"summary": summary}
+    for name, ds in (("val", data.val), ("test", data.test)):
+        if ds is None:
+            continue
+        loader = DataLoader(ds, batch_size=1000)
+        result[name] = evaluate(
+            model,
+            loader,
+            likelihood,
+            num_samples=samples,
+            device=cfg.device,
+            y_scale=data.y_std,  # type: ignore[arg-type]
+        )
+    atomic_write_text(
+        out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n"
+    )
+    if history:
+        plots.learning_curves(history, out / "learning_curves.png")
+    if data.classification and data.val is not None:
+        from .metrics import plot_reliability_diagram
+        from .predictive import predict
+
+        x, y = data.val.tensors
+        pred = predict(model, x[:5000].to(cfg.device), num_samples=samples)
+        plot_reliability_diagram(pred.probs.cpu(), y[:5000], out / "reliability.png")  # type: ignore[union-attr]
+    if not data.classification and data.in_features == 1:
+        plots.regression_band(model, likelihood, data.train, out / "regression_band.png")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def load_run(
+    run_dir: str | Path, which: str = "best"
+) -> tuple[TrainConfig, nn.Module, Likelihood, RunData]:
+    """Rebuild a saved run: its config, model (``best.pt`` weights), likelihood and data."""
+    from .train.checkpoint import CheckpointError, load_checkpoint
+
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run} is not a run directory: {cfg_path} is missing")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)).validate()
+    data = build_data(cfg)
+    model = build_model(cfg, data)
+    likelihood = build_likelihood(cfg, data)
+    if which == "best":
+        path = run / "best.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the run has not finished an epoch")
+        state, _ = load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        prefix = "likelihood."
+        likelihood.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
+        )
+    else:
+        raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best")
+    return cfg, model.to(cfg.device), likelihood.to(cfg.device), data
