@@ -273,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bbb`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # accepted anywhere on the line, not only before the command
+        argv = [a for a in argv if a != "--debug"]
     try:
         return run(argv)
     except KeyboardInterrupt:
