@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise :class:`ConfigError` naming the key and accepted values."""
+        self._check_types()
         choices = {
             "dataset": DATASETS,
             "method": METHODS,
@@ -139,9 +142,46 @@ class TrainConfig:
             raise ConfigError(
                 f"hidden must be a non-empty list of positive integers, got {self.hidden!r}"
             )
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
+        if self.uci_split < 0:
+            raise ConfigError(f"uci_split must be >= 0, got {self.uci_split!r}")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(
+                f"device {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+            ) from None
         if self.dataset == "uci" and not self.uci_path:
             raise ConfigError("dataset 'uci' needs uci_path (a directory in the UCI split format)")
         return self
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its annotated type (a config file can hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected, optional, is_list = _field_kind(hints[f.name])
+            if value is None and optional:
+                continue
+            if is_list:
+                ok = isinstance(value, list) and all(_is_a(v, expected) for v in value)
+            else:
+                ok = _is_a(value, expected)
+            if not ok:
+                what = _KIND_NAMES[expected]
+                what = (
+                    f"a list of {what}s"
+                    if is_list
+                    else f"{'an' if what == 'integer' else 'a'} {what}"
+                )
+                raise ConfigError(
+                    f"{f.name} must be {what}{' or unset' if optional else ''}, got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +206,29 @@ class TrainConfig:
             )
         cfg = cls(**values)
         return cfg
+
+
+_KIND_NAMES = {int: "integer", float: "number", str: "string"}
+
+
+def _field_kind(tp: Any) -> tuple[type, bool, bool]:
+    """(element type, optional, is a list) of a TrainConfig annotation."""
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    if isinstance(value, bool):  # True is an int to Python, not to a config file
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -124,6 +124,9 @@ class ELBO(nn.Module):
         self.num_samples = num_samples
         self.kl_weighting = kl_weighting
         self.kl_scale = kl_scale
+        # Data-parallel replicas whose gradients are averaged (set by bbb.train.Trainer under
+        # torch.distributed): the "blundell" weight divides by the global batch, replicas * B.
+        self.replicas = 1
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
@@ -133,7 +136,7 @@ class ELBO(nn.Module):
             return beta / self.dataset_size
         if batch_index is None or num_batches is None:
             raise ValueError("kl_weighting='blundell' needs batch_index and num_batches")
-        return beta * blundell_weight(batch_index, num_batches) / batch_size
+        return beta * blundell_weight(batch_index, num_batches) / (batch_size * self.replicas)
 
     def forward(
         self,

@@ -28,6 +28,7 @@ __all__ = [
     "register_closed_form",
     "has_closed_form",
     "closed_form_kl",
+    "closed_form_kl_sum",
     "mc_kl",
     "gaussian_log_q",
     "resolve_kl_mode",
@@ -110,6 +111,122 @@ def closed_form_kl(
     if fn is not None:
         return fn(mu, sigma, log_sigma, p)
     return D.kl_divergence(D.Normal(mu, sigma, validate_args=False), p)
+
+
+_LOG_SIGMA_SWITCH = -20.0  # below this rho, log(softplus(rho)) == rho to float precision
+
+
+def softplus_and_log(rho: Tensor) -> tuple[Tensor, Tensor]:
+    """sigma = softplus(rho) and log(sigma), both finite with finite gradients for any rho."""
+    sigma = torch.nn.functional.softplus(rho)
+    return sigma, log_softplus(rho, sigma)
+
+
+def log_softplus(rho: Tensor, sigma: Tensor) -> Tensor:
+    """log(sigma) for ``sigma = softplus(rho)``: ``rho`` itself below -20 (where they agree to
+    float precision and log would underflow), else ``log(sigma)`` (clamped at the smallest
+    normal number, which passes no gradient)."""
+    tiny = torch.finfo(rho.dtype).tiny
+    return torch.where(rho < _LOG_SIGMA_SWITCH, rho, torch.log(sigma.clamp_min(tiny)))
+
+
+class _GaussianKLSum(torch.autograd.Function):
+    """sum_j mask_j KL(N(mu_j, sigma_j^2) || N(loc, scale^2)), sigma = softplus(rho), fused.
+
+    The elementwise autograd graph of the closed form costs ~15 passes over the weights forward
+    and as many backward (issue 8: ~20 ms at 2.4M weights). Here the forward is two dot products
+    and one log-sum, and the backward writes the closed-form gradients directly:
+
+        d/dmu  = g (mu - loc) / scale^2
+        d/drho = g (sigma / scale^2 - dlog(sigma)/dsigma) * sigmoid(rho)
+
+    with ``dlog(sigma)/drho = sigmoid(rho) / sigma`` (1 below rho = -20, where log sigma is
+    taken as rho: same as :func:`log_softplus`, so values and gradients are those of the
+    elementwise formula). ``sigma`` may be passed in (the forward pass's softplus, detached) to
+    save a softplus; gradients always flow to ``rho`` through the formula above.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        mu: Tensor,
+        rho: Tensor,
+        sigma: Tensor | None,
+        mask: Tensor | None,
+        loc: float,
+        scale: float,
+    ) -> Tensor:
+        if sigma is None:
+            sigma = torch.nn.functional.softplus(rho)
+        inv_var = 1.0 / (scale * scale)
+        d = mu if loc == 0.0 else mu - loc
+        # Fast path (no mask, every rho >= -20, the usual case): log(sigma) needs no guard.
+        fast = mask is None and (rho.numel() == 0 or bool(rho.min() >= _LOG_SIGMA_SWITCH))
+        if fast:
+            sq = torch.dot(sigma.reshape(-1), sigma.reshape(-1)) + torch.dot(
+                d.reshape(-1), d.reshape(-1)
+            )
+            kl = 0.5 * inv_var * sq - torch.log(sigma).sum() + rho.numel() * (math.log(scale) - 0.5)
+        else:
+            log_sigma = log_softplus(rho, sigma)
+            term = (sigma * sigma + d * d) * (0.5 * inv_var) - log_sigma + (math.log(scale) - 0.5)
+            kl = (term if mask is None else term * mask).sum()
+        ctx.save_for_backward(mu, rho, sigma, mask)
+        ctx.fast = fast
+        ctx.loc, ctx.inv_var = loc, inv_var
+        return kl
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+        mu, rho, sigma, mask = ctx.saved_tensors
+        inv_var: float = ctx.inv_var
+        grad_mu = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            d = mu if ctx.loc == 0.0 else mu - ctx.loc
+            grad_mu = d * (g * inv_var)
+            if mask is not None:
+                grad_mu.mul_(mask)
+        if ctx.needs_input_grad[1]:
+            sig = torch.sigmoid(rho)
+            if ctx.fast:
+                # (1/sigma - sigma/scale^2) * sigmoid(rho) * (-g): 4 passes
+                t = torch.reciprocal(sigma).add_(sigma, alpha=-inv_var)
+                grad_rho = t.mul_(sig).mul_(-g)
+            else:
+                tiny = torch.finfo(rho.dtype).tiny
+                dlog = torch.where(
+                    rho < _LOG_SIGMA_SWITCH, 1.0, sig / sigma.clamp_min(tiny) * (sigma > tiny)
+                )
+                grad_rho = (sigma * sig * inv_var - dlog) * g
+                if mask is not None:
+                    grad_rho.mul_(mask)
+        return grad_mu, grad_rho, None, None, None, None
+
+
+def closed_form_kl_sum(
+    mu: Tensor,
+    rho: Tensor,
+    prior: Prior,
+    *,
+    sigma: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """sum_j mask_j KL(N(mu_j, softplus(rho_j)^2) || prior), a scalar that backpropagates.
+
+    The Gaussian prior goes through a fused autograd function (:class:`_GaussianKLSum`);
+    other priors through :func:`closed_form_kl`. ``sigma``: ``softplus(rho)`` if already
+    computed (its graph is not used: gradients reach ``rho`` directly).
+    """
+    p = prior.distribution()
+    if type(p) is D.Normal and p.loc.dim() == 0 and p.scale.dim() == 0:
+        s = None if sigma is None else sigma.detach()
+        m = None if mask is None else mask.to(mu.dtype)
+        return _GaussianKLSum.apply(mu, rho, s, m, float(p.loc), float(p.scale))
+    sig, log_sigma = softplus_and_log(rho)
+    term = closed_form_kl(mu, sig, prior, log_sigma)
+    return (term if mask is None else term * mask).sum()
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

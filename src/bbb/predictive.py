@@ -102,13 +102,16 @@ class RegressionPrediction:
         return self.variance.sqrt()
 
     def log_prob(self, target: Tensor) -> Tensor:
-        """Log-density of targets (B, D) or (B,) under the mixture, summed over D (B,), nats."""
+        """Log-density (B,) of targets (B, D) or (B,) under the S-component mixture, nats.
+
+        The joint density of the D outputs: log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd).
+        """
         if target.dim() == 1:
             target = target.unsqueeze(-1)
         m, v = self.sample_means, self.sample_variances
         lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
         s = m.shape[0]
-        return (torch.logsumexp(lp, dim=0) - math.log(s)).sum(-1)
+        return torch.logsumexp(lp.sum(-1), dim=0) - math.log(s)
 
     def quantiles(
         self,

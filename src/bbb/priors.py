@@ -49,7 +49,20 @@ class Prior(nn.Module):
         return self.distribution().sample(torch.Size(shape))
 
     def _buffer(self, name: str, value: float) -> None:
+        # The exact value is kept as a Python float so that a conversion to float64 (a layer
+        # built with dtype=torch.float64, or model.double()) restores all its digits.
+        if not hasattr(self, "_exact"):
+            self._exact: dict[str, float] = {}
+        self._exact[name] = float(value)
         self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
+        super()._apply(fn, recurse)
+        for name, value in getattr(self, "_exact", {}).items():
+            buf = getattr(self, name)
+            if buf.dtype == torch.float64 and float(buf) != value:
+                setattr(self, name, torch.tensor(value, dtype=torch.float64, device=buf.device))
+        return self
 
 
 class GaussianPrior(Prior):

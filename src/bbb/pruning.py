@@ -81,7 +81,7 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             layer.weight_mask = mask.reshape(layer.weight_mu.shape)
             per_layer_frac[name] = k / s.numel()
     else:
-        flat = torch.cat([scores[n].float() for n, _ in layers])
+        flat = torch.cat([scores[n].double() for n, _ in layers])
         k = int(fraction * flat.numel())
         mask = torch.ones_like(flat)
         if k:
@@ -93,7 +93,7 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             n = layer.weight_mu.numel()
             m = mask[start : start + n].reshape(layer.weight_mu.shape).to(layer.weight_mu.dtype)
             layer.weight_mask = m
-            per_layer_frac[name] = 1.0 - float(m.mean())
+            per_layer_frac[name] = int((m == 0).sum()) / n
             start += n
     total = sum(layer.weight_mu.numel() for _, layer in layers)
     removed = sum(int((layer.weight_mask == 0).sum()) for _, layer in layers)  # type: ignore[union-attr]

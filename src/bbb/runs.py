@@ -10,6 +10,11 @@ The command line and the experiments call these functions; the training loop its
     best.pt              the best-on-validation model
     metrics.json         final summary (validation and test metrics of the best model)
     *.png                learning curves; reliability diagram or regression band
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`train_run` joins the process
+group, shards the training set with a ``DistributedSampler`` (``batch_size`` is the *global*
+batch, split evenly over the processes), trains with ``DistributedDataParallel`` and lets rank 0
+alone write the run directory (see :mod:`bbb.train.distributed`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import plots
 from .config import ConfigError, TrainConfig
@@ -31,7 +36,8 @@ from .elbo import ELBO, linear_annealing
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
 from .priors import Prior, make_prior
-from .train.checkpoint import atomic_write_text
+from .train import distributed as _dist
+from .train.checkpoint import atomic_write_text, check_writable
 from .train.trainer import Trainer, evaluate, seed_everything
 
 __all__ = ["RunData", "build_data", "build_model", "build_likelihood", "train_run", "load_run"]
@@ -161,13 +167,36 @@ def train_run(
     progress: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg`` into ``out_dir``; return its summary."""
+    """Train (or resume) the run described by ``cfg`` into ``out_dir``; return its summary.
+
+    Launched by ``torchrun`` with several processes, this trains data-parallel (one process
+    group for the call, left at the end unless the caller had already created it).
+    """
     cfg.validate()
     out = Path(out_dir)
     if resume:
         saved = out / "config.json"
         if not saved.exists():
             raise ConfigError(f"cannot resume: {saved} does not exist")
+    had_group = _dist.is_distributed()
+    device = _dist.init_from_env(cfg.device)
+    try:
+        return _train_run(cfg, out, device, resume=resume, progress=progress, log=log)
+    finally:
+        if not had_group and _dist.is_distributed():
+            _dist.cleanup()
+
+
+def _train_run(
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    *,
+    resume: bool,
+    progress: bool,
+    log: Any,
+) -> dict[str, Any]:
+    world = _dist.world_size()
     generator = seed_everything(cfg.seed)
     data = build_data(cfg)
     for name, ds in (("training", data.train), ("validation", data.val), ("test", data.test)):
@@ -176,8 +205,13 @@ def train_run(
         raise ValueError(
             f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} examples)"
         )
-    model = build_model(cfg, data).to(cfg.device)
-    likelihood = build_likelihood(cfg, data).to(cfg.device)
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is the global batch: it must be a multiple of the "
+            f"number of processes ({world})"
+        )
+    model = build_model(cfg, data).to(device)
+    likelihood = build_likelihood(cfg, data).to(device)
     kl_scale: Any = cfg.kl_scale
     if cfg.kl_anneal_steps > 0:
         kl_scale = linear_annealing(cfg.kl_anneal_steps, end=cfg.kl_scale)
@@ -191,16 +225,30 @@ def train_run(
     if cfg.method != "bbb":
         elbo = ELBO(likelihood, len(data.train), num_samples=1, kl_scale=0.0)
     optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
-    train_loader = DataLoader(
-        data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
-    )
+    if world == 1:
+        train_loader = DataLoader(
+            data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
+        )
+    else:  # each rank: its shard (reshuffled by epoch from the seed), batch_size / world rows
+        sampler = DistributedSampler(
+            data.train, num_replicas=world, rank=_dist.rank(), shuffle=True, seed=cfg.seed
+        )
+        train_loader = DataLoader(
+            data.train, batch_size=cfg.batch_size // world, sampler=sampler, generator=generator
+        )
     eval_bs = max(cfg.batch_size, 1000)
     val_loader = None if data.val is None else DataLoader(data.val, batch_size=eval_bs)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        cfg.save(out / "config.json")
-        if data.normalization is not None:
-            atomic_write_text(out / "normalization.json", json.dumps(data.normalization, indent=2))
+
+    def setup() -> None:
+        check_writable(out)  # a clear error before anything is written or trained
+        if not resume:
+            cfg.save(out / "config.json")
+            if data.normalization is not None:
+                atomic_write_text(
+                    out / "normalization.json", json.dumps(data.normalization, indent=2)
+                )
+
+    _dist.on_main(setup, "creating the run directory")
     val_samples = cfg.val_samples if cfg.method == "bbb" else 1
     trainer = Trainer(
         model,
@@ -217,13 +265,16 @@ def train_run(
         loader_generator=generator,
         y_scale=data.y_std,
         grad_clip=cfg.grad_clip,
-        device=cfg.device,
+        device=device,
     )
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     trainer.load_best()
     summary["wall_seconds"] = time.perf_counter() - start
-    finish_run(out, cfg, model, likelihood, data, trainer.history, summary)
+    _dist.on_main(
+        lambda: finish_run(out, cfg, model, likelihood, data, trainer.history, summary),
+        "evaluating the best model and plotting",
+    )
     return summary
 
 

@@ -12,6 +12,13 @@ index i), a validation pass (``evaluate``), a line in ``metrics.jsonl``, an atom
 validation metric improved, ``best.pt``. ``fit(resume=True)`` continues from the newest
 readable checkpoint; on CPU the resumed run ends with exactly the parameters of an uninterrupted
 one (all randomness comes from the saved generators).
+
+Under ``torch.distributed`` (``torchrun``; see :mod:`bbb.train.distributed`) the same loop
+trains with ``DistributedDataParallel``: give it a loader with a ``DistributedSampler`` (its
+``set_epoch`` is called every epoch), the ELBO with the global data-set size, and the
+*unwrapped* model. Losses are reduced across ranks, validation runs on rank 0 and its report
+is shared, and only rank 0 writes files; checkpoints hold the unwrapped model, so a run can be
+resumed with any number of processes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from .. import metrics as M
 from ..elbo import ELBO
 from ..likelihoods import Categorical, Gaussian
 from ..predictive import ClassificationPrediction, predict
+from . import distributed as _dist
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -63,6 +71,17 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files of atomic writes a killed run left behind (never read)."""
+    import contextlib
+
+    for d in (out_dir, out_dir / "checkpoints"):
+        if d.is_dir():
+            for p in [*d.glob(".*.tmp"), *d.glob(".write-probe.*")]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
@@ -144,6 +163,10 @@ class Trainer:
         y_scale: target normalisation scale for regression metrics in original units.
         grad_clip: clip the gradient norm to this value (None: no clipping).
         device: where the model lives.
+        distributed: train with ``DistributedDataParallel`` (None: when a ``torch.distributed``
+            process group with more than one process is initialised).
+        find_unused_parameters: passed to DDP; only needed for a model with parameters the
+            loss does not reach at every step.
     """
 
     def __init__(
@@ -166,6 +189,8 @@ class Trainer:
         y_scale: float = 1.0,
         grad_clip: float | None = None,
         device: torch.device | str = "cpu",
+        distributed: bool | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -175,6 +200,21 @@ class Trainer:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
         if len(train_loader) == 0:
             raise ValueError("the training data loader is empty")
+        if grad_clip is not None and (
+            isinstance(grad_clip, bool)
+            or not isinstance(grad_clip, (int, float))
+            or not (math.isfinite(grad_clip) and grad_clip > 0)
+        ):
+            raise ValueError(
+                f"grad_clip must be a finite positive number or None, got {grad_clip!r}"
+            )
+        if distributed is None:
+            distributed = _dist.is_distributed()
+        if distributed and not _dist.is_distributed():
+            raise ValueError(
+                "distributed=True needs an initialised torch.distributed process group with more "
+                "than one process (launch with torchrun)"
+            )
         self.model = model
         self.elbo = elbo
         self.optimizer = optimizer
@@ -209,6 +249,27 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
         self.best_elbo_state: dict[str, Tensor] | None = None
+        self.distributed = bool(distributed)
+        # rank 0 (or the only process) writes files, logs and shows progress
+        self.is_writer = not self.distributed or _dist.is_main()
+        self._ddp: nn.Module | None = None
+        if self.distributed:
+            if not self.is_writer:
+                self.log, self.progress = None, False
+            sampler = getattr(train_loader, "sampler", None)
+            if not hasattr(sampler, "set_epoch"):
+                import warnings
+
+                warnings.warn(
+                    "distributed training with a loader without a DistributedSampler: every "
+                    "rank sees the whole training set",
+                    stacklevel=2,
+                )
+            # The blundell KL weight divides by the batch size: the global one, R * B.
+            elbo.replicas = _dist.world_size()
+            self._ddp = _dist.wrap_elbo(
+                model, elbo, self.device, find_unused_parameters=find_unused_parameters
+            )
 
     # ------------------------------------------------------------------ helpers
     def _score(self, report: dict[str, float]) -> float:
@@ -249,11 +310,12 @@ class Trainer:
     def _metrics_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
 
-    def _load_history(self) -> None:
+    def _read_history(self, epoch: int) -> list[dict[str, Any]]:
+        """metrics.jsonl rows up to ``epoch`` (the file is rewritten without the later ones)."""
         path = self._metrics_path()
-        self.history = []
+        history: list[dict[str, Any]] = []
         if path is None or not path.exists():
-            return
+            return history
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
@@ -261,21 +323,46 @@ class Trainer:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if row.get("epoch", 0) <= self.epoch:
-                self.history.append(row)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+            if row.get("epoch", 0) <= epoch:
+                history.append(row)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+        return history
+
+    def _prepare(
+        self, resume: bool
+    ) -> tuple[dict[str, Any], Path, list[dict[str, Any]], dict[str, Any] | None] | None:
+        """Check the run directory; when resuming, read (state, path, history, best)."""
+        if self.out_dir is None:
+            return None
+        check_writable(self.out_dir)
+        _remove_stale_temporaries(self.out_dir)
+        ckpt_dir = self.out_dir / "checkpoints"
+        if not resume:
+            path = self._metrics_path()
+            if path is not None and path.exists():
+                path.unlink()
+            return None
+        if latest_checkpoint(ckpt_dir) is None:
+            raise CheckpointError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+        # tensors go to the CPU when they travel to the other ranks; _restore moves them
+        where = torch.device("cpu") if self.distributed else self.device
+        state, path = load_checkpoint(ckpt_dir, map_location=where)
+        best = None
+        if (self.out_dir / "best.pt").exists():
+            best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=where)
+        return state, path, self._read_history(int(state["epoch"])), best
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         self.history.append(row)
         path = self._metrics_path()
-        if path is not None:
+        if path is not None and self.is_writer:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
     def _save_best(self) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.best_elbo_state = {k: v.detach().clone() for k, v in self.elbo.state_dict().items()}
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_writer:
             import io
 
             buf = io.BytesIO()
@@ -286,10 +373,27 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training data; returns mean loss, nll, kl and timing."""
-        from tqdm.auto import tqdm
-
         self.model.train()
         self.elbo.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)  # a DistributedSampler's shuffle for this epoch
+        if not self.distributed:
+            return self._train_epoch()
+        # Each rank draws its own weight noise from a seed derived from the shared RNG stream;
+        # the shared stream is restored afterwards, so validation, checkpoints (which save it)
+        # and the next epoch see the same state on every rank, for any number of ranks.
+        epoch_seed = int(torch.randint(0, 2**62, (1,)))
+        shared = torch.get_rng_state()
+        torch.manual_seed(_dist.rank_seed(epoch_seed, _dist.rank()))
+        try:
+            return self._train_epoch()
+        finally:
+            torch.set_rng_state(shared)
+
+    def _train_epoch(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
         num_batches = len(self.train_loader)
         sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
         n_seen = 0
@@ -302,8 +406,13 @@ class Trainer:
         )
         start = time.perf_counter()
         for i, (x, y) in enumerate(_batches(self.train_loader, self.device)):
-            result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
-            loss_value = float(result.loss.detach())
+            if self._ddp is None:
+                result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
+                loss_value = float(result.loss.detach())
+            else:
+                result = self._ddp(x, y, batch_index=i, num_batches=num_batches)
+                # the mean over ranks: non-finite on every rank when it is on any one
+                loss_value = float(_dist.all_reduce_mean(result.loss.detach().clone()))
             if not math.isfinite(loss_value):
                 last = (
                     None
@@ -311,10 +420,21 @@ class Trainer:
                     else latest_checkpoint(self.out_dir / "checkpoints")
                 )
                 where = f"; the last good checkpoint {last} is intact" if last else ""
+                bad_data = [
+                    name
+                    for name, t in (("inputs", x), ("targets", y))
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())
+                ]
+                hint = (
+                    f"The minibatch {' and '.join(bad_data)} contain NaN or Inf values: clean "
+                    "the data set."
+                    if bad_data
+                    else "Try a smaller learning rate, a smaller initial rho or gradient clipping."
+                )
                 raise TrainingDivergedError(
                     f"loss became {loss_value} at epoch {self.epoch + 1}, step {i + 1} of "
                     f"{num_batches} (nll={float(result.nll)}, kl={float(result.kl)}){where}. "
-                    "Try a smaller learning rate, a smaller initial rho or gradient clipping."
+                    + hint
                 )
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
@@ -335,6 +455,14 @@ class Trainer:
                     kl=f"{float(result.kl):.4g}",
                 )
         bar.close()
+        if self.distributed:  # sums of loss * B and the example counts over ranks
+            keys = list(sums)
+            t = torch.tensor(
+                [sums[k] for k in keys] + [float(n_seen)], dtype=torch.float64, device=self.device
+            )
+            t = _dist.all_reduce_sum(t).cpu()
+            sums = {k: float(t[j]) for j, k in enumerate(keys)}
+            n_seen = int(t[-1])
         out = {k: v / max(n_seen, 1) for k, v in sums.items()}
         out["train_seconds"] = time.perf_counter() - start
         return out
@@ -343,6 +471,17 @@ class Trainer:
         """Validation report (empty when there is no validation loader)."""
         if self.val_loader is None:
             return {}
+        if not self.distributed:
+            return self._validate_local()
+        # rank 0 evaluates; its report and RNG state (validation draws weight samples) are
+        # shared, so every rank takes the same best-model and early-stopping decisions.
+        report, rng = _dist.on_main(
+            lambda: (self._validate_local(), torch.get_rng_state()), "validating"
+        )
+        torch.set_rng_state(rng)
+        return report
+
+    def _validate_local(self) -> dict[str, float]:
         assert isinstance(self.elbo.likelihood, (Categorical, Gaussian))
         return evaluate(
             self.model,
@@ -359,29 +498,20 @@ class Trainer:
         With ``resume=True`` and a run directory holding checkpoints, training continues from
         the newest readable one (a corrupt newest one is skipped with a warning).
         """
-        ckpt_dir = None if self.out_dir is None else self.out_dir / "checkpoints"
-        if self.out_dir is not None:
-            check_writable(self.out_dir)
-        if resume:
-            if ckpt_dir is None:
-                raise ValueError("resume=True needs an out_dir")
-            if latest_checkpoint(ckpt_dir) is None:
-                raise CheckpointError(f"nothing to resume: no checkpoint in {ckpt_dir}")
-            state, path = load_checkpoint(ckpt_dir, map_location=self.device)
+        if resume and self.out_dir is None:
+            raise ValueError("resume=True needs an out_dir")
+        if self.distributed:  # rank 0 reads the run directory; every rank gets its content
+            loaded = _dist.on_main(lambda: self._prepare(resume), "preparing the run directory")
+        else:
+            loaded = self._prepare(resume)
+        if loaded is not None:
+            state, path, self.history, best = loaded
             self._restore(state)
-            self._load_history()
-            if self.out_dir is not None and (self.out_dir / "best.pt").exists():
-                best = torch.load(
-                    self.out_dir / "best.pt", map_location=self.device, weights_only=True
-                )
+            if best is not None:
                 self.best_state = best["model"]
                 self.best_elbo_state = best["elbo"]
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
-        elif self.out_dir is not None:
-            path = self._metrics_path()
-            if path is not None and path.exists():
-                path.unlink()
         stopped_early = False
         while self.epoch < self.epochs:
             train_stats = self.train_epoch()
@@ -399,14 +529,11 @@ class Trainer:
                     self.bad_epochs += 1
             else:
                 self.best_epoch, improved = self.epoch, True
-            if improved:
-                self._save_best()
             row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
             row.update({f"val_{k}": v for k, v in val.items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
-            self._append_metrics(row)
-            if ckpt_dir is not None:
-                save_checkpoint(ckpt_dir, self.epoch, self._state())
+            with _dist.collective_errors(f"writing epoch {self.epoch}'s files"):
+                self._write_epoch(row, improved)
             if self.log:
                 vtxt = f" val_{self.val_metric}={val[self.val_metric]:.4g}" if val else ""
                 self.log(
@@ -427,6 +554,28 @@ class Trainer:
             "stopped_early": stopped_early,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
         }
+
+    def _write_epoch(self, row: dict[str, Any], improved: bool) -> None:
+        """Rank 0's files for the finished epoch: metrics line, ``best.pt``, checkpoint.
+
+        A write error (disk full, ...) names the run directory and the last good checkpoint.
+        """
+        try:
+            if improved:
+                self._save_best()
+            self._append_metrics(row)
+            if self.out_dir is not None and self.is_writer:
+                save_checkpoint(self.out_dir / "checkpoints", self.epoch, self._state())
+        except OSError as e:
+            if self.out_dir is None:
+                raise
+            last = latest_checkpoint(self.out_dir / "checkpoints")
+            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint yet"
+            raise OSError(
+                e.errno,
+                f"could not write epoch {self.epoch}'s files in {self.out_dir} "
+                f"({e.strerror or e}); {kept}: free disk space, then resume",
+            ) from e
 
     def _unscore(self) -> float:
         v = self.best_metric

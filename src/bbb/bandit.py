@@ -1,0 +1,481 @@
+"""The Mushroom contextual bandit of Blundell et al. (2015), section 5.3.
+
+Environment: each step a mushroom is drawn uniformly at random; the agent sees its one-hot
+attributes (117 columns, see :func:`bbb.data.load_mushroom`) and eats or passes. Rewards:
+eating an edible mushroom +5; eating a poisonous one +5 or -35 with probability 1/2 each;
+passing 0. The oracle eats exactly the edible ones, so the expected regret of a step is 5 for
+passing an edible mushroom, 15 for eating a poisonous one (its expected reward is -15), else 0;
+the realised regret (oracle's realised reward minus the agent's) is logged too.
+
+Agents (every one a network: input context + one-hot action (119), two hidden layers of 100
+ReLU units, output the expected reward; after each step, 64 updates on minibatches of 64 drawn
+from a buffer of the last 4096 interactions):
+
+- ``bbb-thompson``: Bayes by Backprop; acts by Thompson sampling: one weight sample drawn per
+  decision (``"frozen"`` mode, the same weights for both actions), by default the average of 2
+  samples as in the paper; trained on the ELBO with the buffer's current size as ``N``.
+- ``greedy-0``, ``greedy-0.01``, ``greedy-0.05``: epsilon-greedy agents trained by Adam on the
+  squared error.
+
+All agents and seeds advance together: the networks of all (agent, seed) pairs are the members
+of :class:`bbb.nn.ensemble.BayesLinearEnsemble` layers (greedy members run in ``"mean"``
+mode, a deterministic network), so a step is a handful of batched matrix products. Every seed
+has its own stream of mushrooms and coin flips, shared by all agents of that seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .likelihoods import Gaussian
+from .nn.ensemble import BayesLinearEnsemble
+from .nn.module import kl_divergence, resample, sampling, vectorized_samples
+from .priors import Prior, make_prior
+from .train.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = [
+    "AGENTS",
+    "BanditConfig",
+    "expected_regret",
+    "realized_rewards",
+    "run_bandit",
+    "ensemble_mlp",
+]
+
+AGENTS = ("bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05")
+EAT, PASS = 1, 0
+REWARD_EDIBLE = 5.0
+REWARD_POISON_GOOD = 5.0
+REWARD_POISON_BAD = -35.0
+
+
+def expected_regret(edible: Tensor, action: Tensor) -> Tensor:
+    """Expected regret of ``action`` (1 eat, 0 pass) for mushrooms ``edible`` (bool), same shape.
+
+    Oracle: eat edible (+5), pass poisonous (0). Passing an edible one loses 5; eating a
+    poisonous one has expected reward (5 - 35) / 2 = -15, so it loses 15.
+    """
+    eat = action.bool()
+    return torch.where(edible, (~eat).to(torch.float32) * 5.0, eat.to(torch.float32) * 15.0)
+
+
+def realized_rewards(edible: Tensor, action: Tensor, lucky: Tensor) -> Tensor:
+    """Reward of ``action`` given edibility and the poison coin (``lucky``: +5 instead of -35)."""
+    eat = action.bool()
+    poison_reward = torch.where(lucky, REWARD_POISON_GOOD, REWARD_POISON_BAD)
+    eaten = torch.where(edible, torch.full_like(poison_reward, REWARD_EDIBLE), poison_reward)
+    return torch.where(eat, eaten, torch.zeros_like(eaten))
+
+
+def oracle_rewards(edible: Tensor) -> Tensor:
+    """Realised reward of the oracle (eats exactly the edible mushrooms)."""
+    return torch.where(edible, REWARD_EDIBLE, 0.0)
+
+
+@dataclass
+class BanditConfig:
+    """Settings of a bandit run (saved as ``config.json``)."""
+
+    agents: list[str] = field(default_factory=lambda: list(AGENTS))
+    steps: int = 50000
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    hidden: int = 100
+    updates_per_step: int = 64
+    batch_size: int = 64
+    buffer_size: int = 4096
+    lr: float = 1e-3
+    thompson_samples: int = 2
+    estimator: str = "local"  # for the BBB agent's training steps
+    prior: str = "scale_mixture"
+    prior_sigma: float = 1.0  # gaussian / laplace
+    prior_pi: float = 0.5
+    prior_sigma1: float = 1.0
+    prior_sigma2: float = math.exp(-6)
+    noise_sigma: float = 1.0  # Gaussian likelihood of the BBB agent's reward model
+    rho_init: float = -5.0
+    checkpoint_every: int = 500
+    data_dir: str | None = None
+
+    def validate(self) -> BanditConfig:
+        unknown = [a for a in self.agents if a not in AGENTS]
+        if unknown or not self.agents:
+            raise ValueError(f"unknown agent(s) {unknown}; accepted values: {', '.join(AGENTS)}")
+        for key in (
+            "steps",
+            "hidden",
+            "updates_per_step",
+            "batch_size",
+            "buffer_size",
+            "thompson_samples",
+            "checkpoint_every",
+        ):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative integers, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
+        return self
+
+
+def ensemble_mlp(
+    members: int,
+    in_features: int,
+    hidden: int,
+    *,
+    prior: Prior | None = None,
+    estimator: str = "local",
+    rho_init: float = -5.0,
+) -> nn.Sequential:
+    """K independent MLPs in_features -> hidden -> hidden -> 1 (ReLU), as ensemble layers."""
+    kw: dict[str, Any] = {"prior": prior, "estimator": estimator, "rho_init": rho_init}
+    return nn.Sequential(
+        BayesLinearEnsemble(members, in_features, hidden, **kw),
+        nn.ReLU(),
+        BayesLinearEnsemble(members, hidden, hidden, **kw),
+        nn.ReLU(),
+        BayesLinearEnsemble(members, hidden, 1, **kw),
+    )
+
+
+def _epsilon(agent: str) -> float:
+    return float(agent.split("-", 1)[1])
+
+
+class _Buffers:
+    """Per-member ring buffers of (context, action, reward)."""
+
+    def __init__(self, members: int, capacity: int, dim: int) -> None:
+        self.x = torch.zeros(members, capacity, dim)
+        self.a = torch.zeros(members, capacity, dtype=torch.long)
+        self.r = torch.zeros(members, capacity)
+        self.capacity = capacity
+        self.size = 0
+        self.pos = 0
+
+    def add(self, x: Tensor, a: Tensor, r: Tensor) -> None:
+        self.x[:, self.pos] = x
+        self.a[:, self.pos] = a
+        self.r[:, self.pos] = r
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(K, B, dim) contexts, (K, B) actions, (K, B) rewards, drawn uniformly with replacement."""
+        k = self.x.shape[0]
+        idx = torch.randint(0, self.size, (k, batch), generator=generator)
+        x = torch.gather(self.x, 1, idx.unsqueeze(-1).expand(k, batch, self.x.shape[-1]))
+        return x, torch.gather(self.a, 1, idx), torch.gather(self.r, 1, idx)
+
+    def state(self) -> dict[str, Any]:
+        return {"x": self.x, "a": self.a, "r": self.r, "size": self.size, "pos": self.pos}
+
+    def load(self, s: dict[str, Any]) -> None:
+        self.x, self.a, self.r = s["x"], s["a"], s["r"]
+        self.size, self.pos = int(s["size"]), int(s["pos"])
+
+
+def _with_action(x: Tensor, a: Tensor) -> Tensor:
+    """Concatenate contexts (..., D) with one-hot actions (...) -> (..., D + 2)."""
+    return torch.cat([x, nn.functional.one_hot(a, 2).to(x.dtype)], dim=-1)
+
+
+class _Population:
+    """All networks of one kind (Bayesian or greedy), for every (agent, seed) member."""
+
+    def __init__(
+        self, cfg: BanditConfig, names: list[str], seeds: list[int], bayes: bool, dim: int
+    ) -> None:
+        self.names = names  # agent name of each member
+        self.seeds = seeds  # seed index of each member
+        self.bayes = bayes
+        k = len(names)
+        prior = make_prior_from(cfg) if bayes else None
+        self.model = ensemble_mlp(
+            k, dim + 2, cfg.hidden, prior=prior, estimator=cfg.estimator, rho_init=cfg.rho_init
+        )
+        params = [p for n, p in self.model.named_parameters() if bayes or n.endswith("_mu")]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.likelihood = Gaussian("fixed", sigma=cfg.noise_sigma)
+        self.buffers = _Buffers(k, cfg.buffer_size, dim)
+        self.thompson_samples = cfg.thompson_samples
+        self.batch_size = cfg.batch_size
+        self.eps = torch.tensor([0.0 if bayes else _epsilon(n) for n in names])
+
+    @torch.no_grad()
+    def act(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Actions (K,) for contexts (K, D)."""
+        k = x.shape[0]
+        both = torch.stack(
+            [_with_action(x, torch.full((k,), PASS)), _with_action(x, torch.full((k,), EAT))], 1
+        )
+        if self.bayes:
+            s = self.thompson_samples
+            resample(self.model)
+            with sampling(self.model, "frozen"), vectorized_samples(self.model, s):
+                value = self.model(both.repeat(s, 1, 1)).reshape(s, k, 2).mean(0)
+            return value.argmax(-1)
+        with sampling(self.model, "mean"):
+            value = self.model(both)[..., 0]
+        greedy = value.argmax(-1)
+        explore = torch.rand(k, generator=generator) < self.eps
+        random_action = torch.randint(0, 2, (k,), generator=generator)
+        return torch.where(explore, random_action, greedy)
+
+    def update(self, generator: torch.Generator) -> float:
+        """One gradient step on a minibatch from each member's buffer; returns the loss."""
+        x, a, r = self.buffers.sample(self.batch_size, generator)
+        inp = _with_action(x, a)
+        if self.bayes:
+            out = self.model(inp)  # (K, B, 1), estimator noise per row
+            nll = -self.likelihood.log_prob(out.reshape(1, -1, 1), r.reshape(-1)).reshape(
+                len(self.names), -1
+            )
+            # sum over members of (mean NLL_k + KL_k / N): members are independent networks
+            loss = nll.mean(1).sum() + kl_divergence(self.model) / self.buffers.size
+        else:
+            with sampling(self.model, "mean"):
+                out = self.model(inp)[..., 0]
+            loss = ((out - r) ** 2).mean(1).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def make_prior_from(cfg: BanditConfig) -> Prior:
+    if cfg.prior == "scale_mixture":
+        return make_prior(
+            "scale_mixture", pi=cfg.prior_pi, sigma1=cfg.prior_sigma1, sigma2=cfg.prior_sigma2
+        )
+    if cfg.prior == "laplace":
+        return make_prior("laplace", scale=cfg.prior_sigma)
+    return make_prior(cfg.prior, sigma=cfg.prior_sigma)
+
+
+def run_bandit(
+    cfg: BanditConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Any = print,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the bandit; writes regret CSV, metrics.json, the plot and checkpoints.
+
+    ``max_seconds`` stops cleanly (after a checkpoint) when the time is up, so a long run can
+    span sessions with ``resume=True``.
+    """
+    from tqdm.auto import tqdm
+
+    from .data.mushroom import load_mushroom
+
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_mushroom(cfg.data_dir)
+    contexts, edible = data.contexts, data.edible
+    n_rows, dim = contexts.shape
+    n_seeds = len(cfg.seeds)
+    torch.manual_seed(cfg.seeds[0])
+    pops: list[_Population] = []
+    bayes_names = [a for a in cfg.agents if a == "bbb-thompson"]
+    greedy_names = [a for a in cfg.agents if a != "bbb-thompson"]
+    for names, bayes in ((bayes_names, True), (greedy_names, False)):
+        if names:
+            members = [a for a in names for _ in range(n_seeds)]
+            seeds = [i for _ in names for i in range(n_seeds)]
+            pops.append(_Population(cfg, members, seeds, bayes, dim))
+    # per-seed environment streams: the same mushrooms and coins for every agent of a seed
+    env_gens = [torch.Generator().manual_seed(10_000 + s) for s in cfg.seeds]
+    agent_gen = torch.Generator().manual_seed(20_000 + cfg.seeds[0])
+    member_order = [(p, i) for p in pops for i in range(len(p.names))]
+    columns = [f"{p.names[i]}/seed{cfg.seeds[p.seeds[i]]}" for p, i in member_order]
+    steps = cfg.steps
+    regret = torch.zeros(steps, len(columns))
+    realized = torch.zeros(steps, len(columns))
+    start_step = 0
+    ckpt_dir = out / "checkpoints"
+    if resume:
+        state, path = load_checkpoint(ckpt_dir)
+        if state.get("columns") != columns:
+            raise ValueError(
+                f"cannot resume {path}: it was written for members {state.get('columns')}"
+            )
+        start_step = int(state["step"])
+        for p, s in zip(pops, state["pops"], strict=True):
+            p.model.load_state_dict(s["model"])
+            p.optimizer.load_state_dict(s["optimizer"])
+            p.buffers.load(s["buffers"])
+        for g, s in zip(env_gens, state["env_gens"], strict=True):
+            g.set_state(s)
+        agent_gen.set_state(state["agent_gen"])
+        set_rng_state(state["rng"])
+        n_done = min(start_step, state["regret"].shape[0])
+        regret[:n_done] = state["regret"][:n_done]
+        realized[:n_done] = state["realized"][:n_done]
+        if log:
+            log(f"resumed from {path} at step {start_step}")
+    else:
+        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            ckpt_dir,
+            step,
+            {
+                "step": step,
+                "columns": columns,
+                "pops": [
+                    {
+                        "model": p.model.state_dict(),
+                        "optimizer": p.optimizer.state_dict(),
+                        "buffers": p.buffers.state(),
+                    }
+                    for p in pops
+                ],
+                "env_gens": [g.get_state() for g in env_gens],
+                "agent_gen": agent_gen.get_state(),
+                "rng": rng_state(),
+                "regret": regret[:step].clone(),
+                "realized": realized[:step].clone(),
+            },
+        )
+
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=steps, initial=start_step, disable=not progress, desc="bandit", dynamic_ncols=True
+    )
+    step = start_step
+    stopped = False
+    while step < steps:
+        idx = torch.stack([torch.randint(0, n_rows, (1,), generator=g) for g in env_gens])[:, 0]
+        lucky = torch.stack([torch.rand(1, generator=g) < 0.5 for g in env_gens])[:, 0]
+        col = 0
+        for p in pops:
+            seed_idx = torch.tensor(p.seeds)
+            x = contexts[idx[seed_idx]]
+            e = edible[idx[seed_idx]]
+            a = p.act(x, agent_gen)
+            r = realized_rewards(e, a, lucky[seed_idx])
+            k = len(p.names)
+            regret[step, col : col + k] = expected_regret(e, a)
+            realized[step, col : col + k] = oracle_rewards(e) - r
+            p.buffers.add(x, a, r)
+            col += k
+        for _ in range(cfg.updates_per_step):
+            for p in pops:
+                p.update(agent_gen)
+        step += 1
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            checkpoint(step)
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds and step < steps:
+                stopped = True
+                break
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    done = step
+    summary = _write_results(
+        out, cfg, columns, regret[:done], realized[:done], done, elapsed, start_step
+    )
+    summary["complete"] = not stopped and done == steps
+    if log:
+        rate = (done - start_step) / max(elapsed, 1e-9)
+        log(
+            f"{done}/{steps} steps ({rate:.2f} steps/s for {len(columns)} networks); results in {out}"
+        )
+    return summary
+
+
+def _write_results(
+    out: Path,
+    cfg: BanditConfig,
+    columns: list[str],
+    regret: Tensor,
+    realized: Tensor,
+    done: int,
+    elapsed: float,
+    start_step: int,
+) -> dict[str, Any]:
+    cum = regret.cumsum(0)
+    with open(out / "regret.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["step", *[f"{c}:expected" for c in columns], *[f"{c}:realized" for c in columns]]
+        )
+        for t in range(done):
+            w.writerow(
+                [
+                    t + 1,
+                    *[f"{v:g}" for v in regret[t].tolist()],
+                    *[f"{v:g}" for v in realized[t].tolist()],
+                ]
+            )
+    Path(out / "regret.csv.tmp").replace(out / "regret.csv")
+    agents: dict[str, Any] = {}
+    for agent in cfg.agents:
+        cols = [i for i, c in enumerate(columns) if c.split("/")[0] == agent]
+        final = cum[-1, cols] if done else torch.zeros(len(cols))
+        last = regret[max(0, done - 10000) :, cols].mean(0) if done else torch.zeros(len(cols))
+        agents[agent] = {
+            "cumulative_regret_mean": float(final.mean()),
+            "cumulative_regret_std": float(final.std(correction=1)) if len(cols) > 1 else 0.0,
+            "per_step_regret_last_10000_mean": float(last.mean()),
+            "cumulative_regret_per_seed": final.tolist(),
+        }
+    metrics = {
+        "steps_done": done,
+        "steps": cfg.steps,
+        "agents": agents,
+        "seconds_this_session": elapsed,
+        "steps_per_second_this_session": (done - start_step) / max(elapsed, 1e-9),
+        "networks": len(columns),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if done:
+        _plot(out / "cumulative_regret.png", cfg.agents, columns, cum)
+    return metrics
+
+
+def _plot(path: Path, agents: Sequence[str], columns: list[str], cum: Tensor) -> None:
+    from .plots import figure
+
+    fig = figure(figsize=(7, 4))
+    ax = fig.subplots()
+    steps = torch.arange(1, cum.shape[0] + 1).numpy()
+    for i, agent in enumerate(agents):
+        cols = [j for j, c in enumerate(columns) if c.split("/")[0] == agent]
+        m = cum[:, cols].mean(1)
+        lo, hi = cum[:, cols].min(1).values, cum[:, cols].max(1).values
+        ax.plot(steps, m.clamp_min(1).numpy(), color=f"C{i}", label=agent)
+        ax.fill_between(
+            steps, lo.clamp_min(1).numpy(), hi.clamp_min(1).numpy(), color=f"C{i}", alpha=0.2
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cumulative expected regret")
+    ax.set_title("Mushroom bandit (mean over seeds, band: min-max)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

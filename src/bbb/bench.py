@@ -1,0 +1,548 @@
+"""Training-step benchmark of bbb's Bayesian layers against plain layers and peer libraries.
+
+``bbb bench`` (or ``python benchmarks/step_time.py``) measures, in one process:
+
+1. **Step time**: one full training step (forward, KL, ELBO, backward, Adam step) of an MLP
+   784-H-H-10 (batch 128) for each H in ``--sizes`` and of a small convnet on 1x28x28 inputs
+   (two Bayesian 3x3 conv layers + a Bayesian linear head), for each estimator, number of
+   samples and prior; the same networks made of ``nn.Linear``/``nn.Conv2d`` (the floor); and
+   the peer libraries found installed (:mod:`bbb.bench_peers`). Configurations of one network
+   are timed **interleaved** (round-robin, one step each, ``--repeats`` rounds after
+   ``--warmup`` steps each) and summarised by the median; the ratio is to the deterministic
+   network of the same round-robin.
+2. **Inference**: inputs per second of :func:`bbb.predict` with 100 weight samples on 10000
+   MNIST-sized inputs (``--quick``: fewer).
+3. **Peak memory** for ``num_samples=10``: each configuration runs in a fresh subprocess that
+   reads its resident-set high-water mark (``VmHWM`` of ``/proc/self/status``, which counts
+   torch's CPU tensors, unlike ``tracemalloc``) after building the model and again after three
+   training steps; we report the peak and its increase over the built model. (Not
+   ``getrusage().ru_maxrss``: Linux carries it over ``fork`` + ``exec``, so a child of a big
+   benchmark process would report the parent's peak. It is the fallback off Linux.)
+4. **Gradient variance**: per estimator, the variance over repeated draws of the minibatch
+   gradient of the loss with respect to ``weight_mu`` and ``weight_rho`` (averaged over all
+   weights), at one fixed point in training shared by all estimators (the same parameters).
+
+The table format and JSON keys are stable: they are how regressions are found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import bench_peers
+from .elbo import ELBO
+from .likelihoods import Categorical
+from .models import bayes_convnet, bayes_mlp, mlp
+from .nn.estimators import ESTIMATORS
+from .predictive import predict
+from .priors import GaussianPrior, Prior, ScaleMixturePrior
+
+__all__ = ["StepResult", "build_parser", "main", "run_benchmark", "format_table"]
+
+BATCH = 128
+DATASET_SIZE = 60_000
+PRIORS = ("gaussian", "scale_mixture")
+NETS = ("mlp", "conv")
+SCHEMA_VERSION = 1
+
+Step = Callable[[], float]
+
+
+@dataclass
+class StepResult:
+    """One row of the step-time table."""
+
+    net: str  # "mlp" or "conv"
+    hidden: int  # H for the MLP, 0 for the convnet
+    library: str  # "deterministic", "bbb", a peer name
+    estimator: str  # "-" for the deterministic network
+    prior: str  # "gaussian", "scale_mixture" or "-"
+    num_samples: int
+    ms: float  # median milliseconds per step
+    ratio: float  # ms / ms of the deterministic network of the same round-robin
+    samples_ratio: float | None = None  # ms / ms of the same config with num_samples=1
+    ms_all: list[float] = field(default_factory=list)  # every measurement (ms)
+
+
+# ----------------------------------------------------------------------------- builders
+def make_prior(name: str) -> Prior:
+    """The benchmark's priors: N(0, 1), and the paper's scale mixture (pi=0.5, 1, e^-6)."""
+    if name == "gaussian":
+        return GaussianPrior(1.0)
+    if name == "scale_mixture":
+        return ScaleMixturePrior(0.5, 1.0, math.exp(-6))
+    raise ValueError(f"unknown prior {name!r}; accepted values: {', '.join(PRIORS)}")
+
+
+def det_convnet() -> nn.Sequential:
+    """The deterministic counterpart of :func:`bbb.models.bayes_convnet` (the floor)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def make_data(net: str, batch: int = BATCH, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A synthetic MNIST-shaped minibatch (timing does not depend on the values)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 784) if net == "mlp" else (batch, 1, 28, 28)
+    return torch.randn(shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def make_bbb_model(net: str, hidden: int, estimator: str, prior: str) -> nn.Module:
+    """The bbb network of a configuration."""
+    if net == "mlp":
+        return bayes_mlp(784, [hidden, hidden], 10, estimator=estimator, prior=make_prior(prior))
+    return bayes_convnet(1, 10, estimator=estimator, prior=make_prior(prior))
+
+
+def _adam_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-3) -> Step:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def build_step(
+    library: str,
+    net: str,
+    hidden: int,
+    estimator: str,
+    prior: str,
+    num_samples: int,
+    x: Tensor,
+    y: Tensor,
+) -> Step | None:
+    """A closure running one training step of a configuration (None: not offered)."""
+    if library == "deterministic":
+        model = mlp(784, [hidden, hidden], 10) if net == "mlp" else det_convnet()
+        return _adam_step(model, lambda: F.cross_entropy(model(x), y))
+    if library == "bbb":
+        bmodel = make_bbb_model(net, hidden, estimator, prior)
+        elbo = ELBO(Categorical(), DATASET_SIZE, num_samples=num_samples)
+        return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+    return bench_peers.build_peer_step(
+        library, net, hidden, estimator, prior, num_samples, x, y, DATASET_SIZE
+    )
+
+
+# ----------------------------------------------------------------------------- step time
+def _interleaved(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Round-robin timing: ``repeats`` rounds, one step of every configuration per round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_step_times(
+    nets: Sequence[tuple[str, int]],
+    estimators: Sequence[str],
+    samples: Sequence[int],
+    priors: Sequence[str],
+    peers: Sequence[str],
+    warmup: int,
+    repeats: int,
+    log: Callable[[str], None] = print,
+    batch: int = BATCH,
+) -> list[StepResult]:
+    """Step times of every configuration, interleaved per network (see module doc)."""
+    results: list[StepResult] = []
+    for net, hidden in nets:
+        x, y = make_data(net, batch=batch)
+        configs: dict[str, tuple[str, str, str, int]] = {}
+        steps: dict[str, Step] = {}
+        det = build_step("deterministic", net, hidden, "-", "-", 1, x, y)
+        assert det is not None
+        steps["deterministic"] = det
+        configs["deterministic"] = ("deterministic", "-", "-", 1)
+        for lib in ("bbb", *peers):
+            for est in estimators:
+                for prior in priors:
+                    for s in samples:
+                        step = build_step(lib, net, hidden, est, prior, s, x, y)
+                        if step is None:
+                            continue
+                        key = f"{lib}/{est}/{prior}/S={s}"
+                        steps[key] = step
+                        configs[key] = (lib, est, prior, s)
+        label = f"{net} H={hidden}" if net == "mlp" else net
+        log(f"[bench] {label}: {len(steps)} configurations x {repeats} rounds")
+        times = _interleaved(steps, warmup, repeats)
+        det_ms = statistics.median(times["deterministic"])
+        by_key: dict[tuple[str, str, str, int], float] = {}
+        for key, (lib, est, prior, s) in configs.items():
+            ms = statistics.median(times[key])
+            by_key[(lib, est, prior, s)] = ms
+            results.append(
+                StepResult(
+                    net=net,
+                    hidden=hidden if net == "mlp" else 0,
+                    library=lib,
+                    estimator=est,
+                    prior=prior,
+                    num_samples=s,
+                    ms=round(ms, 3),
+                    ratio=round(ms / det_ms, 3),
+                    ms_all=[round(t, 3) for t in times[key]],
+                )
+            )
+        for r in results:
+            if r.net != net or (r.net == "mlp" and r.hidden != hidden) or r.num_samples == 1:
+                continue
+            one = by_key.get((r.library, r.estimator, r.prior, 1))
+            if one is not None:
+                r.samples_ratio = round(r.ms / one, 3)
+    return results
+
+
+# ----------------------------------------------------------------------------- inference
+def run_inference(hidden: int, num_inputs: int, num_samples: int = 100) -> dict[str, Any]:
+    """Throughput of :func:`bbb.predict` (``num_samples`` weight samples) per estimator."""
+    x = torch.randn(num_inputs, 784, generator=torch.Generator().manual_seed(1))
+    out: dict[str, Any] = {"hidden": hidden, "inputs": num_inputs, "num_samples": num_samples}
+    rows = []
+    for est in ESTIMATORS:
+        model = make_bbb_model("mlp", hidden, est, "gaussian")
+        with torch.no_grad():
+            predict(model, x[: min(256, num_inputs)], num_samples=num_samples)  # warm-up
+            t0 = time.perf_counter()
+            predict(model, x, num_samples=num_samples)
+            sec = time.perf_counter() - t0
+        rows.append(
+            {
+                "estimator": est,
+                "seconds": round(sec, 4),
+                "inputs_per_s": round(num_inputs / sec, 1),
+                "forward_samples_per_s": round(num_inputs * num_samples / sec, 1),
+            }
+        )
+    out["rows"] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- memory
+def _peak_rss_kib() -> int:
+    """Resident-set high-water mark of this process image (KiB): VmHWM, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _memory_child(spec: str) -> None:
+    """Subprocess entry: build one configuration, step three times, print peak RSS (KiB)."""
+    cfg = json.loads(spec)
+    torch.set_num_threads(cfg["threads"])
+    x, y = make_data(cfg["net"], batch=cfg["batch"])
+    step = build_step(
+        cfg["library"], cfg["net"], cfg["hidden"], cfg["estimator"], cfg["prior"],
+        cfg["num_samples"], x, y,
+    )  # fmt: skip
+    base = _peak_rss_kib()
+    if step is not None:
+        for _ in range(3):
+            step()
+    peak = _peak_rss_kib()
+    print(json.dumps({"base_kib": base, "peak_kib": peak, "offered": step is not None}))
+
+
+def run_memory(
+    nets: Sequence[tuple[str, int]],
+    estimators: Sequence[str],
+    peers: Sequence[str],
+    num_samples: int = 10,
+    batch: int = BATCH,
+) -> list[dict[str, Any]]:
+    """Peak resident memory per configuration (Gaussian prior), one subprocess each."""
+    rows = []
+    for net, hidden in nets:
+        cfgs = [("deterministic", "-", "-", 1)]
+        cfgs += [("bbb", e, "gaussian", num_samples) for e in estimators]
+        cfgs += [
+            (p, e, "gaussian", num_samples)
+            for p in peers
+            for e in estimators
+            if e in bench_peers.PEER_ESTIMATORS[p]
+        ]
+        for lib, est, prior, s in cfgs:
+            spec = {
+                "net": net, "hidden": hidden, "library": lib, "estimator": est,
+                "prior": prior, "num_samples": s, "threads": torch.get_num_threads(), "batch": batch,
+            }  # fmt: skip
+            code = "import sys; from bbb.bench import _memory_child; _memory_child(sys.argv[1])"
+            proc = subprocess.run(
+                [sys.executable, "-c", code, json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                rows.append({**spec, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            if not res["offered"]:
+                continue
+            rows.append(
+                {
+                    "net": net,
+                    "hidden": hidden if net == "mlp" else 0,
+                    "library": lib,
+                    "estimator": est,
+                    "num_samples": s,
+                    "peak_mib": round(res["peak_kib"] / 1024, 1),
+                    "step_mib": round((res["peak_kib"] - res["base_kib"]) / 1024, 1),
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- variance
+def run_grad_variance(
+    hidden: int, draws: int, train_steps: int, estimators: Sequence[str] = ESTIMATORS
+) -> list[dict[str, Any]]:
+    """Variance over draws of the minibatch loss gradient w.r.t. weight_mu and weight_rho.
+
+    One reparam model is trained for ``train_steps`` steps (synthetic data, seed 0); its
+    parameters are loaded into a model of every estimator, so all are measured at the same
+    point. For each estimator, ``draws`` gradients of the ELBO loss on one fixed minibatch are
+    taken; the per-weight variance over draws is averaged over all weights of the network.
+    """
+    torch.manual_seed(0)
+    x, y = make_data("mlp", seed=2)
+    base = make_bbb_model("mlp", hidden, "reparam", "gaussian")
+    elbo = ELBO(Categorical(), DATASET_SIZE)
+    step = _adam_step(base, lambda: elbo(base, x, y).loss)
+    for _ in range(train_steps):
+        step()
+    state = base.state_dict()
+    rows = []
+    for est in estimators:
+        model = make_bbb_model("mlp", hidden, est, "gaussian")
+        model.load_state_dict(state)
+        mus = [p for n, p in model.named_parameters() if n.endswith("weight_mu")]
+        rhos = [p for n, p in model.named_parameters() if n.endswith("weight_rho")]
+        g_mu, g_rho = [], []
+        for _ in range(draws):
+            model.zero_grad(set_to_none=True)
+            elbo(model, x, y).loss.backward()
+            g_mu.append(torch.cat([p.grad.reshape(-1) for p in mus]))  # type: ignore[union-attr]
+            g_rho.append(torch.cat([p.grad.reshape(-1) for p in rhos]))  # type: ignore[union-attr]
+        var_mu = torch.stack(g_mu).double().var(0).mean().item()
+        var_rho = torch.stack(g_rho).double().var(0).mean().item()
+        rows.append({"estimator": est, "var_grad_mu": var_mu, "var_grad_rho": var_rho})
+    best_mu = min(r["var_grad_mu"] for r in rows)
+    best_rho = min(r["var_grad_rho"] for r in rows)
+    for r in rows:
+        r["rel_mu"] = round(r["var_grad_mu"] / best_mu, 3) if best_mu > 0 else None
+        r["rel_rho"] = round(r["var_grad_rho"] / best_rho, 3) if best_rho > 0 else None
+    return [{"hidden": hidden, "draws": draws, "train_steps": train_steps, **r} for r in rows]
+
+
+# ----------------------------------------------------------------------------- output
+def format_table(results: Sequence[StepResult]) -> str:
+    """The step-time table (stable format: one row per configuration)."""
+    head = (
+        f"{'net':<5} {'H':>5} {'library':<15} {'estimator':<9} {'prior':<13} {'S':>3} "
+        f"{'ms/step':>9} {'x det':>7} {'x S=1':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        sr = "" if r.samples_ratio is None else f"{r.samples_ratio:.2f}"
+        h = str(r.hidden) if r.net == "mlp" else "-"
+        lines.append(
+            f"{r.net:<5} {h:>5} {r.library:<15} {r.estimator:<9} {r.prior:<13} "
+            f"{r.num_samples:>3} {r.ms:>9.2f} {r.ratio:>7.2f} {sr:>7}"
+        )
+    return "\n".join(lines)
+
+
+def _format_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    lines = ["  ".join(f"{k:>14}" for k in keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{v!s:>14}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine, torch version and thread count, stored with the results."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _str_list(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
+    """Command-line options of the benchmark."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Training-step benchmark of bbb's Bayesian layers (issue 8).",
+    )
+    p.add_argument("--sizes", type=_int_list, default=[400, 1200], help="MLP hidden widths H")
+    p.add_argument("--nets", type=_str_list, default=list(NETS), help="mlp,conv")
+    p.add_argument("--estimators", type=_str_list, default=list(ESTIMATORS))
+    p.add_argument("--samples", type=_int_list, default=[1, 10], help="num_samples values")
+    p.add_argument("--priors", type=_str_list, default=list(PRIORS))
+    p.add_argument("--batch", type=int, default=BATCH, help="minibatch size")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per configuration")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--peers", dest="peers", action="store_true", default=True)
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="bbb only")
+    p.add_argument("--no-inference", dest="inference", action="store_false", default=True)
+    p.add_argument("--no-memory", dest="memory", action="store_false", default=True)
+    p.add_argument("--no-variance", dest="variance", action="store_false", default=True)
+    p.add_argument("--inference-inputs", type=int, default=10_000)
+    p.add_argument("--variance-draws", type=int, default=50)
+    return p
+
+
+def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every requested part and return the JSON-serialisable results."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.estimators:
+        if name not in ESTIMATORS:
+            raise SystemExit(f"bbb bench: unknown estimator {name!r} ({', '.join(ESTIMATORS)})")
+    for name in args.priors:
+        if name not in PRIORS:
+            raise SystemExit(f"bbb bench: unknown prior {name!r} ({', '.join(PRIORS)})")
+    sizes = args.sizes
+    repeats, warmup, batch = args.repeats, args.warmup, args.batch
+    inputs, draws, train_steps = args.inference_inputs, args.variance_draws, 200
+    if args.quick:
+        sizes = [min(s, 32) for s in sizes][:1] or [32]
+        repeats, warmup, batch = min(repeats, 3), min(warmup, 1), min(batch, 8)
+        inputs, draws, train_steps = min(inputs, 200), min(draws, 5), 5
+    nets: list[tuple[str, int]] = []
+    if "mlp" in args.nets:
+        nets += [("mlp", h) for h in sizes]
+    if "conv" in args.nets:
+        nets.append(("conv", 0))
+    peers = bench_peers.available_peers() if args.peers else []
+    info = machine_info()
+    log(f"[bench] {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
+    log(f"[bench] peers: {', '.join(peers) if peers else 'none'}")
+    steps = run_step_times(
+        nets, args.estimators, args.samples, args.priors, peers, warmup, repeats, log, batch
+    )
+    table = format_table(steps)
+    log("\nStep time (median ms; x det: ratio to the deterministic network; x S=1)\n" + table)
+    out: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "machine": info,
+        "command": " ".join(sys.argv),
+        "settings": {
+            "batch": batch,
+            "dataset_size": DATASET_SIZE,
+            "repeats": repeats,
+            "warmup": warmup,
+            "quick": bool(args.quick),
+            "peers": peers,
+        },
+        "step_time": [asdict(r) for r in steps],
+        "table": table,
+    }
+    if args.inference:
+        inf = run_inference(max(sizes), inputs)
+        out["inference"] = inf
+        log(f"\nInference: bbb.predict, {inf['num_samples']} samples, {inputs} inputs, "
+            f"H={inf['hidden']}\n"
+            + _format_rows(inf["rows"], ["estimator", "seconds", "inputs_per_s"]))  # fmt: skip
+    if args.memory:
+        mem_nets = [(n, h) for n, h in nets if n != "mlp" or h == max(sizes)]
+        mem_est = args.estimators[:1] if args.quick else args.estimators
+        mem = run_memory(mem_nets, mem_est, [] if args.quick else peers, batch=batch)
+        out["memory"] = mem
+        log("\nPeak memory, num_samples=10 (ru_maxrss of a fresh process, MiB)\n"
+            + _format_rows(mem, ["net", "library", "estimator", "peak_mib", "step_mib"]))  # fmt: skip
+    if args.variance:
+        var = run_grad_variance(min(sizes), draws, train_steps, args.estimators)
+        out["grad_variance"] = var
+        log(f"\nGradient variance (H={min(sizes)}, {draws} draws, after {train_steps} steps)\n"
+            + _format_rows(var, ["estimator", "var_grad_mu", "var_grad_rho", "rel_mu",
+                                 "rel_rho"]))  # fmt: skip
+    out["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        log(f"\n[bench] wrote {args.json}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "bbb bench") -> int:
+    """Entry point of ``bbb bench`` and ``benchmarks/step_time.py``."""
+    args = build_parser(prog).parse_args(argv)
+    run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

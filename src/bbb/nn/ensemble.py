@@ -1,0 +1,119 @@
+"""``BayesLinearEnsemble``: K independent Bayesian linear layers evaluated as one batched op.
+
+Used to advance many independent networks (agents x seeds in the bandit experiment) in one
+tensor operation: the weight has a leading member dimension (K, out, in) and the input is
+(K, N, in). Every estimator, prior, KL mode and sampling mode of :class:`BayesModule` applies
+unchanged, because the estimators are written over ``op`` (here a batched matrix product), and
+members share nothing: the KL is the sum of the members' KLs, and the gradient of a sum of
+per-member losses reaches each member's parameters only from its own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..priors import Prior
+from .module import BayesModule
+
+__all__ = ["BayesLinearEnsemble"]
+
+
+class BayesLinearEnsemble(BayesModule):
+    """K independent ``BayesLinear(in_features, out_features)`` layers.
+
+    Shapes: input (K, N, in_features) -> output (K, N, out_features); inside
+    :func:`bbb.vectorized_samples` with S samples the input is (S * K, N, in_features), the S
+    blocks of K members stacked in front. Arguments as :class:`bbb.BayesLinear`.
+    """
+
+    def __init__(
+        self,
+        members: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        prior: Prior | None = None,
+        estimator: str = "reparam",
+        kl: str = "auto",
+        mu_init: str | tuple[float, float] = "fan_in",
+        rho_init: float | tuple[float, float] = (-5.0, -4.0),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (
+            ("members", members),
+            ("in_features", in_features),
+            ("out_features", out_features),
+        ):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"BayesLinearEnsemble {name} must be a positive integer, got {v!r}"
+                )
+        self.members = members
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_posterior(
+            (members, out_features, in_features),
+            False,
+            prior=prior,
+            estimator=estimator,
+            kl=kl,
+            mu_init=mu_init,
+            rho_init=rho_init,
+            fan_in=in_features,
+            device=device,
+            dtype=dtype,
+        )
+        # The bias of member k is a (K, out) tensor: built here rather than by the base class
+        # (whose bias is (out,)), with the same initialisation.
+        if bias:
+            self.bias_mu = torch.nn.Parameter(
+                torch.empty(members, out_features, device=device, dtype=dtype)
+            )
+            self.bias_rho = torch.nn.Parameter(
+                torch.empty(members, out_features, device=device, dtype=dtype)
+            )
+            self.reset_parameters(mu_init=mu_init, rho_init=rho_init)
+
+    def _noise(self, num_samples: int, like: Tensor):  # type: ignore[override]
+        record = super()._noise(num_samples, like)
+        if self.bias_mu is not None:
+            record.eps_b = torch.randn(
+                (num_samples, *self.bias_mu.shape), dtype=like.dtype, device=like.device
+            )
+        return record
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.in_features or x.shape[0] % self.members:
+            raise ValueError(
+                f"BayesLinearEnsemble expected input of shape ({self.members}, N, {self.in_features}) "
+                f"(times S stacked samples), got {tuple(x.shape)}"
+            )
+
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        # x: (K, N, in), w: (K, out, in), b: (K, out)
+        wt = w.transpose(1, 2)
+        if b is None:
+            return torch.bmm(x, wt)
+        return torch.baddbmm(b.unsqueeze(1), x, wt)
+
+    def op_batched(self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
+        # x: (S*K, N, in), w: (S, K, out, in), b: (S, K, out): fold S into the member dimension
+        sk = num_samples * self.members
+        wf = w.reshape(sk, self.out_features, self.in_features)
+        bf = None if b is None else b.reshape(sk, self.out_features)
+        return self.op(x, wf, bf)
+
+    def sign_shapes(
+        self, x: Tensor, y_shape: torch.Size
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(x.shape), tuple(y_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"members={self.members}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, " + super().extra_repr()
+        )

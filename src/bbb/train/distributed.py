@@ -1,0 +1,301 @@
+"""Data-parallel training with ``torch.distributed``: set-up from torchrun, and small helpers.
+
+``torchrun --nproc_per_node=N -m bbb train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in their environment.
+:func:`init_from_env` turns that into a process group (``gloo`` on CPU, ``nccl`` on CUDA, one
+GPU per process chosen by ``LOCAL_RANK``); without those variables (or with ``WORLD_SIZE=1``)
+everything stays single-process and nothing here does anything.
+
+How the objective stays correct under ``DistributedDataParallel`` (DDP): each rank computes
+its local minibatch loss ``mean NLL over its B examples + kl_weight * KL`` with the *global*
+data-set size N in the KL weight (``KL / N`` for the uniform weighting). DDP averages gradients
+over the R ranks, so the gradient applied is ``(1/R) sum_r grad NLL_r + grad KL / N`` = the
+gradient of the mean NLL over the global batch of ``R * B`` examples plus ``grad KL / N``: the
+KL is counted exactly once, as in one process on the global batch.
+
+The whole ELBO (network forward, likelihood, KL) runs inside the wrapped module's forward
+(:class:`ELBOStep`), so every parameter DDP synchronises - the layers' ``mu`` and ``rho``, and a
+learned likelihood noise - is reached by the loss at every step and ``find_unused_parameters``
+can stay off (it costs an extra graph traversal per step). The Bayesian layers' KL is computed
+lazily from ``mu``/``rho`` after the network's forward; putting it in the same wrapped forward
+keeps the reducer's bookkeeping simple, and a learned ``Gaussian`` noise, which lives in the
+ELBO rather than the network, is averaged across ranks like every other parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..elbo import ELBO, ELBOResult
+
+__all__ = [
+    "DistributedError",
+    "ELBOStep",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "collective_errors",
+    "env_world_size",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "on_main",
+    "rank",
+    "rank_seed",
+    "unwrap",
+    "world_size",
+    "wrap_elbo",
+]
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed (the message names it and repeats its error), or a bad launch."""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when not launched by torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group torchrun describes in the environment; return this rank's device.
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised and ``device`` is
+    returned as is. Otherwise the backend is ``nccl`` for a CUDA ``device`` (this process then
+    uses ``cuda:LOCAL_RANK``) and ``gloo`` for the CPU. Calling it again in a process whose
+    group is already initialised just returns the device.
+    """
+    dev = torch.device(device)
+    world = env_world_size()
+    if world < 1:
+        raise DistributedError(f"WORLD_SIZE must be >= 1, got {world}")
+    if world == 1:
+        return dev
+    r = _env_int("RANK", -1)
+    if not 0 <= r < world:
+        raise DistributedError(
+            f"RANK={os.environ.get('RANK')!r} must lie in [0, WORLD_SIZE={world}): "
+            "launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"
+        )
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise DistributedError(
+                f"WORLD_SIZE={world} but {name} is not set: launch with torchrun "
+                "(or set MASTER_ADDR and MASTER_PORT yourself)"
+            )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedError("device 'cuda' requested but CUDA is not available")
+        local = _env_int("LOCAL_RANK", 0)
+        if not 0 <= local < torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} GPU(s): "
+                "use --nproc_per_node <= the number of GPUs"
+            )
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif dev.type == "cpu":
+        backend = "gloo"
+    else:
+        raise DistributedError(f"distributed training supports cpu and cuda devices, got {dev}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dev
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the only rank that writes files (and always when not distributed)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum ``t`` over ranks, in place; returns it (unchanged when not distributed)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Average ``t`` over ranks, in place; returns it (unchanged when not distributed)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (pickled between our own processes only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def collective_errors(what: str) -> Iterator[None]:
+    """Run a block on every rank; if it raises on any rank, raise on every rank.
+
+    Without this, a rank that fails (e.g. rank 0 cannot write a checkpoint) leaves the others
+    blocked in their next collective until the timeout. The failing rank re-raises its own
+    exception; the others raise :class:`DistributedError` naming the rank and its message.
+    """
+    if not is_distributed():
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = e
+    messages: list[str | None] = [None] * dist.get_world_size()
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(messages, mine)
+    if error is not None:
+        raise error
+    for r, msg in enumerate(messages):
+        if msg is not None:
+            raise DistributedError(f"rank {r} failed while {what}: {msg}")
+
+
+def on_main(fn: Callable[[], T], what: str) -> T:
+    """Call ``fn`` on rank 0 only and return its result on every rank.
+
+    Errors propagate to every rank (see :func:`collective_errors`). When not distributed this is
+    just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    result: Any = None
+    with collective_errors(what):
+        if is_main():
+            result = fn()
+    return broadcast_object(result)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int, r: int) -> int:
+    """A per-rank seed derived from a shared ``seed`` (distinct ranks get unrelated streams)."""
+    # splitmix64-style mixing, so seeds s and s + 1 of neighbouring ranks do not overlap
+    z = (seed + (r + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+class ELBOStep(nn.Module):
+    """The network and its ELBO in one module, so that DDP wraps the whole objective.
+
+    ``forward(x, y, batch_index=i, num_batches=M)`` returns ``elbo(model, x, y, ...)``.
+    """
+
+    def __init__(self, model: nn.Module, elbo: ELBO) -> None:
+        super().__init__()
+        self.model = model
+        self.elbo = elbo
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_index: int | None = None,
+        num_batches: int | None = None,
+    ) -> ELBOResult:
+        """The ELBO of the minibatch ``(x, y)`` (see :class:`bbb.ELBO`)."""
+        return self.elbo(self.model, x, y, batch_index=batch_index, num_batches=num_batches)
+
+
+def wrap_elbo(
+    model: nn.Module,
+    elbo: ELBO,
+    device: torch.device | str = "cpu",
+    *,
+    find_unused_parameters: bool = False,
+) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(ELBOStep(model, elbo))`` for this rank's ``device``.
+
+    Buffers are not broadcast at each step (``broadcast_buffers=False``): the ELBO's step
+    counter, pruning masks and input statistics evolve identically on every rank.
+    """
+    if not is_distributed():
+        raise DistributedError(
+            "wrap_elbo needs an initialised torch.distributed process group with more than one "
+            "process (launch with torchrun)"
+        )
+    dev = torch.device(device)
+    ids = None
+    if dev.type == "cuda":
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    ddp = nn.parallel.DistributedDataParallel
+    # ``forward_sync_buffers`` replaces ``broadcast_buffers`` in recent torch releases
+    no_sync: dict[str, bool] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(
+        ELBOStep(model, elbo),
+        device_ids=ids,
+        find_unused_parameters=find_unused_parameters,
+        **no_sync,
+    )
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside a DDP / :class:`ELBOStep` wrapper (``module`` itself otherwise)."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    if isinstance(module, ELBOStep):
+        module = module.model
+    return module

@@ -1,0 +1,115 @@
+"""Shared helpers for the tests of the Bayesian layers, KL, ELBO and predictive code.
+
+Statistical assertions: every tolerance is a number of standard errors (``Z`` = 5 unless a
+test says otherwise). The standard error is computed either from a known variance or from the
+sample itself (for a sample variance: sqrt((m4 - s^4) / n), the large-n standard error of the
+variance estimator, valid for any distribution with a finite fourth moment). A 5-SE deviation
+has probability < 6e-7 under a normal approximation, and the seeds are fixed, so the tests are
+deterministic and a failure means a real discrepancy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+Z = 5.0  # standard errors allowed by the statistical checks (see the module docstring)
+
+
+class Stats:
+    """Moment checks with tolerances derived from standard errors."""
+
+    z = Z
+
+    @staticmethod
+    def mean_and_se(sample: Tensor, known_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Sample mean over dim 0 and its standard error (known variance, or the sample's)."""
+        n = sample.shape[0]
+        var = sample.var(0) if known_var is None else known_var
+        return sample.mean(0), (var / n).sqrt()
+
+    @staticmethod
+    def var_and_se(sample: Tensor) -> tuple[Tensor, Tensor]:
+        """Unbiased sample variance over dim 0 and its standard error sqrt((m4 - s^4) / n)."""
+        n = sample.shape[0]
+        c = sample - sample.mean(0, keepdim=True)
+        var = c.pow(2).sum(0) / (n - 1)
+        m4 = c.pow(4).mean(0)
+        return var, ((m4 - var * var).clamp_min(0) / n).sqrt()
+
+    @classmethod
+    def assert_mean(
+        cls, sample: Tensor, expected: Tensor, known_var: Tensor | None = None, what: str = "mean"
+    ) -> None:
+        m, se = cls.mean_and_se(sample, known_var)
+        dev = (m - expected).abs()
+        # tolerance: Z standard errors of the sample mean
+        assert torch.all(dev <= cls.z * se), (
+            f"{what}: max deviation {float((dev / se).max()):.2f} standard errors"
+        )
+
+    @classmethod
+    def assert_var(cls, sample: Tensor, expected: Tensor, what: str = "variance") -> None:
+        v, se = cls.var_and_se(sample)
+        dev = (v - expected).abs()
+        # tolerance: Z standard errors of the sample variance (SE from the sample's 4th moment)
+        assert torch.all(dev <= cls.z * se), (
+            f"{what}: max deviation {float((dev / se).max()):.2f} standard errors"
+        )
+
+    @classmethod
+    def assert_same_moments(cls, a: Tensor, b: Tensor, what: str = "") -> None:
+        """Two independent samples (over dim 0) have the same means and variances."""
+        ma, sea = cls.mean_and_se(a)
+        mb, seb = cls.mean_and_se(b)
+        se = (sea**2 + seb**2).sqrt()
+        # tolerance: Z standard errors of the difference of two independent sample means
+        assert torch.all((ma - mb).abs() <= cls.z * se), (
+            f"{what} means differ by {float(((ma - mb).abs() / se).max()):.2f} SE"
+        )
+        va, sva = cls.var_and_se(a)
+        vb, svb = cls.var_and_se(b)
+        se = (sva**2 + svb**2).sqrt()
+        # tolerance: Z standard errors of the difference of two independent sample variances
+        assert torch.all((va - vb).abs() <= cls.z * se), (
+            f"{what} variances differ by {float(((va - vb).abs() / se).max()):.2f} SE"
+        )
+
+
+@pytest.fixture
+def stats() -> type[Stats]:
+    """The :class:`Stats` helpers (SE-based moment assertions)."""
+    return Stats
+
+
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as the default dtype (restored afterwards).
+
+    Priors store their hyper-parameters in the default dtype, so this is how a test gets priors
+    whose buffers hold exactly the float64 value it passed.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread (restored afterwards).
+
+    The tests here use many small tensor ops; with several threads per process and other
+    processes competing for the cores, OpenMP's per-op synchronisation made them 10-50x slower
+    (measured on a 2-core machine under load). Results do not depend on the thread count; the
+    one test of the multi-threaded noise fill sets its own thread count.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
