@@ -37,6 +37,8 @@ __all__ = [
     "check_writable",
 ]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 KEEP = 2
 
@@ -50,6 +52,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0o600; give the file the mode an ordinary open() would (umask).
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

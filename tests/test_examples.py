@@ -1,0 +1,150 @@
+"""The scripts in ``examples/`` run end to end on tiny settings and write their outputs.
+
+Each example runs as a subprocess (as a user would run it) with flags that make it take a few
+seconds; the MNIST ones are skipped when the shared data directory is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SHARED = ROOT / ".." / "shared" / "data"
+needs_mnist = pytest.mark.skipif(
+    not (SHARED / "mnist").is_dir(),
+    reason=f"shared MNIST data absent ({SHARED.resolve() / 'mnist'})",
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAMES = ("mnist_uncertainty", "heteroscedastic_regression", "bayesianize_existing_model")
+
+
+def run_example(name: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "BBB_DATA_DIR"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: fastest single-threaded, even on a busy machine
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_readme_lists_every_example() -> None:
+    readme = (EXAMPLES / "README.md").read_text()
+    scripts = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    assert scripts == sorted(NAMES)
+    for name in NAMES:
+        assert f"python examples/{name}.py" in readme, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_output_directory(name: str) -> None:
+    args = load_example(name).parse_args([])
+    assert args.out == f"runs/examples/{name}"
+
+
+@needs_mnist
+def test_mnist_uncertainty(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_example(
+        "mnist_uncertainty",
+        *("--data-dir", SHARED, "--subset", 500, "--val-subset", 200, "--test-subset", 300),
+        *("--hidden", 32, "--epochs", 1, "--samples", 3, "--quiet", "--out", out),
+        cwd=tmp_path,
+    )
+    assert "test error" in proc.stdout
+    assert is_png(out / "most_uncertain.png")
+    assert (out / "run" / "metrics.jsonl").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["error"] <= 1.0
+    shown = metrics["most_uncertain"]
+    assert len(shown) == 16
+    entropies = [d["entropy"] for d in shown]
+    assert entropies == sorted(entropies, reverse=True)
+    assert entropies[-1] >= metrics["mean_entropy"] - 1e-6  # the most uncertain ones
+    for d in shown:
+        assert d["entropy"] == pytest.approx(d["aleatoric"] + d["epistemic"], abs=1e-5)
+
+
+def test_heteroscedastic_regression(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_example(
+        "heteroscedastic_regression",
+        *("--epochs", 2, "--n-train", 400, "--samples", 20, "--quiet", "--out", out),
+        cwd=tmp_path,
+    )
+    assert "learned noise std" in proc.stdout and "true noise std" in proc.stdout
+    assert is_png(out / "regression.png")
+    assert (out / "run" / "best.pt").is_file()
+    noise = json.loads((out / "noise.json").read_text())
+    assert len(noise["x"]) == len(noise["learned_noise_std"]) == len(noise["true_noise_std"])
+    assert all(v > 0 and math.isfinite(v) for v in noise["learned_noise_std"])
+    # the true noise grows with x
+    assert noise["true_noise_std"] == sorted(noise["true_noise_std"])
+
+
+def test_example_writes_under_runs_examples_by_default(tmp_path: Path) -> None:
+    run_example(
+        "heteroscedastic_regression",
+        *("--epochs", 1, "--n-train", 200, "--samples", 10, "--quiet"),
+        cwd=tmp_path,
+    )
+    out = tmp_path / "runs" / "examples" / "heteroscedastic_regression"
+    assert is_png(out / "regression.png")
+    assert (out / "noise.json").is_file()
+
+
+@needs_mnist
+def test_bayesianize_existing_model(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_example(
+        "bayesianize_existing_model",
+        *("--data-dir", SHARED, "--subset", 500, "--test-subset", 200, "--samples", 3),
+        *("--pretrain-epochs", 1, "--finetune-epochs", 1, "--quiet", "--out", out),
+        cwd=tmp_path,
+    )
+    assert "to_deterministic" in proc.stdout
+    assert is_png(out / "epistemic.png")
+    report = json.loads((out / "report.json").read_text())
+    assert report["converted_layers"] == ["BayesConv2d", "BayesConv2d", "BayesLinear"]
+    assert report["mean_network_equals_original_after_conversion"] is True
+    assert report["export_max_abs_error"] <= 1e-5
+    assert report["round_trip_max_abs_error"] <= 1e-5
+    assert report["accuracy_exported"] == report["accuracy_mean_network_after_finetuning"]
+    for key in ("accuracy_plain", "accuracy_mean_network_before_finetuning"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["accuracy_plain"] == report["accuracy_mean_network_before_finetuning"]
+    # The exported mean network is a plain nn.Sequential state_dict of the same architecture.
+    state = torch.load(out / "deterministic.pt", weights_only=True)
+    module = load_example("bayesianize_existing_model")
+    net = module.convnet()
+    net.load_state_dict(state)
+    assert set(state) == set(net.state_dict())

@@ -1,0 +1,491 @@
+"""Tests of `bbb.train`: the Trainer loop, exact resume, divergence, checkpoints, run directories.
+
+Everything runs on a few dozen toy points, so each test takes well under a second or two. The
+resume tests compare tensors with ``torch.equal``: on CPU a resumed run must end with exactly the
+parameters, optimizer state and ELBO state of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import bbb
+from bbb.data import load_toy
+from bbb.elbo import ELBOResult
+from bbb.models import bayes_mlp, mlp
+from bbb.train import (
+    CheckpointError,
+    Trainer,
+    TrainingDivergedError,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from bbb.train.checkpoint import (
+    atomic_write_text,
+    check_writable,
+    latest_checkpoint,
+    list_checkpoints,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, and stay fast on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Recursive exact equality of (nested) state: tensors with torch.equal, the rest with ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{where}: {a.shape} vs {b.shape}"
+        assert torch.equal(a, b), f"{where}: tensors differ (max |diff| {(a - b).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), f"{where}: nan vs {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+TIMING_KEYS = ("train_seconds",)
+
+
+def loss_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows without the wall-clock fields (which legitimately differ)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def make_trainer(
+    out_dir: Path | None,
+    epochs: int,
+    *,
+    kind: str = "local",
+    seed: int = 0,
+    elbo_cls: type[bbb.ELBO] = bbb.ELBO,
+    n_train: int = 96,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """A small, fully seeded toy-regression trainer (a fresh one per call, as after a crash).
+
+    ``kind``: a Bayesian-layer estimator (``reparam``, ``local``, ``flipout``), ``annealed``
+    (local estimator, Blundell KL weights and a KL warm-up: the ELBO step counter matters) or
+    ``dropout`` (a deterministic network whose dropout masks use the global RNG).
+    """
+    generator = seed_everything(seed)
+    train, val = load_toy(n_train=n_train, n_val=32, seed=seed)
+    likelihood = bbb.Gaussian("learned", sigma=0.5)
+    model: nn.Module
+    if kind == "dropout":
+        model = mlp(1, [16], 1, dropout=0.2)
+        elbo = elbo_cls(likelihood, len(train), kl_scale=0.0)
+    else:
+        estimator = "local" if kind == "annealed" else kind
+        model = bayes_mlp(1, [16], 1, estimator=estimator, mu_init="fan_in")
+        if kind == "annealed":
+            elbo = elbo_cls(
+                likelihood,
+                len(train),
+                num_samples=2,
+                kl_weighting="blundell",
+                kl_scale=bbb.linear_annealing(7),
+            )
+        else:
+            elbo = elbo_cls(likelihood, len(train), num_samples=2)
+    optimizer = torch.optim.Adam([*model.parameters(), *likelihood.parameters()], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    loader = DataLoader(train, batch_size=16, shuffle=True, generator=generator)
+    kwargs: dict[str, Any] = {
+        "val_loader": DataLoader(val, batch_size=32),
+        "scheduler": scheduler,
+        "epochs": epochs,
+        "out_dir": out_dir,
+        "val_samples": 3,
+        "progress": False,
+        "log": None,
+        "loader_generator": generator,
+    }
+    kwargs.update(trainer_kwargs)
+    return Trainer(model, elbo, optimizer, loader, **kwargs)
+
+
+def final_state(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "model": trainer.model.state_dict(),
+        "elbo": trainer.elbo.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+    }
+
+
+# --------------------------------------------------------------------------- basic loop
+
+
+def test_fit_writes_one_metrics_line_per_epoch_and_keeps_two_checkpoints(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, epochs=4)
+    summary = trainer.fit()
+    assert summary["epochs_trained"] == 4
+    assert 1 <= summary["best_epoch"] <= 4
+    assert summary["val_metric"] == "nll"
+    assert summary["stopped_early"] is False
+    rows = loss_rows(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"loss", "nll", "kl", "val_rmse", "val_nll", "val_log_likelihood", "lr"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("loss", "nll", "kl", "val_nll"))
+    # StepLR(gamma=0.9) stepped once per epoch: the logged lr is the one after the step.
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * 0.9**e for e in range(1, 5)])
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "checkpoint-00003.pt",
+        "checkpoint-00004.pt",
+    ]
+    assert not [p for p in tmp_path.rglob("*.tmp")], "temporary files left behind"
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]
+    state, path = load_checkpoint(tmp_path / "checkpoints")
+    assert path.name == "checkpoint-00004.pt"
+    assert state["format"] == "bbb-checkpoint-1"
+    assert state["epoch"] == 4
+    assert_same(state["model"], trainer.model.state_dict(), "checkpoint model")
+
+
+def test_load_best_restores_best_epoch_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.fit()
+    trainer.load_best()
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert_same(trainer.model.state_dict(), best["model"], "model after load_best")
+    assert_same(trainer.elbo.state_dict(), best["elbo"], "elbo after load_best")
+
+
+def test_fit_without_validation_keeps_last_epoch_as_best(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, epochs=2, val_loader=None)
+    summary = trainer.fit()
+    assert summary["best_epoch"] == 2
+    assert summary["best_val"] is None
+    assert all("val_nll" not in r for r in loss_rows(tmp_path / "metrics.jsonl"))
+
+
+def test_early_stopping_stops_after_patience_epochs() -> None:
+    # A deterministic network (dropout is off when validating) with a zero learning rate has
+    # the same validation score every epoch: epoch 1 is the best, epoch 2 is one bad epoch.
+    trainer = make_trainer(None, epochs=50, kind="dropout", patience=1, val_metric="rmse")
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.0
+    summary = trainer.fit()
+    assert summary["stopped_early"] is True
+    assert summary["epochs_trained"] == 2
+    assert summary["best_epoch"] == 1
+    assert trainer.bad_epochs == 1
+
+
+def test_in_memory_trainer_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer(None, epochs=2)
+    trainer.fit()
+    assert len(trainer.history) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"patience": 0}, "patience must be a positive integer"),
+        ({"val_samples": 0}, "val_samples must be >= 1"),
+        ({"val_metric": "error"}, "unknown val_metric 'error'"),
+    ],
+)
+def test_trainer_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    epochs = kwargs.pop("epochs", 2)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(None, epochs, **kwargs)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("kind", ["local", "reparam", "flipout", "annealed", "dropout"])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, kind: str) -> None:
+    """fit 2 epochs, then a *new* Trainer with epochs=4 and fit(resume=True) == 4 straight."""
+    straight = make_trainer(tmp_path / "straight", epochs=4, kind=kind)
+    straight.fit()
+
+    make_trainer(tmp_path / "resumed", epochs=2, kind=kind).fit()
+    # Disturb the global RNG as another program would: resume must not depend on it.
+    torch.manual_seed(12345)
+    torch.rand(7)
+    resumed = make_trainer(tmp_path / "resumed", epochs=4, kind=kind, seed=0)
+    summary = resumed.fit(resume=True)
+
+    assert summary["epochs_trained"] == 4
+    assert_same(final_state(resumed), final_state(straight), "final state")
+    assert resumed.best_epoch == straight.best_epoch
+    assert loss_rows(tmp_path / "resumed" / "metrics.jsonl") == loss_rows(
+        tmp_path / "straight" / "metrics.jsonl"
+    )
+    best_a = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    best_b = torch.load(tmp_path / "resumed" / "best.pt", weights_only=True)
+    assert_same(best_b, best_a, "best.pt")
+    a, _ = load_checkpoint(tmp_path / "straight" / "checkpoints")
+    b, _ = load_checkpoint(tmp_path / "resumed" / "checkpoints")
+    for key in ("epoch", "model", "optimizer", "scheduler", "elbo", "rng", "loader_generator"):
+        assert_same(b[key], a[key], f"checkpoint[{key!r}]")
+
+
+def test_resume_of_a_finished_run_does_nothing_more(tmp_path: Path) -> None:
+    first = make_trainer(tmp_path, epochs=3)
+    first.fit()
+    again = make_trainer(tmp_path, epochs=3)
+    summary = again.fit(resume=True)
+    assert summary["epochs_trained"] == 3
+    assert_same(again.model.state_dict(), first.model.state_dict(), "model")
+    assert len(loss_rows(tmp_path / "metrics.jsonl")) == 3
+
+
+def test_resume_drops_metrics_lines_written_after_the_checkpoint(tmp_path: Path) -> None:
+    """A crash between the metrics line and the checkpoint (or mid-line) leaves extra lines."""
+    straight = make_trainer(tmp_path / "a", epochs=3)
+    straight.fit()
+    run = tmp_path / "b"
+    make_trainer(run, epochs=2).fit()
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"epoch": 3, "loss": 1.0}) + "\n")  # epoch 3 never checkpointed
+        f.write('{"epoch": 4, "loss": 0.')  # cut by the crash
+    resumed = make_trainer(run, epochs=3)
+    resumed.fit(resume=True)
+    assert loss_rows(run / "metrics.jsonl") == loss_rows(tmp_path / "a" / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
+    straight = make_trainer(tmp_path / "a", epochs=4)
+    straight.fit()
+    run = tmp_path / "b"
+    make_trainer(run, epochs=3).fit()
+    newest = latest_checkpoint(run / "checkpoints")
+    assert newest is not None and newest.name == "checkpoint-00003.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    resumed = make_trainer(run, epochs=4)
+    with pytest.warns(UserWarning, match="checkpoint-00003.pt"):
+        resumed.fit(resume=True)  # continues from epoch 2, redoes epoch 3 exactly
+    assert_same(final_state(resumed), final_state(straight), "final state")
+    assert loss_rows(run / "metrics.jsonl") == loss_rows(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nothing to resume: no checkpoint in"):
+        make_trainer(tmp_path, epochs=2).fit(resume=True)
+    with pytest.raises(ValueError, match="resume=True needs an out_dir"):
+        make_trainer(None, epochs=2).fit(resume=True)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+class FlakyELBO(bbb.ELBO):
+    """An ELBO whose loss becomes ``bad`` on the ``fail_at``-th training call (1-based)."""
+
+    fail_at = 9  # 96 points / 16 = 6 steps per epoch: epoch 2, step 3
+    bad = math.nan
+
+    def forward(self, *args: Any, **kwargs: Any) -> ELBOResult:  # type: ignore[override]
+        result = super().forward(*args, **kwargs)
+        if self.training and int(self.step) == self.fail_at:
+            result.loss = result.loss * self.bad
+        return result
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(
+    tmp_path: Path, bad: float
+) -> None:
+    cls = type("Flaky", (FlakyELBO,), {"bad": bad})
+    trainer = make_trainer(tmp_path, epochs=4, elbo_cls=cls)
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert f"loss became {bad}" in message
+    assert "epoch 2, step 3 of 6" in message
+    assert "checkpoint-00001.pt" in message  # names the last good checkpoint
+    state, path = load_checkpoint(tmp_path / "checkpoints")
+    assert path.name == "checkpoint-00001.pt"
+    assert state["epoch"] == 1
+    for name, t in state["model"].items():
+        assert torch.isfinite(t).all(), name
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 1
+    assert [r["epoch"] for r in loss_rows(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_divergence_in_memory_names_epoch_and_step() -> None:
+    cls = type("Flaky", (FlakyELBO,), {"fail_at": 2})
+    trainer = make_trainer(None, epochs=2, elbo_cls=cls)
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 2 of 6"):
+        trainer.fit()
+
+
+def test_absurd_learning_rate_diverges_cleanly() -> None:
+    trainer = make_trainer(None, epochs=3)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e6
+    with pytest.raises(TrainingDivergedError, match=r"loss became (nan|inf) at epoch \d+, step"):
+        trainer.fit()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _two_checkpoints(directory: Path) -> dict[int, dict[str, Any]]:
+    states = {}
+    for epoch in (1, 2):
+        states[epoch] = {"epoch": epoch, "model": {"w": torch.full((3, 4), float(epoch))}}
+        save_checkpoint(directory, epoch, states[epoch])
+    return states
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(b"this is not a checkpoint\n" * 10)
+    elif how == "not-a-dict":
+        torch.save([1, 2, 3], path)
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "not-a-dict"])
+def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path: Path, how: str) -> None:
+    states = _two_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoint-00002.pt"
+    _corrupt(newest, how)
+    with pytest.warns(UserWarning, match=r"checkpoint-00002\.pt"):
+        state, path = load_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoint-00001.pt"
+    assert_same(state, states[1], "fallback state")
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "not-a-dict"])
+def test_single_corrupt_checkpoint_file_is_an_error_naming_it(tmp_path: Path, how: str) -> None:
+    _two_checkpoints(tmp_path)
+    bad = tmp_path / "checkpoint-00002.pt"
+    _corrupt(bad, how)
+    with pytest.raises(CheckpointError, match=r"checkpoint-00002\.pt"):
+        load_checkpoint(bad)
+
+
+def test_directory_with_only_corrupt_checkpoints_names_each(tmp_path: Path) -> None:
+    _two_checkpoints(tmp_path)
+    for p in list_checkpoints(tmp_path):
+        _corrupt(p, "truncated")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(CheckpointError, match="no readable checkpoint") as info,
+    ):
+        load_checkpoint(tmp_path)
+    assert "checkpoint-00001.pt" in str(info.value)
+    assert "checkpoint-00002.pt" in str(info.value)
+
+
+def test_missing_checkpoints_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint-"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "checkpoint-00007.pt")
+
+
+def test_save_checkpoint_keeps_the_newest_two(tmp_path: Path) -> None:
+    for epoch in range(1, 6):
+        save_checkpoint(tmp_path, epoch, {"epoch": epoch})
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-00004.pt",
+        "checkpoint-00005.pt",
+    ]
+    state, _ = load_checkpoint(tmp_path)
+    assert state["epoch"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-00004.pt",
+        "checkpoint-00005.pt",
+    ]
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write_text(target, "old\n")
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_atomic_write_respects_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.json", "{}\n")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    plain_mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert plain_mode == 0o644
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == plain_mode
+
+
+# --------------------------------------------------------------------------- unwritable run dirs
+
+
+def test_run_dir_under_a_regular_file_fails_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    trainer = make_trainer(blocker / "run", epochs=2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(OSError, match="is not writable") as info:
+        trainer.fit()
+    assert str(blocker / "run") in str(info.value)
+    assert_same(trainer.model.state_dict(), before, "model (must be untouched)")
+    assert trainer.history == []
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="running as root: root ignores directory permissions",
+)
+def test_read_only_run_dir_fails_before_training(tmp_path: Path) -> None:
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        trainer = make_trainer(run, epochs=2)
+        with pytest.raises(OSError, match="is not writable") as info:
+            trainer.fit()
+        assert str(run) in str(info.value)
+        assert trainer.history == []
+        with pytest.raises(OSError, match="choose another --out"):
+            check_writable(run)
+    finally:
+        run.chmod(0o700)
