@@ -716,12 +716,14 @@ def test_debug_shows_the_traceback(error_runs: dict[str, Any]) -> None:
     assert "ConfigError: unknown estimator 'bogus'" in proc.stderr
 
 
-def test_bad_flag_value_is_reported_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--epochs", "abc"])
-    assert info.value.code == 2
+def test_bad_flag_value_is_one_line_with_usage_exit_code(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train", "--epochs", "abc"]) == 2
     err = capsys.readouterr().err
-    assert "argument --epochs: invalid int value: 'abc'" in err
+    assert err.startswith("bbb: error: argument --epochs: invalid int value: 'abc'")
+    assert "bbb train --help" in err
+    assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
 
 

@@ -87,8 +87,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kwargs)
 
 
+class UsageError(ValueError):
+    """A command-line usage error (bad flag, bad value): printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``bbb: error: ...``), not usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bbb",
         description="Bayes by Backprop for PyTorch: train, evaluate and prune Bayesian networks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -293,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bbb: interrupted", file=sys.stderr)
         return 130
+    except UsageError as e:
+        print(f"bbb: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - one clear line unless --debug
         if debug:
             raise
