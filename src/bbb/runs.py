@@ -329,7 +329,11 @@ def _json_default(o: Any) -> Any:
 def load_run(
     run_dir: str | Path, which: str = "best"
 ) -> tuple[TrainConfig, nn.Module, Likelihood, RunData]:
-    """Rebuild a saved run: its config, model (``best.pt`` weights), likelihood and data."""
+    """Rebuild a saved run: its config, model, likelihood and data.
+
+    ``which="best"``: the best-on-validation weights (``best.pt``); ``"last"``: the end of
+    training (the newest readable checkpoint).
+    """
     from .train.checkpoint import CheckpointError, load_checkpoint
 
     run = Path(run_dir)
@@ -350,6 +354,13 @@ def load_run(
         likelihood.load_state_dict(
             {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
         )
+    elif which == "last":
+        state, _ = load_checkpoint(run / "checkpoints")
+        model.load_state_dict(state["model"])
+        prefix = "likelihood."
+        likelihood.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
+        )
     else:
-        raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best")
+        raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best, last")
     return cfg, model.to(cfg.device), likelihood.to(cfg.device), data

@@ -1,0 +1,368 @@
+"""MNIST experiments of Blundell et al. (2015), section 5.1: Table 1, Table 2, Figures 3 and 4.
+
+Every row is an ordinary `bbb train` run (the library's Trainer), configured by the TOML files
+beside this script; this driver only chooses configs, budgets and seeds, and summarises.
+
+    python experiments/mnist/run.py table1 --budget cpu --out runs/mnist          # resumable
+    python experiments/mnist/run.py table2 --out runs/mnist                       # prune by SNR
+    python experiments/mnist/run.py extras --out runs/mnist                       # NLL/ECE/OOD, figures
+    python experiments/mnist/run.py report --out runs/mnist                       # markdown tables
+
+Budgets: ``cpu`` trains the 1200-unit rows for a few epochs each (about 2 hours on 2 cores);
+``paper`` trains all widths for hundreds of epochs (for a GPU: add ``--device cuda``).
+Re-running a command resumes unfinished runs from their checkpoints and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("sgd", "dropout", "bbb-gaussian", "bbb-mixture")
+# Published test errors (%), Blundell et al. 2015, Table 1 (widths 400 / 800 / 1200).
+PAPER_TABLE1 = {
+    "sgd": {400: 1.83, 800: 1.84, 1200: 1.88},
+    "dropout": {400: 1.51, 800: 1.33, 1200: 1.36},
+    "bbb-gaussian": {400: 1.82, 800: 1.99, 1200: 2.04},
+    "bbb-mixture": {400: 1.36, 800: 1.34, 1200: 1.32},
+}
+# Blundell et al. 2015, Table 2 (2x1200 BBB, scale mixture; pruned at the end of training).
+PAPER_TABLE2 = {0.0: 1.24, 0.5: 1.24, 0.75: 1.24, 0.95: 1.29, 0.98: 1.39}
+BUDGETS = {
+    "cpu": {
+        "widths": [1200],
+        "epochs": {"sgd": 20, "dropout": 20, "bbb-gaussian": 25, "bbb-mixture": 25},
+    },
+    "paper": {
+        "widths": [400, 800, 1200],
+        "epochs": {"sgd": 600, "dropout": 600, "bbb-gaussian": 600, "bbb-mixture": 600},
+    },
+}
+
+
+def _cfg(method: str, width: int, epochs: int, seed: int, extra: dict[str, Any]) -> Any:
+    from bbb.config import TrainConfig, load_config_file
+
+    values = load_config_file(HERE / f"{method}.toml")
+    values.update(hidden=[width, width], epochs=epochs, seed=seed)
+    values.update(extra)
+    return TrainConfig.from_dict(values, source=str(HERE / f"{method}.toml")).validate()
+
+
+def run_dir(out: Path, method: str, width: int, seed: int) -> Path:
+    return out / f"{method}-{width}-s{seed}"
+
+
+def table1(args: argparse.Namespace) -> None:
+    from bbb.runs import train_run
+
+    budget = BUDGETS[args.budget]
+    widths = args.widths or budget["widths"]
+    extra: dict[str, Any] = {"device": args.device}
+    if args.subset:
+        extra["subset"] = args.subset
+    if args.data_dir:
+        extra["data_dir"] = args.data_dir
+    for seed in args.seeds:
+        for width in widths:
+            for method in args.methods:
+                epochs = args.epochs or budget["epochs"][method]
+                cfg = _cfg(method, width, epochs, seed, extra)
+                rd = run_dir(args.out, method, width, seed)
+                if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
+                    print(f"[done] {rd}")
+                    continue
+                resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())
+                print(f"[{'resume' if resume else 'train'}] {rd} ({epochs} epochs)", flush=True)
+                train_run(cfg, rd, resume=resume, progress=not args.quiet)
+
+
+def _epochs_done(rd: Path) -> int:
+    try:
+        return int(json.loads((rd / "metrics.json").read_text())["summary"]["epochs_trained"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _find_runs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if (p / "config.json").is_file()) if out.is_dir() else []
+
+
+def table2(args: argparse.Namespace) -> None:
+    """Prune the end-of-training BBB scale-mixture network by SNR; evaluate; export compactly."""
+    from torch.utils.data import DataLoader
+
+    from bbb.pruning import prune_by_snr
+    from bbb.runs import load_run
+    from bbb.train.checkpoint import atomic_write_text
+    from bbb.train.trainer import evaluate
+
+    runs = [p for p in _find_runs(args.out) if p.name.startswith(f"bbb-mixture-{args.width}-")]
+    if not runs:
+        raise SystemExit(f"no bbb-mixture-{args.width} run under {args.out}: run `table1` first")
+    for rd in runs:
+        results: dict[str, Any] = {
+            "run": str(rd),
+            "checkpoint": "last (end of training)",
+            "rows": [],
+        }
+        for fraction in args.fractions:
+            cfg, model, likelihood, data = load_run(rd, which="last")
+            pr = prune_by_snr(model, fraction)
+            assert data.test is not None
+            report = evaluate(
+                model,
+                DataLoader(data.test, batch_size=1000),
+                likelihood,  # type: ignore[arg-type]
+                num_samples=args.num_samples,
+                device=cfg.device,
+            )
+            row = {
+                "fraction": fraction,
+                "removed": pr.removed,
+                "total": pr.total,
+                "test_error_pct": 100 * report["error"],
+                "test_nll": report["nll"],
+            }
+            if fraction > 0:
+                path = rd / f"pruned-{fraction:g}.pt"
+                row["compact_bytes"] = export_compact(model, path)
+                row["dense_bytes"] = _dense_bytes(model)
+                cfg2, model2, _, _ = load_run(rd, which="last")
+                load_compact(model2, path)
+                with torch.no_grad():
+                    x = data.test.tensors[0][:500]
+                    from bbb.nn.module import sampling
+
+                    with sampling(model, "mean"), sampling(model2, "mean"):
+                        row["compact_roundtrip_exact"] = bool(torch.equal(model(x), model2(x)))
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        atomic_write_text(rd / "table2.json", json.dumps(results, indent=2) + "\n")
+
+
+def export_compact(model: torch.nn.Module, path: Path) -> int:
+    """Save only the kept weights of every Bayesian layer: flat int32 indices + mu and rho.
+
+    Biases are kept whole. Returns the size on disk in bytes. :func:`load_compact` restores.
+    """
+    from bbb.nn.module import BayesModule
+    from bbb.train.checkpoint import atomic_write_bytes
+
+    layers: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, BayesModule):
+            continue
+        mask = m.weight_mask if m.weight_mask is not None else torch.ones_like(m.weight_mu)
+        idx = mask.flatten().nonzero().flatten().to(torch.int32)
+        layers[name] = {
+            "shape": list(m.weight_mu.shape),
+            "index": idx,
+            "mu": m.weight_mu.detach().flatten()[idx.long()].clone(),
+            "rho": m.weight_rho.detach().flatten()[idx.long()].clone(),
+            "bias_mu": None if m.bias_mu is None else m.bias_mu.detach().clone(),
+            "bias_rho": None if m.bias_rho is None else m.bias_rho.detach().clone(),
+        }
+    buf = io.BytesIO()
+    torch.save({"format": "bbb-compact-1", "layers": layers}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.stat().st_size
+
+
+def load_compact(model: torch.nn.Module, path: Path) -> None:
+    """Load a compact export into a model of the same architecture (pruned weights zero)."""
+    from bbb.nn.module import BayesModule
+
+    state = torch.load(path, weights_only=True)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, entry in state["layers"].items():
+            m = mods[name]
+            assert isinstance(m, BayesModule)
+            n = math.prod(entry["shape"])
+            mask = torch.zeros(n, dtype=m.weight_mu.dtype)
+            mask[entry["index"].long()] = 1
+            mu = torch.zeros(n, dtype=m.weight_mu.dtype)
+            rho = torch.full((n,), -30.0, dtype=m.weight_mu.dtype)
+            mu[entry["index"].long()] = entry["mu"]
+            rho[entry["index"].long()] = entry["rho"]
+            m.weight_mu.copy_(mu.reshape(entry["shape"]))
+            m.weight_rho.copy_(rho.reshape(entry["shape"]))
+            m.weight_mask = mask.reshape(entry["shape"])
+            if entry["bias_mu"] is not None:
+                m.bias_mu.copy_(entry["bias_mu"])  # type: ignore[union-attr]
+                m.bias_rho.copy_(entry["bias_rho"])  # type: ignore[union-attr]
+
+
+def _dense_bytes(model: torch.nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in model.state_dict().items() if "mask" not in k}, buf)
+    return len(buf.getvalue())
+
+
+def extras(args: argparse.Namespace) -> None:
+    """Test NLL/ECE of every run, OOD AUROC by predictive entropy, Figures 3 and 4."""
+    from bbb.metrics import auroc
+    from bbb.plots import figure
+    from bbb.predictive import predict
+    from bbb.pruning import snr
+    from bbb.runs import load_run
+    from bbb.train.checkpoint import atomic_write_text
+
+    out: dict[str, Any] = {}
+    weights: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(0)
+    for rd in _find_runs(args.out):
+        cfg, model, likelihood, data = load_run(rd, which="best")
+        assert data.test is not None
+        x, y = data.test.tensors
+        samples = args.num_samples if cfg.method == "bbb" else 1
+        pred = predict(model, x, num_samples=samples)
+        # out-of-distribution inputs: the test digits rotated by 90 degrees, and uniform noise
+        # images in the same pixel range (0..255 / 126)
+        img = x.reshape(-1, 28, 28)
+        rotated = torch.rot90(img, 1, dims=(1, 2)).reshape(len(x), -1)
+        noise = torch.rand(x.shape, generator=gen) * (255.0 / 126.0)
+        ent_in = pred.entropy  # type: ignore[union-attr]
+        ent_rot = predict(model, rotated, num_samples=samples).entropy  # type: ignore[union-attr]
+        ent_noise = predict(model, noise, num_samples=samples).entropy  # type: ignore[union-attr]
+        metrics = json.loads((rd / "metrics.json").read_text()).get("test", {})
+        out[rd.name] = {
+            **{f"test_{k}": v for k, v in metrics.items()},
+            "auroc_rotated": auroc(ent_in, ent_rot),
+            "auroc_noise": auroc(ent_in, ent_noise),
+        }
+        print(rd.name, json.dumps(out[rd.name]), flush=True)
+        first = next(
+            m for m in model.modules() if hasattr(m, "weight_mu") or isinstance(m, torch.nn.Linear)
+        )
+        if cfg.method == "bbb":
+            w = torch.cat(
+                [
+                    (m.weight_mu + m.weight_sigma * torch.randn_like(m.weight_mu))
+                    .detach()
+                    .flatten()
+                    for m in model.modules()
+                    if hasattr(m, "weight_mu")
+                ]
+            )
+            s = torch.cat([v.flatten() for v in snr(model).values()])
+            weights[cfg.method + "-" + cfg.prior] = w
+            _snr_figure(figure, s, args.out / f"fig4_snr_{rd.name}.png")
+        else:
+            w = torch.cat(
+                [
+                    m.weight.detach().flatten()
+                    for m in model.modules()
+                    if isinstance(m, torch.nn.Linear)
+                ]
+            )
+            weights[cfg.method] = w
+        del first
+    atomic_write_text(args.out / "extras.json", json.dumps(out, indent=2) + "\n")
+    if weights:
+        fig = figure(figsize=(6, 4))
+        ax = fig.subplots()
+        for name, w in weights.items():
+            ax.hist(w.clamp(-0.3, 0.3).numpy(), bins=200, density=True, histtype="step", label=name)
+        ax.set_xlabel("weight")
+        ax.set_ylabel("density")
+        ax.set_title("Trained weights (BBB: one posterior sample), cf. paper Fig. 3", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out / "fig3_weights.png", dpi=110)
+
+
+def _snr_figure(figure: Any, s: torch.Tensor, path: Path) -> None:
+    db = 10 * torch.log10(s.clamp_min(1e-12))
+    fig = figure(figsize=(9, 3.5))
+    a1, a2 = fig.subplots(1, 2)
+    a1.hist(db.numpy(), bins=200, density=True)
+    a1.set_xlabel("signal-to-noise ratio (dB)")
+    a1.set_ylabel("density")
+    srt = torch.sort(db).values
+    a2.plot(srt.numpy(), torch.linspace(0, 1, len(srt)).numpy())
+    a2.set_xlabel("signal-to-noise ratio (dB)")
+    a2.set_ylabel("CDF")
+    fig.suptitle("SNR |mu|/sigma of the weights, cf. paper Fig. 4", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Print Table 1 and Table 2 as markdown next to the paper's numbers."""
+    print(
+        "| method | width | epochs | best epoch | test error % (ours) | paper | val error % | test NLL | test ECE | wall s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for rd in _find_runs(args.out):
+        cfgd = json.loads((rd / "config.json").read_text())
+        mpath = rd / "metrics.json"
+        if not mpath.exists():
+            continue
+        m = json.loads(mpath.read_text())
+        method = rd.name.rsplit("-", 2)[0]
+        width = cfgd["hidden"][0]
+        paper = PAPER_TABLE1.get(method, {}).get(width, float("nan"))
+        s = m["summary"]
+        print(
+            f"| {method} | {width} | {s['epochs_trained']} | {s['best_epoch']} | "
+            f"{100 * m['test']['error']:.2f} | {paper} | {100 * m['val']['error']:.2f} | "
+            f"{m['test']['nll']:.4f} | {m['test']['ece']:.4f} | {s.get('wall_seconds', float('nan')):.0f} |"
+        )
+    for rd in _find_runs(args.out):
+        t2 = rd / "table2.json"
+        if t2.exists():
+            print(f"\nTable 2 ({rd.name}, end of training):\n")
+            print("| removed | test error % (ours) | paper | compact size (bytes) | dense size |")
+            print("| --- | --- | --- | --- | --- |")
+            for row in json.loads(t2.read_text())["rows"]:
+                f = row["fraction"]
+                print(
+                    f"| {100 * f:.0f}% | {row['test_error_pct']:.2f} | {PAPER_TABLE2.get(f, 'n/a')} | "
+                    f"{row.get('compact_bytes', '-')} | {row.get('dense_bytes', '-')} |"
+                )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t1 = sub.add_parser("table1", help="train the rows of Table 1")
+    t1.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    t1.add_argument("--widths", type=int, nargs="+")
+    t1.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    t1.add_argument("--seeds", type=int, nargs="+", default=[0])
+    t1.add_argument("--epochs", type=int, help="override the budget's epochs")
+    t1.add_argument("--subset", type=int, help="first N training images (smoke tests)")
+    t1.add_argument("--data-dir")
+    t1.add_argument("--device", default="cpu")
+    t1.add_argument("--quiet", action="store_true")
+    t2 = sub.add_parser("table2", help="prune the BBB scale-mixture 1200 runs by SNR")
+    t2.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_TABLE2))
+    t2.add_argument("--num-samples", type=int, default=10)
+    t2.add_argument("--width", type=int, default=1200, help="which width's runs to prune")
+    ex = sub.add_parser("extras", help="NLL, ECE, OOD AUROC, figures")
+    ex.add_argument("--num-samples", type=int, default=10)
+    sub.add_parser("report", help="markdown tables")
+    for sp in sub.choices.values():
+        sp.add_argument("--out", type=Path, default=Path("runs/mnist"))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    {"table1": table1, "table2": table2, "extras": extras, "report": report}[args.cmd](args)
+    print(f"[{args.cmd}] {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
