@@ -132,6 +132,17 @@ class BanditConfig:
             raise ValueError(f"seeds must be non-negative integers, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
+        from .nn.estimators import ESTIMATORS
+        from .priors import PRIOR_NAMES
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {self.estimator!r}; accepted values: {', '.join(ESTIMATORS)}"
+            )
+        if self.prior not in PRIOR_NAMES:
+            raise ValueError(
+                f"unknown prior {self.prior!r}; accepted values: {', '.join(PRIOR_NAMES)}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
         return self
@@ -479,3 +490,86 @@ def _plot(path: Path, agents: Sequence[str], columns: list[str], cum: Tensor) ->
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``bbb bandit`` on the CLI's subparsers."""
+    import argparse
+
+    p = sub.add_parser(
+        "bandit",
+        help="the Mushroom contextual bandit (paper section 5.3), resumable",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = BanditConfig()
+    p.add_argument("--agents", nargs="+", default=d.agents, help=f"any of {', '.join(AGENTS)}")
+    p.add_argument("--steps", type=int, default=d.steps, help="environment steps")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=d.seeds, help="seeds (one data stream each)"
+    )
+    p.add_argument(
+        "--updates-per-step",
+        type=int,
+        default=d.updates_per_step,
+        help="minibatch updates after each step",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
+    p.add_argument(
+        "--buffer-size", type=int, default=d.buffer_size, help="replay buffer (last interactions)"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument(
+        "--thompson-samples",
+        type=int,
+        default=d.thompson_samples,
+        help="weight samples averaged per decision",
+    )
+    p.add_argument("--estimator", default=d.estimator, help="BBB training estimator")
+    p.add_argument("--prior", default=d.prior, help="BBB prior: gaussian, scale_mixture or laplace")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root holding mushroom/ (default: $BBB_DATA_DIR, ../shared/data)",
+    )
+    p.add_argument("--out", default="runs/bandit", help="run directory")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop cleanly after this long (resume later)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main_bandit(args: Any) -> int:
+    """Run ``bbb bandit`` from parsed arguments."""
+    cfg = BanditConfig(
+        agents=list(args.agents),
+        steps=args.steps,
+        seeds=list(args.seeds),
+        updates_per_step=args.updates_per_step,
+        batch_size=args.batch_size,
+        buffer_size=args.buffer_size,
+        lr=args.lr,
+        thompson_samples=args.thompson_samples,
+        estimator=args.estimator,
+        prior=args.prior,
+        checkpoint_every=args.checkpoint_every,
+        data_dir=args.data_dir,
+    )
+    max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
+    summary = run_bandit(
+        cfg, args.out, resume=args.resume, progress=not args.quiet, max_seconds=max_seconds
+    )
+    for agent, v in summary["agents"].items():
+        print(
+            f"{agent:14s} cumulative regret {v['cumulative_regret_mean']:.1f} +- "
+            f"{v['cumulative_regret_std']:.1f} (per step, last 10000: {v['per_step_regret_last_10000_mean']:.3f})"
+        )
+    return 0

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .uci import add_parser as _add_uci_parser
 
     _add_uci_parser(sub)
+    from .bandit import add_parser as _add_bandit_parser
+
+    _add_bandit_parser(sub)
     return parser
 
 
@@ -285,6 +288,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .uci import main_uci
 
         return main_uci(args)
+    if args.command == "bandit":
+        from .bandit import main_bandit
+
+        return main_bandit(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
