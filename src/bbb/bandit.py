@@ -224,8 +224,6 @@ class _Population:
         self.model = ensemble_mlp(
             k, dim + 2, cfg.hidden, prior=prior, estimator=cfg.estimator, rho_init=cfg.rho_init
         )
-        params = [p for n, p in self.model.named_parameters() if bayes or n.endswith("_mu")]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         self.likelihood = Gaussian("fixed", sigma=cfg.noise_sigma)
         self.buffers = _Buffers(k, cfg.buffer_size, dim)
         self.thompson_samples = cfg.thompson_samples
@@ -252,25 +250,29 @@ class _Population:
         random_action = torch.randint(0, 2, (k,), generator=generator)
         return torch.where(explore, random_action, greedy)
 
-    def update(self, generator: torch.Generator) -> float:
-        """One gradient step on a minibatch from each member's buffer; returns the loss."""
+    def loss(self, generator: torch.Generator) -> Tensor:
+        """The training loss of one minibatch from each member's buffer, summed over members.
+
+        Bayesian members: sum_k (mean NLL_k + KL_k / N), N the buffer's current size (members
+        are independent networks, so the sum trains each on its own ELBO). Greedy members: sum
+        of the members' mean squared errors.
+        """
         x, a, r = self.buffers.sample(self.batch_size, generator)
         inp = _with_action(x, a)
         if self.bayes:
             out = self.model(inp)  # (K, B, 1), estimator noise per row
-            nll = -self.likelihood.log_prob(out.reshape(1, -1, 1), r.reshape(-1)).reshape(
-                len(self.names), -1
+            nll = -self.likelihood.log_prob(out.reshape(1, -1, 1), r.reshape(-1))
+            return (
+                nll.reshape(len(self.names), -1).mean(1).sum()
+                + kl_divergence(self.model) / self.buffers.size
             )
-            # sum over members of (mean NLL_k + KL_k / N): members are independent networks
-            loss = nll.mean(1).sum() + kl_divergence(self.model) / self.buffers.size
-        else:
-            with sampling(self.model, "mean"):
-                out = self.model(inp)[..., 0]
-            loss = ((out - r) ** 2).mean(1).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        with sampling(self.model, "mean"):
+            out = self.model(inp)[..., 0]
+        return ((out - r) ** 2).mean(1).sum()
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (greedy members: the means only)."""
+        return [p for n, p in self.model.named_parameters() if self.bayes or n.endswith("_mu")]
 
 
 def make_prior_from(cfg: BanditConfig) -> Prior:
@@ -320,6 +322,9 @@ def run_bandit(
     # per-seed environment streams: the same mushrooms and coins for every agent of a seed
     env_gens = [torch.Generator().manual_seed(10_000 + s) for s in cfg.seeds]
     agent_gen = torch.Generator().manual_seed(20_000 + cfg.seeds[0])
+    # One optimiser and one backward pass for all populations per update (the members are
+    # independent, and Adam's state is per parameter, so this equals separate optimisers).
+    optimizer = torch.optim.Adam([q for p in pops for q in p.trainable()], lr=cfg.lr, foreach=True)
     member_order = [(p, i) for p in pops for i in range(len(p.names))]
     columns = [f"{p.names[i]}/seed{cfg.seeds[p.seeds[i]]}" for p, i in member_order]
     steps = cfg.steps
@@ -336,8 +341,8 @@ def run_bandit(
         start_step = int(state["step"])
         for p, s in zip(pops, state["pops"], strict=True):
             p.model.load_state_dict(s["model"])
-            p.optimizer.load_state_dict(s["optimizer"])
             p.buffers.load(s["buffers"])
+        optimizer.load_state_dict(state["optimizer"])
         for g, s in zip(env_gens, state["env_gens"], strict=True):
             g.set_state(s)
         agent_gen.set_state(state["agent_gen"])
@@ -358,13 +363,9 @@ def run_bandit(
                 "step": step,
                 "columns": columns,
                 "pops": [
-                    {
-                        "model": p.model.state_dict(),
-                        "optimizer": p.optimizer.state_dict(),
-                        "buffers": p.buffers.state(),
-                    }
-                    for p in pops
+                    {"model": p.model.state_dict(), "buffers": p.buffers.state()} for p in pops
                 ],
+                "optimizer": optimizer.state_dict(),
                 "env_gens": [g.get_state() for g in env_gens],
                 "agent_gen": agent_gen.get_state(),
                 "rng": rng_state(),
@@ -395,8 +396,10 @@ def run_bandit(
             p.buffers.add(x, a, r)
             col += k
         for _ in range(cfg.updates_per_step):
-            for p in pops:
-                p.update(agent_gen)
+            loss = sum((p.loss(agent_gen) for p in pops), torch.zeros(()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         step += 1
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == steps:
