@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all lint clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Issue 8: install the peer libraries (--no-deps: no torchvision / CUDA torch) and run the
+# training-step benchmark; results in runs/bench/step_time.json (takes ~10-20 minutes).
+BENCH_PEERS := bayesian-torch blitz-bayesian-pytorch torchbnn pyro-ppl pyro-api opt_einsum
+bench: $(STAMP)
+	$(PIP) install -q --no-deps $(BENCH_PEERS)
+	$(PY) benchmarks/step_time.py --json runs/bench/step_time.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -497,14 +497,6 @@ def test_closed_form_kl_follows_parameters_changed_after_the_forward_pass(float6
     _assert_kl_follows_current_parameters(LaplacePrior(0.5), "closed_form", "reparam")
 
 
-@pytest.mark.xfail(
-    reason="BayesModule.kl reuses sigma = softplus(rho) cached in the latest forward pass's "
-    "record (record.sigma_w / sigma_b): after load_state_dict or an optimizer step without a "
-    "new forward, the closed form (Gaussian prior) mixes the new mu with the old sigma, and the "
-    "Monte Carlo KL of the local estimator uses the old sigma and fails in backward ('modified "
-    "by an inplace operation')",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("prior_name", "kl_mode", "estimator"),
     [

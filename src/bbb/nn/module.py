@@ -65,9 +65,13 @@ class _Record:
     w: Tensor | None = None  # (S, *W) weight sample, when the estimator built it
     b: Tensor | None = None  # (S, O)
     # softplus(rho) of the forward pass (unmasked), reused by the KL: one softplus per step
-    # instead of two (~5 ms at 2.4M weights, issue 8).
+    # instead of two (~5 ms at 2.4M weights, issue 8). Valid only while rho is unchanged:
+    # ``rho_versions`` holds each rho's identity and in-place version counter at the forward
+    # pass (an optimizer step or load_state_dict bumps the counter), checked by
+    # BayesModule._cached_sigmas.
     sigma_w: Tensor | None = None
     sigma_b: Tensor | None = None
+    rho_versions: tuple[int, ...] = ()
 
 
 class BayesModule(nn.Module):
@@ -193,6 +197,17 @@ class BayesModule(nn.Module):
     def _posterior(self) -> est.Posterior:
         return self._posterior_and_sigmas()[0]
 
+    def _rho_versions(self) -> tuple[int, ...]:
+        # (identity, in-place version) of each rho: a replaced parameter also invalidates
+        return tuple(v for _, rho in self._pairs() for v in (id(rho), rho._version))
+
+    def _cached_sigmas(self) -> list[Tensor | None]:
+        """The forward pass's softplus(rho) of weight and bias, if rho has not changed since."""
+        rec = self._record
+        if rec is None or rec.sigma_w is None or rec.rho_versions != self._rho_versions():
+            return [None, None]
+        return [rec.sigma_w, rec.sigma_b]
+
     def _posterior_and_sigmas(self) -> tuple[est.Posterior, Tensor, Tensor | None]:
         """The (masked) posterior and the unmasked ``softplus(rho)`` of weight and bias."""
         sigma_w = F.softplus(self.weight_rho)
@@ -252,6 +267,7 @@ class BayesModule(nn.Module):
             self._record = _Record()
             return self.op(x, w_mu, self.bias_mu)
         post, s_w, s_b = self._posterior_and_sigmas()
+        versions = self._rho_versions()
         if mode == "frozen":
             noise = self._frozen
             if noise is None or noise.eps_w is None or noise.eps_w.shape[0] != num_samples:
@@ -259,18 +275,20 @@ class BayesModule(nn.Module):
                 self._frozen = noise
             assert noise.eps_w is not None
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
-            self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b)
+            self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
             return y
         if self.estimator == "local":
-            self._record = _Record(sigma_w=s_w, sigma_b=s_b)
+            self._record = _Record(sigma_w=s_w, sigma_b=s_b, rho_versions=versions)
             return est.local(self, x, post)
         noise = self._noise(num_samples, self.weight_mu)
         assert noise.eps_w is not None
         if self.estimator == "reparam":
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
-            self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b)
+            self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
             return y
-        self._record = _Record(noise.eps_w, noise.eps_b, sigma_w=s_w, sigma_b=s_b)
+        self._record = _Record(
+            noise.eps_w, noise.eps_b, sigma_w=s_w, sigma_b=s_b, rho_versions=versions
+        )
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
 
     # ----------------------------------------------------------------- KL
@@ -286,8 +304,7 @@ class BayesModule(nn.Module):
         """
         total = self.weight_mu.new_zeros(())
         mask = self.weight_mask
-        last = self._record
-        sigmas = [None, None] if last is None else [last.sigma_w, last.sigma_b]
+        sigmas = self._cached_sigmas()
         if self.kl_mode == "closed_form":
             # Fused closed form for the Gaussian prior (bbb.kl.closed_form_kl_sum), reusing the
             # forward's softplus (detached: the KL's own backward formula reaches rho).

@@ -1,0 +1,74 @@
+"""The benchmark (issue 8) runs on tiny sizes and produces its table and JSON.
+
+No timing assertions: machines are noisy. This guards the output format, which is how
+regressions are found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bbb import bench
+from bbb.cli import main as cli_main
+
+STEP_KEYS = {
+    "net", "hidden", "library", "estimator", "prior", "num_samples", "ms", "ratio",
+    "samples_ratio", "ms_all",
+}  # fmt: skip
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    rc = bench.main(
+        ["--quick", "--no-peers", "--samples", "1,2", "--repeats", "2", "--json", str(out)]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ms/step" in printed and "x det" in printed
+    data = json.loads(out.read_text())
+    assert {"schema", "machine", "settings", "step_time", "table", "inference", "memory",
+            "grad_variance"} <= set(data)  # fmt: skip
+    rows = data["step_time"]
+    assert {r["library"] for r in rows} == {"deterministic", "bbb"}
+    assert {r["net"] for r in rows} == {"mlp", "conv"}
+    # every estimator x prior x S for each network, plus its deterministic floor
+    for net in ("mlp", "conv"):
+        bbb_rows = [r for r in rows if r["net"] == net and r["library"] == "bbb"]
+        assert len(bbb_rows) == 3 * 2 * 2
+    for r in rows:
+        assert set(r) == STEP_KEYS
+        assert r["ms"] > 0 and r["ratio"] > 0 and len(r["ms_all"]) == 2
+        if r["library"] == "bbb" and r["num_samples"] == 2:
+            assert r["samples_ratio"] is not None
+    det = [r for r in rows if r["library"] == "deterministic"]
+    assert all(r["ratio"] == 1.0 for r in det)
+    assert {r["estimator"] for r in data["inference"]["rows"]} == {"reparam", "local", "flipout"}
+    assert all(r["inputs_per_s"] > 0 for r in data["inference"]["rows"])
+    assert all("peak_mib" in r and r["peak_mib"] > 0 for r in data["memory"])
+    assert {r["estimator"] for r in data["grad_variance"]} == {"reparam", "local", "flipout"}
+    assert all(r["var_grad_mu"] >= 0 and r["var_grad_rho"] >= 0 for r in data["grad_variance"])
+
+
+def test_format_table_has_one_line_per_result() -> None:
+    rows = [
+        bench.StepResult("mlp", 8, "deterministic", "-", "-", 1, 1.0, 1.0),
+        bench.StepResult("mlp", 8, "bbb", "local", "gaussian", 10, 5.0, 5.0, 3.0),
+    ]
+    lines = bench.format_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].split()[:3] == ["net", "H", "library"]
+
+
+def test_cli_forwards_bench_arguments(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+def test_unknown_estimator_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--no-peers", "--estimators", "nope"])
