@@ -20,7 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bbb demo --out runs/demo
 
-test: $(STAMP)
+# The sweep extra (optuna, a PostgreSQL driver) so that the `bbb sweep` tests run, not skip.
+SWEEP_STAMP := $(VENV)/.sweep-installed
+$(SWEEP_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,sweep]'
+	touch $(SWEEP_STAMP)
+
+test: $(STAMP) $(SWEEP_STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -m "not slow"
 

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # `bbb bench ARGS...`: forwarded as is to bbb.bench.main (issue 8; see main()).
     sub.add_parser("bench", help="training-step benchmark vs peers (bbb bench --help)", add_help=False)
+    # `bbb sweep ARGS...`: forwarded to bbb.sweep.main (issue 10; see main()).
+    sub.add_parser("sweep", help="hyper-parameter search on Optuna (bbb sweep --help)", add_help=False)
 
     demo = sub.add_parser(
         "demo",
@@ -307,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(argv[1:])
+        if argv[:1] == ["sweep"]:  # the sweep parses its own options (show, best, run)
+            from .sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
         return run(argv)
     except KeyboardInterrupt:
         print("bbb: interrupted", file=sys.stderr)

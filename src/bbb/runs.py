@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,17 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     log: Any = print,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
+    evaluate_test: bool = True,
+    write_plots: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg`` into ``out_dir``; return its summary.
+
+    ``epoch_callback`` is passed to the :class:`~bbb.train.Trainer` (called after each epoch
+    with the epoch's metrics row; it may raise :class:`~bbb.train.trainer.StopTraining`).
+    ``evaluate_test=False`` leaves the test split out entirely (hyper-parameter searches):
+    ``metrics.json`` then holds the validation metrics only. ``write_plots=False`` skips the
+    PNG files (quick searches).
 
     Launched by ``torchrun`` with several processes, this trains data-parallel (one process
     group for the call, left at the end unless the caller had already created it).
@@ -181,7 +191,17 @@ def train_run(
     had_group = _dist.is_distributed()
     device = _dist.init_from_env(cfg.device)
     try:
-        return _train_run(cfg, out, device, resume=resume, progress=progress, log=log)
+        return _train_run(
+            cfg,
+            out,
+            device,
+            resume=resume,
+            progress=progress,
+            log=log,
+            epoch_callback=epoch_callback,
+            evaluate_test=evaluate_test,
+            write_plots=write_plots,
+        )
     finally:
         if not had_group and _dist.is_distributed():
             _dist.cleanup()
@@ -195,10 +215,15 @@ def _train_run(
     resume: bool,
     progress: bool,
     log: Any,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
+    evaluate_test: bool = True,
+    write_plots: bool = True,
 ) -> dict[str, Any]:
     world = _dist.world_size()
     generator = seed_everything(cfg.seed)
     data = build_data(cfg)
+    if not evaluate_test:
+        data.test = None  # never checked, evaluated or plotted
     for name, ds in (("training", data.train), ("validation", data.val), ("test", data.test)):
         _check_data(name, ds)
     if cfg.batch_size > len(data.train):
@@ -266,13 +291,16 @@ def _train_run(
         y_scale=data.y_std,
         grad_clip=cfg.grad_clip,
         device=device,
+        epoch_callback=epoch_callback,
     )
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     trainer.load_best()
     summary["wall_seconds"] = time.perf_counter() - start
     _dist.on_main(
-        lambda: finish_run(out, cfg, model, likelihood, data, trainer.history, summary),
+        lambda: finish_run(
+            out, cfg, model, likelihood, data, trainer.history, summary, write_plots=write_plots
+        ),
         "evaluating the best model and plotting",
     )
     return summary
@@ -286,8 +314,10 @@ def finish_run(
     data: RunData,
     history: list[dict[str, Any]],
     summary: dict[str, Any],
+    *,
+    write_plots: bool = True,
 ) -> None:
-    """Evaluate the best model, write ``metrics.json`` and the plots."""
+    """Evaluate the best model, write ``metrics.json`` and (``write_plots``) the plots."""
     samples = cfg.val_samples if cfg.method == "bbb" else 1
     result: dict[str, Any] = {"summary": summary}
     for name, ds in (("val", data.val), ("test", data.test)):
@@ -305,6 +335,8 @@ def finish_run(
     atomic_write_text(
         out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n"
     )
+    if not write_plots:
+        return
     if history:
         plots.learning_curves(history, out / "learning_curves.png")
     if data.classification and data.val is not None:

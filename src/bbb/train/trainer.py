@@ -51,13 +51,28 @@ from .checkpoint import (
     set_rng_state,
 )
 
-__all__ = ["Trainer", "TrainingDivergedError", "evaluate", "seed_everything", "LOWER_IS_BETTER"]
+__all__ = [
+    "Trainer",
+    "TrainingDivergedError",
+    "StopTraining",
+    "evaluate",
+    "seed_everything",
+    "LOWER_IS_BETTER",
+]
 
 LOWER_IS_BETTER = ("error", "nll", "ece", "brier", "rmse", "loss")
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf; the message names the epoch and step."""
+
+
+class StopTraining(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by an ``epoch_callback`` to end training after the epoch it was called for.
+
+    The epoch's files are already written when the callback runs, so the run directory stays
+    complete and consistent; ``fit`` returns normally with ``stopped_by_callback`` set.
+    """
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -167,6 +182,10 @@ class Trainer:
             process group with more than one process is initialised).
         find_unused_parameters: passed to DDP; only needed for a model with parameters the
             loss does not reach at every step.
+        epoch_callback: called as ``epoch_callback(epoch, row)`` after each epoch's files are
+            written (``row``: the ``metrics.jsonl`` line, with the ``val_*`` keys), on every
+            process; raise :class:`StopTraining` from it to end training there (e.g. a pruned
+            hyper-parameter trial).
     """
 
     def __init__(
@@ -191,6 +210,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         distributed: bool | None = None,
         find_unused_parameters: bool = False,
+        epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -253,6 +273,7 @@ class Trainer:
         # rank 0 (or the only process) writes files, logs and shows progress
         self.is_writer = not self.distributed or _dist.is_main()
         self._ddp: nn.Module | None = None
+        self.epoch_callback = epoch_callback
         if self.distributed:
             if not self.is_writer:
                 self.log, self.progress = None, False
@@ -512,7 +533,7 @@ class Trainer:
                 self.best_elbo_state = best["elbo"]
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
-        stopped_early = False
+        stopped_early = stopped_by_callback = False
         while self.epoch < self.epochs:
             train_stats = self.train_epoch()
             val = self.validate()
@@ -541,6 +562,14 @@ class Trainer:
                     f"nll={train_stats['nll']:.4g} kl={train_stats['kl']:.4g}{vtxt} "
                     f"({train_stats['train_seconds']:.1f}s)"
                 )
+            if self.epoch_callback is not None:
+                try:
+                    self.epoch_callback(self.epoch, row)
+                except StopTraining as e:
+                    stopped_by_callback = True
+                    if self.log:
+                        self.log(f"stopped after epoch {self.epoch}: {e}")
+                    break
             if self.patience is not None and self.bad_epochs >= self.patience:
                 stopped_early = True
                 if self.log:
@@ -552,6 +581,7 @@ class Trainer:
             "best_val": None if not math.isfinite(self.best_metric) else self._unscore(),
             "val_metric": self.val_metric,
             "stopped_early": stopped_early,
+            "stopped_by_callback": stopped_by_callback,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
         }
 
