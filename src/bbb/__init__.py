@@ -5,7 +5,7 @@ three gradient estimators, priors with closed-form or Monte Carlo KL, a correctl
 minibatch ELBO, and predictive uncertainty tools. Everything public is re-exported here.
 """
 
-from . import metrics
+from . import data, metrics, train
 from .convert import bayesianize, to_deterministic
 from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
 from .kl import KL_MODES, closed_form_kl, has_closed_form
@@ -25,6 +25,7 @@ from .nn import (
     set_sampling,
     vectorized_samples,
 )
+from .nn.ensemble import BayesLinearEnsemble
 from .predictive import ClassificationPrediction, RegressionPrediction, predict, sample_outputs
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, make_prior
 from .pruning import PruneResult, prune_by_snr, remove_pruning, snr
@@ -42,6 +43,7 @@ __all__ = [
     "BayesConv2d",
     "BayesConv3d",
     "BayesLinear",
+    "BayesLinearEnsemble",
     "BayesModule",
     "Categorical",
     "ClassificationPrediction",
@@ -59,6 +61,7 @@ __all__ = [
     "bayesianize",
     "blundell_weight",
     "closed_form_kl",
+    "data",
     "has_closed_form",
     "kl_divergence",
     "linear_annealing",
@@ -73,5 +76,6 @@ __all__ = [
     "set_sampling",
     "snr",
     "to_deterministic",
+    "train",
     "vectorized_samples",
 ]
