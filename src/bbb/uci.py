@@ -448,13 +448,14 @@ def run_split(
     """Train on the whole training part of ``split``, evaluate on its test part.
 
     Returns a record: ``split``, ``rmse`` and ``ll`` (test, original units), ``epochs``,
-    ``seconds`` (training + evaluation wall time), ``noise_std`` (original units, learned
+    ``seconds`` (training + evaluation wall time), ``cpu_seconds`` (CPU time of the process
+    over the same span), ``noise_std`` (original units, learned
     homoscedastic noise), ``n_train``, ``n_test`` and ``settings`` (the TrainConfig values
     that vary in a search).
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     ds = UCIDataset(path, verify=verify)
     data_split = ds.split(split)
     data = _run_data(data_split, data_split.train, None)
@@ -473,6 +474,7 @@ def run_split(
         "ll": report["log_likelihood"],
         "epochs": cfg.epochs,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
         "noise_std": _noise_std(likelihood, data.y_std),
         "n_train": len(data_split.train),
         "n_test": len(data_split.test),
@@ -493,12 +495,35 @@ def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:
     return best_i, best_v
 
 
+def _tune_curve(
+    path: PathLike,
+    cfg: TrainConfig,
+    split: int,
+    validation_fraction: float,
+    passes: int,
+    verify: bool = True,
+    threads: int | None = None,
+) -> tuple[list[float], list[float]]:
+    """Validation LL and RMSE curves (original units, one value per trainer epoch) of one
+    grid point on one split's training rows minus a validation part."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dataset = UCIDataset(path, verify=verify)
+    sp = dataset.split(split, validation_fraction=validation_fraction, seed=cfg.seed)
+    data = _run_data(sp, sp.train, sp.val)
+    trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split, val_every=True)
+    return [-r["val_nll"] for r in trainer.history], [r["val_rmse"] for r in trainer.history]
+
+
 def tune(
     dataset: UCIDataset,
     base: TrainConfig,
     space: SearchSpace,
     *,
     passes: int = 10,
+    jobs: int = 1,
+    threads: int = 1,
+    verify: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Grid search on validation parts carved from training splits (never the test rows).
@@ -507,42 +532,60 @@ def tune(
     minus a random ``validation_fraction`` (statistics of the remaining rows), validating the
     original-unit log-likelihood every ``passes`` epochs up to ``base.epochs``. The curve is
     averaged over the search splits and smoothed (``space.smooth`` points); the grid point
-    with the best smoothed value wins, and its argmax gives the epoch count.
+    with the best smoothed value wins, and its argmax gives the epoch count. ``jobs`` > 1
+    trains the (grid point, split) pairs in parallel processes.
 
     Returns ``{"points": [...], "chosen": {...overrides, "epochs": E}, "seconds": ...}``.
     """
     start = time.perf_counter()
     per_block = _passes_per_block(base.epochs, passes)
+    overrides_list = space.points()
+    cfgs = [
+        TrainConfig.from_dict({**base.to_dict(), **o}, source="search").validate()
+        for o in overrides_list
+    ]
+    tasks = [(i, s) for i in range(len(cfgs)) for s in space.splits]
+    frac = space.validation_fraction
+    curves: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")
+        ) as pool:
+            futures = {
+                pool.submit(_tune_curve, dataset.path, cfgs[i], s, frac, passes, verify, threads): (
+                    i,
+                    s,
+                )
+                for i, s in tasks
+            }
+            for fut in as_completed(futures):
+                curves[futures[fut]] = fut.result()
+    else:
+        for i, s in tasks:
+            curves[(i, s)] = _tune_curve(dataset.path, cfgs[i], s, frac, passes, verify)
     points = []
-    for overrides in space.points():
-        cfg = TrainConfig.from_dict({**base.to_dict(), **overrides}, source="search").validate()
-        curves: list[list[float]] = []
-        rmse_curves: list[list[float]] = []
-        t0 = time.perf_counter()
-        for s in space.splits:
-            sp = dataset.split(s, validation_fraction=space.validation_fraction, seed=cfg.seed)
-            data = _run_data(sp, sp.train, sp.val)
-            trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + s, val_every=True)
-            curves.append([-r["val_nll"] for r in trainer.history])
-            rmse_curves.append([r["val_rmse"] for r in trainer.history])
-        ll = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
-        rmse = [sum(c[i] for c in rmse_curves) / len(rmse_curves) for i in range(len(ll))]
-        i, score = _smoothed_argmax(ll, space.smooth)
+    for i, overrides in enumerate(overrides_list):
+        lls = [curves[(i, s)][0] for s in space.splits]
+        rmses = [curves[(i, s)][1] for s in space.splits]
+        ll = [sum(c[k] for c in lls) / len(lls) for k in range(len(lls[0]))]
+        rmse = [sum(c[k] for c in rmses) / len(rmses) for k in range(len(ll))]
+        k, score = _smoothed_argmax(ll, space.smooth)
         point = {
             "overrides": overrides,
             "val_ll": score,
-            "val_rmse": rmse[i],
-            "epochs": (i + 1) * per_block,
-            "curve_epochs": [(k + 1) * per_block for k in range(len(ll))],
+            "val_rmse": rmse[k],
+            "epochs": (k + 1) * per_block,
+            "curve_epochs": [(j + 1) * per_block for j in range(len(ll))],
             "curve_ll": ll,
             "curve_rmse": rmse,
-            "seconds": time.perf_counter() - t0,
         }
         points.append(point)
         if log:
             log(
-                f"  tune {overrides}: val ll {score:.4f} rmse {rmse[i]:.4g} "
-                f"at epoch {point['epochs']} ({point['seconds']:.1f}s)"
+                f"  tune {overrides}: val ll {score:.4f} rmse {rmse[k]:.4g} "
+                f"at epoch {point['epochs']}"
             )
     best = max(points, key=lambda p: p["val_ll"])
     return {
@@ -575,6 +618,16 @@ def _load_records(out: Path) -> dict[int, dict[str, Any]]:
                 continue  # cannot happen with atomic writes; treat as unfinished
             records[int(rec["split"])] = rec
     return records
+
+
+def _comparable(value: Any, key: str) -> Any:
+    """An engine setting as compared on --resume: the data-set location may be spelled
+    differently (a name, a relative or an absolute path), so it is left out."""
+    if key == "path":
+        return None
+    if key == "requested_config" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "uci_path"}
+    return value
 
 
 def _chosen(cfg: TrainConfig, keys: Sequence[str]) -> dict[str, Any]:
@@ -668,8 +721,8 @@ def run_uci(
     Args:
         path: a directory in the UCI split format, or a name under ``<data-dir>/uci/``.
         out_dir: the run directory (layout in the module docstring).
-        config: per-split training settings (`uci_config` defaults; ``hidden`` is set from
-            ``n_hidden.txt`` unless the config changed it from the default [50]... see note).
+        config: per-split training settings (default `uci_config()`; see the note on
+            ``hidden``).
         settings: engine settings (splits, test samples, search, jobs); ``splits`` overrides.
         splits: split selection (see `parse_splits`).
         data_dir: data root for bare names.
@@ -681,8 +734,8 @@ def run_uci(
     Returns:
         The content of ``metrics.json``.
 
-    Note: ``hidden`` follows ``n_hidden.txt`` (50; 100 for protein) unless the config
-    holds something other than the single-layer default.
+    Note: ``hidden`` follows ``n_hidden.txt`` (50; 100 for protein) while the config holds
+    the single-layer default ``[50]``; any other value is used as given.
     """
     dataset = UCIDataset(path, data_dir=data_dir, verify=verify)
     info = dataset.info
@@ -714,7 +767,7 @@ def run_uci(
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} does not exist")
         old = json.loads(saved.read_text())
-        diff = [k for k in engine if k != "path" and old.get(k) != engine[k]]
+        diff = [k for k in engine if _comparable(old.get(k), k) != _comparable(engine[k], k)]
         if diff:
             raise ConfigError(
                 f"cannot resume {out}: settings differ from the saved run ({', '.join(diff)}); "
@@ -726,6 +779,28 @@ def run_uci(
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "uci.json", json.dumps(engine, indent=2, sort_keys=True) + "\n")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(st.threads)  # tiny networks: extra threads only spin-wait
+    try:
+        return _run_uci_body(dataset, cfg, st, out, engine, records, resume, verify, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_uci_body(
+    dataset: UCIDataset,
+    cfg: TrainConfig,
+    st: UCIRunSettings,
+    out: Path,
+    engine: dict[str, Any],
+    records: dict[int, dict[str, Any]],
+    resume: bool,
+    verify: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The search (if any), the splits and the summary files of `run_uci`."""
+    info = dataset.info
+    chosen_splits = st.splits
     wall_start = time.perf_counter()
     tuned_keys: list[str] = []
     tune_seconds = 0.0
@@ -738,7 +813,16 @@ def run_uci(
             log(f"{info.name}: reusing the search in {tune_path}")
         else:
             log(f"{info.name}: validation search over {len(space.points())} grid points")
-            result = tune(dataset, cfg, space, passes=st.passes, log=log)
+            result = tune(
+                dataset,
+                cfg,
+                space,
+                passes=st.passes,
+                jobs=st.jobs,
+                threads=st.threads,
+                verify=verify,
+                log=log,
+            )
             atomic_write_text(tune_path, json.dumps(result, indent=2) + "\n")
             _plot_tune(result, out / "tune.png")
         tune_seconds = float(result["seconds"])
@@ -775,13 +859,8 @@ def run_uci(
             for fut in as_completed(futures):
                 finish(fut.result())
     else:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(st.threads)
-        try:
-            for s in todo:
-                finish(run_split(dataset.path, s, cfg, **kwargs))  # type: ignore[arg-type]
-        finally:
-            torch.set_num_threads(previous)
+        for s in todo:
+            finish(run_split(dataset.path, s, cfg, **kwargs))  # type: ignore[arg-type]
     rows = [records[s] for s in chosen_splits]
     _write_csv(out / "splits.csv", rows, extra_keys)
     metrics = {
@@ -789,6 +868,9 @@ def run_uci(
         **summarize(rows),
         "splits": [{k: r[k] for k in (*SPLIT_FIELDS, "noise_std")} for r in rows],
         "split_seconds_total": sum(r["seconds"] for r in rows),
+        "split_cpu_seconds_total": (
+            sum(r["cpu_seconds"] for r in rows) if all("cpu_seconds" in r for r in rows) else None
+        ),
         "tune_seconds": tune_seconds,
         "wall_seconds_this_call": time.perf_counter() - wall_start,
         "settings": {

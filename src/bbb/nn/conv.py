@@ -72,6 +72,18 @@ class _BayesConvNd(BayesModule):
                 f"unknown padding_mode {padding_mode!r}; accepted values: {', '.join(_PADDING_MODES)}"
             )
         ntuple = _ntuple(self._dim)
+        for arg, value in (
+            ("kernel_size", kernel_size),
+            ("stride", stride),
+            ("dilation", dilation),
+        ):
+            values = ntuple(value)
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} {arg} must be positive integers, got {value!r}")
+        if not isinstance(padding, str) and any(
+            not isinstance(v, int) or v < 0 for v in ntuple(padding)
+        ):
+            raise ValueError(f"{name} padding must be non-negative integers, got {padding!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size: tuple[int, ...] = ntuple(kernel_size)

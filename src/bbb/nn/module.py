@@ -171,6 +171,18 @@ class BayesModule(nn.Module):
             r_low = r_high = float(rho_init)
         else:
             r_low, r_high = (float(v) for v in rho_init)
+        import math
+
+        for name, v in (
+            ("mu_init", low),
+            ("mu_init", high),
+            ("rho_init", r_low),
+            ("rho_init", r_high),
+        ):
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"{name} must be finite, got {mu_init if name == 'mu_init' else rho_init!r}"
+                )
         if low > high or r_low > r_high:
             raise ValueError(f"init ranges must have low <= high, got mu {mu_init}, rho {rho_init}")
         for mu, rho in self._pairs():
@@ -251,6 +263,14 @@ class BayesModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to ``x``; inside :func:`vectorized_samples`, ``x`` is (S * B, ...)."""
         self._check_input(x)
+        if x.dtype != self.weight_mu.dtype and not (
+            x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        ):
+            raise ValueError(
+                f"{type(self).__name__} expected a {self.weight_mu.dtype} input (the dtype of its "
+                f"parameters), got {x.dtype}; convert the input (x.to({self.weight_mu.dtype})) or "
+                "the model (model.to(dtype))"
+            )
         num_samples = self.num_samples
         if num_samples > 1 and x.shape[0] % num_samples != 0:
             raise ValueError(

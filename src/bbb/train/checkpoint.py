@@ -19,6 +19,7 @@ import random
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,15 @@ def _load_one(path: Path, map_location: str | torch.device | None) -> dict[str, 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        # torch.load does not verify the zip members' CRC-32: a flipped bit in tensor data would
+        # load silently. testzip() reads every member and checks it (~1 GB/s).
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: CRC mismatch in member {bad}")
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means a bad file
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})"

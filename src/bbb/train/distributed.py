@@ -14,18 +14,23 @@ gradient of the mean NLL over the global batch of ``R * B`` examples plus ``grad
 KL is counted exactly once, as in one process on the global batch.
 
 The whole ELBO (network forward, likelihood, KL) runs inside the wrapped module's forward
-(:class:`ELBOStep`), so every parameter DDP synchronises - the layers' ``mu`` and ``rho``, and a
-learned likelihood noise - is reached by the loss at every step and ``find_unused_parameters``
-can stay off (it costs an extra graph traversal per step). The Bayesian layers' KL is computed
-lazily from ``mu``/``rho`` after the network's forward; putting it in the same wrapped forward
-keeps the reducer's bookkeeping simple, and a learned ``Gaussian`` noise, which lives in the
-ELBO rather than the network, is averaged across ranks like every other parameter.
+(:class:`ELBOStep`). Why: the Bayesian layers compute their KL lazily, from ``mu``/``rho``,
+after the network's forward. Outside DDP's forward that still works with the default
+``find_unused_parameters=False`` (DDP's per-parameter gradient hooks fire whatever path the
+gradient took), but with ``find_unused_parameters=True`` DDP searches the graph of the forward's
+*outputs*, would mark a parameter reached only through the KL (``rho`` of the mean network) as
+unused, and then fail when its gradient arrives. Inside the forward, the loss reaches every
+parameter - the layers' ``mu`` and ``rho`` and a learned likelihood noise, which lives in the
+ELBO rather than the network and must be averaged across ranks like the rest - so
+``find_unused_parameters`` can stay off (it costs a graph traversal per step) and is still safe
+to turn on for a model that needs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -219,8 +224,16 @@ def on_main(fn: Callable[[], T], what: str) -> T:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op when none is initialised)."""
+    """Leave the process group (no-op when none is initialised).
+
+    Unreachable DDP wrappers are garbage-collected first, while the group is still registered:
+    a DDP reducer freed *after* the group was destroyed holds its last reference, and the gloo
+    group's destructor, run from the reducer's with the GIL held, then waits for worker threads
+    that may need the GIL to release a finished collective's tensors - a deadlock (seen with
+    torch 2.13 on CPU).
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
