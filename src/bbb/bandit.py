@@ -101,7 +101,7 @@ class BanditConfig:
     buffer_size: int = 4096
     lr: float = 1e-3
     thompson_samples: int = 2
-    estimator: str = "local"  # for the BBB agent's training steps
+    estimator: str = "reparam"  # BBB training steps (weight-space: the paper's algorithm, and the fastest here)
     prior: str = "scale_mixture"
     prior_sigma: float = 1.0  # gaussian / laplace
     prior_pi: float = 0.5
