@@ -120,16 +120,8 @@ def make_bbb_model(net: str, hidden: int, estimator: str, prior: str) -> nn.Modu
 
 
 def _adam_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-3) -> Step:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return step
+    """An Adam training step of ``model`` on ``loss_fn`` (the same helper the peers use)."""
+    return bench_peers._optimizer_step(model, loss_fn, lr)
 
 
 def build_step(
