@@ -163,6 +163,12 @@ def test_bad_config_is_a_clear_error() -> None:
 
 @needs_data
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 6): measured on 2026-11-23 (commit d7c3b57 era) with these settings, BBB's "
+    "cumulative regret after 1500 steps was 3545 (per seed 1810, 2740, ...) against 2088 for the "
+    "5% agent: the Bayesian agent still explores too much this early",
+)
 def test_thompson_sampling_beats_five_percent_greedy_on_a_short_run(tmp_path: Path) -> None:
     """1500 steps, 3 seeds: BBB's cumulative regret is below the 5% agent's.
 
