@@ -165,7 +165,7 @@ def test_bad_config_is_a_clear_error() -> None:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (issue 6): measured on 2026-11-23 (commit d7c3b57 era) with these settings, BBB's "
+    reason="known gap (issue 6): measured on 2026-11-23 at commit eeb619a with these settings, BBB's "
     "cumulative regret after 1500 steps was 3545 (per seed 1810, 2740, ...) against 2088 for the "
     "5% agent: the Bayesian agent still explores too much this early",
 )
