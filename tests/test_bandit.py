@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bbb
 import bbb.data
@@ -81,11 +82,15 @@ def test_buffer_is_a_ring_of_the_last_interactions() -> None:
             torch.tensor([t, -t], dtype=torch.float32),
         )
     assert buf.size == 3
-    assert sorted(buf.x[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
-    x, a, r = buf.sample(50, torch.Generator().manual_seed(0))
-    assert x.shape == (2, 50, 1) and a.shape == (2, 50) and r.shape == (2, 50)
-    assert set(x[0, :, 0].tolist()) <= {2.0, 3.0, 4.0}
-    assert torch.equal(r[1], -x[1, :, 0])  # rows stay aligned
+    assert sorted(buf.inp[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
+    # stored rows are the network inputs: context, then the one-hot action
+    assert torch.equal(buf.inp[0, :, 1:], torch.tensor([[1.0, 0.0]] * 3))
+    assert torch.equal(buf.inp[1, :, 1:], torch.tensor([[0.0, 1.0]] * 3))
+    inp, r = buf.sample(50, torch.Generator().manual_seed(0))
+    assert inp.shape == (2, 50, 3) and r.shape == (2, 50)
+    assert set(inp[0, :, 0].tolist()) <= {2.0, 3.0, 4.0}
+    assert torch.equal(r[1], -inp[1, :, 0])  # rows stay aligned
+    assert torch.equal(inp[1, :, 1:], torch.tensor([[0.0, 1.0]] * 50))  # members stay apart
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
@@ -127,12 +132,12 @@ def test_same_stream_for_every_agent_of_a_seed_and_resume_is_exact(tmp_path: Pat
     # every agent of a seed saw the same mushrooms: the expected regret of the oracle-relative
     # bookkeeping differs by action only, so compare the contexts in the checkpoints' buffers
     state, _ = bbb.train.load_checkpoint(full / "checkpoints")
-    greedy_buffers = state["pops"][1]["buffers"]["x"]  # members: 3 agents x 2 seeds
+    greedy_buffers = state["pops"][1]["buffers"]["inp"][..., :-2]  # 3 agents x 2 seeds
     assert torch.equal(greedy_buffers[0], greedy_buffers[2]) and torch.equal(
         greedy_buffers[0], greedy_buffers[4]
     )
     assert not torch.equal(greedy_buffers[0], greedy_buffers[1])  # seeds differ
-    bbb_buffers = state["pops"][0]["buffers"]["x"]
+    bbb_buffers = state["pops"][0]["buffers"]["inp"][..., :-2]
     assert torch.equal(bbb_buffers[0], greedy_buffers[0])
 
     # a run stopped after 8 steps and resumed ends exactly like the uninterrupted one
@@ -188,3 +193,89 @@ def test_thompson_sampling_beats_five_percent_greedy_on_a_short_run(tmp_path: Pa
     ours = m["agents"]["bbb-thompson"]["cumulative_regret_mean"]
     theirs = m["agents"]["greedy-0.05"]["cumulative_regret_mean"]
     assert ours < theirs, m["agents"]
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "scale_mixture", "laplace"])
+@pytest.mark.parametrize("agents", ["both", "bbb", "greedy"])
+def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents: str) -> None:
+    """The hand-written update (all networks stacked, KL gradients in closed form) gives the
+    gradients autograd finds for the same losses written out plainly: per Bayesian member the
+    mean Gaussian NLL + KL / N (closed form for the Gaussian prior, else log q(w) - log p(w) at
+    the same sample), per greedy member the mean squared error. float64, same noise and batch."""
+    from bbb.bandit import _Population, fused_update
+    from bbb.kl import closed_form_kl_sum, mc_kl
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        cfg = BanditConfig(prior=prior, hidden=6, batch_size=5, buffer_size=9, noise_sigma=0.7)
+        pops = []
+        if agents in ("both", "bbb"):
+            pops.append(_Population(cfg, ["bbb-thompson"] * 2, [0, 1], True, 4))
+        if agents in ("both", "greedy"):
+            pops.append(_Population(cfg, ["greedy-0"] * 3, [0, 1, 2], False, 4))
+        for p in pops:
+            for _ in range(7):
+                k = len(p.names)
+                p.buffers.add(torch.randn(k, 4), torch.randint(0, 2, (k,)), torch.randn(k) * 5)
+            with torch.no_grad():  # posterior sigmas well away from the init
+                for layer in p.layers:
+                    layer.weight_rho.uniform_(-3, 0)
+                    layer.bias_rho.uniform_(-3, 0)
+        bayes = next((p for p in pops if p.bayes), None)
+        n_eps = 0 if bayes is None else sum(q.numel() for q in bayes.model.parameters()) // 2
+        eps = torch.randn(n_eps)
+
+        fused_update(pops, torch.Generator().manual_seed(3), eps=eps)
+        got = {
+            (i, n): g.clone()
+            for i, p in enumerate(pops)
+            for (q, g) in p.views
+            for n, q2 in p.model.named_parameters()
+            if q2 is q
+        }
+
+        gen = torch.Generator().manual_seed(3)
+        total = torch.zeros(())
+        for p in pops:
+            inp, r = p.buffers.sample(p.batch_size, gen)
+            h = inp
+            if p.bayes:
+                chunks = iter(
+                    eps.split([q.numel() for l in p.layers for q in (l.weight_mu, l.bias_mu)])
+                )
+                kl = torch.zeros(())
+                for j, layer in enumerate(p.layers):
+                    ws = []
+                    for mu, rho in layer._pairs():
+                        e = next(chunks).view_as(mu)
+                        sigma = F.softplus(rho)
+                        w = mu + sigma * e
+                        ws.append(w)
+                        if prior == "gaussian":
+                            kl = kl + closed_form_kl_sum(mu, rho, layer.prior)
+                        else:
+                            kl = kl + mc_kl(w, e, torch.log(sigma), layer.prior).sum()
+                    h = torch.baddbmm(ws[1].unsqueeze(1), h, ws[0].transpose(1, 2))
+                    h = torch.relu(h) if j < 2 else h
+                nll = 0.5 * (h[..., 0] - r) ** 2 / 0.7**2
+                total = total + nll.mean(1).sum() + kl / p.buffers.size
+            else:
+                for j, layer in enumerate(p.layers):
+                    h = torch.baddbmm(
+                        layer.bias_mu.unsqueeze(1), h, layer.weight_mu.transpose(1, 2)
+                    )
+                    h = torch.relu(h) if j < 2 else h
+                total = total + ((h[..., 0] - r) ** 2).mean(1).sum()
+        total.backward()
+        want = {
+            (i, n): q.grad
+            for i, p in enumerate(pops)
+            for n, q in p.model.named_parameters()
+            if q.grad is not None and (p.bayes or n.endswith("_mu"))
+        }
+        assert got.keys() == want.keys() and got
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12, msg=str(key))
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -107,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # `bbb bench ARGS...`: forwarded as is to bbb.bench.main (issue 8; see main()).
-    sub.add_parser("bench", help="training-step benchmark vs peers (bbb bench --help)", add_help=False)
+    sub.add_parser(
+        "bench", help="training-step benchmark vs peers (bbb bench --help)", add_help=False
+    )
     # `bbb sweep ARGS...`: forwarded to bbb.sweep.main (issue 10; see main()).
-    sub.add_parser("sweep", help="hyper-parameter search on Optuna (bbb sweep --help)", add_help=False)
+    sub.add_parser(
+        "sweep", help="hyper-parameter search on Optuna (bbb sweep --help)", add_help=False
+    )
 
     demo = sub.add_parser(
         "demo",

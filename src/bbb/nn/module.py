@@ -341,19 +341,17 @@ class BayesModule(nn.Module):
         for i, (mu, rho) in enumerate(self._pairs()):
             eps = eps_list[i]
             assert eps is not None
-            sigma = sigmas[i]
-            if sigma is None:
-                sigma = F.softplus(rho)
-            log_sigma = _kl.log_softplus(rho, sigma)
-            if i == 0 and mask is not None:
-                mu, sigma = mu * mask, sigma * mask
-            w = samples[i]
-            if w is None:
-                w = torch.addcmul(mu, sigma, eps)
-            term = _kl.mc_kl(w, eps, log_sigma, self.prior)
-            if i == 0 and mask is not None:
-                term = term * mask
-            total = total + term.sum() / eps.shape[0]
+            # Fused estimate (bbb.kl.mc_kl_sum): the forward's sample and softplus are reused
+            # (detached), gradients reach mu and rho through its closed-form backward.
+            total = total + _kl.mc_kl_sum(
+                mu,
+                rho,
+                eps,
+                self.prior,
+                sigma=sigmas[i],
+                w=samples[i],
+                mask=mask if i == 0 else None,
+            )
         return total
 
     # ----------------------------------------------------------------- modes
