@@ -168,23 +168,18 @@ def test_bad_config_is_a_clear_error() -> None:
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 6): measured on 2026-11-23 at commit eeb619a with these settings, BBB's "
-    "cumulative regret after 1500 steps was 3545 (per seed 1810, 2740, ...) against 2088 for the "
-    "5% agent: the Bayesian agent still explores too much this early",
-)
 def test_thompson_sampling_beats_five_percent_greedy_on_a_short_run(tmp_path: Path) -> None:
     """1500 steps, 3 seeds: BBB's cumulative regret is below the 5% agent's.
 
     The 5% agent pays about 0.05 x 4.9 regret per step for exploration alone (about 370 over
     1500 steps) on top of its learning cost; Thompson sampling's exploration stops once the
-    posterior is confident.
+    posterior is confident. The defaults (Gaussian prior, noise sigma 0.5, rho -3) were chosen
+    on seeds 0-2; this test uses seeds 3-5, which the choice never saw.
     """
     cfg = BanditConfig(
         agents=["bbb-thompson", "greedy-0.05"],
         steps=1500,
-        seeds=[0, 1, 2],
+        seeds=[3, 4, 5],
         updates_per_step=16,
         checkpoint_every=500,
         data_dir=str(DATA),
