@@ -72,6 +72,19 @@ def test_driver_tables_and_compact_export(tmp_path: Path, monkeypatch: pytest.Mo
     assert (out / "fig4_snr_bbb-mixture-16-s0.png").stat().st_size > 0
 
 
+def test_driver_set_overrides_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BBB_DATA_DIR", str(DATA))
+    d = _driver()
+    out = tmp_path / "mnist"
+    args = ["table1", "--subset", "128", "--epochs", "1", "--widths", "8", "--quiet"]
+    sets = ["--set", 'lr_schedule="cosine"', "--set", "lr=0.002"]
+    d["main"]([*args, "--methods", "sgd", *sets, "--out", str(out)])
+    saved = json.loads((out / "sgd-8-s0" / "config.json").read_text())
+    assert saved["lr_schedule"] == "cosine" and saved["lr"] == 0.002
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        d["main"]([*args, "--methods", "sgd", "--set", "lr", "--out", str(tmp_path / "x")])
+
+
 @pytest.mark.slow
 def test_small_bbb_mlp_learns_mnist(tmp_path: Path) -> None:
     """A 784-100-100-10 BBB MLP on 10000 images for 3 epochs: test error below 10%.

@@ -489,3 +489,37 @@ def test_read_only_run_dir_fails_before_training(tmp_path: Path) -> None:
             check_writable(run)
     finally:
         run.chmod(0o700)
+
+
+def test_cosine_lr_schedule_decays_per_epoch_and_resumes(tmp_path) -> None:
+    """lr_schedule = "cosine": lr_e = lr (1 + cos(pi e / E)) / 2 after epoch e, saved in the
+    checkpoint, and a run stopped after 2 of 4 epochs resumes to the same final state."""
+    import math
+
+    from bbb.config import ConfigError, TrainConfig
+    from bbb.runs import train_run
+    from bbb.train.checkpoint import load_checkpoint
+
+    base = dict(dataset="toy", toy_n=64, hidden=[8], batch_size=16, lr=0.01, val_samples=2)
+    cfg = TrainConfig(**base, epochs=4, lr_schedule="cosine").validate()
+    train_run(cfg, tmp_path / "full", progress=False, log=None)
+    state, _ = load_checkpoint(tmp_path / "full" / "checkpoints")
+    lr_end = state["optimizer"]["param_groups"][0]["lr"]
+    assert lr_end == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 4)) / 2, abs=1e-12)
+    sched = state["scheduler"]
+    assert sched is not None and sched["last_epoch"] == 4
+
+    from bbb.train.trainer import StopTraining
+
+    def stop_after_two(epoch: int, _: dict) -> None:
+        if epoch >= 2:
+            raise StopTraining
+
+    train_run(cfg, tmp_path / "part", progress=False, log=None, epoch_callback=stop_after_two)
+    train_run(cfg, tmp_path / "part", resume=True, progress=False, log=None)
+    resumed, _ = load_checkpoint(tmp_path / "part" / "checkpoints")
+    assert resumed["epoch"] == state["epoch"] == 4
+    for k, v in state["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    with pytest.raises(ConfigError, match="lr_schedule.*constant, cosine"):
+        TrainConfig(**base, lr_schedule="linear").validate()

@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,11 @@ def table1(args: argparse.Namespace) -> None:
         extra["subset"] = args.subset
     if args.data_dir:
         extra["data_dir"] = args.data_dir
+    for item in args.set or []:  # KEY=VALUE, VALUE in TOML syntax (e.g. lr_schedule="cosine")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     for seed in args.seeds:
         for width in widths:
             for method in args.methods:
@@ -348,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     t1.add_argument("--data-dir")
     t1.add_argument("--device", default="cpu")
     t1.add_argument("--quiet", action="store_true")
+    t1.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help='override a config key for every row (TOML value: --set lr_schedule="cosine")',
+    )
     t2 = sub.add_parser("table2", help="prune the BBB scale-mixture 1200 runs by SNR")
     t2.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_TABLE2))
     t2.add_argument("--num-samples", type=int, default=10)

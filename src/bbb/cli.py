@@ -48,6 +48,7 @@ _HELP = {
     "num_samples": "Monte Carlo weight samples per training step",
     "optimizer": "adam or sgd",
     "lr": "learning rate",
+    "lr_schedule": "constant, or cosine (decays to 0 over --epochs, stepped per epoch)",
     "momentum": "SGD momentum",
     "weight_decay": "weight decay (deterministic baselines)",
     "batch_size": "minibatch size",

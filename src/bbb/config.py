@@ -34,6 +34,9 @@ __all__ = ["TrainConfig", "load_config_file", "DATASETS", "OPTIMIZERS", "ConfigE
 
 DATASETS = ("mnist", "toy", "uci")
 OPTIMIZERS = ("adam", "sgd")
+#: learning-rate schedules: ``constant``; ``cosine``: lr * (1 + cos(pi * epoch / epochs)) / 2,
+#: stepped once per epoch (torch.optim.lr_scheduler.CosineAnnealingLR, down to 0 at the end)
+LR_SCHEDULES = ("constant", "cosine")
 MU_INITS = ("paper", "fan_in")
 
 
@@ -78,6 +81,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "adam"
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (over `epochs`, stepped per epoch)
     momentum: float = 0.9
     weight_decay: float = 0.0  # for the deterministic baselines
     batch_size: int = 128
@@ -101,6 +105,7 @@ class TrainConfig:
             "noise": NOISE_MODELS,
             "kl_weighting": KL_WEIGHTINGS,
             "optimizer": OPTIMIZERS,
+            "lr_schedule": LR_SCHEDULES,
         }
         for key, accepted in choices.items():
             value = getattr(self, key)

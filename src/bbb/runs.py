@@ -250,6 +250,11 @@ def _train_run(
     if cfg.method != "bbb":
         elbo = ELBO(likelihood, len(data.train), num_samples=1, kl_scale=0.0)
     optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     if world == 1:
         train_loader = DataLoader(
             data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
@@ -281,6 +286,7 @@ def _train_run(
         optimizer,
         train_loader,
         val_loader=val_loader,
+        scheduler=scheduler,
         epochs=cfg.epochs,
         out_dir=out,
         val_samples=val_samples,
