@@ -72,3 +72,21 @@ def test_cli_forwards_bench_arguments(capsys) -> None:
 def test_unknown_estimator_is_rejected() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--no-peers", "--estimators", "nope"])
+
+
+@pytest.mark.slow
+def test_compile_variant_is_timed_or_skipped_with_a_warning(tmp_path: Path) -> None:
+    """``--compile`` adds a 'bbb-compile' row (the same step under torch.compile), or, where
+    compilation is unavailable, warns and leaves the row out; the table is written either way."""
+    import warnings
+
+    out = tmp_path / "b.json"
+    args = ["--quick", "--no-peers", "--compile", "--nets", "mlp", "--estimators", "reparam"]
+    args += ["--priors", "gaussian", "--samples", "1", "--repeats", "2", "--json", str(out)]
+    args += ["--no-inference", "--no-memory", "--no-variance"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bench.main(args) == 0
+    libs = {r["library"] for r in json.loads(out.read_text())["step_time"]}
+    skipped = any("torch.compile unavailable" in str(w.message) for w in caught)
+    assert "bbb" in libs and (("bbb-compile" in libs) != skipped)

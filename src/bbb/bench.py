@@ -138,13 +138,33 @@ def build_step(
     if library == "deterministic":
         model = mlp(784, [hidden, hidden], 10) if net == "mlp" else det_convnet()
         return _adam_step(model, lambda: F.cross_entropy(model(x), y))
-    if library == "bbb":
+    if library in ("bbb", "bbb-compile"):
         bmodel = make_bbb_model(net, hidden, estimator, prior)
         elbo = ELBO(Categorical(), DATASET_SIZE, num_samples=num_samples)
-        return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+        if library == "bbb":
+            return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+        return _compiled_step(bmodel, lambda: elbo(bmodel, x, y).loss)
     return bench_peers.build_peer_step(
         library, net, hidden, estimator, prior, num_samples, x, y, DATASET_SIZE
     )
+
+
+def _compiled_step(model: nn.Module, loss_fn: Callable[[], Tensor]) -> Step | None:
+    """The Adam step of ``model`` with ``loss_fn`` (forward + KL + ELBO) under ``torch.compile``.
+
+    Compiled here, on a first call, so that the timed rounds measure the compiled code; None
+    (with a warning naming the error) where compilation is not available (no C++ compiler,
+    an unsupported platform): the variant is then left out of the table.
+    """
+    import warnings
+
+    try:
+        step = _adam_step(model, torch.compile(loss_fn))
+        step()
+    except Exception as err:  # noqa: BLE001 - any backend failure means "not offered here"
+        warnings.warn(f"bbb bench: torch.compile unavailable ({err!r:.200}); skipped", stacklevel=2)
+        return None
+    return step
 
 
 # ----------------------------------------------------------------------------- step time
@@ -172,6 +192,7 @@ def run_step_times(
     repeats: int,
     log: Callable[[str], None] = print,
     batch: int = BATCH,
+    compiled: bool = False,
 ) -> list[StepResult]:
     """Step times of every configuration, interleaved per network (see module doc)."""
     results: list[StepResult] = []
@@ -183,7 +204,7 @@ def run_step_times(
         assert det is not None
         steps["deterministic"] = det
         configs["deterministic"] = ("deterministic", "-", "-", 1)
-        for lib in ("bbb", *peers):
+        for lib in ("bbb", *(["bbb-compile"] if compiled else []), *peers):
             for est in estimators:
                 for prior in priors:
                     for s in samples:
@@ -448,6 +469,11 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--peers", dest="peers", action="store_true", default=True)
     p.add_argument("--no-peers", dest="peers", action="store_false", help="bbb only")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time bbb's step under torch.compile (library 'bbb-compile'; slow to build)",
+    )
     p.add_argument("--no-inference", dest="inference", action="store_false", default=True)
     p.add_argument("--no-memory", dest="memory", action="store_false", default=True)
     p.add_argument("--no-variance", dest="variance", action="store_false", default=True)
@@ -483,7 +509,16 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     log(f"[bench] {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
     log(f"[bench] peers: {', '.join(peers) if peers else 'none'}")
     steps = run_step_times(
-        nets, args.estimators, args.samples, args.priors, peers, warmup, repeats, log, batch
+        nets,
+        args.estimators,
+        args.samples,
+        args.priors,
+        peers,
+        warmup,
+        repeats,
+        log,
+        batch,
+        compiled=args.compile,
     )
     table = format_table(steps)
     log("\nStep time (median ms; x det: ratio to the deterministic network; x S=1)\n" + table)
