@@ -715,6 +715,7 @@ def add_parser(sub: Any) -> None:
         default=d.updates_per_step,
         help="minibatch updates after each step",
     )
+    p.add_argument("--hidden", type=int, default=d.hidden, help="units in each of 2 hidden layers")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
     p.add_argument(
         "--buffer-size", type=int, default=d.buffer_size, help="replay buffer (last interactions)"
@@ -772,26 +773,10 @@ def add_parser(sub: Any) -> None:
 
 def main_bandit(args: Any) -> int:
     """Run ``bbb bandit`` from parsed arguments."""
-    cfg = BanditConfig(
-        agents=list(args.agents),
-        steps=args.steps,
-        seeds=list(args.seeds),
-        updates_per_step=args.updates_per_step,
-        batch_size=args.batch_size,
-        buffer_size=args.buffer_size,
-        lr=args.lr,
-        thompson_samples=args.thompson_samples,
-        estimator=args.estimator,
-        prior=args.prior,
-        prior_pi=args.prior_pi,
-        prior_sigma1=args.prior_sigma1,
-        prior_sigma2=args.prior_sigma2,
-        prior_sigma=args.prior_sigma,
-        noise_sigma=args.noise_sigma,
-        rho_init=args.rho_init,
-        checkpoint_every=args.checkpoint_every,
-        data_dir=args.data_dir,
-    )
+    from dataclasses import fields
+
+    # every BanditConfig field has a flag of the same name (argparse dest)
+    cfg = BanditConfig(**{f.name: getattr(args, f.name) for f in fields(BanditConfig)})
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
     summary = run_bandit(
         cfg, args.out, resume=args.resume, progress=not args.quiet, max_seconds=max_seconds
