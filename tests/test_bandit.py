@@ -274,3 +274,14 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
             torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12, msg=str(key))
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@needs_data
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """A resumed run must continue with the settings it was started with (steps may grow)."""
+    run_bandit(_cfg(steps=4), tmp_path / "r", progress=False, log=None)
+    with pytest.raises(ValueError, match=r"noise_sigma: 0.5 -> 2.0"):
+        run_bandit(_cfg(steps=8, noise_sigma=2.0), tmp_path / "r", resume=True, log=None)
+    run_bandit(_cfg(steps=8), tmp_path / "r", resume=True, progress=False, log=None)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_bandit(_cfg(), tmp_path / "none", resume=True, log=None)

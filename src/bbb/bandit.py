@@ -526,6 +526,7 @@ def run_bandit(
     start_step = 0
     ckpt_dir = out / "checkpoints"
     if resume:
+        _check_same_config(out / "config.json", cfg)
         state, path = load_checkpoint(ckpt_dir)
         if state.get("columns") != columns:
             raise ValueError(
@@ -619,6 +620,28 @@ def run_bandit(
             f"{done}/{steps} steps ({rate:.2f} steps/s for {len(columns)} networks); results in {out}"
         )
     return summary
+
+
+# settings a resumed run may change: how long it runs and where it reads and saves
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "data_dir")
+
+
+def _check_same_config(path: Path, cfg: BanditConfig) -> None:
+    """Refuse to resume a run with settings other than those it was started with."""
+    if not path.is_file():
+        raise ValueError(f"cannot resume: {path} does not exist (was the run started here?)")
+    saved = json.loads(path.read_text())
+    now = asdict(cfg)
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"cannot resume {path.parent} with other settings ({'; '.join(diff)}); pass the "
+            "run's own settings (see its config.json) or start a new --out"
+        )
 
 
 def _write_results(
