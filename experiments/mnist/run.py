@@ -21,10 +21,10 @@ import json
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 HERE = Path(__file__).resolve().parent
