@@ -108,6 +108,17 @@ def _check(layer: bbb.BayesModule, out: Tensor, kl: Tensor, cfg: dict[str, Any])
         assert torch.isfinite(p.grad).all(), f"non-finite gradient for {name} ({cfg})"
 
 
+def _layer_kwargs(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The layer options a drawn configuration sets (shared by the linear and conv tests)."""
+    return {
+        "bias": cfg["bias"],
+        "prior": PRIORS[cfg["prior"]](),
+        "estimator": cfg["estimator"],
+        "kl": cfg["kl"],
+        "dtype": dtype,
+    }
+
+
 @SETTINGS
 @given(cfg=layer_configs(), in_f=st.integers(1, 6), out_f=st.integers(1, 6), lead=st.integers(0, 1))
 def test_bayes_linear_outputs_kl_and_gradients(
@@ -116,15 +127,7 @@ def test_bayes_linear_outputs_kl_and_gradients(
     gen = torch.Generator().manual_seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     dtype = DTYPES[cfg["dtype"]] or torch.float32
-    layer = bbb.BayesLinear(
-        in_f,
-        out_f,
-        bias=cfg["bias"],
-        prior=PRIORS[cfg["prior"]](),
-        estimator=cfg["estimator"],
-        kl=cfg["kl"],
-        dtype=dtype,
-    )
+    layer = bbb.BayesLinear(in_f, out_f, **_layer_kwargs(cfg, dtype))
     _set_posterior(layer, cfg, gen)
     extra = (2,) * lead  # inputs (B, *, in_features)
     x = (2 * torch.rand(cfg["batch"], *extra, in_f, generator=gen) - 1).to(dtype)
@@ -160,18 +163,7 @@ def test_bayes_conv_outputs_kl_and_gradients(
     dtype = DTYPES[cfg["dtype"]] or torch.float32
     cls = bbb.BayesConv1d if dims == 1 else bbb.BayesConv2d
     c_in, c_out = channels
-    layer = cls(
-        c_in,
-        c_out,
-        kernel,
-        stride=stride,
-        padding=padding,
-        bias=cfg["bias"],
-        prior=PRIORS[cfg["prior"]](),
-        estimator=cfg["estimator"],
-        kl=cfg["kl"],
-        dtype=dtype,
-    )
+    layer = cls(c_in, c_out, kernel, stride=stride, padding=padding, **_layer_kwargs(cfg, dtype))
     _set_posterior(layer, cfg, gen)
     x = (2 * torch.rand(cfg["batch"], c_in, *([size] * dims), generator=gen) - 1).to(dtype)
     out, kl = _run_layer(layer, x, cfg)
