@@ -1,0 +1,106 @@
+"""Where a bandit agent's regret comes from, read off a run's last checkpoint (issue 6).
+
+For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluates, on all
+8124 mushrooms (the environment draws them uniformly, so these are per-step expectations):
+
+- ``mean-policy``: expected regret per step of acting greedily on the network's mean weights
+  (the greedy agents' policy without exploration): the model's error;
+- ``thompson``: expected regret per step of the Thompson-sampling decision the agent makes
+  (``thompson_samples`` weight samples averaged, frozen per decision), averaged over
+  ``--draws`` decisions per mushroom: model error plus the cost of exploration;
+- ``sd(eat)``: median over mushrooms of the standard deviation of one sampled eat-value;
+- per layer, the fraction of weights whose posterior sigma is above 0.5 (at the prior's width).
+
+Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bbb.bandit import EAT, PASS, BanditConfig, _Population, _with_action, expected_regret
+from bbb.data.mushroom import load_mushroom
+from bbb.nn.module import resample, sampling, vectorized_samples
+from bbb.train.checkpoint import load_checkpoint
+
+
+@torch.no_grad()
+def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
+    """One row of statistics per member network (see the module docstring)."""
+    cfg = BanditConfig(**json.loads((run_dir / "config.json").read_text()))
+    data = load_mushroom(cfg.data_dir)
+    x, edible = data.contexts, data.edible
+    n, dim = x.shape
+    state, _ = load_checkpoint(run_dir / "checkpoints")
+    n_seeds = len(cfg.seeds)
+    rows: list[dict[str, object]] = []
+    specs = [
+        ([a for a in cfg.agents if a == "bbb-thompson"], True),
+        ([a for a in cfg.agents if a != "bbb-thompson"], False),
+    ]
+    pops = [(names, bayes) for names, bayes in specs if names]
+    for (names, bayes), saved in zip(pops, state["pops"], strict=True):
+        members = [a for a in names for _ in range(n_seeds)]
+        seeds = [i for _ in names for i in range(n_seeds)]
+        pop = _Population(cfg, members, seeds, bayes, dim)
+        pop.model.load_state_dict(saved["model"])
+        k = len(members)
+        both = torch.stack(
+            [_with_action(x, torch.full((n,), PASS)), _with_action(x, torch.full((n,), EAT))], 1
+        ).reshape(1, 2 * n, dim + 2)
+        with sampling(pop.model, "mean"):
+            mean_value = pop.model(both.expand(k, -1, -1)).reshape(k, n, 2)
+        mean_regret = expected_regret(edible.expand(k, n), mean_value.argmax(-1)).mean(1)
+        ts_regret = torch.full((k,), float("nan"))
+        sd_eat = torch.full((k,), float("nan"))
+        wide: list[list[float]] = [[] for _ in range(k)]
+        if bayes:
+            s = cfg.thompson_samples
+            total = torch.zeros(k)
+            values = []
+            for _ in range(draws):
+                resample(pop.model)
+                with sampling(pop.model, "frozen"), vectorized_samples(pop.model, s):
+                    v = pop.model(both.expand(k, -1, -1).repeat(s, 1, 1)).reshape(s, k, n, 2)
+                values.append(v[0, :, :, 1])
+                total += expected_regret(edible.expand(k, n), v.mean(0).argmax(-1)).mean(1)
+            ts_regret = total / draws
+            sd_eat = torch.stack(values).std(0).median(1).values
+            for layer in pop.layers:
+                sigma = torch.nn.functional.softplus(layer.weight_rho)  # (K, out, in)
+                frac = (sigma > 0.5).float().flatten(1).mean(1)
+                for i in range(k):
+                    wide[i].append(round(float(frac[i]), 3))
+        for i in range(k):
+            rows.append(
+                {
+                    "member": f"{members[i]}/seed{cfg.seeds[seeds[i]]}",
+                    "mean_policy": round(float(mean_regret[i]), 4),
+                    "thompson": round(float(ts_regret[i]), 4),
+                    "sd_eat": round(float(sd_eat[i]), 3),
+                    "wide_fraction": wide[i],
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
+    args = parser.parse_args()
+    rows = diagnose(args.run_dir, args.draws)
+    print(f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  wide (>0.5)")
+    for r in rows:
+        print(
+            f"{r['member']!s:28s} {r['mean_policy']:11.4f} {r['thompson']:9.4f} "
+            f"{r['sd_eat']:8.3f}  {r['wide_fraction']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
