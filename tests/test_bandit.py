@@ -285,3 +285,38 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     run_bandit(_cfg(steps=8), tmp_path / "r", resume=True, progress=False, log=None)
     with pytest.raises(ValueError, match="does not exist"):
         run_bandit(_cfg(), tmp_path / "none", resume=True, log=None)
+
+
+@needs_data
+def test_runs_of_disjoint_agents_merge_into_one_result(tmp_path: Path) -> None:
+    """The Bayesian and the greedy agents run as two processes and are reported together."""
+    from bbb.bandit import merge_runs
+    from bbb.cli import main
+
+    a, b = tmp_path / "bbb", tmp_path / "greedy"
+    ma = run_bandit(_cfg(agents=["bbb-thompson"]), a, progress=False, log=None)
+    mb = run_bandit(_cfg(agents=["greedy-0.05", "greedy-0"]), b, progress=False, log=None)
+    assert main(["bandit", "--merge", str(b), str(a), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert list(merged["agents"]) == ["bbb-thompson", "greedy-0", "greedy-0.05"]
+    for agent in merged["agents"]:
+        src = ma if agent in ma["agents"] else mb
+        assert merged["agents"][agent] == src["agents"][agent]
+    header = (tmp_path / "m" / "regret.csv").read_text().splitlines()[0].split(",")
+    assert header[1:4] == [f"bbb-thompson/seed{s}:expected" for s in (0, 1)] + [
+        "greedy-0/seed0:expected"
+    ]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["agents"] == list(
+        merged["agents"]
+    )
+    # refused: overlapping agents, other settings, other lengths, a missing run
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_runs([a, a], tmp_path / "x")
+    run_bandit(_cfg(agents=["greedy-0.01"], lr=0.01), tmp_path / "lr", progress=False, log=None)
+    with pytest.raises(ValueError, match=r"settings differ in \['lr'\]"):
+        merge_runs([a, tmp_path / "lr"], tmp_path / "x")
+    run_bandit(_cfg(agents=["greedy-0.01"], steps=8), tmp_path / "s8", progress=False, log=None)
+    with pytest.raises(ValueError, match="different numbers of steps"):
+        merge_runs([a, tmp_path / "s8"], tmp_path / "x")
+    with pytest.raises(ValueError, match="does not exist"):
+        merge_runs([a, tmp_path / "none"], tmp_path / "x")

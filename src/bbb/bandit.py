@@ -694,6 +694,75 @@ def _write_results(
     return metrics
 
 
+def _read_regret_csv(path: Path) -> tuple[list[str], Tensor, Tensor]:
+    """``(columns, expected (T, M), realized (T, M))`` from a run's ``regret.csv``."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][0] != "step":
+        raise ValueError(f"{path}: not a bandit regret.csv (no 'step' header)")
+    header = rows[0][1:]
+    m = len(header) // 2
+    columns = [h.removesuffix(":expected") for h in header[:m]]
+    if header != [f"{c}:expected" for c in columns] + [f"{c}:realized" for c in columns]:
+        raise ValueError(f"{path}: unexpected columns {header}")
+    values = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]]).reshape(-1, 2 * m)
+    return columns, values[:, :m], values[:, m:]
+
+
+def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Combine runs of disjoint agents (same settings, seeds and steps) into one result.
+
+    The agents of a seed see the same mushrooms and coins whichever run they are in (the
+    environment streams are seeded per seed), so the Bayesian and the greedy agents can run
+    as two processes side by side (one core each: ~1.5x the throughput of one run on two
+    threads here) and be reported together. Writes ``regret.csv``, ``metrics.json``,
+    ``config.json`` and the plot to ``out_dir``; the runs must have the same number of steps
+    done.
+    """
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise ValueError("merge needs at least two run directories")
+    cfgs, parts = [], []
+    for d in dirs:
+        for name in ("config.json", "regret.csv", "metrics.json"):
+            if not (d / name).is_file():
+                raise ValueError(f"cannot merge {d}: {d / name} does not exist")
+        cfgs.append(BanditConfig(**json.loads((d / "config.json").read_text())))
+        parts.append(_read_regret_csv(d / "regret.csv"))
+    base = asdict(cfgs[0])
+    for d, c in zip(dirs[1:], cfgs[1:], strict=True):
+        diff = [
+            k
+            for k, v in asdict(c).items()
+            if k not in ("agents", "steps", "checkpoint_every", "data_dir") and v != base[k]
+        ]
+        if diff:
+            raise ValueError(f"cannot merge {d} with {dirs[0]}: settings differ in {diff}")
+    agents = [a for c in cfgs for a in c.agents]
+    if len(set(agents)) != len(agents):
+        raise ValueError(f"cannot merge: an agent appears in more than one run ({agents})")
+    done = {int(p[1].shape[0]) for p in parts}
+    if len(done) != 1:
+        raise ValueError(f"cannot merge runs with different numbers of steps done: {sorted(done)}")
+    cfg = BanditConfig(**{**base, "agents": [a for a in AGENTS if a in agents]})
+    columns = [c for p in parts for c in p[0]]
+    regret = torch.cat([p[1] for p in parts], 1)
+    realized = torch.cat([p[2] for p in parts], 1)
+    order = sorted(range(len(columns)), key=lambda i: cfg.agents.index(columns[i].split("/")[0]))
+    columns = [columns[i] for i in order]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    n = done.pop()
+    summary = _write_results(out, cfg, columns, regret[:, order], realized[:, order], n, 0.0, 0)
+    summary["merged_from"] = [str(d) for d in dirs]
+    # wall time is in each run's own metrics.json (runs may span sessions)
+    summary.pop("seconds_this_session")
+    summary.pop("steps_per_second_this_session")
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def _plot(path: Path, agents: Sequence[str], columns: list[str], cum: Tensor) -> None:
     from .plots import figure
 
@@ -792,6 +861,13 @@ def add_parser(sub: Any) -> None:
         help="stop cleanly after this long (resume later)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RUN_DIR",
+        default=None,
+        help="instead of running: combine finished runs of disjoint agents into --out",
+    )
 
 
 def main_bandit(args: Any) -> int:
@@ -801,9 +877,12 @@ def main_bandit(args: Any) -> int:
     # every BanditConfig field has a flag of the same name (argparse dest)
     cfg = BanditConfig(**{f.name: getattr(args, f.name) for f in fields(BanditConfig)})
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
-    summary = run_bandit(
-        cfg, args.out, resume=args.resume, progress=not args.quiet, max_seconds=max_seconds
-    )
+    if args.merge:
+        summary = merge_runs(args.merge, args.out)
+    else:
+        summary = run_bandit(
+            cfg, args.out, resume=args.resume, progress=not args.quiet, max_seconds=max_seconds
+        )
     for agent, v in summary["agents"].items():
         print(
             f"{agent:14s} cumulative regret {v['cumulative_regret_mean']:.1f} +- "
