@@ -320,3 +320,28 @@ def test_runs_of_disjoint_agents_merge_into_one_result(tmp_path: Path) -> None:
         merge_runs([a, tmp_path / "s8"], tmp_path / "x")
     with pytest.raises(ValueError, match="does not exist"):
         merge_runs([a, tmp_path / "none"], tmp_path / "x")
+
+
+@needs_data
+def test_greedy_agents_ignore_the_bayesian_settings_so_their_runs_merge_with_any(
+    tmp_path: Path,
+) -> None:
+    from bbb.bandit import merge_runs
+
+    greedy = ["greedy-0", "greedy-0.05"]
+    bayes_kw = dict(noise_sigma=2.0, rho_init=-5.0, prior="laplace", thompson_samples=1)
+    run_bandit(_cfg(agents=greedy), tmp_path / "g1", progress=False, log=None)
+    run_bandit(_cfg(agents=greedy, **bayes_kw), tmp_path / "g2", progress=False, log=None)
+    assert (tmp_path / "g1" / "regret.csv").read_text() == (
+        tmp_path / "g2" / "regret.csv"
+    ).read_text()
+    run_bandit(_cfg(agents=["bbb-thompson"], **bayes_kw), tmp_path / "b", progress=False, log=None)
+    merge_runs([tmp_path / "g1", tmp_path / "b"], tmp_path / "m")
+    merged = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert merged["noise_sigma"] == 2.0 and merged["prior"] == "laplace"
+    # a setting the greedy agents do read still has to agree
+    run_bandit(
+        _cfg(agents=["greedy-0.01"], batch_size=4), tmp_path / "g3", progress=False, log=None
+    )
+    with pytest.raises(ValueError, match=r"settings differ in \['batch_size'\]"):
+        merge_runs([tmp_path / "g3", tmp_path / "b"], tmp_path / "x")
