@@ -381,3 +381,20 @@ def test_fallback_importance_plot(tmp_path: Path) -> None:
         for t, p in zip(fig.axes[0].get_yticklabels(), fig.axes[0].patches, strict=True)
     }
     assert widths["lr"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "name,points", [("space.toml", 324), ("space-cpu.toml", 9), ("space-cpu-gaussian.toml", 3)]
+)
+def test_the_mnist_space_files_load_and_every_setting_is_a_valid_config(
+    name: str, points: int
+) -> None:
+    """The search spaces of issue 5 cannot rot: each parses and each grid point validates."""
+    from bbb.sweep import load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "experiments" / "mnist" / name)
+    grid = space.grid_points()
+    assert space.is_grid and len(grid) == points
+    for point in grid:
+        cfg = space.config({p.name: point[p.optuna_name] for p in space.params})
+        assert cfg.dataset == "mnist" and cfg.hidden == [1200, 1200]
