@@ -727,8 +727,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
 
     The agents of a seed see the same mushrooms and coins whichever run they are in (the
     environment streams are seeded per seed), so the Bayesian and the greedy agents can run
-    as two processes side by side (one core each: ~1.5x the throughput of one run on two
-    threads here) and be reported together. Writes ``regret.csv``, ``metrics.json``,
+    as separate processes, one thread each, and be reported together (measured here, one
+    update per member on a quiet machine: the 5 Bayesian networks alone reach 5.4 steps/s and
+    the 15 greedy ones 4.0, against 3.06 steps/s for all 20 in one process on two threads). Writes ``regret.csv``, ``metrics.json``,
     ``config.json`` and the plot to ``out_dir``; the runs must have the same number of steps
     done.
     """
