@@ -345,3 +345,40 @@ def test_greedy_agents_ignore_the_bayesian_settings_so_their_runs_merge_with_any
     )
     with pytest.raises(ValueError, match=r"settings differ in \['batch_size'\]"):
         merge_runs([tmp_path / "g3", tmp_path / "b"], tmp_path / "x")
+
+
+@needs_data
+def test_diagnose_script_splits_model_error_from_thompson_cost(tmp_path: Path) -> None:
+    """experiments/bandit/diagnose.py on a tiny run, and on a network fixed to always pass."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bandit" / "diagnose.py"
+    diagnose = runpy.run_path(str(script), run_name="bandit_diagnose")["diagnose"]
+    run = tmp_path / "run"
+    run_bandit(_cfg(), run, progress=False, log=None)
+    rows = diagnose(run, 2)
+    assert [r["member"] for r in rows] == [
+        f"{a}/seed{s}"
+        for a in ("bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05")
+        for s in (0, 1)
+    ]
+    for r in rows:
+        assert 0.0 <= r["mean_policy"] <= 15.0
+        bayes = r["member"].startswith("bbb")
+        assert (0.0 <= r["thompson"] <= 15.0) if bayes else r["thompson"] != r["thompson"]  # nan
+        assert len(r["wide_fraction"]) == (3 if bayes else 0)
+    # every network's output layer set to a constant: eat and pass tie, argmax takes pass, and
+    # the expected regret per step is 5 x the edible fraction (4208 / 8124 in the UCI file)
+    state, path = bbb.train.load_checkpoint(run / "checkpoints")
+    for pop in state["pops"]:
+        last = max(int(k.split(".")[0]) for k in pop["model"])
+        pop["model"][f"{last}.weight_mu"].zero_()
+        pop["model"][f"{last}.bias_mu"].fill_(-1.0)
+        if f"{last}.weight_rho" in pop["model"]:  # sigma ~ 0: the Thompson samples tie too
+            pop["model"][f"{last}.weight_rho"].fill_(-100.0)
+            pop["model"][f"{last}.bias_rho"].fill_(-100.0)
+    bbb.train.save_checkpoint(run / "checkpoints", int(state["step"]) + 1, state)
+    for r in diagnose(run, 2):
+        assert r["mean_policy"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
+        if r["member"].startswith("bbb"):
+            assert r["thompson"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
