@@ -280,7 +280,7 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     """A resumed run must continue with the settings it was started with (steps may grow)."""
     run_bandit(_cfg(steps=4), tmp_path / "r", progress=False, log=None)
-    with pytest.raises(ValueError, match=r"noise_sigma: 0.5 -> 2.0"):
+    with pytest.raises(ValueError, match=rf"noise_sigma: {BanditConfig().noise_sigma} -> 2.0"):
         run_bandit(_cfg(steps=8, noise_sigma=2.0), tmp_path / "r", resume=True, log=None)
     run_bandit(_cfg(steps=8), tmp_path / "r", resume=True, progress=False, log=None)
     with pytest.raises(ValueError, match="does not exist"):
