@@ -90,3 +90,41 @@ def test_compile_variant_is_timed_or_skipped_with_a_warning(tmp_path: Path) -> N
     libs = {r["library"] for r in json.loads(out.read_text())["step_time"]}
     skipped = any("torch.compile unavailable" in str(w.message) for w in caught)
     assert "bbb" in libs and (("bbb-compile" in libs) != skipped)
+
+
+def test_kernels_variant_adds_rows_or_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--kernels`` adds 'bbb-kernels' rows (bbb.kernels' compile backend); a compilation
+    failure leaves them out with a warning. torch.compile is replaced here (the identity, then
+    a failure) so that the test does not build real kernels."""
+    import torch
+
+    from bbb import kernels as K
+
+    def run(name: str) -> set[str]:
+        out = tmp_path / f"{name}.json"
+        args = ["--quick", "--no-peers", "--kernels", "--nets", "mlp", "--samples", "1"]
+        args += ["--repeats", "2", "--json", str(out), "--no-inference", "--no-memory"]
+        assert bench.main([*args, "--no-variance"]) == 0
+        return {(r["library"], r["prior"]) for r in json.loads(out.read_text())["step_time"]}
+
+    def reset() -> None:
+        for k in K._ALL:
+            k._compiled, k.failed = None, None
+
+    reset()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    rows = run("ok")
+    assert {("bbb-kernels", "gaussian"), ("bbb-kernels", "scale_mixture")} <= rows
+    assert K.get_kernels() == "eager"  # the variant does not leak its backend
+
+    def broken(fn: object, **kw: object) -> object:
+        raise RuntimeError("no compiler")
+
+    reset()
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="bbb-kernels|skipped"):
+        rows = run("broken")
+    assert all(lib != "bbb-kernels" for lib, _ in rows) and ("bbb", "gaussian") in rows
+    reset()

@@ -8,6 +8,7 @@ minibatch ELBO, and predictive uncertainty tools. Everything public is re-export
 from . import data, metrics, train
 from .convert import bayesianize, to_deterministic
 from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
+from .kernels import KERNEL_BACKENDS, get_kernels, set_kernels, use_kernels
 from .kl import KL_MODES, closed_form_kl, has_closed_form
 from .likelihoods import NOISE_MODELS, Categorical, Gaussian, Likelihood
 from .nn import (
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ELBO",
     "ESTIMATORS",
+    "KERNEL_BACKENDS",
     "KL_MODES",
     "KL_WEIGHTINGS",
     "NOISE_MODELS",
@@ -62,6 +64,7 @@ __all__ = [
     "blundell_weight",
     "closed_form_kl",
     "data",
+    "get_kernels",
     "has_closed_form",
     "kl_divergence",
     "linear_annealing",
@@ -73,9 +76,11 @@ __all__ = [
     "resample",
     "sample_outputs",
     "sampling",
+    "set_kernels",
     "set_sampling",
     "snr",
     "to_deterministic",
     "train",
+    "use_kernels",
     "vectorized_samples",
 ]

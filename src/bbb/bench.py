@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import bench_peers
+from . import kernels as _kernels
 from .elbo import ELBO
 from .likelihoods import Categorical
 from .models import bayes_convnet, bayes_mlp, mlp
@@ -138,11 +139,13 @@ def build_step(
     if library == "deterministic":
         model = mlp(784, [hidden, hidden], 10) if net == "mlp" else det_convnet()
         return _adam_step(model, lambda: F.cross_entropy(model(x), y))
-    if library in ("bbb", "bbb-compile"):
+    if library in ("bbb", "bbb-compile", "bbb-kernels"):
         bmodel = make_bbb_model(net, hidden, estimator, prior)
         elbo = ELBO(Categorical(), DATASET_SIZE, num_samples=num_samples)
         if library == "bbb":
             return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+        if library == "bbb-kernels":
+            return _kernels_step(_adam_step(bmodel, lambda: elbo(bmodel, x, y).loss))
         return _compiled_step(bmodel, lambda: elbo(bmodel, x, y).loss)
     return bench_peers.build_peer_step(
         library, net, hidden, estimator, prior, num_samples, x, y, DATASET_SIZE
@@ -165,6 +168,27 @@ def _compiled_step(model: nn.Module, loss_fn: Callable[[], Tensor]) -> Step | No
         warnings.warn(f"bbb bench: torch.compile unavailable ({err!r:.200}); skipped", stacklevel=2)
         return None
     return step
+
+
+def _kernels_step(step: Step) -> Step | None:
+    """``step`` with bbb's KL kernels compiled (:mod:`bbb.kernels`, backend ``"compile"``).
+
+    Built and run once here, so that compilation is not timed; None (the variant left out of
+    the table, with the kernels' own warning) where compilation is not available.
+    """
+    import warnings
+
+    def run() -> None:
+        with _kernels.use_kernels("compile"):
+            step()
+
+    run()
+    failed = _kernels.failures()
+    if failed:
+        name, why = next(iter(failed.items()))
+        warnings.warn(f"bbb bench: kernel {name} not compiled ({why}); skipped", stacklevel=2)
+        return None
+    return run
 
 
 # ----------------------------------------------------------------------------- step time
@@ -193,6 +217,7 @@ def run_step_times(
     log: Callable[[str], None] = print,
     batch: int = BATCH,
     compiled: bool = False,
+    kernels: bool = False,
 ) -> list[StepResult]:
     """Step times of every configuration, interleaved per network (see module doc)."""
     results: list[StepResult] = []
@@ -204,7 +229,8 @@ def run_step_times(
         assert det is not None
         steps["deterministic"] = det
         configs["deterministic"] = ("deterministic", "-", "-", 1)
-        for lib in ("bbb", *(["bbb-compile"] if compiled else []), *peers):
+        extra = [*(["bbb-compile"] if compiled else []), *(["bbb-kernels"] if kernels else [])]
+        for lib in ("bbb", *extra, *peers):
             for est in estimators:
                 for prior in priors:
                     for s in samples:
@@ -474,6 +500,11 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
         action="store_true",
         help="also time bbb's step under torch.compile (library 'bbb-compile'; slow to build)",
     )
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time bbb with its KL kernels compiled (library 'bbb-kernels', bbb.kernels)",
+    )
     p.add_argument("--no-inference", dest="inference", action="store_false", default=True)
     p.add_argument("--no-memory", dest="memory", action="store_false", default=True)
     p.add_argument("--no-variance", dest="variance", action="store_false", default=True)
@@ -519,6 +550,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         log,
         batch,
         compiled=args.compile,
+        kernels=getattr(args, "kernels", False),
     )
     table = format_table(steps)
     log("\nStep time (median ms; x det: ratio to the deterministic network; x S=1)\n" + table)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .elbo import KL_WEIGHTINGS
+from .kernels import KERNEL_BACKENDS
 from .kl import KL_MODES
 from .likelihoods import NOISE_MODELS
 from .models import METHODS
@@ -91,6 +92,9 @@ class TrainConfig:
     seed: int = 0
     val_samples: int = 10
     device: str = "cpu"
+    # bbb.kernels backend for the KL's elementwise work: eager | compile (torch.compile,
+    # falls back to eager with a warning where compilation is unavailable)
+    kernels: str = "eager"
 
     def validate(self) -> TrainConfig:
         """Check every field; raise :class:`ConfigError` naming the key and accepted values."""
@@ -106,6 +110,7 @@ class TrainConfig:
             "kl_weighting": KL_WEIGHTINGS,
             "optimizer": OPTIMIZERS,
             "lr_schedule": LR_SCHEDULES,
+            "kernels": KERNEL_BACKENDS,
         }
         for key, accepted in choices.items():
             value = getattr(self, key)

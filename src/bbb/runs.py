@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from . import kernels as _kernels
 from . import plots
 from .config import ConfigError, TrainConfig
 from .elbo import ELBO, linear_annealing
@@ -191,17 +192,18 @@ def train_run(
     had_group = _dist.is_distributed()
     device = _dist.init_from_env(cfg.device)
     try:
-        return _train_run(
-            cfg,
-            out,
-            device,
-            resume=resume,
-            progress=progress,
-            log=log,
-            epoch_callback=epoch_callback,
-            evaluate_test=evaluate_test,
-            write_plots=write_plots,
-        )
+        with _kernels.use_kernels(cfg.kernels):
+            return _train_run(
+                cfg,
+                out,
+                device,
+                resume=resume,
+                progress=progress,
+                log=log,
+                epoch_callback=epoch_callback,
+                evaluate_test=evaluate_test,
+                write_plots=write_plots,
+            )
     finally:
         if not had_group and _dist.is_distributed():
             _dist.cleanup()

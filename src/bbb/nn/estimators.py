@@ -68,14 +68,27 @@ def rademacher(shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def reparam(
-    ops: LayerOps, x: Tensor, post: Posterior, eps_w: Tensor, eps_b: Tensor | None
+    ops: LayerOps,
+    x: Tensor,
+    post: Posterior,
+    eps_w: Tensor,
+    eps_b: Tensor | None,
+    w1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Weight-space sampling. ``eps_w``: (S, *W), ``eps_b``: (S, O) standard normal noise.
 
     Returns ``(y, w, b)``: the output (N, O, ...) and the sampled weights (S, *W) and biases
-    (S, O), kept for a Monte Carlo KL from the same sample.
+    (S, O), kept for a Monte Carlo KL from the same sample. ``w1``: the weight sample
+    ``mu + sigma * eps_w[0]`` already built (S = 1; :func:`bbb.kernels.sample_and_kl`), in
+    which case ``post.w_sigma`` is not used.
     """
     num_samples = eps_w.shape[0]
+    if w1 is not None:
+        b1 = None
+        if post.b_mu is not None and eps_b is not None:
+            assert post.b_sigma is not None
+            b1 = torch.addcmul(post.b_mu, post.b_sigma, eps_b[0])
+        return ops.op(x, w1, b1), w1.unsqueeze(0), None if b1 is None else b1.unsqueeze(0)
     if num_samples == 1:
         # One sample: build the W-shaped weight from eps_w[0] (the noise needs no gradient) and
         # hand the (1, *W) view back. Broadcasting mu (W) against eps (1, *W) and selecting
@@ -100,16 +113,17 @@ def _min_variance(dtype: torch.dtype) -> float:
     return max(1e-16, torch.finfo(dtype).tiny)
 
 
-def local(ops: LayerOps, x: Tensor, post: Posterior) -> Tensor:
+def local(ops: LayerOps, x: Tensor, post: Posterior, w_var: Tensor | None = None) -> Tensor:
     """Local reparameterisation: independent Gaussian pre-activations per row and output.
 
-    The variance is floored at a tiny positive value before the square root (1e-16, or the
+    ``w_var``: the weights' variance ``sigma^2`` already computed (shape W;
+    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used. The variance is floored at a tiny positive value before the square root (1e-16, or the
     smallest normal number of the dtype), so an all-zero input row with ``bias=False`` gives a
     noise-free output without a NaN gradient (the floor passes no gradient).
     """
     mean = ops.op(x, post.w_mu, post.b_mu)
     b_var = None if post.b_sigma is None else post.b_sigma * post.b_sigma
-    var = ops.op(x * x, post.w_sigma * post.w_sigma, b_var)
+    var = ops.op(x * x, post.w_sigma * post.w_sigma if w_var is None else w_var, b_var)
     # Zero variance (a fully pruned unit, an all-zero input with bias=False) gives exactly the
     # mean; the clamp keeps the square root's gradient finite and passes none below the floor.
     std = torch.where(var > 0, var.clamp_min(_min_variance(var.dtype)).sqrt(), 0.0)
@@ -119,7 +133,12 @@ def local(ops: LayerOps, x: Tensor, post: Posterior) -> Tensor:
 
 
 def flipout(
-    ops: LayerOps, x: Tensor, post: Posterior, eps_w: Tensor, eps_b: Tensor | None
+    ops: LayerOps,
+    x: Tensor,
+    post: Posterior,
+    eps_w: Tensor,
+    eps_b: Tensor | None,
+    dw1: Tensor | None = None,
 ) -> Tensor:
     """Flipout. ``eps_w``: (S, *W) shared perturbation noise, ``eps_b``: (S, O).
 
@@ -127,13 +146,15 @@ def flipout(
     independent random signs per row (per row and channel for convolutions). Each row's output
     has exactly the distribution of weight-space sampling; rows are decorrelated by the signs.
     The underlying weight sample is ``w = mu + sigma * eps_w``: a Monte Carlo KL uses it.
+    ``dw1``: the perturbation ``sigma * eps_w[0]`` already built (S = 1;
+    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used.
     """
     num_samples = eps_w.shape[0]
     mean = ops.op(x, post.w_mu, post.b_mu)
     # One sample: a W-shaped perturbation given to the plain op (selecting from a (1, *W)
     # tensor costs a zero-filled weight-sized gradient in the backward; see reparam).
     one = num_samples == 1
-    dw = post.w_sigma * (eps_w[0] if one else eps_w)
+    dw = dw1 if dw1 is not None else post.w_sigma * (eps_w[0] if one else eps_w)
     db = None
     if post.b_sigma is not None and eps_b is not None:
         db = post.b_sigma * (eps_b[0] if one else eps_b)

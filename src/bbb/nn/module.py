@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels as _kernels
 from .. import kl as _kl
 from ..priors import GaussianPrior, Prior
 from . import estimators as est
@@ -72,6 +73,9 @@ class _Record:
     sigma_w: Tensor | None = None
     sigma_b: Tensor | None = None
     rho_versions: tuple[int, ...] = ()
+    # the weights' closed-form KL, computed by the forward pass in the same autograd node as
+    # the estimator's tensor (bbb.kernels.sample_and_kl, kernels backend "compile")
+    kl_w: Tensor | None = None
 
 
 class BayesModule(nn.Module):
@@ -286,6 +290,8 @@ class BayesModule(nn.Module):
                 w_mu = w_mu * self.weight_mask
             self._record = _Record()
             return self.op(x, w_mu, self.bias_mu)
+        if self._fusable(mode, num_samples):
+            return self._forward_fused(x, num_samples)
         post, s_w, s_b = self._posterior_and_sigmas()
         versions = self._rho_versions()
         if mode == "frozen":
@@ -311,6 +317,48 @@ class BayesModule(nn.Module):
         )
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
 
+    def _fusable(self, mode: str, num_samples: int) -> bool:
+        """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels,
+        closed-form KL to a Gaussian prior, no pruning mask, one weight sample per pass)."""
+        return (
+            _kernels.get_kernels() == "compile"
+            and mode == "sample"
+            and self.kl_mode == "closed_form"
+            and type(self.prior) is GaussianPrior
+            and self.weight_mask is None
+            and (num_samples == 1 or self.estimator == "local")
+        )
+
+    def _forward_fused(self, x: Tensor, num_samples: int) -> Tensor:
+        """The sampling forward with the weights' tensor and KL from one fused autograd node."""
+        versions = self._rho_versions()
+        s_b = None if self.bias_rho is None else F.softplus(self.bias_rho)
+        assert isinstance(self.prior, GaussianPrior)
+        # w_sigma is not read by the estimators when their tensor is given (placeholder)
+        post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, s_b)
+        if self.estimator == "local":
+            var, kl_w = _kernels.sample_and_kl(
+                "local", self.weight_mu, self.weight_rho, None, self.prior
+            )
+            self._record = _Record(sigma_b=s_b, rho_versions=versions, kl_w=kl_w)
+            return est.local(self, x, post, w_var=var)
+        noise = self._noise(num_samples, self.weight_mu)
+        assert noise.eps_w is not None
+        kind = self.estimator
+        t, kl_w = _kernels.sample_and_kl(
+            kind, self.weight_mu, self.weight_rho, noise.eps_w[0], self.prior
+        )
+        if kind == "reparam":
+            y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
+            self._record = _Record(
+                noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, rho_versions=versions, kl_w=kl_w
+            )
+            return y
+        self._record = _Record(
+            noise.eps_w, noise.eps_b, sigma_b=s_b, rho_versions=versions, kl_w=kl_w
+        )
+        return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
+
     # ----------------------------------------------------------------- KL
     def kl(self) -> Tensor:
         """KL(q || p) in nats for the latest forward pass, a scalar that backpropagates.
@@ -325,6 +373,21 @@ class BayesModule(nn.Module):
         total = self.weight_mu.new_zeros(())
         mask = self.weight_mask
         sigmas = self._cached_sigmas()
+        record = self._record
+        if (
+            self.kl_mode == "closed_form"
+            and record is not None
+            and record.kl_w is not None
+            and mask is None
+            and record.rho_versions == self._rho_versions()
+        ):
+            # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl)
+            total = record.kl_w
+            if self.bias_mu is not None and self.bias_rho is not None:
+                total = total + _kl.closed_form_kl_sum(
+                    self.bias_mu, self.bias_rho, self.prior, sigma=record.sigma_b
+                )
+            return total
         if self.kl_mode == "closed_form":
             # Fused closed form for the Gaussian prior (bbb.kl.closed_form_kl_sum), reusing the
             # forward's softplus (detached: the KL's own backward formula reaches rho).
@@ -333,7 +396,6 @@ class BayesModule(nn.Module):
                     mu, rho, self.prior, sigma=sigmas[i], mask=mask if i == 0 else None
                 )
             return total
-        record = self._record
         if record is None or record.eps_w is None:
             record = self._noise(1, self.weight_mu)
         eps_list = [record.eps_w, record.eps_b]
