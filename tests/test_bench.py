@@ -128,3 +128,40 @@ def test_kernels_variant_adds_rows_or_is_skipped(
         rows = run("broken")
     assert all(lib != "bbb-kernels" for lib, _ in rows) and ("bbb", "gaussian") in rows
     reset()
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist").is_dir(),
+    reason="the shared MNIST data (../shared/data/mnist) is absent",
+)
+def test_time_to_accuracy_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/time_to_accuracy.py on a tiny subset (target reached at the first check),
+    eager and with the compile backend (torch.compile replaced by the identity here)."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    from bbb import kernels as K
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", path)
+    assert spec is not None and spec.loader is not None
+    tta = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "time_to_accuracy", tta)
+    spec.loader.exec_module(tta)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    for backend in ("eager", "compile"):
+        out = tmp_path / f"{backend}.json"
+        args = ["--data-dir", str(data), "--libraries", "bbb", "--subset", "512", "--target"]
+        args += ["1.0", "--eval-every", "1", "--eval-samples", "1", "--kernels", backend]
+        assert tta.main([*args, "--json", str(out)]) == 0
+        (res,) = json.loads(out.read_text())["results"]
+        assert res["steps"] == 1 and res["seconds_to_target"] is not None
+        assert res["kernels"] == backend and (res["compile_seconds"] is None) == (
+            backend == "eager"
+        )
+    assert K.get_kernels() == "eager"
+    for k in K._ALL:
+        k._compiled, k.failed = None, None
