@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The full Mushroom bandit of issue 6 (50000 steps, seeds 0-4, 64 updates per step) as three
+# resumable one-thread processes, so that both CPU cores work and the run can span sessions:
+#
+#   experiments/bandit/full_run.sh start     # start (or resume) the three parts in the background
+#   experiments/bandit/full_run.sh status    # steps done per part (from the newest checkpoint)
+#   experiments/bandit/full_run.sh merge     # when all three are done: one run directory
+#
+# Parts: the BBB agent (5 networks, ~5.4 steps/s alone on one core), greedy 0% + 1% (10
+# networks) and greedy 5% (5 networks). Logs in $OUT/<part>.log. `bbb bandit --merge` checks
+# that the parts share seeds and settings and have the same number of steps done.
+set -euo pipefail
+OUT=${OUT:-runs/bandit-full}
+STEPS=${STEPS:-50000}
+parts=(bbb greedy-a greedy-b)
+agents_bbb=(bbb-thompson)
+agents_greedy_a=(greedy-0 greedy-0.01)
+agents_greedy_b=(greedy-0.05)
+
+agents_of() {
+  case $1 in
+    bbb) echo "${agents_bbb[@]}" ;;
+    greedy-a) echo "${agents_greedy_a[@]}" ;;
+    greedy-b) echo "${agents_greedy_b[@]}" ;;
+  esac
+}
+
+case ${1:-} in
+  start)
+    mkdir -p "$OUT"
+    for part in "${parts[@]}"; do
+      dir=$OUT/$part
+      resume=()
+      if [ -d "$dir/checkpoints" ] && [ -n "$(ls -A "$dir/checkpoints")" ]; then resume=(--resume); fi
+      # shellcheck disable=SC2046
+      OMP_NUM_THREADS=1 nohup python -m bbb bandit --agents $(agents_of "$part") \
+        --steps "$STEPS" --seeds 0 1 2 3 4 --checkpoint-every 1000 --quiet \
+        --out "$dir" "${resume[@]}" >> "$OUT/$part.log" 2>&1 &
+      echo "started $part (pid $!)"
+    done
+    ;;
+  status)
+    for part in "${parts[@]}"; do
+      last=$( (ls "$OUT/$part/checkpoints" 2>/dev/null || true) | sort | tail -1)
+      echo "$part: ${last:-no checkpoint yet}"
+    done
+    ;;
+  merge)
+    python -m bbb bandit --merge "$OUT/bbb" "$OUT/greedy-a" "$OUT/greedy-b" --out "$OUT/merged"
+    ;;
+  *)
+    echo "usage: $0 start|status|merge" >&2
+    exit 2
+    ;;
+esac
