@@ -382,3 +382,36 @@ def test_diagnose_script_splits_model_error_from_thompson_cost(tmp_path: Path) -
         assert r["mean_policy"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
         if r["member"].startswith("bbb"):
             assert r["thompson"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
+
+
+@needs_data
+def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
+    """experiments/bandit/full_run.sh on 2 steps: start, status, merge into one run."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bandit" / "full_run.sh"
+    root = script.parents[2]
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "OUT": str(tmp_path / "full"), "STEPS": "2", "BBB_DATA_DIR": str(DATA)}
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+
+    def sh(cmd: str) -> str:
+        r = subprocess.run(
+            ["bash", str(script), cmd], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    assert sh("start").count("started") == 3
+    deadline = time.monotonic() + 300
+    parts = [tmp_path / "full" / p / "metrics.json" for p in ("bbb", "greedy-a", "greedy-b")]
+    # results are written after the last checkpoint, metrics.json last
+    while sh("status").count("checkpoint-00002.pt") < 3 or not all(p.exists() for p in parts):
+        assert time.monotonic() < deadline, sh("status")
+        time.sleep(1)
+    sh("merge")
+    metrics = json.loads((tmp_path / "full" / "merged" / "metrics.json").read_text())
+    assert set(metrics["agents"]) == {"bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05"}
