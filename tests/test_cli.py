@@ -767,3 +767,26 @@ def test_read_only_run_dir_is_a_clear_error_before_training(
         assert list(run.iterdir()) == []
     finally:
         run.chmod(0o700)
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_train_with_compiled_kernels_matches_eager(
+    tmp_path: Path, toy_ref: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--kernels compile`` runs the fused code paths (torch.compile replaced by the identity
+    here) and gives the eager run's losses to rounding; the backend is restored afterwards."""
+    import bbb
+    from bbb import kernels as K
+
+    for k in K._ALL:
+        k._compiled, k.failed = None, None
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    assert cli("train", *TOY_REF, "--kernels", "compile", "--out", tmp_path / "k") == 0
+    assert bbb.get_kernels() == "eager"
+    assert json.loads((tmp_path / "k" / "config.json").read_text())["kernels"] == "compile"
+    got, ref = rows(tmp_path / "k"), rows(toy_ref)
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for k in K._ALL:
+        k._compiled, k.failed = None, None

@@ -58,6 +58,7 @@ _HELP = {
     "seed": "random seed (makes a CPU run reproducible)",
     "val_samples": "weight samples for validation/test predictions",
     "device": "torch device, e.g. cpu or cuda",
+    "kernels": "the KL's elementwise kernels: eager, or compile (torch.compile; eager fallback)",
 }
 
 

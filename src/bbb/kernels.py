@@ -7,7 +7,7 @@ the scale-mixture Monte Carlo KL's backward is ~10 passes, the Gaussian closed f
 outside (``torch.compile`` of in-kernel random numbers on CPU was slower, issue 8), so the
 compiled kernels compute exactly the eager formulas, to float rounding.
 
-Backends (a process-wide setting, :func:`set_kernels`; ``bbb train --set kernels=...``):
+Backends (a process-wide setting, :func:`set_kernels`; ``bbb train --kernels compile``):
 
 - ``"eager"`` (default): plain PyTorch operations, no compilation.
 - ``"compile"``: each kernel is compiled on first use (a few seconds per kernel and weight
