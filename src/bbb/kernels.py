@@ -115,13 +115,22 @@ def failures() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- closed form
+_SWITCH = -20.0  # log(softplus(rho)) taken as rho below it, as bbb.kl.log_softplus
+
+
+def _kl_grads(
+    mu: Tensor, rho: Tensor, sigma: Tensor, sig: Tensor, g: Tensor, loc: float, inv_var: float
+) -> tuple[Tensor, Tensor]:
+    # d/dmu = g (mu - loc) / s^2; d/drho = g (sigma sigmoid(rho) / s^2 - dlog(sigma)/drho),
+    # dlog(sigma)/drho = sigmoid(rho) / sigma (1 below rho = -20); sig = sigmoid(rho)
+    dlog = torch.where(rho < _SWITCH, 1.0, sig / sigma)
+    return (mu - loc) * (g * inv_var), (sigma * sig * inv_var - dlog) * g
+
+
 def _gaussian_kl_grads(
     mu: Tensor, rho: Tensor, sigma: Tensor, g: Tensor, loc: float, inv_var: float
 ) -> tuple[Tensor, Tensor]:
-    # d/dmu = g (mu - loc) / s^2; d/drho = g (sigma / s^2 - 1 / sigma) sigmoid(rho)
-    grad_mu = (mu - loc) * (g * inv_var)
-    grad_rho = (sigma * inv_var - 1.0 / sigma) * torch.sigmoid(rho) * g
-    return grad_mu, grad_rho
+    return _kl_grads(mu, rho, sigma, torch.sigmoid(rho), g, loc, inv_var)
 
 
 _K_GAUSSIAN_KL = _Kernel(_gaussian_kl_grads)
@@ -249,7 +258,6 @@ def mc_kl_grads(
 # addcmul, their backward, the KL's passes, and summing the two gradients of mu and of rho).
 
 ESTIMATOR_OUTPUTS = ("reparam", "flipout", "local")
-_SWITCH = -20.0  # log(softplus(rho)) taken as rho below it, as bbb.kl.log_softplus
 
 
 def _kl_terms(mu: Tensor, rho: Tensor, sigma: Tensor, loc: float, inv_var: float) -> Tensor:
@@ -291,9 +299,8 @@ def _bwd(
     inv_var: float,
 ) -> tuple[Tensor, Tensor]:
     sig = torch.sigmoid(rho)
-    dlog = torch.where(rho < _SWITCH, 1.0, sig / sigma)
-    grad_rho = (g_t * dt_dsigma + g_kl * sigma * inv_var) * sig - g_kl * dlog
-    grad_mu = (mu - loc) * (g_kl * inv_var)
+    grad_mu, grad_rho = _kl_grads(mu, rho, sigma, sig, g_kl, loc, inv_var)
+    grad_rho = grad_rho + g_t * dt_dsigma * sig
     if with_mu:
         grad_mu = grad_mu + g_t
     return grad_mu, grad_rho

@@ -83,19 +83,14 @@ def reparam(
     which case ``post.w_sigma`` is not used.
     """
     num_samples = eps_w.shape[0]
-    if w1 is not None:
-        b1 = None
-        if post.b_mu is not None and eps_b is not None:
-            assert post.b_sigma is not None
-            b1 = torch.addcmul(post.b_mu, post.b_sigma, eps_b[0])
-        return ops.op(x, w1, b1), w1.unsqueeze(0), None if b1 is None else b1.unsqueeze(0)
-    if num_samples == 1:
+    if num_samples == 1 or w1 is not None:
         # One sample: build the W-shaped weight from eps_w[0] (the noise needs no gradient) and
         # hand the (1, *W) view back. Broadcasting mu (W) against eps (1, *W) and selecting
         # w[0] for the op made autograd zero-fill and reduce three full weight-sized tensors per
         # layer in the backward (select_backward, and the sum of addcmul's broadcast gradient
         # for mu and sigma): a reparam step at H = 1200 took 5% less time without (issue 8).
-        w1 = torch.addcmul(post.w_mu, post.w_sigma, eps_w[0])
+        if w1 is None:
+            w1 = torch.addcmul(post.w_mu, post.w_sigma, eps_w[0])
         b1 = None
         if post.b_mu is not None and eps_b is not None:
             assert post.b_sigma is not None
@@ -117,8 +112,9 @@ def local(ops: LayerOps, x: Tensor, post: Posterior, w_var: Tensor | None = None
     """Local reparameterisation: independent Gaussian pre-activations per row and output.
 
     ``w_var``: the weights' variance ``sigma^2`` already computed (shape W;
-    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used. The variance is floored at a tiny positive value before the square root (1e-16, or the
-    smallest normal number of the dtype), so an all-zero input row with ``bias=False`` gives a
+    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used. The
+    variance is floored at a tiny positive value before the square root (1e-16, or the smallest
+    normal number of the dtype), so an all-zero input row with ``bias=False`` gives a
     noise-free output without a NaN gradient (the floor passes no gradient).
     """
     mean = ops.op(x, post.w_mu, post.b_mu)
