@@ -170,8 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         help="bbb's kernel backend (compile: built before timing, its time reported apart)",
     )
     p.add_argument("--subset", type=int, default=None, help="training examples (quick runs)")
+    p.add_argument(
+        "--no-tune-allocator",
+        dest="tune_allocator",
+        action="store_false",
+        help="leave glibc's malloc as it is (default: bbb.tune_allocator(), for every library)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    tuned = bbb.tune_allocator() if args.tune_allocator else False
     train = load_mnist(args.data_dir, split="train", subset=args.subset)
     val = load_mnist(args.data_dir, split="val")
     data = (*train.tensors, *val.tensors)
@@ -181,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['seconds_to_target']}")  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
+        out = {
+            "machine": {**machine_info(), "allocator_tuned": tuned},
+            "command": " ".join(sys.argv),
+            "results": results,
+        }
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

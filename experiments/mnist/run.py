@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     for sp in sub.choices.values():
         sp.add_argument("--out", type=Path, default=Path("runs/mnist"))
     args = p.parse_args(argv)
+    from bbb.allocator import tune_allocator_by_default
+
+    tune_allocator_by_default()  # a training process: reuse freed memory (BBB_TUNE_ALLOCATOR=0: off)
     start = time.perf_counter()
     {"table1": table1, "table2": table2, "extras": extras, "report": report}[args.cmd](args)
     print(f"[{args.cmd}] {time.perf_counter() - start:.0f}s", file=sys.stderr)

@@ -6,6 +6,7 @@ minibatch ELBO, and predictive uncertainty tools. Everything public is re-export
 """
 
 from . import data, metrics, train
+from .allocator import tune_allocator
 from .convert import bayesianize, to_deterministic
 from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
 from .kernels import KERNEL_BACKENDS, get_kernels, set_kernels, use_kernels
@@ -82,5 +83,6 @@ __all__ = [
     "to_deterministic",
     "train",
     "use_kernels",
+    "tune_allocator",
     "vectorized_samples",
 ]

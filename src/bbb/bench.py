@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from . import bench_peers
 from . import kernels as _kernels
+from .allocator import tune_allocator
 from .elbo import ELBO
 from .likelihoods import Categorical
 from .models import bayes_convnet, bayes_mlp, mlp
@@ -505,6 +506,14 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
         action="store_true",
         help="also time bbb with its KL kernels compiled (library 'bbb-kernels', bbb.kernels)",
     )
+    p.add_argument(
+        "--no-tune-allocator",
+        dest="tune_allocator",
+        action="store_false",
+        default=True,
+        help="leave glibc's malloc as it is (default: bbb.tune_allocator() for the whole "
+        "process, so every library's step reuses freed memory alike)",
+    )
     p.add_argument("--no-inference", dest="inference", action="store_false", default=True)
     p.add_argument("--no-memory", dest="memory", action="store_false", default=True)
     p.add_argument("--no-variance", dest="variance", action="store_false", default=True)
@@ -536,8 +545,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     if "conv" in args.nets:
         nets.append(("conv", 0))
     peers = bench_peers.available_peers() if args.peers else []
+    tuned = tune_allocator() if getattr(args, "tune_allocator", True) else False
     info = machine_info()
-    log(f"[bench] {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
+    info["allocator_tuned"] = tuned
+    log(f"[bench] {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, "
+        f"allocator {'tuned (bbb.tune_allocator)' if tuned else 'as is'}")  # fmt: skip
     log(f"[bench] peers: {', '.join(peers) if peers else 'none'}")
     steps = run_step_times(
         nets,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .allocator import tune_allocator_by_default
 from .config import ConfigError, TrainConfig, load_config_file
 
 __all__ = ["main", "build_parser"]
@@ -310,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, not only before the command
         argv = [a for a in argv if a != "--debug"]
+    # a bbb process trains or evaluates: keep freed tensors' memory for reuse (bbb.allocator;
+    # BBB_TUNE_ALLOCATOR=0 opts out; the benchmark decides for itself, --no-tune-allocator)
+    if argv[:1] != ["bench"]:
+        tune_allocator_by_default()
     try:
         if argv[:1] == ["bench"]:  # the benchmark parses its own options
             from .bench import main as bench_main
