@@ -165,3 +165,38 @@ def test_time_to_accuracy_script_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     assert K.get_kernels() == "eager"
     for k in K._ALL:
         k._compiled, k.failed = None, None
+
+
+def test_device_option_is_checked_and_recorded(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="not a torch device"):
+        bench.resolve_device("gpu0")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            bench.resolve_device("cuda")
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--no-peers", "--nets", "mlp", "--samples", "1", "--repeats", "1"]
+    rc = bench.main([*args, "--no-memory", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["device"] == "cpu" and machine["gpu"] is None
+    assert isinstance(machine["allocator_tuned"], bool)
+
+
+def test_a_configuration_that_fails_is_left_out_with_a_warning(monkeypatch) -> None:
+    real = bench.build_step
+
+    def flaky(library: str, *rest):  # the local estimator "breaks" (like a peer on a new torch)
+        if rest[2] == "local":
+
+            def broken() -> float:
+                raise RuntimeError("boom")
+
+            return broken
+        return real(library, *rest)
+
+    monkeypatch.setattr(bench, "build_step", flaky)
+    with pytest.warns(UserWarning, match="bbb/local/gaussian/S=1 failed.*boom"):
+        rows = bench.run_step_times(
+            [("mlp", 8)], ["reparam", "local"], [1], ["gaussian"], [], 1, 1, lambda _: None, 4
+        )
+    assert {(r.library, r.estimator) for r in rows} == {("deterministic", "-"), ("bbb", "reparam")}

@@ -107,11 +107,38 @@ def det_convnet() -> nn.Sequential:
     )
 
 
-def make_data(net: str, batch: int = BATCH, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A synthetic MNIST-shaped minibatch (timing does not depend on the values)."""
+def make_data(
+    net: str, batch: int = BATCH, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """A synthetic MNIST-shaped minibatch on ``device`` (timing does not depend on the values).
+
+    Every step builder puts its network on the device of ``x``.
+    """
     g = torch.Generator().manual_seed(seed)
     shape = (batch, 784) if net == "mlp" else (batch, 1, 28, 28)
-    return torch.randn(shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    x, y = torch.randn(shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` checked: a torch device string whose backend is usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"bbb bench: --device {name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"bbb bench: --device {name} but CUDA is not available to torch {torch.__version__}"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"bbb bench: --device {name}: only cpu and cuda are supported")
+    return device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_bbb_model(net: str, hidden: int, estimator: str, prior: str) -> nn.Module:
@@ -121,9 +148,11 @@ def make_bbb_model(net: str, hidden: int, estimator: str, prior: str) -> nn.Modu
     return bayes_convnet(1, 10, estimator=estimator, prior=make_prior(prior))
 
 
-def _adam_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-3) -> Step:
+def _adam_step(
+    model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, lr: float = 1e-3
+) -> Step:
     """An Adam training step of ``model`` on ``loss_fn`` (the same helper the peers use)."""
-    return bench_peers._optimizer_step(model, loss_fn, lr)
+    return bench_peers._optimizer_step(model, loss_fn, lr, device)
 
 
 def build_step(
@@ -139,21 +168,23 @@ def build_step(
     """A closure running one training step of a configuration (None: not offered)."""
     if library == "deterministic":
         model = mlp(784, [hidden, hidden], 10) if net == "mlp" else det_convnet()
-        return _adam_step(model, lambda: F.cross_entropy(model(x), y))
+        return _adam_step(model, lambda: F.cross_entropy(model(x), y), x.device)
     if library in ("bbb", "bbb-compile", "bbb-kernels"):
         bmodel = make_bbb_model(net, hidden, estimator, prior)
         elbo = ELBO(Categorical(), DATASET_SIZE, num_samples=num_samples)
         if library == "bbb":
-            return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+            return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device)
         if library == "bbb-kernels":
-            return _kernels_step(_adam_step(bmodel, lambda: elbo(bmodel, x, y).loss))
-        return _compiled_step(bmodel, lambda: elbo(bmodel, x, y).loss)
+            return _kernels_step(_adam_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device))
+        return _compiled_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device)
     return bench_peers.build_peer_step(
         library, net, hidden, estimator, prior, num_samples, x, y, DATASET_SIZE
     )
 
 
-def _compiled_step(model: nn.Module, loss_fn: Callable[[], Tensor]) -> Step | None:
+def _compiled_step(
+    model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device
+) -> Step | None:
     """The Adam step of ``model`` with ``loss_fn`` (forward + KL + ELBO) under ``torch.compile``.
 
     Compiled here, on a first call, so that the timed rounds measure the compiled code; None
@@ -163,7 +194,7 @@ def _compiled_step(model: nn.Module, loss_fn: Callable[[], Tensor]) -> Step | No
     import warnings
 
     try:
-        step = _adam_step(model, torch.compile(loss_fn))
+        step = _adam_step(model, torch.compile(loss_fn), device)
         step()
     except Exception as err:  # noqa: BLE001 - any backend failure means "not offered here"
         warnings.warn(f"bbb bench: torch.compile unavailable ({err!r:.200}); skipped", stacklevel=2)
@@ -193,6 +224,22 @@ def _kernels_step(step: Step) -> Step | None:
 
 
 # ----------------------------------------------------------------------------- step time
+def _probe(key: str, *config: Any) -> Step | None:
+    """``build_step(*config)`` and one step of it (a first warm-up); None if it is not offered or
+    fails (a peer that breaks on this device or torch version is left out with a warning, the
+    rest of the table is still measured)."""
+    import warnings
+
+    try:
+        step = build_step(*config)
+        if step is not None:
+            step()
+    except Exception as err:  # noqa: BLE001 - a broken peer must not lose the whole table
+        warnings.warn(f"bbb bench: {key} failed ({err!r:.200}); left out", stacklevel=2)
+        return None
+    return step
+
+
 def _interleaved(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str, list[float]]:
     """Round-robin timing: ``repeats`` rounds, one step of every configuration per round."""
     for step in steps.values():
@@ -219,11 +266,12 @@ def run_step_times(
     batch: int = BATCH,
     compiled: bool = False,
     kernels: bool = False,
+    device: torch.device | str = "cpu",
 ) -> list[StepResult]:
     """Step times of every configuration, interleaved per network (see module doc)."""
     results: list[StepResult] = []
     for net, hidden in nets:
-        x, y = make_data(net, batch=batch)
+        x, y = make_data(net, batch=batch, device=device)
         configs: dict[str, tuple[str, str, str, int]] = {}
         steps: dict[str, Step] = {}
         det = build_step("deterministic", net, hidden, "-", "-", 1, x, y)
@@ -235,10 +283,10 @@ def run_step_times(
             for est in estimators:
                 for prior in priors:
                     for s in samples:
-                        step = build_step(lib, net, hidden, est, prior, s, x, y)
+                        key = f"{lib}/{est}/{prior}/S={s}"
+                        step = _probe(key, lib, net, hidden, est, prior, s, x, y)
                         if step is None:
                             continue
-                        key = f"{lib}/{est}/{prior}/S={s}"
                         steps[key] = step
                         configs[key] = (lib, est, prior, s)
         label = f"{net} H={hidden}" if net == "mlp" else net
@@ -272,17 +320,22 @@ def run_step_times(
 
 
 # ----------------------------------------------------------------------------- inference
-def run_inference(hidden: int, num_inputs: int, num_samples: int = 100) -> dict[str, Any]:
+def run_inference(
+    hidden: int, num_inputs: int, num_samples: int = 100, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Throughput of :func:`bbb.predict` (``num_samples`` weight samples) per estimator."""
-    x = torch.randn(num_inputs, 784, generator=torch.Generator().manual_seed(1))
+    device = torch.device(device)
+    x = torch.randn(num_inputs, 784, generator=torch.Generator().manual_seed(1)).to(device)
     out: dict[str, Any] = {"hidden": hidden, "inputs": num_inputs, "num_samples": num_samples}
     rows = []
     for est in ESTIMATORS:
-        model = make_bbb_model("mlp", hidden, est, "gaussian")
+        model = make_bbb_model("mlp", hidden, est, "gaussian").to(device)
         with torch.no_grad():
             predict(model, x[: min(256, num_inputs)], num_samples=num_samples)  # warm-up
+            _sync(device)
             t0 = time.perf_counter()
             predict(model, x, num_samples=num_samples)
+            _sync(device)
             sec = time.perf_counter() - t0
         rows.append(
             {
@@ -310,19 +363,30 @@ def _peak_rss_kib() -> int:
 
 
 def _memory_child(spec: str) -> None:
-    """Subprocess entry: build one configuration, step three times, print peak RSS (KiB)."""
+    """Subprocess entry: build one configuration, step three times, print the peak (KiB).
+
+    On CPU the peak resident set of the process; on CUDA the peak of memory allocated on the
+    device (``torch.cuda.max_memory_allocated``).
+    """
     cfg = json.loads(spec)
     torch.set_num_threads(cfg["threads"])
-    x, y = make_data(cfg["net"], batch=cfg["batch"])
+    device = torch.device(cfg.get("device", "cpu"))
+    x, y = make_data(cfg["net"], batch=cfg["batch"], device=device)
     step = build_step(
         cfg["library"], cfg["net"], cfg["hidden"], cfg["estimator"], cfg["prior"],
         cfg["num_samples"], x, y,
     )  # fmt: skip
-    base = _peak_rss_kib()
+
+    def peak_kib() -> int:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) // 1024
+        return _peak_rss_kib()
+
+    base = peak_kib()
     if step is not None:
         for _ in range(3):
             step()
-    peak = _peak_rss_kib()
+    peak = peak_kib()
     print(json.dumps({"base_kib": base, "peak_kib": peak, "offered": step is not None}))
 
 
@@ -332,8 +396,10 @@ def run_memory(
     peers: Sequence[str],
     num_samples: int = 10,
     batch: int = BATCH,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Peak resident memory per configuration (Gaussian prior), one subprocess each."""
+    """Peak memory per configuration (Gaussian prior), one subprocess each: resident memory
+    on CPU, memory allocated on the GPU with ``device`` cuda."""
     rows = []
     for net, hidden in nets:
         cfgs = [("deterministic", "-", "-", 1)]
@@ -348,6 +414,7 @@ def run_memory(
             spec = {
                 "net": net, "hidden": hidden, "library": lib, "estimator": est,
                 "prior": prior, "num_samples": s, "threads": torch.get_num_threads(), "batch": batch,
+                "device": str(device),
             }  # fmt: skip
             code = "import sys; from bbb.bench import _memory_child; _memory_child(sys.argv[1])"
             proc = subprocess.run(
@@ -378,7 +445,11 @@ def run_memory(
 
 # ----------------------------------------------------------------------------- variance
 def run_grad_variance(
-    hidden: int, draws: int, train_steps: int, estimators: Sequence[str] = ESTIMATORS
+    hidden: int,
+    draws: int,
+    train_steps: int,
+    estimators: Sequence[str] = ESTIMATORS,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Variance over draws of the minibatch loss gradient w.r.t. weight_mu and weight_rho.
 
@@ -388,16 +459,16 @@ def run_grad_variance(
     taken; the per-weight variance over draws is averaged over all weights of the network.
     """
     torch.manual_seed(0)
-    x, y = make_data("mlp", seed=2)
+    x, y = make_data("mlp", seed=2, device=device)
     base = make_bbb_model("mlp", hidden, "reparam", "gaussian")
     elbo = ELBO(Categorical(), DATASET_SIZE)
-    step = _adam_step(base, lambda: elbo(base, x, y).loss)
+    step = _adam_step(base, lambda: elbo(base, x, y).loss, x.device)
     for _ in range(train_steps):
         step()
     state = base.state_dict()
     rows = []
     for est in estimators:
-        model = make_bbb_model("mlp", hidden, est, "gaussian")
+        model = make_bbb_model("mlp", hidden, est, "gaussian").to(x.device)
         model.load_state_dict(state)
         mus = [p for n, p in model.named_parameters() if n.endswith("weight_mu")]
         rhos = [p for n, p in model.named_parameters() if n.endswith("weight_rho")]
@@ -447,8 +518,8 @@ def _format_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    """Machine, torch version and thread count, stored with the results."""
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Machine, torch version, thread count (and the GPU, on CUDA), stored with the results."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -465,6 +536,8 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
     }
 
 
@@ -492,6 +565,12 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N]: where every network runs (timings wait for the GPU each step; "
+        "memory is then the GPU's peak allocated)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--peers", dest="peers", action="store_true", default=True)
@@ -546,8 +625,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         nets.append(("conv", 0))
     peers = bench_peers.available_peers() if args.peers else []
     tuned = tune_allocator() if getattr(args, "tune_allocator", True) else False
-    info = machine_info()
+    device = resolve_device(getattr(args, "device", "cpu"))
+    info = machine_info(device)
     info["allocator_tuned"] = tuned
+    if info["gpu"]:
+        log(f"[bench] device {device}: {info['gpu']}")
     log(f"[bench] {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, "
         f"allocator {'tuned (bbb.tune_allocator)' if tuned else 'as is'}")  # fmt: skip
     log(f"[bench] peers: {', '.join(peers) if peers else 'none'}")
@@ -563,6 +645,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         batch,
         compiled=args.compile,
         kernels=getattr(args, "kernels", False),
+        device=device,
     )
     table = format_table(steps)
     log("\nStep time (median ms; x det: ratio to the deterministic network; x S=1)\n" + table)
@@ -582,7 +665,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "table": table,
     }
     if args.inference:
-        inf = run_inference(max(sizes), inputs)
+        inf = run_inference(max(sizes), inputs, device=device)
         out["inference"] = inf
         log(f"\nInference: bbb.predict, {inf['num_samples']} samples, {inputs} inputs, "
             f"H={inf['hidden']}\n"
@@ -590,12 +673,13 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     if args.memory:
         mem_nets = [(n, h) for n, h in nets if n != "mlp" or h == max(sizes)]
         mem_est = args.estimators[:1] if args.quick else args.estimators
-        mem = run_memory(mem_nets, mem_est, [] if args.quick else peers, batch=batch)
+        mem = run_memory(mem_nets, mem_est, [] if args.quick else peers, batch=batch, device=device)
         out["memory"] = mem
-        log("\nPeak memory, num_samples=10 (ru_maxrss of a fresh process, MiB)\n"
+        what = "GPU max_memory_allocated" if device.type == "cuda" else "VmHWM"
+        log(f"\nPeak memory, num_samples=10 ({what} of a fresh process, MiB)\n"
             + _format_rows(mem, ["net", "library", "estimator", "peak_mib", "step_mib"]))  # fmt: skip
     if args.variance:
-        var = run_grad_variance(min(sizes), draws, train_steps, args.estimators)
+        var = run_grad_variance(min(sizes), draws, train_steps, args.estimators, device=device)
         out["grad_variance"] = var
         log(f"\nGradient variance (H={min(sizes)}, {draws} draws, after {train_steps} steps)\n"
             + _format_rows(var, ["estimator", "var_grad_mu", "var_grad_rho", "rel_mu",

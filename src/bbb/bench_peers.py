@@ -60,7 +60,15 @@ def available_peers() -> list[str]:
     return [name for name, mod in PEERS.items() if importlib.util.find_spec(mod) is not None]
 
 
-def _optimizer_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float) -> Step:
+def _optimizer_step(
+    model: nn.Module, loss_fn: Callable[[], Tensor], lr: float, device: torch.device | None = None
+) -> Step:
+    """An Adam step of ``model`` (moved to ``device`` first) on ``loss_fn``; returns the loss.
+
+    The returned float waits for the device, so a timed call covers the whole step on CUDA.
+    """
+    if device is not None:
+        model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def step() -> float:
@@ -261,7 +269,7 @@ def build_peer_step(
                 kl = kl + k
             return nll / s + kl / s / dataset_size
 
-        return _optimizer_step(m, loss_bt, lr)
+        return _optimizer_step(m, loss_bt, lr, x.device)
     if peer == "blitz":
         model_b = _blitz(net, hidden, estimator, prior, s)
         crit = nn.CrossEntropyLoss()
@@ -275,7 +283,7 @@ def build_peer_step(
                 complexity_cost_weight=1.0 / dataset_size,
             )
 
-        return _optimizer_step(model_b, loss_blitz, lr)
+        return _optimizer_step(model_b, loss_blitz, lr, x.device)
     if peer == "torchbnn":
         model_t = _torchbnn(net, hidden, estimator, prior, s)
         if model_t is None:
@@ -289,7 +297,7 @@ def build_peer_step(
             nll = sum(F.cross_entropy(mt(x), y) for _ in range(s)) / s
             return nll + kl_loss(mt) / dataset_size  # type: ignore[operator]
 
-        return _optimizer_step(mt, loss_tb, lr)
+        return _optimizer_step(mt, loss_tb, lr, x.device)
     if peer == "pyro":
         if net != "mlp" or prior != "gaussian":
             return None
@@ -306,5 +314,5 @@ def build_peer_step(
                 kl = kl + k
             return nll / s + kl / s / dataset_size
 
-        return _optimizer_step(model_p, loss_pyro, lr)
+        return _optimizer_step(model_p, loss_pyro, lr, x.device)
     raise ValueError(f"unknown peer {peer!r}; accepted values: {', '.join(PEERS)}")
