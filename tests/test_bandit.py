@@ -154,6 +154,13 @@ def test_same_stream_for_every_agent_of_a_seed_and_resume_is_exact(tmp_path: Pat
             assert torch.equal(p1["model"][k], p2["model"][k]), k
     m = json.loads((full / "metrics.json").read_text())
     assert set(m["agents"]) == {"bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05"}
+    # a run shorter than the 10000-step window: the late regret is the mean over all its steps
+    steps = m["steps_done"]
+    assert m["per_step_regret_window"] == steps < 10000
+    for agent, v in m["agents"].items():
+        assert v["per_step_regret_last_10000_mean"] == pytest.approx(
+            v["cumulative_regret_mean"] / steps, rel=1e-5
+        ), agent
     assert (full / "cumulative_regret.png").stat().st_size > 0
 
 
