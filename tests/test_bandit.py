@@ -422,3 +422,21 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
     sh("merge")
     metrics = json.loads((tmp_path / "full" / "merged" / "metrics.json").read_text())
     assert set(metrics["agents"]) == {"bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05"}
+    assert metrics["steps_done"] == 2
+
+    # the interim report reads the parts' checkpoints and agrees with the merged result
+    interim = script.parent / "interim.py"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(interim),
+            *(str(tmp_path / "full" / p) for p in ("bbb", "greedy-a", "greedy-b")),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "compared at step 2" in r.stdout
+    for agent, v in metrics["agents"].items():
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(agent + " "))
+        assert f"cumulative regret at 2: {v['cumulative_regret_mean']:.0f} +- " in line, line

@@ -1,0 +1,64 @@
+"""Interim regret of bandit runs still in progress, read from their newest checkpoints.
+
+    python experiments/bandit/interim.py runs/bandit-full/bbb runs/bandit-full/greedy-a \
+        runs/bandit-full/greedy-b [--step T] [--window W]
+
+Parts of one comparison (e.g. the three of ``full_run.sh``) advance at different speeds; this
+compares them at a common step T (default: the smallest step every part has checkpointed):
+per agent, the cumulative expected regret at T (mean +- sd over seeds, and per seed) and the
+mean per-step regret over steps T-W+1..T (default W = 2000). Nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bbb.train import load_checkpoint
+
+
+def _newest(run_dir: Path) -> dict:
+    state, _ = load_checkpoint(run_dir / "checkpoints")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories with checkpoints/")
+    p.add_argument("--step", type=int, default=None, help="compare at this step")
+    p.add_argument("--window", type=int, default=2000, help="late per-step regret window")
+    args = p.parse_args(argv)
+    states = {rd: _newest(rd) for rd in args.runs}
+    common = min(int(s["step"]) for s in states.values())
+    step = common if args.step is None else args.step
+    if not 0 < step <= common:
+        raise SystemExit(f"--step must be in 1..{common} (the newest step every run has)")
+    window = min(args.window, step)
+    print(
+        "newest checkpoints: "
+        + ", ".join(f"{rd.name} {int(s['step'])}" for rd, s in states.items())
+        + f"; compared at step {step}"
+    )
+    for _rd, state in states.items():
+        regret: torch.Tensor = state["regret"]  # (steps done, columns): expected regret per step
+        columns: list[str] = state["columns"]  # "agent/seedN"
+        agents = dict.fromkeys(c.split("/")[0] for c in columns)
+        for agent in agents:
+            cols = [i for i, c in enumerate(columns) if c.split("/")[0] == agent]
+            cum = regret[:step, cols].sum(0)
+            late = regret[step - window : step, cols].mean()
+            per_seed = ", ".join(f"{v:.0f}" for v in cum.tolist())
+            print(
+                f"{agent:14s} cumulative regret at {step}: {cum.mean():.0f} +- "
+                f"{cum.std(correction=1) if len(cols) > 1 else 0.0:.0f} (per seed {per_seed}); "
+                f"per step over {step - window + 1}-{step}: {late:.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
