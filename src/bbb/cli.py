@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bbb",
         description="Bayes by Backprop for PyTorch: train, evaluate and prune Bayesian networks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Environment: BBB_DATA_DIR, the data root (default ../shared/data); "
+        "BBB_TUNE_ALLOCATOR=0 leaves glibc's malloc as it is (by default the command calls "
+        "bbb.tune_allocator(): freed memory is reused instead of faulted in again each step).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
