@@ -7,9 +7,10 @@ threshold* (128 KiB at start, raised adaptively up to 32 MiB) with a fresh ``mma
 unmaps them on ``free``; it also *trims* free memory at the top of the heap back to the
 kernel. The next step's tensors then land on fresh pages, and the first write to each 4 KiB
 page is a page fault plus the kernel zeroing the page. Measured here (MLP 784-1200-1200-10,
-batch 128, Gaussian prior, reparam): ~5000 minor page faults per Bayesian step with one weight
-sample and ~120000 with ten (tensors of 57 MB, above any threshold), none after
-:func:`tune_allocator`; the ten-sample step went from 640-740 ms to 430-500 ms.
+batch 128, Gaussian prior, reparam; ``benchmarks/probes/page_faults_mallopt.py``): ~5000
+minor page faults per Bayesian step with one weight sample and ~120000 with ten (tensors of
+57 MB, above any threshold), none after :func:`tune_allocator`; the ten-sample step went from
+640-740 ms to 430-500 ms.
 
 :func:`tune_allocator` keeps freed memory in the process for reuse: no ``mmap`` for large
 blocks (``M_MMAP_MAX = 0``), no trimming (``M_TRIM_THRESHOLD`` at its maximum) and a 64 MiB
