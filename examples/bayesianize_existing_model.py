@@ -122,7 +122,7 @@ def fit(
         log=None,
         loader_generator=generator,
     )
-    summary = trainer.fit()
+    summary = trainer.fit(overwrite=True)  # a re-run replaces the previous one
     trainer.load_best()
     return summary
 

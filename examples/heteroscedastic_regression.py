@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         log=None,
         loader_generator=loader_generator,
     )
-    summary = trainer.fit()
+    summary = trainer.fit(overwrite=True)  # a re-run replaces the previous one
     trainer.load_best()
 
     grid = torch.linspace(X_LOW - 0.5, X_HIGH + 0.5, 401).unsqueeze(-1)

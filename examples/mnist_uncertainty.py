@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         log=None if args.quiet else print,
         loader_generator=generator,
     )
-    summary = trainer.fit()
+    summary = trainer.fit(overwrite=True)  # a re-run replaces the previous one
     trainer.load_best()  # the best-on-validation weights
 
     x_test, y_test = test.tensors

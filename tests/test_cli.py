@@ -348,8 +348,8 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path: Path, toy_ref:
     assert cli("train", *TOY_TINY, "--epochs", "1", "--seed", "5", "--out", run) == 0
     assert cli("train", "--resume", run, "--epochs", "3", "--quiet") == 0
     assert_same_run(run, toy_ref)
-    # The saved config.json keeps the original epochs; the flag only extends this invocation.
-    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    # config.json describes the run as trained: the extended epochs
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
 
 @pytest.mark.usefixtures("no_plots")

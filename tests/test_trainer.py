@@ -155,8 +155,9 @@ def test_fit_writes_one_metrics_line_per_epoch_and_keeps_two_checkpoints(tmp_pat
     for r in rows:
         assert {"loss", "nll", "kl", "val_rmse", "val_nll", "val_log_likelihood", "lr"} <= set(r)
         assert all(math.isfinite(r[k]) for k in ("loss", "nll", "kl", "val_nll"))
-    # StepLR(gamma=0.9) stepped once per epoch: the logged lr is the one after the step.
-    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * 0.9**e for e in range(1, 5)])
+    # StepLR(gamma=0.9) stepped once per epoch: each row logs the rate its epoch trained with
+    # (epoch 1 at the initial 1e-2), not the next epoch's.
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * 0.9**e for e in range(4)])
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
         "checkpoint-00003.pt",
         "checkpoint-00004.pt",

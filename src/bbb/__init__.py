@@ -25,6 +25,7 @@ from .nn import (
     resample,
     sampling,
     set_sampling,
+    shared_weight_samples,
     vectorized_samples,
 )
 from .nn.ensemble import BayesLinearEnsemble
@@ -79,6 +80,7 @@ __all__ = [
     "sampling",
     "set_kernels",
     "set_sampling",
+    "shared_weight_samples",
     "snr",
     "to_deterministic",
     "train",

@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a killed run from its newest good checkpoint"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run directory that already holds a run (its checkpoints, best.pt "
+        "and metrics are deleted first)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(train)
 
@@ -175,21 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    from .runs import RESUMABLE_CHANGES
+
     values: dict[str, Any] = {}
     resume = args.resume is not None
+    source = args.config or "flags"
     if resume:
+        clash = [f for f in ("config", "out", "overwrite") if getattr(args, f)]
+        if clash:
+            raise UsageError(
+                f"--resume continues the run in its own directory with its own config.json; it "
+                f"cannot be combined with {', '.join('--' + f for f in clash)}"
+            )
+        changed = [
+            "--" + n.replace("_", "-")
+            for n in TrainConfig.field_names()
+            if getattr(args, n) is not None and n not in RESUMABLE_CHANGES
+        ]
+        if changed:
+            allowed = ", ".join("--" + n for n in RESUMABLE_CHANGES)
+            raise UsageError(
+                f"{', '.join(changed)} cannot change when resuming (the restored optimiser and "
+                f"schedule would override it); only {allowed} can"
+            )
         run = Path(args.resume)
         saved = run / "config.json"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} does not exist")
         values.update(load_config_file(saved))
+        source = str(saved)
     elif args.config:
         values.update(load_config_file(args.config))
     for name in TrainConfig.field_names():
         v = getattr(args, name)
         if v is not None:
             values[name] = v
-    cfg = TrainConfig.from_dict(values, source=args.config or "flags").validate()
+    cfg = TrainConfig.from_dict(values, source=source).validate()
     out = Path(args.resume) if resume else Path(args.out or f"runs/{cfg.dataset}-{cfg.method}")
     return cfg, out, resume
 
@@ -274,7 +301,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .runs import train_run
 
         cfg, out, resume = _train_config(args)
-        summary = train_run(cfg, out, resume=resume, progress=not args.quiet)
+        summary = train_run(
+            cfg, out, resume=resume, overwrite=args.overwrite, progress=not args.quiet
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         print(f"run directory: {out}")
         print(
@@ -334,10 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"bbb: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+    except Exception as e:  # noqa: BLE001 - the message, no traceback unless --debug
         if debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the whole message: its later lines often hold the details (the mismatching
+        # tensors of a state dict, the paths tried) and the remedy
+        msg = str(e).strip() or type(e).__name__
         print(f"bbb: error: {msg}", file=sys.stderr)
         return 1
 

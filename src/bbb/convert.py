@@ -15,6 +15,7 @@ from torch import nn
 
 from .nn.conv import BayesConv1d, BayesConv2d, BayesConv3d, _BayesConvNd
 from .nn.linear import BayesLinear
+from .nn.module import BayesModule
 from .priors import Prior
 
 __all__ = ["bayesianize", "to_deterministic"]
@@ -110,6 +111,14 @@ def bayesianize(
 
 def _deterministic_for(module: nn.Module) -> nn.Module | None:
     if not isinstance(module, (BayesLinear, _BayesConvNd)):
+        if isinstance(module, BayesModule):
+            # e.g. BayesLinearEnsemble: no plain PyTorch layer computes it; leaving it in
+            # place would leave a sampling layer in the "deterministic" copy
+            raise TypeError(
+                f"to_deterministic cannot convert {type(module).__name__} (it converts "
+                "BayesLinear and BayesConv1d/2d/3d); use bbb.sampling(model, 'mean') for its "
+                "mean network"
+            )
         return None
     w = module.weight_mu.detach()
     if module.weight_mask is not None:

@@ -78,7 +78,7 @@ def run_demo(
         log=None,
         loader_generator=generator,
     )
-    bbb_summary = bbb_trainer.fit()
+    bbb_summary = bbb_trainer.fit(overwrite=True)  # a re-run replaces the previous demo
     bbb_trainer.load_best()
 
     # The plain network: same shape, same loop, squared error (a fixed-noise Gaussian, no KL).
@@ -102,7 +102,7 @@ def run_demo(
         log=None,
         loader_generator=generator,
     )
-    plain_summary = plain_trainer.fit()
+    plain_summary = plain_trainer.fit(overwrite=True)
     plain_trainer.load_best()
 
     band = regression_band(

@@ -23,6 +23,7 @@ in deterministic training; multiply by N to get the negative ELBO of the whole d
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +42,11 @@ def blundell_weight(batch_index: int, num_batches: int) -> float:
     """pi_i = 2^(M-i) / (2^M - 1) for the 0-based minibatch ``batch_index`` (i = index + 1)."""
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    if not isinstance(batch_index, int) or not 0 <= batch_index < num_batches:
+    try:  # any integer type: Python, NumPy or a 0-d integer tensor
+        batch_index = operator.index(batch_index)
+    except TypeError:
+        raise ValueError(f"batch_index must be an integer, got {batch_index!r}") from None
+    if not 0 <= batch_index < num_batches:
         raise ValueError(f"batch_index must lie in [0, {num_batches}), got {batch_index!r}")
     i = batch_index + 1
     # 2^-i / (1 - 2^-M); 2^-i underflows to 0.0 (not an error) for i > ~1074, which is the
@@ -132,6 +137,10 @@ class ELBO(nn.Module):
     def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
         """beta * pi_i / B for this minibatch."""
         beta = self.kl_scale(int(self.step)) if callable(self.kl_scale) else self.kl_scale
+        if callable(self.kl_scale) and not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(
+                f"kl_scale({int(self.step)}) returned {beta!r}; it must be a finite number >= 0"
+            )
         if self.kl_weighting == "uniform":
             return beta / self.dataset_size
         if batch_index is None or num_batches is None:

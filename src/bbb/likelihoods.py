@@ -65,7 +65,8 @@ class Categorical(Likelihood):
     def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
         self.check_target(output, target)
         s, b, c = output.shape
-        nll = F.cross_entropy(output.reshape(s * b, c), target.repeat(s), reduction="none")
+        # cross_entropy takes int64 (or uint8) indices only: int16/int32 labels are widened
+        nll = F.cross_entropy(output.reshape(s * b, c), target.long().repeat(s), reduction="none")
         return -nll.reshape(s, b)
 
     def extra_repr(self) -> str:
@@ -100,8 +101,10 @@ class Gaussian(Likelihood):
             raise ValueError(f"Gaussian sigma must be a finite positive number, got {sigma!r}")
         if not isinstance(output_dim, int) or output_dim < 1:
             raise ValueError(f"Gaussian output_dim must be a positive integer, got {output_dim!r}")
-        if min_variance < 0:
-            raise ValueError(f"Gaussian min_variance must be >= 0, got {min_variance!r}")
+        if not math.isfinite(float(min_variance)) or min_variance < 0:
+            raise ValueError(
+                f"Gaussian min_variance must be a finite number >= 0, got {min_variance!r}"
+            )
         self.noise = noise
         self.output_dim = output_dim
         self.min_variance = float(min_variance)
@@ -120,12 +123,25 @@ class Gaussian(Likelihood):
         """Split outputs (S, B, D or 2D) into the mean (S, B, D) and noise variance (S, B, D)."""
         if output.dim() == 2:  # (S, B) from a model with a squeezed single output
             output = output.unsqueeze(-1)
+        if output.dim() != 3:
+            # (B, T, D) outputs would make log_prob (S, B, T), and the ELBO's mean over it
+            # would weigh the data term 1/T against the KL: refuse instead
+            raise ValueError(
+                "Gaussian expects the model to output (B, D) or (B,) per weight sample, got "
+                f"{tuple(output.shape[1:])}; flatten extra dimensions into D"
+            )
         d = output.shape[-1]
         if self.noise == "heteroscedastic":
             if d % 2:
                 raise ValueError(
                     "heteroscedastic Gaussian expects the model to output 2*D values per example "
                     f"(means, then log-variances), got {d}"
+                )
+            if d // 2 != self.output_dim:
+                raise ValueError(
+                    f"heteroscedastic Gaussian with output_dim={self.output_dim} expects "
+                    f"{2 * self.output_dim} outputs per example (means, then log-variances), "
+                    f"got {d}; pass output_dim={d // 2} if the targets have {d // 2} dimensions"
                 )
             mean, log_var = output.split(d // 2, dim=-1)
             return mean, log_var.exp() + self.min_variance
@@ -137,6 +153,7 @@ class Gaussian(Likelihood):
         return output, var
 
     def _target(self, mean: Tensor, target: Tensor) -> Tensor:
+        _check_finite("Gaussian target", target)
         if target.dim() == 1:
             target = target.unsqueeze(-1)
         if target.shape != mean.shape[1:]:

@@ -299,7 +299,9 @@ def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = 15) ->
     conf, pred = p.max(dim=1)
     conf = conf.clamp(0.0, 1.0).cpu()
     correct = (pred == y).to(torch.float64).cpu()
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    # k / n_bins by division (correctly rounded, like a confidence computed as k / n), not
+    # linspace's start + k * step, which misplaces confidences lying exactly on an edge
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
     # bucketize with right=False: index i such that edges[i] < conf <= edges[i+1].
     idx = torch.bucketize(conf, edges[1:-1].contiguous(), right=False)
     count = torch.bincount(idx, minlength=n_bins)

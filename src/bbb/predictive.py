@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Categorical, Gaussian, Likelihood
-from .nn.module import vectorized_samples
+from .nn.module import shared_weight_samples, vectorized_samples
 
 __all__ = [
     "ClassificationPrediction",
@@ -106,9 +107,14 @@ class RegressionPrediction:
 
         The joint density of the D outputs: log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd).
         """
+        m, v = self.sample_means, self.sample_variances
         if target.dim() == 1:
             target = target.unsqueeze(-1)
-        m, v = self.sample_means, self.sample_variances
+        if target.shape != m.shape[1:]:
+            raise ValueError(
+                f"log_prob: targets of shape {tuple(target.shape)} do not match the predictions' "
+                f"(B, D) = {tuple(m.shape[1:])}"
+            )
         lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
         s = m.shape[0]
         return torch.logsumexp(lp.sum(-1), dim=0) - math.log(s)
@@ -147,7 +153,10 @@ def sample_outputs(
     """Model outputs for ``num_samples`` weight samples, (S, B, ...), without gradients.
 
     Inputs are processed in chunks of at most ``max_rows // S`` examples, each chunk in one
-    vectorized pass (S * chunk rows).
+    vectorized pass (S * chunk rows). With weight-space sampling (``reparam``) sample s is one
+    network for all B inputs, across chunks too (:func:`bbb.nn.module.shared_weight_samples`);
+    ``local`` and ``flipout`` draw their noise per row, so only per-input summaries (the
+    predictive distribution of each input) are meaningful for them.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -155,7 +164,8 @@ def sample_outputs(
         raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     chunk = max(1, max_rows // num_samples)
     outs = []
-    with torch.no_grad(), vectorized_samples(model, num_samples):
+    shared = shared_weight_samples(model) if x.shape[0] > chunk else contextlib.nullcontext()
+    with torch.no_grad(), vectorized_samples(model, num_samples), shared:
         for start in range(0, x.shape[0], chunk):
             xb = x[start : start + chunk]
             b = xb.shape[0]

@@ -6,7 +6,9 @@ set to zero, so they are exactly zero in every sampling mode and leave the KL. B
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,12 @@ class PruneResult:
 
 
 @torch.no_grad()
+def _floor_count(fraction: float, n: int) -> int:
+    """floor(fraction * n) for the decimal the user wrote: ``0.29 * 100`` is
+    28.999999999999996 in floats, so the fraction is read back from its shortest repr (29/100)."""
+    return math.floor(Fraction(repr(float(fraction))) * n)
+
+
 def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) -> PruneResult:
     """Remove the ``fraction`` of weights with the lowest SNR |mu| / sigma (in place).
 
@@ -68,13 +76,13 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
     scores = {}
     for name, layer in layers:
         layer.weight_mask = None
-        scores[name] = (layer.weight_mu.abs() / layer.weight_sigma).flatten()
+        scores[name] = (layer.weight_mu.abs() / layer.weight_sigma).detach().flatten()
     per_layer_frac: dict[str, float] = {}
     threshold = float("nan")
     if per_layer:
         for name, layer in layers:
             s = scores[name]
-            k = int(fraction * s.numel())
+            k = _floor_count(fraction, s.numel())
             mask = torch.ones_like(s)
             if k:
                 mask[torch.argsort(s, stable=True)[:k]] = 0
@@ -82,7 +90,7 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             per_layer_frac[name] = k / s.numel()
     else:
         flat = torch.cat([scores[n].double() for n, _ in layers])
-        k = int(fraction * flat.numel())
+        k = _floor_count(fraction, flat.numel())
         mask = torch.ones_like(flat)
         if k:
             order = torch.argsort(flat, stable=True)

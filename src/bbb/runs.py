@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import kernels as _kernels
 from . import plots
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, load_config_file
 from .elbo import ELBO, linear_annealing
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
 from .priors import Prior, make_prior
 from .train import distributed as _dist
 from .train.checkpoint import atomic_write_text, check_writable
-from .train.trainer import Trainer, evaluate, seed_everything
+from .train.trainer import Trainer, evaluate, previous_run_files, seed_everything
 
 __all__ = ["RunData", "build_data", "build_model", "build_likelihood", "train_run", "load_run"]
 
@@ -161,11 +161,41 @@ def _check_data(name: str, ds: TensorDataset | None) -> None:
             raise ValueError(f"the {name} set contains NaN or Inf values")
 
 
+#: settings a resumed run may change (how long it trains, where, and how its KL kernels run);
+#: any other difference would be silently overridden by the restored optimiser/scheduler state
+RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels")
+
+
+def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
+    """Refuse to resume the run of ``saved`` (its config.json) with other settings."""
+    if not saved.exists():
+        raise ConfigError(f"cannot resume: {saved} does not exist")
+    old = TrainConfig.from_dict(load_config_file(saved), source=str(saved)).to_dict()
+    new = cfg.to_dict()
+    diff = [
+        f"{k} {old[k]!r} -> {new[k]!r}"
+        for k in new
+        if k not in RESUMABLE_CHANGES and old.get(k) != new[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"cannot resume {saved.parent} with other settings ({'; '.join(diff)}): only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change when resuming; start a new run instead"
+        )
+    if cfg.lr_schedule == "cosine" and old["epochs"] != new["epochs"]:
+        raise ConfigError(
+            f"cannot resume {saved.parent} with epochs {old['epochs']} -> {new['epochs']}: its "
+            "cosine learning-rate schedule was laid out for the original length; start a new "
+            "run instead"
+        )
+
+
 def train_run(
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Any = print,
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
@@ -173,6 +203,9 @@ def train_run(
     write_plots: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg`` into ``out_dir``; return its summary.
+
+    A directory that already holds a run is an error unless ``resume`` (continue it) or
+    ``overwrite`` (delete its checkpoints, ``best.pt`` and metrics, then start anew).
 
     ``epoch_callback`` is passed to the :class:`~bbb.train.Trainer` (called after each epoch
     with the epoch's metrics row; it may raise :class:`~bbb.train.trainer.StopTraining`).
@@ -186,9 +219,15 @@ def train_run(
     cfg.validate()
     out = Path(out_dir)
     if resume:
-        saved = out / "config.json"
-        if not saved.exists():
-            raise ConfigError(f"cannot resume: {saved} does not exist")
+        _check_resumable(cfg, out / "config.json")
+    elif not overwrite and out.is_dir():
+        previous = previous_run_files(out)
+        if previous:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(p.name for p in previous)}); resume it "
+                "(--resume / resume=True), start it over (--overwrite / overwrite=True) or "
+                "choose another directory"
+            )
     had_group = _dist.is_distributed()
     device = _dist.init_from_env(cfg.device)
     try:
@@ -273,7 +312,13 @@ def _train_run(
 
     def setup() -> None:
         check_writable(out)  # a clear error before anything is written or trained
-        if not resume:
+        if resume:
+            cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
+        else:
+            # overwrite: the previous run's files go first (evaluations of its model too)
+            stale = [*previous_run_files(out), *out.glob("eval.json"), *out.glob("prune-*.json")]
+            for p in stale:
+                p.unlink()
             cfg.save(out / "config.json")
             if data.normalization is not None:
                 atomic_write_text(
@@ -302,7 +347,7 @@ def _train_run(
         epoch_callback=epoch_callback,
     )
     start = time.perf_counter()
-    summary = trainer.fit(resume=resume)
+    summary = trainer.fit(resume=resume, overwrite=True)
     trainer.load_best()
     summary["wall_seconds"] = time.perf_counter() - start
     _dist.on_main(

@@ -11,6 +11,7 @@ from .module import (
     resample,
     sampling,
     set_sampling,
+    shared_weight_samples,
     vectorized_samples,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "resample",
     "sampling",
     "set_sampling",
+    "shared_weight_samples",
     "vectorized_samples",
 ]

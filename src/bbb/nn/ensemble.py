@@ -87,14 +87,25 @@ class BayesLinearEnsemble(BayesModule):
         return record
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 3 or x.shape[-1] != self.in_features or x.shape[0] % self.members:
+        rows = self.num_samples * self.members
+        if x.dim() != 3 or x.shape[-1] != self.in_features or x.shape[0] != rows:
+            s = self.num_samples
             raise ValueError(
-                f"BayesLinearEnsemble expected input of shape ({self.members}, N, {self.in_features}) "
-                f"(times S stacked samples), got {tuple(x.shape)}"
+                f"BayesLinearEnsemble expected input of shape ({rows}, N, {self.in_features}) "
+                f"({self.members} members" + (f" x {s} stacked samples" if s > 1 else "")
+                + f"), got {tuple(x.shape)}"
             )
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        # x: (K, N, in), w: (K, out, in), b: (K, out)
+        # x: (K, N, in) or, with S stacked samples sharing these weights (the mean network,
+        # the mean part of local and flipout), (S * K, N, in); w: (K, out, in), b: (K, out)
+        k = w.shape[0]
+        if x.shape[0] != k:
+            s = x.shape[0] // k
+            y = torch.matmul(x.reshape(s, k, *x.shape[1:]), w.transpose(1, 2))
+            if b is not None:
+                y = y + b.unsqueeze(1)
+            return y.reshape(s * k, *y.shape[2:])
         wt = w.transpose(1, 2)
         if b is None:
             return torch.bmm(x, wt)

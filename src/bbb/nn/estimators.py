@@ -105,7 +105,9 @@ def reparam(
 
 
 def _min_variance(dtype: torch.dtype) -> float:
-    return max(1e-16, torch.finfo(dtype).tiny)
+    # the smallest normal number: sqrt stays finite with a finite gradient, and no variance a
+    # network can have is distorted (a floor of 1e-16 turned sigma ~ 5e-10 into 1e-8)
+    return torch.finfo(dtype).tiny
 
 
 def local(ops: LayerOps, x: Tensor, post: Posterior, w_var: Tensor | None = None) -> Tensor:
@@ -113,9 +115,9 @@ def local(ops: LayerOps, x: Tensor, post: Posterior, w_var: Tensor | None = None
 
     ``w_var``: the weights' variance ``sigma^2`` already computed (shape W;
     :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used. The
-    variance is floored at a tiny positive value before the square root (1e-16, or the smallest
-    normal number of the dtype), so an all-zero input row with ``bias=False`` gives a
-    noise-free output without a NaN gradient (the floor passes no gradient).
+    variance is floored at the smallest normal number of the dtype before the square root, so
+    an all-zero input row with ``bias=False`` gives a noise-free output without a NaN gradient
+    (the floor passes no gradient).
     """
     mean = ops.op(x, post.w_mu, post.b_mu)
     b_var = None if post.b_sigma is None else post.b_sigma * post.b_sigma

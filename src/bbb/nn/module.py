@@ -45,6 +45,7 @@ __all__ = [
     "sampling",
     "set_sampling",
     "resample",
+    "shared_weight_samples",
     "vectorized_samples",
 ]
 
@@ -66,13 +67,13 @@ class _Record:
     w: Tensor | None = None  # (S, *W) weight sample, when the estimator built it
     b: Tensor | None = None  # (S, O)
     # softplus(rho) of the forward pass (unmasked), reused by the KL: one softplus per step
-    # instead of two (~5 ms at 2.4M weights, issue 8). Valid only while rho is unchanged:
-    # ``rho_versions`` holds each rho's identity and in-place version counter at the forward
-    # pass (an optimizer step or load_state_dict bumps the counter), checked by
-    # BayesModule._cached_sigmas.
+    # instead of two (~5 ms at 2.4M weights, issue 8). It, the weight sample w and kl_w are
+    # valid only while the parameters are unchanged: ``param_versions`` holds each mu's and
+    # rho's identity and in-place version counter at the forward pass (an optimizer step or
+    # load_state_dict bumps the counter), checked by BayesModule._cached_sigmas and kl().
     sigma_w: Tensor | None = None
     sigma_b: Tensor | None = None
-    rho_versions: tuple[int, ...] = ()
+    param_versions: tuple[int, ...] = ()
     # the weights' closed-form KL, computed by the forward pass in the same autograd node as
     # the estimator's tensor (bbb.kernels.sample_and_kl, kernels backend "compile")
     kl_w: Tensor | None = None
@@ -213,14 +214,16 @@ class BayesModule(nn.Module):
     def _posterior(self) -> est.Posterior:
         return self._posterior_and_sigmas()[0]
 
-    def _rho_versions(self) -> tuple[int, ...]:
-        # (identity, in-place version) of each rho: a replaced parameter also invalidates
-        return tuple(v for _, rho in self._pairs() for v in (id(rho), rho._version))
+    def _param_versions(self) -> tuple[int, ...]:
+        # (identity, in-place version) of each mu and rho: a replaced parameter also
+        # invalidates
+        return tuple(v for pair in self._pairs() for q in pair for v in (id(q), q._version))
 
     def _cached_sigmas(self) -> list[Tensor | None]:
-        """The forward pass's softplus(rho) of weight and bias, if rho has not changed since."""
+        """The forward pass's softplus(rho) of weight and bias, if no parameter has changed
+        since (then the forward's weight sample is current too)."""
         rec = self._record
-        if rec is None or rec.sigma_w is None or rec.rho_versions != self._rho_versions():
+        if rec is None or rec.sigma_w is None or rec.param_versions != self._param_versions():
             return [None, None]
         return [rec.sigma_w, rec.sigma_b]
 
@@ -293,18 +296,27 @@ class BayesModule(nn.Module):
         if self._fusable(mode, num_samples):
             return self._forward_fused(x, num_samples)
         post, s_w, s_b = self._posterior_and_sigmas()
-        versions = self._rho_versions()
+        versions = self._param_versions()
         if mode == "frozen":
             noise = self._frozen
-            if noise is None or noise.eps_w is None or noise.eps_w.shape[0] != num_samples:
+            if noise is None or noise.eps_w is None:
                 noise = self._noise(num_samples, self.weight_mu)
                 self._frozen = noise
+            elif noise.eps_w.shape[0] != num_samples:
+                # never replace the frozen sample behind the user's back (Thompson sampling
+                # relies on it being kept until resample)
+                raise ValueError(
+                    f"{type(self).__name__} is in 'frozen' mode with {noise.eps_w.shape[0]} "
+                    f"frozen weight sample(s), but this pass asks for num_samples={num_samples}; "
+                    "call bbb.resample(model) to draw a new frozen sample, or use the same "
+                    "num_samples"
+                )
             assert noise.eps_w is not None
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
             self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
             return y
         if self.estimator == "local":
-            self._record = _Record(sigma_w=s_w, sigma_b=s_b, rho_versions=versions)
+            self._record = _Record(sigma_w=s_w, sigma_b=s_b, param_versions=versions)
             return est.local(self, x, post)
         noise = self._noise(num_samples, self.weight_mu)
         assert noise.eps_w is not None
@@ -313,7 +325,7 @@ class BayesModule(nn.Module):
             self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
             return y
         self._record = _Record(
-            noise.eps_w, noise.eps_b, sigma_w=s_w, sigma_b=s_b, rho_versions=versions
+            noise.eps_w, noise.eps_b, sigma_w=s_w, sigma_b=s_b, param_versions=versions
         )
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
 
@@ -322,6 +334,8 @@ class BayesModule(nn.Module):
         closed-form KL to a Gaussian prior, no pruning mask, one weight sample per pass)."""
         return (
             _kernels.get_kernels() == "compile"
+            # under no_grad the fused node would leave a KL without a graph for a later kl()
+            and torch.is_grad_enabled()
             and mode == "sample"
             and self.kl_mode == "closed_form"
             and type(self.prior) is GaussianPrior
@@ -331,7 +345,7 @@ class BayesModule(nn.Module):
 
     def _forward_fused(self, x: Tensor, num_samples: int) -> Tensor:
         """The sampling forward with the weights' tensor and KL from one fused autograd node."""
-        versions = self._rho_versions()
+        versions = self._param_versions()
         s_b = None if self.bias_rho is None else F.softplus(self.bias_rho)
         assert isinstance(self.prior, GaussianPrior)
         # w_sigma is not read by the estimators when their tensor is given (placeholder)
@@ -340,7 +354,7 @@ class BayesModule(nn.Module):
             var, kl_w = _kernels.sample_and_kl(
                 "local", self.weight_mu, self.weight_rho, None, self.prior
             )
-            self._record = _Record(sigma_b=s_b, rho_versions=versions, kl_w=kl_w)
+            self._record = _Record(sigma_b=s_b, param_versions=versions, kl_w=kl_w)
             return est.local(self, x, post, w_var=var)
         noise = self._noise(num_samples, self.weight_mu)
         assert noise.eps_w is not None
@@ -351,11 +365,11 @@ class BayesModule(nn.Module):
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
             self._record = _Record(
-                noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, rho_versions=versions, kl_w=kl_w
+                noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, param_versions=versions, kl_w=kl_w
             )
             return y
         self._record = _Record(
-            noise.eps_w, noise.eps_b, sigma_b=s_b, rho_versions=versions, kl_w=kl_w
+            noise.eps_w, noise.eps_b, sigma_b=s_b, param_versions=versions, kl_w=kl_w
         )
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
 
@@ -379,7 +393,7 @@ class BayesModule(nn.Module):
             and record is not None
             and record.kl_w is not None
             and mask is None
-            and record.rho_versions == self._rho_versions()
+            and record.param_versions == self._param_versions()
         ):
             # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl)
             total = record.kl_w
@@ -399,7 +413,10 @@ class BayesModule(nn.Module):
         if record is None or record.eps_w is None:
             record = self._noise(1, self.weight_mu)
         eps_list = [record.eps_w, record.eps_b]
-        samples = [record.w, record.b]
+        # the forward's weight sample, unless mu or rho changed since (then it is rebuilt from
+        # the same noise and the current parameters)
+        current = record.param_versions == self._param_versions()
+        samples = [record.w, record.b] if current else [None, None]
         for i, (mu, rho) in enumerate(self._pairs()):
             eps = eps_list[i]
             assert eps is not None
@@ -513,6 +530,29 @@ def resample(model: nn.Module) -> None:
     """Draw new frozen weight samples (at the next forward) in every Bayesian layer."""
     for m in bayes_modules(model):
         m.resample()
+
+
+@contextlib.contextmanager
+def shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: weight-space sampling layers keep one set of weight samples across calls.
+
+    Inside it, every Bayesian layer with the ``reparam`` estimator in ``"sample"`` mode draws
+    its S weight samples at its first forward pass and reuses them for every later pass, so
+    that sample s is one network across passes (e.g. the chunks of :func:`bbb.predict`).
+    Layers in another mode, and ``local``/``flipout`` layers (which never give one network per
+    sample: their noise is per row), are left alone. The previous modes and frozen samples are
+    restored on exit.
+    """
+    layers = [m for m in bayes_modules(model) if m.mode == "sample" and m.estimator == "reparam"]
+    saved = [(m.mode, m._frozen) for m in layers]
+    try:
+        for m in layers:
+            m._frozen = None
+            m.mode = "frozen"
+        yield model
+    finally:
+        for m, (mode, frozen) in zip(layers, saved, strict=True):
+            m.mode, m._frozen = mode, frozen
 
 
 @contextlib.contextmanager

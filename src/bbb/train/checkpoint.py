@@ -20,6 +20,7 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,19 +110,28 @@ def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20)
 
 
 def rng_state() -> dict[str, Any]:
-    """The global torch and Python RNG states, in a ``weights_only``-loadable form."""
+    """The global torch (CPU and, where initialised, every CUDA device's) and Python RNG
+    states, in a ``weights_only``-loadable form."""
     py_version, py_state, py_gauss = random.getstate()
-    return {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_state), py_gauss],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` saved (the states may have been loaded onto any device:
+    the generators take CPU byte tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[:n]])
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
@@ -159,7 +169,9 @@ def save_checkpoint(
     return path
 
 
-def _load_one(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
+def _load_one(
+    path: Path, map_location: str | torch.device | None, require: Sequence[str] = ()
+) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -178,16 +190,25 @@ def _load_one(path: Path, map_location: str | torch.device | None) -> dict[str, 
         ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a bbb checkpoint dictionary")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not a bbb training checkpoint (no {', '.join(missing)})"
+        )
     return state
 
 
 def load_checkpoint(
-    path_or_dir: str | os.PathLike[str], map_location: str | torch.device | None = "cpu"
+    path_or_dir: str | os.PathLike[str],
+    map_location: str | torch.device | None = "cpu",
+    *,
+    require: Sequence[str] = (),
 ) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file, or the newest good one of a directory.
 
     In a directory, a corrupt newest checkpoint is reported with a warning naming it and the
     previous one is used; if none is readable, :class:`CheckpointError` names each file tried.
+    ``require``: keys the checkpoint must hold (a file without them counts as unreadable).
     """
     p = Path(path_or_dir)
     if p.is_dir():
@@ -197,11 +218,11 @@ def load_checkpoint(
         errors = []
         for c in candidates:
             try:
-                state = _load_one(c, map_location)
+                state = _load_one(c, map_location, require)
             except CheckpointError as e:
                 errors.append(str(e))
                 warnings.warn(f"{e}; trying an older checkpoint", stacklevel=2)
                 continue
             return state, c
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
-    return _load_one(p, map_location), p
+    return _load_one(p, map_location, require), p

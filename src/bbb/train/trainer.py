@@ -51,6 +51,21 @@ from .checkpoint import (
     set_rng_state,
 )
 
+_EARLY = "early stopping"
+# keys a checkpoint must hold to be resumed from (any other .pt file counts as unreadable)
+_REQUIRED = ("format", "epoch", "model", "optimizer", "elbo", "rng")
+
+
+def previous_run_files(out_dir: Path) -> list[Path]:
+    """What a finished or interrupted training run left in ``out_dir``: its epoch checkpoints,
+    ``best.pt`` and ``metrics.json`` (empty for a new directory)."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(out_dir / "checkpoints")
+    found += [p for p in (out_dir / "best.pt", out_dir / "metrics.json") if p.is_file()]
+    return found
+
+
 __all__ = [
     "Trainer",
     "TrainingDivergedError",
@@ -266,6 +281,9 @@ class Trainer:
         self.best_metric = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
+        # why training ended before ``epochs`` ("early stopping": patience ran out), saved in
+        # the checkpoints so that a resumed run does not train on
+        self.stopped: str | None = None
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
         self.best_elbo_state: dict[str, Tensor] | None = None
@@ -312,6 +330,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -327,6 +346,7 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+        self.stopped = state.get("stopped")
 
     def _metrics_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
@@ -350,7 +370,7 @@ class Trainer:
         return history
 
     def _prepare(
-        self, resume: bool
+        self, resume: bool, overwrite: bool = False
     ) -> tuple[dict[str, Any], Path, list[dict[str, Any]], dict[str, Any] | None] | None:
         """Check the run directory; when resuming, read (state, path, history, best)."""
         if self.out_dir is None:
@@ -359,18 +379,30 @@ class Trainer:
         _remove_stale_temporaries(self.out_dir)
         ckpt_dir = self.out_dir / "checkpoints"
         if not resume:
+            previous = previous_run_files(self.out_dir)
+            if previous and not overwrite:
+                raise FileExistsError(
+                    f"{self.out_dir} already holds a run ({', '.join(p.name for p in previous)});"
+                    " resume it (resume=True, bbb train --resume), start it over "
+                    "(overwrite=True, --overwrite) or choose another directory"
+                )
+            # a new run: nothing of the previous one may outlive it (its checkpoints, with
+            # higher epoch numbers, would be the ones a later resume picks)
+            for p in previous:
+                p.unlink()
             path = self._metrics_path()
             if path is not None and path.exists():
                 path.unlink()
             return None
         if latest_checkpoint(ckpt_dir) is None:
             raise CheckpointError(f"nothing to resume: no checkpoint in {ckpt_dir}")
-        # tensors go to the CPU when they travel to the other ranks; _restore moves them
-        where = torch.device("cpu") if self.distributed else self.device
-        state, path = load_checkpoint(ckpt_dir, map_location=where)
+        # Loaded on the CPU: the RNG states must stay there (the generators take CPU tensors),
+        # and load_state_dict moves model and optimizer tensors to their parameters' device.
+        cpu = torch.device("cpu")
+        state, path = load_checkpoint(ckpt_dir, map_location=cpu, require=_REQUIRED)
         best = None
         if (self.out_dir / "best.pt").exists():
-            best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=where)
+            best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=cpu)
         return state, path, self._read_history(int(state["epoch"])), best
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
@@ -513,18 +545,24 @@ class Trainer:
             y_scale=self.y_scale,
         )
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Train until ``epochs`` (or early stopping); returns a summary dictionary.
 
         With ``resume=True`` and a run directory holding checkpoints, training continues from
-        the newest readable one (a corrupt newest one is skipped with a warning).
+        the newest readable one (a corrupt newest one is skipped with a warning); a run that
+        had stopped early (patience ran out) stays stopped, one stopped by the epoch callback
+        trains on. Without it, a run
+        directory that already holds a run is an error unless ``overwrite=True``, which
+        deletes the previous run's checkpoints, ``best.pt`` and metrics first.
         """
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir")
         if self.distributed:  # rank 0 reads the run directory; every rank gets its content
-            loaded = _dist.on_main(lambda: self._prepare(resume), "preparing the run directory")
+            loaded = _dist.on_main(
+                lambda: self._prepare(resume, overwrite), "preparing the run directory"
+            )
         else:
-            loaded = self._prepare(resume)
+            loaded = self._prepare(resume, overwrite)
         if loaded is not None:
             state, path, self.history, best = loaded
             self._restore(state)
@@ -533,11 +571,14 @@ class Trainer:
                 self.best_elbo_state = best["elbo"]
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
-        stopped_early = stopped_by_callback = False
-        while self.epoch < self.epochs:
+        stopped_by_callback = False
+        if self.stopped is not None and self.log:
+            self.log(f"the run had stopped at epoch {self.epoch} ({self.stopped}): not training on")
+        while self.epoch < self.epochs and self.stopped is None:
             train_stats = self.train_epoch()
             val = self.validate()
             self.epoch += 1
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
             if self.scheduler is not None:
                 self.scheduler.step()
             improved = False
@@ -552,7 +593,7 @@ class Trainer:
                 self.best_epoch, improved = self.epoch, True
             row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
             row.update({f"val_{k}": v for k, v in val.items()})
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["lr"] = lr
             with _dist.collective_errors(f"writing epoch {self.epoch}'s files"):
                 self._write_epoch(row, improved)
             if self.log:
@@ -566,12 +607,14 @@ class Trainer:
                 try:
                     self.epoch_callback(self.epoch, row)
                 except StopTraining as e:
+                    # the caller's decision for this call (a time budget, a sweep's pruner):
+                    # not saved, a resumed run trains on
                     stopped_by_callback = True
                     if self.log:
                         self.log(f"stopped after epoch {self.epoch}: {e}")
                     break
             if self.patience is not None and self.bad_epochs >= self.patience:
-                stopped_early = True
+                self._mark_stopped(_EARLY)
                 if self.log:
                     self.log(f"early stopping: no improvement for {self.patience} epochs")
                 break
@@ -580,10 +623,17 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_val": None if not math.isfinite(self.best_metric) else self._unscore(),
             "val_metric": self.val_metric,
-            "stopped_early": stopped_early,
+            "stopped_early": self.stopped == _EARLY,
             "stopped_by_callback": stopped_by_callback,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
         }
+
+    def _mark_stopped(self, why: str) -> None:
+        """Record why training stopped, in the epoch's checkpoint too (rewritten atomically)."""
+        self.stopped = why
+        with _dist.collective_errors(f"writing epoch {self.epoch}'s checkpoint"):
+            if self.out_dir is not None and self.is_writer:
+                save_checkpoint(self.out_dir / "checkpoints", self.epoch, self._state())
 
     def _write_epoch(self, row: dict[str, Any], improved: bool) -> None:
         """Rank 0's files for the finished epoch: metrics line, ``best.pt``, checkpoint.
