@@ -368,3 +368,33 @@ def test_the_command_prints_every_line_of_an_error(
     assert bbb.cli.main(["train"]) == 1
     err = capsys.readouterr().err
     assert "size mismatch for 0.weight_mu" in err
+
+
+def test_best_pt_ahead_of_the_resumed_checkpoint_is_not_trusted(tmp_path: Path) -> None:
+    run = tmp_path / "b"
+    _toy_trainer(run, epochs=2).fit()
+    best = torch.load(run / "best.pt", weights_only=True)
+    torch.save({**best, "epoch": 3}, run / "best.pt")  # as if epoch 3's checkpoint was lost
+    with pytest.warns(UserWarning, match="best.pt holds epoch 3 but checkpoint-00002.pt names"):
+        summary = _toy_trainer(run, epochs=3).fit(resume=True)
+    assert summary["best_epoch"] == 3  # chosen again: the only epoch validated since
+
+
+def test_settings_that_would_be_ignored_are_refused() -> None:
+    from bbb.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="uci_path applies to dataset 'uci' only"):
+        TrainConfig(dataset="mnist", uci_path="x").validate()
+    with pytest.raises(ConfigError, match="subset does not apply to dataset 'toy'"):
+        TrainConfig(dataset="toy", subset=10).validate()
+    with pytest.raises(ConfigError, match="patience needs a validation split"):
+        TrainConfig(dataset="uci", uci_path="x", val_fraction=0.0, patience=3).validate()
+    with pytest.raises(ValueError, match="patience needs a val_loader"):
+        bbb.train.Trainer(
+            BayesLinear(1, 1),
+            bbb.ELBO(bbb.Gaussian(), 4),
+            torch.optim.SGD(BayesLinear(1, 1).parameters(), 0.1),
+            [],
+            epochs=1,
+            patience=2,
+        )

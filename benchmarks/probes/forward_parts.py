@@ -14,21 +14,13 @@ import sys
 import time
 
 import torch
-from torch import nn
+from _pair import pair
 from torch.nn import functional as F
 
-import bbb
 import bbb.nn.module as module
-from bbb.bench import DATASET_SIZE, make_bbb_model, make_data
 
-bbb.tune_allocator()
 estimator = sys.argv[1] if len(sys.argv) > 1 else "reparam"
-x, y = make_data("mlp")
-det = nn.Sequential(
-    nn.Linear(784, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 10)
-)
-bay = make_bbb_model("mlp", 1200, estimator, "gaussian")
-elbo = bbb.ELBO(bbb.Categorical(), DATASET_SIZE)
+x, y, det, bay, elbo = pair(estimator)
 real_randn = module._rand.randn
 cache: dict[tuple[int, ...], torch.Tensor] = {}
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import changed_settings
 from .likelihoods import Gaussian
 from .nn.ensemble import BayesLinearEnsemble
 from .nn.module import kl_divergence, resample, sampling, vectorized_samples
@@ -648,13 +649,7 @@ def _check_same_config(path: Path, cfg: BanditConfig) -> None:
     """Refuse to resume a run with settings other than those it was started with."""
     if not path.is_file():
         raise ValueError(f"cannot resume: {path} does not exist (was the run started here?)")
-    saved = json.loads(path.read_text())
-    now = asdict(cfg)
-    diff = [
-        f"{k}: {saved.get(k)!r} -> {now[k]!r}"
-        for k in now
-        if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]
-    ]
+    diff = changed_settings(json.loads(path.read_text()), asdict(cfg), _RESUMABLE_CHANGES)
     if diff:
         raise ValueError(
             f"cannot resume {path.parent} with other settings ({'; '.join(diff)}); pass the "

@@ -14,6 +14,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,18 @@ MU_INITS = ("paper", "fan_in")
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid (the message names the key)."""
+
+
+def changed_settings(
+    saved: Mapping[str, Any], now: Mapping[str, Any], allowed: Sequence[str] = ()
+) -> list[str]:
+    """``"key: old -> new"`` for each setting of ``now`` that differs from ``saved``, except the
+    ``allowed`` keys (what a resumed run may change)."""
+    return [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in allowed and saved.get(k) != v
+    ]
 
 
 @dataclass
@@ -168,6 +181,17 @@ class TrainConfig:
             ) from None
         if self.dataset == "uci" and not self.uci_path:
             raise ConfigError("dataset 'uci' needs uci_path (a directory in the UCI split format)")
+        # settings that would be silently ignored
+        if self.dataset != "uci" and self.uci_path:
+            raise ConfigError(
+                f"uci_path applies to dataset 'uci' only (dataset is {self.dataset!r})"
+            )
+        if self.dataset == "toy" and self.subset is not None:
+            raise ConfigError("subset does not apply to dataset 'toy'; set toy_n instead")
+        if self.dataset == "uci" and self.val_fraction == 0 and self.patience is not None:
+            raise ConfigError(
+                "patience needs a validation split (early stopping watches it); val_fraction is 0"
+            )
         return self
 
     def _check_types(self) -> None:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import kernels as _kernels
 from . import plots
-from .config import ConfigError, TrainConfig, load_config_file
+from .config import ConfigError, TrainConfig, changed_settings, load_config_file
 from .elbo import ELBO, linear_annealing
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
@@ -172,11 +172,7 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
         raise ConfigError(f"cannot resume: {saved} does not exist")
     old = TrainConfig.from_dict(load_config_file(saved), source=str(saved)).to_dict()
     new = cfg.to_dict()
-    diff = [
-        f"{k} {old[k]!r} -> {new[k]!r}"
-        for k in new
-        if k not in RESUMABLE_CHANGES and old.get(k) != new[k]
-    ]
+    diff = changed_settings(old, new, RESUMABLE_CHANGES)
     if diff:
         raise ConfigError(
             f"cannot resume {saved.parent} with other settings ({'; '.join(diff)}): only "

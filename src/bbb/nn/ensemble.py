@@ -92,7 +92,8 @@ class BayesLinearEnsemble(BayesModule):
             s = self.num_samples
             raise ValueError(
                 f"BayesLinearEnsemble expected input of shape ({rows}, N, {self.in_features}) "
-                f"({self.members} members" + (f" x {s} stacked samples" if s > 1 else "")
+                f"({self.members} members"
+                + (f" x {s} stacked samples" if s > 1 else "")
                 + f"), got {tuple(x.shape)}"
             )
 

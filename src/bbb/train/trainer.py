@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -231,6 +232,8 @@ class Trainer:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+        if patience is not None and val_loader is None:
+            raise ValueError("patience needs a val_loader: early stopping watches validation")
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
         if len(train_loader) == 0:
@@ -411,6 +414,8 @@ class Trainer:
         if path is not None and self.is_writer:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the epoch's checkpoint is
 
     def _save_best(self) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -566,9 +571,22 @@ class Trainer:
         if loaded is not None:
             state, path, self.history, best = loaded
             self._restore(state)
-            if best is not None:
+            if best is not None and int(best.get("epoch", -1)) == self.best_epoch:
                 self.best_state = best["model"]
                 self.best_elbo_state = best["elbo"]
+            elif best is not None:
+                # best.pt is written before the epoch's checkpoint: a crash between the two
+                # leaves it ahead of the checkpoint resumed from, and the checkpoint's best
+                # weights are gone. Choose the best model again from here on.
+                import warnings
+
+                warnings.warn(
+                    f"best.pt holds epoch {best.get('epoch')} but {path.name} names epoch "
+                    f"{self.best_epoch} as the best (a crash between their writes): the best "
+                    "model is chosen again from the next epoch on",
+                    stacklevel=2,
+                )
+                self.best_metric, self.best_epoch = math.inf, 0
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
         stopped_by_callback = False
