@@ -440,3 +440,32 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
     for agent, v in metrics["agents"].items():
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(agent + " "))
         assert f"cumulative regret at 2: {v['cumulative_regret_mean']:.0f} +- " in line, line
+
+
+def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) -> None:
+    """Regret 5 = passed an edible mushroom, 15 = ate a poisonous one (hand-made checkpoint)."""
+    import subprocess
+    import sys
+
+    from bbb.train.checkpoint import save_checkpoint
+
+    regret = torch.zeros(8, 2)
+    regret[4:, 0] = torch.tensor([5.0, 0.0, 15.0, 0.0])  # seed 0: one of each in steps 5-8
+    regret[4:, 1] = torch.tensor([0.0, 0.0, 0.0, 15.0])  # seed 1: one poisonous in steps 5-8
+    cols = ["bbb-thompson/seed0", "bbb-thompson/seed1"]
+    save_checkpoint(
+        tmp_path / "run" / "checkpoints", 8, {"step": 8, "columns": cols, "regret": regret}
+    )
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bandit" / "interim.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), "--window", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # steps 5-8, 2 seeds: 8 member-steps, regret 5 + 15 + 15 = 35 -> 4.375 per step
+    assert "cumulative regret at 8: 18 +- 4 (per seed 20, 15)" in out
+    assert (
+        "per step over 5-8: 4.375 (passed an edible one on 12.50% of steps, ate a poisonous one on 25.00%)"
+        in out
+    )

@@ -6,7 +6,9 @@
 Parts of one comparison (e.g. the three of ``full_run.sh``) advance at different speeds; this
 compares them at a common step T (default: the smallest step every part has checkpointed):
 per agent, the cumulative expected regret at T (mean +- sd over seeds, and per seed) and the
-mean per-step regret over steps T-W+1..T (default W = 2000). Nothing is written.
+mean per-step regret over steps T-W+1..T (default W = 2000), split into its two sources: the
+share of steps on which the agent passed an edible mushroom (regret 5) and ate a poisonous one
+(regret 15). Nothing is written.
 """
 
 from __future__ import annotations
@@ -50,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         for agent in agents:
             cols = [i for i, c in enumerate(columns) if c.split("/")[0] == agent]
             cum = regret[:step, cols].sum(0)
-            late = regret[step - window : step, cols].mean()
+            recent = regret[step - window : step, cols]
+            late = recent.mean()
+            passed_edible = (recent == 5).float().mean()
+            ate_poisonous = (recent == 15).float().mean()
             per_seed = ", ".join(f"{v:.0f}" for v in cum.tolist())
             print(
                 f"{agent:14s} cumulative regret at {step}: {cum.mean():.0f} +- "
                 f"{cum.std(correction=1) if len(cols) > 1 else 0.0:.0f} (per seed {per_seed}); "
-                f"per step over {step - window + 1}-{step}: {late:.3f}"
+                f"per step over {step - window + 1}-{step}: {late:.3f} (passed an edible one "
+                f"on {100 * passed_edible:.2f}% of steps, ate a poisonous one on "
+                f"{100 * ate_poisonous:.2f}%)"
             )
     return 0
 
