@@ -398,3 +398,143 @@ def test_settings_that_would_be_ignored_are_refused() -> None:
             epochs=1,
             patience=2,
         )
+
+
+def test_restoring_rng_state_with_another_thread_count_warns() -> None:
+    from bbb.train.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    set_rng_state(state)  # same thread count: silent
+    with pytest.warns(UserWarning, match="written with 7 thread.*OMP_NUM_THREADS=7"):
+        set_rng_state({**state, "threads": 7})
+
+
+# --------------------------------------------------------------------------- bandit runs
+
+BANDIT = [
+    "bandit", "--seeds", "0", "--agents", "greedy-0", "--hidden", "8", "--updates-per-step", "1",
+    "--buffer-size", "8", "--batch-size", "4", "--checkpoint-every", "5", "--quiet",
+]  # fmt: skip
+
+
+def test_bandit_run_directories_and_resume_bounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "b"
+    assert cli(*BANDIT, "--steps", "10", "--out", run) == 0
+    capsys.readouterr()
+    # a fresh run into it is refused (its checkpoints would lose to the old run's)
+    assert cli(*BANDIT, "--steps", "6", "--out", run) == 1
+    assert "already holds a bandit run" in capsys.readouterr().err
+    # resuming below the steps done is a clear error
+    assert cli(*BANDIT, "--steps", "6", "--out", run, "--resume") == 1
+    assert "it is at step 10 already (--steps must be at least 10)" in capsys.readouterr().err
+    # extending rewrites config.json with the new length
+    assert cli(*BANDIT, "--steps", "12", "--out", run, "--resume") == 0
+    assert json.loads((run / "config.json").read_text())["steps"] == 12
+    # --overwrite starts over
+    assert cli(*BANDIT, "--steps", "5", "--out", run, "--overwrite") == 0
+    assert _checkpoints(run) == ["checkpoint-00005.pt"]
+    assert json.loads((run / "metrics.json").read_text())["steps_done"] == 5
+
+
+def test_bandit_refuses_duplicate_agents() -> None:
+    from bbb.bandit import BanditConfig
+
+    with pytest.raises(ValueError, match="agents must be distinct"):
+        BanditConfig(agents=["greedy-0", "greedy-0"]).validate()
+
+
+# --------------------------------------------------------------------------- UCI engine
+
+
+@pytest.fixture
+def uci_dir(tmp_path: Path) -> Path:
+    from test_uci import _write_uci_dir
+
+    return _write_uci_dir(tmp_path / "data")
+
+
+def _uci_cfg(**kw: object) -> object:
+    from bbb import uci as U
+
+    return U.uci_config(**{"epochs": 6, "num_samples": 2, **kw})
+
+
+def test_uci_engine_applies_every_training_setting(uci_dir: Path) -> None:
+    """The engine used to build Adam and a plain ELBO whatever the config said."""
+    from bbb import uci as U
+    from bbb.config import ConfigError
+
+    def result(**kw: object) -> tuple[float, float]:
+        r = U.run_split(uci_dir, 0, _uci_cfg(**kw), test_samples=5, passes=3)  # type: ignore[arg-type]
+        return r["rmse"], r["ll"]
+
+    base = result()
+    for change in (
+        {"optimizer": "sgd"},
+        {"lr_schedule": "cosine"},
+        {"kl_anneal_steps": 1000},
+        {"weight_decay": 10.0},
+    ):
+        assert result(**change) != base, change
+    with pytest.raises(ConfigError, match="patience is not used"):
+        result(patience=2)
+
+
+def test_uci_blundell_weights_run_over_one_pass(
+    uci_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bbb import uci as U
+
+    calls: list[tuple[int | None, int | None]] = []
+    real = bbb.ELBO.kl_weight
+
+    def spy(self: bbb.ELBO, batch_size: int, batch_index: int | None, num_batches: int | None):  # type: ignore[no-untyped-def]
+        calls.append((batch_index, num_batches))
+        return real(self, batch_size, batch_index, num_batches)
+
+    monkeypatch.setattr(bbb.ELBO, "kl_weight", spy)
+    U.run_split(uci_dir, 0, _uci_cfg(kl_weighting="blundell"), test_samples=5, passes=3)  # type: ignore[arg-type]
+    # full-batch (54 rows < batch 2048): one minibatch per pass, so M = 1 and pi_1 = 1
+    assert len(calls) == 6 and set(calls) == {(0, 1)}
+
+
+def test_tune_scores_diverged_points_last_and_uses_each_points_epochs(uci_dir: Path) -> None:
+    from bbb import uci as U
+    from bbb.config import ConfigError
+
+    ds = U.UCIDataset(uci_dir)
+    space = U.SearchSpace.from_dict({"grid": {"lr": [0.01, 1e8], "epochs": [6]}, "smooth": 1})
+    result = U.tune(ds, _uci_cfg(epochs=8), space, passes=4, log=None)  # type: ignore[arg-type]
+    good, bad = result["points"]
+    assert bad["val_ll"] is None and bad["diverged_on_splits"] == [0]
+    assert good["curve_epochs"] == [3, 6]  # the point's own 6 epochs, in blocks of 3
+    assert result["chosen"]["lr"] == 0.01 and result["chosen"]["epochs"] in (3, 6)
+    with pytest.raises(ConfigError, match="splits must be a non-empty list"):
+        U.SearchSpace.from_dict({"splits": []})
+    with pytest.raises(ConfigError, match=r"search splits \[7\] out of range"):
+        U.tune(ds, _uci_cfg(), U.SearchSpace.from_dict({"splits": [7]}), log=None)  # type: ignore[arg-type]
+
+
+def test_a_failed_parallel_task_keeps_the_others_results() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bbb.uci import _results_of
+
+    def work(i: int) -> int:
+        if i == 1:
+            raise RuntimeError("split 1 failed")
+        return i
+
+    done: list[int] = []
+    with ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError, match="split 1 failed"):
+        _results_of([pool.submit(work, i) for i in range(4)], done.append)
+    assert sorted(done) == [0, 2, 3]
+
+
+def test_bench_refuses_zero_repeats() -> None:
+    from bbb.bench import run_step_times
+
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        run_step_times([("mlp", 8)], ["reparam"], [1], ["gaussian"], [], 0, 0)

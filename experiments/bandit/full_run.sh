@@ -30,6 +30,10 @@ case ${1:-} in
     mkdir -p "$OUT"
     for part in "${parts[@]}"; do
       dir=$OUT/$part
+      if pgrep -f -- "--out $dir( |\$)" > /dev/null; then
+        echo "$part is already running (not started twice)"
+        continue
+      fi
       resume=()
       if [ -d "$dir/checkpoints" ] && [ -n "$(ls -A "$dir/checkpoints")" ]; then resume=(--resume); fi
       # shellcheck disable=SC2046

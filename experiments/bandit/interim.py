@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="compare at this step")
     p.add_argument("--window", type=int, default=2000, help="late per-step regret window")
     args = p.parse_args(argv)
+    if args.window < 1:
+        p.error(f"--window must be at least 1, got {args.window}")
     states = {rd: _newest(rd) for rd in args.runs}
     common = min(int(s["step"]) for s in states.values())
     step = common if args.step is None else args.step

@@ -45,6 +45,7 @@ from .nn.noise import randn as _randn
 from .priors import GaussianPrior, Prior, make_prior
 from .train.checkpoint import (
     atomic_write_text,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -140,6 +141,8 @@ class BanditConfig:
         unknown = [a for a in self.agents if a not in AGENTS]
         if unknown or not self.agents:
             raise ValueError(f"unknown agent(s) {unknown}; accepted values: {', '.join(AGENTS)}")
+        if len(set(self.agents)) != len(self.agents):
+            raise ValueError(f"agents must be distinct, got {self.agents!r}")
         for key in (
             "steps",
             "hidden",
@@ -500,6 +503,7 @@ def run_bandit(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Any = print,
     max_seconds: float | None = None,
@@ -507,7 +511,8 @@ def run_bandit(
     """Run (or resume) the bandit; writes regret CSV, metrics.json, the plot and checkpoints.
 
     ``max_seconds`` stops cleanly (after a checkpoint) when the time is up, so a long run can
-    span sessions with ``resume=True``.
+    span sessions with ``resume=True``. A directory that already holds a run is an error
+    unless ``resume`` (continue it) or ``overwrite`` (delete its checkpoints and results first).
     """
     from tqdm.auto import tqdm
 
@@ -515,6 +520,22 @@ def run_bandit(
 
     cfg.validate()
     out = Path(out_dir)
+    previous = [
+        *list_checkpoints(out / "checkpoints"),
+        *(
+            p
+            for p in (out / "config.json", out / "metrics.json", out / "regret.csv")
+            if p.is_file()
+        ),
+    ]
+    if not resume and previous:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a bandit run ({', '.join(p.name for p in previous)}); "
+                "continue it with --resume, start it over with --overwrite, or choose another --out"
+            )
+        for p in previous:  # the old run's higher step numbers would win the next resume
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     data = load_mushroom(cfg.data_dir)
     contexts, edible = data.contexts, data.edible
@@ -552,6 +573,11 @@ def run_bandit(
                 f"cannot resume {path}: it was written for members {state.get('columns')}"
             )
         start_step = int(state["step"])
+        if start_step > steps:
+            raise ValueError(
+                f"cannot resume {path} with --steps {steps}: it is at step {start_step} "
+                f"already (--steps must be at least {start_step})"
+            )
         for p, s in zip(pops, state["pops"], strict=True):
             p.model.load_state_dict(s["model"])
             p.buffers.load(s["buffers"])
@@ -565,8 +591,8 @@ def run_bandit(
         realized[:n_done] = state["realized"][:n_done]
         if log:
             log(f"resumed from {path} at step {start_step}")
-    else:
-        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    # on resume too: the run's settings as now run (steps, checkpoint_every may have changed)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
@@ -875,6 +901,12 @@ def add_parser(sub: Any) -> None:
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that already holds a run (its checkpoints and results are "
+        "deleted first)",
+    )
+    p.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -901,7 +933,12 @@ def main_bandit(args: Any) -> int:
         summary = merge_runs(args.merge, args.out)
     else:
         summary = run_bandit(
-            cfg, args.out, resume=args.resume, progress=not args.quiet, max_seconds=max_seconds
+            cfg,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            max_seconds=max_seconds,
         )
     window = summary.get("per_step_regret_window", LATE_WINDOW)
     for agent, v in summary["agents"].items():

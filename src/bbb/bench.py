@@ -269,6 +269,10 @@ def run_step_times(
     device: torch.device | str = "cpu",
 ) -> list[StepResult]:
     """Step times of every configuration, interleaved per network (see module doc)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer (timed rounds), got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
     results: list[StepResult] = []
     for net, hidden in nets:
         x, y = make_data(net, batch=batch, device=device)

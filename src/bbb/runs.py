@@ -151,6 +151,37 @@ def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def build_objective(
+    cfg: TrainConfig,
+    model: nn.Module,
+    likelihood: Likelihood,
+    dataset_size: int,
+    trainer_epochs: int,
+) -> tuple[ELBO, torch.optim.Optimizer, Any]:
+    """The ELBO (KL weighting, annealing; no KL for the deterministic baselines), optimizer
+    and learning-rate schedule of ``cfg`` (cosine over ``trainer_epochs`` scheduler steps)."""
+    kl_scale: Any = cfg.kl_scale
+    if cfg.kl_anneal_steps > 0:
+        kl_scale = linear_annealing(cfg.kl_anneal_steps, end=cfg.kl_scale)
+    if cfg.method != "bbb":
+        elbo = ELBO(likelihood, dataset_size, num_samples=1, kl_scale=0.0)
+    else:
+        elbo = ELBO(
+            likelihood,
+            dataset_size,
+            num_samples=cfg.num_samples,
+            kl_weighting=cfg.kl_weighting,
+            kl_scale=kl_scale,
+        )
+    optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_epochs)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
+    return elbo, optimizer, scheduler
+
+
 def _check_data(name: str, ds: TensorDataset | None) -> None:
     if ds is None:
         return
@@ -274,23 +305,8 @@ def _train_run(
         )
     model = build_model(cfg, data).to(device)
     likelihood = build_likelihood(cfg, data).to(device)
-    kl_scale: Any = cfg.kl_scale
-    if cfg.kl_anneal_steps > 0:
-        kl_scale = linear_annealing(cfg.kl_anneal_steps, end=cfg.kl_scale)
-    elbo = ELBO(
-        likelihood,
-        len(data.train),
-        num_samples=cfg.num_samples,
-        kl_weighting=cfg.kl_weighting,
-        kl_scale=kl_scale,
-    )
-    if cfg.method != "bbb":
-        elbo = ELBO(likelihood, len(data.train), num_samples=1, kl_scale=0.0)
-    optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-        if cfg.lr_schedule == "cosine"
-        else None
+    elbo, optimizer, scheduler = build_objective(
+        cfg, model, likelihood, len(data.train), cfg.epochs
     )
     if world == 1:
         train_loader = DataLoader(

@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +58,10 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from .config import ConfigError, TrainConfig, load_config_file
 from .data.checksums import MissingDataError, resolve_data_dir
 from .data.uci import UCIDataset, UCISplit, find_uci_datasets
-from .elbo import ELBO
-from .runs import RunData, build_likelihood, build_model
+from .kernels import use_kernels
+from .runs import RunData, build_likelihood, build_model, build_objective
 from .train.checkpoint import atomic_write_text
-from .train.trainer import Trainer, evaluate, seed_everything
+from .train.trainer import Trainer, TrainingDivergedError, evaluate, seed_everything
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -244,6 +244,28 @@ def _passes_per_block(epochs: int, block: int) -> int:
     return max(d for d in range(1, max(1, min(block, epochs)) + 1) if epochs % d == 0)
 
 
+def _block(cfg: TrainConfig, passes: int) -> int:
+    """Passes per trainer epoch for ``cfg``: 1 under the "blundell" KL weighting, whose
+    weights run over the minibatches of one pass (a block of passes would spread them over the
+    block, ~1/passes of the KL), else :func:`_passes_per_block`."""
+    return 1 if cfg.kl_weighting == "blundell" else _passes_per_block(cfg.epochs, passes)
+
+
+def _results_of(futures: Iterable[Any], handle: Callable[[Any], None]) -> None:
+    """``handle`` each finished future's result as it comes; a failed one does not discard
+    the others' (they are all handled first), then the first error is raised."""
+    errors = []
+    for fut in as_completed(futures):
+        try:
+            result = fut.result()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others
+            errors.append(e)
+            continue
+        handle(result)
+    if errors:
+        raise errors[0]
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -313,6 +335,14 @@ class SearchSpace:
                 raise ConfigError(f"{source}: grid[{key!r}] must be a non-empty list")
         if not 0 < space.validation_fraction < 1:
             raise ConfigError(f"{source}: validation_fraction must lie in (0, 1)")
+        if (
+            not isinstance(space.splits, list)
+            or not space.splits
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in space.splits)
+        ):
+            raise ConfigError(
+                f"{source}: splits must be a non-empty list of split indices, got {space.splits!r}"
+            )
         if space.smooth < 1:
             raise ConfigError(f"{source}: smooth must be >= 1")
         return space
@@ -388,20 +418,14 @@ def _train(
     ``val_every`` the trainer validates (original-unit NLL) after every trainer epoch.
     Returns the trainer (model at its final weights) and the likelihood.
     """
+    check_uci_settings(cfg)
     generator = seed_everything(seed)
     model = build_model(cfg, data).to(cfg.device)
     likelihood = build_likelihood(cfg, data).to(cfg.device)
     n = len(data.train)
-    elbo = ELBO(
-        likelihood,
-        n,
-        num_samples=cfg.num_samples,
-        kl_weighting=cfg.kl_weighting,
-        kl_scale=cfg.kl_scale,
-    )
-    params = [*model.parameters(), *likelihood.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
-    per_block = _passes_per_block(cfg.epochs, passes)
+    per_block = _block(cfg, passes)
+    # the same ELBO, optimizer and schedule as `bbb train` (bbb.runs.build_objective)
+    elbo, optimizer, scheduler = build_objective(cfg, model, likelihood, n, cfg.epochs // per_block)
     sampler = RepeatedBatches(n, min(cfg.batch_size, n), per_block, generator)
     loader = DataLoader(data.train, sampler=sampler, batch_size=None)
     val_loader = None
@@ -413,6 +437,7 @@ def _train(
         optimizer,
         loader,
         val_loader=val_loader,
+        scheduler=scheduler,
         epochs=cfg.epochs // per_block,
         out_dir=None,
         val_metric="nll",
@@ -424,8 +449,18 @@ def _train(
         grad_clip=cfg.grad_clip,
         device=cfg.device,
     )
-    trainer.fit()
+    with use_kernels(cfg.kernels):
+        trainer.fit()
     return trainer, likelihood
+
+
+def check_uci_settings(cfg: TrainConfig) -> None:
+    """Settings the UCI protocol cannot honour, refused instead of ignored."""
+    if cfg.patience is not None:
+        raise ConfigError(
+            "the UCI engine trains every split for a fixed number of epochs (chosen by --tune "
+            "on validation curves); patience is not used there, leave it unset"
+        )
 
 
 def _noise_std(likelihood: Any, y_std: float) -> float | None:
@@ -496,6 +531,7 @@ def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:
 
 
 def _tune_curve(
+    key: int,
     path: PathLike,
     cfg: TrainConfig,
     split: int,
@@ -503,16 +539,24 @@ def _tune_curve(
     passes: int,
     verify: bool = True,
     threads: int | None = None,
-) -> tuple[list[float], list[float]]:
-    """Validation LL and RMSE curves (original units, one value per trainer epoch) of one
-    grid point on one split's training rows minus a validation part."""
+) -> tuple[int, int, tuple[list[float], list[float]] | None]:
+    """``(key, split, curves)``: the validation LL and RMSE curves (original units,
+    one value per trainer epoch) of one grid point on one split's training rows minus a
+    validation part; ``curves`` is None when training diverged."""
     if threads is not None:
         torch.set_num_threads(threads)
     dataset = UCIDataset(path, verify=verify)
     sp = dataset.split(split, validation_fraction=validation_fraction, seed=cfg.seed)
     data = _run_data(sp, sp.train, sp.val)
-    trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split, val_every=True)
-    return [-r["val_nll"] for r in trainer.history], [r["val_rmse"] for r in trainer.history]
+    try:
+        trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split, val_every=True)
+    except TrainingDivergedError:
+        return key, split, None
+    return (
+        key,
+        split,
+        ([-r["val_nll"] for r in trainer.history], [r["val_rmse"] for r in trainer.history]),
+    )
 
 
 def tune(
@@ -538,7 +582,11 @@ def tune(
     Returns ``{"points": [...], "chosen": {...overrides, "epochs": E}, "seconds": ...}``.
     """
     start = time.perf_counter()
-    per_block = _passes_per_block(base.epochs, passes)
+    bad = [s for s in space.splits if s >= dataset.n_splits]
+    if bad:
+        raise ConfigError(
+            f"search splits {bad} out of range: {dataset.name} has splits 0..{dataset.n_splits - 1}"
+        )
     overrides_list = space.points()
     cfgs = [
         TrainConfig.from_dict({**base.to_dict(), **o}, source="search").validate()
@@ -546,7 +594,7 @@ def tune(
     ]
     tasks = [(i, s) for i in range(len(cfgs)) for s in space.splits]
     frac = space.validation_fraction
-    curves: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+    curves: dict[tuple[int, int], tuple[list[float], list[float]] | None] = {}
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
@@ -554,21 +602,26 @@ def tune(
             max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")
         ) as pool:
             futures = {
-                pool.submit(_tune_curve, dataset.path, cfgs[i], s, frac, passes, verify, threads): (
-                    i,
-                    s,
-                )
+                pool.submit(
+                    _tune_curve, i, dataset.path, cfgs[i], s, frac, passes, verify, threads
+                ): (i, s)
                 for i, s in tasks
             }
-            for fut in as_completed(futures):
-                curves[futures[fut]] = fut.result()
+            _results_of(futures, lambda r: curves.__setitem__((r[0], r[1]), r[2]))
     else:
         for i, s in tasks:
-            curves[(i, s)] = _tune_curve(dataset.path, cfgs[i], s, frac, passes, verify)
+            curves[(i, s)] = _tune_curve(i, dataset.path, cfgs[i], s, frac, passes, verify)[2]
     points = []
     for i, overrides in enumerate(overrides_list):
-        lls = [curves[(i, s)][0] for s in space.splits]
-        rmses = [curves[(i, s)][1] for s in space.splits]
+        per_block = _block(cfgs[i], passes)
+        diverged = [s for s in space.splits if curves[(i, s)] is None]
+        if diverged:  # a valid point of the grid (e.g. too high a learning rate): scored last
+            points.append({"overrides": overrides, "val_ll": None, "diverged_on_splits": diverged})
+            if log:
+                log(f"  tune {overrides}: diverged (splits {diverged})")
+            continue
+        lls = [curves[(i, s)][0] for s in space.splits]  # type: ignore[index]
+        rmses = [curves[(i, s)][1] for s in space.splits]  # type: ignore[index]
         ll = [sum(c[k] for c in lls) / len(lls) for k in range(len(lls[0]))]
         rmse = [sum(c[k] for c in rmses) / len(rmses) for k in range(len(ll))]
         k, score = _smoothed_argmax(ll, space.smooth)
@@ -587,7 +640,12 @@ def tune(
                 f"  tune {overrides}: val ll {score:.4f} rmse {rmse[k]:.4g} "
                 f"at epoch {point['epochs']}"
             )
-    best = max(points, key=lambda p: p["val_ll"])
+    finite = [p for p in points if p["val_ll"] is not None]
+    if not finite:
+        raise TrainingDivergedError(
+            f"every grid point diverged in the search on {dataset.name}: lower the learning rate"
+        )
+    best = max(finite, key=lambda p: p["val_ll"])
     return {
         "metric": "validation log-likelihood (original units), smoothed",
         "validation_fraction": space.validation_fraction,
@@ -856,8 +914,7 @@ def _run_uci_body(
                 pool.submit(run_split, dataset.path, s, cfg, threads=st.threads, **kwargs)
                 for s in todo
             ]
-            for fut in as_completed(futures):
-                finish(fut.result())
+            _results_of(futures, finish)  # a failed split keeps the others' results
     else:
         for s in todo:
             finish(run_split(dataset.path, s, cfg, **kwargs))  # type: ignore[arg-type]

@@ -116,6 +116,9 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_state), py_gauss],
+        # the weight noise of large tensors is drawn in one chunk per thread (bbb.nn.noise),
+        # so an exact resume needs the same thread count: recorded, checked on restore
+        "threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -128,6 +131,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
+    threads = state.get("threads")
+    if threads is not None and int(threads) != torch.get_num_threads():
+        warnings.warn(
+            f"the checkpoint was written with {int(threads)} thread(s), this process has "
+            f"{torch.get_num_threads()}: the resumed run is statistically the same but not "
+            "bit-identical to an uninterrupted one (the weight noise is drawn in one chunk per "
+            f"thread, and matrix products round differently); set OMP_NUM_THREADS={int(threads)} "
+            "to continue it exactly",
+            stacklevel=2,
+        )
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
