@@ -391,7 +391,7 @@ def fused_update(
         # d/dout of the mean Gaussian NLL: (out - r) / (sigma_n^2 B); of the mean squared
         # error: 2 (out - r) / B
         c = 1.0 / (float(p.likelihood.sigma[0]) ** 2 * b) if p.bayes else 2.0 / b
-        scales.append(torch.full((k, 1, 1), c))
+        scales.append(torch.full((k, 1, 1), c, dtype=inp.dtype, device=inp.device))
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     r = rs[0] if len(rs) == 1 else torch.cat(rs)
     scale = scales[0] if len(scales) == 1 else torch.cat(scales)
