@@ -538,3 +538,16 @@ def test_bench_refuses_zero_repeats() -> None:
 
     with pytest.raises(ValueError, match="repeats must be a positive integer"):
         run_step_times([("mlp", 8)], ["reparam"], [1], ["gaussian"], [], 0, 0)
+
+
+def test_uci_all_caps_a_split_count_at_each_sets_splits(
+    uci_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--all --splits 4 over sets of 3 splits: each runs its 3 (was: an error mid-run)."""
+    out = tmp_path / "all"
+    args = ["uci", "--all", uci_dir.parent, "--out", out, "--epochs", "2", "--splits", "4"]
+    assert cli(*args, "--test-samples", "2", "--quiet") == 0
+    assert "| tiny | 3 |" in capsys.readouterr().out
+    (tmp_path / "nothing-here").mkdir()
+    assert cli("uci", "--all", tmp_path / "nothing-here", "--out", out) == 1
+    assert f"no UCI split directory under {tmp_path / 'nothing-here'}" in capsys.readouterr().err

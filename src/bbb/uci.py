@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from .config import ConfigError, TrainConfig, load_config_file
 from .data.checksums import MissingDataError, resolve_data_dir
-from .data.uci import UCIDataset, UCISplit, find_uci_datasets
+from .data.uci import UCIDataset, UCISplit, count_splits, dataset_name, find_uci_datasets
 from .kernels import use_kernels
 from .runs import RunData, build_likelihood, build_model, build_objective
 from .train.checkpoint import atomic_write_text
@@ -1010,13 +1010,14 @@ def run_all(
     ``config_for(name)`` / ``settings_for(name)`` give the per-data-set settings (default:
     `uci_config()` and all splits).
     """
-    directories = find_uci_datasets(resolve_uci_root(root, data_dir))
+    resolved = resolve_uci_root(root, data_dir)
+    directories = find_uci_datasets(resolved)
     if not directories:
-        raise MissingDataError(f"no UCI split directory under {root}")
+        raise MissingDataError(f"no UCI split directory under {resolved}")
     out = Path(out_dir)
     results = []
     for d in directories:
-        name = d.parent.name if d.name == "data" else d.name
+        name = dataset_name(d)
         cfg = config_for(name) if config_for else None
         st = settings_for(name) if settings_for else None
         results.append(
@@ -1154,12 +1155,24 @@ def main_uci(args: Any) -> int:
             file = None if config_dir is None else config_dir / f"{name}.toml"
             return load_uci_config_file(file if file and file.is_file() else None, **flags)
 
+        split_counts = {
+            dataset_name(d): count_splits(d)
+            for d in find_uci_datasets(resolve_uci_root(root, args.data_dir))
+        }
+
         def settings_for(name: str) -> UCIRunSettings:
             st = _settings(args)
             file = None if config_dir is None else config_dir / f"{name}.toml"
             spec = args.splits if args.splits is not None else uci_table(file).get("splits")
             if spec is not None:
-                st.splits = parse_splits(spec, 10**6)
+                n = split_counts[name]
+                if (isinstance(spec, int) and not isinstance(spec, bool)) or (
+                    isinstance(spec, str) and spec.strip().isdigit()
+                ):
+                    # a count across data sets of different sizes: each set's first
+                    # min(count, its splits) (protein has 5, the others 20)
+                    spec = min(int(spec), n)
+                st.splits = parse_splits(spec, n)
             return st
 
         out = Path(args.out or "runs/uci")

@@ -50,6 +50,8 @@ __all__ = [
     "UCIDataset",
     "UCIInfo",
     "UCISplit",
+    "count_splits",
+    "dataset_name",
     "find_uci_datasets",
     "is_uci_dir",
     "load_uci",
@@ -261,12 +263,12 @@ def _resolve_dir(path: PathLike, data_dir: PathLike | None) -> Path:
     )
 
 
-def _dataset_name(directory: Path) -> str:
+def dataset_name(directory: Path) -> str:
     """Name of the data set in ``directory`` (its parent's name for ``<name>/data``)."""
     return directory.parent.name if directory.name == "data" else directory.name
 
 
-def _count_splits(directory: Path) -> int:
+def count_splits(directory: Path) -> int:
     """``n_splits.txt``, else the number of consecutive ``index_train_<i>.txt`` files, else 20."""
     n_file = directory / "n_splits.txt"
     if n_file.is_file():
@@ -284,9 +286,9 @@ def uci_info(path: PathLike, *, data_dir: PathLike | None = None) -> UCIInfo:
     """
     directory = _resolve_dir(path, data_dir)
     return UCIInfo(
-        name=_dataset_name(directory),
+        name=dataset_name(directory),
         path=directory,
-        n_splits=_count_splits(directory),
+        n_splits=count_splits(directory),
         n_hidden=_read_int(directory / "n_hidden.txt", DEFAULT_N_HIDDEN),
         n_epochs=_read_int(directory / "n_epochs.txt", DEFAULT_N_EPOCHS),
         n_rows=_count_rows(directory / "data.txt"),
@@ -324,7 +326,7 @@ class UCIDataset:
         self, path: PathLike, *, data_dir: PathLike | None = None, verify: bool = True
     ) -> None:
         self.path = _resolve_dir(path, data_dir)
-        self.name = _dataset_name(self.path)
+        self.name = dataset_name(self.path)
         self.verify = verify
         for name in _REQUIRED:
             self._checked(name)
@@ -349,7 +351,7 @@ class UCIDataset:
         self.info = UCIInfo(
             name=self.name,
             path=self.path,
-            n_splits=_count_splits(self.path),
+            n_splits=count_splits(self.path),
             n_hidden=_read_int(self.path / "n_hidden.txt", DEFAULT_N_HIDDEN),
             n_epochs=_read_int(self.path / "n_epochs.txt", DEFAULT_N_EPOCHS),
             n_rows=values.shape[0],
