@@ -81,7 +81,7 @@ def test_buffer_is_a_ring_of_the_last_interactions() -> None:
             torch.tensor([0, 1]),
             torch.tensor([t, -t], dtype=torch.float32),
         )
-    assert buf.size == 3
+    assert buf.size == 3 and buf.seen == 5
     assert sorted(buf.inp[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
     # stored rows are the network inputs: context, then the one-hot action
     assert torch.equal(buf.inp[0, :, 1:], torch.tensor([[1.0, 0.0]] * 3))
@@ -171,6 +171,8 @@ def test_bad_config_is_a_clear_error() -> None:
         BanditConfig(steps=0).validate()
     with pytest.raises(ValueError, match="unknown estimator"):
         BanditConfig(estimator="x").validate()
+    with pytest.raises(ValueError, match="kl_data_size 'all'; accepted values: buffer, seen"):
+        BanditConfig(kl_data_size="all").validate()
 
 
 @needs_data
@@ -472,10 +474,10 @@ def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) 
 
 
 def _reference_loss(
-    pops: list, eps: torch.Tensor, prior: str, gen: torch.Generator
+    pops: list, eps: torch.Tensor, prior: str, gen: torch.Generator, n_kl: int
 ) -> torch.Tensor:
     """The populations' summed loss written from the protocol alone (no bbb KL code): Gaussian
-    NLL with noise 0.3 + KL / N (N the buffer's current size) for the Bayesian members, with
+    NLL with noise 0.3 + KL / n_kl for the Bayesian members, with
     the closed-form Gaussian KL (prior sd 0.8) or log q - log p at the sampled weights (Laplace
     scale 0.8, the paper's mixture 1/2 N(0, 1) + 1/2 N(0, e^-12)); squared error for greedy."""
     import math
@@ -523,7 +525,7 @@ def _reference_loss(
                 if j < 2:
                     h = torch.relu(h)
             nll = 0.5 * (h[..., 0] - r) ** 2 / 0.3**2
-            total = total + nll.mean(1).sum() + kl / p.buffers.size
+            total = total + nll.mean(1).sum() + kl / n_kl
         else:
             for j, layer in enumerate(p.layers):
                 h = h @ layer.weight_mu.transpose(1, 2) + layer.bias_mu.unsqueeze(1)
@@ -535,10 +537,13 @@ def _reference_loss(
 
 @pytest.mark.parametrize("prior", ["gaussian", "scale_mixture", "laplace"])
 @pytest.mark.parametrize("agents", ["both", "bbb", "greedy"])
-def test_fused_update_equals_an_independent_reference(prior: str, agents: str) -> None:
+@pytest.mark.parametrize("kl_data_size", ["buffer", "seen"])
+def test_fused_update_equals_an_independent_reference(
+    prior: str, agents: str, kl_data_size: str
+) -> None:
     """Stricter than the autograd comparison above: a reference loss written from the protocol
     (not bbb's KL code), prior sd 0.8 (an s for s^2 slip shows), likelihood noise 0.3, and a
-    buffer that has wrapped (N = its size 4, not the 7 interactions seen)."""
+    buffer that has wrapped: N = its size 4 (the protocol), or the 7 interactions seen."""
     from bbb.bandit import BanditConfig, _Population, fused_update
 
     torch.manual_seed(1)
@@ -546,8 +551,14 @@ def test_fused_update_equals_an_independent_reference(prior: str, agents: str) -
     torch.set_default_dtype(torch.float64)  # the populations' tensors, buffers and priors
     try:
         cfg = BanditConfig(
-            prior=prior, hidden=5, batch_size=6, buffer_size=4, noise_sigma=0.3, prior_sigma=0.8
-        )
+            prior=prior,
+            hidden=5,
+            batch_size=6,
+            buffer_size=4,
+            noise_sigma=0.3,
+            prior_sigma=0.8,
+            kl_data_size=kl_data_size,
+        ).validate()
         pops = []
         if agents in ("both", "bbb"):
             pops.append(_Population(cfg, ["bbb-thompson"] * 2, [0, 1], True, 3))
@@ -565,12 +576,13 @@ def test_fused_update_equals_an_independent_reference(prior: str, agents: str) -
             for layer in p.layers:
                 layer.weight_rho.uniform_(-3, 0)
                 layer.bias_rho.uniform_(-3, 0)
-    assert pops[0].buffers.size == 4
+    assert pops[0].buffers.size == 4 and pops[0].buffers.seen == 7
+    n_kl = 4 if kl_data_size == "buffer" else 7
     bayes = next((p for p in pops if p.bayes), None)
     eps = torch.randn(0 if bayes is None else bayes.n_mu, dtype=torch.float64)
     fused_update(pops, torch.Generator().manual_seed(3), eps=eps)
     got = [[g.clone() for _, g in p.views] for p in pops]
-    _reference_loss(pops, eps, prior, torch.Generator().manual_seed(3)).backward()
+    _reference_loss(pops, eps, prior, torch.Generator().manual_seed(3), n_kl).backward()
     for p, grads in zip(pops, got, strict=True):
         for (q, _), g in zip(p.views, grads, strict=True):
             assert q.grad is not None

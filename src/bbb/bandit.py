@@ -76,7 +76,10 @@ BAYES_ONLY_SETTINGS = (
     "prior_sigma2",
     "noise_sigma",
     "rho_init",
+    "kl_data_size",
 )
+#: accepted values of ``BanditConfig.kl_data_size`` (the N of the Bayesian agent's KL / N)
+KL_DATA_SIZES = ("buffer", "seen")
 EAT, PASS = 1, 0
 REWARD_EDIBLE = 5.0
 REWARD_POISON_GOOD = 5.0
@@ -134,6 +137,11 @@ class BanditConfig:
     prior_sigma2: float = math.exp(-6)
     noise_sigma: float = 0.1  # Gaussian likelihood of the BBB agent's reward model
     rho_init: float = -3.0
+    # The ELBO's data-set size N (the loss is mean NLL + KL / N): "buffer", the buffer's current
+    # size (the protocol of issue 6, at most buffer_size), or "seen", every interaction so far
+    # (the buffer then stands for the whole history, as a minibatch stands for a data set; a
+    # variant, not the paper's agent)
+    kl_data_size: str = "buffer"
     checkpoint_every: int = 500
     data_dir: str | None = None
 
@@ -174,6 +182,11 @@ class BanditConfig:
             v = getattr(self, key)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite positive number, got {v!r}")
+        if self.kl_data_size not in KL_DATA_SIZES:
+            raise ValueError(
+                f"unknown kl_data_size {self.kl_data_size!r}; accepted values: "
+                f"{', '.join(KL_DATA_SIZES)}"
+            )
         if not math.isfinite(self.rho_init):
             raise ValueError(f"rho_init must be finite, got {self.rho_init!r}")
         make_prior_from(self)  # the prior's own checks (sigma > 0, pi in (0, 1), ...)
@@ -221,6 +234,7 @@ class _Buffers:
         self.capacity = capacity
         self.size = 0
         self.pos = 0
+        self.seen = 0  # interactions added so far (size is min(seen, capacity))
         self._offsets = (torch.arange(members) * capacity).unsqueeze(1)  # (K, 1)
 
     def add(self, x: Tensor, a: Tensor, r: Tensor) -> None:
@@ -229,6 +243,7 @@ class _Buffers:
         self.r[:, self.pos] = r
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+        self.seen += 1
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(K, B, D + 2) inputs and (K, B) rewards, drawn uniformly with replacement."""
@@ -240,7 +255,13 @@ class _Buffers:
         return inp, self.r.view(-1).index_select(0, idx).view(k, batch)
 
     def state(self) -> dict[str, Any]:
-        return {"inp": self.inp, "r": self.r, "size": self.size, "pos": self.pos}
+        return {
+            "inp": self.inp,
+            "r": self.r,
+            "size": self.size,
+            "pos": self.pos,
+            "seen": self.seen,
+        }
 
     def load(self, s: dict[str, Any]) -> None:
         if s["inp"].shape != self.inp.shape:
@@ -250,6 +271,9 @@ class _Buffers:
             )
         self.inp, self.r = s["inp"].contiguous(), s["r"].contiguous()
         self.size, self.pos = int(s["size"]), int(s["pos"])
+        # checkpoints from before "seen" was stored: only runs with kl_data_size "buffer" (the
+        # only value then), which never read it
+        self.seen = int(s.get("seen", self.size))
 
 
 def _with_action(x: Tensor, a: Tensor) -> Tensor:
@@ -275,6 +299,7 @@ class _Population:
         self.likelihood = Gaussian("fixed", sigma=cfg.noise_sigma)
         self.buffers = _Buffers(k, cfg.buffer_size, dim)
         self.thompson_samples = cfg.thompson_samples
+        self.kl_data_size = cfg.kl_data_size
         self.batch_size = cfg.batch_size
         self.eps = torch.tensor([0.0 if bayes else _epsilon(n) for n in names])
         # All trainable tensors live in one flat parameter (the layers' parameters become views
@@ -295,6 +320,11 @@ class _Population:
             q.data = self.flat.data[offset : offset + n].view_as(q)
             self.views.append((q, self.flat.grad[offset : offset + n].view_as(q)))
             offset += n
+
+    @property
+    def kl_n(self) -> int:
+        """The ELBO's data-set size N now (``BanditConfig.kl_data_size``)."""
+        return self.buffers.seen if self.kl_data_size == "seen" else self.buffers.size
 
     def gather_grads(self) -> None:
         """Copy the layers' ``.grad`` (from autograd) into the flat parameter's gradient."""
@@ -328,7 +358,7 @@ class _Population:
     def loss(self, generator: torch.Generator) -> Tensor:
         """The training loss of one minibatch from each member's buffer, summed over members.
 
-        Bayesian members: sum_k (mean NLL_k + KL_k / N), N the buffer's current size (members
+        Bayesian members: sum_k (mean NLL_k + KL_k / N), N = :attr:`kl_n` (members
         are independent networks, so the sum trains each on its own ELBO). Greedy members: sum
         of the members' mean squared errors.
         """
@@ -338,7 +368,7 @@ class _Population:
             nll = -self.likelihood.log_prob(out.reshape(1, -1, 1), r.reshape(-1))
             return (
                 nll.reshape(len(self.names), -1).mean(1).sum()
-                + kl_divergence(self.model) / self.buffers.size
+                + kl_divergence(self.model) / self.kl_n
             )
         with sampling(self.model, "mean"):
             out = self.model(inp)[..., 0]
@@ -465,7 +495,7 @@ def fused_update(
         for gw, gb in grads:  # data gradient w.r.t. the sampled w, in the order of the means
             next(views)[1].copy_(gw[:kb])
             next(views)[1].copy_(gb[:kb])
-        inv_n = 1.0 / bayes.buffers.size
+        inv_n = 1.0 / bayes.kl_n
         prior = bayes.prior
         if isinstance(prior, GaussianPrior):  # closed-form KL
             m, s2 = prior._value("mean"), prior._value("sigma") ** 2
@@ -887,6 +917,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--rho-init", type=float, default=d.rho_init, help="initial rho (sigma = softplus(rho))"
+    )
+    p.add_argument(
+        "--kl-data-size",
+        default=d.kl_data_size,
+        choices=KL_DATA_SIZES,
+        help="BBB ELBO's N: the buffer's current size (the protocol) or all interactions seen",
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
