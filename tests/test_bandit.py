@@ -471,6 +471,19 @@ def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) 
         "per step over 5-8: 4.375 (passed an edible one on 12.50% of steps, ate a poisonous one on 25.00%)"
         in out
     )
+    # two runs of the same agent (e.g. Bayesian variants): each line names its run
+    regret2 = torch.full((8, 2), 5.0)
+    save_checkpoint(
+        tmp_path / "variant" / "checkpoints", 8, {"step": 8, "columns": cols, "regret": regret2}
+    )
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "variant")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"bbb-thompson ({tmp_path / 'run'}) cumulative regret at 8: 18 +- 4" in out
+    assert f"bbb-thompson ({tmp_path / 'variant'}) cumulative regret at 8: 40 +- 0" in out
 
 
 def _reference_loss(

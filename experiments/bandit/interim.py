@@ -47,11 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{rd.name} {int(s['step'])}" for rd, s in states.items())
         + f"; compared at step {step}"
     )
-    for _rd, state in states.items():
+    # an agent run in several of the runs (e.g. Bayesian variants) is labelled with its run
+    seen: dict[str, int] = {}
+    for state in states.values():
+        for agent in dict.fromkeys(c.split("/")[0] for c in state["columns"]):
+            seen[agent] = seen.get(agent, 0) + 1
+    for rd, state in states.items():
         regret: torch.Tensor = state["regret"]  # (steps done, columns): expected regret per step
         columns: list[str] = state["columns"]  # "agent/seedN"
         agents = dict.fromkeys(c.split("/")[0] for c in columns)
         for agent in agents:
+            label = agent if seen[agent] == 1 else f"{agent} ({rd})"
             cols = [i for i, c in enumerate(columns) if c.split("/")[0] == agent]
             cum = regret[:step, cols].sum(0)
             recent = regret[step - window : step, cols]
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             ate_poisonous = (recent == 15).float().mean()
             per_seed = ", ".join(f"{v:.0f}" for v in cum.tolist())
             print(
-                f"{agent:14s} cumulative regret at {step}: {cum.mean():.0f} +- "
+                f"{label:14s} cumulative regret at {step}: {cum.mean():.0f} +- "
                 f"{cum.std(correction=1) if len(cols) > 1 else 0.0:.0f} (per seed {per_seed}); "
                 f"per step over {step - window + 1}-{step}: {late:.3f} (passed an edible one "
                 f"on {100 * passed_edible:.2f}% of steps, ate a poisonous one on "
