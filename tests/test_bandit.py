@@ -407,9 +407,13 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "full"), "STEPS": "2", "BBB_DATA_DIR": str(DATA)}
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
 
-    def sh(cmd: str) -> str:
+    def sh(cmd: str, **extra: str) -> str:
         r = subprocess.run(
-            ["bash", str(script), cmd], cwd=root, env=env, capture_output=True, text=True
+            ["bash", str(script), cmd],
+            cwd=root,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
         )
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
@@ -442,6 +446,21 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
     for agent, v in metrics["agents"].items():
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(agent + " "))
         assert f"cumulative regret at 2: {v['cumulative_regret_mean']:.0f} +- " in line, line
+
+    # a Bayesian variant (PARTS, EXTRA) merged with the greedy parts above (MERGE_WITH)
+    variant = {"OUT": str(tmp_path / "variant"), "PARTS": "bbb", "EXTRA": "--noise-sigma 0.3"}
+    assert sh("start", **variant).count("started") == 1
+    done = tmp_path / "variant" / "bbb" / "metrics.json"
+    while not done.exists():
+        assert time.monotonic() < deadline, sh("status", **variant)
+        time.sleep(1)
+    greedy = " ".join(str(tmp_path / "full" / p) for p in ("greedy-a", "greedy-b"))
+    sh("merge", **variant, MERGE_WITH=greedy)
+    merged = tmp_path / "variant" / "merged"
+    assert set(json.loads((merged / "metrics.json").read_text())["agents"]) == set(
+        metrics["agents"]
+    )
+    assert json.loads((merged / "config.json").read_text())["noise_sigma"] == 0.3
 
 
 def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) -> None:

@@ -9,10 +9,30 @@
 # Parts: the BBB agent (5 networks, ~5.4 steps/s alone on one core), greedy 0% + 1% (10
 # networks) and greedy 5% (5 networks). Logs in $OUT/<part>.log. `bbb bandit --merge` checks
 # that the parts share seeds and settings and have the same number of steps done.
+#
+# Variants (environment): PARTS picks parts (default "bbb greedy-a greedy-b"), EXTRA adds
+# `bbb bandit` flags to every part started (give the same EXTRA when resuming: a resumed run
+# refuses other settings), MERGE_WITH adds finished run directories to `merge`. E.g. a Bayesian
+# variant compared with the greedy parts of the full run:
+#
+#   OUT=runs/bandit-noise003 PARTS=bbb EXTRA="--noise-sigma 0.03" experiments/bandit/full_run.sh start
+#   OUT=runs/bandit-noise003 PARTS=bbb \
+#     MERGE_WITH="runs/bandit-full/greedy-a runs/bandit-full/greedy-b" experiments/bandit/full_run.sh merge
 set -euo pipefail
 OUT=${OUT:-runs/bandit-full}
 STEPS=${STEPS:-50000}
-parts=(bbb greedy-a greedy-b)
+read -r -a parts <<< "${PARTS:-bbb greedy-a greedy-b}"
+read -r -a extra <<< "${EXTRA:-}"
+read -r -a merge_with <<< "${MERGE_WITH:-}"
+for part in "${parts[@]}"; do
+  case $part in
+    bbb | greedy-a | greedy-b) ;;
+    *)
+      echo "unknown part '$part' in PARTS; accepted values: bbb greedy-a greedy-b" >&2
+      exit 2
+      ;;
+  esac
+done
 agents_bbb=(bbb-thompson)
 agents_greedy_a=(greedy-0 greedy-0.01)
 agents_greedy_b=(greedy-0.05)
@@ -39,7 +59,7 @@ case ${1:-} in
       # shellcheck disable=SC2046
       OMP_NUM_THREADS=1 nohup python -m bbb bandit --agents $(agents_of "$part") \
         --steps "$STEPS" --seeds 0 1 2 3 4 --checkpoint-every 1000 --quiet \
-        --out "$dir" "${resume[@]}" >> "$OUT/$part.log" 2>&1 &
+        --out "$dir" "${resume[@]}" "${extra[@]}" >> "$OUT/$part.log" 2>&1 &
       echo "started $part (pid $!)"
     done
     ;;
@@ -50,7 +70,9 @@ case ${1:-} in
     done
     ;;
   merge)
-    python -m bbb bandit --merge "$OUT/bbb" "$OUT/greedy-a" "$OUT/greedy-b" --out "$OUT/merged"
+    dirs=()
+    for part in "${parts[@]}"; do dirs+=("$OUT/$part"); done
+    python -m bbb bandit --merge "${dirs[@]}" "${merge_with[@]}" --out "$OUT/merged"
     ;;
   *)
     echo "usage: $0 start|status|merge" >&2
