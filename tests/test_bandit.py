@@ -479,7 +479,7 @@ def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) 
     )
     script = Path(__file__).resolve().parents[1] / "experiments" / "bandit" / "interim.py"
     out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "run"), "--window", "4"],
+        [sys.executable, str(script), str(tmp_path / "run"), "--window", "4", "--blocks", "4"],
         capture_output=True,
         text=True,
         check=True,
@@ -490,6 +490,8 @@ def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) 
         "per step over 5-8: 4.375 (passed an edible one on 12.50% of steps, ate a poisonous one on 25.00%)"
         in out
     )
+    # blocks of 4 steps: seed means 0 and 0, then 5 and 3.75
+    assert "1-4: 0.00 (0.00-0.00) | 5-8: 4.38 (3.75-5.00)" in out
     # two runs of the same agent (e.g. Bayesian variants): each line names its run
     regret2 = torch.full((8, 2), 5.0)
     save_checkpoint(

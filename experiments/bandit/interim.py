@@ -8,7 +8,9 @@ compares them at a common step T (default: the smallest step every part has chec
 per agent, the cumulative expected regret at T (mean +- sd over seeds, and per seed) and the
 mean per-step regret over steps T-W+1..T (default W = 2000), split into its two sources: the
 share of steps on which the agent passed an edible mushroom (regret 5) and ate a poisonous one
-(regret 15). Nothing is written.
+(regret 15). With ``--blocks B``, also the per-step regret in consecutive blocks of B steps
+up to T: the mean over seeds and, in brackets, the lowest and highest seed's (does an agent's
+regret keep falling, or rise again?). Nothing is written.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run directories with checkpoints/")
     p.add_argument("--step", type=int, default=None, help="compare at this step")
     p.add_argument("--window", type=int, default=2000, help="late per-step regret window")
+    p.add_argument(
+        "--blocks", type=int, default=None, help="also per-step regret per block of this many steps"
+    )
     args = p.parse_args(argv)
     if args.window < 1:
         p.error(f"--window must be at least 1, got {args.window}")
+    if args.blocks is not None and args.blocks < 1:
+        p.error(f"--blocks must be at least 1, got {args.blocks}")
     states = {rd: _newest(rd) for rd in args.runs}
     common = min(int(s["step"]) for s in states.values())
     step = common if args.step is None else args.step
@@ -72,7 +79,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"on {100 * passed_edible:.2f}% of steps, ate a poisonous one on "
                 f"{100 * ate_poisonous:.2f}%)"
             )
+            if args.blocks is not None:
+                print("  " + _blocks(regret[:step, cols], args.blocks))
     return 0
+
+
+def _blocks(regret: torch.Tensor, size: int) -> str:
+    """Per-step regret of ``regret`` (steps, seeds) in consecutive blocks of ``size`` steps (the
+    last may be shorter), as "first-last: mean over seeds (lowest seed-highest seed)"."""
+    parts = []
+    for start in range(0, regret.shape[0], size):
+        block = regret[start : start + size]
+        per_seed = block.mean(0)
+        parts.append(
+            f"{start + 1}-{start + block.shape[0]}: {per_seed.mean():.2f} "
+            f"({per_seed.min():.2f}-{per_seed.max():.2f})"
+        )
+    return " | ".join(parts)
 
 
 if __name__ == "__main__":
