@@ -438,6 +438,35 @@ def test_bandit_run_directories_and_resume_bounds(
     assert json.loads((run / "metrics.json").read_text())["steps_done"] == 5
 
 
+def test_bandit_run_directory_edge_cases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "b"
+    assert cli(*BANDIT, "--steps", "5", "--out", run) == 0
+    capsys.readouterr()
+    # a run made before kl_data_size existed (its config.json lacks the key) still resumes
+    saved = json.loads((run / "config.json").read_text())
+    del saved["kl_data_size"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert cli(*BANDIT, "--steps", "10", "--out", run, "--resume") == 0
+    assert json.loads((run / "metrics.json").read_text())["steps_done"] == 10
+    # --overwrite with a data root that does not hold the data deletes nothing
+    before = _checkpoints(run)
+    assert cli(*BANDIT, "--steps", "5", "--out", run, "--overwrite", "--data-dir", tmp_path) == 1
+    assert "mushroom" in capsys.readouterr().err
+    assert _checkpoints(run) == before and (run / "metrics.json").is_file()
+    # --resume and --overwrite together are refused
+    assert cli(*BANDIT, "--steps", "5", "--out", run, "--overwrite", "--resume") == 1
+    assert "resume and overwrite exclude each other" in capsys.readouterr().err
+    # a directory with only the config.json of a run stopped before its first checkpoint is
+    # not a run: a new start replaces it
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "config.json").write_text(json.dumps({**saved, "noise_sigma": 3.0}))
+    assert cli(*BANDIT, "--steps", "5", "--out", stub) == 0
+    assert json.loads((stub / "config.json").read_text())["noise_sigma"] == 0.1
+
+
 def test_bandit_refuses_duplicate_agents() -> None:
     from bbb.bandit import BanditConfig
 

@@ -50,12 +50,14 @@ case ${1:-} in
     mkdir -p "$OUT"
     for part in "${parts[@]}"; do
       dir=$OUT/$part
-      if pgrep -f -- "--out $dir( |\$)" > /dev/null; then
+      # the run directory as a literal inside the pattern (its dots and brackets escaped)
+      dir_re=$(printf '%s' "$dir" | sed 's/[][\.*^$()+?{}|]/\\&/g')
+      if pgrep -f -- "--out $dir_re/?( |\$)" > /dev/null; then
         echo "$part is already running (not started twice)"
         continue
       fi
       resume=()
-      if [ -d "$dir/checkpoints" ] && [ -n "$(ls -A "$dir/checkpoints")" ]; then resume=(--resume); fi
+      if compgen -G "$dir/checkpoints/checkpoint-*.pt" > /dev/null; then resume=(--resume); fi
       # shellcheck disable=SC2046
       OMP_NUM_THREADS=1 nohup python -m bbb bandit --agents $(agents_of "$part") \
         --steps "$STEPS" --seeds 0 1 2 3 4 --checkpoint-every 1000 --quiet \

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     window = min(args.window, step)
     print(
         "newest checkpoints: "
-        + ", ".join(f"{rd.name} {int(s['step'])}" for rd, s in states.items())
+        + ", ".join(f"{rd} {int(s['step'])}" for rd, s in states.items())
         + f"; compared at step {step}"
     )
     # an agent run in several of the runs (e.g. Bayesian variants) is labelled with its run

@@ -263,7 +263,9 @@ class _Buffers:
             "seen": self.seen,
         }
 
-    def load(self, s: dict[str, Any]) -> None:
+    def load(self, s: dict[str, Any], seen: int) -> None:
+        """Restore :meth:`state`; ``seen`` (the run's steps done: one interaction per step) is
+        used for checkpoints written before the count was stored."""
         if s["inp"].shape != self.inp.shape:
             raise ValueError(
                 f"checkpoint buffer has shape {tuple(s['inp'].shape)}, this run needs "
@@ -271,9 +273,7 @@ class _Buffers:
             )
         self.inp, self.r = s["inp"].contiguous(), s["r"].contiguous()
         self.size, self.pos = int(s["size"]), int(s["pos"])
-        # checkpoints from before "seen" was stored: only runs with kl_data_size "buffer" (the
-        # only value then), which never read it
-        self.seen = int(s.get("seen", self.size))
+        self.seen = int(s.get("seen", seen))
 
 
 def _with_action(x: Tensor, a: Tensor) -> Tensor:
@@ -549,25 +549,24 @@ def run_bandit(
     from .data.mushroom import load_mushroom
 
     cfg.validate()
+    if resume and overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: --resume continues the run in --out, "
+            "--overwrite deletes it and starts over"
+        )
     out = Path(out_dir)
+    # A directory holds a run once it has a checkpoint or results; a config.json alone is a
+    # run stopped before its first checkpoint, which a new start replaces.
     previous = [
         *list_checkpoints(out / "checkpoints"),
-        *(
-            p
-            for p in (out / "config.json", out / "metrics.json", out / "regret.csv")
-            if p.is_file()
-        ),
+        *(p for p in (out / "metrics.json", out / "regret.csv") if p.is_file()),
     ]
-    if not resume and previous:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a bandit run ({', '.join(p.name for p in previous)}); "
-                "continue it with --resume, start it over with --overwrite, or choose another --out"
-            )
-        for p in previous:  # the old run's higher step numbers would win the next resume
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_mushroom(cfg.data_dir)
+    if not resume and previous and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a bandit run ({', '.join(p.name for p in previous)}); "
+            "continue it with --resume, start it over with --overwrite, or choose another --out"
+        )
+    data = load_mushroom(cfg.data_dir)  # before anything is deleted: a bad --data-dir loses nothing
     contexts, edible = data.contexts, data.edible
     n_rows, dim = contexts.shape
     n_seeds = len(cfg.seeds)
@@ -595,6 +594,10 @@ def run_bandit(
     realized = torch.zeros(steps, len(columns))
     start_step = 0
     ckpt_dir = out / "checkpoints"
+    if not resume:  # the old run's higher step numbers would win the next resume
+        for p in (*previous, out / "cumulative_regret.png", out / "config.json"):
+            p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_same_config(out / "config.json", cfg)
         state, path = load_checkpoint(ckpt_dir)
@@ -610,7 +613,7 @@ def run_bandit(
             )
         for p, s in zip(pops, state["pops"], strict=True):
             p.model.load_state_dict(s["model"])
-            p.buffers.load(s["buffers"])
+            p.buffers.load(s["buffers"], seen=start_step)
         optimizer.load_state_dict(state["optimizer"])
         for g, s in zip(env_gens, state["env_gens"], strict=True):
             g.set_state(s)
@@ -701,11 +704,17 @@ def run_bandit(
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "data_dir")
 
 
+#: settings added after runs were made, with the value those runs used (their config.json
+#: lacks the key)
+_LEGACY_SETTINGS = {"kl_data_size": "buffer"}
+
+
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:
     """Refuse to resume a run with settings other than those it was started with."""
     if not path.is_file():
         raise ValueError(f"cannot resume: {path} does not exist (was the run started here?)")
-    diff = changed_settings(json.loads(path.read_text()), asdict(cfg), _RESUMABLE_CHANGES)
+    saved = {**_LEGACY_SETTINGS, **json.loads(path.read_text())}
+    diff = changed_settings(saved, asdict(cfg), _RESUMABLE_CHANGES)
     if diff:
         raise ValueError(
             f"cannot resume {path.parent} with other settings ({'; '.join(diff)}); pass the "
