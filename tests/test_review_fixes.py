@@ -345,6 +345,9 @@ def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path: Path) -> None
     again = _toy_trainer(run, epochs=30, patience=2).fit(resume=True)
     assert again["epochs_trained"] == done and again["stopped_early"]
     assert _checkpoints(run)[-1] == f"checkpoint-{done:05d}.pt"
+    # a larger patience given on resume (a resumable change) lets it train on
+    more = _toy_trainer(run, epochs=30, patience=1000).fit(resume=True)
+    assert more["epochs_trained"] == 30 and not more["stopped_early"]
 
 
 def test_a_foreign_pt_file_among_the_checkpoints_is_skipped(tmp_path: Path) -> None:

@@ -48,13 +48,13 @@ class PruneResult:
     per_layer: dict[str, float]  # fraction removed in each layer
 
 
-@torch.no_grad()
 def _floor_count(fraction: float, n: int) -> int:
     """floor(fraction * n) for the decimal the user wrote: ``0.29 * 100`` is
     28.999999999999996 in floats, so the fraction is read back from its shortest repr (29/100)."""
     return math.floor(Fraction(repr(float(fraction))) * n)
 
 
+@torch.no_grad()
 def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) -> PruneResult:
     """Remove the ``fraction`` of weights with the lowest SNR |mu| / sigma (in place).
 
@@ -76,7 +76,7 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
     scores = {}
     for name, layer in layers:
         layer.weight_mask = None
-        scores[name] = (layer.weight_mu.abs() / layer.weight_sigma).detach().flatten()
+        scores[name] = (layer.weight_mu.abs() / layer.weight_sigma).flatten()
     per_layer_frac: dict[str, float] = {}
     threshold = float("nan")
     if per_layer:

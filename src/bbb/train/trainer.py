@@ -284,8 +284,8 @@ class Trainer:
         self.best_metric = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
-        # why training ended before ``epochs`` ("early stopping": patience ran out), saved in
-        # the checkpoints so that a resumed run does not train on
+        # why training ended before ``epochs`` ("early stopping": patience ran out); a resumed
+        # run works it out again from its bad_epochs and the patience it is given
         self.stopped: str | None = None
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
@@ -333,7 +333,6 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
-            "stopped": self.stopped,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -349,7 +348,9 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
-        self.stopped = state.get("stopped")
+        # derived, not saved: a larger patience given on resume lets the run train on, and the
+        # same epoch stopped by the callback and by patience still counts as stopped early
+        self.stopped = self._patience_ran_out()
 
     def _metrics_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
@@ -555,8 +556,8 @@ class Trainer:
 
         With ``resume=True`` and a run directory holding checkpoints, training continues from
         the newest readable one (a corrupt newest one is skipped with a warning); a run that
-        had stopped early (patience ran out) stays stopped, one stopped by the epoch callback
-        trains on. Without it, a run
+        had stopped early stays stopped unless it is given a larger patience, one stopped by
+        the epoch callback trains on. Without it, a run
         directory that already holds a run is an error unless ``overwrite=True``, which
         deletes the previous run's checkpoints, ``best.pt`` and metrics first.
         """
@@ -631,8 +632,8 @@ class Trainer:
                     if self.log:
                         self.log(f"stopped after epoch {self.epoch}: {e}")
                     break
-            if self.patience is not None and self.bad_epochs >= self.patience:
-                self._mark_stopped(_EARLY)
+            if self._patience_ran_out():
+                self.stopped = _EARLY
                 if self.log:
                     self.log(f"early stopping: no improvement for {self.patience} epochs")
                 break
@@ -646,12 +647,9 @@ class Trainer:
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
         }
 
-    def _mark_stopped(self, why: str) -> None:
-        """Record why training stopped, in the epoch's checkpoint too (rewritten atomically)."""
-        self.stopped = why
-        with _dist.collective_errors(f"writing epoch {self.epoch}'s checkpoint"):
-            if self.out_dir is not None and self.is_writer:
-                save_checkpoint(self.out_dir / "checkpoints", self.epoch, self._state())
+    def _patience_ran_out(self) -> str | None:
+        """``"early stopping"`` when the last ``patience`` epochs brought no improvement."""
+        return _EARLY if self.patience is not None and self.bad_epochs >= self.patience else None
 
     def _write_epoch(self, row: dict[str, Any], improved: bool) -> None:
         """Rank 0's files for the finished epoch: metrics line, ``best.pt``, checkpoint.
