@@ -547,6 +547,12 @@ def test_tune_scores_diverged_points_last_and_uses_each_points_epochs(uci_dir: P
         U.SearchSpace.from_dict({"splits": []})
     with pytest.raises(ConfigError, match=r"search splits \[7\] out of range"):
         U.tune(ds, _uci_cfg(), U.SearchSpace.from_dict({"splits": [7]}), log=None)  # type: ignore[arg-type]
+    # a cosine schedule would differ between the curves and the final training of E epochs
+    with pytest.raises(ConfigError, match="use lr_schedule 'constant' with --tune"):
+        U.tune(ds, _uci_cfg(lr_schedule="cosine"), space, log=None)  # type: ignore[arg-type]
+    cosine_grid = U.SearchSpace.from_dict({"grid": {"lr_schedule": ["constant", "cosine"]}})
+    with pytest.raises(ConfigError, match="use lr_schedule 'constant' with --tune"):
+        U.tune(ds, _uci_cfg(), cosine_grid, log=None)  # type: ignore[arg-type]
 
 
 def test_a_failed_parallel_task_keeps_the_others_results() -> None:

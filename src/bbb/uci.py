@@ -414,8 +414,10 @@ def _train(
 ) -> tuple[Trainer, Any]:
     """Build model, likelihood, ELBO and optimizer from ``cfg`` and fit with `Trainer`.
 
-    ``cfg.epochs`` passes over ``data.train`` in trainer epochs of ``passes`` passes; with
-    ``val_every`` the trainer validates (original-unit NLL) after every trainer epoch.
+    ``cfg.epochs`` passes over ``data.train`` in trainer epochs of ``_block(cfg, passes)``
+    passes (1 under the "blundell" KL weighting, else the largest divisor of ``cfg.epochs``
+    not above ``passes``); with ``val_every`` the trainer validates (original-unit NLL) after
+    every trainer epoch.
     Returns the trainer (model at its final weights) and the likelihood.
     """
     check_uci_settings(cfg)
@@ -454,12 +456,19 @@ def _train(
     return trainer, likelihood
 
 
-def check_uci_settings(cfg: TrainConfig) -> None:
+def check_uci_settings(cfg: TrainConfig, *, tuning: bool = False) -> None:
     """Settings the UCI protocol cannot honour, refused instead of ignored."""
     if cfg.patience is not None:
         raise ConfigError(
             "the UCI engine trains every split for a fixed number of epochs (chosen by --tune "
             "on validation curves); patience is not used there, leave it unset"
+        )
+    if tuning and cfg.lr_schedule == "cosine":
+        raise ConfigError(
+            "--tune picks the epoch count E from validation curves trained with the cosine "
+            "schedule laid over all the search's epochs, but the final training of E epochs "
+            "would lay it over E (another learning-rate path): use lr_schedule 'constant' "
+            "with --tune, or a cosine schedule with a fixed --epochs"
         )
 
 
@@ -574,7 +583,8 @@ def tune(
 
     For every grid point and every split in ``space.splits``: train on the training rows
     minus a random ``validation_fraction`` (statistics of the remaining rows), validating the
-    original-unit log-likelihood every ``passes`` epochs up to ``base.epochs``. The curve is
+    original-unit log-likelihood after every block of ``_block(cfg, passes)`` epochs (see
+    :func:`_train`) up to ``base.epochs``. The curve is
     averaged over the search splits and smoothed (``space.smooth`` points); the grid point
     with the best smoothed value wins, and its argmax gives the epoch count. ``jobs`` > 1
     trains the (grid point, split) pairs in parallel processes.
@@ -592,6 +602,8 @@ def tune(
         TrainConfig.from_dict({**base.to_dict(), **o}, source="search").validate()
         for o in overrides_list
     ]
+    for c in (base, *cfgs):  # the base and every grid point (the grid may set the schedule)
+        check_uci_settings(c, tuning=True)
     tasks = [(i, s) for i in range(len(cfgs)) for s in space.splits]
     frac = space.validation_fraction
     curves: dict[tuple[int, int], tuple[list[float], list[float]] | None] = {}
@@ -802,6 +814,7 @@ def run_uci(
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "hidden": [info.n_hidden]})
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "uci_path": str(dataset.path)}).validate()
     st = settings if settings is not None else UCIRunSettings(splits=[])
+    check_uci_settings(cfg, tuning=st.tune)  # before any split or worker starts
     chosen_splits = parse_splits(
         splits if splits is not None else (st.splits or None), info.n_splits
     )
@@ -1053,7 +1066,9 @@ def load_uci_config_file(path: PathLike | None, **flags: Any) -> TrainConfig:
         data.pop("uci", None)
         values.update(data)
     values.update({k: v for k, v in flags.items() if v is not None})
-    return uci_config(**values).validate()
+    cfg = uci_config(**values).validate()
+    check_uci_settings(cfg)  # before any worker starts
+    return cfg
 
 
 # --------------------------------------------------------------------------- command line
