@@ -285,8 +285,12 @@ def test_resume_refuses_settings_the_restored_state_would_override(
     run = tmp_path / "r"
     assert cli("train", *TOY, "--epochs", "1", "--out", run) == 0
     capsys.readouterr()
+    own_lr = json.loads((run / "config.json").read_text())["lr"]
     assert cli("train", "--resume", run, "--lr", "0.5") == 2
-    assert "--lr cannot change when resuming" in capsys.readouterr().err
+    assert f"--lr ({own_lr!r} -> 0.5) cannot change when resuming" in capsys.readouterr().err
+    # repeating the run's own value is harmless
+    assert cli("train", "--resume", run, "--lr", str(own_lr), "--epochs", "2") == 0
+    capsys.readouterr()
     assert cli("train", "--resume", run, "--out", tmp_path / "elsewhere") == 2
     assert "cannot be combined with --out" in capsys.readouterr().err
     # a bad config.json is named as such, not as "flags"

@@ -193,23 +193,26 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
                 f"--resume continues the run in its own directory with its own config.json; it "
                 f"cannot be combined with {', '.join('--' + f for f in clash)}"
             )
-        changed = [
-            "--" + n.replace("_", "-")
-            for n in TrainConfig.field_names()
-            if getattr(args, n) is not None and n not in RESUMABLE_CHANGES
-        ]
-        if changed:
-            allowed = ", ".join("--" + n for n in RESUMABLE_CHANGES)
-            raise UsageError(
-                f"{', '.join(changed)} cannot change when resuming (the restored optimiser and "
-                f"schedule would override it); only {allowed} can"
-            )
         run = Path(args.resume)
         saved = run / "config.json"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} does not exist")
         values.update(load_config_file(saved))
         source = str(saved)
+        old = TrainConfig.from_dict(values, source=source).to_dict()
+        changed = [  # a flag repeating the run's own value is harmless
+            f"--{n.replace('_', '-')} ({old[n]!r} -> {getattr(args, n)!r})"
+            for n in TrainConfig.field_names()
+            if getattr(args, n) is not None
+            and n not in RESUMABLE_CHANGES
+            and getattr(args, n) != old[n]
+        ]
+        if changed:
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE_CHANGES)
+            raise UsageError(
+                f"{', '.join(changed)} cannot change when resuming (the restored optimiser and "
+                f"schedule would override it); only {allowed} can"
+            )
     elif args.config:
         values.update(load_config_file(args.config))
     for name in TrainConfig.field_names():

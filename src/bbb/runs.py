@@ -194,7 +194,8 @@ def _check_data(name: str, ds: TensorDataset | None) -> None:
 
 #: settings a resumed run may change (how long it trains, where, and how its KL kernels run);
 #: any other difference would be silently overridden by the restored optimiser/scheduler state
-RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels")
+# data_dir: the same (checksummed) data read from another root, e.g. on another machine
+RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 
 
 def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
