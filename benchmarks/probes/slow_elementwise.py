@@ -12,29 +12,20 @@ import sys
 import time
 
 import torch
+from _pair import pair
 from torch import nn
 from torch.nn import functional as F
 
-import bbb
-from bbb.bench import DATASET_SIZE, make_bbb_model, make_data
-
-bbb.tune_allocator()
 library = sys.argv[1] if len(sys.argv) > 1 else "bbb"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-x, y = make_data("mlp")
-if library == "bbb":
-    model: nn.Module = make_bbb_model("mlp", 1200, "reparam", "gaussian")
-    elbo = bbb.ELBO(bbb.Categorical(), DATASET_SIZE)
+x, y, det, bay, elbo = pair("reparam")
+model: nn.Module = bay if library == "bbb" else det
 
-    def loss_fn() -> torch.Tensor:
+
+def loss_fn() -> torch.Tensor:
+    if library == "bbb":
         return elbo(model, x, y).loss
-else:
-    model = nn.Sequential(
-        nn.Linear(784, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 10)
-    )
-
-    def loss_fn() -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+    return F.cross_entropy(model(x), y)
 
 
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
