@@ -449,6 +449,9 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
 
     # a Bayesian variant (PARTS, EXTRA) merged with the greedy parts above (MERGE_WITH)
     variant = {"OUT": str(tmp_path / "variant"), "PARTS": "bbb", "EXTRA": "--noise-sigma 0.3"}
+    # other seeds: a run of its own (the merge below needs the same seeds, so it is not merged)
+    other = {"OUT": str(tmp_path / "other"), "PARTS": "greedy-b", "SEEDS": "7 8"}
+    assert sh("start", **other).count("started") == 1
     assert sh("start", **variant).count("started") == 1
     done = tmp_path / "variant" / "bbb" / "metrics.json"
     while not done.exists():
@@ -461,6 +464,14 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
         metrics["agents"]
     )
     assert json.loads((merged / "config.json").read_text())["noise_sigma"] == 0.3
+    other_metrics = tmp_path / "other" / "greedy-b" / "metrics.json"
+    while not other_metrics.exists():
+        assert time.monotonic() < deadline, sh("status", **other)
+        time.sleep(1)
+    other_run = json.loads(other_metrics.read_text())["agents"]["greedy-0.05"]
+    assert len(other_run["cumulative_regret_per_seed"]) == 2
+    other_cfg = json.loads((tmp_path / "other" / "greedy-b" / "config.json").read_text())
+    assert other_cfg["seeds"] == [7, 8]
 
 
 def test_interim_report_splits_late_regret_into_its_two_sources(tmp_path: Path) -> None:

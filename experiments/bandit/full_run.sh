@@ -10,7 +10,8 @@
 # networks) and greedy 5% (5 networks). Logs in $OUT/<part>.log. `bbb bandit --merge` checks
 # that the parts share seeds and settings and have the same number of steps done.
 #
-# Variants (environment): PARTS picks parts (default "bbb greedy-a greedy-b"), EXTRA adds
+# Variants (environment): SEEDS (default "0 1 2 3 4"; other seeds check a choice made on
+# these), PARTS picks parts (default "bbb greedy-a greedy-b"), EXTRA adds
 # `bbb bandit` flags to every part started (give the same EXTRA when resuming: a resumed run
 # refuses other settings), MERGE_WITH adds finished run directories to `merge`. E.g. a Bayesian
 # variant compared with the greedy parts of the full run:
@@ -23,6 +24,7 @@ OUT=${OUT:-runs/bandit-full}
 STEPS=${STEPS:-50000}
 read -r -a parts <<< "${PARTS:-bbb greedy-a greedy-b}"
 read -r -a extra <<< "${EXTRA:-}"
+read -r -a seeds <<< "${SEEDS:-0 1 2 3 4}"
 read -r -a merge_with <<< "${MERGE_WITH:-}"
 for part in "${parts[@]}"; do
   case $part in
@@ -60,7 +62,7 @@ case ${1:-} in
       if compgen -G "$dir/checkpoints/checkpoint-*.pt" > /dev/null; then resume=(--resume); fi
       # shellcheck disable=SC2046
       OMP_NUM_THREADS=1 nohup python -m bbb bandit --agents $(agents_of "$part") \
-        --steps "$STEPS" --seeds 0 1 2 3 4 --checkpoint-every 1000 --quiet \
+        --steps "$STEPS" --seeds "${seeds[@]}" --checkpoint-every 1000 --quiet \
         --out "$dir" "${resume[@]}" "${extra[@]}" >> "$OUT/$part.log" 2>&1 &
       echo "started $part (pid $!)"
     done
