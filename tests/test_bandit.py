@@ -54,14 +54,39 @@ def test_rewards_and_regret_by_hand() -> None:
 
 
 def test_poison_coin_is_fair_in_the_environment() -> None:
-    # the environment's coin: +5 or -35 with probability 1/2 each, so eating a poisonous mushroom
-    # has expected reward -15; over n = 20000 fair coins the mean reward has SE 20/sqrt(n) = 0.14
-    g = torch.Generator().manual_seed(0)
-    lucky = torch.rand(20000, generator=g) < 0.5
+    """The environment's own draws (what run_bandit calls each step), n = 20000 steps of two
+    seeds. Tolerances are 5 standard errors: coin share sqrt(0.25 / n) = 0.0035; mean reward of
+    a poisonous meal (+5 or -35) 20 / sqrt(n) = 0.14; lag-1 correlation and the correlation
+    between the two seeds' coins 1 / sqrt(n) = 0.0071; mean mushroom index of 8124 rows
+    sqrt((8124^2 - 1) / 12 / n) = 16.6."""
+    from bbb.bandit import environment_step
+
+    n, rows = 20000, 8124
+    gens = [torch.Generator().manual_seed(10_000 + s) for s in (0, 1)]
+    draws = [environment_step(gens, rows) for _ in range(n)]
+    idx = torch.stack([d[0] for d in draws])  # (n, 2)
+    lucky = torch.stack([d[1] for d in draws]).double()  # (n, 2)
+    se = 1 / n**0.5
+    assert abs(float(lucky.mean(0)[0]) - 0.5) < 5 * 0.5 * se
+    assert abs(float(lucky.mean(0)[1]) - 0.5) < 5 * 0.5 * se
+    c = lucky - lucky.mean(0)
+    lag1 = float((c[1:, 0] * c[:-1, 0]).mean() / c[:, 0].var())
+    across = float((c[:, 0] * c[:, 1]).mean() / (c[:, 0].std() * c[:, 1].std()))
+    assert abs(lag1) < 5 * se and abs(across) < 5 * se
     r = realized_rewards(
-        torch.zeros(20000, dtype=torch.bool), torch.ones(20000, dtype=torch.long), lucky
+        torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.long), lucky[:, 0].bool()
     )
-    assert abs(float(r.mean()) + 15.0) < 5 * 20 / 20000**0.5  # 5 standard errors
+    assert abs(float(r.mean()) + 15.0) < 5 * 20 * se
+    assert int(idx.min()) >= 0 and int(idx.max()) < rows
+    assert (
+        abs(float(idx[:, 0].double().mean()) - (rows - 1) / 2)
+        < 5 * ((rows**2 - 1) / 12) ** 0.5 * se
+    )
+    # a seed's stream is its generator's alone: the same whatever other seeds share the run
+    alone = [torch.Generator().manual_seed(10_001)]
+    again = [environment_step(alone, rows) for _ in range(50)]
+    assert torch.equal(torch.stack([d[0][0] for d in again]), idx[:50, 1])
+    assert torch.equal(torch.stack([d[1][0] for d in again]).double(), lucky[:50, 1])
 
 
 @needs_data

@@ -57,6 +57,7 @@ __all__ = [
     "BanditConfig",
     "expected_regret",
     "realized_rewards",
+    "environment_step",
     "run_bandit",
     "ensemble_mlp",
 ]
@@ -102,6 +103,18 @@ def realized_rewards(edible: Tensor, action: Tensor, lucky: Tensor) -> Tensor:
     poison_reward = torch.where(lucky, REWARD_POISON_GOOD, REWARD_POISON_BAD)
     eaten = torch.where(edible, torch.full_like(poison_reward, REWARD_EDIBLE), poison_reward)
     return torch.where(eat, eaten, torch.zeros_like(eaten))
+
+
+def environment_step(generators: Sequence[torch.Generator], n_rows: int) -> tuple[Tensor, Tensor]:
+    """One step of every seed's stream: the mushroom drawn (S,), uniform over ``n_rows``, and
+    the poison coin (S,) bool, True (+5 if a poisonous one is eaten) with probability 1/2.
+
+    Each seed's generator alone decides its stream, so every agent of a seed sees the same
+    mushrooms and coins whichever other agents or seeds share the run.
+    """
+    idx = torch.stack([torch.randint(0, n_rows, (1,), generator=g) for g in generators])[:, 0]
+    lucky = torch.stack([torch.rand(1, generator=g) < 0.5 for g in generators])[:, 0]
+    return idx, lucky
 
 
 def oracle_rewards(edible: Tensor) -> Tensor:
@@ -653,8 +666,7 @@ def run_bandit(
     step = start_step
     stopped = False
     while step < steps:
-        idx = torch.stack([torch.randint(0, n_rows, (1,), generator=g) for g in env_gens])[:, 0]
-        lucky = torch.stack([torch.rand(1, generator=g) < 0.5 for g in env_gens])[:, 0]
+        idx, lucky = environment_step(env_gens, n_rows)
         col = 0
         for p in pops:
             seed_idx = torch.tensor(p.seeds)
