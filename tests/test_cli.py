@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,10 @@ def test_evaluate_prints_metrics_and_writes_eval_json(
     assert result["split"] == "test" and result["num_samples"] == 4
     assert 0.0 <= result["metrics"]["error"] <= 1.0
     u = result["uncertainty"]
-    assert u["mean_entropy"] == pytest.approx(u["mean_aleatoric"] + u["mean_epistemic"], abs=1e-5)
+    # (entropy = aleatoric + epistemic holds by construction; check the parts' own ranges:
+    # 4 weight samples of a 3-epoch network disagree, and no entropy exceeds log 10 nats)
+    assert 0.0 < u["mean_epistemic"] < u["mean_entropy"] <= math.log(10)
+    assert 0.0 < u["mean_aleatoric"] < u["mean_entropy"]
     assert f"written: {mnist_run / 'eval.json'}" in out
 
 
@@ -213,17 +217,17 @@ def test_evaluate_prints_metrics_and_writes_eval_json(
 def test_prune_prints_metrics_and_writes_prune_json(
     mnist_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    best = (mnist_run / "best.pt").read_bytes()
     assert cli("prune", mnist_run, "--fraction", "0.9", "--num-samples", "4") == 0
     out = capsys.readouterr().out
     assert "pruned:" in out and "metrics:" in out and "error" in out
     result = json.loads((mnist_run / "prune-0.9.json").read_text())
     pruned = result["pruned"]
-    assert pruned["fraction"] == pytest.approx(0.9, abs=1e-3)
-    assert pruned["removed"] == pytest.approx(0.9 * pruned["total"], abs=2)
-    assert 0.0 <= result["metrics"]["error"] <= 1.0
-    # Pruning is applied to a loaded copy: the run's best.pt is untouched by `bbb prune`.
-    assert cli("evaluate", mnist_run, "--num-samples", "4", "--split", "val") == 0
-    assert json.loads((mnist_run / "eval.json").read_text())["split"] == "val"
+    assert pruned["removed"] == math.floor(Fraction("0.9") * pruned["total"])  # exactly
+    assert pruned["fraction"] == pytest.approx(pruned["removed"] / pruned["total"])
+    assert 0.0 <= result["metrics"]["error"] < 0.9  # still better than chance
+    # pruning is applied to a loaded copy: the run's best.pt is untouched by `bbb prune`
+    assert (mnist_run / "best.pt").read_bytes() == best
 
 
 def test_toy_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
