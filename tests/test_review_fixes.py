@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions as D
+import torch.nn.functional as F
 
 import bbb
 from bbb import BayesLinear, BayesLinearEnsemble
@@ -128,12 +129,41 @@ def test_ensemble_runs_with_several_vectorized_samples(estimator: str, mode: str
     with bbb.vectorized_samples(layer, 2):
         y = layer(x.repeat(2, 1, 1))
     assert y.shape == (6, 5, 2)
+    mu_w, mu_b = layer.weight_mu, layer.bias_mu
+    sig_w, sig_b = F.softplus(layer.weight_rho), F.softplus(layer.bias_rho)
     if mode == "mean":  # both sample blocks are member k's mean network
-        ref = torch.stack([x[k] @ layer.weight_mu[k].T + layer.bias_mu[k] for k in range(3)])
+        ref = torch.stack([x[k] @ mu_w[k].T + mu_b[k] for k in range(3)])
         torch.testing.assert_close(y[:3], ref)
         torch.testing.assert_close(y[3:], ref)
-    else:
+    elif mode == "frozen" or estimator == "reparam":
+        # one weight sample per (sample block, member), w = mu + sigma eps: rows s*K + k of the
+        # output are member k's network with sample s's weights (the Thompson-sampling path)
+        rec = layer._record
+        assert rec is not None and rec.eps_w is not None and rec.eps_b is not None
+        for si in range(2):
+            for k in range(3):
+                w = mu_w[k] + sig_w[k] * rec.eps_w[si, k]
+                b = mu_b[k] + sig_b[k] * rec.eps_b[si, k]
+                torch.testing.assert_close(y[si * 3 + k], x[k] @ w.T + b, rtol=1e-10, atol=1e-12)
         assert not torch.allclose(y[:3], y[3:])
+    else:
+        # per-row noise: member k's output for input x has mean x mu_k + mu_b and variance
+        # x^2 sigma_k^2 + sigma_b^2, checked within Z standard errors over n independent draws:
+        # local draws each row's noise afresh (n identical rows in one pass); flipout's rows
+        # share one weight perturbation (sign-flipped), so its draws are n passes of one row
+        n = 20000 if estimator == "local" else 4000
+        from tests.conftest import Stats
+
+        with torch.no_grad():
+            if estimator == "local":
+                big = layer(x[:, :1].expand(3, n, 4).contiguous())  # (3, n, 2)
+            else:
+                big = torch.cat([layer(x[:, :1]) for _ in range(n)], dim=1)
+        for k in range(3):
+            Stats.assert_mean(big[k], x[k, 0] @ mu_w[k].T + mu_b[k], what=f"member {k} mean")
+            Stats.assert_var(
+                big[k], x[k, 0] ** 2 @ (sig_w[k] ** 2).T + sig_b[k] ** 2, what=f"member {k} var"
+            )
     assert torch.isfinite(layer.kl())
 
 
