@@ -84,6 +84,15 @@ def test_pruning_again_starts_from_unpruned_snrs_and_can_be_removed(float64_defa
         unpruned = model(x)
     bbb.prune_by_snr(model, 0.5)
     assert bbb.prune_by_snr(model, 0.25).removed == math.floor(0.25 * 42)
+    # the same weights as pruning the untouched network by 0.25 (not the lowest of the masked
+    # SNRs, which would count the 21 weights removed before as the lowest)
+    torch.manual_seed(0)
+    fresh = _mlp()
+    bbb.prune_by_snr(fresh, 0.25)
+    for i in (0, 2):
+        assert torch.equal(model[i].weight_mask, fresh[i].weight_mask)
+    # the docstring's example: 0.5 then 0.75 removes 75%
+    assert bbb.prune_by_snr(model, 0.75).removed == math.floor(0.75 * 42)
     bbb.remove_pruning(model)
     assert model[0].weight_mask is None and model[2].weight_mask is None
     with bbb.sampling(model, "mean"):

@@ -507,6 +507,14 @@ def test_cosine_lr_schedule_decays_per_epoch_and_resumes(tmp_path) -> None:
     state, _ = load_checkpoint(tmp_path / "full" / "checkpoints")
     lr_end = state["optimizer"]["param_groups"][0]["lr"]
     assert lr_end == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 4)) / 2, abs=1e-12)
+    # every epoch trained with lr (1 + cos(pi e / 4)) / 2 for e = 0..3 (a linear decay to 0
+    # would give 0.01, 0.0075, 0.005, 0.0025)
+    rows = [
+        json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["lr"] for r in rows] == pytest.approx(
+        [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], abs=1e-12
+    )
     sched = state["scheduler"]
     assert sched is not None and sched["last_epoch"] == 4
 
