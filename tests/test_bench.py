@@ -7,6 +7,7 @@ regressions are found.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,11 @@ def test_quick_benchmark_writes_table_and_json(tmp_path: Path, capsys) -> None:
     assert all(r["inputs_per_s"] > 0 for r in data["inference"]["rows"])
     assert all("peak_mib" in r and r["peak_mib"] > 0 for r in data["memory"])
     assert {r["estimator"] for r in data["grad_variance"]} == {"reparam", "local", "flipout"}
-    assert all(r["var_grad_mu"] >= 0 and r["var_grad_rho"] >= 0 for r in data["grad_variance"])
+    # every estimator's minibatch gradient is noisy: a variance that is positive and finite
+    assert all(
+        0 < r["var_grad_mu"] < math.inf and 0 < r["var_grad_rho"] < math.inf
+        for r in data["grad_variance"]
+    )
 
 
 def test_format_table_has_one_line_per_result() -> None:

@@ -48,9 +48,12 @@ def test_nll_hand_case_and_clamp() -> None:
 
 def test_float32_softmax_inputs_accepted() -> None:
     torch.manual_seed(0)
-    p = torch.softmax(torch.randn(64, 1000), dim=1)  # float32 rounding in row sums
+    logits = torch.randn(64, 1000)
+    p = torch.softmax(logits, dim=1)  # float32 rounding in row sums
     y = torch.randint(0, 1000, (64,))
-    assert math.isfinite(M.nll(p, y))
+    # the mean NLL of the probabilities is the cross-entropy of their logits (to float32)
+    want = torch.nn.functional.cross_entropy(logits.double(), y).item()
+    assert M.nll(p, y) == pytest.approx(want, rel=1e-5)
 
 
 # ------------------------------------------------------------------ brier
