@@ -150,7 +150,10 @@ def test_mnist_val_is_tail_of_training_file(shared: Path) -> None:
 def test_mnist_options(shared: Path) -> None:
     x, y = load_mnist(shared, split="test", flatten=False, subset=7, scale=255.0).tensors
     assert x.shape == (7, 1, 28, 28) and y.shape == (7,)
-    assert float(x.max()) <= 1.0
+    # pixels / 255 instead of the default / 126: the default load rescaled by 126 / 255
+    default = load_mnist(shared, split="test", subset=7).tensors[0].reshape(7, 1, 28, 28)
+    torch.testing.assert_close(x, default * (126 / 255), rtol=1e-6, atol=1e-7)
+    assert float(x.max()) == 1.0
     with pytest.raises(ValueError, match="train_full"):
         load_mnist(shared, split="validation")
     with pytest.raises(ValueError, match="subset"):
@@ -184,8 +187,9 @@ def test_mnist_uncompressed_and_torchvision_layout(shared: Path, tmp_path: Path)
     for name in MNIST_RAW:
         content = gzip.decompress((shared / "mnist" / name).read_bytes())
         (raw / name.removesuffix(".gz")).write_bytes(content)
-    x, _ = load_mnist(tmp_path, split="test", subset=5).tensors
-    assert x.shape == (5, 784)
+    x, y = load_mnist(tmp_path, split="test", subset=5).tensors
+    ref_x, ref_y = load_mnist(shared, split="test", subset=5).tensors
+    assert x.shape == (5, 784) and torch.equal(x, ref_x) and torch.equal(y, ref_y)
 
 
 def test_mnist_truncated_gzip(shared: Path, tmp_path: Path) -> None:
