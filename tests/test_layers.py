@@ -375,10 +375,14 @@ def test_weight_samples_have_mean_mu_and_std_sigma(stats) -> None:
         mu, sigma = mu.detach(), sigma.detach()
         stats.assert_mean(sample, mu, known_var=sigma**2, what="weight mean")
         stats.assert_var(sample, sigma**2, what="weight variance")
-        # and the noise itself is standard normal, independent across samples
-        eps = (sample - mu) / sigma
-        stats.assert_mean(eps, torch.zeros_like(mu), known_var=torch.ones_like(mu))
-        stats.assert_var(eps, torch.ones_like(mu))
+    # the noise is independent across samples and between weights and biases: lag-1 and
+    # cross correlations within Z / sqrt(s) (their SE under independence is 1 / sqrt(s))
+    eps_w = ((rec.w - layer.weight_mu) / layer.weight_sigma).detach().reshape(s, -1)
+    eps_b = ((rec.b - layer.bias_mu) / layer.bias_sigma).detach().reshape(s, -1)
+    for j in range(eps_w.shape[1]):
+        assert abs(float(_lag1_correlation(eps_w[:, j]))) < stats.z / s**0.5
+    for j in range(eps_b.shape[1]):
+        assert abs(float((eps_w[:, 0] * eps_b[:, j]).mean())) < stats.z / s**0.5
 
 
 def _lag1_correlation(v: torch.Tensor) -> torch.Tensor:
