@@ -10,6 +10,13 @@ Two ways, chosen per layer by the ``kl`` option:
 - ``"mc"``: the single-sample Monte Carlo estimate log q(w) - log p(w) at a weight sample
   ``w = mu + sigma * eps`` (Blundell et al. 2015, eq. 2), unbiased for the KL.
 - ``"auto"``: closed form when it exists, otherwise Monte Carlo.
+
+Summed KLs (:func:`closed_form_kl_sum`, :func:`mc_kl_sum`) of float16/bfloat16 parameters are
+computed in float32 and returned as float32 scalars (see :func:`kl_dtype`): the sum over a
+layer's weights easily exceeds float16's largest value (65504).
+
+Priors whose hyper-parameters are learnable (a :class:`~bbb.priors.Prior` subclass holding
+``nn.Parameter`` objects) receive gradients from both summed KLs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from .priors import Prior
 
 __all__ = [
     "KL_MODES",
+    "LOW_PRECISION_DTYPES",
+    "kl_dtype",
     "register_closed_form",
     "has_closed_form",
     "closed_form_kl",
@@ -37,6 +46,20 @@ __all__ = [
 ]
 
 KL_MODES = ("auto", "closed_form", "mc")
+
+#: Parameter dtypes whose summed KL is computed in float32.
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a summed KL of parameters of ``dtype`` is computed and returned in:
+    float32 for float16/bfloat16, ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def _requires_grad(*tensors: object) -> bool:
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
 
 # (mu, sigma, log_sigma, prior_distribution) -> elementwise KL, shaped like mu.
 ClosedForm = Callable[[Tensor, Tensor, Tensor, D.Distribution], Tensor]
@@ -130,9 +153,13 @@ def closed_form_kl(
     mu: Tensor, sigma: Tensor, prior: Prior, log_sigma: Tensor | None = None
 ) -> Tensor:
     """Elementwise KL(N(mu, sigma^2) || prior), shaped like ``mu`` (nats)."""
-    p = prior.distribution()
     if log_sigma is None:
         log_sigma = torch.log(sigma)
+    return _closed_form_terms(mu, sigma, log_sigma, prior.distribution())
+
+
+def _closed_form_terms(mu: Tensor, sigma: Tensor, log_sigma: Tensor, p: D.Distribution) -> Tensor:
+    """Elementwise KL(N(mu, sigma^2) || p) for the prior's distribution ``p`` (shape of mu)."""
     fn = _REGISTRY.get(type(p))
     if fn is not None:
         return fn(mu, sigma, log_sigma, p)
@@ -245,18 +272,39 @@ def closed_form_kl_sum(
 ) -> Tensor:
     """sum_j mask_j KL(N(mu_j, softplus(rho_j)^2) || prior), a scalar that backpropagates.
 
-    The Gaussian prior goes through a fused autograd function (:class:`_GaussianKLSum`);
-    other priors through :func:`closed_form_kl`. ``sigma``: ``softplus(rho)`` if already
-    computed (its graph is not used: gradients reach ``rho`` directly).
+    Args:
+        mu, rho: posterior parameters (shape W).
+        prior: the prior; gradients also reach its parameters, if it has learnable ones.
+        sigma: ``softplus(rho)`` (shape W) if already computed (its graph is not used:
+            gradients reach ``rho`` directly).
+        mask: optional 0/1 mask (shape W): masked weights contribute nothing (pruning).
+
+    Returns:
+        A scalar in :func:`kl_dtype` of ``mu.dtype`` (float32 for float16/bfloat16
+        parameters, whose terms and sum are computed in float32).
+
+    A Gaussian prior with fixed hyper-parameters goes through a fused autograd function
+    (:class:`_GaussianKLSum`); other priors, and a Gaussian with learnable hyper-parameters,
+    through the elementwise :func:`closed_form_kl` and autograd.
     """
+    if mu.dtype in LOW_PRECISION_DTYPES:
+        # differentiable casts: gradients flow back to the low-precision parameters
+        mu, rho, sigma = mu.float(), rho.float(), None  # sigma recomputed in float32
     p = prior.distribution()
-    if type(p) is D.Normal and p.loc.dim() == 0 and p.scale.dim() == 0:
+    if (
+        type(p) is D.Normal
+        and p.loc.dim() == 0
+        and p.scale.dim() == 0
+        # learnable hyper-parameters: the fused function would convert them to Python floats
+        # and drop their gradients
+        and not _requires_grad(p.loc, p.scale)
+    ):
         s = None if sigma is None else sigma.detach()
         m = None if mask is None else mask.to(mu.dtype)
         return _GaussianKLSum.apply(mu, rho, s, m, float(p.loc), float(p.scale))
     sig, log_sigma = softplus_and_log(rho)
-    term = closed_form_kl(mu, sig, prior, log_sigma)
-    return (term if mask is None else term * mask).sum()
+    term = _closed_form_terms(mu, sig, log_sigma, p)
+    return (term if mask is None else term * mask.to(term.dtype)).sum()
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -279,6 +327,10 @@ def mc_kl(w: Tensor, eps: Tensor, log_sigma: Tensor, prior: Prior) -> Tensor:
 
 class _MCKLSum(torch.autograd.Function):
     """(1/S) sum_{s,j} mask_j [log q(w_sj) - log p(w_sj)] at ``w = mu + sigma * eps``, fused.
+
+    ``log_p`` is ``(1/S) sum_{s,j} mask_j log p(w_sj)``, computed by the caller outside this
+    function (:func:`mc_kl_sum`), so that autograd takes its gradient to the prior's learnable
+    hyper-parameters, if any (here: d/dlog_p = -g); with a fixed prior it has no graph.
 
     The elementwise autograd graph of the Monte Carlo KL costs ~25 passes over the weights for
     the scale-mixture prior (logaddexp and its backward; issue 8, and most of a bandit update
@@ -304,6 +356,7 @@ class _MCKLSum(torch.autograd.Function):
         w: Tensor,
         mask: Tensor | None,
         prior: Prior,
+        log_p: Tensor,
     ) -> Tensor:
         num_samples = eps.shape[0]
         fast = mask is None and (rho.numel() == 0 or bool(rho.min() >= _LOG_SIGMA_SWITCH))
@@ -314,14 +367,12 @@ class _MCKLSum(torch.autograd.Function):
                 - torch.log(sigma).sum()
                 - rho.numel() * _HALF_LOG_2PI
             )
-            log_p = _kernels.mc_log_prob_sum(prior, w) / num_samples
         else:
             log_sigma = log_softplus(rho, sigma)
             lq = (eps * eps).sum(0) * (-0.5 / num_samples) - log_sigma - _HALF_LOG_2PI
-            lp = prior.log_prob(w).sum(0) / num_samples
             if mask is not None:
-                lq, lp = lq * mask, lp * mask
-            log_q, log_p = lq.sum(), lp.sum()
+                lq = lq * mask
+            log_q = lq.sum()
         ctx.save_for_backward(rho, sigma, eps, w, mask)
         ctx.prior = prior
         ctx.fast = fast
@@ -332,10 +383,11 @@ class _MCKLSum(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g: Tensor
     ) -> tuple[Tensor | None, ...]:
         rho, sigma, eps, w, mask = ctx.saved_tensors
+        grad_log_p = -g if ctx.needs_input_grad[7] else None
         if ctx.fast and _kernels.get_kernels() == "compile":
             # score, both gradients and the sample mean in one fused loop (bbb.kernels)
             gm, gr = _kernels.mc_kl_grads(ctx.prior, w, eps, rho, sigma, g)
-            return gm, gr, None, None, None, None, None
+            return gm, gr, None, None, None, None, None, grad_log_p
         num_samples = eps.shape[0]
         score = ctx.prior.grad_log_prob(w).neg_()  # (S, *W): d(-log p)/dw
         grad_mu = grad_rho = None
@@ -356,7 +408,7 @@ class _MCKLSum(torch.autograd.Function):
             grad_rho = score.mul_(eps).sum(0).mul_(scale).mul_(sig).sub_(dlog * g)
             if mask is not None:
                 grad_rho.mul_(mask)
-        return grad_mu, grad_rho, None, None, None, None, None
+        return grad_mu, grad_rho, None, None, None, None, None, grad_log_p
 
 
 def mc_kl_sum(
@@ -380,9 +432,19 @@ def mc_kl_sum(
         w: the weight sample if already built (detached), else built here.
         mask: optional 0/1 mask (shape W): masked weights contribute nothing (pruning).
 
+    Returns:
+        A scalar in :func:`kl_dtype` of ``mu.dtype`` (float32 for float16/bfloat16
+        parameters, whose terms and sum are computed in float32).
+
     Same value and gradients as ``mc_kl(w, eps, log_sigma, prior)`` masked, summed and divided
-    by S, in a few passes (see :class:`_MCKLSum`).
+    by S, in a few passes (see :class:`_MCKLSum`). Gradients also reach the prior's learnable
+    hyper-parameters, if any (through its ``log_prob`` at the detached sample).
     """
+    if mu.dtype in LOW_PRECISION_DTYPES:
+        # differentiable casts: gradients flow back to the low-precision parameters; the
+        # forward's sample w is kept (upcast), sigma is recomputed in float32
+        mu, rho, eps, sigma = mu.float(), rho.float(), eps.float(), None
+        w = None if w is None else w.float()
     sigma = torch.nn.functional.softplus(rho.detach()) if sigma is None else sigma.detach()
     m = None if mask is None else mask.to(mu.dtype)
     if w is None:
@@ -391,4 +453,12 @@ def mc_kl_sum(
                 w = torch.addcmul(mu, sigma, eps)
             else:
                 w = torch.addcmul(mu * m, sigma * m, eps)
-    return _MCKLSum.apply(mu, rho, sigma, eps, w.detach(), m, prior)
+    w = w.detach()
+    num_samples = eps.shape[0]
+    # (1/S) sum log p(w), outside the fused function: its graph (if the prior has learnable
+    # hyper-parameters; none otherwise) carries their gradients
+    if m is None:
+        log_p = _kernels.mc_log_prob_sum(prior, w) / num_samples
+    else:
+        log_p = (prior.log_prob(w).sum(0) * m).sum() / num_samples
+    return _MCKLSum.apply(mu, rho, sigma, eps, w, m, prior, log_p)

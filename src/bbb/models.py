@@ -43,8 +43,8 @@ def bayes_mlp(
 ) -> nn.Sequential:
     """in -> [BayesLinear -> ReLU] * len(hidden) -> BayesLinear -> out (logits or means).
 
-    ``mu_init`` defaults to ``"fan_in"``, as for :class:`~bbb.nn.BayesLinear` and
-    :class:`~bbb.config.TrainConfig` (``"paper"``, U(-0.2, 0.2), is an option): with it a
+    ``mu_init`` defaults to ``"fan_in"`` here, as for :class:`~bbb.config.TrainConfig` (a bare
+    :class:`~bbb.nn.BayesLinear` defaults to ``"paper"``, U(-0.2, 0.2)): with it a
     784-400-400-10 network reached 3% MNIST validation error in 650 steps against 850 with
     ``"paper"`` (issue 8, ``benchmarks/time_to_accuracy.py --eval-every 50``).
     """

@@ -5,7 +5,10 @@ Each prior is a small ``nn.Module`` whose hyper-parameters are buffers (so they 
 through :meth:`Prior.distribution`. The KL code (:mod:`bbb.kl`) uses that object to look up a
 closed form; the Monte Carlo KL uses :meth:`Prior.log_prob`.
 
-All priors are zero-centred by default, factorised over weights, and fixed (not learned).
+All priors are zero-centred by default and factorised over weights. The built-in priors are
+fixed (not learned). A prior with learnable hyper-parameters is a :class:`Prior` subclass
+that holds them as ``nn.Parameter`` objects and builds :meth:`Prior.distribution` from them;
+both KL modes (closed form and Monte Carlo) backpropagate to them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,25 @@ def _finite(name: str, value: float) -> float:
 
 
 class Prior(nn.Module):
-    """Base class: a factorised prior p(w) = prod_j p(w_j) over a weight tensor."""
+    """Base class: a factorised prior p(w) = prod_j p(w_j) over a weight tensor.
+
+    A subclass implements :meth:`distribution` (and, for speed, may override :meth:`log_prob`
+    and :meth:`grad_log_prob`). Its hyper-parameters may be learnable: held as
+    ``nn.Parameter`` objects (they are then parameters of every layer using the prior) and
+    used by :meth:`distribution`/:meth:`log_prob` as tensors, the KL of a layer backpropagates
+    to them::
+
+        class LearnedScale(bbb.Prior):
+            def __init__(self) -> None:
+                super().__init__()
+                self.log_s = nn.Parameter(torch.zeros(()))
+
+            def distribution(self) -> D.Normal:
+                return D.Normal(0.0, self.log_s.exp())
+
+    (A Normal prior with learnable hyper-parameters takes the elementwise closed form, not the
+    fused one, which needs fixed values.)
+    """
 
     def distribution(self) -> D.Distribution:
         """The scalar (batch shape ``()``) ``torch.distributions`` object of one weight."""
@@ -70,6 +91,14 @@ class Prior(nn.Module):
 
     def _value(self, name: str) -> float:
         """A hyper-parameter as a Python float (exact; no device sync on a GPU)."""
+        if name in self._parameters:
+            # the fast paths of the built-in priors read their fixed values from here
+            raise TypeError(
+                f"{type(self).__name__}.{name} has been made an nn.Parameter, but the "
+                f"built-in {type(self).__name__} treats its hyper-parameters as fixed; for a "
+                "learnable prior subclass bbb.Prior and build distribution() from your "
+                "parameters"
+            )
         return self._exact[name]
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def, override]

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
+from torch.nn.modules.utils import _reverse_repeat_tuple
 
 from ..priors import Prior
-from .module import BayesModule
+from .module import BayesModule, _is_int, positive_int
 
 __all__ = ["BayesConv1d", "BayesConv2d", "BayesConv3d"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_SPATIAL: dict[int, str] = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
 class _BayesConvNd(BayesModule):
@@ -55,13 +56,9 @@ class _BayesConvNd(BayesModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        for arg, v in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("groups", groups),
-        ):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} {arg} must be a positive integer, got {v!r}")
+        in_channels = positive_int(name, "in_channels", in_channels)
+        out_channels = positive_int(name, "out_channels", out_channels)
+        groups = positive_int(name, "groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be "
@@ -71,24 +68,16 @@ class _BayesConvNd(BayesModule):
             raise ValueError(
                 f"unknown padding_mode {padding_mode!r}; accepted values: {', '.join(_PADDING_MODES)}"
             )
-        ntuple = _ntuple(self._dim)
-        for arg, value in (
-            ("kernel_size", kernel_size),
-            ("stride", stride),
-            ("dilation", dilation),
-        ):
-            values = ntuple(value)
-            if any(not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name} {arg} must be positive integers, got {value!r}")
-        if not isinstance(padding, str) and any(
-            not isinstance(v, int) or v < 0 for v in ntuple(padding)
-        ):
-            raise ValueError(f"{name} padding must be non-negative integers, got {padding!r}")
+        kernel_size = self._ntuple("kernel_size", kernel_size, 1)
+        stride = self._ntuple("stride", stride, 1)
+        dilation = self._ntuple("dilation", dilation, 1)
+        if not isinstance(padding, str):
+            padding = self._ntuple("padding", padding, 0)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size: tuple[int, ...] = ntuple(kernel_size)
-        self.stride: tuple[int, ...] = ntuple(stride)
-        self.dilation: tuple[int, ...] = ntuple(dilation)
+        self.kernel_size: tuple[int, ...] = kernel_size
+        self.stride: tuple[int, ...] = stride
+        self.dilation: tuple[int, ...] = dilation
         self.groups = groups
         self.padding_mode = padding_mode
         if isinstance(padding, str):
@@ -106,7 +95,7 @@ class _BayesConvNd(BayesModule):
             else:
                 self._explicit_pad = (0,) * (2 * self._dim)
         else:
-            self.padding = ntuple(padding)
+            self.padding = padding
             self._explicit_pad = _reverse_repeat_tuple(self.padding, 2)
         weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = (in_channels // groups) * math.prod(self.kernel_size)
@@ -123,13 +112,38 @@ class _BayesConvNd(BayesModule):
             dtype=dtype,
         )
 
+    def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
+        """``value`` (an int, or one int per spatial dimension) as a tuple of ``_dim`` ints,
+        each >= ``minimum``; a ValueError naming ``arg`` and the expected length otherwise."""
+        name, d = type(self).__name__, self._dim
+        accepted = f"an int or a tuple of {d} int{'s' if d > 1 else ''} (one per spatial dimension)"
+        if _is_int(value):
+            values: tuple[object, ...] = (value,) * d
+        elif isinstance(value, (tuple, list)):
+            if len(value) != d:
+                raise ValueError(
+                    f"{name} {arg} must be {accepted}, got {value!r} of length {len(value)}"
+                )
+            values = tuple(value)
+        else:
+            raise ValueError(f"{name} {arg} must be {accepted}, got {value!r}")
+        if not all(_is_int(v) and int(v) >= minimum for v in values):  # type: ignore[call-overload]
+            kind = "positive" if minimum == 1 else "non-negative"
+            raise ValueError(f"{name} {arg} must be {kind} integers, got {value!r}")
+        return tuple(int(v) for v in values)  # type: ignore[call-overload]
+
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != self._dim + 2 or x.shape[1] != self.in_channels:
-            spatial = ", ".join(["..."] * self._dim)
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (N, {self.in_channels}, {spatial}), "
-                f"got {tuple(x.shape)}"
-            )
+        d, c = self._dim, self.in_channels
+        if x.dim() != d + 2 or x.shape[1] != c:
+            spatial = ", ".join(["..."] * d)
+            if x.dim() != d + 2:
+                problem = (
+                    f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D "
+                    "(an unbatched input needs a leading batch dimension: x.unsqueeze(0))"
+                )
+            else:
+                problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
+            raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         conv = _CONV[self._dim]

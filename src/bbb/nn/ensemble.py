@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule
+from .module import BayesModule, positive_int
 
 __all__ = ["BayesLinearEnsemble"]
 
@@ -24,7 +24,16 @@ class BayesLinearEnsemble(BayesModule):
 
     Shapes: input (K, N, in_features) -> output (K, N, out_features); inside
     :func:`bbb.vectorized_samples` with S samples the input is (S * K, N, in_features), the S
-    blocks of K members stacked in front. Arguments as :class:`bbb.BayesLinear`.
+    blocks of K members stacked in front.
+
+    Args:
+        members: K, the number of independent members.
+        in_features, out_features, bias, prior, estimator, kl, rho_init, device, dtype: as
+            :class:`bbb.BayesLinear`.
+        mu_init: as :class:`bbb.BayesLinear`, but the default here is ``"fan_in"``
+            (mu ~ U(-1/sqrt(in_features), 1/sqrt(in_features))), not ``"paper"``: the bandit
+            experiment's networks (:func:`bbb.bandit.ensemble_mlp`) are built with it.
+            :meth:`reset_parameters` without arguments re-applies it.
     """
 
     def __init__(
@@ -43,15 +52,9 @@ class BayesLinearEnsemble(BayesModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (
-            ("members", members),
-            ("in_features", in_features),
-            ("out_features", out_features),
-        ):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(
-                    f"BayesLinearEnsemble {name} must be a positive integer, got {v!r}"
-                )
+        members = positive_int("BayesLinearEnsemble", "members", members)
+        in_features = positive_int("BayesLinearEnsemble", "in_features", in_features)
+        out_features = positive_int("BayesLinearEnsemble", "out_features", out_features)
         self.members = members
         self.in_features = in_features
         self.out_features = out_features
@@ -76,7 +79,7 @@ class BayesLinearEnsemble(BayesModule):
             self.bias_rho = torch.nn.Parameter(
                 torch.empty(members, out_features, device=device, dtype=dtype)
             )
-            self.reset_parameters(mu_init=mu_init, rho_init=rho_init)
+            self.reset_parameters()  # the constructor's mu_init and rho_init
 
     def _noise(self, num_samples: int, like: Tensor):  # type: ignore[override]
         record = super()._noise(num_samples, like)
@@ -87,15 +90,18 @@ class BayesLinearEnsemble(BayesModule):
         return record
 
     def _check_input(self, x: Tensor) -> None:
-        rows = self.num_samples * self.members
-        if x.dim() != 3 or x.shape[-1] != self.in_features or x.shape[0] != rows:
-            s = self.num_samples
-            raise ValueError(
-                f"BayesLinearEnsemble expected input of shape ({rows}, N, {self.in_features}) "
-                f"({self.members} members"
-                + (f" x {s} stacked samples" if s > 1 else "")
-                + f"), got {tuple(x.shape)}"
-            )
+        s, k, n = self.num_samples, self.members, self.in_features
+        if x.dim() != 3 or x.shape[-1] != n or x.shape[0] != s * k:
+            if x.dim() != 3:
+                problem = f"a 3-D input (members, N, in_features) is needed, got {x.dim()}-D"
+            elif x.shape[0] != s * k:
+                rows = x.shape[0] // s if x.shape[0] % s == 0 else x.shape[0]
+                problem = f"dimension 0 must be members={k}, got {rows}"
+                if s > 1 and x.shape[0] % s != 0:
+                    problem = f"dimension 0 must be {s} x members = {s * k}, got {x.shape[0]}"
+            else:
+                problem = f"the last dimension must be in_features={n}, got {x.shape[-1]}"
+            raise self._shape_error(x, f"({k}, N, {n})", problem)
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         # x: (K, N, in) or, with S stacked samples sharing these weights (the mean network,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule
+from .module import BayesModule, positive_int
 
 __all__ = ["BayesLinear"]
 
@@ -27,6 +27,7 @@ class BayesLinear(BayesModule):
             the Monte Carlo KL is obtained for each estimator.
         mu_init: ``"paper"`` (default here: mu ~ U(-0.2, 0.2)), ``"fan_in"``
             (U(-1/sqrt(in), 1/sqrt(in)), like ``nn.Linear``) or a ``(low, high)`` range.
+            :meth:`reset_parameters` without arguments re-applies it.
         rho_init: constant or ``(low, high)`` uniform range for rho (default (-5, -4)).
 
     Shapes: input (N, *, in_features) -> output (N, *, out_features).
@@ -47,9 +48,8 @@ class BayesLinear(BayesModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"BayesLinear {name} must be a positive integer, got {v!r}")
+        in_features = positive_int("BayesLinear", "in_features", in_features)
+        out_features = positive_int("BayesLinear", "out_features", out_features)
         self.in_features = in_features
         self.out_features = out_features
         self._init_posterior(
@@ -67,10 +67,13 @@ class BayesLinear(BayesModule):
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"BayesLinear expected input of shape (N, ..., {self.in_features}), "
-                f"got {tuple(x.shape)}"
+            n = self.in_features
+            problem = (
+                "a 0-d input has no feature dimension"
+                if x.dim() < 1
+                else f"the last dimension must be in_features={n}, got {x.shape[-1]}"
             )
+            raise self._shape_error(x, f"(N, ..., {n})", problem)
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)

@@ -23,7 +23,9 @@ The KL divergence of the latest forward pass is computed on demand by :meth:`Bay
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,77 @@ __all__ = [
 
 SAMPLING_MODES = ("sample", "mean", "frozen")
 MU_INITS = ("paper", "fan_in")
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python or NumPy), not a bool (``True`` is an ``int`` subclass)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python or NumPy int/float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def positive_int(owner: str, name: str, value: object) -> int:
+    """``value`` as an ``int`` if it is a positive integer, else a ``ValueError`` naming
+    ``owner`` (the layer) and the argument ``name``. Bools are rejected (``True`` would
+    otherwise pass as 1)."""
+    if not _is_int(value) or int(value) < 1:  # type: ignore[call-overload]
+        hint = " (a bool is not accepted)" if isinstance(value, bool) else ""
+        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}{hint}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def _range(name: str, value: object, accepted: str) -> tuple[float, float]:
+    """A ``(low, high)`` pair of finite numbers with low <= high, or a ValueError naming
+    ``name``, what was given and what is ``accepted``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        got = f"{value!r}"
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            got += f" (a sequence of length {len(value)})"
+        raise ValueError(f"{name} must be {accepted}, got {got}")
+    if not all(_is_real(v) for v in value):
+        raise ValueError(f"{name} must be {accepted}, got {value!r} (entries must be numbers)")
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low > high:
+        raise ValueError(f"init ranges must have low <= high, got {name}={value!r}")
+    return low, high
+
+
+_MU_INIT_ACCEPTED = (
+    f"one of {', '.join(map(repr, MU_INITS))} or a (low, high) tuple of two finite numbers"
+)
+_RHO_INIT_ACCEPTED = "a finite number or a (low, high) tuple of two finite numbers"
+
+
+def mu_init_range(mu_init: object, fan_in: int) -> tuple[float, float]:
+    """The uniform range ``(low, high)`` of a ``mu_init`` option (see
+    :meth:`BayesModule.reset_parameters`); a ValueError naming ``mu_init`` if it is invalid."""
+    if isinstance(mu_init, str):
+        if mu_init == "paper":
+            return -0.2, 0.2
+        if mu_init == "fan_in":
+            bound = 1.0 / max(fan_in, 1) ** 0.5
+            return -bound, bound
+        raise ValueError(
+            f"unknown mu_init {mu_init!r}; accepted values: {', '.join(MU_INITS)} "
+            "or a (low, high) tuple"
+        )
+    return _range("mu_init", mu_init, _MU_INIT_ACCEPTED)
+
+
+def rho_init_range(rho_init: object) -> tuple[float, float]:
+    """The uniform range ``(low, high)`` of a ``rho_init`` option (a constant ``c`` gives
+    ``(c, c)``); a ValueError naming ``rho_init`` if it is invalid."""
+    if _is_real(rho_init):
+        value = float(rho_init)  # type: ignore[arg-type]
+        if not math.isfinite(value):
+            raise ValueError(f"rho_init must be finite, got {rho_init!r}")
+        return value, value
+    return _range("rho_init", rho_init, _RHO_INIT_ACCEPTED)
 
 
 def _softplus_and_log(rho: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,6 +195,9 @@ class BayesModule(nn.Module):
             # The prior's hyper-parameters follow the layer's dtype (in place: a prior object
             # shared by several layers should be shared by layers of one dtype).
             prior = prior.to(dtype=dtype)
+        # validated before any allocation, with errors that name the argument
+        mu_init_range(mu_init, fan_in)
+        rho_init_range(rho_init)
         self.estimator = estimator
         self.kl_mode = _kl.resolve_kl_mode(kl, prior)
         self.prior = prior
@@ -141,55 +217,40 @@ class BayesModule(nn.Module):
         self.register_buffer("weight_mask", None)
         self._record: _Record | None = None
         self._frozen: _Record | None = None
-        self.reset_parameters(mu_init=mu_init, rho_init=rho_init)
+        # the constructor's initialisation, re-applied by reset_parameters() without arguments
+        self._mu_init = mu_init if isinstance(mu_init, str) else tuple(mu_init)
+        rho = rho_init if _is_real(rho_init) else tuple(rho_init)  # type: ignore[arg-type]
+        self._rho_init = rho
+        self.reset_parameters()
 
     # ----------------------------------------------------------------- initialisation
     @torch.no_grad()
     def reset_parameters(
         self,
-        mu_init: str | tuple[float, float] = "fan_in",
-        rho_init: float | tuple[float, float] = (-5.0, -4.0),
+        mu_init: str | tuple[float, float] | None = None,
+        rho_init: float | tuple[float, float] | None = None,
     ) -> None:
-        """Initialise the posterior.
+        """Initialise the posterior (every ``mu`` and ``rho``, weight and bias) in place.
 
         Args:
             mu_init: ``"paper"``: mu ~ U(-0.2, 0.2) (the layer of the paper's common
                 implementation); ``"fan_in"``: mu ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
                 scale of ``nn.Linear``/``nn.ConvNd``; or a ``(low, high)`` uniform range.
+                ``None`` (default): the ``mu_init`` the layer was constructed with.
             rho_init: a constant, or a ``(low, high)`` uniform range for rho
-                (sigma = softplus(rho); the default (-5, -4) gives sigma of about 0.007-0.018).
-        """
-        if isinstance(mu_init, str):
-            if mu_init == "paper":
-                low, high = -0.2, 0.2
-            elif mu_init == "fan_in":
-                bound = 1.0 / max(self._fan_in, 1) ** 0.5
-                low, high = -bound, bound
-            else:
-                raise ValueError(
-                    f"unknown mu_init {mu_init!r}; accepted values: {', '.join(MU_INITS)} "
-                    "or a (low, high) tuple"
-                )
-        else:
-            low, high = (float(v) for v in mu_init)
-        if isinstance(rho_init, (int, float)):
-            r_low = r_high = float(rho_init)
-        else:
-            r_low, r_high = (float(v) for v in rho_init)
-        import math
+                (sigma = softplus(rho); (-5, -4) gives sigma of about 0.007-0.018).
+                ``None`` (default): the ``rho_init`` the layer was constructed with.
 
-        for name, v in (
-            ("mu_init", low),
-            ("mu_init", high),
-            ("rho_init", r_low),
-            ("rho_init", r_high),
-        ):
-            if not math.isfinite(v):
-                raise ValueError(
-                    f"{name} must be finite, got {mu_init if name == 'mu_init' else rho_init!r}"
-                )
-        if low > high or r_low > r_high:
-            raise ValueError(f"init ranges must have low <= high, got mu {mu_init}, rho {rho_init}")
+        Arguments given here apply to this call only (a later call without arguments
+        re-applies the constructor's initialisation).
+        """
+        if mu_init is None:
+            # layers pickled before the init was stored: the former default
+            mu_init = getattr(self, "_mu_init", "fan_in")
+        if rho_init is None:
+            rho_init = getattr(self, "_rho_init", (-5.0, -4.0))
+        low, high = mu_init_range(mu_init, self._fan_in)
+        r_low, r_high = rho_init_range(rho_init)
         for mu, rho in self._pairs():
             mu.uniform_(low, high)
             rho.uniform_(r_low, r_high)
@@ -253,6 +314,39 @@ class BayesModule(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:  # pragma: no cover - subclasses override
         pass
+
+    def _shape_error(self, x: Tensor, expected: str, problem: str) -> ValueError:
+        """A ValueError for an input of the wrong shape, in the caller's terms.
+
+        Inside :func:`vectorized_samples` (``bbb.predict``, ``bbb.ELBO``) the layer receives the
+        S Monte Carlo copies of the batch stacked along dim 0, (S * B, ...); the message then
+        reports the per-sample shape (B, ...) and says that S samples are stacked (built only
+        on the error path: the check itself costs nothing more).
+
+        Args:
+            x: the input the layer received.
+            expected: the expected per-sample shape, e.g. ``"(N, ..., 4)"``.
+            problem: what is wrong, e.g. ``"the last dimension must be in_features=4, got 5"``.
+        """
+        name = type(self).__name__
+        shape = tuple(x.shape)
+        s = self.num_samples
+        if s > 1 and x.dim() >= 1 and shape[0] % s == 0:
+            got = str((shape[0] // s, *shape[1:]))
+            note = (
+                f" (per Monte Carlo sample: this layer received {shape}, the {s} samples of "
+                "bbb.vectorized_samples, as used by bbb.predict and bbb.ELBO, stacked along "
+                "dim 0)"
+            )
+        elif s > 1:
+            got = str(shape)
+            note = (
+                f" (inside bbb.vectorized_samples with {s} samples, as used by bbb.predict and "
+                f"bbb.ELBO, the layer's input is {s} copies of the batch stacked along dim 0)"
+            )
+        else:
+            got, note = str(shape), ""
+        return ValueError(f"{name} expected input of shape {expected}, got {got}: {problem}{note}")
 
     # ----------------------------------------------------------------- forward
     def _noise(self, num_samples: int, like: Tensor) -> _Record:
@@ -341,6 +435,9 @@ class BayesModule(nn.Module):
             and type(self.prior) is GaussianPrior
             and self.weight_mask is None
             and (num_samples == 1 or self.estimator == "local")
+            # float16/bfloat16: the KL is summed in float32 by bbb.kl (the fused kernel sums
+            # in the parameters' dtype, which overflows)
+            and self.weight_mu.dtype not in _kl.LOW_PRECISION_DTYPES
         )
 
     def _forward_fused(self, x: Tensor, num_samples: int) -> Tensor:
@@ -383,8 +480,13 @@ class BayesModule(nn.Module):
         (``w = mu + sigma * eps`` with flipout's shared ``eps``), and the frozen sample in
         ``frozen`` mode. The local estimator and the mean mode never draw weights: for them an
         independent weight sample is drawn for the KL alone.
+
+        For float16/bfloat16 parameters the per-weight terms and their sum are computed in
+        float32 (a sum over more than a few thousand weights exceeds float16's range) and the
+        result is a float32 scalar; gradients still reach the low-precision parameters. For
+        other dtypes the result has the parameters' dtype.
         """
-        total = self.weight_mu.new_zeros(())
+        total = self.weight_mu.new_zeros((), dtype=_kl.kl_dtype(self.weight_mu.dtype))
         mask = self.weight_mask
         sigmas = self._cached_sigmas()
         record = self._record
@@ -489,8 +591,9 @@ def bayes_modules(model: nn.Module) -> Iterator[BayesModule]:
 def kl_divergence(model: nn.Module) -> Tensor:
     """Summed KL(q || p) (nats) of all Bayesian layers for the latest forward pass.
 
-    A scalar tensor that backpropagates to every ``mu`` and ``rho``. Zero (a tensor) for a
-    model without Bayesian layers.
+    A scalar tensor that backpropagates to every ``mu`` and ``rho`` (float32 for
+    float16/bfloat16 layers, see :meth:`BayesModule.kl`). Zero (a tensor) for a model without
+    Bayesian layers.
     """
     total: Tensor | None = None
     for m in bayes_modules(model):
