@@ -553,9 +553,10 @@ def run_bandit(
 ) -> dict[str, Any]:
     """Run (or resume) the bandit; writes regret CSV, metrics.json, the plot and checkpoints.
 
-    ``max_seconds`` stops cleanly (after a checkpoint) when the time is up, so a long run can
-    span sessions with ``resume=True``. A directory that already holds a run is an error
-    unless ``resume`` (continue it) or ``overwrite`` (delete its checkpoints and results first).
+    ``max_seconds`` stops cleanly when the time is up (checked after every step; the step
+    reached is checkpointed), so a long run can span sessions with ``resume=True``. A
+    directory that already holds a run is an error unless ``resume`` (continue it) or
+    ``overwrite`` (delete its checkpoints and results first).
     """
     from tqdm.auto import tqdm
 
@@ -692,11 +693,16 @@ def run_bandit(
             optimizer.step()
         step += 1
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == steps:
+        # the time limit is checked after every step: when it is reached, this step's
+        # checkpoint (an extra one, off the checkpoint_every grid) lets --resume continue here
+        out_of_time = (
+            max_seconds is not None and step < steps and time.perf_counter() - t0 >= max_seconds
+        )
+        if step % cfg.checkpoint_every == 0 or step == steps or out_of_time:
             checkpoint(step)
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds and step < steps:
-                stopped = True
-                break
+        if out_of_time:
+            stopped = True
+            break
     bar.close()
     elapsed = time.perf_counter() - t0
     done = step
@@ -885,12 +891,12 @@ def _plot(path: Path, agents: Sequence[str], columns: list[str], cum: Tensor) ->
 
 def add_parser(sub: Any) -> None:
     """Register ``bbb bandit`` on the CLI's subparsers."""
-    import argparse
+    from .cli import HelpFormatter
 
     p = sub.add_parser(
         "bandit",
         help="the Mushroom contextual bandit (paper section 5.3), resumable",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d = BanditConfig()
     p.add_argument("--agents", nargs="+", default=d.agents, help=f"any of {', '.join(AGENTS)}")
@@ -967,7 +973,8 @@ def add_parser(sub: Any) -> None:
         "--max-minutes",
         type=float,
         default=None,
-        help="stop cleanly after this long (resume later)",
+        help="stop after this many minutes (checked every step; the step reached is "
+        "checkpointed, continue with --resume) (default: no limit)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -985,6 +992,12 @@ def main_bandit(args: Any) -> int:
 
     # every BanditConfig field has a flag of the same name (argparse dest)
     cfg = BanditConfig(**{f.name: getattr(args, f.name) for f in fields(BanditConfig)})
+    if args.max_minutes is not None and not (
+        math.isfinite(args.max_minutes) and args.max_minutes > 0
+    ):
+        raise ValueError(
+            f"--max-minutes must be a positive number of minutes, got {args.max_minutes}"
+        )
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
     if args.merge:
         summary = merge_runs(args.merge, args.out)
@@ -999,9 +1012,20 @@ def main_bandit(args: Any) -> int:
         )
     window = summary.get("per_step_regret_window", LATE_WINDOW)
     for agent, v in summary["agents"].items():
+        # a standard deviation over one seed is not 0 but undefined: not printed
+        n_seeds = len(v.get("cumulative_regret_per_seed", []))
+        spread = (
+            f" +- {v['cumulative_regret_std']:.1f} (sd over {n_seeds} seeds)"
+            if n_seeds > 1
+            else " (one seed: sd n/a)"
+        )
         print(
-            f"{agent:14s} cumulative regret {v['cumulative_regret_mean']:.1f} +- "
-            f"{v['cumulative_regret_std']:.1f} (per step, last {window} steps: "
-            f"{v['per_step_regret_last_10000_mean']:.3f})"
+            f"{agent:14s} cumulative regret {v['cumulative_regret_mean']:.1f}{spread} "
+            f"(per step, last {window} steps: {v['per_step_regret_last_10000_mean']:.3f})"
+        )
+    if summary.get("complete") is False:
+        print(
+            f"stopped at step {summary['steps_done']} of {summary['steps']} (--max-minutes); "
+            "continue with the same flags and --resume"
         )
     return 0

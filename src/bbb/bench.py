@@ -556,15 +556,48 @@ def _str_list(text: str) -> list[str]:
 
 def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
     """Command-line options of the benchmark."""
+    from .cli import HelpFormatter
+
+    def csv(values: Sequence[object]) -> str:
+        return ",".join(str(v) for v in values)
+
     p = argparse.ArgumentParser(
         prog=prog,
         description="Training-step benchmark of bbb's Bayesian layers (issue 8).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--sizes", type=_int_list, default=[400, 1200], help="MLP hidden widths H")
-    p.add_argument("--nets", type=_str_list, default=list(NETS), help="mlp,conv")
-    p.add_argument("--estimators", type=_str_list, default=list(ESTIMATORS))
-    p.add_argument("--samples", type=_int_list, default=[1, 10], help="num_samples values")
-    p.add_argument("--priors", type=_str_list, default=list(PRIORS))
+    sizes, samples = [400, 1200], [1, 10]
+    p.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=sizes,
+        help=f"MLP hidden widths H, comma-separated (default: {csv(sizes)})",
+    )
+    p.add_argument(
+        "--nets",
+        type=_str_list,
+        default=list(NETS),
+        help=f"networks, comma-separated, from {', '.join(NETS)} (default: {csv(NETS)})",
+    )
+    p.add_argument(
+        "--estimators",
+        type=_str_list,
+        default=list(ESTIMATORS),
+        help=f"gradient estimators, comma-separated, from {', '.join(ESTIMATORS)} "
+        f"(default: {csv(ESTIMATORS)})",
+    )
+    p.add_argument(
+        "--samples",
+        type=_int_list,
+        default=samples,
+        help=f"num_samples values, comma-separated (default: {csv(samples)})",
+    )
+    p.add_argument(
+        "--priors",
+        type=_str_list,
+        default=list(PRIORS),
+        help=f"priors, comma-separated, from {', '.join(PRIORS)} (default: {csv(PRIORS)})",
+    )
     p.add_argument("--batch", type=int, default=BATCH, help="minibatch size")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per configuration")
@@ -577,8 +610,20 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--peers", dest="peers", action="store_true", default=True)
-    p.add_argument("--no-peers", dest="peers", action="store_false", help="bbb only")
+    p.add_argument(
+        "--peers",
+        dest="peers",
+        action="store_true",
+        default=True,
+        help="also time the peer libraries installed (bayesian-torch, blitz, torchbnn, pyro) "
+        "(default: on; --no-peers turns it off)",
+    )
+    p.add_argument(
+        "--no-peers",
+        dest="peers",
+        action="store_false",
+        help="time bbb only, not the peer libraries (default: off)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -597,11 +642,39 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
         help="leave glibc's malloc as it is (default: bbb.tune_allocator() for the whole "
         "process, so every library's step reuses freed memory alike)",
     )
-    p.add_argument("--no-inference", dest="inference", action="store_false", default=True)
-    p.add_argument("--no-memory", dest="memory", action="store_false", default=True)
-    p.add_argument("--no-variance", dest="variance", action="store_false", default=True)
-    p.add_argument("--inference-inputs", type=int, default=10_000)
-    p.add_argument("--variance-draws", type=int, default=50)
+    p.add_argument(
+        "--no-inference",
+        dest="inference",
+        action="store_false",
+        default=True,
+        help="skip the inference-throughput part (default: off, it runs)",
+    )
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        default=True,
+        help="skip the peak-memory part (default: off, it runs)",
+    )
+    p.add_argument(
+        "--no-variance",
+        dest="variance",
+        action="store_false",
+        default=True,
+        help="skip the gradient-variance part (default: off, it runs)",
+    )
+    p.add_argument(
+        "--inference-inputs",
+        type=int,
+        default=10_000,
+        help="inputs predicted in the inference part",
+    )
+    p.add_argument(
+        "--variance-draws",
+        type=int,
+        default=50,
+        help="gradient draws per estimator in the gradient-variance part",
+    )
     return p
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from .allocator import tune_allocator_by_default
 from .config import ConfigError, TrainConfig, load_config_file
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "HelpFormatter"]
 
 _HELP = {
     "dataset": "data set: mnist, toy (the paper's regression curve) or uci",
@@ -90,6 +90,34 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kwargs)
 
 
+_SEED_HELP = "random seed of the weight samples (the same seed gives the same numbers)"
+
+
+def _result_file_name(split: str, fraction: float | None = None) -> str:
+    """The file ``bbb evaluate`` / ``bbb prune`` write in the run directory.
+
+    The test split keeps the historical names (``eval.json``, ``prune-<F>.json``); any other
+    split is named in the file (``eval-val.json``, ``prune-<F>-val.json``), so evaluating it
+    does not overwrite the test results.
+    """
+    base = "eval" if fraction is None else f"prune-{fraction:g}"
+    return f"{base}.json" if split == "test" else f"{base}-{split}.json"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of every ``bbb`` command: each option's help ends with its default.
+
+    ``(default: X)`` is appended unless the default is None (nothing to show: the help says
+    what happens then) or the help already states the default in its own words.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "(default" in text or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class UsageError(ValueError):
     """A command-line usage error (bad flag, bad value): printed as one line."""
 
@@ -105,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bbb",
         description="Bayes by Backprop for PyTorch: train, evaluate and prune Bayesian networks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Environment: BBB_DATA_DIR, the data root (default ../shared/data); "
         "BBB_TUNE_ALLOCATOR=0 leaves glibc's malloc as it is (by default the command calls "
         "bbb.tune_allocator(): freed memory is reused instead of faulted in again each step).",
@@ -124,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="fit the paper's regression curve and plot the uncertainty band",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--epochs", type=int, default=300, help="training epochs")
@@ -135,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a network (options from flags or --config; flags win)",
+        formatter_class=HelpFormatter,
         description="Train a Bayesian (or baseline) MLP. Every option can also be set in a TOML "
         "config file (--config); flags override the file.",
     )
@@ -155,22 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="test metrics of a trained run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ev.add_argument("run_dir", help="run directory written by `bbb train`")
     ev.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
-    ev.add_argument("--split", default="test", choices=["val", "test"], help="which split")
+    ev.add_argument(
+        "--split",
+        default="test",
+        choices=["val", "test"],
+        help="which split: val or test (results go to eval.json for test, eval-val.json for val)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
 
     pr = sub.add_parser(
         "prune",
         help="remove the weights of lowest signal-to-noise ratio, then evaluate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     pr.add_argument("run_dir", help="run directory written by `bbb train`")
     pr.add_argument("--fraction", type=float, default=0.95, help="share of weights to remove")
     pr.add_argument("--per-layer", action="store_true", help="threshold each layer separately")
     pr.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
-    pr.add_argument("--split", default="test", choices=["val", "test"], help="which split")
+    pr.add_argument(
+        "--split",
+        default="test",
+        choices=["val", "test"],
+        help="which split: val or test (results go to prune-F.json for test, prune-F-val.json "
+        "for val)",
+    )
+    pr.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     from .uci import add_parser as _add_uci_parser
 
     _add_uci_parser(sub)
@@ -225,20 +267,39 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
 
 
 def _evaluate(
-    run_dir: str, num_samples: int, split: str, prune: float | None, per_layer: bool
+    run_dir: str,
+    num_samples: int,
+    split: str,
+    prune: float | None,
+    per_layer: bool,
+    seed: int = 0,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from .predictive import ClassificationPrediction, predict
     from .pruning import prune_by_snr
     from .runs import load_run
-    from .train.trainer import evaluate
+    from .train.trainer import evaluate, seed_everything
 
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be a positive integer, got {num_samples}")
+    if seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {seed}")
     cfg, model, likelihood, data = load_run(run_dir)
-    ds = data.test if split == "test" else data.val
+    splits = {"val": data.val, "test": data.test}
+    ds = splits[split]
     if ds is None:
-        raise ConfigError(f"the run's data set has no {split} split")
-    result: dict[str, Any] = {"run": run_dir, "split": split, "num_samples": num_samples}
+        have = [name for name, d in splits.items() if d is not None]
+        hint = f" (use --split {' or '.join(have)})" if have else ""
+        raise ConfigError(f"the run's data set has no {split} split{hint}")
+    # the weight samples (and nothing else) are random: seeded, the numbers are reproducible
+    seed_everything(seed)
+    result: dict[str, Any] = {
+        "run": run_dir,
+        "split": split,
+        "num_samples": num_samples,
+        "seed": seed,
+    }
     if prune is not None:
         pr = prune_by_snr(model, prune, per_layer=per_layer)
         result["pruned"] = {
@@ -320,9 +381,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command in ("evaluate", "prune"):
         fraction = args.fraction if args.command == "prune" else None
         per_layer = getattr(args, "per_layer", False)
-        result = _evaluate(args.run_dir, args.num_samples, args.split, fraction, per_layer)
+        result = _evaluate(
+            args.run_dir, args.num_samples, args.split, fraction, per_layer, seed=args.seed
+        )
         _print_table(result)
-        name = "eval.json" if fraction is None else f"prune-{fraction:g}.json"
+        name = _result_file_name(args.split, fraction)
         from .train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(args.run_dir) / name, json.dumps(result, indent=2) + "\n")

@@ -198,6 +198,14 @@ def _check_data(name: str, ds: TensorDataset | None) -> None:
 RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 
 
+def _epochs_done(run: Path) -> int:
+    """Epochs a run has done: the number of its newest epoch checkpoint (0 without one)."""
+    from .train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run / "checkpoints")
+    return 0 if last is None else int(last.stem.rsplit("-", 1)[1])
+
+
 def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
     """Refuse to resume the run of ``saved`` (its config.json) with other settings."""
     if not saved.exists():
@@ -209,6 +217,12 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
         raise ConfigError(
             f"cannot resume {saved.parent} with other settings ({'; '.join(diff)}): only "
             f"{', '.join(RESUMABLE_CHANGES)} may change when resuming; start a new run instead"
+        )
+    done = _epochs_done(saved.parent)
+    if cfg.epochs < done:
+        raise ConfigError(
+            f"cannot resume {saved.parent} with epochs {cfg.epochs}: the run has already done "
+            f"{done} epochs; epochs must be >= {done} (nothing was changed)"
         )
     if cfg.lr_schedule == "cosine" and old["epochs"] != new["epochs"]:
         raise ConfigError(
@@ -236,7 +250,7 @@ def train_run(
     ``overwrite`` (delete its checkpoints, ``best.pt`` and metrics, then start anew).
 
     ``epoch_callback`` is passed to the :class:`~bbb.train.Trainer` (called after each epoch
-    with the epoch's metrics row; it may raise :class:`~bbb.train.trainer.StopTraining`).
+    with the epoch's metrics row; it may raise :class:`~bbb.train.StopTraining`).
     ``evaluate_test=False`` leaves the test split out entirely (hyper-parameter searches):
     ``metrics.json`` then holds the validation metrics only. ``write_plots=False`` skips the
     PNG files (quick searches).
@@ -329,7 +343,12 @@ def _train_run(
             cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
         else:
             # overwrite: the previous run's files go first (evaluations of its model too)
-            stale = [*previous_run_files(out), *out.glob("eval.json"), *out.glob("prune-*.json")]
+            stale = [
+                *previous_run_files(out),
+                *out.glob("eval.json"),
+                *out.glob("eval-*.json"),
+                *out.glob("prune-*.json"),
+            ]
             for p in stale:
                 p.unlink()
             cfg.save(out / "config.json")

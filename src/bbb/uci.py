@@ -1091,26 +1091,33 @@ _FLAG_KEYS = (
 
 def add_parser(sub: Any) -> Any:
     """Add the ``uci`` subcommand to an argparse subparsers object; return its parser."""
+    from .cli import HelpFormatter
+
     p = sub.add_parser(
         "uci",
+        formatter_class=HelpFormatter,
         help="UCI regression benchmark: every split of a data set (or --all), mean and SE",
         description="Train and test on every split of a UCI data set in the split format of "
         "Hernandez-Lobato & Adams (2015). Metrics (test RMSE, test log-likelihood) are in "
         "original units. Settings: defaults < --config file < flags; --tune picks the grid "
         "point and the epoch count on a validation part of the training split.",
     )
+    d = uci_config()  # the engine's defaults of the TrainConfig flags (a --config file's win)
     p.add_argument("path", nargs="?", help="split directory, or a name under DATA_DIR/uci")
     p.add_argument(
         "--all",
         nargs="?",
         const="",
         metavar="ROOT",
-        help="run every data set under ROOT (default DATA_DIR/uci) and print the table",
+        help="run every data set under ROOT (default: DATA_DIR/uci) and print the table",
     )
-    p.add_argument("--splits", help="a count N (splits 0..N-1), a range a-b or a list 0,3,5")
-    p.add_argument("--out", help="run directory (default runs/uci/<name>, or runs/uci for --all)")
     p.add_argument(
-        "--data-dir", help="data root holding uci/ (default $BBB_DATA_DIR, ../shared/data)"
+        "--splits",
+        help="a count N (splits 0..N-1), a range a-b or a list 0,3,5 (default: every split)",
+    )
+    p.add_argument("--out", help="run directory (default: runs/uci/<name>, or runs/uci for --all)")
+    p.add_argument(
+        "--data-dir", help="data root holding uci/ (default: $BBB_DATA_DIR, then ../shared/data)"
     )
     p.add_argument(
         "--config",
@@ -1125,18 +1132,40 @@ def add_parser(sub: Any) -> Any:
     p.add_argument("--passes", type=int, default=20, help="data passes per trainer epoch")
     p.add_argument("--no-verify", action="store_true", help="skip SHA-256 checks of shared copies")
     p.add_argument("--quiet", action="store_true", help="no per-split lines")
-    p.add_argument("--estimator", help="reparam, local (default) or flipout")
-    p.add_argument("--prior", help="gaussian (default), scale_mixture or laplace")
-    p.add_argument("--prior-sigma", type=float, help="Gaussian prior sigma (default 1)")
-    p.add_argument("--noise", help="fixed, learned (default) or heteroscedastic")
-    p.add_argument("--noise-sigma", type=float, help="(initial) noise std, normalised units")
-    p.add_argument("--rho-init", type=float, help="initial rho, sigma = softplus(rho)")
-    p.add_argument("--epochs", type=int, help="epochs (with --tune: the maximum searched)")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--num-samples", type=int, help="weight samples per training step")
-    p.add_argument("--batch-size", type=int, help="minibatch size (capped at the training size)")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--estimator", help=f"reparam, local or flipout (default: {d.estimator})")
+    p.add_argument("--prior", help=f"gaussian, scale_mixture or laplace (default: {d.prior})")
+    p.add_argument(
+        "--prior-sigma", type=float, help=f"Gaussian prior sigma (default: {d.prior_sigma:g})"
+    )
+    p.add_argument("--noise", help=f"fixed, learned or heteroscedastic (default: {d.noise})")
+    p.add_argument(
+        "--noise-sigma",
+        type=float,
+        help=f"(initial) noise std, normalised units (default: {d.noise_sigma:g})",
+    )
+    p.add_argument(
+        "--rho-init",
+        type=float,
+        help=f"initial rho, sigma = softplus(rho) (default: {d.rho_init:g})",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs (with --tune: the maximum searched) (default: {d.epochs})",
+    )
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d.lr:g})")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        help=f"weight samples per training step (default: {d.num_samples})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"minibatch size, capped at the training size (default: {d.batch_size})",
+    )
+    p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
+    p.add_argument("--device", help=f"torch device (default: {d.device})")
     return p
 
 

@@ -244,6 +244,7 @@ def _resolve_dir(path: PathLike, data_dir: PathLike | None) -> Path:
     """Directory holding ``data.txt`` for a path or a bare name under ``<data-dir>/uci/``."""
     given = Path(path).expanduser()
     candidates = [given]
+    root: Path | None = None
     if not given.is_dir() and not given.is_absolute() and len(given.parts) == 1:
         root = resolve_data_dir(data_dir)
         candidates = [root / "uci" / given, root / given]
@@ -258,9 +259,27 @@ def _resolve_dir(path: PathLike, data_dir: PathLike | None) -> Path:
                 f"Get the data from {UCI_SOURCE}."
             )
     tried = ", ".join(str(c) for c in candidates)
+    available = "" if root is None else _available_names(root / "uci", str(given))
     raise MissingDataError(
-        f"UCI data set {str(path)!r} not found (tried {tried}). Get it from {UCI_SOURCE}."
+        f"UCI data set {str(path)!r} not found (tried {tried}).{available} "
+        f"Get it from {UCI_SOURCE}."
     )
+
+
+def _available_names(root: Path, name: str) -> str:
+    """`` Did you mean ...? Available under ROOT: ...`` for the data sets under ``root``."""
+    import difflib
+
+    try:
+        names = sorted({dataset_name(d) for d in find_uci_datasets(root)}, key=str.lower)
+    except (OSError, DataError):  # no uci/ folder (MissingDataError is a DataError) or unreadable
+        return f" No UCI data sets found under {root}."
+    if not names:
+        return f" No UCI data sets found under {root}."
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
+    return f"{hint} Available under {root}: {', '.join(names)}."
 
 
 def dataset_name(directory: Path) -> str:

@@ -1,10 +1,11 @@
 """Training engine: the loop, checkpoints and seeding."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .trainer import Trainer, TrainingDivergedError, evaluate, seed_everything
+from .trainer import StopTraining, Trainer, TrainingDivergedError, evaluate, seed_everything
 
 __all__ = [
     "CheckpointError",
+    "StopTraining",
     "Trainer",
     "TrainingDivergedError",
     "evaluate",

@@ -104,6 +104,51 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_plateau_mode(scheduler: Any, val_metric: str, has_val: bool) -> None:
+    """Refuse a ``ReduceLROnPlateau`` whose mode would cut the rate when the run improves."""
+    monitored = f"val_metric {val_metric!r}" if has_val else "the training loss (no val_loader)"
+    mode = "max" if has_val and val_metric in ("accuracy", "log_likelihood") else "min"
+    if scheduler.mode != mode:
+        raise ValueError(
+            f"the ReduceLROnPlateau scheduler has mode={scheduler.mode!r}, but the Trainer "
+            f"steps it with {monitored}, for which higher is "
+            f"{'better' if mode == 'max' else 'worse'}: create it with mode={mode!r}"
+        )
+
+
+def _warn_dataset_size(train_loader: Iterable[Any], elbo: ELBO) -> None:
+    """Warn when the ELBO's ``dataset_size`` is not the training loader's data-set length.
+
+    Only where it matters: the ``"uniform"`` KL weight is ``kl_scale / dataset_size`` (the
+    ``"blundell"`` one does not depend on it, and a zero ``kl_scale`` has no KL term).
+    """
+    import warnings
+
+    if elbo.kl_weighting != "uniform" or (not callable(elbo.kl_scale) and elbo.kl_scale == 0):
+        return
+    dataset = getattr(train_loader, "dataset", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:  # no dataset, or an IterableDataset without a length
+        return
+    if n != elbo.dataset_size:
+        ratio = n / elbo.dataset_size
+        warnings.warn(
+            f"ELBO dataset_size={elbo.dataset_size} but the training loader's data set holds "
+            f"{n} examples: the KL term's weight is kl_scale / dataset_size, {ratio:.3g} "
+            "times what that data set calls for. Pass "
+            f"ELBO(..., dataset_size={n}), or, if the loader's sampler draws from a subset of "
+            f"{elbo.dataset_size} examples on purpose, silence this with "
+            "warnings.filterwarnings('ignore', message='ELBO dataset_size')",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
     """Delete the temporary files of atomic writes a killed run left behind (never read)."""
     import contextlib
@@ -176,12 +221,20 @@ class Trainer:
     Args:
         model: the network (Bayesian layers inside).
         elbo: a :class:`bbb.ELBO` (its likelihood's parameters, e.g. a learned noise, should be
-            in ``optimizer`` too).
+            in ``optimizer`` too). Its ``dataset_size`` should be ``len(train_loader.dataset)``
+            (the global size under ``torch.distributed``); a ``UserWarning`` says when it is
+            not (with uniform KL weighting, where the KL weight depends on it).
         optimizer: any ``torch.optim`` optimizer.
         train_loader: a ``DataLoader`` yielding ``(x, y)``.
         val_loader: optional validation loader; the best-on-validation model is kept.
-        scheduler: optional LR scheduler, stepped once per epoch.
-        epochs: total number of epochs (a resumed run continues up to it).
+        scheduler: optional LR scheduler, stepped once per epoch. A
+            ``torch.optim.lr_scheduler.ReduceLROnPlateau`` is stepped with the epoch's value of
+            ``val_metric`` (the validation metric the best epoch is chosen on) when there is a
+            ``val_loader``, else with the epoch's mean training loss; its ``mode`` must match
+            (``"max"`` for ``accuracy`` and ``log_likelihood``, else ``"min"``). Its state,
+            like any scheduler's, is saved in the checkpoints and restored on resume.
+        epochs: total number of epochs (a resumed run continues up to it; it must be at least
+            the number of epochs the run has already done).
         out_dir: run directory for ``metrics.jsonl``, checkpoints, ``best.pt``; None: in memory.
         val_metric: the key of :func:`evaluate`'s report to select on (``"error"`` for
             classification and ``"nll"`` for regression by default; lower is better except
@@ -228,14 +281,25 @@ class Trainer:
         find_unused_parameters: bool = False,
         epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
-        if not isinstance(epochs, int) or epochs < 1:
+        if not _is_positive_int(epochs):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
+        if patience is not None and not _is_positive_int(patience):
             raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
         if patience is not None and val_loader is None:
             raise ValueError("patience needs a val_loader: early stopping watches validation")
+        if isinstance(val_samples, bool) or not isinstance(val_samples, int):
+            raise ValueError(
+                f"val_samples must be an integer (the number of weight samples), got "
+                f"{val_samples!r}"
+            )
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
+        if (
+            isinstance(y_scale, bool)
+            or not isinstance(y_scale, (int, float))
+            or not (math.isfinite(y_scale) and y_scale > 0)
+        ):
+            raise ValueError(f"y_scale must be a finite positive number, got {y_scale!r}")
         if len(train_loader) == 0:
             raise ValueError("the training data loader is empty")
         if grad_clip is not None and (
@@ -272,6 +336,9 @@ class Trainer:
             raise ValueError(
                 f"unknown val_metric {self.val_metric!r}; accepted values: {', '.join(valid)}"
             )
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            _check_plateau_mode(scheduler, self.val_metric, val_loader is not None)
+        _warn_dataset_size(train_loader, elbo)
         self.val_samples = val_samples
         self.patience = patience
         self.progress = progress
@@ -404,10 +471,16 @@ class Trainer:
         # and load_state_dict moves model and optimizer tensors to their parameters' device.
         cpu = torch.device("cpu")
         state, path = load_checkpoint(ckpt_dir, map_location=cpu, require=_REQUIRED)
+        done = int(state["epoch"])
+        if done > self.epochs:  # refused before anything in the run directory is rewritten
+            raise ValueError(
+                f"cannot resume {self.out_dir} with epochs={self.epochs}: the run has already "
+                f"done {done} epochs ({path.name}); epochs must be >= {done}"
+            )
         best = None
         if (self.out_dir / "best.pt").exists():
             best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=cpu)
-        return state, path, self._read_history(int(state["epoch"])), best
+        return state, path, self._read_history(done), best
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         self.history.append(row)
@@ -598,7 +671,11 @@ class Trainer:
             val = self.validate()
             self.epoch += 1
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-            if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                # the monitored quantity: the selection metric, or the training loss without
+                # validation data (the same on every rank: both are shared/reduced)
+                self.scheduler.step(val[self.val_metric] if val else train_stats["loss"])
+            elif self.scheduler is not None:
                 self.scheduler.step()
             improved = False
             if val:
