@@ -32,6 +32,7 @@ from .nn.ensemble import BayesLinearEnsemble
 from .predictive import ClassificationPrediction, RegressionPrediction, predict, sample_outputs
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, make_prior
 from .pruning import PruneResult, prune_by_snr, remove_pruning, snr
+from .runs import load_run
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "has_closed_form",
     "kl_divergence",
     "linear_annealing",
+    "load_run",
     "make_prior",
     "metrics",
     "predict",

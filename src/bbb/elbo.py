@@ -5,7 +5,9 @@ For a minibatch of B examples out of a data set of N, with S weight samples w_s 
     loss = (1 / (S B)) sum_s sum_b -log p(y_b | x_b, w_s)  +  beta * pi_i * KL(q || p) / B
 
 ``nll`` is the first term (mean over samples and examples), ``kl`` is KL(q || p) in nats for
-the whole network (closed form, or Monte Carlo averaged over the S samples) and the KL weight
+the whole network (closed form, or a Monte Carlo estimate: averaged over the S weight samples
+of the pass for weight-space sampling and flipout; the local estimator draws no weights, so
+its estimate uses one weight sample drawn for the KL alone) and the KL weight
 ``beta * pi_i / B`` depends on the weighting scheme:
 
 - ``"uniform"``: pi_i = B / N, so the KL term is KL / N. Summed over the M minibatches of an
@@ -68,6 +70,20 @@ def linear_annealing(
     return schedule
 
 
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int if it is a positive integer of any integer type (Python,
+    NumPy, 0-d integer tensor); bools and everything else are refused, naming ``name``."""
+    if not isinstance(value, bool):
+        try:
+            n = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if n > 0:
+                return n
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class ELBOResult:
     """Output of :class:`ELBO`: all on the per-example scale described in the module doc."""
@@ -93,7 +109,11 @@ class ELBO(nn.Module):
             training mode with gradients enabled.
 
     Call ``elbo(model, x, y, batch_index=i, num_batches=M)``; ``batch_index``/``num_batches``
-    are required for ``"blundell"`` only.
+    are required for ``"blundell"`` only. The inputs ``x`` are not scanned for NaN or Inf (a
+    check that raised on one data-parallel rank would leave the others waiting in their
+    all-reduce): a non-finite input gives a non-finite loss, which :class:`bbb.train.Trainer`
+    reports with the epoch, the step and whether the minibatch's inputs or targets hold NaN
+    or Inf, after agreeing on it across ranks.
     """
 
     step: Tensor
@@ -112,10 +132,8 @@ class ELBO(nn.Module):
             raise TypeError(
                 f"likelihood must be a bbb Likelihood (Categorical, Gaussian), got {type(likelihood).__name__}"
             )
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
-            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        dataset_size = _positive_int("dataset_size", dataset_size)
+        num_samples = _positive_int("num_samples", num_samples)
         if kl_weighting not in KL_WEIGHTINGS:
             raise ValueError(
                 f"unknown kl_weighting {kl_weighting!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"

@@ -65,8 +65,31 @@ class ClassificationPrediction:
         return self.probs.argmax(-1)
 
     def log_prob(self, target: Tensor) -> Tensor:
-        """Predictive log-probability of integer targets (B,), nats."""
-        p = self.probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+        """Predictive log-probability (B,) of class indices ``target`` (B,), nats.
+
+        ``target`` must hold integers in [0, C) (an integer tensor, or a float tensor of whole
+        numbers); anything else is an error rather than a silent truncation.
+        """
+        b, c = self.probs.shape
+        if target.shape != (b,):
+            raise ValueError(
+                f"log_prob: targets must have shape (B,) = ({b},), got {tuple(target.shape)}"
+            )
+        if target.is_floating_point() or target.is_complex():
+            if not bool((target == target.round()).all()):
+                raise ValueError(
+                    "log_prob: targets must be class indices (whole numbers), got non-integer "
+                    f"values such as {float(target[target != target.round()][0]):g}"
+                )
+        elif target.dtype == torch.bool:
+            raise ValueError("log_prob: targets must be class indices, got a bool tensor")
+        idx = target.long()
+        bad = (idx < 0) | (idx >= c)
+        if bool(bad.any()):
+            raise ValueError(
+                f"log_prob: class indices must lie in [0, {c}), got {int(idx[bad][0])}"
+            )
+        p = self.probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         return torch.log(p.clamp_min(1e-30))
 
 
@@ -158,8 +181,10 @@ def sample_outputs(
     ``local`` and ``flipout`` draw their noise per row, so only per-input summaries (the
     predictive distribution of each input) are meaningful for them.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     chunk = max(1, max_rows // num_samples)
@@ -189,10 +214,16 @@ def predict(
 ) -> ClassificationPrediction | RegressionPrediction:
     """Predictive distribution of ``model`` at inputs ``x`` (B, ...), averaged over samples.
 
+    The model runs as it is: in its current sampling mode and its current train/eval mode.
+    Call ``model.eval()`` first unless you mean otherwise: in training mode dropout stays
+    active (Monte Carlo dropout, if that is what you want) and batch normalisation uses and
+    updates the batch statistics. The Bayesian layers sample their weights in both modes.
+
     Args:
         model: a network with Bayesian layers (in its current sampling mode: ``"sample"``
             draws fresh weights per sample; under ``bbb.sampling(model, "mean")`` all samples
-            coincide).
+            coincide; under ``"frozen"`` the frozen samples are used, so ``num_samples`` must
+            equal the number frozen).
         x: inputs (B, ...).
         likelihood: :class:`bbb.Categorical` (default; the model outputs logits) or
             :class:`bbb.Gaussian` (regression; its noise model gives the aleatoric part).
@@ -208,6 +239,12 @@ def predict(
         if outputs.dim() != 3:
             raise ValueError(
                 f"Categorical predict expects logits (B, C) from the model, got {tuple(outputs.shape[1:])}"
+            )
+        if outputs.shape[-1] < 2:
+            raise ValueError(
+                "Categorical predict needs logits of at least 2 classes, but the model outputs "
+                f"{outputs.shape[-1]} value per example: for regression pass "
+                "likelihood=bbb.Gaussian(...)"
             )
         sample_probs = torch.softmax(outputs, dim=-1)
         return ClassificationPrediction(sample_probs.mean(0), sample_probs)
