@@ -169,7 +169,10 @@ def test_ensemble_runs_with_several_vectorized_samples(estimator: str, mode: str
 
 def test_ensemble_input_must_have_members_times_samples_rows() -> None:
     layer = BayesLinearEnsemble(3, 4, 2)
-    with pytest.raises(ValueError, match=r"shape \(3, N, 4\), got \(6, 5, 4\): dimension 0 must be members=3, got 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(3, N, 4\), got \(6, 5, 4\): dimension 0 must be members=3, got 6",
+    ):
         layer(torch.randn(6, 5, 4))
 
 

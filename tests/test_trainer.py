@@ -40,13 +40,7 @@ from bbb.train.checkpoint import (
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one intra-op thread, and stay fast on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
 
 
 def assert_same(a: Any, b: Any, where: str = "state") -> None:

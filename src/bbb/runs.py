@@ -200,10 +200,10 @@ RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 
 def _epochs_done(run: Path) -> int:
     """Epochs a run has done: the number of its newest epoch checkpoint (0 without one)."""
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import checkpoint_epoch, latest_checkpoint
 
     last = latest_checkpoint(run / "checkpoints")
-    return 0 if last is None else int(last.stem.rsplit("-", 1)[1])
+    return 0 if last is None else checkpoint_epoch(last)
 
 
 def _check_resumable(cfg: TrainConfig, saved: Path) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_epoch",
     "latest_checkpoint",
     "list_checkpoints",
     "rng_state",
@@ -158,6 +159,14 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
         if m:
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_epoch(path: str | os.PathLike[str]) -> int:
+    """The epoch an epoch checkpoint's file name records (``checkpoint-00003.pt`` -> 3)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named like an epoch checkpoint")
+    return int(m.group(1))
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
