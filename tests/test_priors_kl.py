@@ -518,6 +518,9 @@ FUSED_PRIORS = {
     "laplace": lambda: LaplacePrior(0.4, loc=-0.2),
     "mixture": lambda: ScaleMixturePrior(0.25, 1.0, math.exp(-6)),
     "mixture-tiny": lambda: ScaleMixturePrior(0.5, math.exp(-1), math.exp(-8)),
+    # sigma2 / sigma1 = e^-45: the clamp of the components' log-ratio must widen, or the
+    # floored narrow responsibility times 1/sigma2^2 = e^90 swamps the score (was -11014 for -0.5)
+    "mixture-extreme": lambda: ScaleMixturePrior(0.5, 1.0, math.exp(-45)),
 }
 
 
@@ -612,3 +615,20 @@ def test_prior_constants_follow_load_state_dict_and_keep_exact_digits() -> None:
     c = ScaleMixturePrior(0.5, 1.0, math.exp(-6))
     c.load_state_dict(ScaleMixturePrior(0.5, 1.0, math.exp(-6)).state_dict())
     assert c._value("sigma2") == math.exp(-6)  # exact digits kept
+
+
+@pytest.mark.parametrize("log_ratio", [0.0, 6.0, 20.0, 35.0, 45.0, 60.0])
+def test_compiled_backend_mixture_score_matches_autograd(log_ratio: float, float64_default) -> None:
+    """The score of the "compile" backend's mixture kernel (run eagerly here) equals autograd
+    of log p for sigma2 = e^-log_ratio, including ratios far beyond the paper's grid."""
+    from bbb.kernels import _mixture_grads
+
+    prior = ScaleMixturePrior(0.5, 1.0, math.exp(-log_ratio))
+    c1, c2, p1, p2 = prior._constants()
+    w = torch.tensor([0.5, 1e-3, 2.0, -3.0, 1e-30, 0.0])
+    x = w.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(prior.log_prob(x).sum(), x)
+    ones = torch.ones_like(w)
+    # one sample (S = 1) and g = 1: the mu-gradient is the score, -d log p / dw
+    g_mu, _ = _mixture_grads(w[None], ones[None], ones, ones, torch.tensor(1.0), c1 - c2, p1, p2)
+    torch.testing.assert_close(g_mu, -ref, rtol=1e-10, atol=1e-12)

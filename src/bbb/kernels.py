@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior
+from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, mixture_clamp
 
 __all__ = [
     "KERNEL_BACKENDS",
@@ -163,8 +163,9 @@ def _mixture_grads(
     w: Tensor, eps: Tensor, rho: Tensor, sigma: Tensor, g: Tensor, c: float, p1: float, p2: float
 ) -> tuple[Tensor, Tensor]:
     # responsibilities as sigmoids of u = log(pi N1) - log((1 - pi) N2), clamped as in
-    # ScaleMixturePrior.grad_log_prob (no denormal exp)
-    u = (w * w * (0.5 * (p2 - p1)) + c).clamp(-80.0, 80.0)
+    # ScaleMixturePrior.grad_log_prob (no denormal exp, exact for any sigma2 / sigma1)
+    bound = mixture_clamp(p1, p2)
+    u = (w * w * (0.5 * (p2 - p1)) + c).clamp(-bound, bound)
     score = (torch.sigmoid(u) * p1 + torch.sigmoid(-u) * p2) * w
     return _mc_grads(score, eps, rho, sigma, g)
 

@@ -154,6 +154,18 @@ class GaussianPrior(Prior):
         return f"sigma={self.sigma.item():.4g}, mean={self.mean.item():.4g}"
 
 
+def mixture_clamp(p1: float, p2: float) -> float:
+    """Bound on the log-ratio u of a scale mixture's components, for its score.
+
+    ``p1``, ``p2``: the components' precisions 1/sigma1^2, 1/sigma2^2. Clamping u to +-bound
+    floors the smaller responsibility at exp(-bound), and the score multiplies that floor by
+    the larger precision: with bound = max(80, 40 + |log(p2 / p1)|) its error stays below
+    e^-40 relative for any sigma2 / sigma1, and the bound stays 80 (no exp in float32's
+    denormal range) while sigma2 / sigma1 lies within e^-20..e^20.
+    """
+    return max(80.0, 40.0 + abs(math.log(p2 / p1)))
+
+
 class ScaleMixturePrior(Prior):
     """The scale mixture of Blundell et al. (2015), eq. 7:
 
@@ -215,12 +227,13 @@ class ScaleMixturePrior(Prior):
     def grad_log_prob(self, w: Tensor) -> Tensor:
         # d/dw log p = -w (r1 / sigma1^2 + r2 / sigma2^2), r the components' responsibilities,
         # both taken as sigmoids of u = log(pi N1(w)) - log((1 - pi) N2(w)) (no 1 - r
-        # cancellation when sigma2 is tiny and 1 / sigma2^2 is huge). u is clamped to +-80:
-        # beyond it the smaller responsibility (< 2e-35) changes nothing, while exp(-|u|) in
-        # the denormal range would make the sigmoids ~100x slower on x86 (3x the whole bandit
-        # update, issue 6).
+        # cancellation when sigma2 is tiny and 1 / sigma2^2 is huge). u is clamped to
+        # +-mixture_clamp(p1, p2) (80 for every sigma2 / sigma1 above e^-20): beyond it the
+        # smaller responsibility changes nothing, while exp(-|u|) in the denormal range would
+        # make the sigmoids ~100x slower on x86 (3x the whole bandit update, issue 6).
         c1, c2, p1, p2 = self._constants()
-        u = (w * w).mul_(0.5 * (p2 - p1)).add_(c1 - c2).clamp_(-80.0, 80.0)
+        bound = mixture_clamp(p1, p2)
+        u = (w * w).mul_(0.5 * (p2 - p1)).add_(c1 - c2).clamp_(-bound, bound)
         r1 = torch.sigmoid(u)
         r2 = torch.sigmoid(u.neg_())
         return r1.mul_(p1).add_(r2, alpha=p2).mul_(w).neg_()
