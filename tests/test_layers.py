@@ -492,6 +492,30 @@ def test_row_covariance_within_a_sample(estimator: str, stats) -> None:
     stats.assert_mean(prod, expected, what=f"{estimator} row covariance")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_sequence_positions_share_the_weight_sample(estimator: str, stats) -> None:
+    """(N, T, in) inputs: the T positions of one example share its weight sample, so under
+    weight-space sampling and flipout (signs shared by the positions) two positions covary as
+    weight-space sampling says; local reparameterization draws them independently (documented
+    as an approximation for such inputs). Tolerance: stats' standard-error bound."""
+    torch.manual_seed(2)
+    layer = BayesLinear(
+        3, 2, estimator=estimator, mu_init=(-1.0, 1.0), rho_init=(-1.0, 0.0), dtype=DT
+    )
+    x = torch.tensor([[[1.0, 2.0, -1.0], [0.5, 1.5, -2.0]]], dtype=DT)  # one example, T = 2
+    mean, _ = _exact_linear_moments(layer, x[0])
+    s = 20000
+    with torch.no_grad(), bbb.vectorized_samples(layer, s):
+        y = layer(_stack(x, s))  # (S, T, out)
+    assert y.shape == (s, 2, 2)
+    prod = (y[:, 0] - mean[0]) * (y[:, 1] - mean[1])  # mean of prod = Cov(position 0, 1)
+    with torch.no_grad():
+        shared = F.linear(x[0, 0] * x[0, 1], layer.weight_sigma**2, layer.bias_sigma**2)
+    expected = torch.zeros_like(shared) if estimator == "local" else shared
+    assert float(shared.abs().min()) > 0.5  # the two cases are far apart
+    stats.assert_mean(prod, expected, what=f"{estimator} position covariance")
+
+
 CONV_MOMENT_CASES = {
     # (layer constructor kwargs, input shape, how to compute the op by hand)
     "conv2d-reflect": (

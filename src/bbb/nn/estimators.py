@@ -10,10 +10,12 @@ number of outputs (out features / out channels).
   one weight sample per Monte Carlo sample, shared by the rows of that sample.
 - :func:`local` (local reparameterisation, Kingma et al. 2015): sample pre-activations from
   N(op(x, mu) + mu_b, op(x^2, sigma^2) + sigma_b^2) with independent noise per row and output.
-  Exact for linear layers. For convolutions it matches the mean and variance of each output but
-  not the correlation between output positions that share a weight: an approximation there.
+  Exact for linear layers on (N, in) inputs. For convolutions, and for linear layers on
+  (N, *, in) inputs, it matches the mean and variance of each output but not the correlation
+  between output positions that share a weight: an approximation there.
 - :func:`flipout` (Wen et al. 2018): one shared perturbation ``dW = sigma * eps`` per Monte Carlo
-  sample, decorrelated across rows by random signs: ``op(x, mu) + op(x * s_in, dW) * s_out``.
+  sample, decorrelated across examples by random signs: ``op(x, mu) + op(x * s_in, dW) *
+  s_out``, the signs shared by the positions of one example (exact for every layer).
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def flipout(
     """Flipout. ``eps_w``: (S, *W) shared perturbation noise, ``eps_b``: (S, O).
 
     ``y = op(x, mu_w, mu_b) + op_S(x * s_in, sigma_w * eps_w, sigma_b * eps_b) * s_out`` with
-    independent random signs per row (per row and channel for convolutions). Each row's output
-    has exactly the distribution of weight-space sampling; rows are decorrelated by the signs.
+    independent random signs per example and feature/channel, shared by the positions of an
+    example (conv maps, sequence positions). Each example's outputs have exactly the joint
+    distribution of weight-space sampling; examples are decorrelated by the signs.
     The underlying weight sample is ``w = mu + sigma * eps_w``: a Monte Carlo KL uses it.
     ``dw1``: the perturbation ``sigma * eps_w[0]`` already built (S = 1;
     :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used.

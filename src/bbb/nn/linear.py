@@ -20,8 +20,12 @@ class BayesLinear(BayesModule):
         prior: a :class:`bbb.GaussianPrior`, :class:`bbb.ScaleMixturePrior` or
             :class:`bbb.LaplacePrior` (default ``GaussianPrior(1.0)``).
         estimator: ``"reparam"`` (weight-space sampling, the paper's algorithm), ``"local"``
-            (local reparameterisation: exact for linear layers, lowest variance) or
-            ``"flipout"``.
+            (local reparameterisation: exact for (N, in) inputs, lowest variance) or
+            ``"flipout"``. For (N, *, in) inputs (sequences, tokens) ``"reparam"`` and
+            ``"flipout"`` give each example one weight sample shared by its positions;
+            ``"local"`` draws independent noise per position, which matches each output's mean
+            and variance but not the correlation between positions of one example (an
+            approximation there, as for convolutions).
         kl: ``"auto"`` (closed form when the prior has one, else Monte Carlo),
             ``"closed_form"`` or ``"mc"``. See :meth:`BayesModule.kl` for how the weight sample of
             the Monte Carlo KL is obtained for each estimator.
@@ -89,8 +93,11 @@ class BayesLinear(BayesModule):
     def sign_shapes(
         self, x: Tensor, y_shape: torch.Size
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        # Every row of a matmul is an independent "example": one sign per entry.
-        return tuple(x.shape), tuple(y_shape)
+        # One sign per example and feature. For (N, *, in) inputs the positions of an example
+        # share its signs (they share its weight sample): each example's outputs then have
+        # exactly the joint distribution of weight-space sampling, as for convolutions.
+        ones = (1,) * (x.dim() - 2)
+        return (x.shape[0], *ones, x.shape[-1]), (y_shape[0], *ones, y_shape[-1])
 
     def extra_repr(self) -> str:
         return (
