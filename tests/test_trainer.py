@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -526,3 +527,85 @@ def test_cosine_lr_schedule_decays_per_epoch_and_resumes(tmp_path) -> None:
         assert torch.equal(v, resumed["model"][k]), k
     with pytest.raises(ConfigError, match="lr_schedule.*constant, cosine"):
         TrainConfig(**base, lr_schedule="linear").validate()
+
+
+# --------------------------------------------------------------------------- run-directory lock
+
+
+def test_a_second_process_cannot_train_into_a_locked_run_directory(tmp_path: Path) -> None:
+    """Another process holding the run's lock (a job still running) makes fit() fail before
+    anything in the directory changes; the lock is released when fit returns."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from bbb.train import RunLockedError
+
+    holder = textwrap.dedent(
+        f"""
+        import sys, time
+        from bbb.train.checkpoint import RunLock
+        with RunLock({str(tmp_path)!r}):
+            print("locked", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"is in use: process {proc.pid} on "):
+            make_trainer(tmp_path, epochs=1).fit()
+        assert not (tmp_path / "metrics.jsonl").exists()
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        proc.communicate("\n", timeout=60)
+    make_trainer(tmp_path, epochs=1).fit()  # free again once the holder has exited
+    # within one process the lock is re-entrant and released by fit: a second fit resumes
+    trainer = make_trainer(tmp_path, epochs=2)
+    from bbb.train.checkpoint import RunLock
+
+    with RunLock(tmp_path):
+        assert trainer.fit(resume=True)["epochs_trained"] == 2
+    with RunLock(tmp_path):  # released by both holders
+        pass
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt"])
+def test_resume_with_lost_best_weights_warns_and_chooses_the_best_again(
+    tmp_path: Path, how: str
+) -> None:
+    """best.pt deleted or unreadable while the epoch checkpoints are intact: resuming warns that
+    the best epoch's weights are lost and re-selects, so the summary never names an epoch whose
+    weights load_best() cannot restore."""
+    first = make_trainer(tmp_path, epochs=2)
+    first.fit()
+    assert first.best_epoch >= 1
+    best = tmp_path / "best.pt"
+    if how == "missing":
+        best.unlink()
+    else:
+        best.write_bytes(best.read_bytes()[:100])
+    trainer = make_trainer(tmp_path, epochs=3)
+    with pytest.warns(UserWarning, match="its weights are lost"):
+        summary = trainer.fit(resume=True)
+    assert summary["best_epoch"] == 3  # the only epoch whose weights exist
+    assert torch.load(best, weights_only=True)["epoch"] == 3
+    trainer.load_best()
+    assert_same(trainer.model.state_dict(), torch.load(best, weights_only=True)["model"])
+
+
+def test_elbo_parameters_left_out_of_the_optimizer_warn() -> None:
+    """A learned noise not given to the optimizer would stay at its initial value silently."""
+    train, _ = load_toy(n_train=32, n_val=8, seed=0)
+    likelihood = bbb.Gaussian("learned", sigma=0.5)
+    model = bayes_mlp(1, [8], 1)
+    elbo = bbb.ELBO(likelihood, len(train))
+    loader = DataLoader(train, batch_size=16)
+    with pytest.warns(UserWarning, match=r"likelihood\.log_sigma .* not in the optimizer"):
+        Trainer(model, elbo, torch.optim.Adam(model.parameters()), loader, epochs=1, log=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = torch.optim.Adam([*model.parameters(), *elbo.parameters()])
+        Trainer(model, elbo, opt, loader, epochs=1, log=None, progress=False)

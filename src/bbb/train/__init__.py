@@ -1,10 +1,11 @@
 """Training engine: the loop, checkpoints and seeding."""
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, RunLockedError, load_checkpoint, save_checkpoint
 from .trainer import StopTraining, Trainer, TrainingDivergedError, evaluate, seed_everything
 
 __all__ = [
     "CheckpointError",
+    "RunLockedError",
     "StopTraining",
     "Trainer",
     "TrainingDivergedError",

@@ -17,6 +17,7 @@ import io
 import os
 import random
 import re
+import socket
 import tempfile
 import warnings
 import zipfile
@@ -38,6 +39,8 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "check_writable",
+    "RunLock",
+    "RunLockedError",
 ]
 
 _UMASK = os.umask(0)
@@ -248,3 +251,74 @@ def load_checkpoint(
             return state, c
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
     return _load_one(p, map_location, require), p
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training into the same run directory."""
+
+
+try:  # POSIX advisory locks; elsewhere (Windows) RunLock does nothing
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not on the supported platforms
+    _fcntl = None  # type: ignore[assignment]
+
+_HELD_LOCKS: dict[str, int] = {}  # this process's locks: resolved directory -> depth
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a process trains into it.
+
+    Two processes writing one run (a job requeued while the old one still runs, a second
+    ``bbb train --resume`` by mistake) would interleave their metrics rows and overwrite each
+    other's checkpoints; the second one is refused with :class:`RunLockedError`, which names
+    the holder. The lock is ``flock`` on ``RUN_DIR/.lock`` (released by the kernel when the
+    process dies, so a killed run never leaves a stale lock); it is re-entrant within one
+    process, and a no-op where ``fcntl`` is missing. Like every ``flock``, it may not be
+    enforced across machines on some network file systems.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._key = str(self.path.resolve())
+        self._fd: int | None = None
+        self._held = False
+        if _fcntl is None:
+            return
+        if self._key in _HELD_LOCKS:
+            _HELD_LOCKS[self._key] += 1
+            self._held = True
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path} is in use: {holder} is training into it. Wait for it to finish "
+                "or stop it first (two processes writing one run would mix their checkpoints "
+                "and metrics)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd, self._held = fd, True
+        _HELD_LOCKS[self._key] = 1
+
+    def release(self) -> None:
+        """Release this holder's lock (idempotent); the outermost holder unlocks the file."""
+        if not self._held:
+            return
+        self._held = False
+        if self._fd is not None:
+            _HELD_LOCKS.pop(self._key, None)
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        elif self._key in _HELD_LOCKS:
+            _HELD_LOCKS[self._key] -= 1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -42,6 +42,7 @@ from ..predictive import ClassificationPrediction, predict
 from . import distributed as _dist
 from .checkpoint import (
     CheckpointError,
+    RunLock,
     atomic_write_bytes,
     atomic_write_text,
     check_writable,
@@ -144,6 +145,25 @@ def _warn_dataset_size(train_loader: Iterable[Any], elbo: ELBO) -> None:
             f"ELBO(..., dataset_size={n}), or, if the loader's sampler draws from a subset of "
             f"{elbo.dataset_size} examples on purpose, silence this with "
             "warnings.filterwarnings('ignore', message='ELBO dataset_size')",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_untrained_elbo_parameters(elbo: ELBO, optimizer: torch.optim.Optimizer) -> None:
+    """Warn when trainable parameters of the ELBO (a learned noise) are not in ``optimizer``:
+    they would keep their initial value, silently."""
+    import warnings
+
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [
+        n for n, p in elbo.named_parameters() if p.requires_grad and id(p) not in in_optimizer
+    ]
+    if missing:
+        warnings.warn(
+            f"the ELBO's trainable parameters {', '.join(missing)} (e.g. a learned noise) are "
+            "not in the optimizer and will not be trained: build it from "
+            "[*model.parameters(), *elbo.parameters()]",
             UserWarning,
             stacklevel=3,
         )
@@ -339,6 +359,8 @@ class Trainer:
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             _check_plateau_mode(scheduler, self.val_metric, val_loader is not None)
         _warn_dataset_size(train_loader, elbo)
+        _warn_untrained_elbo_parameters(elbo, optimizer)
+        self._run_lock: RunLock | None = None
         self.val_samples = val_samples
         self.patience = patience
         self.progress = progress
@@ -447,6 +469,8 @@ class Trainer:
         if self.out_dir is None:
             return None
         check_writable(self.out_dir)
+        # held until fit() returns: a second process training into this directory is refused
+        self._run_lock = RunLock(self.out_dir)
         _remove_stale_temporaries(self.out_dir)
         ckpt_dir = self.out_dir / "checkpoints"
         if not resume:
@@ -466,7 +490,11 @@ class Trainer:
                 path.unlink()
             return None
         if latest_checkpoint(ckpt_dir) is None:
-            raise CheckpointError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+            raise CheckpointError(
+                f"nothing to resume: no checkpoint in {ckpt_dir} (the run stopped before its "
+                "first epoch ended); start it anew: resume=False with overwrite=True (bbb "
+                "train with --overwrite instead of --resume)"
+            )
         # Loaded on the CPU: the RNG states must stay there (the generators take CPU tensors),
         # and load_state_dict moves model and optimizer tensors to their parameters' device.
         cpu = torch.device("cpu")
@@ -477,9 +505,14 @@ class Trainer:
                 f"cannot resume {self.out_dir} with epochs={self.epochs}: the run has already "
                 f"done {done} epochs ({path.name}); epochs must be >= {done}"
             )
-        best = None
+        best: dict[str, Any] | None = None
         if (self.out_dir / "best.pt").exists():
-            best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=cpu)
+            try:
+                best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=cpu)
+            except CheckpointError as e:
+                # the epoch checkpoints are intact: train on, choosing the best model again
+                # (fit warns); best.pt is replaced, atomically, at the next best epoch
+                best = {"unreadable": str(e)}
         return state, path, self._read_history(done), best
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
@@ -642,25 +675,47 @@ class Trainer:
             )
         else:
             loaded = self._prepare(resume, overwrite)
+        try:
+            return self._fit(loaded)
+        finally:
+            lock = getattr(self, "_run_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _restore_best(self, best: dict[str, Any] | None, path: Path) -> None:
+        """Take the best model's weights from ``best.pt`` (read by _prepare) if they are those
+        of the checkpoint's best epoch; otherwise warn and choose the best model again."""
+        if best is not None and "unreadable" not in best:
+            if int(best.get("epoch", -1)) == self.best_epoch:
+                self.best_state = best["model"]
+                self.best_elbo_state = best["elbo"]
+                return
+            # best.pt is written before the epoch's checkpoint: a crash between the two leaves
+            # it ahead of the checkpoint resumed from, and the checkpoint's best weights are gone
+            why = (
+                f"best.pt holds epoch {best.get('epoch')} but {path.name} names epoch "
+                f"{self.best_epoch} as the best (a crash between their writes)"
+            )
+        elif self.best_epoch == 0 or self.val_loader is None:
+            return  # no best model yet, or the best is always the last epoch
+        elif best is None:
+            why = f"best.pt (epoch {self.best_epoch}, the best so far) is missing"
+        else:
+            why = f"best.pt is unreadable ({best['unreadable']})"
+        import warnings
+
+        warnings.warn(
+            f"{why}: its weights are lost, so the best model is chosen again from the next "
+            "epoch on (the epoch checkpoints are intact)",
+            stacklevel=4,
+        )
+        self.best_metric, self.best_epoch = math.inf, 0
+
+    def _fit(self, loaded: Any) -> dict[str, Any]:
         if loaded is not None:
             state, path, self.history, best = loaded
             self._restore(state)
-            if best is not None and int(best.get("epoch", -1)) == self.best_epoch:
-                self.best_state = best["model"]
-                self.best_elbo_state = best["elbo"]
-            elif best is not None:
-                # best.pt is written before the epoch's checkpoint: a crash between the two
-                # leaves it ahead of the checkpoint resumed from, and the checkpoint's best
-                # weights are gone. Choose the best model again from here on.
-                import warnings
-
-                warnings.warn(
-                    f"best.pt holds epoch {best.get('epoch')} but {path.name} names epoch "
-                    f"{self.best_epoch} as the best (a crash between their writes): the best "
-                    "model is chosen again from the next epoch on",
-                    stacklevel=2,
-                )
-                self.best_metric, self.best_epoch = math.inf, 0
+            self._restore_best(best, path)
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
         stopped_by_callback = False
