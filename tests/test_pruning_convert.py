@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -310,7 +311,8 @@ def test_bayesianize_covers_conv1d_conv3d_dtype_and_keeps_other_modules() -> Non
         nn.ConvTranspose1d(3, 3, 2),
         nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
     ).to(DT)
-    bnet = bbb.bayesianize(net, prior=LaplacePrior(0.3), kl="mc", init_from_weights=True)
+    with pytest.warns(UserWarning, match=r"deterministic: 1 \(ConvTranspose1d\)\. It"):
+        bnet = bbb.bayesianize(net, prior=LaplacePrior(0.3), kl="mc", init_from_weights=True)
     assert (
         isinstance(bnet[0], BayesConv1d) and bnet[0].padding == "same" and bnet[0].dilation == (2,)
     )
@@ -341,3 +343,34 @@ def test_bayesianize_validates_its_options() -> None:
         bbb.bayesianize(nn.Sequential(nn.Linear(2, 2)), estimator="mcmc")
     with pytest.raises(ValueError, match="kl='closed_form' is not available .* ScaleMixturePrior"):
         bbb.bayesianize(nn.Sequential(nn.Linear(2, 2)), prior=ScaleMixturePrior(), kl="closed_form")
+
+
+def test_bayesianize_names_the_weight_layers_it_leaves_and_refuses_a_model_with_none() -> None:
+    """Layers that look convertible but are not exactly nn.Linear / nn.ConvNd (parametrized,
+    subclassed, attention projections, embeddings) stay deterministic: a warning names each;
+    a model with nothing to convert would train as plain maximum likelihood (KL = 0)."""
+    from torch.nn.utils import parametrizations
+
+    class MyLinear(nn.Linear):
+        pass
+
+    net = nn.Sequential(
+        parametrizations.weight_norm(nn.Conv2d(1, 2, 3)),
+        nn.Flatten(),
+        MyLinear(8, 4),
+        nn.Embedding(5, 4),
+        nn.Linear(4, 3),
+    )
+    with pytest.warns(UserWarning) as record:
+        bnet = bbb.bayesianize(net)
+    (message,) = [str(w.message) for w in record]
+    for name in ("0 (ParametrizedConv2d)", "2 (MyLinear)", "3 (Embedding)"):
+        assert name in message
+    assert "4 (" not in message and isinstance(bnet[4], BayesLinear)
+    with pytest.raises(ValueError, match="found no nn.Linear or nn.Conv1d/2d/3d in Sequential"):
+        bbb.bayesianize(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+    # a model already Bayesian is not an error, and nothing is left deterministic: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = bbb.bayesianize(bnet[4:])
+    assert isinstance(again[0], BayesLinear)

@@ -711,3 +711,11 @@ def test_nan_inputs_propagate_through_a_layer_as_in_torch() -> None:
     predict), and the Trainer names a minibatch holding NaN when the loss becomes NaN."""
     y = L(3, 2)(torch.tensor([[math.nan, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("key", ["kl_scale", "kl_anneal_steps", "weight_decay", "momentum"])
+def test_negative_config_values_are_named_with_their_value(key: str) -> None:
+    value = -1 if key == "kl_anneal_steps" else -0.5
+    cfg = TrainConfig(**{key: value})
+    with pytest.raises(ConfigError, match=rf"^{key} must be >= 0, got {value}$"):
+        cfg.validate()

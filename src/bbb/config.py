@@ -150,13 +150,9 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
-        if (
-            self.kl_scale < 0
-            or self.kl_anneal_steps < 0
-            or self.weight_decay < 0
-            or self.momentum < 0
-        ):
-            raise ConfigError("kl_scale, kl_anneal_steps, weight_decay and momentum must be >= 0")
+        for key in ("kl_scale", "kl_anneal_steps", "weight_decay", "momentum"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be > 0 or unset, got {self.grad_clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:

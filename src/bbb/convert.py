@@ -86,7 +86,11 @@ def bayesianize(
             network); otherwise mu is initialised by ``mu_init`` (default fan-in scaled).
         inplace: modify ``model`` instead of a deep copy.
 
-    Returns the converted model. Other modules (activations, norms, transposed convs) are kept.
+    Returns the converted model. Other modules (activations, norms, transposed convs) are kept;
+    a warning names every weight layer left deterministic (subclasses of ``nn.Linear`` /
+    ``nn.ConvNd`` such as parametrized or lazy layers and attention projections, transposed
+    convolutions, ``nn.Bilinear``, embeddings): their weights get no posterior and no KL. A
+    model with no layer to convert (and none already Bayesian) is an error.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -97,6 +101,41 @@ def bayesianize(
         "mu_init": mu_init,
         "rho_init": rho_init,
     }
+    model = _convert(model, kwargs, init_from_weights)
+    if not any(isinstance(m, BayesModule) for m in model.modules()):
+        raise ValueError(
+            f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__}: "
+            "nothing was made Bayesian (it converts those exact types)"
+        )
+    kept = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, _WEIGHT_LAYERS) and not isinstance(m, BayesModule)
+    ]
+    if kept:
+        import warnings
+
+        warnings.warn(
+            f"bayesianize left these weight layers deterministic: {', '.join(kept)}. It "
+            "converts exactly nn.Linear and nn.Conv1d/2d/3d (not their subclasses, transposed "
+            "or parametrized versions); these layers' weights get no posterior and no KL",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+# weight layers a user may expect to be converted; bayesianize names those it leaves alone
+_WEIGHT_LAYERS = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+def _convert(model: nn.Module, kwargs: dict[str, Any], init_from_weights: bool) -> nn.Module:
     top = _bayes_for(model, kwargs, init_from_weights)
     if top is not None:
         return top
@@ -105,7 +144,7 @@ def bayesianize(
         if new is not None:
             setattr(model, name, new)
         else:
-            bayesianize(child, inplace=True, init_from_weights=init_from_weights, **kwargs)
+            _convert(child, kwargs, init_from_weights)
     return model
 
 
