@@ -450,7 +450,11 @@ def test_unwritable_run_dir_is_a_clear_error_before_anything_is_written(
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
         monkeypatch.setattr(ck.tempfile, "mkstemp", denied)
-    with pytest.raises(OSError, match=f"run directory {out} is not writable"):
+    problem = {
+        "under-a-file": f"is under {blocker}, which is a file, not a directory",
+        "is-a-file": "is a file, not a directory",
+    }.get(where, "is not writable")
+    with pytest.raises(OSError, match=f"run directory {out} {problem}"):
         bbb.runs.train_run(_toy_cfg(), out, progress=False, log=None)
     assert blocker.read_text() == "x"
     if where == "permission-denied":

@@ -96,6 +96,15 @@ def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20)
     Creates the directory, writes and removes a probe file of ``need_bytes`` bytes.
     """
     directory = Path(directory)
+    for p in (directory, *directory.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == directory else f"is under {p}, which is"
+                raise OSError(
+                    f"run directory {directory} {what} a file, not a directory: "
+                    "choose another --out"
+                )
+            break
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
