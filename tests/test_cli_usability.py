@@ -460,3 +460,225 @@ def test_unknown_uci_name_lists_the_data_sets_and_suggests_the_closest(
     empty.mkdir()
     with pytest.raises(MissingDataError, match="No UCI data sets found under"):
         bbb.data.load_uci("energy", 0, data_dir=empty)
+
+
+# --------------------------------------------------------------------------- 10. review fixes:
+# per-layer pruning's own file, strict JSON, --device / load_run(device=), exit codes
+
+
+def _toy_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str = "run") -> Path:
+    run = tmp_path / name
+    assert cli("train", *TOY_TINY, "--epochs", "2", "--out", run) == 0
+    capsys.readouterr()
+    return run
+
+
+def _strict_json(path: Path) -> Any:
+    """The file's JSON; NaN, Infinity and -Infinity (not JSON) are an error."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{path.name} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_per_layer_pruning_has_its_own_result_file_with_a_null_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _toy_run(tmp_path, capsys)
+    common = ["--split", "val", "--fraction", "0.5", "--num-samples", "2"]
+    assert cli("prune", run, *common) == 0
+    assert cli("prune", run, *common, "--per-layer") == 0
+    assert f"written: {run / 'prune-0.5-per-layer-val.json'}" in capsys.readouterr().out
+    # the per-layer result did not replace the global one
+    glob = _strict_json(run / "prune-0.5-val.json")["pruned"]
+    per_layer = _strict_json(run / "prune-0.5-per-layer-val.json")["pruned"]
+    assert glob["per_layer"] is False and isinstance(glob["threshold"], float)
+    assert per_layer["per_layer"] is True and per_layer["threshold"] is None
+    assert _result_file_name("test", 0.95, per_layer=True) == "prune-0.95-per-layer.json"
+    assert _result_file_name("val", 0.5, True) == "prune-0.5-per-layer-val.json"
+    assert _result_file_name("val", 0.5, False) == "prune-0.5-val.json"
+
+
+def test_result_files_are_strict_json_with_null_for_non_finite_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bbb.train.trainer
+
+    run = _toy_run(tmp_path, capsys)
+    nan, inf = float("nan"), float("inf")
+    monkeypatch.setattr(
+        bbb.train.trainer, "evaluate", lambda *a, **k: {"rmse": nan, "nll": inf, "ok": 1.5}
+    )
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
+    metrics = _strict_json(run / "eval-val.json")["metrics"]
+    assert metrics == {"rmse": None, "nll": None, "ok": 1.5}
+
+
+def _gpu_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], mp: pytest.MonkeyPatch) -> Path:
+    """A toy run whose config.json says it was trained on CUDA, on a machine without CUDA."""
+    run = _toy_run(tmp_path, capsys, "gpu-run")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "device": "cuda"}))
+    mp.setattr(torch.cuda, "is_available", lambda: False)  # already so here: made certain
+    return run
+
+
+def test_a_gpu_run_loads_and_evaluates_on_a_machine_without_cuda_with_device_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bbb.config import ConfigError
+
+    run = _gpu_run(tmp_path, capsys, monkeypatch)
+    # the run's own device (the default) is refused with the way out, not torch's error
+    with pytest.raises(ConfigError, match=r"device 'cuda' is not available here") as info:
+        bbb.load_run(run)
+    assert "device='cpu'" in str(info.value) and "--device cpu" in str(info.value)
+    for which in ("best", "last"):
+        cfg, model, likelihood, data = bbb.load_run(run, which=which, device="cpu")
+        assert cfg.device == "cpu" and data.val is not None
+        tensors = [*model.parameters(), *model.buffers(), *likelihood.parameters()]
+        assert all(t.device.type == "cpu" for t in tensors)
+    with pytest.raises(ValueError, match="accepted values: best, last"):
+        bbb.load_run(run, which="first", device="cpu")
+    # the command line: evaluate and prune take --device
+    for default in ([], ["--device", "run"]):  # `run`, the default: the run's own device
+        assert cli("evaluate", run, "--split", "val", "--num-samples", "2", *default) == 1
+        err = capsys.readouterr().err
+        assert "--device cpu" in err and "not compiled" not in err
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2", "--device", "cpu") == 0
+    assert _strict_json(run / "eval-val.json")["device"] == "cpu"
+    args = ["--split", "val", "--fraction", "0.5", "--num-samples", "2", "--device", "cpu"]
+    assert cli("prune", run, *args) == 0
+    # resuming it here needs --device cpu too (a resumed run may change its device)
+    assert cli("train", "--resume", run, "--epochs", "3", "--quiet") == 1
+    assert "--device cpu" in capsys.readouterr().err
+    assert cli("train", "--resume", run, "--epochs", "3", "--device", "cpu", "--quiet") == 0
+
+
+def test_training_on_cuda_without_cuda_fails_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r"
+    assert cli("train", *TOY_TINY, "--epochs", "1", "--device", "cuda", "--out", out) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("bbb: error: device 'cuda' is not available here")
+    assert "--device cpu" in err and "not compiled" not in err
+    assert len(err.splitlines()) == 1 and "epoch" not in captured.out
+    assert not out.exists()
+
+
+def test_exit_code_2_for_an_unusable_command_line_and_1_for_values_and_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _toy_run(tmp_path, capsys)
+    usage = [  # exit 2: what --help describes (choices, types, options that exclude each other)
+        ["evaluate", run, "--split", "train"],
+        ["train", "--epochs", "abc"],
+        ["train", "--resume", run, "--lr", "0.5"],
+        ["train", "--resume", run, "--overwrite"],
+    ]
+    values_and_work = [  # exit 1: values out of range, files, run state
+        ["evaluate", run, "--split", "val", "--num-samples", "0"],
+        ["evaluate", run, "--split", "val", "--seed", "-3"],
+        ["prune", run, "--split", "val", "--fraction", "1.0"],
+        ["train", *TOY_TINY, "--lr", "-1", "--out", tmp_path / "new"],
+        ["train", "--resume", run, "--epochs", "1", "--quiet"],  # fewer than done
+        ["evaluate", tmp_path / "no-such-run"],
+    ]
+    codes = {}
+    for argv in usage + values_and_work:
+        codes[" ".join(map(str, argv[:2] + argv[-2:]))] = cli(*argv)
+        err = capsys.readouterr().err
+        assert err.startswith("bbb: error: ") and len(err.strip().splitlines()) == 1, err
+    assert list(codes.values()) == [2] * len(usage) + [1] * len(values_and_work), codes
+
+
+def test_prune_reports_a_bad_fraction_before_the_run_and_its_splits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _toy_run(tmp_path, capsys)  # the toy data set has no test split
+    for where in (run, tmp_path / "no-such-run"):
+        assert cli("prune", where, "--fraction", "1.0") == 1
+        err = capsys.readouterr().err
+        assert "--fraction must lie in [0, 1), got 1.0" in err
+        assert "no test split" not in err and "not a run directory" not in err
+    assert not list(run.glob("prune-*.json"))
+
+
+def test_resume_before_the_first_checkpoint_says_how_to_start_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bbb.config import TrainConfig
+
+    # a run killed during its first epoch: config.json, no checkpoint
+    run = tmp_path / "killed"
+    cfg = TrainConfig(
+        dataset="toy", toy_n=64, hidden=[8], batch_size=16, val_samples=2, epochs=1
+    ).validate()
+    run.mkdir()
+    cfg.save(run / "config.json")
+    assert cli("train", "--resume", run, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert f"nothing to resume: no checkpoint in {run / 'checkpoints'}" in err
+    advice = f"bbb train --config {run / 'config.json'} --out {run} --overwrite"
+    assert "with --overwrite instead of --resume" in err and advice in err
+    # the advice works
+    assert cli(*advice.split()[1:], "--quiet") == 0
+    assert (run / "best.pt").is_file()
+
+
+def test_cli_train_into_a_directory_another_process_trains_into_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bbb train --resume` while another process holds the run: exit 1 naming the holder, and
+    the run's files (config.json, metrics, checkpoints) are untouched."""
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "toy", "--toy-n", "32", "--hidden", "4", "--batch-size",
+                 "16", "--epochs", "1", "--val-samples", "1", "--quiet", "--out", str(run)]) == 0  # fmt: skip
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = textwrap.dedent(
+        f"""
+        import sys
+        from bbb.train.checkpoint import RunLock
+        with RunLock({str(run)!r}):
+            print("locked", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert f"is in use: process {proc.pid} on " in err
+    finally:
+        proc.communicate("\n", timeout=60)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_load_run_returns_an_eval_mode_model_so_dropout_is_off(tmp_path: Path) -> None:
+    """A dropout baseline loaded for evaluation must predict without dropout: bbb evaluate's
+    uncertainty numbers and the MNIST extras (AUROC) are computed from load_run's model."""
+    run = tmp_path / "drop"
+    assert cli("train", "--dataset", "toy", "--toy-n", "64", "--method", "dropout",
+               "--hidden", "16", "--batch-size", "16", "--epochs", "1", "--quiet",
+               "--out", run) == 0  # fmt: skip
+    _, model, likelihood, data = bbb.load_run(run)
+    assert not model.training
+    assert data.val is not None
+    x = data.val.tensors[0]
+    a = bbb.predict(model, x, likelihood=likelihood, num_samples=1)
+    b = bbb.predict(model, x, likelihood=likelihood, num_samples=1)
+    assert torch.equal(a.mean, b.mean)  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -92,16 +93,42 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 _SEED_HELP = "random seed of the weight samples (the same seed gives the same numbers)"
 
+_DEVICE_HELP = (
+    "torch device to evaluate on, e.g. cpu or cuda; run: the run's own device, from its "
+    "config.json (a run trained on a GPU needs --device cpu on a machine without one)"
+)
 
-def _result_file_name(split: str, fraction: float | None = None) -> str:
+
+def _result_file_name(split: str, fraction: float | None = None, per_layer: bool = False) -> str:
     """The file ``bbb evaluate`` / ``bbb prune`` write in the run directory.
 
     The test split keeps the historical names (``eval.json``, ``prune-<F>.json``); any other
     split is named in the file (``eval-val.json``, ``prune-<F>-val.json``), so evaluating it
-    does not overwrite the test results.
+    does not overwrite the test results. Pruning each layer separately (``--per-layer``) is
+    named too (``prune-<F>-per-layer[-val].json``): it does not replace the global pruning's
+    results.
     """
-    base = "eval" if fraction is None else f"prune-{fraction:g}"
+    if fraction is None:
+        base = "eval"
+    else:
+        base = f"prune-{fraction:g}" + ("-per-layer" if per_layer else "")
     return f"{base}.json" if split == "test" else f"{base}-{split}.json"
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-Infinity) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _result_json(result: dict[str, Any]) -> str:
+    """A result file's text: strict JSON (no NaN or Infinity; None where a value is not finite)."""
+    return json.dumps(_finite_json(result), indent=2, allow_nan=False) + "\n"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -119,7 +146,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class UsageError(ValueError):
-    """A command-line usage error (bad flag, bad value): printed as one line."""
+    """The command line cannot be used as written (exit code 2): what the parser rejects (an
+    unknown command or option, a missing value or one of the wrong type, a value outside the
+    option's listed choices) and options that exclude each other. A value the command checks
+    (out of range, an unknown name) and every error met while working exit with 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML config file, or a run's config.json")
     train.add_argument("--out", help="run directory (default: runs/<dataset>-<method>)")
     train.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a killed run from its newest good checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its newest good checkpoint, with its own config.json; "
+        "of the other options only --epochs, --patience, --device, --kernels, --data-dir and "
+        "--quiet may be given with it",
     )
     train.add_argument(
         "--overwrite",
@@ -195,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which split: val or test (results go to eval.json for test, eval-val.json for val)",
     )
     ev.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+    ev.add_argument("--device", default="run", help=_DEVICE_HELP)
 
     pr = sub.add_parser(
         "prune",
@@ -210,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="test",
         choices=["val", "test"],
         help="which split: val or test (results go to prune-F.json for test, prune-F-val.json "
-        "for val)",
+        "for val; prune-F-per-layer[-val].json with --per-layer)",
     )
     pr.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+    pr.add_argument("--device", default="run", help=_DEVICE_HELP)
     from .uci import add_parser as _add_uci_parser
 
     _add_uci_parser(sub)
@@ -273,6 +309,7 @@ def _evaluate(
     prune: float | None,
     per_layer: bool,
     seed: int = 0,
+    device: str | None = None,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
@@ -281,11 +318,15 @@ def _evaluate(
     from .runs import load_run
     from .train.trainer import evaluate, seed_everything
 
+    # the options' values first: a bad one is reported whatever the run holds (exit code 1,
+    # like every value check; see UsageError)
     if num_samples < 1:
-        raise UsageError(f"--num-samples must be a positive integer, got {num_samples}")
+        raise ValueError(f"--num-samples must be a positive integer, got {num_samples}")
     if seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {seed}")
-    cfg, model, likelihood, data = load_run(run_dir)
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if prune is not None and not (math.isfinite(prune) and 0.0 <= prune < 1.0):
+        raise ValueError(f"--fraction must lie in [0, 1), got {prune!r}")
+    cfg, model, likelihood, data = load_run(run_dir, device=device)
     splits = {"val": data.val, "test": data.test}
     ds = splits[split]
     if ds is None:
@@ -299,12 +340,15 @@ def _evaluate(
         "split": split,
         "num_samples": num_samples,
         "seed": seed,
+        "device": cfg.device,
     }
     if prune is not None:
         pr = prune_by_snr(model, prune, per_layer=per_layer)
         result["pruned"] = {
             "fraction": pr.fraction,
-            "threshold": pr.threshold,
+            "per_layer": per_layer,
+            # per layer there is no single threshold: each layer has its own
+            "threshold": None if per_layer else pr.threshold,
             "removed": pr.removed,
             "total": pr.total,
         }
@@ -382,13 +426,19 @@ def run(argv: Sequence[str] | None = None) -> int:
         fraction = args.fraction if args.command == "prune" else None
         per_layer = getattr(args, "per_layer", False)
         result = _evaluate(
-            args.run_dir, args.num_samples, args.split, fraction, per_layer, seed=args.seed
+            args.run_dir,
+            args.num_samples,
+            args.split,
+            fraction,
+            per_layer,
+            seed=args.seed,
+            device=None if args.device == "run" else args.device,
         )
         _print_table(result)
-        name = _result_file_name(args.split, fraction)
+        name = _result_file_name(args.split, fraction, per_layer)
         from .train.checkpoint import atomic_write_text
 
-        atomic_write_text(Path(args.run_dir) / name, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(args.run_dir) / name, _result_json(result))
         print(f"written: {Path(args.run_dir) / name}")
         return 0
     if args.command == "uci":

@@ -19,6 +19,7 @@ alone write the run directory (see :mod:`bbb.train.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -39,10 +40,18 @@ from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
 from .priors import Prior, make_prior
 from .train import distributed as _dist
-from .train.checkpoint import atomic_write_text, check_writable
+from .train.checkpoint import CheckpointError, RunLock, atomic_write_text, check_writable
 from .train.trainer import Trainer, evaluate, previous_run_files, seed_everything
 
-__all__ = ["RunData", "build_data", "build_model", "build_likelihood", "train_run", "load_run"]
+__all__ = [
+    "RunData",
+    "build_data",
+    "build_model",
+    "build_likelihood",
+    "train_run",
+    "load_run",
+    "check_device",
+]
 
 
 @dataclass
@@ -207,9 +216,22 @@ def _epochs_done(run: Path) -> int:
 
 
 def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
-    """Refuse to resume the run of ``saved`` (its config.json) with other settings."""
+    """Refuse to resume the run of ``saved`` (its config.json) with other settings, or one
+    that has no checkpoint to resume from."""
+    from .train.checkpoint import latest_checkpoint
+
     if not saved.exists():
         raise ConfigError(f"cannot resume: {saved} does not exist")
+    ckpt_dir = saved.parent / "checkpoints"
+    if latest_checkpoint(ckpt_dir) is None:
+        # stopped before its first epoch ended: nothing is lost by starting it again, and a
+        # directory without checkpoints, best.pt or metrics.json is not refused as a run
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint in {ckpt_dir} (the run stopped before its first "
+            "epoch ended); start it anew: the original command with --overwrite instead of "
+            f"--resume, e.g. `bbb train --config {saved} --out {saved.parent} --overwrite` "
+            "(train_run with overwrite=True instead of resume=True)"
+        )
     old = TrainConfig.from_dict(load_config_file(saved), source=str(saved)).to_dict()
     new = cfg.to_dict()
     diff = changed_settings(old, new, RESUMABLE_CHANGES)
@@ -260,6 +282,11 @@ def train_run(
     """
     cfg.validate()
     out = Path(out_dir)
+    check_device(
+        cfg.device,
+        remedy="train on the CPU with --device cpu (device='cpu'; a resumed run may change "
+        "its device)",
+    )
     if resume:
         _check_resumable(cfg, out / "config.json")
     elif not overwrite and out.is_dir():
@@ -272,6 +299,9 @@ def train_run(
             )
     had_group = _dist.is_distributed()
     device = _dist.init_from_env(cfg.device)
+    # rank 0 locks the run directory before writing anything in it (config.json first; see
+    # _train_run's setup): a second process training into it is refused
+    locks: list[RunLock] = []
     try:
         with _kernels.use_kernels(cfg.kernels):
             return _train_run(
@@ -284,8 +314,11 @@ def train_run(
                 epoch_callback=epoch_callback,
                 evaluate_test=evaluate_test,
                 write_plots=write_plots,
+                locks=locks,
             )
     finally:
+        for lock in locks:
+            lock.release()
         if not had_group and _dist.is_distributed():
             _dist.cleanup()
 
@@ -301,6 +334,7 @@ def _train_run(
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     evaluate_test: bool = True,
     write_plots: bool = True,
+    locks: list[RunLock] | None = None,
 ) -> dict[str, Any]:
     world = _dist.world_size()
     generator = seed_everything(cfg.seed)
@@ -339,6 +373,13 @@ def _train_run(
 
     def setup() -> None:
         check_writable(out)  # a clear error before anything is written or trained
+        # rank 0's lock on the run directory, before its first write: another process may
+        # be training here. Held until train_run returns (the Trainer re-enters it).
+        lock = RunLock(out)
+        if locks is not None:
+            locks.append(lock)
+        else:
+            lock.release()  # no caller to release it: the Trainer's own lock covers fit
         if resume:
             cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
         else:
@@ -404,6 +445,9 @@ def finish_run(
 ) -> None:
     """Evaluate the best model, write ``metrics.json`` and (``write_plots``) the plots."""
     samples = cfg.val_samples if cfg.method == "bbb" else 1
+    # the plots' predictions without dropout (evaluate() switches modes itself); Bayesian
+    # layers sample in either mode
+    model.eval()
     result: dict[str, Any] = {"summary": summary}
     for name, ds in (("val", data.val), ("test", data.test)):
         if ds is None:
@@ -443,41 +487,89 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'") -> torch.device:
+    """``device`` as a :class:`torch.device`, or a :class:`~bbb.config.ConfigError` saying why
+    this machine cannot use it (CUDA or MPS missing, a GPU index beyond the last) followed by
+    ``remedy``, before anything is loaded or trained."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {str(device)!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    why = None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this PyTorch ({torch.__version__}) was built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible to this process"
+            )
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        why = "MPS is not available on this machine"
+    if why is not None:
+        raise ConfigError(f"device {str(device)!r} is not available here: {why}; {remedy}")
+    return dev
+
+
 def load_run(
-    run_dir: str | Path, which: str = "best"
+    run_dir: str | Path, which: str = "best", device: str | torch.device | None = None
 ) -> tuple[TrainConfig, nn.Module, Likelihood, RunData]:
     """Rebuild a saved run: its config, model, likelihood and data.
 
     ``which="best"``: the best-on-validation weights (``best.pt``); ``"last"``: the end of
-    training (the newest readable checkpoint).
-    """
-    from .train.checkpoint import CheckpointError, load_checkpoint
+    training (the newest readable checkpoint). The model is returned in eval mode.
 
+    ``device``: where to put the model and likelihood (the checkpoint is read straight onto
+    it); ``None`` = the run's own device (``config.json``), an error naming the way out when
+    this machine lacks it (a run trained on a GPU, loaded where there is none: pass
+    ``device="cpu"``). The returned config's ``device`` is the device loaded on.
+
+    The data set is loaded too (the run's splits, as training saw them): regression targets
+    are normalised with the training split's statistics (``RunData.y_mean``, ``y_std``; UCI),
+    and so are the model's predictions.
+    """
+    from .train.checkpoint import load_checkpoint
+
+    if which not in ("best", "last"):
+        raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best, last")
     run = Path(run_dir)
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{run} is not a run directory: {cfg_path} is missing")
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)).validate()
-    data = build_data(cfg)
-    model = build_model(cfg, data)
-    likelihood = build_likelihood(cfg, data)
+    if device is None:
+        target = check_device(
+            cfg.device,
+            remedy=f"the run {run} was trained on it: load it on the CPU with load_run(..., "
+            "device='cpu') (bbb evaluate / bbb prune: --device cpu)",
+        )
+    else:
+        target = check_device(device, remedy="choose another device (e.g. cpu)")
+    cfg = dataclasses.replace(cfg, device=str(target))
     if which == "best":
         path = run / "best.pt"
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing: the run has not finished an epoch")
-        state, _ = load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        prefix = "likelihood."
-        likelihood.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
-        )
-    elif which == "last":
-        state, _ = load_checkpoint(run / "checkpoints")
-        model.load_state_dict(state["model"])
-        prefix = "likelihood."
-        likelihood.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
-        )
+            from .train.checkpoint import latest_checkpoint
+
+            why = (
+                "the run has not finished an epoch"
+                if latest_checkpoint(run / "checkpoints") is None
+                else "its epoch checkpoints hold the end of training: which='last'"
+            )
+            raise CheckpointError(f"{path} is missing ({why})")
     else:
-        raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best, last")
-    return cfg, model.to(cfg.device), likelihood.to(cfg.device), data
+        path = run / "checkpoints"
+    data = build_data(cfg)
+    model = build_model(cfg, data).to(target)
+    likelihood = build_likelihood(cfg, data).to(target)
+    state, _ = load_checkpoint(path, map_location=target)
+    model.load_state_dict(state["model"])
+    prefix = "likelihood."
+    likelihood.load_state_dict(
+        {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
+    )
+    # in eval mode: dropout (the baseline networks) off; Bayesian layers sample either way
+    return cfg, model.eval(), likelihood, data
