@@ -10,6 +10,12 @@ deterministic and a failure means a real discrepancy.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -113,3 +119,24 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
+    """Another Python process holds ``bbb.train.checkpoint.RunLock(run_dir)`` (a job still
+    training there) until the block ends; yields that process's pid."""
+    holder = (
+        "import sys\n"
+        "from bbb.train.checkpoint import RunLock\n"
+        f"with RunLock({str(run_dir)!r}):\n"
+        "    print('locked', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        proc.communicate("\n", timeout=60)

@@ -635,34 +635,16 @@ def test_cli_train_into_a_directory_another_process_trains_into_is_refused(
 ) -> None:
     """`bbb train --resume` while another process holds the run: exit 1 naming the holder, and
     the run's files (config.json, metrics, checkpoints) are untouched."""
-    import subprocess
-    import sys
-    import textwrap
+    from tests.conftest import lock_held_by_another_process
 
     run = tmp_path / "run"
     assert main(["train", "--dataset", "toy", "--toy-n", "32", "--hidden", "4", "--batch-size",
                  "16", "--epochs", "1", "--val-samples", "1", "--quiet", "--out", str(run)]) == 0  # fmt: skip
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    holder = textwrap.dedent(
-        f"""
-        import sys
-        from bbb.train.checkpoint import RunLock
-        with RunLock({str(run)!r}):
-            print("locked", flush=True)
-            sys.stdin.readline()
-        """
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(run) as pid:
         capsys.readouterr()
         assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 1
-        err = capsys.readouterr().err
-        assert f"is in use: process {proc.pid} on " in err
-    finally:
-        proc.communicate("\n", timeout=60)
+        assert f"is in use: process {pid} on " in capsys.readouterr().err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0

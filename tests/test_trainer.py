@@ -536,32 +536,14 @@ def test_cosine_lr_schedule_decays_per_epoch_and_resumes(tmp_path) -> None:
 def test_a_second_process_cannot_train_into_a_locked_run_directory(tmp_path: Path) -> None:
     """Another process holding the run's lock (a job still running) makes fit() fail before
     anything in the directory changes; the lock is released when fit returns."""
-    import subprocess
-    import sys
-    import textwrap
-
     from bbb.train import RunLockedError
+    from tests.conftest import lock_held_by_another_process
 
-    holder = textwrap.dedent(
-        f"""
-        import sys, time
-        from bbb.train.checkpoint import RunLock
-        with RunLock({str(tmp_path)!r}):
-            print("locked", flush=True)
-            sys.stdin.readline()
-        """
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        with pytest.raises(RunLockedError, match=rf"is in use: process {proc.pid} on "):
+    with lock_held_by_another_process(tmp_path) as pid:
+        with pytest.raises(RunLockedError, match=rf"is in use: process {pid} on "):
             make_trainer(tmp_path, epochs=1).fit()
         assert not (tmp_path / "metrics.jsonl").exists()
         assert not (tmp_path / "checkpoints").exists()
-    finally:
-        proc.communicate("\n", timeout=60)
     make_trainer(tmp_path, epochs=1).fit()  # free again once the holder has exited
     # within one process the lock is re-entrant and released by fit: a second fit resumes
     trainer = make_trainer(tmp_path, epochs=2)
