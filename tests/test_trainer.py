@@ -592,3 +592,18 @@ def test_elbo_parameters_left_out_of_the_optimizer_warn() -> None:
         warnings.simplefilter("error")
         opt = torch.optim.Adam([*model.parameters(), *elbo.parameters()])
         Trainer(model, elbo, opt, loader, epochs=1, log=None, progress=False)
+
+
+def test_a_refused_fit_releases_the_run_lock(tmp_path: Path) -> None:
+    """fit() refused after taking the lock (the directory holds a run and neither resume nor
+    overwrite is asked; a resume with fewer epochs than done) must not keep the directory
+    locked for the rest of the process (a notebook)."""
+    from bbb.train import checkpoint as ck
+
+    make_trainer(tmp_path, epochs=2).fit()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        make_trainer(tmp_path, epochs=2).fit()
+    assert ck._HELD_LOCKS == {}
+    with pytest.raises(ValueError, match="cannot resume"):
+        make_trainer(tmp_path, epochs=1).fit(resume=True)
+    assert ck._HELD_LOCKS == {}

@@ -669,18 +669,18 @@ class Trainer:
         """
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir")
-        if self.distributed:  # rank 0 reads the run directory; every rank gets its content
-            loaded = _dist.on_main(
-                lambda: self._prepare(resume, overwrite), "preparing the run directory"
-            )
-        else:
-            loaded = self._prepare(resume, overwrite)
         try:
+            if self.distributed:  # rank 0 reads the run directory; every rank gets its content
+                loaded = _dist.on_main(
+                    lambda: self._prepare(resume, overwrite), "preparing the run directory"
+                )
+            else:
+                loaded = self._prepare(resume, overwrite)
             return self._fit(loaded)
-        finally:
-            lock = getattr(self, "_run_lock", None)
-            if lock is not None:
-                lock.release()
+        finally:  # also when _prepare refused the directory after taking the lock
+            if self._run_lock is not None:
+                self._run_lock.release()
+                self._run_lock = None
 
     def _restore_best(self, best: dict[str, Any] | None, path: Path) -> None:
         """Take the best model's weights from ``best.pt`` (read by _prepare) if they are those
