@@ -603,7 +603,7 @@ def test_a_refused_fit_releases_the_run_lock(tmp_path: Path) -> None:
     make_trainer(tmp_path, epochs=2).fit()
     with pytest.raises(FileExistsError, match="already holds a run"):
         make_trainer(tmp_path, epochs=2).fit()
-    assert ck._HELD_LOCKS == {}
+    assert not ck._HELD_LOCKS
     with pytest.raises(ValueError, match="cannot resume"):
         make_trainer(tmp_path, epochs=1).fit(resume=True)
-    assert ck._HELD_LOCKS == {}
+    assert not ck._HELD_LOCKS

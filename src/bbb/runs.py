@@ -334,7 +334,7 @@ def _train_run(
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     evaluate_test: bool = True,
     write_plots: bool = True,
-    locks: list[RunLock] | None = None,
+    locks: list[RunLock],  # rank 0 appends the run directory's lock; the caller releases it
 ) -> dict[str, Any]:
     world = _dist.world_size()
     generator = seed_everything(cfg.seed)
@@ -375,11 +375,7 @@ def _train_run(
         check_writable(out)  # a clear error before anything is written or trained
         # rank 0's lock on the run directory, before its first write: another process may
         # be training here. Held until train_run returns (the Trainer re-enters it).
-        lock = RunLock(out)
-        if locks is not None:
-            locks.append(lock)
-        else:
-            lock.release()  # no caller to release it: the Trainer's own lock covers fit
+        locks.append(RunLock(out))
         if resume:
             cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
         else:

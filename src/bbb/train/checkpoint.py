@@ -271,7 +271,7 @@ try:  # POSIX advisory locks; elsewhere (Windows) RunLock does nothing
 except ImportError:  # pragma: no cover - not on the supported platforms
     _fcntl = None  # type: ignore[assignment]
 
-_HELD_LOCKS: dict[str, int] = {}  # this process's locks: resolved directory -> depth
+_HELD_LOCKS: set[str] = set()  # directories (resolved) this process holds the lock of
 
 
 class RunLock:
@@ -290,13 +290,8 @@ class RunLock:
         self.path = Path(run_dir)
         self.path.mkdir(parents=True, exist_ok=True)
         self._key = str(self.path.resolve())
-        self._fd: int | None = None
-        self._held = False
-        if _fcntl is None:
-            return
-        if self._key in _HELD_LOCKS:
-            _HELD_LOCKS[self._key] += 1
-            self._held = True
+        self._fd: int | None = None  # set by the outermost holder; nested holders do nothing
+        if _fcntl is None or self._key in _HELD_LOCKS:
             return
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
@@ -311,20 +306,15 @@ class RunLock:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd, self._held = fd, True
-        _HELD_LOCKS[self._key] = 1
+        self._fd = fd
+        _HELD_LOCKS.add(self._key)
 
     def release(self) -> None:
-        """Release this holder's lock (idempotent); the outermost holder unlocks the file."""
-        if not self._held:
-            return
-        self._held = False
+        """Release the lock if this holder took it (idempotent; nested holders do nothing)."""
         if self._fd is not None:
-            _HELD_LOCKS.pop(self._key, None)
+            _HELD_LOCKS.discard(self._key)
             os.close(self._fd)  # releases the flock
             self._fd = None
-        elif self._key in _HELD_LOCKS:
-            _HELD_LOCKS[self._key] -= 1
 
     def __enter__(self) -> RunLock:
         return self
