@@ -169,13 +169,15 @@ def build_step(
     if library == "deterministic":
         model = mlp(784, [hidden, hidden], 10) if net == "mlp" else det_convnet()
         return _adam_step(model, lambda: F.cross_entropy(model(x), y), x.device)
-    if library in ("bbb", "bbb-compile", "bbb-kernels"):
+    if library in ("bbb", "bbb-compile", "bbb-kernels", "bbb-native"):
         bmodel = make_bbb_model(net, hidden, estimator, prior)
         elbo = ELBO(Categorical(), DATASET_SIZE, num_samples=num_samples)
         if library == "bbb":
             return _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device)
-        if library == "bbb-kernels":
-            return _kernels_step(_adam_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device))
+        if library in ("bbb-kernels", "bbb-native"):
+            backend = "compile" if library == "bbb-kernels" else "native"
+            step = _adam_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device)
+            return _kernels_step(step, backend)
         return _compiled_step(bmodel, lambda: elbo(bmodel, x, y).loss, x.device)
     return bench_peers.build_peer_step(
         library, net, hidden, estimator, prior, num_samples, x, y, DATASET_SIZE
@@ -202,16 +204,17 @@ def _compiled_step(
     return step
 
 
-def _kernels_step(step: Step) -> Step | None:
-    """``step`` with bbb's KL kernels compiled (:mod:`bbb.kernels`, backend ``"compile"``).
+def _kernels_step(step: Step, backend: str = "compile") -> Step | None:
+    """``step`` with bbb's kernels backend ``backend`` (:mod:`bbb.kernels`: ``"compile"``, the
+    KL kernels compiled by torch.compile, or ``"native"``, the C kernels).
 
     Built and run once here, so that compilation is not timed; None (the variant left out of
-    the table, with the kernels' own warning) where compilation is not available.
+    the table, with the kernels' own warning) where the backend is not available.
     """
     import warnings
 
     def run() -> None:
-        with _kernels.use_kernels("compile"):
+        with _kernels.use_kernels(backend):
             step()
 
     run()
@@ -267,6 +270,7 @@ def run_step_times(
     compiled: bool = False,
     kernels: bool = False,
     device: torch.device | str = "cpu",
+    native: bool = False,
 ) -> list[StepResult]:
     """Step times of every configuration, interleaved per network (see module doc)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -282,7 +286,11 @@ def run_step_times(
         assert det is not None
         steps["deterministic"] = det
         configs["deterministic"] = ("deterministic", "-", "-", 1)
-        extra = [*(["bbb-compile"] if compiled else []), *(["bbb-kernels"] if kernels else [])]
+        extra = [
+            *(["bbb-compile"] if compiled else []),
+            *(["bbb-kernels"] if kernels else []),
+            *(["bbb-native"] if native else []),
+        ]
         for lib in ("bbb", *extra, *peers):
             for est in estimators:
                 for prior in priors:
@@ -635,6 +643,12 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
         help="also time bbb with its KL kernels compiled (library 'bbb-kernels', bbb.kernels)",
     )
     p.add_argument(
+        "--native",
+        action="store_true",
+        help="also time bbb with its native C kernels (library 'bbb-native', bbb.kernels; "
+        "built on first use with the system C compiler)",
+    )
+    p.add_argument(
         "--no-tune-allocator",
         dest="tune_allocator",
         action="store_false",
@@ -723,6 +737,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         compiled=args.compile,
         kernels=getattr(args, "kernels", False),
         device=device,
+        native=getattr(args, "native", False),
     )
     table = format_table(steps)
     log("\nStep time (median ms; x det: ratio to the deterministic network; x S=1)\n" + table)

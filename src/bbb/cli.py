@@ -60,7 +60,8 @@ _HELP = {
     "seed": "random seed (makes a CPU run reproducible)",
     "val_samples": "weight samples for validation/test predictions",
     "device": "torch device, e.g. cpu or cuda",
-    "kernels": "the KL's elementwise kernels: eager, or compile (torch.compile; eager fallback)",
+    "kernels": "the sample's and KL's elementwise kernels: eager, compile (torch.compile) or "
+    "native (C kernels and noise, float32 on CPU); both fall back to eager with a warning",
 }
 
 

@@ -105,8 +105,9 @@ class TrainConfig:
     seed: int = 0
     val_samples: int = 10
     device: str = "cpu"
-    # bbb.kernels backend for the KL's elementwise work: eager | compile (torch.compile,
-    # falls back to eager with a warning where compilation is unavailable)
+    # bbb.kernels backend for the sample's and the KL's elementwise work: eager | compile
+    # (torch.compile) | native (C kernels and noise, float32 on CPU); compile and native fall
+    # back to eager with a warning where they cannot be built
     kernels: str = "eager"
 
     def validate(self) -> TrainConfig:

@@ -349,11 +349,13 @@ class BayesModule(nn.Module):
         return ValueError(f"{name} expected input of shape {expected}, got {got}: {problem}{note}")
 
     # ----------------------------------------------------------------- forward
-    def _noise(self, num_samples: int, like: Tensor) -> _Record:
+    def _noise(self, num_samples: int, like: Tensor, bias_only: bool = False) -> _Record:
         # bbb.nn.noise.randn: torch.randn's distribution, filled by all threads (issue 8)
-        eps_w = _rand.randn(
-            (num_samples, *self.weight_mu.shape), dtype=like.dtype, device=like.device
-        )
+        eps_w = None
+        if not bias_only:
+            eps_w = _rand.randn(
+                (num_samples, *self.weight_mu.shape), dtype=like.dtype, device=like.device
+            )
         eps_b = None
         if self.bias_mu is not None:
             eps_b = torch.randn(
@@ -424,10 +426,15 @@ class BayesModule(nn.Module):
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
 
     def _fusable(self, mode: str, num_samples: int) -> bool:
-        """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels,
-        closed-form KL to a Gaussian prior, no pruning mask, one weight sample per pass)."""
+        """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels) or
+        :func:`bbb.kernels.native_sample_and_kl` (native kernels, float32 on CPU): closed-form
+        KL to a Gaussian prior, no pruning mask, one weight sample per pass."""
+        backend = _kernels.get_kernels()
         return (
-            _kernels.get_kernels() == "compile"
+            (
+                backend == "compile"
+                or (backend == "native" and _kernels.native_fusable(self.weight_mu))
+            )
             # under no_grad the fused node would leave a KL without a graph for a later kl()
             and torch.is_grad_enabled()
             and mode == "sample"
@@ -447,18 +454,35 @@ class BayesModule(nn.Module):
         assert isinstance(self.prior, GaussianPrior)
         # w_sigma is not read by the estimators when their tensor is given (placeholder)
         post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, s_b)
+        native = _kernels.get_kernels() == "native"
         if self.estimator == "local":
-            var, kl_w = _kernels.sample_and_kl(
-                "local", self.weight_mu, self.weight_rho, None, self.prior
-            )
+            if native:
+                var, kl_w, _ = _kernels.native_sample_and_kl(
+                    "local", self.weight_mu, self.weight_rho, self.prior
+                )
+            else:
+                var, kl_w = _kernels.sample_and_kl(
+                    "local", self.weight_mu, self.weight_rho, None, self.prior
+                )
             self._record = _Record(sigma_b=s_b, param_versions=versions, kl_w=kl_w)
             return est.local(self, x, post, w_var=var)
-        noise = self._noise(num_samples, self.weight_mu)
-        assert noise.eps_w is not None
         kind = self.estimator
-        t, kl_w = _kernels.sample_and_kl(
-            kind, self.weight_mu, self.weight_rho, noise.eps_w[0], self.prior
-        )
+        if native:
+            # the weight noise is drawn inside the fused kernel (one pass), the bias's here
+            t, kl_w, eps = _kernels.native_sample_and_kl(
+                kind, self.weight_mu, self.weight_rho, self.prior
+            )
+            assert eps is not None
+            noise = _Record(
+                eps_w=eps.unsqueeze(0), eps_b=self._noise(1, self.weight_mu, bias_only=True).eps_b
+            )
+        else:
+            noise = self._noise(num_samples, self.weight_mu)
+            assert noise.eps_w is not None
+            t, kl_w = _kernels.sample_and_kl(
+                kind, self.weight_mu, self.weight_rho, noise.eps_w[0], self.prior
+            )
+        assert noise.eps_w is not None
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
             self._record = _Record(

@@ -1,7 +1,9 @@
 """Fast noise for the Bayesian layers: standard normals and random signs.
 
 Both functions draw exactly the distributions of ``torch.randn`` and of uniform random signs
-and are reproducible under ``torch.manual_seed``; they only draw them faster on CPU (issue 8):
+and are reproducible under ``torch.manual_seed``; they only draw them faster on CPU (issue 8).
+With the kernels backend ``"native"`` (:func:`bbb.set_kernels`), float32 normals on CPU come
+from the native library (:mod:`bbb._native`: Threefry-2x32-20 and Box-Muller in C).
 
 - :func:`randn`: PyTorch's CPU generator (Mersenne Twister) fills a tensor serially, on one
   core, whatever ``torch.get_num_threads()`` says: 2.4M normals (the weights of a 784-1200-1200
@@ -26,6 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+from .. import _native
+from .. import kernels as _kernels
 
 __all__ = ["randn", "rademacher", "PARALLEL_MIN_NUMEL"]
 
@@ -61,6 +66,13 @@ def randn(
     """i.i.d. standard normal noise of ``shape``, like ``torch.randn`` (see the module doc)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     numel = math.prod(shape)
+    if (
+        dev.type == "cpu"
+        and (dtype or torch.get_default_dtype()) == torch.float32
+        and _kernels.native_ready()
+    ):
+        # kernels backend "native": Threefry counters + Box-Muller in C (bbb.kernels)
+        return _native.normal(tuple(shape))
     threads = torch.get_num_threads()
     if dev.type != "cpu" or threads < 2 or numel < PARALLEL_MIN_NUMEL:
         return torch.randn(shape, dtype=dtype, device=dev)

@@ -1,0 +1,304 @@
+"""The native kernels (``csrc/bbb_native.c``): built on first use, loaded with ctypes.
+
+What they compute, and why (issue 8): on CPU, the Bayesian step's extra cost over a
+deterministic one is mostly elementwise work with transcendental functions (the normals of
+the weight sample, softplus, the KL's log), which eager PyTorch does in one pass per
+operation and single-threaded random numbers. The C file does the noise (Threefry-2x32-20
+counters turned into normals by Box-Muller, vectorized with glibc's libmvec), the sample and
+the closed-form Gaussian KL in one pass per tile, and the backward in one more.
+
+Building: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the file
+once per source, flags and compiler into ``$BBB_CACHE_DIR`` (default
+``~/.cache/bbb/native``; a temporary directory where that is not writable); the library is
+written to a temporary name and renamed into place, so concurrent first uses do not see a
+half-written file. Where no compiler is found or the build fails, :func:`load` returns None
+and :func:`error` says why; :mod:`bbb.kernels` then warns once and runs eagerly.
+
+Threads: each call is split over ``torch.get_num_threads()`` worker threads (ctypes releases
+the GIL) in ranges of whole fixed-size chunks, and the KL's partial sums are added in chunk
+order, so every result is the same whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["load", "error", "available", "normal", "sample_kl_fwd", "sample_kl_bwd", "KINDS"]
+
+#: estimator -> the C kernels' kind code
+KINDS = {"reparam": 0, "flipout": 1, "local": 2}
+_ABI = 1
+_CHUNK = 1 << 16  # elements per partial KL sum (a multiple of the C tile, 512)
+_MIN_PARALLEL = 1 << 15  # below this many elements, one thread
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+_TILE = 512
+
+
+def _source() -> bytes:
+    return resources.files("bbb").joinpath("csrc/bbb_native.c").read_bytes()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("BBB_CACHE_DIR")
+    if env:
+        base = Path(env)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".cache") / "bbb" / "native"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=base):  # writable?
+            pass
+        return base
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"bbb-native-{os.getuid()}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def _flag_sets() -> list[list[str]]:
+    base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
+    isa: list[str] = []
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    ):
+        isa = ["-mavx2", "-mfma"]
+    # with libmvec (glibc's vector math: the fast path), then without it (scalar math calls)
+    return [base + isa + ["-lmvec"], base + isa + ["-DBBB_NO_MVEC"]]
+
+
+def _build(cc: str) -> Path:
+    src = _source()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    errors = []
+    for flags in _flag_sets():
+        tag = hashlib.sha256(
+            src + repr((flags, cc, version, platform.machine(), _ABI)).encode()
+        ).hexdigest()[:16]
+        out_dir = _cache_dir()
+        target = out_dir / f"bbb_native-{tag}.so"
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory() as tmp:
+            c_file = Path(tmp) / "bbb_native.c"
+            c_file.write_bytes(src)
+            partial = out_dir / f".bbb_native-{tag}.{os.getpid()}.tmp"
+            cmd = [cc, *[f for f in flags if f != "-lmvec"], str(c_file), "-o", str(partial)]
+            cmd += ["-lmvec", "-lm"] if "-lmvec" in flags else ["-lm"]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+                partial.unlink(missing_ok=True)
+                continue
+            os.replace(partial, target)  # atomic: a concurrent loader sees all or nothing
+        return target
+    raise RuntimeError("; ".join(errors))
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, u32, f32, c_int = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
+    vp = ctypes.c_void_p
+    lib.bbb_native_abi.restype = c_int
+    lib.bbb_native_tile.restype = c_int
+    lib.bbb_normal.argtypes = [vp, i64, i64, u32, u32]
+    lib.bbb_normal.restype = None
+    lib.bbb_threefry2x32.argtypes = [u32, u32, u32, u32, vp]
+    lib.bbb_threefry2x32.restype = None
+    lib.bbb_sample_kl_fwd.argtypes = [
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        i64,
+        i64,
+        i64,
+        u32,
+        u32,
+        f32,
+        f32,
+        c_int,
+        vp,
+    ]
+    lib.bbb_sample_kl_fwd.restype = None
+    lib.bbb_sample_kl_bwd.argtypes = [vp, vp, vp, vp, vp, f32, vp, vp, i64, f32, f32, c_int]
+    lib.bbb_sample_kl_bwd.restype = None
+
+
+def load() -> ctypes.CDLL | None:
+    """The native library (built on first call), or None where it cannot be built."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("BBB_NATIVE_DISABLE"):
+                raise RuntimeError("disabled by the BBB_NATIVE_DISABLE environment variable")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
+            lib = ctypes.CDLL(str(_build(cc)))
+            _bind(lib)
+            if lib.bbb_native_abi() != _ABI or lib.bbb_native_tile() != _TILE:
+                raise RuntimeError("the built library does not match this version of bbb")
+            _lib = lib
+        except Exception as err:  # noqa: BLE001 - any build or load failure: report, run eagerly
+            _error = f"{type(err).__name__}: {err}"[:800]
+        _tried = True
+    return _lib
+
+
+def error() -> str | None:
+    """Why the native library could not be built or loaded (None if it was, or not tried)."""
+    return _error
+
+
+def available() -> bool:
+    """Whether the native library can be used in this process (builds it on first call)."""
+    return load() is not None
+
+
+def supports(t: Tensor) -> bool:
+    """Whether the native kernels take ``t``: a contiguous float32 CPU tensor."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _key() -> tuple[int, int]:
+    # one draw from the global generator: the noise is a function of torch.manual_seed
+    k = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    return k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of whole chunks, one per thread (the last takes the remainder)."""
+    threads = max(1, torch.get_num_threads())
+    chunks = -(-n // _CHUNK)
+    parts = 1 if n < _MIN_PARALLEL else min(threads, chunks, 8)
+    per = -(-chunks // parts)
+    out = []
+    for p in range(parts):
+        a, b = p * per * _CHUNK, min(n, (p + 1) * per * _CHUNK)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _run(calls: list) -> None:  # type: ignore[type-arg]
+    """Run the thunks, the first on this thread and the rest on the noise pool."""
+    if len(calls) == 1:
+        calls[0]()
+        return
+    from .nn.noise import _executor
+
+    pool = _executor()
+    futures = [pool.submit(c) for c in calls[1:]]
+    calls[0]()
+    for f in futures:
+        f.result()
+
+
+def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """i.i.d. N(0, 1) float32 noise of ``shape`` on CPU (the library must be loaded)."""
+    lib = load()
+    assert lib is not None
+    out = torch.empty(shape, dtype=torch.float32)
+    n = out.numel()
+    if n == 0:
+        return out
+    k0, k1 = _key()
+    base = out.data_ptr()
+    _run([(lambda a=a, b=b: lib.bbb_normal(base + 4 * a, a, b - a, k0, k1)) for a, b in _ranges(n)])
+    return out
+
+
+def sample_kl_fwd(
+    kind: str, mu: Tensor, rho: Tensor, loc: float, inv_var: float
+) -> tuple[Tensor, float, Tensor, Tensor | None]:
+    """``(t, sum of KL terms, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho``.
+
+    t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout) or ``sigma^2`` (local); the sum
+    is over ``(sigma^2 + (mu - loc)^2) inv_var / 2 - log sigma`` (float64 partial sums, added
+    in a fixed order); eps is None for local.
+    """
+    lib = load()
+    assert lib is not None
+    code = KINDS[kind]
+    n = mu.numel()
+    t, sigma = torch.empty_like(mu), torch.empty_like(mu)
+    eps = None if code == 2 else torch.empty_like(mu)
+    partial = torch.zeros(max(1, -(-n // _CHUNK)), dtype=torch.float64)
+    k0, k1 = _key() if code != 2 else (0, 0)
+    pm, pr, pt, ps = mu.data_ptr(), rho.data_ptr(), t.data_ptr(), sigma.data_ptr()
+    pe = eps.data_ptr() if eps is not None else pt  # not written for local
+    pp = partial.data_ptr()
+    calls = []
+    for a, b in _ranges(n):
+        off = 4 * a
+        calls.append(
+            lambda a=a, b=b, off=off: lib.bbb_sample_kl_fwd(
+                pm + off, pr + off, pt + off, pe + off, ps + off, a, b - a, _CHUNK,
+                k0, k1, loc, inv_var, code, pp + 8 * (a // _CHUNK),
+            )
+        )  # fmt: skip
+    _run(calls)
+    return t, float(partial.sum().item()), sigma, eps
+
+
+def sample_kl_bwd(
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    sigma: Tensor,
+    eps: Tensor | None,
+    g_t: Tensor,
+    g_kl: float,
+    loc: float,
+    inv_var: float,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``g_kl * KL + <g_t, t>`` w.r.t. mu and rho (flat float32 tensors)."""
+    lib = load()
+    assert lib is not None
+    code = KINDS[kind]
+    n = mu.numel()
+    g_t = g_t.contiguous()
+    grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
+    pm, pr, ps, pg = mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(), g_t.data_ptr()
+    pe = eps.data_ptr() if eps is not None else ps
+    pgm, pgr = grad_mu.data_ptr(), grad_rho.data_ptr()
+    calls = []
+    for a, b in _ranges(n):
+        off = 4 * a
+        calls.append(
+            lambda b=b, a=a, off=off: lib.bbb_sample_kl_bwd(
+                pm + off, pr + off, ps + off, pe + off, pg + off, g_kl,
+                pgm + off, pgr + off, b - a, loc, inv_var, code,
+            )
+        )  # fmt: skip
+    _run(calls)
+    return grad_mu, grad_rho

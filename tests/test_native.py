@@ -1,0 +1,265 @@
+"""bbb._native and the kernels backend "native": the noise generator and the fused sample + KL.
+
+The generator is checked against Threefry-2x32-20's published known-answer vectors (Random123,
+Salmon et al. 2011), then statistically (moments, Kolmogorov-Smirnov, tails, independence of
+a Box-Muller pair), each tolerance derived from the standard error of its statistic. The
+fused kernels are checked against the same formulas evaluated in float64 with autograd, with
+the noise the kernel drew; the layers' outputs against their analytic moments.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bbb
+from bbb import _native as N
+from bbb import kernels as K
+from bbb.config import TrainConfig
+from bbb.models import bayes_mlp
+
+pytestmark = pytest.mark.skipif(
+    not N.available(), reason=f"native library not available: {N.error()}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _eager_after() -> Iterator[None]:
+    yield
+    K.set_kernels("eager")
+
+
+def _threefry(c0: int, c1: int, k0: int, k1: int) -> tuple[int, int]:
+    lib = N.load()
+    assert lib is not None
+    out = np.zeros(2, dtype=np.uint32)
+    lib.bbb_threefry2x32(c0, c1, k0, k1, out.ctypes.data)
+    return int(out[0]), int(out[1])
+
+
+def test_threefry_known_answers() -> None:
+    # Random123's kat_vectors for threefry2x32_20 (counter words, key words -> output words)
+    assert _threefry(0, 0, 0, 0) == (0x6B200159, 0x99BA4EFE)
+    assert _threefry(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF) == (0x1CB996FC, 0xBB002BE7)
+    assert _threefry(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344) == (0xC4923A9C, 0x483DF7A0)
+
+
+def _normals(n: int, seed: int = 0) -> np.ndarray:
+    torch.manual_seed(seed)
+    return N.normal((n,)).double().numpy()
+
+
+def test_normal_moments_tails_and_ks() -> None:
+    n = 1 << 21
+    z = _normals(n)
+    assert np.isfinite(z).all()
+    se = 1 / math.sqrt(n)
+    # sample moments: standard errors sqrt(Var(Z^k) / n) = sqrt(1, 2, 15, 96) / sqrt(n); 5 SE
+    assert abs(z.mean()) < 5 * se
+    assert abs((z**2).mean() - 1) < 5 * math.sqrt(2) * se
+    assert abs((z**3).mean()) < 5 * math.sqrt(15) * se
+    assert abs((z**4).mean() - 3) < 5 * math.sqrt(96) * se
+    # tails: P(|Z| > 3) = 0.0026998, binomial standard error, 5 SE
+    p = math.erfc(3 / math.sqrt(2))
+    assert abs((np.abs(z) > 3).mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # Kolmogorov-Smirnov against the normal CDF: 1.95 / sqrt(n) is the 0.1% critical value
+    zs = np.sort(z)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(zs / math.sqrt(2)))
+    d = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+    assert d < 1.95 / math.sqrt(n)
+
+
+def test_box_muller_pairs_and_neighbours_are_uncorrelated() -> None:
+    n = 1 << 21
+    z = _normals(n, seed=3).reshape(-1, 2, 256)  # tile layout: z0 of pair j at j, z1 at 256 + j
+    z0, z1 = z[:, 0].ravel(), z[:, 1].ravel()
+    m = z0.size
+    # corr(z0, z1) and corr(z0^2, z1^2) of independent normals: mean 0, standard error
+    # 1/sqrt(m); a defect of the uniforms would show in the radius (the squares); 5 SE
+    assert abs(np.corrcoef(z0, z1)[0, 1]) < 5 / math.sqrt(m)
+    assert abs(np.corrcoef(z0**2, z1**2)[0, 1]) < 5 / math.sqrt(m)
+    flat = z.ravel()
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5 / math.sqrt(flat.size)
+
+
+def test_normal_stream_is_reproducible_and_independent_of_threads_and_offsets() -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _normals(300_001, seed=5)
+        torch.set_num_threads(2)
+        two = _normals(300_001, seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one, two)
+    assert not np.array_equal(one, _normals(300_001, seed=6))
+    # element e depends only on (key, e): a slice from a tile boundary equals the stream there
+    lib = N.load()
+    assert lib is not None
+    full = torch.empty(4096)
+    lib.bbb_normal(full.data_ptr(), 0, 4096, 7, 9)
+    part = torch.empty(1000)
+    lib.bbb_normal(part.data_ptr(), 1024, 1000, 7, 9)
+    torch.testing.assert_close(part, full[1024:2024], rtol=0, atol=0)
+
+
+def _reference(kind: str, mu: torch.Tensor, rho: torch.Tensor, eps: torch.Tensor | None):
+    """t and the KL sum in float64 from the formulas (autograd for the gradients)."""
+    sigma = F.softplus(rho)
+    log_sigma = torch.where(rho < -20, rho, torch.log(sigma))
+    prior_s = 0.7
+    kl = (
+        math.log(prior_s) - log_sigma + (sigma**2 + (mu - 0.1) ** 2) / (2 * prior_s**2) - 0.5
+    ).sum()
+    if kind == "reparam":
+        t = mu + sigma * eps
+    elif kind == "flipout":
+        t = sigma * eps
+    else:
+        t = sigma**2
+    return t, kl
+
+
+@pytest.mark.parametrize("kind", ["reparam", "flipout", "local"])
+@pytest.mark.parametrize("n", [37, 512, 70_001])
+def test_fused_kernel_matches_float64_formulas(kind: str, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    mu = (torch.randn(n, generator=g) * 0.3).requires_grad_()
+    # rho over the whole range: below the -20 switch, the usual -7..-3, and positive
+    rho = torch.cat(
+        [torch.linspace(-30.0, 4.0, min(n, 200)), torch.rand(max(0, n - 200), generator=g) * 6 - 8]
+    )[:n].requires_grad_()
+    prior = bbb.GaussianPrior(0.7, mean=0.1)
+    K.set_kernels("native")
+    torch.manual_seed(0)
+    t, kl, eps = K.native_sample_and_kl(kind, mu, rho, prior)
+    assert (eps is None) == (kind == "local")
+    g_t = torch.randn(n, generator=g)
+    (gm, gr) = torch.autograd.grad((t * g_t).sum() + 0.37 * kl, (mu, rho))
+    mu64 = mu.detach().double().requires_grad_()
+    rho64 = rho.detach().double().requires_grad_()
+    t64, kl64 = _reference(kind, mu64, rho64, None if eps is None else eps.double())
+    (gm64, gr64) = torch.autograd.grad((t64 * g_t.double()).sum() + 0.37 * kl64, (mu64, rho64))
+    # float32 against float64: a few float32 ulps per element; the KL is a sum of n terms
+    # accumulated in float64 partial sums, so its error is that of the per-term rounding
+    torch.testing.assert_close(t.double(), t64, rtol=2e-6, atol=1e-6)
+    assert abs(kl.item() - kl64.item()) <= 1e-6 * max(1.0, abs(kl64.item())) + 1e-4
+    torch.testing.assert_close(gm.double(), gm64, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(gr.double(), gr64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+def test_native_layer_output_has_the_posterior_moments(estimator: str) -> None:
+    # y = x W^T + b with W ~ q: mean x mu^T + b_mu, variance x^2 sigma^2^T + sigma_b^2.
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(6, 3, prior=bbb.GaussianPrior(1.0), estimator=estimator, rho_init=-1)
+    x = torch.randn(1, 6)
+    K.set_kernels("native")
+    draws = 6000
+    with torch.enable_grad():
+        ys = torch.stack([layer(x)[0].detach() for _ in range(draws)]).double()
+    rec = layer._record
+    assert rec is not None and rec.kl_w is not None  # the fused native node was used
+    mean = (x @ layer.weight_mu.T + layer.bias_mu).detach().double()[0]
+    var = ((x**2) @ (layer.weight_sigma**2).T + layer.bias_sigma**2).detach().double()[0]
+    se_mean = (var / draws).sqrt()
+    assert ((ys.mean(0) - mean).abs() < 5 * se_mean).all()
+    # the sample variance of normal draws has standard error var * sqrt(2 / (draws - 1))
+    assert ((ys.var(0) - var).abs() < 5 * var * math.sqrt(2 / (draws - 1))).all()
+
+
+def test_native_reparam_layer_gradients_match_float64() -> None:
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(5, 4, prior=bbb.GaussianPrior(0.5), estimator="reparam")
+    x = torch.randn(3, 5)
+    K.set_kernels("native")
+    y = layer(x)
+    rec = layer._record
+    assert rec is not None and rec.eps_w is not None and rec.eps_b is not None
+    ((y**2).sum() + 0.01 * layer.kl()).backward()
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    w = p["weight_mu"] + F.softplus(p["weight_rho"]) * rec.eps_w[0].double()
+    b = p["bias_mu"] + F.softplus(p["bias_rho"]) * rec.eps_b[0].double()
+    y64 = x.double() @ w.T + b
+    prior = bbb.GaussianPrior(0.5)
+    kl64 = sum(
+        bbb.closed_form_kl(p[f"{n}_mu"], F.softplus(p[f"{n}_rho"]), prior).sum()
+        for n in ("weight", "bias")
+    )
+    ((y64**2).sum() + 0.01 * kl64).backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    for name, param in layer.named_parameters():
+        assert param.grad is not None
+        torch.testing.assert_close(param.grad.double(), p[name].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_native_training_learns_and_falls_back_for_other_dtypes() -> None:
+    torch.manual_seed(0)
+    model = bayes_mlp(4, [16], 1, prior=bbb.GaussianPrior(1.0))
+    x = torch.randn(256, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]])
+    elbo = bbb.ELBO(bbb.Gaussian("fixed", sigma=0.1), 256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    K.set_kernels("native")
+    first = None
+    for _ in range(300):
+        opt.zero_grad()
+        res = elbo(model, x, y)
+        res.loss.backward()
+        opt.step()
+        first = first if first is not None else res.nll.item()
+    assert res.nll.item() < 0.2 * first
+    # float64 models use the eager kernels under the native backend (float32 only)
+    model64 = bayes_mlp(4, [16], 1, prior=bbb.GaussianPrior(1.0)).double()
+    model64(x.double())
+    assert all(m._record.kl_w is None for m in bbb.bayes_modules(model64))  # type: ignore[union-attr]
+
+
+def test_unavailable_library_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(N, "_tried", False)
+    monkeypatch.setattr(N, "_lib", None)
+    monkeypatch.setattr(N, "_error", None)
+    monkeypatch.setattr(K, "_native_warned", False)
+    monkeypatch.setattr(N, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        bbb.set_kernels("native")
+    assert "native" in K.failures()
+    torch.manual_seed(0)
+    model = bayes_mlp(3, [5], 2, prior=bbb.GaussianPrior(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        out = model(torch.randn(4, 3))
+    assert out.shape == (4, 2)
+    assert all(m._record.kl_w is None for m in bbb.bayes_modules(model))  # type: ignore[union-attr]
+
+
+def test_build_is_cached_and_atomic(tmp_path: object) -> None:
+    code = (
+        "import sys; from bbb import _native as N; assert N.available(), N.error(); "
+        "print(sorted(p.name for p in N._cache_dir().iterdir()))"
+    )
+    env = {"BBB_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    names = eval(first.stdout)  # noqa: S307 - our own printed list
+    assert len(names) == 1 and names[0].startswith("bbb_native-") and names[0].endswith(".so")
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and eval(second.stdout) == names  # noqa: S307 - reused
+
+
+def test_backend_name_is_accepted_everywhere() -> None:
+    assert "native" in bbb.KERNEL_BACKENDS
+    with pytest.raises(ValueError, match="accepted values: eager, compile, native"):
+        bbb.set_kernels("c")
+    TrainConfig(kernels="native").validate()
