@@ -105,9 +105,9 @@ def test_normal_stream_is_reproducible_and_independent_of_threads_and_offsets() 
     lib = N.load()
     assert lib is not None
     full = torch.empty(4096)
-    lib.bbb_normal(full.data_ptr(), 0, 4096, 7, 9)
+    lib.bbb_normal(full.data_ptr(), 0, 4096, 7, 9, 1)
     part = torch.empty(1000)
-    lib.bbb_normal(part.data_ptr(), 1024, 1000, 7, 9)
+    lib.bbb_normal(part.data_ptr(), 1024, 1000, 7, 9, 1)
     torch.testing.assert_close(part, full[1024:2024], rtol=0, atol=0)
 
 

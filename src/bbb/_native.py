@@ -14,9 +14,11 @@ written to a temporary name and renamed into place, so concurrent first uses do 
 half-written file. Where no compiler is found or the build fails, :func:`load` returns None
 and :func:`error` says why; :mod:`bbb.kernels` then warns once and runs eagerly.
 
-Threads: each call is split over ``torch.get_num_threads()`` worker threads (ctypes releases
-the GIL) in ranges of whole fixed-size chunks, and the KL's partial sums are added in chunk
-order, so every result is the same whatever the number of threads.
+Threads: the C loops share fixed blocks of 32768 elements among ``torch.get_num_threads()``
+OpenMP threads (built with ``-fopenmp``, the library binds to the ``libgomp.so.1`` PyTorch has
+already loaded, so both use one thread pool; a second pool would spin against PyTorch's), and
+the KL's per-block partial sums are added in block order, so every result is the same
+whatever the number of threads. Without OpenMP the loops run on one thread.
 """
 
 from __future__ import annotations
@@ -39,9 +41,8 @@ __all__ = ["load", "error", "available", "normal", "sample_kl_fwd", "sample_kl_b
 
 #: estimator -> the C kernels' kind code
 KINDS = {"reparam": 0, "flipout": 1, "local": 2}
-_ABI = 1
-_CHUNK = 1 << 16  # elements per partial KL sum (a multiple of the C tile, 512)
-_MIN_PARALLEL = 1 << 15  # below this many elements, one thread
+_ABI = 2
+_CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -80,15 +81,18 @@ def _cache_dir() -> Path:
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
-    isa: list[str] = []
+    """Compiler flags, fastest first: OpenMP threads and libmvec, then without each."""
+    base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
         "AVX2",
         "AVX512",
     ):
-        isa = ["-mavx2", "-mfma"]
-    # with libmvec (glibc's vector math: the fast path), then without it (scalar math calls)
-    return [base + isa + ["-lmvec"], base + isa + ["-DBBB_NO_MVEC"]]
+        base += ["-mavx2", "-mfma"]
+    out = []
+    for omp in (["-fopenmp"], ["-fopenmp-simd"]):  # threads, or one thread (SIMD only)
+        for mvec in (["-lmvec"], ["-DBBB_NO_MVEC"]):  # glibc's vector math, or scalar calls
+            out.append(base + omp + mvec)
+    return out
 
 
 def _build(cc: str) -> Path:
@@ -124,7 +128,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     vp = ctypes.c_void_p
     lib.bbb_native_abi.restype = c_int
     lib.bbb_native_tile.restype = c_int
-    lib.bbb_normal.argtypes = [vp, i64, i64, u32, u32]
+    lib.bbb_normal.argtypes = [vp, i64, i64, u32, u32, c_int]
     lib.bbb_normal.restype = None
     lib.bbb_threefry2x32.argtypes = [u32, u32, u32, u32, vp]
     lib.bbb_threefry2x32.restype = None
@@ -145,7 +149,9 @@ def _bind(lib: ctypes.CDLL) -> None:
         vp,
     ]
     lib.bbb_sample_kl_fwd.restype = None
-    lib.bbb_sample_kl_bwd.argtypes = [vp, vp, vp, vp, vp, f32, vp, vp, i64, f32, f32, c_int]
+    lib.bbb_sample_kl_bwd.argtypes = [
+        *(vp, vp, vp, vp, vp, f32, vp, vp, i64, i64, f32, f32, c_int, c_int)
+    ]
     lib.bbb_sample_kl_bwd.restype = None
 
 
@@ -195,32 +201,8 @@ def _key() -> tuple[int, int]:
     return k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
-    """Contiguous ranges of whole chunks, one per thread (the last takes the remainder)."""
-    threads = max(1, torch.get_num_threads())
-    chunks = -(-n // _CHUNK)
-    parts = 1 if n < _MIN_PARALLEL else min(threads, chunks, 8)
-    per = -(-chunks // parts)
-    out = []
-    for p in range(parts):
-        a, b = p * per * _CHUNK, min(n, (p + 1) * per * _CHUNK)
-        if a < b:
-            out.append((a, b))
-    return out
-
-
-def _run(calls: list) -> None:  # type: ignore[type-arg]
-    """Run the thunks, the first on this thread and the rest on the noise pool."""
-    if len(calls) == 1:
-        calls[0]()
-        return
-    from .nn.noise import _executor
-
-    pool = _executor()
-    futures = [pool.submit(c) for c in calls[1:]]
-    calls[0]()
-    for f in futures:
-        f.result()
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
 
 
 def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -232,8 +214,7 @@ def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
     if n == 0:
         return out
     k0, k1 = _key()
-    base = out.data_ptr()
-    _run([(lambda a=a, b=b: lib.bbb_normal(base + 4 * a, a, b - a, k0, k1)) for a, b in _ranges(n)])
+    lib.bbb_normal(out.data_ptr(), 0, n, k0, k1, _threads())
     return out
 
 
@@ -254,19 +235,11 @@ def sample_kl_fwd(
     eps = None if code == 2 else torch.empty_like(mu)
     partial = torch.zeros(max(1, -(-n // _CHUNK)), dtype=torch.float64)
     k0, k1 = _key() if code != 2 else (0, 0)
-    pm, pr, pt, ps = mu.data_ptr(), rho.data_ptr(), t.data_ptr(), sigma.data_ptr()
-    pe = eps.data_ptr() if eps is not None else pt  # not written for local
-    pp = partial.data_ptr()
-    calls = []
-    for a, b in _ranges(n):
-        off = 4 * a
-        calls.append(
-            lambda a=a, b=b, off=off: lib.bbb_sample_kl_fwd(
-                pm + off, pr + off, pt + off, pe + off, ps + off, a, b - a, _CHUNK,
-                k0, k1, loc, inv_var, code, pp + 8 * (a // _CHUNK),
-            )
-        )  # fmt: skip
-    _run(calls)
+    lib.bbb_sample_kl_fwd(
+        mu.data_ptr(), rho.data_ptr(), t.data_ptr(),
+        eps.data_ptr() if eps is not None else t.data_ptr(),  # not written for local
+        sigma.data_ptr(), 0, n, _CHUNK, k0, k1, loc, inv_var, code, partial.data_ptr(), _threads(),
+    )  # fmt: skip
     return t, float(partial.sum().item()), sigma, eps
 
 
@@ -288,17 +261,10 @@ def sample_kl_bwd(
     n = mu.numel()
     g_t = g_t.contiguous()
     grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
-    pm, pr, ps, pg = mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(), g_t.data_ptr()
-    pe = eps.data_ptr() if eps is not None else ps
-    pgm, pgr = grad_mu.data_ptr(), grad_rho.data_ptr()
-    calls = []
-    for a, b in _ranges(n):
-        off = 4 * a
-        calls.append(
-            lambda b=b, a=a, off=off: lib.bbb_sample_kl_bwd(
-                pm + off, pr + off, ps + off, pe + off, pg + off, g_kl,
-                pgm + off, pgr + off, b - a, loc, inv_var, code,
-            )
-        )  # fmt: skip
-    _run(calls)
+    lib.bbb_sample_kl_bwd(
+        mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
+        eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read for local
+        g_t.data_ptr(), g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, loc, inv_var,
+        code, _threads(),
+    )  # fmt: skip
     return grad_mu, grad_rho

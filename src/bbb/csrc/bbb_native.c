@@ -3,9 +3,9 @@
  * Built on first use by bbb/_native.py with the system C compiler (-O3 -fno-math-errno
  * -fopenmp-simd; -mavx2 -mfma where the CPU has them) and loaded with ctypes; the loops are
  * written so that the compiler vectorizes them and calls glibc's vector math library (libmvec)
- * for log, exp, log1p, sin and cos. No OpenMP runtime: the Python side splits the work over
- * threads (ctypes releases the GIL), in fixed chunks, so results do not depend on the thread
- * count.
+ * for log, exp, sin and cos. Work is shared among OpenMP threads (-fopenmp: the process's
+ * libgomp, the one PyTorch loaded, so the same thread pool) in fixed blocks, so that results
+ * do not depend on the number of threads.
  *
  * Noise: element e of the stream with key (k0, k1) is a function of (k0, k1, e) alone.
  * Elements are grouped in tiles of 2 * BM_PAIRS; pair j of tile t uses the 64-bit counter
@@ -40,8 +40,9 @@ float cosf(float) __attribute__((simd("notinbranch")));
 #define BM_PAIRS 256
 #define TILE (2 * BM_PAIRS)
 #define SWITCH (-20.0f)
+#define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 1; }
+int bbb_native_abi(void) { return 2; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -108,15 +109,17 @@ static void normal_tile(uint64_t t, uint32_t k0, uint32_t k1, float *restrict o)
 }
 
 /* Elements [start, start + n) of the normal stream (k0, k1) into out[0 .. n); start must be a
- * multiple of TILE. */
-void bbb_normal(float *restrict out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
-    float tmp[TILE] __attribute__((aligned(64)));
-    uint64_t t = (uint64_t)(start / TILE);
-    int64_t done = 0;
-    for (; done + TILE <= n; done += TILE, ++t) normal_tile(t, k0, k1, out + done);
-    if (done < n) {
-        normal_tile(t, k0, k1, tmp);
-        memcpy(out + done, tmp, (size_t)(n - done) * sizeof(float));
+ * multiple of TILE. Tiles are shared among `threads` OpenMP threads. */
+void bbb_normal(float *restrict out, int64_t start, int64_t n, uint32_t k0, uint32_t k1,
+                int threads) {
+    const uint64_t t0 = (uint64_t)(start / TILE);
+    const int64_t full = n / TILE;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < full; ++i) normal_tile(t0 + (uint64_t)i, k0, k1, out + i * TILE);
+    if (full * TILE < n) {
+        float tmp[TILE] __attribute__((aligned(64)));
+        normal_tile(t0 + (uint64_t)full, k0, k1, tmp);
+        memcpy(out + full * TILE, tmp, (size_t)(n - full * TILE) * sizeof(float));
     }
 }
 
@@ -148,17 +151,22 @@ static inline float fwd_tile(const int kind, const float *restrict mu, const flo
     return sum;
 }
 
-/* Fused forward on elements [start, start + n) (start a multiple of TILE): writes t, sigma and
- * (kinds 0, 1) eps for those elements, and adds the KL terms' sum of each block of
- * `chunk` elements (a multiple of TILE; blocks counted from `start`) into partial[]. */
+/* Fused forward on elements [0, n) (element 0 is element `start` of the noise stream, start
+ * a multiple of TILE): writes t, sigma and (kinds 0, 1) eps, and the KL terms' sum of each
+ * block of `chunk` elements (a multiple of TILE) into partial[block]. Blocks are shared among
+ * `threads` OpenMP threads; the caller adds the partial sums in order, so the result does not
+ * depend on the number of threads. */
 void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, float *restrict t_out,
                        float *restrict eps, float *restrict sigma_out, int64_t start, int64_t n,
                        int64_t chunk, uint32_t k0, uint32_t k1, float loc, float inv_var, int kind,
-                       double *restrict partial) {
-    float tmp[TILE] __attribute__((aligned(64)));
+                       double *restrict partial, int threads) {
     const float half_iv = 0.5f * inv_var;
-    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+    const int64_t blocks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
+    for (int64_t c = 0; c < blocks; ++c) {
+        float tmp[TILE] __attribute__((aligned(64)));
+        const int64_t c0 = c * chunk;
+        const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
         double acc = 0.0;
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
@@ -178,7 +186,7 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
             else sum = fwd_tile(2, mu + b0, rho + b0, e, t_out + b0, sigma_out + b0, m, loc, half_iv);
             acc += (double)sum;
         }
-        partial[c0 / chunk] += acc;
+        partial[c] = acc;
     }
 }
 
@@ -202,12 +210,20 @@ static inline void bwd_loop(const int kind, const float *restrict mu, const floa
 }
 
 /* Fused backward: gradients of g_kl * KL + <g_t, t> w.r.t. mu and rho on n elements (eps is
- * not read for kind 2). */
+ * not read for kind 2), in blocks of `chunk` shared among `threads` OpenMP threads. */
 void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        const float *restrict sigma, const float *restrict eps,
                        const float *restrict g_t, float g_kl, float *restrict grad_mu,
-                       float *restrict grad_rho, int64_t n, float loc, float inv_var, int kind) {
-    if (kind == 0) bwd_loop(0, mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, loc, inv_var);
-    else if (kind == 1) bwd_loop(1, mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, loc, inv_var);
-    else bwd_loop(2, mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, loc, inv_var);
+                       float *restrict grad_rho, int64_t n, int64_t chunk, float loc,
+                       float inv_var, int kind, int threads) {
+    const int64_t blocks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
+    for (int64_t c = 0; c < blocks; ++c) {
+        const int64_t a = c * chunk;
+        const int64_t m = a + chunk < n ? chunk : n - a;
+        const float *e = kind == 2 ? eps : eps + a;
+        if (kind == 0) bwd_loop(0, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
+        else if (kind == 1) bwd_loop(1, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
+        else bwd_loop(2, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
+    }
 }
