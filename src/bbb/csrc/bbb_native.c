@@ -1,11 +1,10 @@
 /* bbb native kernels (issue 8): counter-based normal noise and the fused weight sample + KL.
  *
- * Built on first use by bbb/_native.py with the system C compiler (-O3 -fno-math-errno
- * -fopenmp-simd; -mavx2 -mfma where the CPU has them) and loaded with ctypes; the loops are
- * written so that the compiler vectorizes them and calls glibc's vector math library (libmvec)
- * for log, exp, sin and cos. Work is shared among OpenMP threads (-fopenmp: the process's
- * libgomp, the one PyTorch loaded, so the same thread pool) in fixed blocks, so that results
- * do not depend on the number of threads.
+ * Built on first use by bbb/_native.py with the system C compiler (-O3 -fopenmp; -mavx2 -mfma
+ * where the CPU has them) and loaded with ctypes. The loops are written so that the compiler
+ * vectorizes them, with the math inlined (below). Work is shared among OpenMP threads (the
+ * process's libgomp, the one PyTorch loaded, so the same thread pool) in fixed blocks, so that
+ * results do not depend on the number of threads.
  *
  * Noise: element e of the stream with key (k0, k1) is a function of (k0, k1, e) alone.
  * Elements are grouped in tiles of 2 * BM_PAIRS; pair j of tile t uses the 64-bit counter
@@ -27,22 +26,128 @@
 #include <stdint.h>
 #include <string.h>
 
-/* glibc's vector math library (libmvec) has SIMD variants of these; declaring them lets the
- * compiler call them from vectorized loops without -ffast-math (whose reassociation would
- * undo the compensated log1p below). */
-#ifndef BBB_NO_MVEC
-float logf(float) __attribute__((simd("notinbranch")));
-float expf(float) __attribute__((simd("notinbranch")));
-float sinf(float) __attribute__((simd("notinbranch")));
-float cosf(float) __attribute__((simd("notinbranch")));
-#endif
+/* Inline float32 math (no calls, so every loop below vectorizes with any C compiler):
+ * exp of a non-positive argument, log of a positive normal float, the sine and cosine of a
+ * whole turn's fraction, and softplus and log-softplus through t = exp(-|r|). Each is accurate
+ * to a few float32 ulps (the tests compare with float64). */
+static inline float as_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint32_t as_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* exp(x) for x <= 0: x = k ln 2 + r, |r| <= ln2 / 2 (ln 2 in two parts, Cody and Waite),
+ * Taylor to r^7 (truncation < 5e-9 relative), times 2^k from the exponent bits; 0 below
+ * -87.3 (where float32 would go subnormal). */
+static inline float exp_neg(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    float k = rintf(xc * 1.44269504088896341f);
+    float r = xc - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.98412698e-4f;     /* 1/7! */
+    p = p * r + 1.38888889e-3f;   /* 1/6! */
+    p = p * r + 8.33333333e-3f;   /* 1/5! */
+    p = p * r + 4.16666667e-2f;   /* 1/4! */
+    p = p * r + 1.66666667e-1f;   /* 1/3! */
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float scale = as_float((uint32_t)((int32_t)k + 127) << 23);
+    return x < -87.3f ? 0.0f : p * scale;
+}
+
+/* log(x) for a positive normal float: x = 2^e m, m in [sqrt(1/2), sqrt(2)), f = m - 1,
+ * log(1 + f) = f L(f) with L a degree-9 polynomial in (f - c) / h over f's range
+ * (interpolation at Chebyshev points, fitted in float64; 1.3e-7 relative in float32
+ * arithmetic); no division, so it vectorizes cheaply. */
+static inline float log_pos(float x) {
+    uint32_t bits = as_bits(x);
+    float e = (float)((int32_t)(bits >> 23) - 127);
+    float m = as_float((bits & 0x007FFFFFu) | 0x3F800000u);
+    int big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    e = big ? e + 1.0f : e;
+    float f = m - 1.0f;
+    float y = (f - 6.066017178e-02f) * 2.828427125e+00f;
+    float p = -6.593384397e-06f;
+    p = p * y + 2.186176177e-05f;
+    p = p * y - 5.518442984e-05f;
+    p = p * y + 1.893080860e-04f;
+    p = p * y - 6.806797349e-04f;
+    p = p * y + 2.446760609e-03f;
+    p = p * y - 9.149041319e-03f;
+    p = p * y + 3.648827690e-02f;
+    p = p * y - 1.633952963e-01f;
+    p = p * y + 9.708432498e-01f;
+    return e * 0.693145751953125f + (f * p + e * 1.42860676533018708e-6f);
+}
+
+/* cos(2 pi u) and sin(2 pi u) for u in [0, 1): the nearest quarter turn q, the rest a in
+ * [-pi/4, pi/4] by Taylor polynomials (sin to a^9, cos to a^10: < 2e-9), rotated by q. */
+static inline void cossin_turn(float u, float *c_out, float *s_out) {
+    float v = 4.0f * u;
+    float q = rintf(v);
+    float a = (v - q) * 1.57079632679489662f;
+    float z = a * a;
+    float sn = 2.75573192e-6f;        /* 1/9! */
+    sn = sn * z - 1.98412698e-4f;     /* 1/7! */
+    sn = sn * z + 8.33333333e-3f;
+    sn = sn * z - 1.66666667e-1f;
+    sn = a + a * z * sn;
+    float cs = -2.75573192e-7f;       /* 1/10! */
+    cs = cs * z + 2.48015873e-5f;     /* 1/8! */
+    cs = cs * z - 1.38888889e-3f;
+    cs = cs * z + 4.16666667e-2f;
+    cs = cs * z - 0.5f;
+    cs = 1.0f + z * cs;
+    int qi = (int)q & 3;
+    float c = (qi & 1) ? sn : cs;
+    float s = (qi & 1) ? cs : sn;
+    *c_out = (qi == 1 || qi == 2) ? -c : c;
+    *s_out = (qi >= 2) ? -s : s;
+}
+
+/* softplus(r) and log softplus(r) from t = exp(-|r|) in (0, 1]: log1p(t) = t Q(t) and
+ * log Q(t) = P(t), degree-9 polynomials in x = 2t - 1 (interpolation at Chebyshev points,
+ * fitted in float64; errors 1e-7 relative for Q and 4e-8 absolute for P, measured in float32
+ * arithmetic). r <= 0: softplus = t Q, log softplus = r + P. r > 0: softplus = r + t Q, its
+ * log by log_pos. */
+static inline float poly_q(float x) {
+    float p = -6.360114211e-06f;
+    p = p * x + 2.101880254e-05f;
+    p = p * x - 5.271862034e-05f;
+    p = p * x + 1.798846577e-04f;
+    p = p * x - 6.427940643e-04f;
+    p = p * x + 2.290334784e-03f;
+    p = p * x - 8.460985040e-03f;
+    p = p * x + 3.315212824e-02f;
+    p = p * x - 1.442635519e-01f;
+    return p * x + 8.109302238e-01f;
+}
+static inline float poly_p(float x) {
+    float p = -2.267615145e-06f;
+    p = p * x + 7.812869515e-06f;
+    p = p * x - 2.117966850e-05f;
+    p = p * x + 7.704446665e-05f;
+    p = p * x - 2.965462787e-04f;
+    p = p * x + 1.174074460e-03f;
+    p = p * x - 5.037620077e-03f;
+    p = p * x + 2.505788046e-02f;
+    p = p * x - 1.778988467e-01f;
+    return p * x - 2.095732725e-01f;
+}
 
 #define BM_PAIRS 256
 #define TILE (2 * BM_PAIRS)
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 2; }
+int bbb_native_abi(void) { return 4; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -85,27 +190,22 @@ void bbb_threefry2x32(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32
     out[1] = x1;
 }
 
-/* The 2 * BM_PAIRS normals of tile t into o[0 .. TILE). The sine and cosine loops are kept
- * apart: fused, the compiler would turn them into a scalar sincosf call. */
+/* The 2 * BM_PAIRS normals of tile t into o[0 .. TILE). */
 static void normal_tile(uint64_t t, uint32_t k0, uint32_t k1, float *restrict o) {
     uint32_t X0[BM_PAIRS] __attribute__((aligned(64)));
     uint32_t X1[BM_PAIRS] __attribute__((aligned(64)));
-    float R[BM_PAIRS] __attribute__((aligned(64)));
-    float A[BM_PAIRS] __attribute__((aligned(64)));
     threefry_tile(t * (uint64_t)BM_PAIRS, k0, k1, X0, X1);
-    const float two_pi = 6.28318530717958647692f;
 #pragma omp simd
     for (int j = 0; j < BM_PAIRS; ++j) {
         float u1 = ((float)(int32_t)(X0[j] >> 1) + 0.5f) * 4.656612873077392578125e-10f; /* 2^-31 */
         float u2 = (float)(int32_t)(X1[j] >> 8) * 5.9604644775390625e-08f;             /* 2^-24 */
-        float l = logf(u1);
-        R[j] = sqrtf(l < 0.0f ? -2.0f * l : 0.0f);
-        A[j] = two_pi * u2;
+        float l = log_pos(u1);
+        float rad = sqrtf(l < 0.0f ? -2.0f * l : 0.0f);
+        float c, sn;
+        cossin_turn(u2, &c, &sn);
+        o[j] = rad * c;
+        o[BM_PAIRS + j] = rad * sn;
     }
-#pragma omp simd
-    for (int j = 0; j < BM_PAIRS; ++j) o[j] = R[j] * cosf(A[j]);
-#pragma omp simd
-    for (int j = 0; j < BM_PAIRS; ++j) o[BM_PAIRS + j] = R[j] * sinf(A[j]);
 }
 
 /* Elements [start, start + n) of the normal stream (k0, k1) into out[0 .. n); start must be a
@@ -123,30 +223,30 @@ void bbb_normal(float *restrict out, int64_t start, int64_t n, uint32_t k0, uint
     }
 }
 
-/* softplus(r) = max(r, 0) + log1p(exp(-|r|)); log1p(t) as log(u) * t / (u - 1), u = 1 + t
- * (accurate to a few ulp: the rounding of u cancels), t itself where u rounds to 1. */
-static inline float softplusf(float r) {
-    float t = expf(-fabsf(r));
-    float u = 1.0f + t;
-    float d = u - 1.0f;
-    float lp = d == 0.0f ? t : logf(u) * (t / d);
-    return (r > 0.0f ? r : 0.0f) + lp;
-}
-
 /* One tile of the fused forward, for a constant kind (inlined and specialised). */
 static inline float fwd_tile(const int kind, const float *restrict mu, const float *restrict rho,
                              const float *restrict e, float *restrict t_out,
                              float *restrict s_out, int64_t m, float loc, float half_iv) {
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+    int positive = 0;
+#pragma omp simd reduction(+ : sum, positive)
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
-        float s = softplusf(r);
-        float ls = r < SWITCH ? r : logf(s);
+        float t = exp_neg(-fabsf(r));
+        float x = 2.0f * t - 1.0f;
+        float tq = t * poly_q(x);
+        float s = r > 0.0f ? r + tq : tq;
+        /* log sigma for r <= 0; for r > 0 (sigma > log 2, rare) added by the loop below */
+        float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
+        positive += r > 0.0f;
         float d = mu[j] - loc;
         s_out[j] = s;
         t_out[j] = kind == 0 ? mu[j] + s * e[j] : (kind == 1 ? s * e[j] : s * s);
         sum += (s * s + d * d) * half_iv - ls;
+    }
+    if (positive) {
+        for (int64_t j = 0; j < m; ++j)
+            if (rho[j] > 0.0f) sum -= log_pos(s_out[j]);
     }
     return sum;
 }
@@ -200,7 +300,7 @@ static inline void bwd_loop(const int kind, const float *restrict mu, const floa
     for (int64_t j = 0; j < n; ++j) {
         float r = rho[j];
         float s = sigma[j];
-        float ex = expf(-fabsf(r));
+        float ex = exp_neg(-fabsf(r));
         float sig = (r >= 0.0f ? 1.0f : ex) / (1.0f + ex); /* sigmoid(rho) */
         float dlog = r < SWITCH ? 1.0f : sig / s;           /* d log sigma / d rho */
         float dt = kind == 2 ? 2.0f * s : eps[j];
