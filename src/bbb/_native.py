@@ -42,7 +42,7 @@ __all__ = ["load", "error", "available", "normal", "sample_kl_fwd", "sample_kl_b
 
 #: estimator -> the C kernels' kind code
 KINDS = {"reparam": 0, "flipout": 1, "local": 2}
-_ABI = 4
+_ABI = 5
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()

@@ -41,10 +41,10 @@ static inline uint32_t as_bits(float f) {
     return u;
 }
 
-/* exp(x) for x <= 0: x = k ln 2 + r, |r| <= ln2 / 2 (ln 2 in two parts, Cody and Waite),
+/* exp(x) for x <= 88: x = k ln 2 + r, |r| <= ln2 / 2 (ln 2 in two parts, Cody and Waite),
  * Taylor to r^7 (truncation < 5e-9 relative), times 2^k from the exponent bits; 0 below
  * -87.3 (where float32 would go subnormal). */
-static inline float exp_neg(float x) {
+static inline float exp_f(float x) {
     float xc = x < -87.3f ? -87.3f : x;
     float k = rintf(xc * 1.44269504088896341f);
     float r = xc - k * 0.693359375f;
@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 4; }
+int bbb_native_abi(void) { return 5; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -232,7 +232,7 @@ static inline float fwd_tile(const int kind, const float *restrict mu, const flo
 #pragma omp simd reduction(+ : sum, positive)
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
-        float t = exp_neg(-fabsf(r));
+        float t = exp_f(-fabsf(r));
         float x = 2.0f * t - 1.0f;
         float tq = t * poly_q(x);
         float s = r > 0.0f ? r + tq : tq;
@@ -300,9 +300,12 @@ static inline void bwd_loop(const int kind, const float *restrict mu, const floa
     for (int64_t j = 0; j < n; ++j) {
         float r = rho[j];
         float s = sigma[j];
-        float ex = exp_neg(-fabsf(r));
-        float sig = (r >= 0.0f ? 1.0f : ex) / (1.0f + ex); /* sigmoid(rho) */
-        float dlog = r < SWITCH ? 1.0f : sig / s;           /* d log sigma / d rho */
+        /* one division: d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)),
+         * and sigmoid(rho) = sigma * that; below the switch d log sigma / d rho = 1 and
+         * sigmoid(rho) = sigma (both e^rho to float precision) */
+        float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
+        float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
+        float sig = s * dlog;
         float dt = kind == 2 ? 2.0f * s : eps[j];
         grad_mu[j] = (mu[j] - loc) * gi + (kind == 0 ? g_t[j] : 0.0f);
         grad_rho[j] = (s * sig) * gi - g_kl * dlog + g_t[j] * dt * sig;
