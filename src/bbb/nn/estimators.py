@@ -76,13 +76,15 @@ def reparam(
     eps_w: Tensor,
     eps_b: Tensor | None,
     w1: Tensor | None = None,
+    b1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Weight-space sampling. ``eps_w``: (S, *W), ``eps_b``: (S, O) standard normal noise.
 
     Returns ``(y, w, b)``: the output (N, O, ...) and the sampled weights (S, *W) and biases
     (S, O), kept for a Monte Carlo KL from the same sample. ``w1``: the weight sample
     ``mu + sigma * eps_w[0]`` already built (S = 1; :func:`bbb.kernels.sample_and_kl`), in
-    which case ``post.w_sigma`` is not used.
+    which case ``post.w_sigma`` is not used; ``b1`` likewise for the bias (``post.b_sigma``
+    then not used).
     """
     num_samples = eps_w.shape[0]
     if num_samples == 1 or w1 is not None:
@@ -93,8 +95,7 @@ def reparam(
         # for mu and sigma): a reparam step at H = 1200 took 5% less time without (issue 8).
         if w1 is None:
             w1 = torch.addcmul(post.w_mu, post.w_sigma, eps_w[0])
-        b1 = None
-        if post.b_mu is not None and eps_b is not None:
+        if b1 is None and post.b_mu is not None and eps_b is not None:
             assert post.b_sigma is not None
             b1 = torch.addcmul(post.b_mu, post.b_sigma, eps_b[0])
         return ops.op(x, w1, b1), w1.unsqueeze(0), None if b1 is None else b1.unsqueeze(0)
@@ -112,17 +113,24 @@ def _min_variance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
-def local(ops: LayerOps, x: Tensor, post: Posterior, w_var: Tensor | None = None) -> Tensor:
+def local(
+    ops: LayerOps,
+    x: Tensor,
+    post: Posterior,
+    w_var: Tensor | None = None,
+    b_var: Tensor | None = None,
+) -> Tensor:
     """Local reparameterisation: independent Gaussian pre-activations per row and output.
 
     ``w_var``: the weights' variance ``sigma^2`` already computed (shape W;
-    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used. The
-    variance is floored at the smallest normal number of the dtype before the square root, so
+    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used; ``b_var``
+    likewise for the bias (``post.b_sigma`` then not used). The variance is floored at the smallest normal number of the dtype before the square root, so
     an all-zero input row with ``bias=False`` gives a noise-free output without a NaN gradient
     (the floor passes no gradient).
     """
     mean = ops.op(x, post.w_mu, post.b_mu)
-    b_var = None if post.b_sigma is None else post.b_sigma * post.b_sigma
+    if b_var is None and post.b_sigma is not None:
+        b_var = post.b_sigma * post.b_sigma
     var = ops.op(x * x, post.w_sigma * post.w_sigma if w_var is None else w_var, b_var)
     # Zero variance (a fully pruned unit, an all-zero input with bias=False) gives exactly the
     # mean; the clamp keeps the square root's gradient finite and passes none below the floor.
@@ -139,6 +147,7 @@ def flipout(
     eps_w: Tensor,
     eps_b: Tensor | None,
     dw1: Tensor | None = None,
+    db1: Tensor | None = None,
 ) -> Tensor:
     """Flipout. ``eps_w``: (S, *W) shared perturbation noise, ``eps_b``: (S, O).
 
@@ -148,7 +157,8 @@ def flipout(
     distribution of weight-space sampling; examples are decorrelated by the signs.
     The underlying weight sample is ``w = mu + sigma * eps_w``: a Monte Carlo KL uses it.
     ``dw1``: the perturbation ``sigma * eps_w[0]`` already built (S = 1;
-    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used.
+    :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used; ``db1``
+    likewise for the bias (``post.b_sigma`` then not used).
     """
     num_samples = eps_w.shape[0]
     mean = ops.op(x, post.w_mu, post.b_mu)
@@ -156,8 +166,8 @@ def flipout(
     # tensor costs a zero-filled weight-sized gradient in the backward; see reparam).
     one = num_samples == 1
     dw = dw1 if dw1 is not None else post.w_sigma * (eps_w[0] if one else eps_w)
-    db = None
-    if post.b_sigma is not None and eps_b is not None:
+    db = db1
+    if db is None and post.b_sigma is not None and eps_b is not None:
         db = post.b_sigma * (eps_b[0] if one else eps_b)
     s_in_shape, s_out_shape = ops.sign_shapes(x, mean.shape)
     xs = x * rademacher(s_in_shape, x)

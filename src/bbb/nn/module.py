@@ -150,6 +150,7 @@ class _Record:
     # the weights' closed-form KL, computed by the forward pass in the same autograd node as
     # the estimator's tensor (bbb.kernels.sample_and_kl, kernels backend "compile")
     kl_w: Tensor | None = None
+    kl_b: Tensor | None = None  # the bias's, likewise (native kernels)
 
 
 class BayesModule(nn.Module):
@@ -349,13 +350,11 @@ class BayesModule(nn.Module):
         return ValueError(f"{name} expected input of shape {expected}, got {got}: {problem}{note}")
 
     # ----------------------------------------------------------------- forward
-    def _noise(self, num_samples: int, like: Tensor, bias_only: bool = False) -> _Record:
+    def _noise(self, num_samples: int, like: Tensor) -> _Record:
         # bbb.nn.noise.randn: torch.randn's distribution, filled by all threads (issue 8)
-        eps_w = None
-        if not bias_only:
-            eps_w = _rand.randn(
-                (num_samples, *self.weight_mu.shape), dtype=like.dtype, device=like.device
-            )
+        eps_w = _rand.randn(
+            (num_samples, *self.weight_mu.shape), dtype=like.dtype, device=like.device
+        )
         eps_b = None
         if self.bias_mu is not None:
             eps_b = torch.randn(
@@ -449,40 +448,25 @@ class BayesModule(nn.Module):
 
     def _forward_fused(self, x: Tensor, num_samples: int) -> Tensor:
         """The sampling forward with the weights' tensor and KL from one fused autograd node."""
+        if _kernels.get_kernels() == "native":
+            return self._forward_native(x)
         versions = self._param_versions()
         s_b = None if self.bias_rho is None else F.softplus(self.bias_rho)
         assert isinstance(self.prior, GaussianPrior)
         # w_sigma is not read by the estimators when their tensor is given (placeholder)
         post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, s_b)
-        native = _kernels.get_kernels() == "native"
         if self.estimator == "local":
-            if native:
-                var, kl_w, _ = _kernels.native_sample_and_kl(
-                    "local", self.weight_mu, self.weight_rho, self.prior
-                )
-            else:
-                var, kl_w = _kernels.sample_and_kl(
-                    "local", self.weight_mu, self.weight_rho, None, self.prior
-                )
+            var, kl_w = _kernels.sample_and_kl(
+                "local", self.weight_mu, self.weight_rho, None, self.prior
+            )
             self._record = _Record(sigma_b=s_b, param_versions=versions, kl_w=kl_w)
             return est.local(self, x, post, w_var=var)
-        kind = self.estimator
-        if native:
-            # the weight noise is drawn inside the fused kernel (one pass), the bias's here
-            t, kl_w, eps = _kernels.native_sample_and_kl(
-                kind, self.weight_mu, self.weight_rho, self.prior
-            )
-            assert eps is not None
-            noise = _Record(
-                eps_w=eps.unsqueeze(0), eps_b=self._noise(1, self.weight_mu, bias_only=True).eps_b
-            )
-        else:
-            noise = self._noise(num_samples, self.weight_mu)
-            assert noise.eps_w is not None
-            t, kl_w = _kernels.sample_and_kl(
-                kind, self.weight_mu, self.weight_rho, noise.eps_w[0], self.prior
-            )
+        noise = self._noise(num_samples, self.weight_mu)
         assert noise.eps_w is not None
+        kind = self.estimator
+        t, kl_w = _kernels.sample_and_kl(
+            kind, self.weight_mu, self.weight_rho, noise.eps_w[0], self.prior
+        )
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
             self._record = _Record(
@@ -493,6 +477,35 @@ class BayesModule(nn.Module):
             noise.eps_w, noise.eps_b, sigma_b=s_b, param_versions=versions, kl_w=kl_w
         )
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
+
+    def _forward_native(self, x: Tensor) -> Tensor:
+        """:meth:`_forward_fused` with the native kernels (one weight sample): the weight's and
+        the bias's estimator tensors, noise and KL each from one native node."""
+        versions = self._param_versions()
+        assert isinstance(self.prior, GaussianPrior)
+        kind = self.estimator
+        t, kl_w, eps_w = _kernels.native_sample_and_kl(
+            kind, self.weight_mu, self.weight_rho, self.prior
+        )
+        tb = kl_b = eps_b = None
+        if self.bias_mu is not None and self.bias_rho is not None:
+            tb, kl_b, eps_b = _kernels.native_sample_and_kl(
+                kind, self.bias_mu, self.bias_rho, self.prior
+            )
+        # the sigmas are not read by the estimators when their tensors are given (placeholders)
+        post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, self.bias_mu)
+        if kind == "local":
+            self._record = _Record(param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+            return est.local(self, x, post, w_var=t, b_var=tb)
+        assert eps_w is not None
+        ew = eps_w.unsqueeze(0)
+        eb = None if eps_b is None else eps_b.unsqueeze(0)
+        if kind == "reparam":
+            y, w, b = est.reparam(self, x, post, ew, eb, w1=t, b1=tb)
+            self._record = _Record(ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+            return y
+        self._record = _Record(ew, eb, param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+        return est.flipout(self, x, post, ew, eb, dw1=t, db1=tb)
 
     # ----------------------------------------------------------------- KL
     def kl(self) -> Tensor:
@@ -523,7 +536,9 @@ class BayesModule(nn.Module):
         ):
             # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl)
             total = record.kl_w
-            if self.bias_mu is not None and self.bias_rho is not None:
+            if record.kl_b is not None:  # the bias's too (native kernels)
+                total = total + record.kl_b
+            elif self.bias_mu is not None and self.bias_rho is not None:
                 total = total + _kl.closed_form_kl_sum(
                     self.bias_mu, self.bias_rho, self.prior, sigma=record.sigma_b
                 )
