@@ -356,6 +356,39 @@ def test_runs_of_disjoint_agents_merge_into_one_result(tmp_path: Path) -> None:
         merge_runs([a, tmp_path / "none"], tmp_path / "x")
 
 
+def test_native_fused_update_equals_the_eager_one_with_its_noise() -> None:
+    """kernels "native": the update draws its noise and computes the sample and the KL
+    gradients in C; given that noise, the eager update gives the same gradients (float32)."""
+    from bbb import _native
+    from bbb.bandit import _Population, fused_update
+
+    if not _native.available():
+        pytest.skip(f"native library not available: {_native.error()}")
+    torch.manual_seed(0)
+    cfg = BanditConfig(hidden=6, batch_size=5, buffer_size=9, noise_sigma=0.7)
+    pops = [
+        _Population(cfg, ["bbb-thompson"] * 2, [0, 1], True, 4),
+        _Population(cfg, ["greedy-0"] * 2, [0, 1], False, 4),
+    ]
+    for p in pops:
+        for _ in range(7):
+            k = len(p.names)
+            p.buffers.add(torch.randn(k, 4), torch.randint(0, 2, (k,)), torch.randn(k) * 5)
+        with torch.no_grad():
+            for layer in p.layers:
+                layer.weight_rho.uniform_(-3, 1)
+    grads = []
+    with bbb.use_kernels("native"):
+        eps = fused_update(pops, torch.Generator().manual_seed(3))
+    assert eps is not None and eps.dtype == torch.float32
+    grads.append([g.clone() for p in pops for _, g in p.views])
+    again = fused_update(pops, torch.Generator().manual_seed(3), eps=eps)  # eager, same noise
+    assert again is eps
+    grads.append([g.clone() for p in pops for _, g in p.views])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
 @needs_data
 def test_greedy_agents_ignore_the_bayesian_settings_so_their_runs_merge_with_any(
     tmp_path: Path,
@@ -363,7 +396,9 @@ def test_greedy_agents_ignore_the_bayesian_settings_so_their_runs_merge_with_any
     from bbb.bandit import merge_runs
 
     greedy = ["greedy-0", "greedy-0.05"]
-    bayes_kw = dict(noise_sigma=2.0, rho_init=-5.0, prior="laplace", thompson_samples=1)
+    bayes_kw = dict(
+        noise_sigma=2.0, rho_init=-5.0, prior="laplace", thompson_samples=1, kernels="native"
+    )
     run_bandit(_cfg(agents=greedy), tmp_path / "g1", progress=False, log=None)
     run_bandit(_cfg(agents=greedy, **bayes_kw), tmp_path / "g2", progress=False, log=None)
     assert (tmp_path / "g1" / "regret.csv").read_text() == (

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _native
+from . import kernels as _kernels
 from .config import changed_settings
 from .likelihoods import Gaussian
 from .nn.ensemble import BayesLinearEnsemble
@@ -78,9 +80,12 @@ BAYES_ONLY_SETTINGS = (
     "noise_sigma",
     "rho_init",
     "kl_data_size",
+    "kernels",
 )
 #: accepted values of ``BanditConfig.kl_data_size`` (the N of the Bayesian agent's KL / N)
 KL_DATA_SIZES = ("buffer", "seen")
+#: accepted values of ``BanditConfig.kernels`` (bbb.kernels backends the bandit uses)
+BANDIT_KERNELS = ("eager", "native")
 EAT, PASS = 1, 0
 REWARD_EDIBLE = 5.0
 REWARD_POISON_GOOD = 5.0
@@ -155,6 +160,10 @@ class BanditConfig:
     # (the buffer then stands for the whole history, as a minibatch stands for a data set; a
     # variant, not the paper's agent)
     kl_data_size: str = "buffer"
+    # bbb.kernels backend of the Bayesian agent's update: eager, or native (C noise and the
+    # fused sample / closed-form KL gradients, float32 on CPU with the Gaussian prior; the noise
+    # has torch.randn's distribution but other numbers, so a run keeps its backend)
+    kernels: str = "eager"
     checkpoint_every: int = 500
     data_dir: str | None = None
 
@@ -199,6 +208,10 @@ class BanditConfig:
             raise ValueError(
                 f"unknown kl_data_size {self.kl_data_size!r}; accepted values: "
                 f"{', '.join(KL_DATA_SIZES)}"
+            )
+        if self.kernels not in BANDIT_KERNELS:
+            raise ValueError(
+                f"unknown kernels {self.kernels!r}; accepted values: {', '.join(BANDIT_KERNELS)}"
             )
         if not math.isfinite(self.rho_init):
             raise ValueError(f"rho_init must be finite, got {self.rho_init!r}")
@@ -399,7 +412,7 @@ class _Population:
 @torch.no_grad()
 def fused_update(
     pops: Sequence[_Population], generator: torch.Generator, eps: Tensor | None = None
-) -> None:
+) -> Tensor | None:
     """Set ``.grad`` of every trainable parameter for one update of all networks at once.
 
     The gradients are those of :meth:`_Population.loss` summed over the populations (for the
@@ -420,6 +433,12 @@ def fused_update(
         generator: draws the minibatch indices.
         eps: the Bayesian members' standard normal noise, one flat tensor of all their weights
             and biases (layer by layer: weight, bias); drawn here when None (tests pass it).
+
+    Returns:
+        The Bayesian members' noise used (None without a Bayesian population). With the
+        kernels backend ``"native"`` (``BanditConfig.kernels``), a Gaussian prior, float32 on
+        CPU and ``eps`` None, the noise, sample and KL gradients come from the native kernels
+        (:mod:`bbb._native`; the same formulas, the KL's with the layers' rho < -20 switch).
     """
     bayes = next((p for p in pops if p.bayes), None)
     greedy = next((p for p in pops if not p.bayes), None)
@@ -443,14 +462,32 @@ def fused_update(
 
     # --- weights of every member: Bayesian samples (all layers in one flat pass), then means
     w_views: list[tuple[Tensor, Tensor]] = []
+    native = False
     if bayes is not None:
         n = bayes.n_mu
         mu_all, rho_all = bayes.flat[:n], bayes.flat[n:]
-        if eps is None:
-            eps = _randn((n,), dtype=x.dtype, device=x.device)
-        eps_all = eps
-        sig_all = torch.nn.functional.softplus(rho_all)
-        w_all = torch.addcmul(mu_all, sig_all, eps_all)
+        prior = bayes.prior
+        native = (
+            eps is None
+            and isinstance(prior, GaussianPrior)
+            and _kernels.native_ready()
+            and _native.supports(bayes.flat)
+        )
+        if native:
+            # the noise, softplus and sample in one native pass (bbb.kernels "native")
+            assert isinstance(prior, GaussianPrior)
+            loc, inv_var = prior._value("mean"), 1.0 / prior._value("sigma") ** 2
+            w_all, _, sig_all, eps_n = _native.sample_kl_fwd(
+                "reparam", mu_all.detach(), rho_all.detach(), loc, inv_var
+            )
+            assert eps_n is not None
+            eps_all = eps = eps_n
+        else:
+            if eps is None:
+                eps = _randn((n,), dtype=x.dtype, device=x.device)
+            eps_all = eps
+            sig_all = torch.nn.functional.softplus(rho_all)
+            w_all = torch.addcmul(mu_all, sig_all, eps_all)
         offset = 0
         shapes = [q.shape for q, _ in bayes.views[: len(bayes.views) // 2]]
         flat_w = []
@@ -509,7 +546,14 @@ def fused_update(
             next(views)[1].copy_(gw[:kb])
             next(views)[1].copy_(gb[:kb])
         inv_n = 1.0 / bayes.kl_n
-        prior = bayes.prior
+        if native:  # closed-form KL, both gradients in one native pass
+            gm, gr = _native.sample_kl_bwd(
+                "reparam", mu_all.detach(), rho_all.detach(), sig_all, eps_all, g_mu, inv_n,
+                loc, inv_var,
+            )  # fmt: skip
+            g_mu.copy_(gm)
+            g_rho.copy_(gr)
+            return eps
         if isinstance(prior, GaussianPrior):  # closed-form KL
             m, s2 = prior._value("mean"), prior._value("sigma") ** 2
             # dKL/dsigma = sigma / s^2 - 1 / sigma
@@ -520,6 +564,7 @@ def fused_update(
             g_mu.add_(prior.grad_log_prob(w_all), alpha=-inv_n)
             g_rho.copy_(g_mu).mul_(eps_all).sub_(torch.reciprocal(sig_all), alpha=inv_n)
         g_rho.mul_(torch.sigmoid(rho_all))
+    return eps
 
 
 def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -556,8 +601,31 @@ def run_bandit(
     ``max_seconds`` stops cleanly when the time is up (checked after every step; the step
     reached is checkpointed), so a long run can span sessions with ``resume=True``. A
     directory that already holds a run is an error unless ``resume`` (continue it) or
-    ``overwrite`` (delete its checkpoints and results first).
+    ``overwrite`` (delete its checkpoints and results first). The run uses the kernels
+    backend ``cfg.kernels`` (restored afterwards).
     """
+    with _kernels.use_kernels(cfg.validate().kernels):
+        return _run_bandit(
+            cfg,
+            out_dir,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            log=log,
+            max_seconds=max_seconds,
+        )
+
+
+def _run_bandit(
+    cfg: BanditConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    log: Any,
+    max_seconds: float | None,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data.mushroom import load_mushroom
@@ -724,7 +792,7 @@ _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "data_dir")
 
 #: settings added after runs were made, with the value those runs used (their config.json
 #: lacks the key)
-_LEGACY_SETTINGS = {"kl_data_size": "buffer"}
+_LEGACY_SETTINGS = {"kl_data_size": "buffer", "kernels": "eager"}
 
 
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:
@@ -950,6 +1018,14 @@ def add_parser(sub: Any) -> None:
         default=d.kl_data_size,
         choices=KL_DATA_SIZES,
         help="BBB ELBO's N: the buffer's current size (the protocol) or all interactions seen",
+    )
+    p.add_argument(
+        "--kernels",
+        default=d.kernels,
+        choices=BANDIT_KERNELS,
+        help="the Bayesian agent's update: eager PyTorch, or native (C noise and fused "
+        "gradients; float32 CPU, Gaussian prior; built on first use, eager with a warning "
+        "where it cannot be)",
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
