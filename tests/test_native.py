@@ -258,6 +258,31 @@ def test_build_is_cached_and_atomic(tmp_path: object) -> None:
     assert second.returncode == 0 and eval(second.stdout) == names  # noqa: S307 - reused
 
 
+def _child_normal(q: object) -> None:
+    # no torch operation that could itself wait on the parent's OpenMP team: numpy for the check
+    x = N.normal((200_000,)).numpy()
+    q.put(float(x.std()))  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_draws_noise_without_hanging() -> None:
+    import multiprocessing as mp
+
+    torch.manual_seed(0)
+    N.normal((1_000_000,))  # the parent has used its OpenMP threads
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_normal, args=(q,))
+    p.start()
+    try:
+        std = q.get(timeout=60)
+    finally:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    # 200000 normals: the sample sd has standard error ~ 1 / sqrt(2 n) = 0.0016; 5 SE
+    assert abs(std - 1) < 0.008
+
+
 def test_backend_name_is_accepted_everywhere() -> None:
     assert "native" in bbb.KERNEL_BACKENDS
     with pytest.raises(ValueError, match="accepted values: eager, compile, native"):

@@ -2,7 +2,9 @@
 deterministic MLP 784-1200-1200-10 and bbb's (reparam, Gaussian prior), interleaved in one
 process, plus Adam's step on the same parameters with no forward/backward in between (issue 8).
 
-    python benchmarks/probes/step_phases.py [estimator]
+    python benchmarks/probes/step_phases.py [estimator] [kernels backend]
+
+(the backend, e.g. ``native``, applies to the Bayesian network; default ``eager``)
 
 The measurement script behind numbers in docs/RESULTS.md; run with the background jobs paused.
 """
@@ -16,6 +18,10 @@ from _pair import pair
 from torch.nn import functional as F
 
 estimator = sys.argv[1] if len(sys.argv) > 1 else "reparam"
+if len(sys.argv) > 2:
+    import bbb
+
+    bbb.set_kernels(sys.argv[2])
 x, y, det, bay, elbo = pair(estimator)
 nets = {
     "deterministic": (det, lambda: F.cross_entropy(det(x), y)),

@@ -50,6 +50,7 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
 _TILE = 512
+_pid = os.getpid()  # the process that loaded this module (see _threads)
 
 
 def _source() -> bytes:
@@ -200,6 +201,10 @@ def _key() -> tuple[int, int]:
 
 
 def _threads() -> int:
+    # GNU OpenMP's thread team does not survive fork(): a forked child (a DataLoader worker)
+    # that asked for more than one thread would wait forever, so it runs on one.
+    if os.getpid() != _pid:
+        return 1
     return max(1, torch.get_num_threads())
 
 
