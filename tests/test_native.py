@@ -283,6 +283,18 @@ def test_a_forked_child_draws_noise_without_hanging() -> None:
     assert abs(std - 1) < 0.008
 
 
+def test_kernels_refuse_tensors_they_cannot_read() -> None:
+    with pytest.raises(ValueError, match="rho has 5 elements, expected 4"):
+        N.sample_kl_fwd("reparam", torch.zeros(4), torch.zeros(5), 0.0, 1.0)
+    with pytest.raises(ValueError, match="mu must be a contiguous float32 CPU tensor"):
+        N.sample_kl_fwd("reparam", torch.zeros(4, dtype=torch.float64), torch.zeros(4), 0.0, 1.0)
+    with pytest.raises(ValueError, match="contiguous=False"):
+        N.sample_kl_fwd("local", torch.zeros(4, 4).t(), torch.zeros(16), 0.0, 1.0)
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match="g_t has 2 elements, expected 3"):
+        N.sample_kl_bwd("reparam", z, z, z, z, torch.zeros(2), 1.0, 0.0, 1.0)
+
+
 def test_backend_name_is_accepted_everywhere() -> None:
     assert "native" in bbb.KERNEL_BACKENDS
     with pytest.raises(ValueError, match="accepted values: eager, compile, native"):

@@ -131,26 +131,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_normal.restype = None
     lib.bbb_threefry2x32.argtypes = [u32, u32, u32, u32, vp]
     lib.bbb_threefry2x32.restype = None
-    lib.bbb_sample_kl_fwd.argtypes = [
-        vp,
-        vp,
-        vp,
-        vp,
-        vp,
-        i64,
-        i64,
-        i64,
-        u32,
-        u32,
-        f32,
-        f32,
-        c_int,
-        vp,
-    ]
+    # fwd: mu, rho, t, eps, sigma, start, n, chunk, k0, k1, loc, inv_var, kind, partial, threads
+    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 3 + [u32] * 2 + [f32] * 2
+    lib.bbb_sample_kl_fwd.argtypes += [c_int, vp, c_int]
     lib.bbb_sample_kl_fwd.restype = None
-    lib.bbb_sample_kl_bwd.argtypes = [
-        *(vp, vp, vp, vp, vp, f32, vp, vp, i64, i64, f32, f32, c_int, c_int)
-    ]
+    # bwd: mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, chunk, loc, inv_var, kind,
+    # threads
+    lib.bbb_sample_kl_bwd.argtypes = [vp] * 5 + [f32, vp, vp, i64, i64, f32, f32, c_int, c_int]
     lib.bbb_sample_kl_bwd.restype = None
 
 
@@ -194,6 +181,24 @@ def supports(t: Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
 
 
+def _check(**tensors: Tensor | None) -> None:
+    """The C kernels read raw memory: every tensor must be a contiguous float32 CPU tensor of
+    the same number of elements (a clear error instead of reading out of bounds)."""
+    n = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not supports(t):
+            raise ValueError(
+                f"bbb native kernels: {name} must be a contiguous float32 CPU tensor, got "
+                f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})"
+            )
+        if n is None:
+            n = t.numel()
+        elif t.numel() != n:
+            raise ValueError(f"bbb native kernels: {name} has {t.numel()} elements, expected {n}")
+
+
 def _key() -> tuple[int, int]:
     # one draw from the global generator: the noise is a function of torch.manual_seed
     k = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
@@ -232,6 +237,7 @@ def sample_kl_fwd(
     """
     lib = load()
     assert lib is not None
+    _check(mu=mu, rho=rho)
     code = KINDS[kind]
     n = mu.numel()
     t, sigma = torch.empty_like(mu), torch.empty_like(mu)
@@ -260,9 +266,10 @@ def sample_kl_bwd(
     """Gradients of ``g_kl * KL + <g_t, t>`` w.r.t. mu and rho (flat float32 tensors)."""
     lib = load()
     assert lib is not None
+    g_t = g_t.contiguous()
+    _check(mu=mu, rho=rho, sigma=sigma, eps=eps, g_t=g_t)
     code = KINDS[kind]
     n = mu.numel()
-    g_t = g_t.contiguous()
     grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
     lib.bbb_sample_kl_bwd(
         mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
