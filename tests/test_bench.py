@@ -135,6 +135,45 @@ def test_kernels_variant_adds_rows_or_is_skipped(
     reset()
 
 
+def test_native_variant_adds_rows_or_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--native`` adds 'bbb-native' rows (a compile-backend failure does not remove them);
+    where the native library cannot be built they are left out with a warning."""
+    import torch
+
+    from bbb import _native
+    from bbb import kernels as K
+
+    def run(name: str) -> set[str]:
+        out = tmp_path / f"{name}.json"
+        args = ["--quick", "--no-peers", "--native", "--kernels", "--nets", "mlp"]
+        args += ["--samples", "1", "--repeats", "2", "--json", str(out), "--no-inference"]
+        assert bench.main([*args, "--no-memory", "--no-variance"]) == 0
+        return {(r["library"], r["prior"]) for r in json.loads(out.read_text())["step_time"]}
+
+    def broken(fn: object, **kw: object) -> object:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    for k in K._ALL:
+        monkeypatch.setattr(k, "failed", None)
+        monkeypatch.setattr(k, "_compiled", None)
+    if _native.available():
+        with pytest.warns(UserWarning, match="bbb-kernels|skipped"):
+            rows = run("native")
+        assert ("bbb-native", "gaussian") in rows
+        assert all(lib != "bbb-kernels" for lib, _ in rows)
+    monkeypatch.setattr(_native, "_tried", True)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", "RuntimeError: no C compiler found")
+    monkeypatch.setattr(K, "_native_warned", False)
+    with pytest.warns((UserWarning, RuntimeWarning)):
+        rows = run("no-native")
+    assert all(lib != "bbb-native" for lib, _ in rows) and ("bbb", "gaussian") in rows
+    assert K.get_kernels() == "eager"
+
+
 @pytest.mark.skipif(
     not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist").is_dir(),
     reason="the shared MNIST data (../shared/data/mnist) is absent",
