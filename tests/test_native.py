@@ -31,6 +31,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+G = ("gaussian", 0.0, 1.0)  # N(0, 1), closed-form KL
+
+
 @pytest.fixture(autouse=True)
 def _eager_after() -> Iterator[None]:
     yield
@@ -156,6 +159,73 @@ def test_fused_kernel_matches_float64_formulas(kind: str, n: int) -> None:
     torch.testing.assert_close(gr.double(), gr64, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["reparam", "flipout", "local"])
+@pytest.mark.parametrize("n", [37, 70_001])
+def test_fused_mixture_mc_kernel_matches_float64_formulas(kind: str, n: int) -> None:
+    """Scale-mixture prior, Monte Carlo KL at w = mu + sigma eps (for local, eps is the KL's
+    own sample): value and gradients against the float64 formulas with autograd."""
+    g = torch.Generator().manual_seed(n + 1)
+    mu = (torch.randn(n, generator=g) * 0.3).requires_grad_()
+    rho = torch.cat(
+        [torch.linspace(-30.0, 4.0, min(n, 200)), torch.rand(max(0, n - 200), generator=g) * 6 - 8]
+    )[:n].requires_grad_()
+    prior = bbb.ScaleMixturePrior(0.25, 1.0, math.exp(-6))
+    K.set_kernels("native")
+    torch.manual_seed(0)
+    t, kl, eps = K.native_sample_and_kl(kind, mu, rho, prior, "mc")
+    assert eps is not None
+    g_t = torch.randn(n, generator=g)
+    (gm, gr) = torch.autograd.grad((t * g_t).sum() + 0.37 * kl, (mu, rho))
+    mu64 = mu.detach().double().requires_grad_()
+    rho64 = rho.detach().double().requires_grad_()
+    e64 = eps.double()
+    sigma = F.softplus(rho64)
+    log_sigma = torch.where(rho64 < -20, rho64, torch.log(sigma))
+    w = mu64 + sigma * e64
+    kl64 = (bbb.kl.gaussian_log_q(e64, log_sigma) - prior.log_prob(w)).sum()
+    t64 = {"reparam": w, "flipout": sigma * e64, "local": sigma**2}[kind]
+    (gm64, gr64) = torch.autograd.grad((t64 * g_t.double()).sum() + 0.37 * kl64, (mu64, rho64))
+    torch.testing.assert_close(t.double(), t64, rtol=2e-6, atol=1e-6)
+    # The score -d log p/dw is up to 1/sigma2^2 = e^12 times w, and w = mu + sigma eps carries
+    # float32 rounding (a few ulps of |mu| + |sigma eps|, relative to w itself where they
+    # cancel): an ill-conditioned quantity, not a kernel error. The bound per element:
+    # 0.37 (the KL's weight) x |d score / dw| at w (float64: -d^2 log p / dw^2, up to ~e^12 and
+    # more where the responsibilities switch) x 4 ulps of (|mu| + |sigma eps|), times
+    # |eps| sigmoid(rho) for d/drho; plus float32 rounding of the rest.
+    wd, h = w.detach(), 1e-6  # central difference of the float64 score (smooth at scale s2)
+    d2 = (prior.grad_log_prob(wd + h) - prior.grad_log_prob(wd - h)) / (2 * h)
+    cond = d2.abs() + 1.0
+    scale = (mu64.abs() + (sigma * e64).abs()).detach() * (4 * 2.0**-24) * 0.37 * cond
+    assert ((gm.double() - gm64).abs() <= 1e-5 * gm64.abs() + 1e-6 + scale).all()
+    sig = torch.sigmoid(rho64).detach()
+    assert ((gr.double() - gr64).abs() <= 1e-5 * gr64.abs() + 1e-6 + scale * e64.abs() * sig).all()
+    # the value: per-term float32 rounding of log-densities up to ~|w|^2 e^12 / 2, summed
+    terms = (kl64.detach().abs() + (w.detach() ** 2 * math.exp(12)).sum()) * 2.0**-22
+    assert abs(kl.item() - kl64.item()) <= float(terms) + 1e-3
+
+
+def test_native_mixture_layers_use_the_fused_mc_node_and_kl_matches_eager_formula() -> None:
+    torch.manual_seed(0)
+    prior = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-6))
+    for estimator in bbb.ESTIMATORS:
+        layer = bbb.BayesLinear(5, 3, prior=prior, estimator=estimator, kl="mc")
+        with bbb.use_kernels("native"):
+            layer(torch.randn(4, 5))
+        rec = layer._record
+        assert rec is not None and rec.kl_w is not None and rec.kl_mode == "mc"
+        assert torch.isfinite(layer.kl())
+        # changing the KL mode after the pass: kl() does not reuse the Monte Carlo value
+        layer.kl_mode = "closed_form"
+        with pytest.raises(Exception):  # noqa: B017 - no closed form for the mixture
+            layer.kl()
+    # sigma2 / sigma1 below e^-30: 1 / sigma2^2 leaves float32's comfortable range; eager path
+    tiny = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-40))
+    layer = bbb.BayesLinear(5, 3, prior=tiny, kl="mc")
+    with bbb.use_kernels("native"):
+        layer(torch.randn(4, 5))
+    assert layer._record is not None and layer._record.kl_w is None
+
+
 @pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
 def test_native_layer_output_has_the_posterior_moments(estimator: str) -> None:
     # y = x W^T + b with W ~ q: mean x mu^T + b_mu, variance x^2 sigma^2^T + sigma_b^2.
@@ -254,8 +324,11 @@ def test_build_is_cached_and_atomic(tmp_path: object) -> None:
     assert first.returncode == 0, first.stderr
     names = eval(first.stdout)  # noqa: S307 - our own printed list
     assert len(names) == 1 and names[0].startswith("bbb_native-") and names[0].endswith(".so")
+    lib = next(iter(tmp_path.glob("bbb_native-*.so")))  # type: ignore[attr-defined]
+    before = (lib.stat().st_ino, lib.stat().st_mtime_ns)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert second.returncode == 0 and eval(second.stdout) == names  # noqa: S307 - reused
+    assert second.returncode == 0 and eval(second.stdout) == names  # noqa: S307
+    assert (lib.stat().st_ino, lib.stat().st_mtime_ns) == before  # reused, not rebuilt
 
 
 def _child_normal(q: object) -> None:
@@ -283,16 +356,63 @@ def test_a_forked_child_draws_noise_without_hanging() -> None:
     assert abs(std - 1) < 0.008
 
 
+def test_data_loss_and_kl_may_be_backpropagated_separately() -> None:
+    """The fused node's graph is freed by the first backward; kl() then recomputes (eager)."""
+    torch.manual_seed(0)
+    K.set_kernels("native")
+    for prior, mode in ((bbb.GaussianPrior(0.5), "closed_form"), (bbb.ScaleMixturePrior(), "mc")):
+        layer = bbb.BayesLinear(4, 3, prior=prior, estimator="reparam", kl=mode)
+        y = layer(torch.randn(5, 4))
+        y.sum().backward()
+        assert layer._record is not None and layer._record.kl_used == [True]
+        layer.kl().backward()  # no "backward through the graph a second time"
+        assert layer.weight_rho.grad is not None and torch.isfinite(layer.weight_rho.grad).all()
+
+
+def test_second_order_gradients_are_refused_not_silently_wrong() -> None:
+    torch.manual_seed(0)
+    K.set_kernels("native")
+    layer = bbb.BayesLinear(4, 3, prior=bbb.GaussianPrior(0.5), estimator="reparam")
+    layer(torch.randn(5, 4))
+    (g,) = torch.autograd.grad(layer.kl(), layer.weight_rho, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), layer.weight_rho)
+
+
+@pytest.mark.parametrize("prior", [G, ("mixture", -1.2, 4.0, 1.0, math.exp(12))])
+def test_fused_kernels_do_not_depend_on_the_thread_count(prior: tuple) -> None:
+    n = 100_003  # four 32768-element blocks, the last partial
+    g = torch.Generator().manual_seed(1)
+    mu, rho, up = torch.randn(n, generator=g), torch.rand(n, generator=g) * 4 - 6, torch.randn(n)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            torch.manual_seed(3)
+            tt, kl, sigma, eps = N.sample_kl_fwd("reparam", mu, rho, prior)
+            gm, gr = N.sample_kl_bwd("reparam", mu, rho, sigma, eps, up, 0.7, prior)
+            out.append((tt, torch.tensor(kl), sigma, eps, gm, gr))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_kernels_refuse_tensors_they_cannot_read() -> None:
     with pytest.raises(ValueError, match="rho has 5 elements, expected 4"):
-        N.sample_kl_fwd("reparam", torch.zeros(4), torch.zeros(5), 0.0, 1.0)
+        N.sample_kl_fwd("reparam", torch.zeros(4), torch.zeros(5), G)
     with pytest.raises(ValueError, match="mu must be a contiguous float32 CPU tensor"):
-        N.sample_kl_fwd("reparam", torch.zeros(4, dtype=torch.float64), torch.zeros(4), 0.0, 1.0)
+        N.sample_kl_fwd("reparam", torch.zeros(4, dtype=torch.float64), torch.zeros(4), G)
     with pytest.raises(ValueError, match="contiguous=False"):
-        N.sample_kl_fwd("local", torch.zeros(4, 4).t(), torch.zeros(16), 0.0, 1.0)
+        N.sample_kl_fwd("local", torch.zeros(4, 4).t(), torch.zeros(16), G)
     z = torch.zeros(3)
     with pytest.raises(ValueError, match="g_t has 2 elements, expected 3"):
-        N.sample_kl_bwd("reparam", z, z, z, z, torch.zeros(2), 1.0, 0.0, 1.0)
+        N.sample_kl_bwd("reparam", z, z, z, z, torch.zeros(2), 1.0, G)
+    with pytest.raises(ValueError, match="prior must be"):
+        N.sample_kl_fwd("reparam", z, z, ("laplace", 1.0))
+    with pytest.raises(ValueError, match="eps is required"):
+        N.sample_kl_bwd("local", z, z, z, None, z, 1.0, ("mixture", 0.0, 0.0, 1.0, 1.0))
 
 
 def test_backend_name_is_accepted_everywhere() -> None:

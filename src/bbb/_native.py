@@ -38,11 +38,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "error", "available", "normal", "sample_kl_fwd", "sample_kl_bwd", "KINDS"]
+__all__ = [
+    "load",
+    "error",
+    "available",
+    "supports",
+    "normal",
+    "sample_kl_fwd",
+    "sample_kl_bwd",
+    "KINDS",
+    "PRIORS",
+]
 
 #: estimator -> the C kernels' kind code
 KINDS = {"reparam": 0, "flipout": 1, "local": 2}
-_ABI = 5
+#: prior of the fused kernels -> its code and number of constants (see the C file):
+#: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
+#: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
+PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
+_ABI = 6
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()
@@ -77,9 +91,17 @@ def _cache_dir() -> Path:
             pass
         return base
     except OSError:
+        # a shared temporary directory: only a private folder of ours, never one another user
+        # could have made first (a library planted there would be loaded)
         fallback = Path(tempfile.gettempdir()) / f"bbb-native-{os.getuid()}"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        try:
+            fallback.mkdir(mode=0o700, exist_ok=True)
+            st = fallback.stat()
+            if st.st_uid == os.getuid() and st.st_mode & 0o077 == 0 and not fallback.is_symlink():
+                return fallback
+        except OSError:
+            pass
+        return Path(tempfile.mkdtemp(prefix="bbb-native-"))
 
 
 def _flag_sets() -> list[list[str]]:
@@ -131,13 +153,15 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_normal.restype = None
     lib.bbb_threefry2x32.argtypes = [u32, u32, u32, u32, vp]
     lib.bbb_threefry2x32.restype = None
-    # fwd: mu, rho, t, eps, sigma, start, n, chunk, k0, k1, loc, inv_var, kind, partial, threads
-    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 3 + [u32] * 2 + [f32] * 2
+    # fwd: mu, rho, t, eps, sigma, start, n, chunk, k0, k1, prior, a0..a3, kind, partial,
+    # threads
+    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 3 + [u32] * 2 + [c_int] + [f32] * 4
     lib.bbb_sample_kl_fwd.argtypes += [c_int, vp, c_int]
     lib.bbb_sample_kl_fwd.restype = None
-    # bwd: mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, chunk, loc, inv_var, kind,
+    # bwd: mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, chunk, prior, a0..a3, kind,
     # threads
-    lib.bbb_sample_kl_bwd.argtypes = [vp] * 5 + [f32, vp, vp, i64, i64, f32, f32, c_int, c_int]
+    lib.bbb_sample_kl_bwd.argtypes = [vp] * 5 + [f32, vp, vp, i64, i64, c_int] + [f32] * 4
+    lib.bbb_sample_kl_bwd.argtypes += [c_int, c_int]
     lib.bbb_sample_kl_bwd.restype = None
 
 
@@ -226,28 +250,48 @@ def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
     return out
 
 
+def _prior(prior: tuple[object, ...]) -> tuple[int, list[float], bool]:
+    """(code, four constants, whether every kind draws noise) of a prior tuple (PRIORS)."""
+    name = prior[0]
+    if name not in PRIORS or len(prior) != 1 + PRIORS[name][1]:  # type: ignore[index]
+        raise ValueError(
+            f"bbb native kernels: prior must be ('gaussian', loc, inv_var) or ('mixture', c1, "
+            f"c2, p1, p2), got {prior!r}"
+        )
+    code = PRIORS[name][0]  # type: ignore[index]
+    consts = [float(v) for v in prior[1:]]  # type: ignore[arg-type]
+    return code, consts + [0.0] * (4 - len(consts)), code != 0
+
+
 def sample_kl_fwd(
-    kind: str, mu: Tensor, rho: Tensor, loc: float, inv_var: float
+    kind: str, mu: Tensor, rho: Tensor, prior: tuple[object, ...]
 ) -> tuple[Tensor, float, Tensor, Tensor | None]:
     """``(t, sum of KL terms, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho``.
 
-    t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout) or ``sigma^2`` (local); the sum
-    is over ``(sigma^2 + (mu - loc)^2) inv_var / 2 - log sigma`` (float64 partial sums, added
-    in a fixed order); eps is None for local.
+    t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout) or ``sigma^2`` (local). The sum
+    (float64 partial sums, added in a fixed order) is over, per weight: for ``("gaussian",
+    loc, inv_var)``, ``(sigma^2 + (mu - loc)^2) inv_var / 2 - log sigma`` (the closed form
+    without its constant); for ``("mixture", c1, c2, p1, p2)``, ``log q(w) - log p(w)`` at
+    ``w = mu + sigma eps`` (the Monte Carlo estimate). eps: the noise drawn (None for the
+    Gaussian prior's local kind, which needs none; for the mixture's local kind it is the KL's
+    own sample).
     """
     lib = load()
     assert lib is not None
     _check(mu=mu, rho=rho)
     code = KINDS[kind]
+    pcode, consts, always_noise = _prior(prior)
     n = mu.numel()
     t, sigma = torch.empty_like(mu), torch.empty_like(mu)
-    eps = None if code == 2 else torch.empty_like(mu)
+    noise = always_noise or code != 2
+    eps = torch.empty_like(mu) if noise else None
     partial = torch.zeros(max(1, -(-n // _CHUNK)), dtype=torch.float64)
-    k0, k1 = _key() if code != 2 else (0, 0)
+    k0, k1 = _key() if noise else (0, 0)
     lib.bbb_sample_kl_fwd(
         mu.data_ptr(), rho.data_ptr(), t.data_ptr(),
-        eps.data_ptr() if eps is not None else t.data_ptr(),  # not written for local
-        sigma.data_ptr(), 0, n, _CHUNK, k0, k1, loc, inv_var, code, partial.data_ptr(), _threads(),
+        eps.data_ptr() if eps is not None else t.data_ptr(),  # not written without noise
+        sigma.data_ptr(), 0, n, _CHUNK, k0, k1, pcode, *consts, code, partial.data_ptr(),
+        _threads(),
     )  # fmt: skip
     return t, float(partial.sum().item()), sigma, eps
 
@@ -260,21 +304,24 @@ def sample_kl_bwd(
     eps: Tensor | None,
     g_t: Tensor,
     g_kl: float,
-    loc: float,
-    inv_var: float,
+    prior: tuple[object, ...],
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``g_kl * KL + <g_t, t>`` w.r.t. mu and rho (flat float32 tensors)."""
+    """Gradients of ``g_kl * KL + <g_t, t>`` w.r.t. mu and rho (flat float32 tensors); ``eps``
+    and ``prior`` as returned by and given to :func:`sample_kl_fwd`."""
     lib = load()
     assert lib is not None
     g_t = g_t.contiguous()
     _check(mu=mu, rho=rho, sigma=sigma, eps=eps, g_t=g_t)
     code = KINDS[kind]
+    pcode, consts, always_noise = _prior(prior)
+    if eps is None and (always_noise or code != 2):
+        raise ValueError(f"bbb native kernels: eps is required for kind {kind!r}, prior {prior!r}")
     n = mu.numel()
     grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
     lib.bbb_sample_kl_bwd(
         mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
-        eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read for local
-        g_t.data_ptr(), g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, loc, inv_var,
-        code, _threads(),
+        eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read without noise
+        g_t.data_ptr(), g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, pcode,
+        *consts, code, _threads(),
     )  # fmt: skip
     return grad_mu, grad_rho

@@ -477,8 +477,9 @@ def fused_update(
             # the noise, softplus and sample in one native pass (bbb.kernels "native")
             assert isinstance(prior, GaussianPrior)
             loc, inv_var = prior._value("mean"), 1.0 / prior._value("sigma") ** 2
+            spec = ("gaussian", loc, inv_var)
             w_all, _, sig_all, eps_n = _native.sample_kl_fwd(
-                "reparam", mu_all.detach(), rho_all.detach(), loc, inv_var
+                "reparam", mu_all.detach(), rho_all.detach(), spec
             )
             assert eps_n is not None
             eps_all = eps = eps_n
@@ -548,9 +549,8 @@ def fused_update(
         inv_n = 1.0 / bayes.kl_n
         if native:  # closed-form KL, both gradients in one native pass
             gm, gr = _native.sample_kl_bwd(
-                "reparam", mu_all.detach(), rho_all.detach(), sig_all, eps_all, g_mu, inv_n,
-                loc, inv_var,
-            )  # fmt: skip
+                "reparam", mu_all.detach(), rho_all.detach(), sig_all, eps_all, g_mu, inv_n, spec
+            )
             g_mu.copy_(gm)
             g_rho.copy_(gr)
             return eps

@@ -49,6 +49,7 @@ __all__ = [
     "failures",
     "native_ready",
     "native_fusable",
+    "native_prior",
     "native_sample_and_kl",
     "gaussian_kl_grads",
     "mc_log_prob_sum",
@@ -443,15 +444,15 @@ class _NativeSampleKL(torch.autograd.Function):
         mu: Tensor,
         rho: Tensor,
         kind: str,
-        loc: float,
-        inv_var: float,
+        prior: tuple[object, ...],
         const: float,
+        used: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         shape = mu.shape
         mf, rf = mu.detach().reshape(-1), rho.detach().reshape(-1)
-        t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, loc, inv_var)
+        t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior)
         ctx.save_for_backward(mf, rf, sigma, eps)
-        ctx.kind, ctx.loc, ctx.inv_var, ctx.shape = kind, loc, inv_var, shape
+        ctx.kind, ctx.prior, ctx.shape, ctx.used = kind, prior, shape, used
         kl_t = mu.new_tensor(kl + const)
         if eps is None:
             return t.view(shape), kl_t, None
@@ -460,14 +461,36 @@ class _NativeSampleKL(torch.autograd.Function):
         return t.view(shape), kl_t, eps_out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # C gradients: no graph for a second order
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g_t: Tensor, g_kl: Tensor, _g_eps: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         mf, rf, sigma, eps = ctx.saved_tensors
+        ctx.used[0] = True  # its saved tensors are freed now: BayesModule.kl() recomputes
         gm, gr = _native.sample_kl_bwd(
-            ctx.kind, mf, rf, sigma, eps, g_t.reshape(-1), float(g_kl), ctx.loc, ctx.inv_var
+            ctx.kind, mf, rf, sigma, eps, g_t.reshape(-1), float(g_kl), ctx.prior
         )
         return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None
+
+
+def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:
+    """The native kernels' description of ``prior`` with ``kl_mode`` and the KL's constant
+    (added to their sum per weight), or None where they have no kernel for it.
+
+    Covered: :class:`~bbb.priors.GaussianPrior` with the closed-form KL, and
+    :class:`~bbb.priors.ScaleMixturePrior` with the Monte Carlo KL while 1 / sigma2^2 stays
+    within float32's range next to 1 / sigma1^2 (sigma2 / sigma1 >= e^-30; beyond it the eager
+    kernels keep the narrow component's score exact).
+    """
+    if kl_mode == "closed_form" and type(prior) is GaussianPrior:
+        s, loc = prior._value("sigma"), prior._value("mean")
+        return ("gaussian", loc, 1.0 / (s * s)), math.log(s) - 0.5
+    if kl_mode == "mc" and type(prior) is ScaleMixturePrior:
+        c1, c2, p1, p2 = prior._constants()
+        if 0.5 * abs(math.log(p2 / p1)) > 30.0 or max(p1, p2) > 1e30:
+            return None
+        return ("mixture", c1, c2, p1, p2), 0.0
+    return None
 
 
 def native_fusable(mu: Tensor) -> bool:
@@ -477,20 +500,34 @@ def native_fusable(mu: Tensor) -> bool:
 
 
 def native_sample_and_kl(
-    kind: str, mu: Tensor, rho: Tensor, prior: GaussianPrior
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    prior: Prior,
+    kl_mode: str = "closed_form",
+    used: list[bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`sample_and_kl` with the noise drawn inside the native kernel.
+    """:func:`sample_and_kl` with the noise drawn inside the native kernel, for the priors and
+    KL modes of :func:`native_prior`.
 
-    Returns ``(t, kl, eps)``: as :func:`sample_and_kl`, plus the standard normal noise of the
-    weight sample (shape W; None for ``"local"``, which draws no weight noise). Requires
-    :func:`native_fusable`.
+    Returns ``(t, kl, eps)``: the estimator's tensor (shape W), the KL in nats (closed form,
+    or the single-sample Monte Carlo estimate at ``w = mu + sigma * eps``) and the standard
+    normal noise drawn (shape W; for ``"local"``, None with the closed form, the KL's own
+    sample with the Monte Carlo KL). ``used``: a one-element list set to True when the node's
+    backward has run (its graph is then freed; the layers recompute their KL after that).
+    Gradients are first-order only (the backward is C code). Requires :func:`native_fusable`.
     """
     if kind not in ESTIMATOR_OUTPUTS:
         raise ValueError(f"unknown kind {kind!r}; accepted values: {', '.join(ESTIMATOR_OUTPUTS)}")
-    s, loc = prior._value("sigma"), prior._value("mean")
-    const = mu.numel() * (math.log(s) - 0.5)
+    spec = native_prior(prior, kl_mode)
+    if spec is None:
+        raise ValueError(
+            f"the native kernels have no {kl_mode!r} KL for {type(prior).__name__} "
+            "(they take GaussianPrior with 'closed_form' and ScaleMixturePrior with 'mc')"
+        )
+    args, const_per_weight = spec
     rho_c = rho if rho.is_contiguous() else rho.contiguous()
     out: tuple[Tensor, Tensor, Tensor | None] = _NativeSampleKL.apply(
-        mu, rho_c, kind, loc, 1.0 / (s * s), const
+        mu, rho_c, kind, args, mu.numel() * const_per_weight, [False] if used is None else used
     )
     return out

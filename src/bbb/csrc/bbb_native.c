@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 5; }
+int bbb_native_abi(void) { return 6; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -223,10 +223,27 @@ void bbb_normal(float *restrict out, int64_t start, int64_t n, uint32_t k0, uint
     }
 }
 
-/* One tile of the fused forward, for a constant kind (inlined and specialised). */
-static inline float fwd_tile(const int kind, const float *restrict mu, const float *restrict rho,
-                             const float *restrict e, float *restrict t_out,
-                             float *restrict s_out, int64_t m, float loc, float half_iv) {
+/* Priors of the fused kernels: PRIOR_GAUSS, N(loc, 1 / inv_var) with the closed-form KL
+ * (a0 = loc, a1 = inv_var); PRIOR_MIX, the scale mixture pi N(0, s1^2) + (1 - pi) N(0, s2^2)
+ * with the single-sample Monte Carlo KL log q(w) - log p(w) at w = mu + sigma eps (a0, a1 =
+ * log(pi_k / s_k / sqrt(2 pi)), a2, a3 = 1 / s_k^2; every kind draws eps: for local it is the
+ * KL's own weight sample, independent of the activations' noise, as in the eager layers). */
+#define PRIOR_GAUSS 0
+#define PRIOR_MIX 1
+#define HALF_LOG_2PI 0.91893853320467274f
+
+/* log(exp(a) + exp(b)) = max + log1p(exp(-|a - b|)), log1p(t) = t Q(t) */
+static inline float logaddexp_f(float a, float b) {
+    float m = a > b ? a : b;
+    float t = exp_f(-fabsf(a - b));
+    return m + t * poly_q(2.0f * t - 1.0f);
+}
+
+/* One tile of the fused forward, for a constant kind and prior (inlined and specialised). */
+static inline float fwd_tile(const int kind, const int prior, const float *restrict mu,
+                             const float *restrict rho, const float *restrict e,
+                             float *restrict t_out, float *restrict s_out, int64_t m, float a0,
+                             float a1, float a2, float a3) {
     float sum = 0.0f;
     int positive = 0;
 #pragma omp simd reduction(+ : sum, positive)
@@ -239,10 +256,18 @@ static inline float fwd_tile(const int kind, const float *restrict mu, const flo
         /* log sigma for r <= 0; for r > 0 (sigma > log 2, rare) added by the loop below */
         float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
         positive += r > 0.0f;
-        float d = mu[j] - loc;
         s_out[j] = s;
-        t_out[j] = kind == 0 ? mu[j] + s * e[j] : (kind == 1 ? s * e[j] : s * s);
-        sum += (s * s + d * d) * half_iv - ls;
+        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : e[j];
+        t_out[j] = kind == 0 ? mu[j] + s * ej : (kind == 1 ? s * ej : s * s);
+        if (prior == PRIOR_GAUSS) {
+            float d = mu[j] - a0;
+            sum += (s * s + d * d) * (0.5f * a1) - ls;
+        } else {
+            float w = mu[j] + s * ej;
+            float w2 = w * w;
+            float lp = logaddexp_f(a0 - 0.5f * a2 * w2, a1 - 0.5f * a3 * w2);
+            sum += (-0.5f * ej * ej - HALF_LOG_2PI - ls) - lp;
+        }
     }
     if (positive) {
         for (int64_t j = 0; j < m; ++j)
@@ -252,15 +277,15 @@ static inline float fwd_tile(const int kind, const float *restrict mu, const flo
 }
 
 /* Fused forward on elements [0, n) (element 0 is element `start` of the noise stream, start
- * a multiple of TILE): writes t, sigma and (kinds 0, 1) eps, and the KL terms' sum of each
- * block of `chunk` elements (a multiple of TILE) into partial[block]. Blocks are shared among
- * `threads` OpenMP threads; the caller adds the partial sums in order, so the result does not
- * depend on the number of threads. */
+ * a multiple of TILE): writes t, sigma and (all kinds but Gaussian local) eps, and the KL
+ * terms' sum of each block of `chunk` elements (a multiple of TILE) into partial[block].
+ * Blocks are shared among `threads` OpenMP threads; the caller adds the partial sums in
+ * order, so the result does not depend on the number of threads. */
 void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, float *restrict t_out,
                        float *restrict eps, float *restrict sigma_out, int64_t start, int64_t n,
-                       int64_t chunk, uint32_t k0, uint32_t k1, float loc, float inv_var, int kind,
-                       double *restrict partial, int threads) {
-    const float half_iv = 0.5f * inv_var;
+                       int64_t chunk, uint32_t k0, uint32_t k1, int prior, float a0, float a1,
+                       float a2, float a3, int kind, double *restrict partial, int threads) {
+    const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
     const int64_t blocks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
@@ -271,7 +296,7 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
             const float *restrict e = tmp;
-            if (kind != 2) {
+            if (noise) {
                 if (m == TILE) {
                     normal_tile((uint64_t)((start + b0) / TILE), k0, k1, eps + b0);
                     e = eps + b0;
@@ -280,22 +305,32 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
                     memcpy(eps + b0, tmp, (size_t)m * sizeof(float));
                 }
             }
+            const float *mb = mu + b0, *rb = rho + b0;
+            float *tb = t_out + b0, *sb = sigma_out + b0;
             float sum;
-            if (kind == 0) sum = fwd_tile(0, mu + b0, rho + b0, e, t_out + b0, sigma_out + b0, m, loc, half_iv);
-            else if (kind == 1) sum = fwd_tile(1, mu + b0, rho + b0, e, t_out + b0, sigma_out + b0, m, loc, half_iv);
-            else sum = fwd_tile(2, mu + b0, rho + b0, e, t_out + b0, sigma_out + b0, m, loc, half_iv);
+#define FWD(K, P) fwd_tile(K, P, mb, rb, e, tb, sb, m, a0, a1, a2, a3)
+            if (prior == PRIOR_GAUSS)
+                sum = kind == 0 ? FWD(0, PRIOR_GAUSS) : (kind == 1 ? FWD(1, PRIOR_GAUSS) : FWD(2, PRIOR_GAUSS));
+            else
+                sum = kind == 0 ? FWD(0, PRIOR_MIX) : (kind == 1 ? FWD(1, PRIOR_MIX) : FWD(2, PRIOR_MIX));
+#undef FWD
             acc += (double)sum;
         }
         partial[c] = acc;
     }
 }
 
-/* One kind of the fused backward (inlined and specialised). */
-static inline void bwd_loop(const int kind, const float *restrict mu, const float *restrict rho,
-                            const float *restrict sigma, const float *restrict eps,
-                            const float *restrict g_t, float g_kl, float *restrict grad_mu,
-                            float *restrict grad_rho, int64_t n, float loc, float inv_var) {
-    const float gi = g_kl * inv_var;
+/* One kind and prior of the fused backward (inlined and specialised). The KL's gradients:
+ * Gaussian closed form: d/dmu = (mu - loc) inv_var, d/dsigma = sigma inv_var - 1/sigma;
+ * mixture MC, with score = -d log p(w)/dw = w (r1 / s1^2 + r2 / s2^2), r the responsibilities
+ * (sigmoids of the components' log-ratio, from one exp): d/dmu = score,
+ * d/dsigma = score eps - 1/sigma. d/drho = d/dsigma sigmoid(rho), d log sigma/drho = 1 below
+ * the switch. */
+static inline void bwd_loop(const int kind, const int prior, const float *restrict mu,
+                            const float *restrict rho, const float *restrict sigma,
+                            const float *restrict eps, const float *restrict g_t, float g_kl,
+                            float *restrict grad_mu, float *restrict grad_rho, int64_t n,
+                            float a0, float a1, float a2, float a3) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
         float r = rho[j];
@@ -306,27 +341,53 @@ static inline void bwd_loop(const int kind, const float *restrict mu, const floa
         float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
         float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
         float sig = s * dlog;
-        float dt = kind == 2 ? 2.0f * s : eps[j];
-        grad_mu[j] = (mu[j] - loc) * gi + (kind == 0 ? g_t[j] : 0.0f);
-        grad_rho[j] = (s * sig) * gi - g_kl * dlog + g_t[j] * dt * sig;
+        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : eps[j];
+        float dt = kind == 2 ? 2.0f * s : ej;
+        float gm, gs; /* the KL's d/dmu and its d/dsigma without the -1/sigma term */
+        if (prior == PRIOR_GAUSS) {
+            gm = (mu[j] - a0) * a1;
+            gs = s * a1;
+        } else {
+            float w = mu[j] + s * ej;
+            float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
+            float t = exp_f(-fabsf(d));
+            float inv = 1.0f / (1.0f + t);
+            float r1 = d >= 0.0f ? inv : t * inv;
+            float r2 = d >= 0.0f ? t * inv : inv;
+            float score = w * (r1 * a2 + r2 * a3);
+            gm = score;
+            gs = score * ej;
+        }
+        grad_mu[j] = gm * g_kl + (kind == 0 ? g_t[j] : 0.0f);
+        grad_rho[j] = (gs * sig) * g_kl - g_kl * dlog + g_t[j] * dt * sig;
     }
 }
 
 /* Fused backward: gradients of g_kl * KL + <g_t, t> w.r.t. mu and rho on n elements (eps is
- * not read for kind 2), in blocks of `chunk` shared among `threads` OpenMP threads. */
+ * not read for the Gaussian prior's local kind), in blocks of `chunk` shared among `threads`
+ * OpenMP threads. */
 void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        const float *restrict sigma, const float *restrict eps,
                        const float *restrict g_t, float g_kl, float *restrict grad_mu,
-                       float *restrict grad_rho, int64_t n, int64_t chunk, float loc,
-                       float inv_var, int kind, int threads) {
+                       float *restrict grad_rho, int64_t n, int64_t chunk, int prior, float a0,
+                       float a1, float a2, float a3, int kind, int threads) {
     const int64_t blocks = (n + chunk - 1) / chunk;
+    const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
         const int64_t a = c * chunk;
         const int64_t m = a + chunk < n ? chunk : n - a;
-        const float *e = kind == 2 ? eps : eps + a;
-        if (kind == 0) bwd_loop(0, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
-        else if (kind == 1) bwd_loop(1, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
-        else bwd_loop(2, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, loc, inv_var);
+        const float *e = noise ? eps + a : eps;
+#define BWD(K, P) bwd_loop(K, P, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, a0, a1, a2, a3)
+        if (prior == PRIOR_GAUSS) {
+            if (kind == 0) BWD(0, PRIOR_GAUSS);
+            else if (kind == 1) BWD(1, PRIOR_GAUSS);
+            else BWD(2, PRIOR_GAUSS);
+        } else {
+            if (kind == 0) BWD(0, PRIOR_MIX);
+            else if (kind == 1) BWD(1, PRIOR_MIX);
+            else BWD(2, PRIOR_MIX);
+        }
+#undef BWD
     }
 }

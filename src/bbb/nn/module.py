@@ -151,6 +151,9 @@ class _Record:
     # the estimator's tensor (bbb.kernels.sample_and_kl, kernels backend "compile")
     kl_w: Tensor | None = None
     kl_b: Tensor | None = None  # the bias's, likewise (native kernels)
+    kl_mode: str | None = None  # the KL mode kl_w and kl_b were computed with
+    # native nodes: [True] once their backward has run (kl_w's graph is freed; kl() recomputes)
+    kl_used: list[bool] | None = None
 
 
 class BayesModule(nn.Module):
@@ -425,20 +428,25 @@ class BayesModule(nn.Module):
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b)
 
     def _fusable(self, mode: str, num_samples: int) -> bool:
-        """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels) or
-        :func:`bbb.kernels.native_sample_and_kl` (native kernels, float32 on CPU): closed-form
-        KL to a Gaussian prior, no pruning mask, one weight sample per pass."""
+        """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels:
+        closed-form KL to a Gaussian prior) or :func:`bbb.kernels.native_sample_and_kl`
+        (native kernels, float32 on CPU: that, or the Monte Carlo KL to the scale mixture):
+        no pruning mask, one weight sample per pass (any number for local, whose KL draws
+        its own sample)."""
         backend = _kernels.get_kernels()
+        if backend == "compile":
+            prior_ok = self.kl_mode == "closed_form" and type(self.prior) is GaussianPrior
+        elif backend == "native":
+            prior_ok = _kernels.native_prior(
+                self.prior, self.kl_mode
+            ) is not None and _kernels.native_fusable(self.weight_mu)
+        else:
+            return False
         return (
-            (
-                backend == "compile"
-                or (backend == "native" and _kernels.native_fusable(self.weight_mu))
-            )
+            prior_ok
             # under no_grad the fused node would leave a KL without a graph for a later kl()
             and torch.is_grad_enabled()
             and mode == "sample"
-            and self.kl_mode == "closed_form"
-            and type(self.prior) is GaussianPrior
             and self.weight_mask is None
             and (num_samples == 1 or self.estimator == "local")
             # float16/bfloat16: the KL is summed in float32 by bbb.kl (the fused kernel sums
@@ -459,7 +467,9 @@ class BayesModule(nn.Module):
             var, kl_w = _kernels.sample_and_kl(
                 "local", self.weight_mu, self.weight_rho, None, self.prior
             )
-            self._record = _Record(sigma_b=s_b, param_versions=versions, kl_w=kl_w)
+            self._record = _Record(
+                sigma_b=s_b, param_versions=versions, kl_w=kl_w, kl_mode="closed_form"
+            )
             return est.local(self, x, post, w_var=var)
         noise = self._noise(num_samples, self.weight_mu)
         assert noise.eps_w is not None
@@ -470,41 +480,51 @@ class BayesModule(nn.Module):
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
             self._record = _Record(
-                noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, param_versions=versions, kl_w=kl_w
-            )
+                noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, param_versions=versions, kl_w=kl_w,
+                kl_mode="closed_form",
+            )  # fmt: skip
             return y
         self._record = _Record(
-            noise.eps_w, noise.eps_b, sigma_b=s_b, param_versions=versions, kl_w=kl_w
-        )
+            noise.eps_w, noise.eps_b, sigma_b=s_b, param_versions=versions, kl_w=kl_w,
+            kl_mode="closed_form",
+        )  # fmt: skip
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
 
     def _forward_native(self, x: Tensor) -> Tensor:
         """:meth:`_forward_fused` with the native kernels (one weight sample): the weight's and
         the bias's estimator tensors, noise and KL each from one native node."""
         versions = self._param_versions()
-        assert isinstance(self.prior, GaussianPrior)
-        kind = self.estimator
+        kind, mode = self.estimator, self.kl_mode
+        used = [False]  # set by the nodes' backward: kl() then recomputes (graph freed)
         t, kl_w, eps_w = _kernels.native_sample_and_kl(
-            kind, self.weight_mu, self.weight_rho, self.prior
+            kind, self.weight_mu, self.weight_rho, self.prior, mode, used
         )
         tb = kl_b = eps_b = None
         if self.bias_mu is not None and self.bias_rho is not None:
             tb, kl_b, eps_b = _kernels.native_sample_and_kl(
-                kind, self.bias_mu, self.bias_rho, self.prior
+                kind, self.bias_mu, self.bias_rho, self.prior, mode, used
             )
         # the sigmas are not read by the estimators when their tensors are given (placeholders)
         post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, self.bias_mu)
         if kind == "local":
-            self._record = _Record(param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+            # (with the Monte Carlo KL, eps_w is the KL's own sample: not the layer's noise)
+            self._record = _Record(
+                param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode, kl_used=used
+            )
             return est.local(self, x, post, w_var=t, b_var=tb)
         assert eps_w is not None
         ew = eps_w.unsqueeze(0)
         eb = None if eps_b is None else eps_b.unsqueeze(0)
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, ew, eb, w1=t, b1=tb)
-            self._record = _Record(ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+            self._record = _Record(
+                ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode,
+                kl_used=used,
+            )  # fmt: skip
             return y
-        self._record = _Record(ew, eb, param_versions=versions, kl_w=kl_w, kl_b=kl_b)
+        self._record = _Record(
+            ew, eb, param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode, kl_used=used
+        )
         return est.flipout(self, x, post, ew, eb, dw1=t, db1=tb)
 
     # ----------------------------------------------------------------- KL
@@ -528,13 +548,15 @@ class BayesModule(nn.Module):
         sigmas = self._cached_sigmas()
         record = self._record
         if (
-            self.kl_mode == "closed_form"
-            and record is not None
+            record is not None
             and record.kl_w is not None
+            and record.kl_mode == self.kl_mode
+            and not (record.kl_used is not None and record.kl_used[0])
             and mask is None
             and record.param_versions == self._param_versions()
         ):
-            # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl)
+            # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl, or
+            # native_sample_and_kl: closed form, or the Monte Carlo KL at the pass's sample)
             total = record.kl_w
             if record.kl_b is not None:  # the bias's too (native kernels)
                 total = total + record.kl_b
