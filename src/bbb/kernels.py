@@ -17,8 +17,9 @@ Backends (a process-wide setting, :func:`set_kernels`; ``bbb train --kernels com
 - ``"native"``: a small C library (:mod:`bbb._native`, built once with the system C compiler,
   under a second, and cached) draws the weight noise (Threefry-2x32-20 counters and the
   Box-Muller transform, vectorized: 2-5x faster than ``torch.randn`` on CPU) for every Bayesian
-  layer on float32 CPU tensors, and for the closed-form Gaussian-prior KL computes the weight
-  sample, softplus and KL in one pass and both gradients in one more. The noise has the same
+  layer on float32 CPU tensors, and for the closed-form Gaussian-prior KL or the scale
+  mixture's Monte Carlo KL computes the weight sample, softplus and KL in one pass and both
+  gradients in one more (:func:`native_prior`; first-order gradients only). The noise has the same
   distribution as ``torch.randn``'s (i.i.d. N(0, 1)) and is a function of ``torch.manual_seed``,
   but not the same numbers. Where the library cannot be built (no C compiler), one warning says
   why and the eager kernels are used.
