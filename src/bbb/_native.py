@@ -56,7 +56,7 @@ KINDS = {"reparam": 0, "flipout": 1, "local": 2}
 #: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
 #: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
 PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
-_ABI = 6
+_ABI = 7
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()
@@ -153,15 +153,15 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_normal.restype = None
     lib.bbb_threefry2x32.argtypes = [u32, u32, u32, u32, vp]
     lib.bbb_threefry2x32.restype = None
-    # fwd: mu, rho, t, eps, sigma, start, n, chunk, k0, k1, prior, a0..a3, kind, partial,
-    # threads
-    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 3 + [u32] * 2 + [c_int] + [f32] * 4
-    lib.bbb_sample_kl_fwd.argtypes += [c_int, vp, c_int]
+    # fwd: mu, rho, t, eps, sigma, start, stride, n, chunk, k0, k1, prior, a0..a3, kind,
+    # samples, partial, threads
+    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 4 + [u32] * 2 + [c_int] + [f32] * 4
+    lib.bbb_sample_kl_fwd.argtypes += [c_int, c_int, vp, c_int]
     lib.bbb_sample_kl_fwd.restype = None
     # bwd: mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, chunk, prior, a0..a3, kind,
-    # threads
+    # samples, threads
     lib.bbb_sample_kl_bwd.argtypes = [vp] * 5 + [f32, vp, vp, i64, i64, c_int] + [f32] * 4
-    lib.bbb_sample_kl_bwd.argtypes += [c_int, c_int]
+    lib.bbb_sample_kl_bwd.argtypes += [c_int, c_int, c_int]
     lib.bbb_sample_kl_bwd.restype = None
 
 
@@ -264,34 +264,42 @@ def _prior(prior: tuple[object, ...]) -> tuple[int, list[float], bool]:
 
 
 def sample_kl_fwd(
-    kind: str, mu: Tensor, rho: Tensor, prior: tuple[object, ...]
+    kind: str, mu: Tensor, rho: Tensor, prior: tuple[object, ...], samples: int = 1
 ) -> tuple[Tensor, float, Tensor, Tensor | None]:
-    """``(t, sum of KL terms, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho``.
+    """``(t, KL sum, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho`` (n elements).
 
-    t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout) or ``sigma^2`` (local). The sum
-    (float64 partial sums, added in a fixed order) is over, per weight: for ``("gaussian",
-    loc, inv_var)``, ``(sigma^2 + (mu - loc)^2) inv_var / 2 - log sigma`` (the closed form
-    without its constant); for ``("mixture", c1, c2, p1, p2)``, ``log q(w) - log p(w)`` at
-    ``w = mu + sigma eps`` (the Monte Carlo estimate). eps: the noise drawn (None for the
-    Gaussian prior's local kind, which needs none; for the mixture's local kind it is the KL's
-    own sample).
+    t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout), one row per weight sample
+    (shape (samples, n), or (n) for one sample), or ``sigma^2`` (local, (n)). The KL (float64
+    partial sums, added in a fixed order) is, per weight: for ``("gaussian", loc, inv_var)``,
+    ``(sigma^2 + (mu - loc)^2) inv_var / 2 - log sigma`` (the closed form without its
+    constant); for ``("mixture", c1, c2, p1, p2)``, ``log q(w) - log p(w)`` at
+    ``w = mu + sigma eps`` averaged over the samples (the Monte Carlo estimate). eps: the
+    noise drawn, shaped like t (None for the Gaussian prior's local kind, which needs none;
+    for the mixture's local kind, one sample: the KL's own).
     """
     lib = load()
     assert lib is not None
     _check(mu=mu, rho=rho)
     code = KINDS[kind]
     pcode, consts, always_noise = _prior(prior)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"bbb native kernels: samples must be a positive integer, got {samples!r}")
+    if code == 2:
+        samples = 1  # local: one variance; the mixture's KL sample is one weight sample
     n = mu.numel()
-    t, sigma = torch.empty_like(mu), torch.empty_like(mu)
+    rows = (samples, n) if samples > 1 else (n,)
+    t = torch.empty(n if code == 2 else rows, dtype=mu.dtype)
+    sigma = torch.empty_like(mu)
     noise = always_noise or code != 2
-    eps = torch.empty_like(mu) if noise else None
+    eps = torch.empty(rows, dtype=mu.dtype) if noise else None
     partial = torch.zeros(max(1, -(-n // _CHUNK)), dtype=torch.float64)
     k0, k1 = _key() if noise else (0, 0)
+    stride = -(-n // _TILE) * _TILE  # sample q's noise starts at q * stride in the stream
     lib.bbb_sample_kl_fwd(
         mu.data_ptr(), rho.data_ptr(), t.data_ptr(),
         eps.data_ptr() if eps is not None else t.data_ptr(),  # not written without noise
-        sigma.data_ptr(), 0, n, _CHUNK, k0, k1, pcode, *consts, code, partial.data_ptr(),
-        _threads(),
+        sigma.data_ptr(), 0, stride, n, _CHUNK, k0, k1, pcode, *consts, code, samples,
+        partial.data_ptr(), _threads(),
     )  # fmt: skip
     return t, float(partial.sum().item()), sigma, eps
 
@@ -306,22 +314,30 @@ def sample_kl_bwd(
     g_kl: float,
     prior: tuple[object, ...],
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``g_kl * KL + <g_t, t>`` w.r.t. mu and rho (flat float32 tensors); ``eps``
-    and ``prior`` as returned by and given to :func:`sample_kl_fwd`."""
+    """Gradients of ``g_kl * KL + sum <g_t, t>`` w.r.t. mu and rho (flat float32 tensors of n
+    elements); ``eps`` and ``prior`` as :func:`sample_kl_fwd` returned and took, ``g_t``
+    shaped like its t."""
     lib = load()
     assert lib is not None
     g_t = g_t.contiguous()
-    _check(mu=mu, rho=rho, sigma=sigma, eps=eps, g_t=g_t)
+    _check(mu=mu, rho=rho, sigma=sigma)
+    n = mu.numel()
     code = KINDS[kind]
     pcode, consts, always_noise = _prior(prior)
     if eps is None and (always_noise or code != 2):
         raise ValueError(f"bbb native kernels: eps is required for kind {kind!r}, prior {prior!r}")
-    n = mu.numel()
+    _check(g_t=g_t, eps=eps)  # each like the forward's t (eps: one row for local)
+    samples = g_t.numel() // n if n else 1
+    if n and (g_t.numel() != samples * n or (code == 2 and samples != 1)):
+        raise ValueError(
+            f"bbb native kernels: g_t has {g_t.numel()} elements, expected "
+            f"{'n' if code == 2 else 'samples x n'} with n = {n}"
+        )
     grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
     lib.bbb_sample_kl_bwd(
         mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
         eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read without noise
         g_t.data_ptr(), g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, pcode,
-        *consts, code, _threads(),
+        *consts, code, samples, _threads(),
     )  # fmt: skip
     return grad_mu, grad_rho

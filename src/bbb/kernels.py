@@ -408,7 +408,7 @@ class _SampleKL(torch.autograd.Function):
         else:
             with_mu = ctx.kind == "reparam"
             gm, gr = _K_BWD_EPS(mf, rf, sigma, ef, gt, g_kl, with_mu, ctx.loc, ctx.inv_var)
-        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None
+        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None, None
 
 
 def sample_and_kl(
@@ -448,18 +448,20 @@ class _NativeSampleKL(torch.autograd.Function):
         prior: tuple[object, ...],
         const: float,
         used: list[bool],
+        samples: int,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         shape = mu.shape
         mf, rf = mu.detach().reshape(-1), rho.detach().reshape(-1)
-        t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior)
+        t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior, samples)
         ctx.save_for_backward(mf, rf, sigma, eps)
         ctx.kind, ctx.prior, ctx.shape, ctx.used = kind, prior, shape, used
         kl_t = mu.new_tensor(kl + const)
+        lead = (t.shape[0],) if t.dim() == 2 else ()  # several weight samples: (S, *W)
         if eps is None:
-            return t.view(shape), kl_t, None
-        eps_out = eps.view(shape)
+            return t.view(*lead, *shape), kl_t, None
+        eps_out = eps.view(*((eps.shape[0],) if eps.dim() == 2 else ()), *shape)
         ctx.mark_non_differentiable(eps_out)
-        return t.view(shape), kl_t, eps_out
+        return t.view(*lead, *shape), kl_t, eps_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # C gradients: no graph for a second order
@@ -471,7 +473,7 @@ class _NativeSampleKL(torch.autograd.Function):
         gm, gr = _native.sample_kl_bwd(
             ctx.kind, mf, rf, sigma, eps, g_t.reshape(-1), float(g_kl), ctx.prior
         )
-        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None
+        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None
 
 
 def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:
@@ -507,6 +509,7 @@ def native_sample_and_kl(
     prior: Prior,
     kl_mode: str = "closed_form",
     used: list[bool] | None = None,
+    samples: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`sample_and_kl` with the noise drawn inside the native kernel, for the priors and
     KL modes of :func:`native_prior`.
@@ -514,7 +517,9 @@ def native_sample_and_kl(
     Returns ``(t, kl, eps)``: the estimator's tensor (shape W), the KL in nats (closed form,
     or the single-sample Monte Carlo estimate at ``w = mu + sigma * eps``) and the standard
     normal noise drawn (shape W; for ``"local"``, None with the closed form, the KL's own
-    sample with the Monte Carlo KL). ``used``: a one-element list set to True when the node's
+    sample with the Monte Carlo KL). ``samples`` > 1 (reparam, flipout): t and eps get a
+    leading dimension of that many weight samples, and a Monte Carlo KL is their average
+    (local ignores it). ``used``: a one-element list set to True when the node's
     backward has run (its graph is then freed; the layers recompute their KL after that).
     Gradients are first-order only (the backward is C code). Requires :func:`native_fusable`.
     """
@@ -529,6 +534,7 @@ def native_sample_and_kl(
     args, const_per_weight = spec
     rho_c = rho if rho.is_contiguous() else rho.contiguous()
     out: tuple[Tensor, Tensor, Tensor | None] = _NativeSampleKL.apply(
-        mu, rho_c, kind, args, mu.numel() * const_per_weight, [False] if used is None else used
-    )
+        mu, rho_c, kind, args, mu.numel() * const_per_weight,
+        [False] if used is None else used, samples,
+    )  # fmt: skip
     return out

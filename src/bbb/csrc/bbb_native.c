@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 6; }
+int bbb_native_abi(void) { return 7; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -239,11 +239,11 @@ static inline float logaddexp_f(float a, float b) {
     return m + t * poly_q(2.0f * t - 1.0f);
 }
 
-/* One tile of the fused forward, for a constant kind and prior (inlined and specialised). */
-static inline float fwd_tile(const int kind, const int prior, const float *restrict mu,
-                             const float *restrict rho, const float *restrict e,
-                             float *restrict t_out, float *restrict s_out, int64_t m, float a0,
-                             float a1, float a2, float a3) {
+/* The sample-independent part of one tile: sigma (stored) and, summed, the Gaussian closed
+ * form's terms or the Monte Carlo KL's -log sigma - log(2 pi)/2 (log q without eps). */
+static inline float sigma_tile(const int prior, const float *restrict mu,
+                               const float *restrict rho, float *restrict s_out, int64_t m,
+                               float a0, float a1) {
     float sum = 0.0f;
     int positive = 0;
 #pragma omp simd reduction(+ : sum, positive)
@@ -257,16 +257,11 @@ static inline float fwd_tile(const int kind, const int prior, const float *restr
         float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
         positive += r > 0.0f;
         s_out[j] = s;
-        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : e[j];
-        t_out[j] = kind == 0 ? mu[j] + s * ej : (kind == 1 ? s * ej : s * s);
         if (prior == PRIOR_GAUSS) {
             float d = mu[j] - a0;
             sum += (s * s + d * d) * (0.5f * a1) - ls;
         } else {
-            float w = mu[j] + s * ej;
-            float w2 = w * w;
-            float lp = logaddexp_f(a0 - 0.5f * a2 * w2, a1 - 0.5f * a3 * w2);
-            sum += (-0.5f * ej * ej - HALF_LOG_2PI - ls) - lp;
+            sum += -ls - HALF_LOG_2PI;
         }
     }
     if (positive) {
@@ -276,63 +271,108 @@ static inline float fwd_tile(const int kind, const int prior, const float *restr
     return sum;
 }
 
-/* Fused forward on elements [0, n) (element 0 is element `start` of the noise stream, start
- * a multiple of TILE): writes t, sigma and (all kinds but Gaussian local) eps, and the KL
- * terms' sum of each block of `chunk` elements (a multiple of TILE) into partial[block].
- * Blocks are shared among `threads` OpenMP threads; the caller adds the partial sums in
- * order, so the result does not depend on the number of threads. */
+/* One weight sample of one tile: the estimator's tensor (kinds 0, 1) and, for the mixture,
+ * the sum of -eps^2/2 - log p(w) at w = mu + sigma eps (the sample's part of the MC KL). */
+static inline float sample_tile(const int kind, const int prior, const float *restrict mu,
+                                const float *restrict s_in, const float *restrict e,
+                                float *restrict t_out, int64_t m, float a0, float a1, float a2,
+                                float a3) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < m; ++j) {
+        float s = s_in[j];
+        float ej = e[j];
+        if (kind == 0) t_out[j] = mu[j] + s * ej;
+        else if (kind == 1) t_out[j] = s * ej;
+        if (prior == PRIOR_MIX) {
+            float w = mu[j] + s * ej;
+            float w2 = w * w;
+            sum += -0.5f * ej * ej - logaddexp_f(a0 - 0.5f * a2 * w2, a1 - 0.5f * a3 * w2);
+        }
+    }
+    return sum;
+}
+
+/* Fused forward on elements [0, n) for `samples` weight samples (kinds 0, 1; 1 for kind 2):
+ * writes sigma (n), t ((samples, n) for kinds 0 and 1, the variance (n) for kind 2) and, where
+ * noise is drawn (all but the Gaussian prior's kind 2), eps (samples, n); sample q, element e
+ * uses element start + q * stride + e of the noise stream (start and stride multiples of
+ * TILE). The KL (closed form; or the Monte Carlo estimate averaged over the samples) is summed
+ * per block of `chunk` elements (a multiple of TILE) into partial[block]. Blocks are shared
+ * among `threads` OpenMP threads; the caller adds the partial sums in order, so the result
+ * does not depend on the number of threads. */
 void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, float *restrict t_out,
-                       float *restrict eps, float *restrict sigma_out, int64_t start, int64_t n,
-                       int64_t chunk, uint32_t k0, uint32_t k1, int prior, float a0, float a1,
-                       float a2, float a3, int kind, double *restrict partial, int threads) {
+                       float *restrict eps, float *restrict sigma_out, int64_t start,
+                       int64_t stride, int64_t n, int64_t chunk, uint32_t k0, uint32_t k1,
+                       int prior, float a0, float a1, float a2, float a3, int kind, int samples,
+                       double *restrict partial, int threads) {
     const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
     const int64_t blocks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
+    const float inv_s = 1.0f / (float)samples;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * samples >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
         float tmp[TILE] __attribute__((aligned(64)));
         const int64_t c0 = c * chunk;
         const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
         double acc = 0.0;
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
-            int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
-            const float *restrict e = tmp;
-            if (noise) {
-                if (m == TILE) {
-                    normal_tile((uint64_t)((start + b0) / TILE), k0, k1, eps + b0);
-                    e = eps + b0;
-                } else {
-                    normal_tile((uint64_t)((start + b0) / TILE), k0, k1, tmp);
-                    memcpy(eps + b0, tmp, (size_t)m * sizeof(float));
-                }
+            const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
+            const float *mb = mu + b0;
+            float *sb = sigma_out + b0;
+            acc += (double)(prior == PRIOR_GAUSS ? sigma_tile(PRIOR_GAUSS, mb, rho + b0, sb, m, a0, a1)
+                                                 : sigma_tile(PRIOR_MIX, mb, rho + b0, sb, m, a0, a1));
+            if (kind == 2) {
+                float *tb = t_out + b0;
+#pragma omp simd
+                for (int64_t j = 0; j < m; ++j) tb[j] = sb[j] * sb[j];
             }
-            const float *mb = mu + b0, *rb = rho + b0;
-            float *tb = t_out + b0, *sb = sigma_out + b0;
-            float sum;
-#define FWD(K, P) fwd_tile(K, P, mb, rb, e, tb, sb, m, a0, a1, a2, a3)
-            if (prior == PRIOR_GAUSS)
-                sum = kind == 0 ? FWD(0, PRIOR_GAUSS) : (kind == 1 ? FWD(1, PRIOR_GAUSS) : FWD(2, PRIOR_GAUSS));
-            else
-                sum = kind == 0 ? FWD(0, PRIOR_MIX) : (kind == 1 ? FWD(1, PRIOR_MIX) : FWD(2, PRIOR_MIX));
-#undef FWD
-            acc += (double)sum;
+            if (!noise) continue;
+            float part = 0.0f;
+            for (int q = 0; q < samples; ++q) {
+                float *eq = eps + (int64_t)q * n + b0;
+                const float *e = eq;
+                const uint64_t tile = (uint64_t)((start + (int64_t)q * stride + b0) / TILE);
+                if (m == TILE) {
+                    normal_tile(tile, k0, k1, eq);
+                } else {
+                    normal_tile(tile, k0, k1, tmp);
+                    memcpy(eq, tmp, (size_t)m * sizeof(float));
+                    e = tmp;
+                }
+                float *tq = t_out + (int64_t)q * n + b0;
+#define SMP(K, P) sample_tile(K, P, mb, sb, e, tq, m, a0, a1, a2, a3)
+                if (prior == PRIOR_GAUSS)
+                    part += kind == 0 ? SMP(0, PRIOR_GAUSS) : SMP(1, PRIOR_GAUSS);
+                else
+                    part += kind == 0 ? SMP(0, PRIOR_MIX) : (kind == 1 ? SMP(1, PRIOR_MIX) : SMP(2, PRIOR_MIX));
+#undef SMP
+            }
+            acc += (double)(part * inv_s);
         }
         partial[c] = acc;
     }
 }
 
-/* One kind and prior of the fused backward (inlined and specialised). The KL's gradients:
- * Gaussian closed form: d/dmu = (mu - loc) inv_var, d/dsigma = sigma inv_var - 1/sigma;
- * mixture MC, with score = -d log p(w)/dw = w (r1 / s1^2 + r2 / s2^2), r the responsibilities
- * (sigmoids of the components' log-ratio, from one exp): d/dmu = score,
- * d/dsigma = score eps - 1/sigma. d/drho = d/dsigma sigmoid(rho), d log sigma/drho = 1 below
- * the switch. */
-static inline void bwd_loop(const int kind, const int prior, const float *restrict mu,
+/* The fused backward of one tile, for a constant kind and prior: gradients of
+ * g_kl * KL + sum_q <g_t[q], t[q]> w.r.t. mu and rho. The KL's gradients: Gaussian closed
+ * form, d/dmu = (mu - loc) inv_var, d/dsigma = sigma inv_var - 1/sigma; mixture MC (averaged
+ * over the samples), with score = -d log p(w)/dw = w (r1 / s1^2 + r2 / s2^2), r the
+ * responsibilities (sigmoids of the components' log-ratio, from one exp): d/dmu = mean score,
+ * d/dsigma = mean(score eps) - 1/sigma. d/drho = d/dsigma sigmoid(rho), with
+ * d log sigma/drho = 1 below the switch. */
+static inline void bwd_tile(const int kind, const int prior, const float *restrict mu,
                             const float *restrict rho, const float *restrict sigma,
                             const float *restrict eps, const float *restrict g_t, float g_kl,
-                            float *restrict grad_mu, float *restrict grad_rho, int64_t n,
-                            float a0, float a1, float a2, float a3) {
+                            float *restrict grad_mu, float *restrict grad_rho, int64_t m,
+                            int64_t n, int samples, float a0, float a1, float a2, float a3) {
+    float SIG[TILE] __attribute__((aligned(64)));
+    float DLOG[TILE] __attribute__((aligned(64)));
+    float AM[TILE] __attribute__((aligned(64)));  /* sum_q score (mixture) */
+    float AS[TILE] __attribute__((aligned(64)));  /* sum_q score eps (mixture) */
+    float GT[TILE] __attribute__((aligned(64)));  /* sum_q g_t */
+    float GTE[TILE] __attribute__((aligned(64))); /* sum_q g_t dt/dsigma */
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
         float s = sigma[j];
         /* one division: d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)),
@@ -340,54 +380,77 @@ static inline void bwd_loop(const int kind, const int prior, const float *restri
          * sigmoid(rho) = sigma (both e^rho to float precision) */
         float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
         float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
-        float sig = s * dlog;
-        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : eps[j];
-        float dt = kind == 2 ? 2.0f * s : ej;
-        float gm, gs; /* the KL's d/dmu and its d/dsigma without the -1/sigma term */
-        if (prior == PRIOR_GAUSS) {
-            gm = (mu[j] - a0) * a1;
-            gs = s * a1;
-        } else {
-            float w = mu[j] + s * ej;
-            float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
-            float t = exp_f(-fabsf(d));
-            float inv = 1.0f / (1.0f + t);
-            float r1 = d >= 0.0f ? inv : t * inv;
-            float r2 = d >= 0.0f ? t * inv : inv;
-            float score = w * (r1 * a2 + r2 * a3);
-            gm = score;
-            gs = score * ej;
+        DLOG[j] = dlog;
+        SIG[j] = s * dlog;
+        AM[j] = AS[j] = GT[j] = GTE[j] = 0.0f;
+    }
+    const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
+    const int gsamples = kind == 2 ? 1 : samples; /* g_t rows */
+    const int esamples = noise ? samples : 0;       /* eps rows */
+    const int rows = gsamples > esamples ? gsamples : esamples;
+    for (int q = 0; q < rows; ++q) {
+        const float *restrict eq = eps + (int64_t)q * n;
+        const float *restrict gq = g_t + (int64_t)q * n;
+        const int has_g = q < gsamples, has_e = q < esamples;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+            float s = sigma[j];
+            float ej = has_e ? eq[j] : 0.0f;
+            if (has_g) {
+                float g = gq[j];
+                GT[j] += g;
+                GTE[j] += g * (kind == 2 ? 2.0f * s : ej);
+            }
+            if (prior == PRIOR_MIX && has_e) {
+                float w = mu[j] + s * ej;
+                float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
+                float t = exp_f(-fabsf(d));
+                float inv = 1.0f / (1.0f + t);
+                float r1 = d >= 0.0f ? inv : t * inv;
+                float r2 = d >= 0.0f ? t * inv : inv;
+                float score = w * (r1 * a2 + r2 * a3);
+                AM[j] += score;
+                AS[j] += score * ej;
+            }
         }
-        grad_mu[j] = gm * g_kl + (kind == 0 ? g_t[j] : 0.0f);
-        grad_rho[j] = (gs * sig) * g_kl - g_kl * dlog + g_t[j] * dt * sig;
+    }
+    const float inv_s = 1.0f / (float)samples;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+        float s = sigma[j];
+        float gm = prior == PRIOR_GAUSS ? (mu[j] - a0) * a1 : AM[j] * inv_s;
+        float gs = prior == PRIOR_GAUSS ? s * a1 : AS[j] * inv_s;
+        grad_mu[j] = gm * g_kl + (kind == 0 ? GT[j] : 0.0f);
+        grad_rho[j] = (gs * SIG[j]) * g_kl - g_kl * DLOG[j] + GTE[j] * SIG[j];
     }
 }
 
-/* Fused backward: gradients of g_kl * KL + <g_t, t> w.r.t. mu and rho on n elements (eps is
- * not read for the Gaussian prior's local kind), in blocks of `chunk` shared among `threads`
- * OpenMP threads. */
+/* Fused backward on n elements: g_t is (samples, n) for kinds 0 and 1, (n) for kind 2; eps as
+ * the forward wrote it (not read for the Gaussian prior's kind 2). Blocks of `chunk` are
+ * shared among `threads` OpenMP threads. */
 void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        const float *restrict sigma, const float *restrict eps,
                        const float *restrict g_t, float g_kl, float *restrict grad_mu,
                        float *restrict grad_rho, int64_t n, int64_t chunk, int prior, float a0,
-                       float a1, float a2, float a3, int kind, int threads) {
+                       float a1, float a2, float a3, int kind, int samples, int threads) {
     const int64_t blocks = (n + chunk - 1) / chunk;
-    const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
-#pragma omp parallel for schedule(static) num_threads(threads) if (n >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * samples >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
-        const int64_t a = c * chunk;
-        const int64_t m = a + chunk < n ? chunk : n - a;
-        const float *e = noise ? eps + a : eps;
-#define BWD(K, P) bwd_loop(K, P, mu + a, rho + a, sigma + a, e, g_t + a, g_kl, grad_mu + a, grad_rho + a, m, a0, a1, a2, a3)
-        if (prior == PRIOR_GAUSS) {
-            if (kind == 0) BWD(0, PRIOR_GAUSS);
-            else if (kind == 1) BWD(1, PRIOR_GAUSS);
-            else BWD(2, PRIOR_GAUSS);
-        } else {
-            if (kind == 0) BWD(0, PRIOR_MIX);
-            else if (kind == 1) BWD(1, PRIOR_MIX);
-            else BWD(2, PRIOR_MIX);
-        }
+        const int64_t c0 = c * chunk;
+        const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+        for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
+            const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
+#define BWD(K, P) bwd_tile(K, P, mu + b0, rho + b0, sigma + b0, eps + b0, g_t + b0, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
+            if (prior == PRIOR_GAUSS) {
+                if (kind == 0) BWD(0, PRIOR_GAUSS);
+                else if (kind == 1) BWD(1, PRIOR_GAUSS);
+                else BWD(2, PRIOR_GAUSS);
+            } else {
+                if (kind == 0) BWD(0, PRIOR_MIX);
+                else if (kind == 1) BWD(1, PRIOR_MIX);
+                else BWD(2, PRIOR_MIX);
+            }
 #undef BWD
+        }
     }
 }

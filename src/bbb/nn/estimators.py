@@ -84,9 +84,12 @@ def reparam(
     (S, O), kept for a Monte Carlo KL from the same sample. ``w1``: the weight sample
     ``mu + sigma * eps_w[0]`` already built (S = 1; :func:`bbb.kernels.sample_and_kl`), in
     which case ``post.w_sigma`` is not used; ``b1`` likewise for the bias (``post.b_sigma``
-    then not used).
+    then not used). ``w1`` and ``b1`` shaped like ``eps_w`` and ``eps_b`` are all S samples.
     """
     num_samples = eps_w.shape[0]
+    if w1 is not None and w1.dim() == eps_w.dim():
+        # several samples already built, (S, *W) and (S, O) (bbb.kernels.native_sample_and_kl)
+        return ops.op_batched(x, w1, b1, num_samples), w1, b1
     if num_samples == 1 or w1 is not None:
         # One sample: build the W-shaped weight from eps_w[0] (the noise needs no gradient) and
         # hand the (1, *W) view back. Broadcasting mu (W) against eps (1, *W) and selecting
@@ -165,6 +168,7 @@ def flipout(
     # One sample: a W-shaped perturbation given to the plain op (selecting from a (1, *W)
     # tensor costs a zero-filled weight-sized gradient in the backward; see reparam).
     one = num_samples == 1
+    # dw1 / db1: W-shaped (one sample) or (S, *W) / (S, O) (bbb.kernels.native_sample_and_kl)
     dw = dw1 if dw1 is not None else post.w_sigma * (eps_w[0] if one else eps_w)
     db = db1
     if db is None and post.b_sigma is not None and eps_b is not None:

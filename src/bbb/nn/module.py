@@ -431,24 +431,26 @@ class BayesModule(nn.Module):
         """Whether the forward can use :func:`bbb.kernels.sample_and_kl` (compiled kernels:
         closed-form KL to a Gaussian prior) or :func:`bbb.kernels.native_sample_and_kl`
         (native kernels, float32 on CPU: that, or the Monte Carlo KL to the scale mixture):
-        no pruning mask, one weight sample per pass (any number for local, whose KL draws
-        its own sample)."""
+        no pruning mask; compiled kernels take one weight sample per pass (any number for
+        local), native kernels any number."""
         backend = _kernels.get_kernels()
         if backend == "compile":
-            prior_ok = self.kl_mode == "closed_form" and type(self.prior) is GaussianPrior
-        elif backend == "native":
-            prior_ok = _kernels.native_prior(
-                self.prior, self.kl_mode
-            ) is not None and _kernels.native_fusable(self.weight_mu)
+            ok = (
+                self.kl_mode == "closed_form"
+                and type(self.prior) is GaussianPrior
+                and (num_samples == 1 or self.estimator == "local")
+            )
+        elif backend == "native":  # any number of weight samples
+            ok = _kernels.native_prior(self.prior, self.kl_mode) is not None
+            ok = ok and _kernels.native_fusable(self.weight_mu)
         else:
             return False
         return (
-            prior_ok
+            ok
             # under no_grad the fused node would leave a KL without a graph for a later kl()
             and torch.is_grad_enabled()
             and mode == "sample"
             and self.weight_mask is None
-            and (num_samples == 1 or self.estimator == "local")
             # float16/bfloat16: the KL is summed in float32 by bbb.kl (the fused kernel sums
             # in the parameters' dtype, which overflows)
             and self.weight_mu.dtype not in _kl.LOW_PRECISION_DTYPES
@@ -457,7 +459,7 @@ class BayesModule(nn.Module):
     def _forward_fused(self, x: Tensor, num_samples: int) -> Tensor:
         """The sampling forward with the weights' tensor and KL from one fused autograd node."""
         if _kernels.get_kernels() == "native":
-            return self._forward_native(x)
+            return self._forward_native(x, num_samples)
         versions = self._param_versions()
         s_b = None if self.bias_rho is None else F.softplus(self.bias_rho)
         assert isinstance(self.prior, GaussianPrior)
@@ -490,19 +492,20 @@ class BayesModule(nn.Module):
         )  # fmt: skip
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
 
-    def _forward_native(self, x: Tensor) -> Tensor:
+    def _forward_native(self, x: Tensor, num_samples: int = 1) -> Tensor:
         """:meth:`_forward_fused` with the native kernels (one weight sample): the weight's and
         the bias's estimator tensors, noise and KL each from one native node."""
         versions = self._param_versions()
         kind, mode = self.estimator, self.kl_mode
         used = [False]  # set by the nodes' backward: kl() then recomputes (graph freed)
+        s = 1 if kind == "local" else num_samples
         t, kl_w, eps_w = _kernels.native_sample_and_kl(
-            kind, self.weight_mu, self.weight_rho, self.prior, mode, used
+            kind, self.weight_mu, self.weight_rho, self.prior, mode, used, s
         )
         tb = kl_b = eps_b = None
         if self.bias_mu is not None and self.bias_rho is not None:
             tb, kl_b, eps_b = _kernels.native_sample_and_kl(
-                kind, self.bias_mu, self.bias_rho, self.prior, mode, used
+                kind, self.bias_mu, self.bias_rho, self.prior, mode, used, s
             )
         # the sigmas are not read by the estimators when their tensors are given (placeholders)
         post = est.Posterior(self.weight_mu, self.weight_mu, self.bias_mu, self.bias_mu)
@@ -513,8 +516,9 @@ class BayesModule(nn.Module):
             )
             return est.local(self, x, post, w_var=t, b_var=tb)
         assert eps_w is not None
-        ew = eps_w.unsqueeze(0)
-        eb = None if eps_b is None else eps_b.unsqueeze(0)
+        one = s == 1  # one sample: W-shaped tensors, else (S, *W) ones
+        ew = eps_w.unsqueeze(0) if one else eps_w
+        eb = None if eps_b is None else (eps_b.unsqueeze(0) if one else eps_b)
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, ew, eb, w1=t, b1=tb)
             self._record = _Record(
