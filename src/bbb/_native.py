@@ -56,7 +56,7 @@ KINDS = {"reparam": 0, "flipout": 1, "local": 2}
 #: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
 #: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
 PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
-_ABI = 7
+_ABI = 8
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()

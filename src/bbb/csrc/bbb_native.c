@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 7; }
+int bbb_native_abi(void) { return 8; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -293,6 +293,43 @@ static inline float sample_tile(const int kind, const int prior, const float *re
     return sum;
 }
 
+/* One sample: the whole forward of one tile in a single pass (kind and prior constant). */
+static inline float fwd_tile1(const int kind, const int prior, const float *restrict mu,
+                             const float *restrict rho, const float *restrict e,
+                             float *restrict t_out, float *restrict s_out, int64_t m, float a0,
+                             float a1, float a2, float a3) {
+    float sum = 0.0f;
+    int positive = 0;
+#pragma omp simd reduction(+ : sum, positive)
+    for (int64_t j = 0; j < m; ++j) {
+        float r = rho[j];
+        float t = exp_f(-fabsf(r));
+        float x = 2.0f * t - 1.0f;
+        float tq = t * poly_q(x);
+        float s = r > 0.0f ? r + tq : tq;
+        /* log sigma for r <= 0; for r > 0 (sigma > log 2, rare) added by the loop below */
+        float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
+        positive += r > 0.0f;
+        s_out[j] = s;
+        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : e[j];
+        t_out[j] = kind == 0 ? mu[j] + s * ej : (kind == 1 ? s * ej : s * s);
+        if (prior == PRIOR_GAUSS) {
+            float d = mu[j] - a0;
+            sum += (s * s + d * d) * (0.5f * a1) - ls;
+        } else {
+            float w = mu[j] + s * ej;
+            float w2 = w * w;
+            float lp = logaddexp_f(a0 - 0.5f * a2 * w2, a1 - 0.5f * a3 * w2);
+            sum += (-0.5f * ej * ej - HALF_LOG_2PI - ls) - lp;
+        }
+    }
+    if (positive) {
+        for (int64_t j = 0; j < m; ++j)
+            if (rho[j] > 0.0f) sum -= log_pos(s_out[j]);
+    }
+    return sum;
+}
+
 /* Fused forward on elements [0, n) for `samples` weight samples (kinds 0, 1; 1 for kind 2):
  * writes sigma (n), t ((samples, n) for kinds 0 and 1, the variance (n) for kind 2) and, where
  * noise is drawn (all but the Gaussian prior's kind 2), eps (samples, n); sample q, element e
@@ -319,6 +356,29 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
             const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
             const float *mb = mu + b0;
             float *sb = sigma_out + b0;
+            if (samples == 1) { /* one pass per tile */
+                const float *e = tmp;
+                if (noise) {
+                    const uint64_t tile = (uint64_t)((start + b0) / TILE);
+                    if (m == TILE) {
+                        normal_tile(tile, k0, k1, eps + b0);
+                        e = eps + b0;
+                    } else {
+                        normal_tile(tile, k0, k1, tmp);
+                        memcpy(eps + b0, tmp, (size_t)m * sizeof(float));
+                    }
+                }
+                float *tb1 = t_out + b0;
+#define FWD(K, P) fwd_tile1(K, P, mb, rho + b0, e, tb1, sb, m, a0, a1, a2, a3)
+                float sum1;
+                if (prior == PRIOR_GAUSS)
+                    sum1 = kind == 0 ? FWD(0, PRIOR_GAUSS) : (kind == 1 ? FWD(1, PRIOR_GAUSS) : FWD(2, PRIOR_GAUSS));
+                else
+                    sum1 = kind == 0 ? FWD(0, PRIOR_MIX) : (kind == 1 ? FWD(1, PRIOR_MIX) : FWD(2, PRIOR_MIX));
+#undef FWD
+                acc += (double)sum1;
+                continue;
+            }
             acc += (double)(prior == PRIOR_GAUSS ? sigma_tile(PRIOR_GAUSS, mb, rho + b0, sb, m, a0, a1)
                                                  : sigma_tile(PRIOR_MIX, mb, rho + b0, sb, m, a0, a1));
             if (kind == 2) {
@@ -350,6 +410,45 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
             acc += (double)(part * inv_s);
         }
         partial[c] = acc;
+    }
+}
+
+/* One sample: the whole backward in a single pass (kind and prior constant; the formulas
+ * of bwd_tile with one sample). */
+static inline void bwd_loop1(const int kind, const int prior, const float *restrict mu,
+                            const float *restrict rho, const float *restrict sigma,
+                            const float *restrict eps, const float *restrict g_t, float g_kl,
+                            float *restrict grad_mu, float *restrict grad_rho, int64_t n,
+                            float a0, float a1, float a2, float a3) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        float r = rho[j];
+        float s = sigma[j];
+        /* one division: d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)),
+         * and sigmoid(rho) = sigma * that; below the switch d log sigma / d rho = 1 and
+         * sigmoid(rho) = sigma (both e^rho to float precision) */
+        float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
+        float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
+        float sig = s * dlog;
+        float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : eps[j];
+        float dt = kind == 2 ? 2.0f * s : ej;
+        float gm, gs; /* the KL's d/dmu and its d/dsigma without the -1/sigma term */
+        if (prior == PRIOR_GAUSS) {
+            gm = (mu[j] - a0) * a1;
+            gs = s * a1;
+        } else {
+            float w = mu[j] + s * ej;
+            float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
+            float t = exp_f(-fabsf(d));
+            float inv = 1.0f / (1.0f + t);
+            float r1 = d >= 0.0f ? inv : t * inv;
+            float r2 = d >= 0.0f ? t * inv : inv;
+            float score = w * (r1 * a2 + r2 * a3);
+            gm = score;
+            gs = score * ej;
+        }
+        grad_mu[j] = gm * g_kl + (kind == 0 ? g_t[j] : 0.0f);
+        grad_rho[j] = (gs * sig) * g_kl - g_kl * dlog + g_t[j] * dt * sig;
     }
 }
 
@@ -438,6 +537,23 @@ void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
     for (int64_t c = 0; c < blocks; ++c) {
         const int64_t c0 = c * chunk;
         const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+        if (samples == 1) { /* one pass over the block */
+            const int64_t m1 = c1 - c0;
+            const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
+            const float *e1 = noise ? eps + c0 : eps;
+#define BWD1(K, P) bwd_loop1(K, P, mu + c0, rho + c0, sigma + c0, e1, g_t + c0, g_kl, grad_mu + c0, grad_rho + c0, m1, a0, a1, a2, a3)
+            if (prior == PRIOR_GAUSS) {
+                if (kind == 0) BWD1(0, PRIOR_GAUSS);
+                else if (kind == 1) BWD1(1, PRIOR_GAUSS);
+                else BWD1(2, PRIOR_GAUSS);
+            } else {
+                if (kind == 0) BWD1(0, PRIOR_MIX);
+                else if (kind == 1) BWD1(1, PRIOR_MIX);
+                else BWD1(2, PRIOR_MIX);
+            }
+#undef BWD1
+            continue;
+        }
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
 #define BWD(K, P) bwd_tile(K, P, mu + b0, rho + b0, sigma + b0, eps + b0, g_t + b0, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
