@@ -239,6 +239,44 @@ static inline float logaddexp_f(float a, float b) {
     return m + t * poly_q(2.0f * t - 1.0f);
 }
 
+/* sigma = softplus(r) and, for r <= 0, log sigma (log sigma := r below the switch); for r > 0
+ * (sigma > log 2, rare) *ls is 0 and the caller adds -log sigma in a second loop
+ * (fix_positive), which keeps the general log out of the vectorized loop. */
+static inline float softplus_logs(float r, float *ls) {
+    float t = exp_f(-fabsf(r));
+    float x = 2.0f * t - 1.0f;
+    float tq = t * poly_q(x);
+    *ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
+    return r > 0.0f ? r + tq : tq;
+}
+
+/* -sum of log sigma over the tile's elements with r > 0 (see softplus_logs). */
+static inline float fix_positive(const float *restrict rho, const float *restrict s, int64_t m) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < m; ++j)
+        if (rho[j] > 0.0f) sum -= log_pos(s[j]);
+    return sum;
+}
+
+/* d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)), one division; 1 below
+ * the switch (where sigmoid(rho) = sigma = e^rho to float precision). sigmoid = sigma * it. */
+static inline float dlog_sigma(float r, float s) {
+    float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
+    return r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
+}
+
+/* The mixture's score -d log p(w)/dw = w (r1 / s1^2 + r2 / s2^2), the responsibilities r as
+ * sigmoids of the components' log-ratio d from one exp (a0, a1 = log(pi_k / s_k / sqrt(2 pi)),
+ * a2, a3 = 1 / s_k^2). */
+static inline float mix_score(float w, float a0, float a1, float a2, float a3) {
+    float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w);
+    float t = exp_f(-fabsf(d));
+    float inv = 1.0f / (1.0f + t);
+    float r1 = d >= 0.0f ? inv : t * inv;
+    float r2 = d >= 0.0f ? t * inv : inv;
+    return w * (r1 * a2 + r2 * a3);
+}
+
 /* The sample-independent part of one tile: sigma (stored) and, summed, the Gaussian closed
  * form's terms or the Monte Carlo KL's -log sigma - log(2 pi)/2 (log q without eps). */
 static inline float sigma_tile(const int prior, const float *restrict mu,
@@ -249,12 +287,8 @@ static inline float sigma_tile(const int prior, const float *restrict mu,
 #pragma omp simd reduction(+ : sum, positive)
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
-        float t = exp_f(-fabsf(r));
-        float x = 2.0f * t - 1.0f;
-        float tq = t * poly_q(x);
-        float s = r > 0.0f ? r + tq : tq;
-        /* log sigma for r <= 0; for r > 0 (sigma > log 2, rare) added by the loop below */
-        float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
+        float ls;
+        float s = softplus_logs(r, &ls);
         positive += r > 0.0f;
         s_out[j] = s;
         if (prior == PRIOR_GAUSS) {
@@ -264,11 +298,7 @@ static inline float sigma_tile(const int prior, const float *restrict mu,
             sum += -ls - HALF_LOG_2PI;
         }
     }
-    if (positive) {
-        for (int64_t j = 0; j < m; ++j)
-            if (rho[j] > 0.0f) sum -= log_pos(s_out[j]);
-    }
-    return sum;
+    return positive ? sum + fix_positive(rho, s_out, m) : sum;
 }
 
 /* One weight sample of one tile: the estimator's tensor (kinds 0, 1) and, for the mixture,
@@ -303,12 +333,8 @@ static inline float fwd_tile1(const int kind, const int prior, const float *rest
 #pragma omp simd reduction(+ : sum, positive)
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
-        float t = exp_f(-fabsf(r));
-        float x = 2.0f * t - 1.0f;
-        float tq = t * poly_q(x);
-        float s = r > 0.0f ? r + tq : tq;
-        /* log sigma for r <= 0; for r > 0 (sigma > log 2, rare) added by the loop below */
-        float ls = r > 0.0f ? 0.0f : (r < SWITCH ? r : r + poly_p(x));
+        float ls;
+        float s = softplus_logs(r, &ls);
         positive += r > 0.0f;
         s_out[j] = s;
         float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : e[j];
@@ -323,11 +349,7 @@ static inline float fwd_tile1(const int kind, const int prior, const float *rest
             sum += (-0.5f * ej * ej - HALF_LOG_2PI - ls) - lp;
         }
     }
-    if (positive) {
-        for (int64_t j = 0; j < m; ++j)
-            if (rho[j] > 0.0f) sum -= log_pos(s_out[j]);
-    }
-    return sum;
+    return positive ? sum + fix_positive(rho, s_out, m) : sum;
 }
 
 /* Fused forward on elements [0, n) for `samples` weight samples (kinds 0, 1; 1 for kind 2):
@@ -424,11 +446,7 @@ static inline void bwd_loop1(const int kind, const int prior, const float *restr
     for (int64_t j = 0; j < n; ++j) {
         float r = rho[j];
         float s = sigma[j];
-        /* one division: d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)),
-         * and sigmoid(rho) = sigma * that; below the switch d log sigma / d rho = 1 and
-         * sigmoid(rho) = sigma (both e^rho to float precision) */
-        float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
-        float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
+        float dlog = dlog_sigma(r, s);
         float sig = s * dlog;
         float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : eps[j];
         float dt = kind == 2 ? 2.0f * s : ej;
@@ -437,13 +455,7 @@ static inline void bwd_loop1(const int kind, const int prior, const float *restr
             gm = (mu[j] - a0) * a1;
             gs = s * a1;
         } else {
-            float w = mu[j] + s * ej;
-            float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
-            float t = exp_f(-fabsf(d));
-            float inv = 1.0f / (1.0f + t);
-            float r1 = d >= 0.0f ? inv : t * inv;
-            float r2 = d >= 0.0f ? t * inv : inv;
-            float score = w * (r1 * a2 + r2 * a3);
+            float score = mix_score(mu[j] + s * ej, a0, a1, a2, a3);
             gm = score;
             gs = score * ej;
         }
@@ -474,11 +486,7 @@ static inline void bwd_tile(const int kind, const int prior, const float *restri
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
         float s = sigma[j];
-        /* one division: d log sigma / d rho = sigmoid(rho) / sigma = 1 / (sigma (1 + e^-rho)),
-         * and sigmoid(rho) = sigma * that; below the switch d log sigma / d rho = 1 and
-         * sigmoid(rho) = sigma (both e^rho to float precision) */
-        float em = exp_f(r < -80.0f ? 80.0f : -r); /* e^-rho */
-        float dlog = r < SWITCH ? 1.0f : 1.0f / (s * (1.0f + em));
+        float dlog = dlog_sigma(r, s);
         DLOG[j] = dlog;
         SIG[j] = s * dlog;
         AM[j] = AS[j] = GT[j] = GTE[j] = 0.0f;
@@ -501,13 +509,7 @@ static inline void bwd_tile(const int kind, const int prior, const float *restri
                 GTE[j] += g * (kind == 2 ? 2.0f * s : ej);
             }
             if (prior == PRIOR_MIX && has_e) {
-                float w = mu[j] + s * ej;
-                float d = (a0 - a1) + 0.5f * (a3 - a2) * (w * w); /* log(pi N1) - log((1-pi) N2) */
-                float t = exp_f(-fabsf(d));
-                float inv = 1.0f / (1.0f + t);
-                float r1 = d >= 0.0f ? inv : t * inv;
-                float r2 = d >= 0.0f ? t * inv : inv;
-                float score = w * (r1 * a2 + r2 * a3);
+                float score = mix_score(mu[j] + s * ej, a0, a1, a2, a3);
                 AM[j] += score;
                 AS[j] += score * ej;
             }
