@@ -113,19 +113,18 @@ def _flag_sets() -> list[list[str]]:
     ):
         base += ["-mavx2", "-mfma"]
     # OpenMP threads, or one thread (SIMD only) where the compiler has no OpenMP
-    out = [base + ["-fopenmp"], base + ["-fopenmp-simd"]]
-    return out
+    return [base + ["-fopenmp"], base + ["-fopenmp-simd"]]
 
 
 def _build(cc: str) -> Path:
     src = _source()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
+    out_dir = _cache_dir()  # once: its fallback may be a fresh temporary directory
     for flags in _flag_sets():
         tag = hashlib.sha256(
             src + repr((flags, cc, version, platform.machine(), _ABI)).encode()
         ).hexdigest()[:16]
-        out_dir = _cache_dir()
         target = out_dir / f"bbb_native-{tag}.so"
         if target.exists():
             return target
