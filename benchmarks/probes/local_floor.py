@@ -1,0 +1,71 @@
+"""The local estimator's floor (issue 8): a network doing exactly the matrix work of bbb's
+local step (a mean and a variance product per layer, sqrt, noise) with plain parameters and no
+KL, beside the deterministic MLP 784-1200-1200-10 and bbb's local step (native kernels),
+interleaved in one process; forward, backward and Adam timed separately (median of 32).
+
+    python benchmarks/probes/local_floor.py
+
+Caveat: the floor network's variance parameters are tiny (1e-5), and its Adam step ran ~2x
+slower than bbb's on as many parameters; compare forward + backward, not Adam.
+Run with the background jobs paused.
+"""
+
+import statistics
+import time
+
+import torch
+from _pair import pair
+from torch import nn
+from torch.nn import functional as F
+
+import bbb
+
+bbb.set_kernels("native")
+x, y, det, bay, elbo = pair("local")
+
+
+class Two(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(o, i) * i**-0.5)
+        self.b = nn.Parameter(torch.zeros(o))
+        self.v = nn.Parameter(torch.rand(o, i) * 1e-4 + 1e-5)
+        self.c = nn.Parameter(torch.rand(o) * 1e-4 + 1e-5)
+
+    def forward(self, x):
+        m = F.linear(x, self.w, self.b)
+        v = F.linear(x * x, self.v, self.c)
+        return torch.addcmul(m, v.sqrt(), torch.randn_like(m))
+
+
+floor = nn.Sequential(Two(784, 1200), nn.ReLU(), Two(1200, 1200), nn.ReLU(), Two(1200, 10))
+nets = {
+    "det": (det, lambda: F.cross_entropy(det(x), y)),
+    "floor(2 paths)": (floor, lambda: F.cross_entropy(floor(x), y)),
+    "bbb local": (bay, lambda: elbo(bay, x, y).loss),
+}
+opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, (m, _) in nets.items()}
+T = {k: {"f": [], "b": [], "a": [], "all": []} for k in nets}
+for it in range(40):
+    for k, (_m, fn) in nets.items():
+        o = opts[k]
+        t0 = time.perf_counter()
+        o.zero_grad(set_to_none=True)
+        l = fn()
+        t1 = time.perf_counter()
+        l.backward()
+        t2 = time.perf_counter()
+        o.step()
+        t3 = time.perf_counter()
+        if it >= 8:
+            T[k]["f"].append(t1 - t0)
+            T[k]["b"].append(t2 - t1)
+            T[k]["a"].append(t3 - t2)
+            T[k]["all"].append(t3 - t0)
+d = statistics.median(T["det"]["all"])
+for k, v in T.items():
+    print(
+        f"{k:15s}",
+        " ".join(f"{p} {1e3 * statistics.median(s):.1f}" for p, s in v.items()),
+        f"ratio {statistics.median(v['all']) / d:.2f}",
+    )
