@@ -247,6 +247,72 @@ def test_fused_kernel_with_several_samples_matches_float64_formulas(
     torch.testing.assert_close(gr.double(), gr64, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    ("kind", "samples"),
+    [("flipout", 1), ("flipout", 3), ("local", 1)],
+    ids=["flip1", "flip3", "local"],
+)
+@pytest.mark.parametrize("mixture", [False, True], ids=["gaussian", "mixture"])
+def test_mean_path_gradient_is_added_in_the_native_backward(
+    kind: str, samples: int, mixture: bool
+) -> None:
+    """native_sample_kl_and_mean: mu passed through the node (no copy); its upstream gradient
+    is added to the KL's and the estimator's by the C backward, both the one-sample loop and
+    the tiled several-sample one: the same gradients as without it plus g_mu."""
+    n = 40_001  # two 32768-element blocks, the last partial
+    g = torch.Generator().manual_seed(11)
+    mu = (torch.randn(n, generator=g) * 0.3).requires_grad_()
+    rho = (torch.rand(n, generator=g) * 6 - 8).requires_grad_()
+    prior = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-2)) if mixture else bbb.GaussianPrior(0.7)
+    mode = "mc" if mixture else "closed_form"
+    K.set_kernels("native")
+    rows = samples if kind == "flipout" else 1
+    g_t = torch.randn(*((rows,) if rows > 1 else ()), n, generator=g)
+    g_m = torch.randn(n, generator=g)
+    torch.manual_seed(0)
+    t, kl, _, mu_alias = K.native_sample_kl_and_mean(kind, mu, rho, prior, mode, samples=samples)
+    assert mu_alias.data_ptr() == mu.data_ptr() and torch.equal(mu_alias, mu)
+    gm, gr = torch.autograd.grad((t * g_t).sum() + 0.37 * kl + (mu_alias * g_m).sum(), (mu, rho))
+    torch.manual_seed(0)  # the same noise
+    t0, kl0, _ = K.native_sample_and_kl(kind, mu, rho, prior, mode, samples=samples)
+    torch.testing.assert_close(t, t0, rtol=0, atol=0)
+    gm0, gr0 = torch.autograd.grad((t0 * g_t).sum() + 0.37 * kl0, (mu, rho))
+    # one float32 addition (or a fused multiply-add) apart: a few ulps
+    torch.testing.assert_close(gm, gm0 + g_m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gr, gr0, rtol=0, atol=0)
+    # an output left out of the loss passes no gradient (not zero-filled by autograd: the C
+    # backward takes none), and the mean path alone gives d/dmu = g_m, d/drho = 0
+    torch.manual_seed(0)
+    _, _, _, mu_alias = K.native_sample_kl_and_mean(kind, mu, rho, prior, mode, samples=samples)
+    gm, gr = torch.autograd.grad((mu_alias * g_m).sum(), (mu, rho))
+    torch.testing.assert_close(gm, g_m, rtol=0, atol=0)
+    assert not gr.any()
+    with pytest.raises(ValueError, match="'reparam' has no separate mean path"):
+        K.native_sample_kl_and_mean("reparam", mu, rho, prior, mode)
+    with pytest.raises(ValueError, match="g_mu is for 'flipout' and 'local'"):
+        N.sample_kl_bwd("reparam", mu.detach(), rho.detach(), mu.detach(), mu.detach(),
+                        mu.detach(), 1.0, ("gaussian", 0.0, 1.0), g_mu=g_m)  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "local"])
+def test_native_flipout_and_local_layers_mean_gradients_are_exact(estimator: str) -> None:
+    """The layers route their mean path through the native node: d/dmu of the loss is the
+    mean path's g^T x plus the closed-form KL's (mu - loc) / s^2, whatever the noise."""
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(6, 5, prior=bbb.GaussianPrior(0.5, mean=0.2), estimator=estimator)
+    x = torch.randn(7, 6)
+    gy = torch.randn(7, 5)
+    K.set_kernels("native")
+    y = layer(x)
+    ((y * gy).sum() + 0.03 * layer.kl()).backward()
+    ref_w = gy.double().T @ x.double() + 0.03 * (layer.weight_mu.double() - 0.2) / 0.25
+    ref_b = gy.double().sum(0) + 0.03 * (layer.bias_mu.double() - 0.2) / 0.25
+    assert layer.weight_mu.grad is not None and layer.bias_mu.grad is not None
+    torch.testing.assert_close(layer.weight_mu.grad.double(), ref_w.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias_mu.grad.double(), ref_b.detach(), rtol=1e-5, atol=1e-6)
+    assert layer.weight_rho.grad is not None and torch.isfinite(layer.weight_rho.grad).all()
+
+
 def test_native_reparam_layer_with_several_samples_uses_one_node_per_parameter() -> None:
     torch.manual_seed(0)
     layer = bbb.BayesLinear(5, 4, prior=bbb.GaussianPrior(0.5), estimator="reparam")

@@ -56,7 +56,7 @@ KINDS = {"reparam": 0, "flipout": 1, "local": 2}
 #: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
 #: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
 PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
-_ABI = 8
+_ABI = 9
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()
@@ -157,9 +157,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 4 + [u32] * 2 + [c_int] + [f32] * 4
     lib.bbb_sample_kl_fwd.argtypes += [c_int, c_int, vp, c_int]
     lib.bbb_sample_kl_fwd.restype = None
-    # bwd: mu, rho, sigma, eps, g_t, g_kl, grad_mu, grad_rho, n, chunk, prior, a0..a3, kind,
-    # samples, threads
-    lib.bbb_sample_kl_bwd.argtypes = [vp] * 5 + [f32, vp, vp, i64, i64, c_int] + [f32] * 4
+    # bwd: mu, rho, sigma, eps, g_t, g_mu, g_kl, grad_mu, grad_rho, n, chunk, prior, a0..a3,
+    # kind, samples, threads
+    lib.bbb_sample_kl_bwd.argtypes = [vp] * 6 + [f32, vp, vp, i64, i64, c_int] + [f32] * 4
     lib.bbb_sample_kl_bwd.argtypes += [c_int, c_int, c_int]
     lib.bbb_sample_kl_bwd.restype = None
 
@@ -312,10 +312,13 @@ def sample_kl_bwd(
     g_t: Tensor,
     g_kl: float,
     prior: tuple[object, ...],
+    g_mu: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``g_kl * KL + sum <g_t, t>`` w.r.t. mu and rho (flat float32 tensors of n
-    elements); ``eps`` and ``prior`` as :func:`sample_kl_fwd` returned and took, ``g_t``
-    shaped like its t."""
+    """Gradients of ``g_kl * KL + sum <g_t, t> + <g_mu, mu>`` w.r.t. mu and rho (flat float32
+    tensors of n elements); ``eps`` and ``prior`` as :func:`sample_kl_fwd` returned and took,
+    ``g_t`` shaped like its t, ``g_mu`` (optional, n elements) a gradient of mu from
+    elsewhere (a layer's mean path) added in the same pass (kinds ``"flipout"`` and
+    ``"local"``; for ``"reparam"`` add it to ``g_t`` instead)."""
     lib = load()
     assert lib is not None
     g_t = g_t.contiguous()
@@ -325,6 +328,11 @@ def sample_kl_bwd(
     pcode, consts, always_noise = _prior(prior)
     if eps is None and (always_noise or code != 2):
         raise ValueError(f"bbb native kernels: eps is required for kind {kind!r}, prior {prior!r}")
+    if g_mu is not None:
+        if code == 0:
+            raise ValueError("bbb native kernels: g_mu is for 'flipout' and 'local' (reparam: g_t)")
+        g_mu = g_mu.contiguous()
+        _check(mu=mu, g_mu=g_mu)
     _check(g_t=g_t, eps=eps)  # each like the forward's t (eps: one row for local)
     samples = g_t.numel() // n if n else 1
     if n and (g_t.numel() != samples * n or (code == 2 and samples != 1)):
@@ -336,7 +344,8 @@ def sample_kl_bwd(
     lib.bbb_sample_kl_bwd(
         mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
         eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read without noise
-        g_t.data_ptr(), g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, pcode,
-        *consts, code, samples, _threads(),
+        g_t.data_ptr(), None if g_mu is None else g_mu.data_ptr(),  # NULL: no mean path
+        g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, pcode, *consts, code, samples,
+        _threads(),
     )  # fmt: skip
     return grad_mu, grad_rho

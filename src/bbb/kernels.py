@@ -52,6 +52,7 @@ __all__ = [
     "native_fusable",
     "native_prior",
     "native_sample_and_kl",
+    "native_sample_kl_and_mean",
     "gaussian_kl_grads",
     "mc_log_prob_sum",
     "mc_kl_grads",
@@ -437,7 +438,13 @@ def sample_and_kl(
 
 # ----------------------------------------------------------------------------- native
 class _NativeSampleKL(torch.autograd.Function):
-    """(t, KL, eps) from (mu, rho) by the native kernels; see :func:`native_sample_and_kl`."""
+    """(t, KL, eps, mu) from (mu, rho) by the native kernels; see :func:`native_sample_and_kl`.
+
+    The fourth output, with ``mean_path``, is mu itself passed through the node: a layer that
+    builds its mean path from it (flipout, local) hands that path's gradient of mu to this
+    node's backward, which adds it in its own pass over the weights; otherwise autograd
+    would sum mu's two gradients in one more pass (issue 8). None without ``mean_path``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -449,7 +456,9 @@ class _NativeSampleKL(torch.autograd.Function):
         const: float,
         used: list[bool],
         samples: int,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        mean_path: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros
         shape = mu.shape
         mf, rf = mu.detach().reshape(-1), rho.detach().reshape(-1)
         t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior, samples)
@@ -457,23 +466,39 @@ class _NativeSampleKL(torch.autograd.Function):
         ctx.kind, ctx.prior, ctx.shape, ctx.used = kind, prior, shape, used
         kl_t = mu.new_tensor(kl + const)
         lead = (t.shape[0],) if t.dim() == 2 else ()  # several weight samples: (S, *W)
+        mu_out = mu.detach().view(shape) if mean_path else None  # an alias: no copy
         if eps is None:
-            return t.view(*lead, *shape), kl_t, None
+            return t.view(*lead, *shape), kl_t, None, mu_out
         eps_out = eps.view(*((eps.shape[0],) if eps.dim() == 2 else ()), *shape)
         ctx.mark_non_differentiable(eps_out)
-        return t.view(*lead, *shape), kl_t, eps_out
+        return t.view(*lead, *shape), kl_t, eps_out, mu_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # C gradients: no graph for a second order
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g_t: Tensor, g_kl: Tensor, _g_eps: Tensor | None
+        ctx: torch.autograd.function.FunctionCtx,
+        g_t: Tensor | None,
+        g_kl: Tensor | None,
+        _g_eps: Tensor | None,
+        g_mu: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         mf, rf, sigma, eps = ctx.saved_tensors
         ctx.used[0] = True  # its saved tensors are freed now: BayesModule.kl() recomputes
+        n = mf.numel()
+        rows = 1 if ctx.kind == "local" or eps is None or eps.dim() == 1 else eps.shape[0]
+        gt = mf.new_zeros(rows * n) if g_t is None else g_t.reshape(-1)
         gm, gr = _native.sample_kl_bwd(
-            ctx.kind, mf, rf, sigma, eps, g_t.reshape(-1), float(g_kl), ctx.prior
+            ctx.kind,
+            mf,
+            rf,
+            sigma,
+            eps,
+            gt,
+            0.0 if g_kl is None else float(g_kl),
+            ctx.prior,
+            None if g_mu is None else g_mu.reshape(-1),
         )
-        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None
+        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None, None
 
 
 def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:
@@ -523,6 +548,41 @@ def native_sample_and_kl(
     backward has run (its graph is then freed; the layers recompute their KL after that).
     Gradients are first-order only (the backward is C code). Requires :func:`native_fusable`.
     """
+    t, kl, eps, _ = _native_apply(kind, mu, rho, prior, kl_mode, used, samples, False)
+    return t, kl, eps
+
+
+def native_sample_kl_and_mean(
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    prior: Prior,
+    kl_mode: str = "closed_form",
+    used: list[bool] | None = None,
+    samples: int = 1,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """:func:`native_sample_and_kl` for ``"flipout"`` and ``"local"``, plus mu for the layer's
+    mean path: ``(t, kl, eps, mu_alias)``, where ``mu_alias`` has mu's values (no copy) and
+    sends its gradient through the native node, whose backward adds it to the KL's and the
+    estimator's in the same pass over the weights (one pass fewer than autograd summing
+    mu's two gradients)."""
+    if kind == "reparam":
+        raise ValueError("native_sample_kl_and_mean: 'reparam' has no separate mean path")
+    t, kl, eps, mu_alias = _native_apply(kind, mu, rho, prior, kl_mode, used, samples, True)
+    assert mu_alias is not None
+    return t, kl, eps, mu_alias
+
+
+def _native_apply(
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    prior: Prior,
+    kl_mode: str,
+    used: list[bool] | None,
+    samples: int,
+    mean_path: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     if kind not in ESTIMATOR_OUTPUTS:
         raise ValueError(f"unknown kind {kind!r}; accepted values: {', '.join(ESTIMATOR_OUTPUTS)}")
     spec = native_prior(prior, kl_mode)
@@ -533,8 +593,8 @@ def native_sample_and_kl(
         )
     args, const_per_weight = spec
     rho_c = rho if rho.is_contiguous() else rho.contiguous()
-    out: tuple[Tensor, Tensor, Tensor | None] = _NativeSampleKL.apply(
+    out: tuple[Tensor, Tensor, Tensor | None, Tensor | None] = _NativeSampleKL.apply(
         mu, rho_c, kind, args, mu.numel() * const_per_weight,
-        [False] if used is None else used, samples,
+        [False] if used is None else used, samples, mean_path,
     )  # fmt: skip
     return out

@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 8; }
+int bbb_native_abi(void) { return 9; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -437,9 +437,10 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
 
 /* One sample: the whole backward in a single pass (kind and prior constant; the formulas
  * of bwd_tile with one sample). */
-static inline void bwd_loop1(const int kind, const int prior, const float *restrict mu,
-                            const float *restrict rho, const float *restrict sigma,
-                            const float *restrict eps, const float *restrict g_t, float g_kl,
+static inline void bwd_loop1(const int kind, const int prior, const int hg,
+                            const float *restrict mu, const float *restrict rho,
+                            const float *restrict sigma, const float *restrict eps,
+                            const float *restrict g_t, const float *restrict g_mu, float g_kl,
                             float *restrict grad_mu, float *restrict grad_rho, int64_t n,
                             float a0, float a1, float a2, float a3) {
 #pragma omp simd
@@ -459,7 +460,7 @@ static inline void bwd_loop1(const int kind, const int prior, const float *restr
             gm = score;
             gs = score * ej;
         }
-        grad_mu[j] = gm * g_kl + (kind == 0 ? g_t[j] : 0.0f);
+        grad_mu[j] = gm * g_kl + (kind == 0 ? g_t[j] : 0.0f) + (hg ? g_mu[j] : 0.0f);
         grad_rho[j] = (gs * sig) * g_kl - g_kl * dlog + g_t[j] * dt * sig;
     }
 }
@@ -471,9 +472,10 @@ static inline void bwd_loop1(const int kind, const int prior, const float *restr
  * responsibilities (sigmoids of the components' log-ratio, from one exp): d/dmu = mean score,
  * d/dsigma = mean(score eps) - 1/sigma. d/drho = d/dsigma sigmoid(rho), with
  * d log sigma/drho = 1 below the switch. */
-static inline void bwd_tile(const int kind, const int prior, const float *restrict mu,
-                            const float *restrict rho, const float *restrict sigma,
-                            const float *restrict eps, const float *restrict g_t, float g_kl,
+static inline void bwd_tile(const int kind, const int prior, const int hg,
+                            const float *restrict mu, const float *restrict rho,
+                            const float *restrict sigma, const float *restrict eps,
+                            const float *restrict g_t, const float *restrict g_mu, float g_kl,
                             float *restrict grad_mu, float *restrict grad_rho, int64_t m,
                             int64_t n, int samples, float a0, float a1, float a2, float a3) {
     float SIG[TILE] __attribute__((aligned(64)));
@@ -521,53 +523,63 @@ static inline void bwd_tile(const int kind, const int prior, const float *restri
         float s = sigma[j];
         float gm = prior == PRIOR_GAUSS ? (mu[j] - a0) * a1 : AM[j] * inv_s;
         float gs = prior == PRIOR_GAUSS ? s * a1 : AS[j] * inv_s;
-        grad_mu[j] = gm * g_kl + (kind == 0 ? GT[j] : 0.0f);
+        grad_mu[j] = gm * g_kl + (kind == 0 ? GT[j] : 0.0f) + (hg ? g_mu[j] : 0.0f);
         grad_rho[j] = (gs * SIG[j]) * g_kl - g_kl * DLOG[j] + GTE[j] * SIG[j];
     }
 }
 
 /* Fused backward on n elements: g_t is (samples, n) for kinds 0 and 1, (n) for kind 2; eps as
- * the forward wrote it (not read for the Gaussian prior's kind 2). Blocks of `chunk` are
- * shared among `threads` OpenMP threads. */
+ * the forward wrote it (not read for the Gaussian prior's kind 2); g_mu, NULL or n elements,
+ * an upstream gradient of mu added to grad_mu in the same pass (kinds 1 and 2: the layer's
+ * mean path, which would otherwise cost autograd a pass to sum; ignored for kind 0, whose g_t
+ * carries it). Blocks of `chunk` are shared among `threads` OpenMP threads. */
 void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        const float *restrict sigma, const float *restrict eps,
-                       const float *restrict g_t, float g_kl, float *restrict grad_mu,
-                       float *restrict grad_rho, int64_t n, int64_t chunk, int prior, float a0,
-                       float a1, float a2, float a3, int kind, int samples, int threads) {
+                       const float *restrict g_t, const float *restrict g_mu, float g_kl,
+                       float *restrict grad_mu, float *restrict grad_rho, int64_t n,
+                       int64_t chunk, int prior, float a0, float a1, float a2, float a3, int kind,
+                       int samples, int threads) {
     const int64_t blocks = (n + chunk - 1) / chunk;
+    const int hg = g_mu != 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * samples >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
         const int64_t c0 = c * chunk;
         const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+        const float *gm = hg ? g_mu + c0 : g_mu;
         if (samples == 1) { /* one pass over the block */
             const int64_t m1 = c1 - c0;
             const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
             const float *e1 = noise ? eps + c0 : eps;
-#define BWD1(K, P) bwd_loop1(K, P, mu + c0, rho + c0, sigma + c0, e1, g_t + c0, g_kl, grad_mu + c0, grad_rho + c0, m1, a0, a1, a2, a3)
+#define BWD1(K, P, H) bwd_loop1(K, P, H, mu + c0, rho + c0, sigma + c0, e1, g_t + c0, gm, g_kl, grad_mu + c0, grad_rho + c0, m1, a0, a1, a2, a3)
+#define BWD1H(K, P) do { if (hg) BWD1(K, P, 1); else BWD1(K, P, 0); } while (0)
             if (prior == PRIOR_GAUSS) {
-                if (kind == 0) BWD1(0, PRIOR_GAUSS);
-                else if (kind == 1) BWD1(1, PRIOR_GAUSS);
-                else BWD1(2, PRIOR_GAUSS);
+                if (kind == 0) BWD1(0, PRIOR_GAUSS, 0); /* reparam: g_t carries mu's gradient */
+                else if (kind == 1) BWD1H(1, PRIOR_GAUSS);
+                else BWD1H(2, PRIOR_GAUSS);
             } else {
-                if (kind == 0) BWD1(0, PRIOR_MIX);
-                else if (kind == 1) BWD1(1, PRIOR_MIX);
-                else BWD1(2, PRIOR_MIX);
+                if (kind == 0) BWD1(0, PRIOR_MIX, 0);
+                else if (kind == 1) BWD1H(1, PRIOR_MIX);
+                else BWD1H(2, PRIOR_MIX);
             }
+#undef BWD1H
 #undef BWD1
             continue;
         }
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
-#define BWD(K, P) bwd_tile(K, P, mu + b0, rho + b0, sigma + b0, eps + b0, g_t + b0, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
+            const float *gmb = hg ? g_mu + b0 : g_mu;
+#define BWD(K, P, H) bwd_tile(K, P, H, mu + b0, rho + b0, sigma + b0, eps + b0, g_t + b0, gmb, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
+#define BWDH(K, P) do { if (hg) BWD(K, P, 1); else BWD(K, P, 0); } while (0)
             if (prior == PRIOR_GAUSS) {
-                if (kind == 0) BWD(0, PRIOR_GAUSS);
-                else if (kind == 1) BWD(1, PRIOR_GAUSS);
-                else BWD(2, PRIOR_GAUSS);
+                if (kind == 0) BWD(0, PRIOR_GAUSS, 0);
+                else if (kind == 1) BWDH(1, PRIOR_GAUSS);
+                else BWDH(2, PRIOR_GAUSS);
             } else {
-                if (kind == 0) BWD(0, PRIOR_MIX);
-                else if (kind == 1) BWD(1, PRIOR_MIX);
-                else BWD(2, PRIOR_MIX);
+                if (kind == 0) BWD(0, PRIOR_MIX, 0);
+                else if (kind == 1) BWDH(1, PRIOR_MIX);
+                else BWDH(2, PRIOR_MIX);
             }
+#undef BWDH
 #undef BWD
         }
     }
