@@ -124,3 +124,30 @@ def test_small_bbb_mlp_learns_mnist(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_report_summarises_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several seeds of a row: the report adds their mean +- sample sd (Table 1 and Table 2)."""
+    d = _driver()
+    out = tmp_path / "mnist"
+    for seed, (err, nll) in enumerate([(0.0151, 0.052), (0.0147, 0.050), (0.0160, 0.055)]):
+        rd = out / f"bbb-mixture-1200-s{seed}"
+        rd.mkdir(parents=True)
+        (rd / "config.json").write_text(json.dumps({"hidden": [1200, 1200]}))
+        m = {
+            "summary": {"epochs_trained": 100, "best_epoch": 95, "wall_seconds": 4000.0},
+            "test": {"error": err, "nll": nll, "ece": 0.005},
+            "val": {"error": err - 0.001},
+        }
+        (rd / "metrics.json").write_text(json.dumps(m))
+        rows = [
+            {"fraction": 0.0, "test_error_pct": 100 * err},
+            {"fraction": 0.95, "test_error_pct": 1.6},
+        ]
+        (rd / "table2.json").write_text(json.dumps({"rows": rows}))
+    d["main"](["report", "--out", str(out)])
+    text = capsys.readouterr().out
+    # mean 1.5267, sample sd of (1.51, 1.47, 1.60) = 0.0666
+    assert "| bbb-mixture | 1200 | 3 | 1.53 +- 0.07 | 1.32 | 1.43 +- 0.07 | 5.23 +- 0.25 |" in text
+    assert "Table 2, bbb-mixture-1200, over 3 seeds" in text
+    assert "| 0% | 1.53 +- 0.07 | 1.24 |" in text and "| 95% | 1.60 +- 0.00 | 1.29 |" in text

@@ -305,12 +305,21 @@ def _snr_figure(figure: Any, s: torch.Tensor, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _mean_sd(values: list[float]) -> str:
+    """``mean +- sd`` (sample sd, n - 1) of ``values``, two decimals."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.2f} +- {sd:.2f}"
+
+
 def report(args: argparse.Namespace) -> None:
-    """Print Table 1 and Table 2 as markdown next to the paper's numbers."""
+    """Print Table 1 and Table 2 as markdown next to the paper's numbers: one row per run, then,
+    where a method and width have several seeds, their mean +- sd (sample sd over seeds)."""
     print(
         "| method | width | epochs | best epoch | test error % (ours) | paper | val error % | test NLL | test ECE | wall s |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for rd in _find_runs(args.out):
         cfgd = json.loads((rd / "config.json").read_text())
         mpath = rd / "metrics.json"
@@ -321,23 +330,51 @@ def report(args: argparse.Namespace) -> None:
         width = cfgd["hidden"][0]
         paper = PAPER_TABLE1.get(method, {}).get(width, float("nan"))
         s = m["summary"]
+        groups.setdefault((method, width), []).append(m)
         print(
             f"| {method} | {width} | {s['epochs_trained']} | {s['best_epoch']} | "
             f"{100 * m['test']['error']:.2f} | {paper} | {100 * m['val']['error']:.2f} | "
             f"{m['test']['nll']:.4f} | {m['test']['ece']:.4f} | {s.get('wall_seconds', float('nan')):.0f} |"
         )
+    several = {k: v for k, v in groups.items() if len(v) > 1}
+    if several:
+        print("\nOver seeds (mean +- sd, sample sd):\n")
+        print("| method | width | seeds | test error % | paper | val error % | test NLL x 100 |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for (method, width), ms in sorted(several.items()):
+            paper = PAPER_TABLE1.get(method, {}).get(width, float("nan"))
+            test = _mean_sd([100 * m["test"]["error"] for m in ms])
+            val = _mean_sd([100 * m["val"]["error"] for m in ms])
+            nll = _mean_sd([100 * m["test"]["nll"] for m in ms])
+            print(f"| {method} | {width} | {len(ms)} | {test} | {paper} | {val} | {nll} |")
+    tables: dict[str, list[list[dict[str, Any]]]] = {}  # "bbb-mixture-1200" -> seeds' rows
     for rd in _find_runs(args.out):
         t2 = rd / "table2.json"
         if t2.exists():
+            rows = json.loads(t2.read_text())["rows"]
+            tables.setdefault(rd.name.rsplit("-", 1)[0], []).append(rows)
             print(f"\nTable 2 ({rd.name}, end of training):\n")
             print("| removed | test error % (ours) | paper | compact size (bytes) | dense size |")
             print("| --- | --- | --- | --- | --- |")
-            for row in json.loads(t2.read_text())["rows"]:
+            for row in rows:
                 f = row["fraction"]
                 print(
                     f"| {100 * f:.0f}% | {row['test_error_pct']:.2f} | {PAPER_TABLE2.get(f, 'n/a')} | "
                     f"{row.get('compact_bytes', '-')} | {row.get('dense_bytes', '-')} |"
                 )
+    for name, seeds in tables.items():
+        if len(seeds) < 2:
+            continue
+        print(f"\nTable 2, {name}, over {len(seeds)} seeds (mean +- sd, sample sd):\n")
+        print("| removed | test error % | paper |")
+        print("| --- | --- | --- |")
+        by_fraction: dict[float, list[float]] = {}
+        for rows in seeds:
+            for row in rows:
+                by_fraction.setdefault(row["fraction"], []).append(row["test_error_pct"])
+        for f, errs in by_fraction.items():
+            if len(errs) > 1:
+                print(f"| {100 * f:.0f}% | {_mean_sd(errs)} | {PAPER_TABLE2.get(f, 'n/a')} |")
 
 
 def main(argv: list[str] | None = None) -> int:
