@@ -144,7 +144,7 @@ def test_fused_kernel_matches_float64_formulas(kind: str, n: int) -> None:
     prior = bbb.GaussianPrior(0.7, mean=0.1)
     K.set_kernels("native")
     torch.manual_seed(0)
-    t, kl, eps = K.native_sample_and_kl(kind, mu, rho, prior)
+    t, kl, eps, _ = K.native_sample_and_kl(kind, mu, rho, prior)
     assert (eps is None) == (kind == "local")
     g_t = torch.randn(n, generator=g)
     (gm, gr) = torch.autograd.grad((t * g_t).sum() + 0.37 * kl, (mu, rho))
@@ -173,7 +173,7 @@ def test_fused_mixture_mc_kernel_matches_float64_formulas(kind: str, n: int) -> 
     prior = bbb.ScaleMixturePrior(0.25, 1.0, math.exp(-6))
     K.set_kernels("native")
     torch.manual_seed(0)
-    t, kl, eps = K.native_sample_and_kl(kind, mu, rho, prior, "mc")
+    t, kl, eps, _ = K.native_sample_and_kl(kind, mu, rho, prior, "mc")
     assert eps is not None
     g_t = torch.randn(n, generator=g)
     (gm, gr) = torch.autograd.grad((t * g_t).sum() + 0.37 * kl, (mu, rho))
@@ -219,7 +219,7 @@ def test_fused_kernel_with_several_samples_matches_float64_formulas(
     prior = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-2)) if mixture else bbb.GaussianPrior(0.7)
     K.set_kernels("native")
     torch.manual_seed(0)
-    t, kl, eps = K.native_sample_and_kl(
+    t, kl, eps, _ = K.native_sample_and_kl(
         kind, mu, rho, prior, "mc" if mixture else "closed_form", samples=S
     )
     assert t.shape == (S, n) and eps is not None and eps.shape == (S, n)
@@ -256,7 +256,7 @@ def test_fused_kernel_with_several_samples_matches_float64_formulas(
 def test_mean_path_gradient_is_added_in_the_native_backward(
     kind: str, samples: int, mixture: bool
 ) -> None:
-    """native_sample_kl_and_mean: mu passed through the node (no copy); its upstream gradient
+    """native_sample_and_kl(mean_path=True): mu passed through the node (no copy); its upstream gradient
     is added to the KL's and the estimator's by the C backward, both the one-sample loop and
     the tiled several-sample one: the same gradients as without it plus g_mu."""
     n = 40_001  # two 32768-element blocks, the last partial
@@ -270,11 +270,13 @@ def test_mean_path_gradient_is_added_in_the_native_backward(
     g_t = torch.randn(*((rows,) if rows > 1 else ()), n, generator=g)
     g_m = torch.randn(n, generator=g)
     torch.manual_seed(0)
-    t, kl, _, mu_alias = K.native_sample_kl_and_mean(kind, mu, rho, prior, mode, samples=samples)
+    t, kl, _, mu_alias = K.native_sample_and_kl(kind, mu, rho, prior, mode, None, samples, True)
+    assert mu_alias is not None
     assert mu_alias.data_ptr() == mu.data_ptr() and torch.equal(mu_alias, mu)
     gm, gr = torch.autograd.grad((t * g_t).sum() + 0.37 * kl + (mu_alias * g_m).sum(), (mu, rho))
     torch.manual_seed(0)  # the same noise
-    t0, kl0, _ = K.native_sample_and_kl(kind, mu, rho, prior, mode, samples=samples)
+    t0, kl0, _, none = K.native_sample_and_kl(kind, mu, rho, prior, mode, samples=samples)
+    assert none is None
     torch.testing.assert_close(t, t0, rtol=0, atol=0)
     gm0, gr0 = torch.autograd.grad((t0 * g_t).sum() + 0.37 * kl0, (mu, rho))
     # one float32 addition (or a fused multiply-add) apart: a few ulps
@@ -283,12 +285,13 @@ def test_mean_path_gradient_is_added_in_the_native_backward(
     # an output left out of the loss passes no gradient (not zero-filled by autograd: the C
     # backward takes none), and the mean path alone gives d/dmu = g_m, d/drho = 0
     torch.manual_seed(0)
-    _, _, _, mu_alias = K.native_sample_kl_and_mean(kind, mu, rho, prior, mode, samples=samples)
+    _, _, _, mu_alias = K.native_sample_and_kl(kind, mu, rho, prior, mode, None, samples, True)
+    assert mu_alias is not None
     gm, gr = torch.autograd.grad((mu_alias * g_m).sum(), (mu, rho))
     torch.testing.assert_close(gm, g_m, rtol=0, atol=0)
     assert not gr.any()
     with pytest.raises(ValueError, match="'reparam' has no separate mean path"):
-        K.native_sample_kl_and_mean("reparam", mu, rho, prior, mode)
+        K.native_sample_and_kl("reparam", mu, rho, prior, mode, mean_path=True)
     with pytest.raises(ValueError, match="g_mu is for 'flipout' and 'local'"):
         N.sample_kl_bwd("reparam", mu.detach(), rho.detach(), mu.detach(), mu.detach(),
                         mu.detach(), 1.0, ("gaussian", 0.0, 1.0), g_mu=g_m)  # fmt: skip

@@ -1,7 +1,7 @@
 """Issue 8: flipout's and local's mean path through the native node, on and off.
 
 With it on (the library's default), a flipout or local layer takes mu for its mean path from
-the native node (:func:`bbb.kernels.native_sample_kl_and_mean`), and the node's C backward
+the native node (``bbb.kernels.native_sample_and_kl(..., mean_path=True)``), and the node's C backward
 adds the mean path's gradient of mu to the KL's in its own pass; off, the layer uses mu
 directly and autograd sums mu's two gradients in a separate pass. Both variants and the
 deterministic MLP 784-1200-1200-10 (Adam steps, batch 128, Gaussian prior, closed-form KL,
@@ -29,21 +29,20 @@ from bbb import _native as N
 from bbb import bench
 from bbb import kernels as K
 
-_routed = K.native_sample_kl_and_mean
+_routed = K.native_sample_and_kl
 
 
-def _unrouted(kind, mu, rho, prior, mode="closed_form", used=None, samples=1):  # type: ignore[no-untyped-def]
-    t, kl, eps = K.native_sample_and_kl(kind, mu, rho, prior, mode, used, samples)
-    return t, kl, eps, mu
+def _unrouted(kind, mu, rho, prior, mode="closed_form", used=None, samples=1, mean_path=False):  # type: ignore[no-untyped-def]
+    return _routed(kind, mu, rho, prior, mode, used, samples, False)
 
 
 def _with(route: bool, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        K.native_sample_kl_and_mean = _routed if route else _unrouted  # type: ignore[assignment]
+        K.native_sample_and_kl = _routed if route else _unrouted  # type: ignore[assignment]
         try:
             step()
         finally:
-            K.native_sample_kl_and_mean = _routed  # type: ignore[assignment]
+            K.native_sample_and_kl = _routed  # type: ignore[assignment]
 
     return run
 

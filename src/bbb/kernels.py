@@ -52,7 +52,6 @@ __all__ = [
     "native_fusable",
     "native_prior",
     "native_sample_and_kl",
-    "native_sample_kl_and_mean",
     "gaussian_kl_grads",
     "mc_log_prob_sum",
     "mc_kl_grads",
@@ -535,56 +534,28 @@ def native_sample_and_kl(
     kl_mode: str = "closed_form",
     used: list[bool] | None = None,
     samples: int = 1,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    mean_path: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """:func:`sample_and_kl` with the noise drawn inside the native kernel, for the priors and
     KL modes of :func:`native_prior`.
 
-    Returns ``(t, kl, eps)``: the estimator's tensor (shape W), the KL in nats (closed form,
-    or the single-sample Monte Carlo estimate at ``w = mu + sigma * eps``) and the standard
-    normal noise drawn (shape W; for ``"local"``, None with the closed form, the KL's own
-    sample with the Monte Carlo KL). ``samples`` > 1 (reparam, flipout): t and eps get a
-    leading dimension of that many weight samples, and a Monte Carlo KL is their average
-    (local ignores it). ``used``: a one-element list set to True when the node's
-    backward has run (its graph is then freed; the layers recompute their KL after that).
-    Gradients are first-order only (the backward is C code). Requires :func:`native_fusable`.
+    Returns ``(t, kl, eps, mu_alias)``: the estimator's tensor (shape W), the KL in nats
+    (closed form, or the single-sample Monte Carlo estimate at ``w = mu + sigma * eps``), the
+    standard normal noise drawn (shape W; for ``"local"``, None with the closed form, the KL's
+    own sample with the Monte Carlo KL), and, with ``mean_path`` (``"flipout"`` and
+    ``"local"``), mu for the layer's mean path (else None): mu's values, no copy, whose
+    gradient goes through this node, whose backward adds it to the KL's and the estimator's
+    in its own pass over the weights (one pass fewer than autograd summing mu's two
+    gradients). ``samples`` > 1 (reparam, flipout): t and eps get a leading dimension of that
+    many weight samples, and a Monte Carlo KL is their average (local ignores it). ``used``:
+    a one-element list set to True when the node's backward has run (its graph is then freed;
+    the layers recompute their KL after that). Gradients are first-order only (the backward
+    is C code). Requires :func:`native_fusable`.
     """
-    t, kl, eps, _ = _native_apply(kind, mu, rho, prior, kl_mode, used, samples, False)
-    return t, kl, eps
-
-
-def native_sample_kl_and_mean(
-    kind: str,
-    mu: Tensor,
-    rho: Tensor,
-    prior: Prior,
-    kl_mode: str = "closed_form",
-    used: list[bool] | None = None,
-    samples: int = 1,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """:func:`native_sample_and_kl` for ``"flipout"`` and ``"local"``, plus mu for the layer's
-    mean path: ``(t, kl, eps, mu_alias)``, where ``mu_alias`` has mu's values (no copy) and
-    sends its gradient through the native node, whose backward adds it to the KL's and the
-    estimator's in the same pass over the weights (one pass fewer than autograd summing
-    mu's two gradients)."""
-    if kind == "reparam":
-        raise ValueError("native_sample_kl_and_mean: 'reparam' has no separate mean path")
-    t, kl, eps, mu_alias = _native_apply(kind, mu, rho, prior, kl_mode, used, samples, True)
-    assert mu_alias is not None
-    return t, kl, eps, mu_alias
-
-
-def _native_apply(
-    kind: str,
-    mu: Tensor,
-    rho: Tensor,
-    prior: Prior,
-    kl_mode: str,
-    used: list[bool] | None,
-    samples: int,
-    mean_path: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     if kind not in ESTIMATOR_OUTPUTS:
         raise ValueError(f"unknown kind {kind!r}; accepted values: {', '.join(ESTIMATOR_OUTPUTS)}")
+    if mean_path and kind == "reparam":
+        raise ValueError("native_sample_and_kl: 'reparam' has no separate mean path")
     spec = native_prior(prior, kl_mode)
     if spec is None:
         raise ValueError(

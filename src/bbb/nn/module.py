@@ -499,26 +499,20 @@ class BayesModule(nn.Module):
         kind, mode = self.estimator, self.kl_mode
         used = [False]  # set by the nodes' backward: kl() then recomputes (graph freed)
         s = 1 if kind == "local" else num_samples
-        mu_w, mu_b = self.weight_mu, self.bias_mu
-        tb = kl_b = eps_b = None
-        if kind == "reparam":
-            t, kl_w, eps_w = _kernels.native_sample_and_kl(
-                kind, mu_w, self.weight_rho, self.prior, mode, used, s
+        # flipout, local: the mean path's mu comes through the node, whose backward adds that
+        # gradient to the KL's in its own pass (one pass fewer); reparam's t carries it
+        routed = kind != "reparam"
+        t, kl_w, eps_w, mu_w = _kernels.native_sample_and_kl(
+            kind, self.weight_mu, self.weight_rho, self.prior, mode, used, s, routed
+        )
+        tb = kl_b = eps_b = mu_b = None
+        if self.bias_mu is not None and self.bias_rho is not None:
+            tb, kl_b, eps_b, mu_b = _kernels.native_sample_and_kl(
+                kind, self.bias_mu, self.bias_rho, self.prior, mode, used, s, routed
             )
-            if self.bias_mu is not None and self.bias_rho is not None:
-                tb, kl_b, eps_b = _kernels.native_sample_and_kl(
-                    kind, self.bias_mu, self.bias_rho, self.prior, mode, used, s
-                )
-        else:
-            # flipout, local: the mean path's mu goes through the node too, whose backward
-            # then adds that gradient to the KL's in its own pass (one pass fewer)
-            t, kl_w, eps_w, mu_w = _kernels.native_sample_kl_and_mean(
-                kind, mu_w, self.weight_rho, self.prior, mode, used, s
-            )
-            if self.bias_mu is not None and self.bias_rho is not None:
-                tb, kl_b, eps_b, mu_b = _kernels.native_sample_kl_and_mean(
-                    kind, self.bias_mu, self.bias_rho, self.prior, mode, used, s
-                )
+        if not routed:
+            mu_w, mu_b = self.weight_mu, self.bias_mu
+        assert mu_w is not None
         # the sigmas are not read by the estimators when their tensors are given (placeholders)
         post = est.Posterior(mu_w, mu_w, mu_b, mu_b)
         if kind == "local":
