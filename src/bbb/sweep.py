@@ -1175,9 +1175,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         default=60,
         help="worker heartbeat in seconds (default: 60); a trial silent for 3x this is retried",
     )
-    run.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
     run.add_argument(
-        "--no-trial-plots", action="store_true", help="no PNG files in the trial run directories"
+        "--verbose", action="store_true", help="print every epoch of every trial (default: off)"
+    )
+    run.add_argument(
+        "--no-trial-plots",
+        action="store_true",
+        help="no PNG files in the trial run directories (default: off)",
     )
     run.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
 
@@ -1190,7 +1194,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         help="storage URL (default: $BBB_SWEEP_STORAGE, then the one the sweep recorded)",
     )
     show.add_argument("--study-name", help="study name (default: the one the sweep recorded)")
-    show.add_argument("--no-plots", action="store_true", help="table and CSV only")
+    show.add_argument("--no-plots", action="store_true", help="table and CSV only (default: off)")
 
     best = _Parser(prog="bbb sweep best", description="The best configuration as TOML.")
     best.add_argument("sweep_dir")
