@@ -58,6 +58,23 @@ def test_driver_tables_and_compact_export(tmp_path: Path, monkeypatch: pytest.Mo
     )
     rows = json.loads((out / "bbb-mixture-16-s0" / "table2.json").read_text())["rows"]
     assert [r["fraction"] for r in rows] == [0.0, 0.5, 0.95]
+    # the evaluation's weight samples are seeded: the same command gives the same numbers
+    d["main"](
+        [
+            "table2",
+            "--width",
+            "16",
+            "--fractions",
+            "0",
+            "0.5",
+            "0.95",
+            "--num-samples",
+            "2",
+            *common,
+        ]
+    )
+    again = json.loads((out / "bbb-mixture-16-s0" / "table2.json").read_text())["rows"]
+    assert [r["test_nll"] for r in again] == [r["test_nll"] for r in rows]
     for r in rows[1:]:
         # the compact export keeps only the surviving weights and reloads to the same network
         assert r["compact_bytes"] < r["dense_bytes"]

@@ -126,6 +126,7 @@ def table2(args: argparse.Namespace) -> None:
             cfg, model, likelihood, data = load_run(rd, which="last")
             pr = prune_by_snr(model, fraction)
             assert data.test is not None
+            torch.manual_seed(args.seed)  # the weight samples: the same command, the same numbers
             report = evaluate(
                 model,
                 DataLoader(data.test, batch_size=1000),
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_TABLE2))
     t2.add_argument("--num-samples", type=int, default=10)
     t2.add_argument("--width", type=int, default=1200, help="which width's runs to prune")
+    t2.add_argument("--seed", type=int, default=0, help="seed of the evaluation's weight samples")
     ex = sub.add_parser("extras", help="NLL, ECE, OOD AUROC, figures")
     ex.add_argument("--num-samples", type=int, default=10)
     sub.add_parser("report", help="markdown tables")
