@@ -42,37 +42,12 @@ def test_driver_tables_and_compact_export(tmp_path: Path, monkeypatch: pytest.Mo
     before = (out / "sgd-16-s0" / "metrics.json").stat().st_mtime_ns
     d["main"](["table1", "--subset", "256", "--epochs", "1", "--widths", "16", "--quiet", *common])
     assert (out / "sgd-16-s0" / "metrics.json").stat().st_mtime_ns == before
-    d["main"](
-        [
-            "table2",
-            "--width",
-            "16",
-            "--fractions",
-            "0",
-            "0.5",
-            "0.95",
-            "--num-samples",
-            "2",
-            *common,
-        ]
-    )
+    table2 = ["table2", "--width", "16", "--fractions", "0", "0.5", "0.95", "--num-samples", "2"]
+    d["main"]([*table2, *common])
     rows = json.loads((out / "bbb-mixture-16-s0" / "table2.json").read_text())["rows"]
     assert [r["fraction"] for r in rows] == [0.0, 0.5, 0.95]
     # the evaluation's weight samples are seeded: the same command gives the same numbers
-    d["main"](
-        [
-            "table2",
-            "--width",
-            "16",
-            "--fractions",
-            "0",
-            "0.5",
-            "0.95",
-            "--num-samples",
-            "2",
-            *common,
-        ]
-    )
+    d["main"]([*table2, *common])
     again = json.loads((out / "bbb-mixture-16-s0" / "table2.json").read_text())["rows"]
     assert [r["test_nll"] for r in again] == [r["test_nll"] for r in rows]
     for r in rows[1:]:
