@@ -21,6 +21,7 @@ from bbb.bandit import (
     run_bandit,
 )
 from bbb.nn.ensemble import BayesLinearEnsemble
+from bbb.train.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -198,6 +199,9 @@ def test_bad_config_is_a_clear_error() -> None:
         BanditConfig(estimator="x").validate()
     with pytest.raises(ValueError, match="kl_data_size 'all'; accepted values: buffer, seen"):
         BanditConfig(kl_data_size="all").validate()
+    for bad in (0.0, -1e-8, float("nan")):
+        with pytest.raises(ValueError, match="adam_eps must be a finite positive number"):
+            BanditConfig(adam_eps=bad).validate()
 
 
 @needs_data
@@ -319,6 +323,37 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     run_bandit(_cfg(steps=8), tmp_path / "r", resume=True, progress=False, log=None)
     with pytest.raises(ValueError, match="does not exist"):
         run_bandit(_cfg(), tmp_path / "none", resume=True, log=None)
+
+
+@needs_data
+def test_adam_eps_reaches_the_optimizer_and_older_runs_resume_without_it(
+    tmp_path: Path,
+) -> None:
+    """``adam_eps`` changes the run (it is Adam's eps, not a label), a run made before the
+    setting existed (its config.json lacks the key) resumes with the old value, 1e-8, and
+    resuming with another eps is refused."""
+    run_bandit(_cfg(steps=4), tmp_path / "a", progress=False, log=None)
+    run_bandit(_cfg(steps=4, adam_eps=10.0), tmp_path / "b", progress=False, log=None)
+    (sa, _), (sb, _) = (load_checkpoint(tmp_path / d / "checkpoints") for d in "ab")
+    init = BanditConfig().rho_init
+    # the Bayesian population comes first; the greedy one trains only its means
+    for i, (pa, pb) in enumerate(zip(sa["pops"], sb["pops"], strict=True)):
+        trained = [n for n in pa["model"] if n.endswith(("_mu", "_rho") if i == 0 else "_mu")]
+        assert trained
+        for name in trained:
+            wa, wb = pa["model"][name], pb["model"][name]
+            # eps 10 shrinks every Adam step (|g| / sqrt(v) ~ 1 becomes |g| / 10): the
+            # parameters move far less from the same start
+            assert not torch.equal(wa, wb), name
+            if name.endswith("_rho"):
+                assert (wb - init).abs().max() < (wa - init).abs().max(), name
+    cfg_path = tmp_path / "a" / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    del saved["adam_eps"]
+    cfg_path.write_text(json.dumps(saved))
+    run_bandit(_cfg(steps=8), tmp_path / "a", resume=True, progress=False, log=None)
+    with pytest.raises(ValueError, match=r"adam_eps: 1e-08 -> 0.001"):
+        run_bandit(_cfg(steps=10, adam_eps=1e-3), tmp_path / "a", resume=True, log=None)
 
 
 @needs_data

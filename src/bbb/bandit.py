@@ -139,6 +139,10 @@ class BanditConfig:
     batch_size: int = 64
     buffer_size: int = 4096
     lr: float = 1e-3
+    # Adam's eps (torch's default). Larger values damp the steps of parameters whose gradient
+    # is tiny: under Adam's normalisation a weight that only the KL pulls (its data left the
+    # buffer) moves to the prior at ~lr per update however small the KL's weight
+    adam_eps: float = 1e-8
     thompson_samples: int = 2
     # BBB training steps: weight-space sampling (the paper's algorithm; the fused update)
     estimator: str = "reparam"
@@ -200,7 +204,7 @@ class BanditConfig:
             raise ValueError(
                 f"unknown prior {self.prior!r}; accepted values: {', '.join(PRIOR_NAMES)}"
             )
-        for key in ("lr", "noise_sigma"):
+        for key in ("lr", "noise_sigma", "adam_eps"):
             v = getattr(self, key)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite positive number, got {v!r}")
@@ -567,13 +571,13 @@ def fused_update(
     return eps
 
 
-def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+def _adam(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """Adam with the fused kernel where this build has one (4x faster here than ``foreach``
     for the bandit's ~0.5M parameters), else ``foreach``; the updates are the same."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
 def make_prior_from(cfg: BanditConfig) -> Prior:
@@ -666,7 +670,7 @@ def _run_bandit(
     agent_gen = torch.Generator().manual_seed(20_000 + cfg.seeds[0])
     # One optimiser and one backward pass for all populations per update (the members are
     # independent, and Adam's state is per parameter, so this equals separate optimisers).
-    optimizer = _adam([p.flat for p in pops], cfg.lr)
+    optimizer = _adam([p.flat for p in pops], cfg.lr, cfg.adam_eps)
     # hand-written gradients for all networks (weight-space sampling); autograd otherwise
     fused = cfg.estimator == "reparam"
     member_order = [(p, i) for p in pops for i in range(len(p.names))]
@@ -792,7 +796,7 @@ _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "data_dir")
 
 #: settings added after runs were made, with the value those runs used (their config.json
 #: lacks the key)
-_LEGACY_SETTINGS = {"kl_data_size": "buffer", "kernels": "eager"}
+_LEGACY_SETTINGS = {"kl_data_size": "buffer", "kernels": "eager", "adam_eps": 1e-8}
 
 
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:
@@ -984,6 +988,12 @@ def add_parser(sub: Any) -> None:
         "--buffer-size", type=int, default=d.buffer_size, help="replay buffer (last interactions)"
     )
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument(
+        "--adam-eps",
+        type=float,
+        default=d.adam_eps,
+        help="Adam's eps (all agents; larger damps the KL-only drift of data-less weights)",
+    )
     p.add_argument(
         "--thompson-samples",
         type=int,
