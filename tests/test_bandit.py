@@ -197,7 +197,9 @@ def test_bad_config_is_a_clear_error() -> None:
         BanditConfig(steps=0).validate()
     with pytest.raises(ValueError, match="unknown estimator"):
         BanditConfig(estimator="x").validate()
-    with pytest.raises(ValueError, match="kl_data_size 'all'; accepted values: buffer, seen"):
+    with pytest.raises(
+        ValueError, match="kl_data_size 'all'; accepted values: buffer, seen, capacity"
+    ):
         BanditConfig(kl_data_size="all").validate()
     for bad in (0.0, -1e-8, float("nan")):
         with pytest.raises(ValueError, match="adam_eps must be a finite positive number"):
@@ -673,6 +675,26 @@ def _reference_loss(
                     h = torch.relu(h)
             total = total + ((h[..., 0] - r) ** 2).mean(1).sum()
     return total
+
+
+def test_kl_data_size_sets_the_elbo_n_as_the_buffer_fills() -> None:
+    """N of KL / N: the buffer's size (the protocol), the interactions seen, or the buffer's
+    capacity from the first interaction on."""
+    from bbb.bandit import BanditConfig, _Population
+
+    got: dict[str, list[int]] = {}
+    for mode in ("buffer", "seen", "capacity"):
+        cfg = BanditConfig(hidden=3, buffer_size=4, kl_data_size=mode).validate()
+        p = _Population(cfg, ["bbb-thompson"], [0], True, 2)
+        got[mode] = []
+        for _ in range(6):
+            p.buffers.add(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1))
+            got[mode].append(p.kl_n)
+    assert got == {
+        "buffer": [1, 2, 3, 4, 4, 4],
+        "seen": [1, 2, 3, 4, 5, 6],
+        "capacity": [4, 4, 4, 4, 4, 4],
+    }
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "scale_mixture", "laplace"])

@@ -9,7 +9,8 @@ For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluat
   (``thompson_samples`` weight samples averaged, frozen per decision), averaged over
   ``--draws`` decisions per mushroom: model error plus the cost of exploration;
 - ``sd(eat)``: median over mushrooms of the standard deviation of one sampled eat-value;
-- per layer, the fraction of weights whose posterior sigma is above 0.5 (at the prior's width).
+- per layer, the fraction of weights whose posterior sigma is above half the prior's width
+  (``prior_sigma``; the scale mixture's ``prior_sigma1``): weights left at the prior.
 
 Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32]``
 """
@@ -58,6 +59,7 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
         ts_regret = torch.full((k,), float("nan"))
         sd_eat = torch.full((k,), float("nan"))
         wide: list[list[float]] = [[] for _ in range(k)]
+        width = cfg.prior_sigma1 if cfg.prior == "scale_mixture" else cfg.prior_sigma
         if bayes:
             s = cfg.thompson_samples
             total = torch.zeros(k)
@@ -72,7 +74,7 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
             sd_eat = torch.stack(values).std(0).median(1).values
             for layer in pop.layers:
                 sigma = torch.nn.functional.softplus(layer.weight_rho)  # (K, out, in)
-                frac = (sigma > 0.5).float().flatten(1).mean(1)
+                frac = (sigma > 0.5 * width).float().flatten(1).mean(1)
                 for i in range(k):
                     wide[i].append(round(float(frac[i]), 3))
         for i in range(k):
@@ -94,7 +96,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
     args = parser.parse_args()
     rows = diagnose(args.run_dir, args.draws)
-    print(f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  wide (>0.5)")
+    print(f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  wide (>prior/2)")
     for r in rows:
         print(
             f"{r['member']!s:28s} {r['mean_policy']:11.4f} {r['thompson']:9.4f} "

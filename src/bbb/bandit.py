@@ -83,7 +83,7 @@ BAYES_ONLY_SETTINGS = (
     "kernels",
 )
 #: accepted values of ``BanditConfig.kl_data_size`` (the N of the Bayesian agent's KL / N)
-KL_DATA_SIZES = ("buffer", "seen")
+KL_DATA_SIZES = ("buffer", "seen", "capacity")
 #: accepted values of ``BanditConfig.kernels`` (bbb.kernels backends the bandit uses)
 BANDIT_KERNELS = ("eager", "native")
 EAT, PASS = 1, 0
@@ -162,7 +162,9 @@ class BanditConfig:
     # The ELBO's data-set size N (the loss is mean NLL + KL / N): "buffer", the buffer's current
     # size (the protocol of issue 6, at most buffer_size), or "seen", every interaction so far
     # (the buffer then stands for the whole history, as a minibatch stands for a data set; a
-    # variant, not the paper's agent)
+    # variant, not the paper's agent), or "capacity", buffer_size from the first step (the KL
+    # weight of a full buffer throughout; a variant: the protocol's N = 1, 2, ... weighs the
+    # KL thousands of times more than the data in the first steps)
     kl_data_size: str = "buffer"
     # bbb.kernels backend of the Bayesian agent's update: eager, or native (C noise and the
     # fused sample / closed-form KL gradients, float32 on CPU with the Gaussian prior; the noise
@@ -354,7 +356,11 @@ class _Population:
     @property
     def kl_n(self) -> int:
         """The ELBO's data-set size N now (``BanditConfig.kl_data_size``)."""
-        return self.buffers.seen if self.kl_data_size == "seen" else self.buffers.size
+        if self.kl_data_size == "seen":
+            return self.buffers.seen
+        if self.kl_data_size == "capacity":
+            return self.buffers.capacity
+        return self.buffers.size
 
     def gather_grads(self) -> None:
         """Copy the layers' ``.grad`` (from autograd) into the flat parameter's gradient."""
@@ -1027,7 +1033,8 @@ def add_parser(sub: Any) -> None:
         "--kl-data-size",
         default=d.kl_data_size,
         choices=KL_DATA_SIZES,
-        help="BBB ELBO's N: the buffer's current size (the protocol) or all interactions seen",
+        help="BBB ELBO's N: the buffer's current size (the protocol), all interactions seen, "
+        "or the buffer's capacity from the first step (the KL never outweighs a near-empty buffer)",
     )
     p.add_argument(
         "--kernels",
