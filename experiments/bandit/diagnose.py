@@ -10,7 +10,9 @@ For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluat
   ``--draws`` decisions per mushroom: model error plus the cost of exploration;
 - ``sd(eat)``: median over mushrooms of the standard deviation of one sampled eat-value;
 - per layer, the fraction of weights whose posterior sigma is above half the prior's width
-  (``prior_sigma``; the scale mixture's ``prior_sigma1``): weights left at the prior.
+  (``prior_sigma``; the scale mixture's ``prior_sigma1``): weights left at the prior;
+- per hidden layer, the number of units at least 90% of whose incoming weights are that wide:
+  units whose input is mostly prior noise (the rest carry the reward model).
 
 Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32]``
 """
@@ -59,6 +61,7 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
         ts_regret = torch.full((k,), float("nan"))
         sd_eat = torch.full((k,), float("nan"))
         wide: list[list[float]] = [[] for _ in range(k)]
+        noisy: list[list[int]] = [[] for _ in range(k)]
         width = cfg.prior_sigma1 if cfg.prior == "scale_mixture" else cfg.prior_sigma
         if bayes:
             s = cfg.thompson_samples
@@ -74,9 +77,13 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
             sd_eat = torch.stack(values).std(0).median(1).values
             for layer in pop.layers:
                 sigma = torch.nn.functional.softplus(layer.weight_rho)  # (K, out, in)
-                frac = (sigma > 0.5 * width).float().flatten(1).mean(1)
+                is_wide = (sigma > 0.5 * width).float()
+                frac = is_wide.flatten(1).mean(1)
+                units = (is_wide.mean(2) >= 0.9).sum(1)  # (K,): per output unit of the layer
                 for i in range(k):
                     wide[i].append(round(float(frac[i]), 3))
+                    if layer is not pop.layers[-1]:
+                        noisy[i].append(int(units[i]))
         for i in range(k):
             rows.append(
                 {
@@ -85,6 +92,7 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
                     "thompson": round(float(ts_regret[i]), 4),
                     "sd_eat": round(float(sd_eat[i]), 3),
                     "wide_fraction": wide[i],
+                    "noise_units": noisy[i],
                 }
             )
     return rows
@@ -96,11 +104,14 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
     args = parser.parse_args()
     rows = diagnose(args.run_dir, args.draws)
-    print(f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  wide (>prior/2)")
+    print(
+        f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  "
+        "wide (>prior/2)      noise units"
+    )
     for r in rows:
         print(
             f"{r['member']!s:28s} {r['mean_policy']:11.4f} {r['thompson']:9.4f} "
-            f"{r['sd_eat']:8.3f}  {r['wide_fraction']}"
+            f"{r['sd_eat']:8.3f}  {r['wide_fraction']!s:20s} {r['noise_units']}"
         )
 
 
