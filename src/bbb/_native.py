@@ -201,7 +201,7 @@ def available() -> bool:
 
 def supports(t: Tensor) -> bool:
     """Whether the native kernels take ``t``: a contiguous float32 CPU tensor."""
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def _check(**tensors: Tensor | None) -> None:
@@ -291,16 +291,21 @@ def sample_kl_fwd(
     sigma = torch.empty_like(mu)
     noise = always_noise or code != 2
     eps = torch.empty(rows, dtype=mu.dtype) if noise else None
-    partial = torch.zeros(max(1, -(-n // _CHUNK)), dtype=torch.float64)
+    # the blocks' partial sums: a ctypes array, read back without a tensor and .item()
+    # (the fixed cost of a small layer's call, issue 8)
+    partial = (ctypes.c_double * max(1, -(-n // _CHUNK)))()
     k0, k1 = _key() if noise else (0, 0)
     stride = -(-n // _TILE) * _TILE  # sample q's noise starts at q * stride in the stream
     lib.bbb_sample_kl_fwd(
         mu.data_ptr(), rho.data_ptr(), t.data_ptr(),
         eps.data_ptr() if eps is not None else t.data_ptr(),  # not written without noise
         sigma.data_ptr(), 0, stride, n, _CHUNK, k0, k1, pcode, *consts, code, samples,
-        partial.data_ptr(), _threads(),
+        ctypes.addressof(partial), _threads(),
     )  # fmt: skip
-    return t, float(partial.sum().item()), sigma, eps
+    total = 0.0
+    for v in partial:  # in block order: the same sum for any number of threads
+        total += v
+    return t, total, sigma, eps
 
 
 def sample_kl_bwd(
