@@ -474,6 +474,8 @@ def test_diagnose_script_splits_model_error_from_thompson_cost(tmp_path: Path) -
         assert (0.0 <= r["thompson"] <= 15.0) if bayes else r["thompson"] != r["thompson"]  # nan
         assert len(r["wide_fraction"]) == (3 if bayes else 0)
         assert len(r["noise_units"]) == (2 if bayes else 0)
+        # of the UCI file's 3916 poisonous mushrooms, 120 have no odor
+        assert 0 <= r["eaten_no_odor"] <= 120 and 0 <= r["eaten_other_odor"] <= 3916 - 120
         assert all(0 <= u <= 8 for u in r["noise_units"])  # _cfg's 8 hidden units
     # every network's output layer set to a constant: eat and pass tie, argmax takes pass, and
     # the expected regret per step is 5 x the edible fraction (4208 / 8124 in the UCI file)
@@ -493,6 +495,7 @@ def test_diagnose_script_splits_model_error_from_thompson_cost(tmp_path: Path) -
                 pop["model"][name].fill_(5.0)  # sigma = softplus(5) ~ 5 > prior / 2
     bbb.train.save_checkpoint(run / "checkpoints", int(state["step"]) + 2, state)
     for r in diagnose(run, 2):
+        assert r["eaten_no_odor"] == r["eaten_other_odor"] == 0  # always passes
         if r["member"].startswith("bbb"):
             assert r["noise_units"] == [8, 8] and r["wide_fraction"][:2] == [1.0, 1.0]
         assert r["mean_policy"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)

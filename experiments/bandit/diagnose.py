@@ -11,6 +11,9 @@ For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluat
 - ``sd(eat)``: median over mushrooms of the standard deviation of one sampled eat-value;
 - per layer, the fraction of weights whose posterior sigma is above half the prior's width
   (``prior_sigma``; the scale mixture's ``prior_sigma1``): weights left at the prior;
+- ``eaten``: how many of the 3916 poisonous mushrooms the mean-weight policy eats, split into
+  those with no odor (``odor=n``: 120, the hard ones, told apart by other attributes) and
+  those with a distinctive odor (foul, fishy, ...: odor alone rules them out);
 - per hidden layer, the number of units at least 90% of whose incoming weights are that wide:
   units whose input is mostly prior noise (the rest carry the reward model).
 
@@ -37,6 +40,7 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
     cfg = BanditConfig(**json.loads((run_dir / "config.json").read_text()))
     data = load_mushroom(cfg.data_dir)
     x, edible = data.contexts, data.edible
+    no_odor = x[:, data.feature_names.index("odor=n")] > 0
     n, dim = x.shape
     state, _ = load_checkpoint(run_dir / "checkpoints")
     n_seeds = len(cfg.seeds)
@@ -57,7 +61,11 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
         ).reshape(1, 2 * n, dim + 2)
         with sampling(pop.model, "mean"):
             mean_value = pop.model(both.expand(k, -1, -1)).reshape(k, n, 2)
-        mean_regret = expected_regret(edible.expand(k, n), mean_value.argmax(-1)).mean(1)
+        mean_action = mean_value.argmax(-1)  # (K, n)
+        mean_regret = expected_regret(edible.expand(k, n), mean_action).mean(1)
+        poison_eaten = (mean_action == EAT) & ~edible
+        eaten_none = (poison_eaten & no_odor).sum(1)
+        eaten_other = (poison_eaten & ~no_odor).sum(1)
         ts_regret = torch.full((k,), float("nan"))
         sd_eat = torch.full((k,), float("nan"))
         wide: list[list[float]] = [[] for _ in range(k)]
@@ -93,6 +101,8 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
                     "sd_eat": round(float(sd_eat[i]), 3),
                     "wide_fraction": wide[i],
                     "noise_units": noisy[i],
+                    "eaten_no_odor": int(eaten_none[i]),
+                    "eaten_other_odor": int(eaten_other[i]),
                 }
             )
     return rows
@@ -106,12 +116,13 @@ def main() -> None:
     rows = diagnose(args.run_dir, args.draws)
     print(
         f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  "
-        "wide (>prior/2)      noise units"
+        "eaten (no odor / odor)  wide (>prior/2)      noise units"
     )
     for r in rows:
         print(
             f"{r['member']!s:28s} {r['mean_policy']:11.4f} {r['thompson']:9.4f} "
-            f"{r['sd_eat']:8.3f}  {r['wide_fraction']!s:20s} {r['noise_units']}"
+            f"{r['sd_eat']:8.3f}  {r['eaten_no_odor']:>9d} / {r['eaten_other_odor']:<10d} "
+            f"{r['wide_fraction']!s:20s} {r['noise_units']}"
         )
 
 
