@@ -141,7 +141,8 @@ class BanditConfig:
     lr: float = 1e-3
     # Adam's eps (torch's default). Larger values damp the steps of parameters whose gradient
     # is tiny: under Adam's normalisation a weight that only the KL pulls (its data left the
-    # buffer) moves to the prior at ~lr per update however small the KL's weight
+    # buffer) moves to the prior at ~lr per update however small the KL's weight. 1e-2 lowered
+    # the first 4000 steps' regret but not the later rate (docs/RESULTS.md, session 13)
     adam_eps: float = 1e-8
     thompson_samples: int = 2
     # BBB training steps: weight-space sampling (the paper's algorithm; the fused update)
