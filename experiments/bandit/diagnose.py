@@ -70,8 +70,8 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
         sd_eat = torch.full((k,), float("nan"))
         wide: list[list[float]] = [[] for _ in range(k)]
         noisy: list[list[int]] = [[] for _ in range(k)]
-        width = cfg.prior_sigma1 if cfg.prior == "scale_mixture" else cfg.prior_sigma
         if bayes:
+            width = cfg.prior_sigma1 if cfg.prior == "scale_mixture" else cfg.prior_sigma
             s = cfg.thompson_samples
             total = torch.zeros(k)
             values = []
@@ -83,14 +83,15 @@ def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
                 total += expected_regret(edible.expand(k, n), v.mean(0).argmax(-1)).mean(1)
             ts_regret = total / draws
             sd_eat = torch.stack(values).std(0).median(1).values
-            for layer in pop.layers:
+            for j, layer in enumerate(pop.layers):
                 sigma = torch.nn.functional.softplus(layer.weight_rho)  # (K, out, in)
                 is_wide = (sigma > 0.5 * width).float()
                 frac = is_wide.flatten(1).mean(1)
-                units = (is_wide.mean(2) >= 0.9).sum(1)  # (K,): per output unit of the layer
                 for i in range(k):
                     wide[i].append(round(float(frac[i]), 3))
-                    if layer is not pop.layers[-1]:
+                if j < len(pop.layers) - 1:  # hidden layers: units fed mostly prior noise
+                    units = (is_wide.mean(2) >= 0.9).sum(1)  # (K,)
+                    for i in range(k):
                         noisy[i].append(int(units[i]))
         for i in range(k):
             rows.append(
