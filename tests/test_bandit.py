@@ -204,6 +204,12 @@ def test_bad_config_is_a_clear_error() -> None:
     for bad in (0.0, -1e-8, float("nan")):
         with pytest.raises(ValueError, match="adam_eps must be a finite positive number"):
             BanditConfig(adam_eps=bad).validate()
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="prior_update must be a non-negative integer"):
+            BanditConfig(prior_update=bad).validate()
+    for kw in ({"prior": "laplace"}, {"estimator": "local"}):
+        with pytest.raises(ValueError, match="prior_update needs prior 'gaussian' and estimator"):
+            BanditConfig(prior_update=10, **kw).validate()
 
 
 @needs_data
@@ -230,20 +236,28 @@ def test_thompson_sampling_beats_five_percent_greedy_on_a_short_run(tmp_path: Pa
     assert ours < theirs, m["agents"]
 
 
-@pytest.mark.parametrize("prior", ["gaussian", "scale_mixture", "laplace"])
+@pytest.mark.parametrize("prior", ["gaussian", "scale_mixture", "laplace", "posterior"])
 @pytest.mark.parametrize("agents", ["both", "bbb", "greedy"])
 def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents: str) -> None:
     """The hand-written update (all networks stacked, KL gradients in closed form) gives the
     gradients autograd finds for the same losses written out plainly: per Bayesian member the
     mean Gaussian NLL + KL / N (closed form for the Gaussian prior, else log q(w) - log p(w) at
-    the same sample), per greedy member the mean squared error. float64, same noise and batch."""
+    the same sample), per greedy member the mean squared error. float64, same noise and batch.
+    ``"posterior"``: the Gaussian prior replaced by an earlier posterior, one N(m, s^2) per
+    weight (``BanditConfig.prior_update``), KL in closed form."""
     from bbb.bandit import _Population, fused_update
     from bbb.kl import closed_form_kl_sum, mc_kl
 
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
-        cfg = BanditConfig(prior=prior, hidden=6, batch_size=5, buffer_size=9, noise_sigma=0.7)
+        cfg = BanditConfig(
+            prior="gaussian" if prior == "posterior" else prior,
+            hidden=6,
+            batch_size=5,
+            buffer_size=9,
+            noise_sigma=0.7,
+        )
         pops = []
         if agents in ("both", "bbb"):
             pops.append(_Population(cfg, ["bbb-thompson"] * 2, [0, 1], True, 4))
@@ -258,6 +272,10 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
                     layer.weight_rho.uniform_(-3, 0)
                     layer.bias_rho.uniform_(-3, 0)
         bayes = next((p for p in pops if p.bayes), None)
+        if prior == "posterior" and bayes is not None:
+            bayes.posterior_as_prior()
+            with torch.no_grad():  # the posterior moves on from the prior it left behind
+                bayes.flat.add_(torch.randn_like(bayes.flat), alpha=0.3)
         n_eps = 0 if bayes is None else sum(q.numel() for q in bayes.model.parameters()) // 2
         eps = torch.randn(n_eps)
 
@@ -276,9 +294,12 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
             inp, r = p.buffers.sample(p.batch_size, gen)
             h = inp
             if p.bayes:
-                chunks = iter(
-                    eps.split([q.numel() for l in p.layers for q in (l.weight_mu, l.bias_mu)])
-                )
+                sizes = [q.numel() for l in p.layers for q in (l.weight_mu, l.bias_mu)]
+                chunks = iter(eps.split(sizes))
+                if prior == "posterior":
+                    assert p.prior_loc is not None and p.prior_inv_var is not None
+                    locs = iter(p.prior_loc.split(sizes))
+                    inv_vars = iter(p.prior_inv_var.split(sizes))
                 kl = torch.zeros(())
                 for j, layer in enumerate(p.layers):
                     ws = []
@@ -287,7 +308,19 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
                         sigma = F.softplus(rho)
                         w = mu + sigma * e
                         ws.append(w)
-                        if prior == "gaussian":
+                        if prior == "posterior":
+                            m, iv = next(locs).view_as(mu), next(inv_vars).view_as(mu)
+                            # KL(N(mu, sigma^2) || N(m, 1 / iv)), summed over the weights
+                            kl = (
+                                kl
+                                + (
+                                    0.5 * (sigma**2 + (mu - m) ** 2) * iv
+                                    - 0.5
+                                    - torch.log(sigma)
+                                    - 0.5 * torch.log(iv)
+                                ).sum()
+                            )
+                        elif prior == "gaussian":
                             kl = kl + closed_form_kl_sum(mu, rho, layer.prior)
                         else:
                             kl = kl + mc_kl(w, e, torch.log(sigma), layer.prior).sum()
@@ -356,6 +389,50 @@ def test_adam_eps_reaches_the_optimizer_and_older_runs_resume_without_it(
     run_bandit(_cfg(steps=8), tmp_path / "a", resume=True, progress=False, log=None)
     with pytest.raises(ValueError, match=r"adam_eps: 1e-08 -> 0.001"):
         run_bandit(_cfg(steps=10, adam_eps=1e-3), tmp_path / "a", resume=True, log=None)
+
+
+@needs_data
+def test_prior_update_makes_the_posterior_the_prior_and_resumes_exactly(tmp_path: Path) -> None:
+    """``prior_update``: at every multiple of it the Bayesian agent's prior becomes its
+    posterior of that step (the checkpoint of that step holds both, equal); the run differs
+    from the protocol's after the first update; a run stopped between updates and resumed ends
+    exactly like the uninterrupted one; a run made before the setting (no key) resumes."""
+    import torch.nn.functional as F
+
+    cfg = _cfg(steps=12, prior_update=4, agents=["bbb-thompson"])
+    full = tmp_path / "full"
+    run_bandit(cfg, full, progress=False, log=None)
+    state, _ = bbb.train.load_checkpoint(full / "checkpoints")
+    pop = state["pops"][0]
+    mus = torch.cat([v.reshape(-1) for k, v in pop["model"].items() if k.endswith("_mu")])
+    rhos = torch.cat([v.reshape(-1) for k, v in pop["model"].items() if k.endswith("_rho")])
+    assert torch.equal(pop["prior"]["loc"], mus)
+    torch.testing.assert_close(pop["prior"]["inv_var"], F.softplus(rhos) ** -2)
+
+    base = tmp_path / "base"
+    run_bandit(_cfg(steps=12, agents=["bbb-thompson"]), base, progress=False, log=None)
+    sb, _ = bbb.train.load_checkpoint(base / "checkpoints")
+    assert sb["pops"][0]["prior"] is None
+    assert not torch.equal(sb["pops"][0]["model"]["0.weight_mu"], pop["model"]["0.weight_mu"])
+
+    part = tmp_path / "part"
+    run_bandit(
+        _cfg(steps=6, checkpoint_every=3, prior_update=4, agents=["bbb-thompson"]),
+        part,
+        progress=False,
+        log=None,
+    )
+    run_bandit(cfg, part, resume=True, progress=False, log=None)
+    assert (full / "regret.csv").read_text() == (part / "regret.csv").read_text()
+    sp, _ = bbb.train.load_checkpoint(part / "checkpoints")
+    for k in pop["model"]:
+        assert torch.equal(pop["model"][k], sp["pops"][0]["model"][k]), k
+
+    cfg_path = base / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    del saved["prior_update"]
+    cfg_path.write_text(json.dumps(saved))
+    run_bandit(_cfg(steps=14, agents=["bbb-thompson"]), base, resume=True, progress=False, log=None)
 
 
 @needs_data

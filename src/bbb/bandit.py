@@ -81,6 +81,7 @@ BAYES_ONLY_SETTINGS = (
     "rho_init",
     "kl_data_size",
     "kernels",
+    "prior_update",
 )
 #: accepted values of ``BanditConfig.kl_data_size`` (the N of the Bayesian agent's KL / N)
 KL_DATA_SIZES = ("buffer", "seen", "capacity")
@@ -167,6 +168,13 @@ class BanditConfig:
     # weight of a full buffer throughout; a variant: the protocol's N = 1, 2, ... weighs the
     # KL thousands of times more than the data in the first steps)
     kl_data_size: str = "buffer"
+    # Every this many steps the Bayesian agent's prior becomes its posterior of that moment (a
+    # Gaussian per weight, its mean and sigma, fixed until the next update), as in variational
+    # continual learning (Nguyen, Li, Bui and Turner, ICLR 2018): what left the buffer stays in
+    # the prior instead of the KL pulling it back to N(0, prior_sigma^2). 0: never (the
+    # protocol). A variant, not the paper's agent; Gaussian prior and the fused (reparam)
+    # update only (eager: the native kernels take one prior for all weights).
+    prior_update: int = 0
     # bbb.kernels backend of the Bayesian agent's update: eager, or native (C noise and the
     # fused sample / closed-form KL gradients, float32 on CPU with the Gaussian prior; the noise
     # has torch.randn's distribution but other numbers, so a run keeps its backend)
@@ -219,6 +227,14 @@ class BanditConfig:
         if self.kernels not in BANDIT_KERNELS:
             raise ValueError(
                 f"unknown kernels {self.kernels!r}; accepted values: {', '.join(BANDIT_KERNELS)}"
+            )
+        pu = self.prior_update
+        if isinstance(pu, bool) or not isinstance(pu, int) or pu < 0:
+            raise ValueError(f"prior_update must be a non-negative integer (0: never), got {pu!r}")
+        if pu and (self.prior != "gaussian" or self.estimator != "reparam"):
+            raise ValueError(
+                "prior_update needs prior 'gaussian' and estimator 'reparam' (the fused "
+                f"update's closed-form KL), got prior {self.prior!r}, estimator {self.estimator!r}"
             )
         if not math.isfinite(self.rho_init):
             raise ValueError(f"rho_init must be finite, got {self.rho_init!r}")
@@ -333,6 +349,10 @@ class _Population:
         self.buffers = _Buffers(k, cfg.buffer_size, dim)
         self.thompson_samples = cfg.thompson_samples
         self.kl_data_size = cfg.kl_data_size
+        # per-weight Gaussian prior over the flat means' entries (BanditConfig.prior_update):
+        # its means and inverse variances; None: the prior above for every weight
+        self.prior_loc: Tensor | None = None
+        self.prior_inv_var: Tensor | None = None
         self.batch_size = cfg.batch_size
         self.eps = torch.tensor([0.0 if bayes else _epsilon(n) for n in names])
         # All trainable tensors live in one flat parameter (the layers' parameters become views
@@ -362,6 +382,23 @@ class _Population:
         if self.kl_data_size == "capacity":
             return self.buffers.capacity
         return self.buffers.size
+
+    @torch.no_grad()
+    def posterior_as_prior(self) -> None:
+        """Make the current posterior the prior of every weight (``BanditConfig.prior_update``)."""
+        n = self.n_mu
+        self.prior_loc = self.flat[:n].detach().clone()
+        self.prior_inv_var = torch.nn.functional.softplus(self.flat[n:].detach()).pow_(-2)
+
+    def prior_state(self) -> dict[str, Tensor] | None:
+        """The per-weight prior for a checkpoint (None: the configured prior)."""
+        if self.prior_loc is None or self.prior_inv_var is None:
+            return None
+        return {"loc": self.prior_loc, "inv_var": self.prior_inv_var}
+
+    def load_prior_state(self, s: dict[str, Tensor] | None) -> None:
+        self.prior_loc = None if s is None else s["loc"].contiguous()
+        self.prior_inv_var = None if s is None else s["inv_var"].contiguous()
 
     def gather_grads(self) -> None:
         """Copy the layers' ``.grad`` (from autograd) into the flat parameter's gradient."""
@@ -480,6 +517,7 @@ def fused_update(
         prior = bayes.prior
         native = (
             eps is None
+            and bayes.prior_loc is None
             and isinstance(prior, GaussianPrior)
             and _kernels.native_ready()
             and _native.supports(bayes.flat)
@@ -565,7 +603,14 @@ def fused_update(
             g_mu.copy_(gm)
             g_rho.copy_(gr)
             return eps
-        if isinstance(prior, GaussianPrior):  # closed-form KL
+        if bayes.prior_loc is not None and bayes.prior_inv_var is not None:
+            # closed-form KL to a per-weight Gaussian N(m_i, 1 / p_i) (BanditConfig.prior_update):
+            # dKL/dmu = (mu - m) p, dKL/dsigma = sigma p - 1 / sigma
+            p_all = bayes.prior_inv_var
+            kl_sigma = torch.reciprocal(sig_all).neg_().addcmul_(sig_all, p_all)
+            g_rho.copy_(g_mu).mul_(eps_all).add_(kl_sigma, alpha=inv_n)
+            g_mu.addcmul_(mu_all - bayes.prior_loc, p_all, value=inv_n)
+        elif isinstance(prior, GaussianPrior):  # closed-form KL
             m, s2 = prior._value("mean"), prior._value("sigma") ** 2
             # dKL/dsigma = sigma / s^2 - 1 / sigma
             kl_sigma = torch.reciprocal(sig_all).neg_().add_(sig_all, alpha=1.0 / s2)
@@ -707,6 +752,7 @@ def _run_bandit(
         for p, s in zip(pops, state["pops"], strict=True):
             p.model.load_state_dict(s["model"])
             p.buffers.load(s["buffers"], seen=start_step)
+            p.load_prior_state(s.get("prior"))
         optimizer.load_state_dict(state["optimizer"])
         for g, s in zip(env_gens, state["env_gens"], strict=True):
             g.set_state(s)
@@ -728,7 +774,12 @@ def _run_bandit(
                 "step": step,
                 "columns": columns,
                 "pops": [
-                    {"model": p.model.state_dict(), "buffers": p.buffers.state()} for p in pops
+                    {
+                        "model": p.model.state_dict(),
+                        "buffers": p.buffers.state(),
+                        "prior": p.prior_state(),
+                    }
+                    for p in pops
                 ],
                 "optimizer": optimizer.state_dict(),
                 "env_gens": [g.get_state() for g in env_gens],
@@ -772,6 +823,10 @@ def _run_bandit(
             optimizer.step()
         step += 1
         bar.update(1)
+        if cfg.prior_update and step % cfg.prior_update == 0:
+            for p in pops:
+                if p.bayes:
+                    p.posterior_as_prior()
         # the time limit is checked after every step: when it is reached, this step's
         # checkpoint (an extra one, off the checkpoint_every grid) lets --resume continue here
         out_of_time = (
@@ -803,7 +858,12 @@ _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "data_dir")
 
 #: settings added after runs were made, with the value those runs used (their config.json
 #: lacks the key)
-_LEGACY_SETTINGS = {"kl_data_size": "buffer", "kernels": "eager", "adam_eps": 1e-8}
+_LEGACY_SETTINGS = {
+    "kl_data_size": "buffer",
+    "kernels": "eager",
+    "adam_eps": 1e-8,
+    "prior_update": 0,
+}
 
 
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:
@@ -1036,6 +1096,14 @@ def add_parser(sub: Any) -> None:
         choices=KL_DATA_SIZES,
         help="BBB ELBO's N: the buffer's current size (the protocol), all interactions seen, "
         "or the buffer's capacity from the first step (the KL never outweighs a near-empty buffer)",
+    )
+    p.add_argument(
+        "--prior-update",
+        type=int,
+        default=d.prior_update,
+        metavar="STEPS",
+        help="every STEPS steps the BBB agent's prior becomes its current posterior "
+        "(variational continual learning; a variant, not the paper's agent; 0: never)",
     )
     p.add_argument(
         "--kernels",
