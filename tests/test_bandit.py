@@ -578,6 +578,11 @@ def test_diagnose_script_splits_model_error_from_thompson_cost(tmp_path: Path) -
         assert r["mean_policy"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
         if r["member"].startswith("bbb"):
             assert r["thompson"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
+    # --step reads that step's checkpoint: the one before the hidden weights were widened
+    for r in diagnose(run, 2, int(state["step"]) + 1):
+        assert r["mean_policy"] == pytest.approx(5 * 4208 / 8124, abs=1e-4)
+        if r["member"].startswith("bbb"):  # 12 steps of training left sigma near its 0.05
+            assert r["noise_units"] == [0, 0]
 
 
 @needs_data

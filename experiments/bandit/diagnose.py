@@ -17,7 +17,8 @@ For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluat
 - per hidden layer, the number of units at least 90% of whose incoming weights are that wide:
   units whose input is mostly prior noise (the rest carry the reward model).
 
-Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32]``
+Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32] [--step T]`` (``--step``:
+the checkpoint of step T, to compare runs at one step; default the newest)
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ from bbb.train.checkpoint import load_checkpoint
 
 
 @torch.no_grad()
-def diagnose(run_dir: Path, draws: int) -> list[dict[str, object]]:
+def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[str, object]]:
     """One row of statistics per member network (see the module docstring)."""
     cfg = BanditConfig(**json.loads((run_dir / "config.json").read_text()))
     data = load_mushroom(cfg.data_dir)
     x, edible = data.contexts, data.edible
     no_odor = x[:, data.feature_names.index("odor=n")] > 0
     n, dim = x.shape
-    state, _ = load_checkpoint(run_dir / "checkpoints")
+    ckpts = run_dir / "checkpoints"
+    state, _ = load_checkpoint(ckpts if step is None else ckpts / f"checkpoint-{step:05d}.pt")
     n_seeds = len(cfg.seeds)
     rows: list[dict[str, object]] = []
     specs = [
@@ -113,8 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = parser.parse_args()
-    rows = diagnose(args.run_dir, args.draws)
+    rows = diagnose(args.run_dir, args.draws, args.step)
     print(
         f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  "
         "eaten (no odor / odor)  wide (>prior/2)      noise units"
