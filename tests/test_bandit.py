@@ -297,9 +297,9 @@ def test_fused_update_gradients_equal_autograd_of_the_losses(prior: str, agents:
                 sizes = [q.numel() for l in p.layers for q in (l.weight_mu, l.bias_mu)]
                 chunks = iter(eps.split(sizes))
                 if prior == "posterior":
-                    assert p.prior_loc is not None and p.prior_inv_var is not None
-                    locs = iter(p.prior_loc.split(sizes))
-                    inv_vars = iter(p.prior_inv_var.split(sizes))
+                    assert p.weight_prior is not None
+                    locs = iter(p.weight_prior[0].split(sizes))
+                    inv_vars = iter(p.weight_prior[1].split(sizes))
                 kl = torch.zeros(())
                 for j, layer in enumerate(p.layers):
                     ws = []

@@ -350,9 +350,8 @@ class _Population:
         self.thompson_samples = cfg.thompson_samples
         self.kl_data_size = cfg.kl_data_size
         # per-weight Gaussian prior over the flat means' entries (BanditConfig.prior_update):
-        # its means and inverse variances; None: the prior above for every weight
-        self.prior_loc: Tensor | None = None
-        self.prior_inv_var: Tensor | None = None
+        # (means, inverse variances); None: the prior above for every weight
+        self.weight_prior: tuple[Tensor, Tensor] | None = None
         self.batch_size = cfg.batch_size
         self.eps = torch.tensor([0.0 if bayes else _epsilon(n) for n in names])
         # All trainable tensors live in one flat parameter (the layers' parameters become views
@@ -387,18 +386,19 @@ class _Population:
     def posterior_as_prior(self) -> None:
         """Make the current posterior the prior of every weight (``BanditConfig.prior_update``)."""
         n = self.n_mu
-        self.prior_loc = self.flat[:n].detach().clone()
-        self.prior_inv_var = torch.nn.functional.softplus(self.flat[n:].detach()).pow_(-2)
+        flat = self.flat.detach()
+        self.weight_prior = (flat[:n].clone(), torch.nn.functional.softplus(flat[n:]).pow_(-2))
 
     def prior_state(self) -> dict[str, Tensor] | None:
         """The per-weight prior for a checkpoint (None: the configured prior)."""
-        if self.prior_loc is None or self.prior_inv_var is None:
+        if self.weight_prior is None:
             return None
-        return {"loc": self.prior_loc, "inv_var": self.prior_inv_var}
+        return {"loc": self.weight_prior[0], "inv_var": self.weight_prior[1]}
 
     def load_prior_state(self, s: dict[str, Tensor] | None) -> None:
-        self.prior_loc = None if s is None else s["loc"].contiguous()
-        self.prior_inv_var = None if s is None else s["inv_var"].contiguous()
+        self.weight_prior = (
+            None if s is None else (s["loc"].contiguous(), s["inv_var"].contiguous())
+        )
 
     def gather_grads(self) -> None:
         """Copy the layers' ``.grad`` (from autograd) into the flat parameter's gradient."""
@@ -517,7 +517,7 @@ def fused_update(
         prior = bayes.prior
         native = (
             eps is None
-            and bayes.prior_loc is None
+            and bayes.weight_prior is None
             and isinstance(prior, GaussianPrior)
             and _kernels.native_ready()
             and _native.supports(bayes.flat)
@@ -603,13 +603,13 @@ def fused_update(
             g_mu.copy_(gm)
             g_rho.copy_(gr)
             return eps
-        if bayes.prior_loc is not None and bayes.prior_inv_var is not None:
+        if bayes.weight_prior is not None:
             # closed-form KL to a per-weight Gaussian N(m_i, 1 / p_i) (BanditConfig.prior_update):
             # dKL/dmu = (mu - m) p, dKL/dsigma = sigma p - 1 / sigma
-            p_all = bayes.prior_inv_var
+            m_all, p_all = bayes.weight_prior
             kl_sigma = torch.reciprocal(sig_all).neg_().addcmul_(sig_all, p_all)
             g_rho.copy_(g_mu).mul_(eps_all).add_(kl_sigma, alpha=inv_n)
-            g_mu.addcmul_(mu_all - bayes.prior_loc, p_all, value=inv_n)
+            g_mu.addcmul_(mu_all - m_all, p_all, value=inv_n)
         elif isinstance(prior, GaussianPrior):  # closed-form KL
             m, s2 = prior._value("mean"), prior._value("sigma") ** 2
             # dKL/dsigma = sigma / s^2 - 1 / sigma
