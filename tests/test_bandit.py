@@ -387,14 +387,22 @@ def test_adam_eps_reaches_the_optimizer_and_older_runs_resume_without_it(
 
 
 @needs_data
-def test_prior_update_makes_the_posterior_the_prior_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernels", ["eager", "native"])
+def test_prior_update_makes_the_posterior_the_prior_and_resumes_exactly(
+    tmp_path: Path, kernels: str
+) -> None:
     """``prior_update``: at every multiple of it the Bayesian agent's prior becomes its
     posterior of that step (the checkpoint of that step holds both, equal); the run differs
     from the protocol's after the first update; a run stopped between updates and resumed ends
-    exactly like the uninterrupted one; a run made before the setting (no key) resumes."""
+    exactly like the uninterrupted one; a run made before the setting (no key) resumes. With
+    both kernel backends (native: native noise and sample, eager per-weight KL gradient)."""
     import torch.nn.functional as F
 
-    cfg = _cfg(steps=12, prior_update=4, agents=["bbb-thompson"])
+    from bbb import _native
+
+    if kernels == "native" and not _native.available():
+        pytest.skip(f"native library not available: {_native.error()}")
+    cfg = _cfg(steps=12, prior_update=4, agents=["bbb-thompson"], kernels=kernels)
     full = tmp_path / "full"
     run_bandit(cfg, full, progress=False, log=None)
     state, _ = bbb.train.load_checkpoint(full / "checkpoints")
@@ -405,14 +413,16 @@ def test_prior_update_makes_the_posterior_the_prior_and_resumes_exactly(tmp_path
     torch.testing.assert_close(pop["prior"]["inv_var"], F.softplus(rhos) ** -2)
 
     base = tmp_path / "base"
-    run_bandit(_cfg(steps=12, agents=["bbb-thompson"]), base, progress=False, log=None)
+    run_bandit(
+        _cfg(steps=12, agents=["bbb-thompson"], kernels=kernels), base, progress=False, log=None
+    )
     sb, _ = bbb.train.load_checkpoint(base / "checkpoints")
     assert sb["pops"][0]["prior"] is None
     assert not torch.equal(sb["pops"][0]["model"]["0.weight_mu"], pop["model"]["0.weight_mu"])
 
     part = tmp_path / "part"
     run_bandit(
-        _cfg(steps=6, checkpoint_every=3, prior_update=4, agents=["bbb-thompson"]),
+        _cfg(steps=6, checkpoint_every=3, prior_update=4, agents=["bbb-thompson"], kernels=kernels),
         part,
         progress=False,
         log=None,
@@ -427,7 +437,13 @@ def test_prior_update_makes_the_posterior_the_prior_and_resumes_exactly(tmp_path
     saved = json.loads(cfg_path.read_text())
     del saved["prior_update"]
     cfg_path.write_text(json.dumps(saved))
-    run_bandit(_cfg(steps=14, agents=["bbb-thompson"]), base, resume=True, progress=False, log=None)
+    run_bandit(
+        _cfg(steps=14, agents=["bbb-thompson"], kernels=kernels),
+        base,
+        resume=True,
+        progress=False,
+        log=None,
+    )
 
 
 @needs_data
@@ -465,9 +481,12 @@ def test_runs_of_disjoint_agents_merge_into_one_result(tmp_path: Path) -> None:
         merge_runs([a, tmp_path / "none"], tmp_path / "x")
 
 
-def test_native_fused_update_equals_the_eager_one_with_its_noise() -> None:
+@pytest.mark.parametrize("weight_prior", [False, True])
+def test_native_fused_update_equals_the_eager_one_with_its_noise(weight_prior: bool) -> None:
     """kernels "native": the update draws its noise and computes the sample and the KL
-    gradients in C; given that noise, the eager update gives the same gradients (float32)."""
+    gradients in C (with a per-weight prior, ``BanditConfig.prior_update``: the noise and the
+    sample, the KL gradient eager); given that noise, the eager update gives the same
+    gradients (float32)."""
     from bbb import _native
     from bbb.bandit import _Population, fused_update
 
@@ -486,16 +505,27 @@ def test_native_fused_update_equals_the_eager_one_with_its_noise() -> None:
         with torch.no_grad():
             for layer in p.layers:
                 layer.weight_rho.uniform_(-3, 1)
+    if weight_prior:  # a prior far from N(0, 1): its gradient differs from the global one's
+        pops[0].posterior_as_prior()
+        with torch.no_grad():
+            pops[0].flat.add_(torch.randn_like(pops[0].flat))
     grads = []
     with bbb.use_kernels("native"):
         eps = fused_update(pops, torch.Generator().manual_seed(3))
     assert eps is not None and eps.dtype == torch.float32
     grads.append([g.clone() for p in pops for _, g in p.views])
+    g_native = pops[0].flat.grad.clone()
     again = fused_update(pops, torch.Generator().manual_seed(3), eps=eps)  # eager, same noise
     assert again is eps
     grads.append([g.clone() for p in pops for _, g in p.views])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    if weight_prior:  # the per-weight prior was used: without it the gradients differ
+        saved, pops[0].weight_prior = pops[0].weight_prior, None
+        fused_update(pops, torch.Generator().manual_seed(3), eps=eps)
+        assert pops[0].flat.grad is not None
+        assert not torch.allclose(pops[0].flat.grad, g_native, rtol=1e-3, atol=1e-4)
+        pops[0].weight_prior = saved
 
 
 @needs_data

@@ -173,7 +173,8 @@ class BanditConfig:
     # continual learning (Nguyen, Li, Bui and Turner, ICLR 2018): what left the buffer stays in
     # the prior instead of the KL pulling it back to N(0, prior_sigma^2). 0: never (the
     # protocol). A variant, not the paper's agent; Gaussian prior and the fused (reparam)
-    # update only (eager: the native kernels take one prior for all weights).
+    # update only (with kernels "native", the noise and the sample are native, the per-weight
+    # KL gradient eager: the native kernels take one prior for all weights).
     prior_update: int = 0
     # bbb.kernels backend of the Bayesian agent's update: eager, or native (C noise and the
     # fused sample / closed-form KL gradients, float32 on CPU with the Gaussian prior; the noise
@@ -486,7 +487,8 @@ def fused_update(
         The Bayesian members' noise used (None without a Bayesian population). With the
         kernels backend ``"native"`` (``BanditConfig.kernels``), a Gaussian prior, float32 on
         CPU and ``eps`` None, the noise, sample and KL gradients come from the native kernels
-        (:mod:`bbb._native`; the same formulas, the KL's with the layers' rho < -20 switch).
+        (:mod:`bbb._native`; the same formulas, the KL's with the layers' rho < -20 switch);
+        with a per-weight prior (``BanditConfig.prior_update``) the noise and sample only.
     """
     bayes = next((p for p in pops if p.bayes), None)
     greedy = next((p for p in pops if not p.bayes), None)
@@ -515,9 +517,11 @@ def fused_update(
         n = bayes.n_mu
         mu_all, rho_all = bayes.flat[:n], bayes.flat[n:]
         prior = bayes.prior
+        # with a per-weight prior (BanditConfig.prior_update) the native pass draws the noise
+        # and the sample only (its KL is the configured prior's, unused); the KL gradient
+        # below is eager
         native = (
             eps is None
-            and bayes.weight_prior is None
             and isinstance(prior, GaussianPrior)
             and _kernels.native_ready()
             and _native.supports(bayes.flat)
@@ -596,7 +600,7 @@ def fused_update(
             next(views)[1].copy_(gw[:kb])
             next(views)[1].copy_(gb[:kb])
         inv_n = 1.0 / bayes.kl_n
-        if native:  # closed-form KL, both gradients in one native pass
+        if native and bayes.weight_prior is None:  # closed-form KL, both gradients natively
             gm, gr = _native.sample_kl_bwd(
                 "reparam", mu_all.detach(), rho_all.detach(), sig_all, eps_all, g_mu, inv_n, spec
             )
