@@ -41,6 +41,7 @@ from .models import bayes_mlp, mlp
 from .priors import Prior, make_prior
 from .train import distributed as _dist
 from .train.checkpoint import CheckpointError, RunLock, atomic_write_text, check_writable
+from .train.optim import adam
 from .train.trainer import Trainer, evaluate, previous_run_files, seed_everything
 
 __all__ = [
@@ -156,7 +157,7 @@ def build_model(cfg: TrainConfig, data: RunData) -> nn.Module:
 
 def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return adam(params, cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -1,0 +1,90 @@
+"""bbb.train.optim.adam: PyTorch's fused Adam where available, the same update rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bbb import runs
+from bbb.config import TrainConfig
+from bbb.train.optim import adam
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in ((40, 30), (30,), (1,))]
+
+
+def _run(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_fused_on_cpu_and_same_updates_as_default_adam() -> None:
+    a, b = _params(), _params()
+    fused = adam(a, 1e-2, weight_decay=0.1, eps=1e-6)
+    plain = torch.optim.Adam(b, lr=1e-2, weight_decay=0.1, eps=1e-6)
+    assert fused.defaults["fused"] is True
+    _run(fused, a, 50)
+    _run(plain, b, 50)
+    for pa, pb, p0 in zip(a, b, _params(), strict=True):
+        assert (pa - p0).abs().max() > 0.01  # it moved by more than one step (lr)
+        # each step moves a weight by up to ~lr; the two kernels order their float32
+        # operations differently, so they agree to rounding (a few ulp per step), not bit for bit
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_default_adam_where_fused_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.optim.Adam
+
+    class NoFused(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, fused: bool | None = None, **kw: object) -> None:
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be ... supported")
+            super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFused)
+    a, b = _params(), _params()
+    opt = adam(a, 1e-2)
+    assert isinstance(opt, NoFused) and not opt.defaults["fused"]
+    _run(opt, a, 5)
+    _run(real(b, lr=1e-2), b, 5)
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)  # the same implementation: bit for bit
+
+
+def test_a_fused_state_loads_into_a_plain_adam() -> None:
+    fresh = _params()
+    f = adam(fresh, 1e-2)
+    _run(f, fresh, 2)
+    back = torch.optim.Adam(_params(), lr=1e-2)
+    back.load_state_dict(f.state_dict())
+    assert back.param_groups[0]["fused"] is True  # the saved implementation is kept
+    assert int(back.state_dict()["state"][0]["step"]) == 2
+
+
+def test_resume_of_a_plain_adam_run_is_bit_identical() -> None:
+    """A checkpoint made before the fused default resumes with the implementation it was made
+    with (load_state_dict restores the group's ``fused`` flag): the continuation is bit-identical
+    to the uninterrupted run."""
+    a, b = _params(), _params()
+    o1 = torch.optim.Adam(a, lr=1e-2)
+    o2 = torch.optim.Adam(b, lr=1e-2)
+    _run(o1, a, 3)
+    _run(o2, b, 3)
+    o3 = adam(b, 1e-2)
+    o3.load_state_dict(o2.state_dict())
+    assert not o3.param_groups[0]["fused"]
+    _run(o1, a, 3)
+    _run(o3, b, 3)
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_bbb_train_uses_it() -> None:
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "method": "bbb", "optimizer": "adam"})
+    opt = runs._optimizer(cfg, _params())
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
