@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .likelihoods import Likelihood
 from .nn.module import kl_divergence, vectorized_samples
+from .nn.stacking import repeat_samples
 
 __all__ = ["ELBO", "ELBOResult", "KL_WEIGHTINGS", "blundell_weight", "linear_annealing"]
 
@@ -189,8 +190,7 @@ class ELBO(nn.Module):
             )
         s = self.num_samples
         with vectorized_samples(model, s):
-            xs = x if s == 1 else x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
-            out = model(xs)
+            out = model(repeat_samples(x, s))
             out = out.reshape(s, b, *out.shape[1:])
             kl = kl_divergence(model)
         nll = -self.likelihood.log_prob(out, y).mean()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .nn.module import shared_weight_samples, vectorized_samples
+from .nn.stacking import repeat_samples
 
 __all__ = [
     "ClassificationPrediction",
@@ -194,12 +195,7 @@ def sample_outputs(
         for start in range(0, x.shape[0], chunk):
             xb = x[start : start + chunk]
             b = xb.shape[0]
-            rep = (
-                xb.unsqueeze(0)
-                .expand(num_samples, *xb.shape)
-                .reshape(num_samples * b, *xb.shape[1:])
-            )
-            out = model(rep)
+            out = model(repeat_samples(xb, num_samples))
             outs.append(out.reshape(num_samples, b, *out.shape[1:]))
     return torch.cat(outs, dim=1)
 

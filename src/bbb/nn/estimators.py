@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import noise as _noise
+from .stacking import identical_blocks
 
 __all__ = ["ESTIMATORS", "Posterior", "LayerOps", "reparam", "local", "flipout", "rademacher"]
 
@@ -131,6 +132,13 @@ def local(
     an all-zero input row with ``bias=False`` gives a noise-free output without a NaN gradient
     (the floor passes no gradient).
     """
+    # S identical blocks of input rows (bbb.nn.stacking.repeat_samples: a multi-sample pass
+    # straight into this layer): the pre-activations' mean and variance are computed on one
+    # block and shared; each block still gets its own noise, so the output is distributed
+    # exactly as before (S times fewer matrix products for this layer).
+    s = identical_blocks(x)
+    if s > 1:
+        x = x[: x.shape[0] // s]
     mean = ops.op(x, post.w_mu, post.b_mu)
     if b_var is None and post.b_sigma is not None:
         b_var = post.b_sigma * post.b_sigma
@@ -139,8 +147,11 @@ def local(
     # mean; the clamp keeps the square root's gradient finite and passes none below the floor.
     std = torch.where(var > 0, var.clamp_min(_min_variance(var.dtype)).sqrt(), 0.0)
     # bbb.nn.noise.randn: multi-threaded on CPU for large outputs (conv feature maps)
-    noise = _noise.randn(mean.shape, dtype=mean.dtype, device=mean.device)
-    return torch.addcmul(mean, std, noise)
+    if s == 1:
+        noise = _noise.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        return torch.addcmul(mean, std, noise)
+    noise = _noise.randn((s, *mean.shape), dtype=mean.dtype, device=mean.device)
+    return torch.addcmul(mean, std, noise).reshape(s * mean.shape[0], *mean.shape[1:])
 
 
 def flipout(

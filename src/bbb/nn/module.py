@@ -733,10 +733,13 @@ def shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
 def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
     """Context manager: Bayesian layers treat their input as ``num_samples`` stacked copies.
 
-    Inside it the model is called on ``x.repeat(S, ...)`` (shape (S * B, ...)), and each
-    Bayesian layer uses S independent weight samples, one per block of B rows, in one batched
-    operation. Non-Bayesian layers see an ordinary batch. :class:`bbb.ELBO` and
-    :func:`bbb.predict` use this; call it yourself only for custom objectives.
+    Inside it the model is called on S stacked copies of the batch (shape (S * B, ...);
+    :func:`bbb.nn.stacking.repeat_samples` builds them), and each Bayesian layer uses S
+    independent weight samples, one per block of B rows, in one batched operation.
+    Non-Bayesian layers see an ordinary batch. :class:`bbb.ELBO` and :func:`bbb.predict` use
+    this; call it yourself only for custom objectives (with ``repeat_samples(x, S)`` as the
+    input, a local-reparameterisation layer that receives it computes its pre-activations'
+    mean and variance once per example instead of S times).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")

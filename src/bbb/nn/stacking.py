@@ -1,0 +1,39 @@
+"""The input of a vectorized multi-sample pass: S stacked copies of a batch.
+
+Inside :func:`bbb.nn.module.vectorized_samples` a model is called on ``(S * B, ...)`` rows,
+S copies of the same B examples, one block per weight sample. :func:`repeat_samples` builds
+that tensor (for :class:`bbb.ELBO` and :func:`bbb.predict`) and marks it as S identical blocks;
+a layer that receives the marked tensor unchanged may then compute what does not depend on
+the weight sample once per example instead of S times (:func:`identical_blocks`). The local
+reparameterisation estimator does: the mean and variance of a layer's pre-activations are the
+same for every sample of an input row; only the noise differs.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+_MARK = "_bbb_identical_blocks"
+
+
+def repeat_samples(x: Tensor, num_samples: int) -> Tensor:
+    """``x`` (B, ...) stacked ``num_samples`` times along dim 0: (S * B, ...), block s = x.
+
+    For S > 1 the result is marked as S identical blocks (see :func:`identical_blocks`);
+    S = 1 returns ``x`` itself, unmarked.
+    """
+    if num_samples == 1:
+        return x
+    b = x.shape[0]
+    rep = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * b, *x.shape[1:])
+    setattr(rep, _MARK, (num_samples, rep._version))
+    return rep
+
+
+def identical_blocks(x: Tensor) -> int:
+    """S where ``x`` is an output of :func:`repeat_samples` not modified in place since, so
+    that its S blocks along dim 0 are known to be equal; 1 for every other tensor."""
+    mark = getattr(x, _MARK, None)
+    if mark is None or mark[1] != x._version:
+        return 1
+    return int(mark[0])
