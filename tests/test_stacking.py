@@ -1,4 +1,5 @@
-"""bbb.nn.stacking: S stacked copies of a batch, and the local estimator's shared moments."""
+"""bbb.nn.stacking: S stacked copies of a batch; the local estimator's shared moments and
+flipout's shared mean path."""
 
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ def _run(model: torch.nn.Module, x: torch.Tensor, s: int, marked: bool, seed: in
     return y.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
 @pytest.mark.parametrize("kernels", ["eager", "native"])
-def test_local_mlp_same_outputs_and_gradients_as_the_unshared_pass(kernels: str) -> None:
-    """Same seed, same noise stream (the S noises are drawn in the same order and shape):
-    the shared first-layer moments change the outputs and gradients only by float rounding
-    (the matrix products run on B instead of S * B rows)."""
+def test_mlp_same_outputs_and_gradients_as_the_unshared_pass(kernels: str, estimator: str) -> None:
+    """Same seed, same noise stream (the S noises and signs are drawn in the same order and
+    shape): the shared first-layer moments (flipout: mean path) change the outputs and
+    gradients only by float rounding (those matrix products run on B instead of S * B rows)."""
     torch.manual_seed(0)
     with bbb.use_kernels(kernels):
-        model = bbb.models.bayes_mlp(20, [30, 30], 4, estimator="local")
+        model = bbb.models.bayes_mlp(20, [30, 30], 4, estimator=estimator)
         x = torch.randn(7, 20)
         y1, g1 = _run(model, x, 5, marked=True)
         y0, g0 = _run(model, x, 5, marked=False)
@@ -50,9 +52,10 @@ def test_local_mlp_same_outputs_and_gradients_as_the_unshared_pass(kernels: str)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_local_conv_same_outputs_as_the_unshared_pass() -> None:
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_conv_same_outputs_as_the_unshared_pass(estimator: str) -> None:
     torch.manual_seed(0)
-    conv = bbb.BayesConv2d(2, 3, 3, estimator="local")
+    conv = bbb.BayesConv2d(2, 3, 3, estimator=estimator)
     x = torch.randn(4, 2, 6, 6)
     y1, g1 = _run(conv, x, 3, marked=True)
     y0, g0 = _run(conv, x, 3, marked=False)
@@ -61,9 +64,10 @@ def test_local_conv_same_outputs_as_the_unshared_pass() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_modified_input_takes_the_general_path() -> None:
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_modified_input_takes_the_general_path(estimator: str) -> None:
     torch.manual_seed(0)
-    layer = bbb.BayesLinear(5, 3, estimator="local")
+    layer = bbb.BayesLinear(5, 3, estimator=estimator)
     x = torch.randn(2, 5)
     rep = repeat_samples(x, 4)
     rep[2:4].mul_(-3.0)  # block 1 now differs from block 0

@@ -175,7 +175,10 @@ def flipout(
     likewise for the bias (``post.b_sigma`` then not used).
     """
     num_samples = eps_w.shape[0]
-    mean = ops.op(x, post.w_mu, post.b_mu)
+    # k identical blocks of input rows (bbb.nn.stacking): the mean path is computed on one
+    # block and shared, as in `local`; the perturbation path differs per row and sample.
+    k = identical_blocks(x)
+    mean = ops.op(x[: x.shape[0] // k] if k > 1 else x, post.w_mu, post.b_mu)
     # One sample: a W-shaped perturbation given to the plain op (selecting from a (1, *W)
     # tensor costs a zero-filled weight-sized gradient in the backward; see reparam).
     one = num_samples == 1
@@ -184,7 +187,15 @@ def flipout(
     db = db1
     if db is None and post.b_sigma is not None and eps_b is not None:
         db = post.b_sigma * (eps_b[0] if one else eps_b)
-    s_in_shape, s_out_shape = ops.sign_shapes(x, mean.shape)
+    y_shape = mean.shape if k == 1 else torch.Size((x.shape[0], *mean.shape[1:]))
+    s_in_shape, s_out_shape = ops.sign_shapes(x, y_shape)
     xs = x * rademacher(s_in_shape, x)
     pert = ops.op(xs, dw, db) if one else ops.op_batched(xs, dw, db, num_samples)
-    return torch.addcmul(mean, pert, rademacher(s_out_shape, pert))
+    signs = rademacher(s_out_shape, pert)
+    if k == 1:
+        return torch.addcmul(mean, pert, signs)
+    blocks = (k, mean.shape[0])
+    out = torch.addcmul(
+        mean, pert.reshape(*blocks, *pert.shape[1:]), signs.reshape(*blocks, *signs.shape[1:])
+    )
+    return out.reshape(y_shape)

@@ -4,9 +4,10 @@ Inside :func:`bbb.nn.module.vectorized_samples` a model is called on ``(S * B, .
 S copies of the same B examples, one block per weight sample. :func:`repeat_samples` builds
 that tensor (for :class:`bbb.ELBO` and :func:`bbb.predict`) and marks it as S identical blocks;
 a layer that receives the marked tensor unchanged may then compute what does not depend on
-the weight sample once per example instead of S times (:func:`identical_blocks`). The local
-reparameterisation estimator does: the mean and variance of a layer's pre-activations are the
-same for every sample of an input row; only the noise differs.
+the weight sample once per example instead of S times (:func:`identical_blocks`). The
+estimators do (:mod:`bbb.nn.estimators`): local reparameterisation computes its
+pre-activations' mean and variance on one block (only the noise differs per sample), flipout
+its mean path ``op(x, mu)`` (the perturbation path differs per sample).
 """
 
 from __future__ import annotations
