@@ -628,12 +628,6 @@ def fused_update(
     return eps
 
 
-def _adam(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Adam:
-    """Adam with the fused kernel where this build has one (4x faster here than ``foreach``
-    for the bandit's ~0.5M parameters); :func:`bbb.train.optim.adam`."""
-    return adam(params, lr, eps=eps)
-
-
 def make_prior_from(cfg: BanditConfig) -> Prior:
     if cfg.prior == "scale_mixture":
         return make_prior(
@@ -724,7 +718,8 @@ def _run_bandit(
     agent_gen = torch.Generator().manual_seed(20_000 + cfg.seeds[0])
     # One optimiser and one backward pass for all populations per update (the members are
     # independent, and Adam's state is per parameter, so this equals separate optimisers).
-    optimizer = _adam([p.flat for p in pops], cfg.lr, cfg.adam_eps)
+    # fused where available: 4x faster here than foreach for the bandit's ~0.5M parameters
+    optimizer = adam([p.flat for p in pops], cfg.lr, eps=cfg.adam_eps)
     # hand-written gradients for all networks (weight-space sampling); autograd otherwise
     fused = cfg.estimator == "reparam"
     member_order = [(p, i) for p in pops for i in range(len(p.names))]

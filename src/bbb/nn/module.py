@@ -737,9 +737,9 @@ def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module
     :func:`bbb.nn.stacking.repeat_samples` builds them), and each Bayesian layer uses S
     independent weight samples, one per block of B rows, in one batched operation.
     Non-Bayesian layers see an ordinary batch. :class:`bbb.ELBO` and :func:`bbb.predict` use
-    this; call it yourself only for custom objectives (with ``repeat_samples(x, S)`` as the
-    input, a local-reparameterisation layer that receives it computes its pre-activations'
-    mean and variance once per example instead of S times).
+    this; call it yourself only for custom objectives, with ``repeat_samples(x, S)`` as the
+    input (a local or flipout layer that receives it then computes what all samples share
+    once per example: :mod:`bbb.nn.stacking`).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
