@@ -14,6 +14,7 @@ from .module import (
     shared_weight_samples,
     vectorized_samples,
 )
+from .stacking import repeat_samples
 
 __all__ = [
     "ESTIMATORS",
@@ -25,6 +26,7 @@ __all__ = [
     "BayesModule",
     "bayes_modules",
     "kl_divergence",
+    "repeat_samples",
     "resample",
     "sampling",
     "set_sampling",
