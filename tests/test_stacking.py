@@ -112,3 +112,16 @@ def test_elbo_and_predict_use_it() -> None:
     bbb.ELBO(bbb.Categorical(), 10, num_samples=6)(layer, x, y)
     bbb.predict(layer, x, num_samples=7)
     assert seen == [6, 7]
+
+
+def test_inference_mode_works_unmarked() -> None:
+    """Inference tensors keep no version counter: the stacked input is left unmarked there
+    and prediction still works (every block computed)."""
+    model = bbb.models.bayes_mlp(4, [5], 2, estimator="local")
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        rep = repeat_samples(x, 4)
+        assert identical_blocks(rep) == 1
+        pred = bbb.predict(model, x, num_samples=4)
+    assert pred.probs.shape == (3, 2)
+    assert torch.allclose(pred.probs.sum(-1), torch.ones(3))

@@ -21,13 +21,16 @@ def repeat_samples(x: Tensor, num_samples: int) -> Tensor:
     """``x`` (B, ...) stacked ``num_samples`` times along dim 0: (S * B, ...), block s = x.
 
     For S > 1 the result is marked as S identical blocks (see :func:`identical_blocks`);
-    S = 1 returns ``x`` itself, unmarked.
+    S = 1 returns ``x`` itself, unmarked. Under ``torch.inference_mode`` tensors keep no
+    version counter, so an in-place change could not be detected: the result is left unmarked
+    there (the layers then compute every block; ``torch.no_grad`` keeps the saving).
     """
     if num_samples == 1:
         return x
     b = x.shape[0]
     rep = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * b, *x.shape[1:])
-    setattr(rep, _MARK, (num_samples, rep._version))
+    if not rep.is_inference():
+        setattr(rep, _MARK, (num_samples, rep._version))
     return rep
 
 
