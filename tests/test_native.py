@@ -297,6 +297,64 @@ def test_mean_path_gradient_is_added_in_the_native_backward(
                         mu.detach(), 1.0, ("gaussian", 0.0, 1.0), g_mu=g_m)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("kind", "samples"),
+    [("reparam", 1), ("reparam", 3), ("flipout", 1), ("flipout", 3), ("local", 1)],
+)
+@pytest.mark.parametrize("mixture", [False, True], ids=["gaussian", "mixture"])
+def test_layer_node_equals_one_node_per_pair(kind: str, samples: int, mixture: bool) -> None:
+    """native_layer_sample_and_kl (weights and bias in one node) gives exactly what two
+    native_sample_and_kl calls give, weights first: the same tensors and noise (the same keys,
+    drawn in that order), the KL their float32 sum, and the same gradients of both pairs,
+    mean paths included."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(37, 41), (37,)]  # weights and bias; a partial tile each
+    params = [
+        ((torch.randn(s, generator=g) * 0.3).requires_grad_(), (torch.rand(s, generator=g) * 6 - 8).requires_grad_())
+        for s in shapes
+    ]  # fmt: skip
+    prior = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-2)) if mixture else bbb.GaussianPrior(0.7)
+    mode = "mc" if mixture else "closed_form"
+    routed = kind != "reparam"
+    K.set_kernels("native")
+    rows = samples if kind != "local" else 1
+    g_t = [torch.randn(*((rows,) if rows > 1 else ()), *s, generator=g) for s in shapes]
+    g_m = [torch.randn(s, generator=g) for s in shapes]
+    (mw, rw), (mb, rb) = params
+    flat = [mw, rw, mb, rb]
+
+    def loss(
+        ts: list[torch.Tensor], kl: torch.Tensor, mus: list[torch.Tensor | None]
+    ) -> torch.Tensor:
+        total = 0.37 * kl + sum((t * gt).sum() for t, gt in zip(ts, g_t, strict=True))
+        if routed:
+            total = total + sum((m * gm).sum() for m, gm in zip(mus, g_m, strict=True))
+        return total
+
+    torch.manual_seed(0)
+    out = K.native_layer_sample_and_kl(kind, mw, rw, mb, rb, prior, mode, None, samples, routed)
+    assert out.t_b is not None
+    grads = torch.autograd.grad(loss([out.t, out.t_b], out.kl, [out.mu, out.mu_b]), flat)
+    torch.manual_seed(0)  # the same keys, drawn in the same order
+    w = K.native_sample_and_kl(kind, mw, rw, prior, mode, None, samples, routed)
+    b = K.native_sample_and_kl(kind, mb, rb, prior, mode, None, samples, routed)
+    for x, y in ((out.t, w[0]), (out.t_b, b[0]), (out.kl, w[1] + b[1])):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for x, y in ((out.eps, w[2]), (out.eps_b, b[2])):
+        assert (x is None and y is None) or torch.equal(x, y)  # type: ignore[arg-type]
+    grads2 = torch.autograd.grad(loss([w[0], b[0]], w[1] + b[1], [w[3], b[3]]), flat)
+    for x, y in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # no bias: the weights' outputs alone
+    torch.manual_seed(0)
+    only = K.native_layer_sample_and_kl(kind, mw, rw, None, None, prior, mode, None, samples)
+    assert only.t_b is None and only.eps_b is None and only.mu_b is None
+    torch.testing.assert_close(only.t, w[0], rtol=0, atol=0)
+    torch.testing.assert_close(only.kl, w[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give both mu_b and rho_b, or neither"):
+        K.native_layer_sample_and_kl(kind, mw, rw, mb, None, prior, mode)
+
+
 @pytest.mark.parametrize("estimator", ["flipout", "local"])
 def test_native_flipout_and_local_layers_mean_gradients_are_exact(estimator: str) -> None:
     """The layers route their mean path through the native node: d/dmu of the loss is the

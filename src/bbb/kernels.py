@@ -34,7 +34,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,6 +52,8 @@ __all__ = [
     "native_fusable",
     "native_prior",
     "native_sample_and_kl",
+    "native_layer_sample_and_kl",
+    "NativeLayerOutputs",
     "gaussian_kl_grads",
     "mc_log_prob_sum",
     "mc_kl_grads",
@@ -436,13 +438,22 @@ def sample_and_kl(
 
 
 # ----------------------------------------------------------------------------- native
-class _NativeSampleKL(torch.autograd.Function):
-    """(t, KL, eps, mu) from (mu, rho) by the native kernels; see :func:`native_sample_and_kl`.
+_NONE3 = (None, None, None)
 
-    The fourth output, with ``mean_path``, is mu itself passed through the node: a layer that
-    builds its mean path from it (flipout, local) hands that path's gradient of mu to this
-    node's backward, which adds it in its own pass over the weights; otherwise autograd
-    would sum mu's two gradients in one more pass (issue 8). None without ``mean_path``.
+
+class _NativeSampleKL(torch.autograd.Function):
+    """A layer's native node: from the weights' (mu, rho) and optionally the bias's, the
+    estimator's tensors, one KL (weights' plus bias's), the noise and the mean-path aliases;
+    see :func:`native_layer_sample_and_kl`.
+
+    One autograd node for both parameter pairs instead of one per pair: a node's fixed cost
+    (the Function's bookkeeping, its backward's dispatch, adding the two KLs) is most of a small
+    layer's step (issue 8). Each pair still has its own C call and its own noise key, drawn in
+    the order weights then bias, so the numbers are those of two separate nodes.
+    The mean-path outputs, with ``mean_path``, are mu itself passed through the node: a layer
+    that builds its mean path from them (flipout, local) hands that path's gradient of mu to
+    this node's backward, which adds it in its own pass over the weights; otherwise autograd
+    would sum mu's two gradients in one more pass (issue 8).
     """
 
     @staticmethod
@@ -450,54 +461,73 @@ class _NativeSampleKL(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         mu: Tensor,
         rho: Tensor,
+        mu_b: Tensor | None,
+        rho_b: Tensor | None,
         kind: str,
         prior: tuple[object, ...],
         const: float,
         used: list[bool],
         samples: int,
         mean_path: bool,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, ...]:
         ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros
-        shape = mu.shape
-        mf, rf = mu.detach().reshape(-1), rho.detach().reshape(-1)
-        t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior, samples)
-        ctx.save_for_backward(mf, rf, sigma, eps)
-        ctx.kind, ctx.prior, ctx.shape, ctx.used = kind, prior, shape, used
-        kl_t = mu.new_tensor(kl + const)
-        lead = (t.shape[0],) if t.dim() == 2 else ()  # several weight samples: (S, *W)
-        mu_out = mu.detach().view(shape) if mean_path else None  # an alias: no copy
-        if eps is None:
-            return t.view(*lead, *shape), kl_t, None, mu_out
-        eps_out = eps.view(*((eps.shape[0],) if eps.dim() == 2 else ()), *shape)
-        ctx.mark_non_differentiable(eps_out)
-        return t.view(*lead, *shape), kl_t, eps_out, mu_out
+        pairs = [(mu, rho)] if mu_b is None or rho_b is None else [(mu, rho), (mu_b, rho_b)]
+        saved: list[Tensor | None] = []
+        outs: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
+        kl_t = None
+        noise: list[Tensor] = []
+        for m, r in pairs:
+            shape = m.shape
+            mf, rf = m.detach().reshape(-1), r.detach().reshape(-1)
+            t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior, samples)
+            saved += [mf, rf, sigma, eps]
+            # the KL of each pair rounded to the parameters' dtype, then added: as two nodes
+            part = m.new_tensor(kl + const * m.numel())
+            kl_t = part if kl_t is None else kl_t + part
+            lead = (t.shape[0],) if t.dim() == 2 else ()  # several weight samples: (S, *W)
+            eps_out = None
+            if eps is not None:
+                eps_out = eps.view(*((eps.shape[0],) if eps.dim() == 2 else ()), *shape)
+                noise.append(eps_out)
+            # mean path: an alias of mu, no copy
+            outs.append(
+                (t.view(*lead, *shape), eps_out, m.detach().view(shape) if mean_path else None)
+            )
+        ctx.mark_non_differentiable(*noise)  # one call: a second would replace the first's
+        ctx.save_for_backward(*saved)
+        ctx.kind, ctx.prior, ctx.used = kind, prior, used
+        ctx.shapes = [m.shape for m, _ in pairs]
+        (t, eps_w, mu_w), (tb, eps_b, mu_b_out) = outs[0], outs[-1] if len(outs) > 1 else _NONE3
+        return t, tb, kl_t, eps_w, eps_b, mu_w, mu_b_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # C gradients: no graph for a second order
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         g_t: Tensor | None,
+        g_tb: Tensor | None,
         g_kl: Tensor | None,
         _g_eps: Tensor | None,
+        _g_eps_b: Tensor | None,
         g_mu: Tensor | None,
+        g_mu_b: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        mf, rf, sigma, eps = ctx.saved_tensors
+        saved = ctx.saved_tensors
         ctx.used[0] = True  # its saved tensors are freed now: BayesModule.kl() recomputes
-        n = mf.numel()
-        rows = 1 if ctx.kind == "local" or eps is None or eps.dim() == 1 else eps.shape[0]
-        gt = mf.new_zeros(rows * n) if g_t is None else g_t.reshape(-1)
-        gm, gr = _native.sample_kl_bwd(
-            ctx.kind,
-            mf,
-            rf,
-            sigma,
-            eps,
-            gt,
-            0.0 if g_kl is None else float(g_kl),
-            ctx.prior,
-            None if g_mu is None else g_mu.reshape(-1),
-        )
-        return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None, None
+        gkl = 0.0 if g_kl is None else float(g_kl)
+        grads: list[Tensor | None] = [None, None, None, None]
+        for i, shape in enumerate(ctx.shapes):  # weights, then the bias (if any)
+            gt_i, gm_i = (g_t, g_mu) if i == 0 else (g_tb, g_mu_b)
+            mf, rf, sigma, eps = saved[4 * i : 4 * i + 4]
+            n = mf.numel()
+            rows = 1 if ctx.kind == "local" or eps is None or eps.dim() == 1 else eps.shape[0]
+            gt = mf.new_zeros(rows * n) if gt_i is None else gt_i.reshape(-1)
+            gm, gr = _native.sample_kl_bwd(
+                ctx.kind, mf, rf, sigma, eps, gt, gkl, ctx.prior,
+                None if gm_i is None else gm_i.reshape(-1),
+            )  # fmt: skip
+            grads[2 * i], grads[2 * i + 1] = gm.view(shape), gr.view(shape)
+        return (*grads, None, None, None, None, None, None)
 
 
 def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:
@@ -552,6 +582,41 @@ def native_sample_and_kl(
     the layers recompute their KL after that). Gradients are first-order only (the backward
     is C code). Requires :func:`native_fusable`.
     """
+    out = native_layer_sample_and_kl(
+        kind, mu, rho, None, None, prior, kl_mode, used, samples, mean_path
+    )
+    return out.t, out.kl, out.eps, out.mu
+
+
+class NativeLayerOutputs(NamedTuple):
+    """What :func:`native_layer_sample_and_kl` returns (bias entries None without a bias)."""
+
+    t: Tensor  # the weights' estimator tensor: shape W, or (S, *W) for S > 1 weight samples
+    t_b: Tensor | None  # the bias's, likewise
+    kl: Tensor  # the KL of weights and bias together, nats (a scalar)
+    eps: Tensor | None  # the weights' noise, shaped like t (see native_sample_and_kl)
+    eps_b: Tensor | None
+    mu: Tensor | None  # with mean_path: the weights' mu through the node (else None)
+    mu_b: Tensor | None
+
+
+def native_layer_sample_and_kl(
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    mu_b: Tensor | None,
+    rho_b: Tensor | None,
+    prior: Prior,
+    kl_mode: str = "closed_form",
+    used: list[bool] | None = None,
+    samples: int = 1,
+    mean_path: bool = False,
+) -> NativeLayerOutputs:
+    """:func:`native_sample_and_kl` for a layer's weights and bias (``mu_b``, ``rho_b``; both
+    None for a layer without bias) in one autograd node: the same tensors, noise and
+    gradients as two calls (weights first), and one KL, their sum, at about half the fixed
+    cost per layer (issue 8). Requires :func:`native_fusable` for each tensor.
+    """
     if kind not in ESTIMATOR_OUTPUTS:
         raise ValueError(f"unknown kind {kind!r}; accepted values: {', '.join(ESTIMATOR_OUTPUTS)}")
     if mean_path and kind == "reparam":
@@ -562,10 +627,13 @@ def native_sample_and_kl(
             f"the native kernels have no {kl_mode!r} KL for {type(prior).__name__} "
             "(they take GaussianPrior with 'closed_form' and ScaleMixturePrior with 'mc')"
         )
+    if (mu_b is None) != (rho_b is None):
+        raise ValueError("native_layer_sample_and_kl: give both mu_b and rho_b, or neither")
     args, const_per_weight = spec
     rho_c = rho if rho.is_contiguous() else rho.contiguous()
-    out: tuple[Tensor, Tensor, Tensor | None, Tensor | None] = _NativeSampleKL.apply(
-        mu, rho_c, kind, args, mu.numel() * const_per_weight,
+    rho_bc = rho_b if rho_b is None or rho_b.is_contiguous() else rho_b.contiguous()
+    out = _NativeSampleKL.apply(
+        mu, rho_c, mu_b, rho_bc, kind, args, const_per_weight,
         [False] if used is None else used, samples, mean_path,
     )  # fmt: skip
-    return out
+    return NativeLayerOutputs(*out)

@@ -150,9 +150,9 @@ class _Record:
     # the weights' closed-form KL, computed by the forward pass in the same autograd node as
     # the estimator's tensor (bbb.kernels.sample_and_kl, kernels backend "compile")
     kl_w: Tensor | None = None
-    kl_b: Tensor | None = None  # the bias's, likewise (native kernels)
-    kl_mode: str | None = None  # the KL mode kl_w and kl_b were computed with
-    # native nodes: [True] once their backward has run (kl_w's graph is freed; kl() recomputes)
+    kl_all: bool = False  # kl_w is the whole layer's KL, bias included (native kernels)
+    kl_mode: str | None = None  # the KL mode kl_w was computed with
+    # native node: [True] once its backward has run (kl_w's graph is freed; kl() recomputes)
     kl_used: list[bool] | None = None
 
 
@@ -493,23 +493,20 @@ class BayesModule(nn.Module):
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
 
     def _forward_native(self, x: Tensor, num_samples: int = 1) -> Tensor:
-        """:meth:`_forward_fused` with the native kernels (one weight sample): the weight's and
-        the bias's estimator tensors, noise and KL each from one native node."""
+        """:meth:`_forward_fused` with the native kernels: the weight's and the bias's
+        estimator tensors, noise and KL from one native node."""
         versions = self._param_versions()
         kind, mode = self.estimator, self.kl_mode
-        used = [False]  # set by the nodes' backward: kl() then recomputes (graph freed)
+        used = [False]  # set by the node's backward: kl() then recomputes (graph freed)
         s = 1 if kind == "local" else num_samples
         # flipout, local: the mean path's mu comes through the node, whose backward adds that
         # gradient to the KL's in its own pass (one pass fewer); reparam's t carries it
         routed = kind != "reparam"
-        t, kl_w, eps_w, mu_w = _kernels.native_sample_and_kl(
-            kind, self.weight_mu, self.weight_rho, self.prior, mode, used, s, routed
-        )
-        tb = kl_b = eps_b = mu_b = None
-        if self.bias_mu is not None and self.bias_rho is not None:
-            tb, kl_b, eps_b, mu_b = _kernels.native_sample_and_kl(
-                kind, self.bias_mu, self.bias_rho, self.prior, mode, used, s, routed
-            )
+        # one node for weights and bias; kl_w is the layer's whole KL
+        t, tb, kl_w, eps_w, eps_b, mu_w, mu_b = _kernels.native_layer_sample_and_kl(
+            kind, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.prior, mode,
+            used, s, routed,
+        )  # fmt: skip
         if not routed:
             mu_w, mu_b = self.weight_mu, self.bias_mu
         assert mu_w is not None
@@ -518,7 +515,7 @@ class BayesModule(nn.Module):
         if kind == "local":
             # (with the Monte Carlo KL, eps_w is the KL's own sample: not the layer's noise)
             self._record = _Record(
-                param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode, kl_used=used
+                param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode, kl_used=used
             )
             return est.local(self, x, post, w_var=t, b_var=tb)
         assert eps_w is not None
@@ -528,12 +525,12 @@ class BayesModule(nn.Module):
         if kind == "reparam":
             y, w, b = est.reparam(self, x, post, ew, eb, w1=t, b1=tb)
             self._record = _Record(
-                ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode,
+                ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode,
                 kl_used=used,
             )  # fmt: skip
             return y
         self._record = _Record(
-            ew, eb, param_versions=versions, kl_w=kl_w, kl_b=kl_b, kl_mode=mode, kl_used=used
+            ew, eb, param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode, kl_used=used
         )
         return est.flipout(self, x, post, ew, eb, dw1=t, db1=tb)
 
@@ -565,12 +562,11 @@ class BayesModule(nn.Module):
             and mask is None
             and record.param_versions == self._param_versions()
         ):
-            # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl, or
-            # native_sample_and_kl: closed form, or the Monte Carlo KL at the pass's sample)
+            # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl), or
+            # the whole layer's (native_layer_sample_and_kl: closed form, or the Monte Carlo
+            # KL at the pass's sample)
             total = record.kl_w
-            if record.kl_b is not None:  # the bias's too (native kernels)
-                total = total + record.kl_b
-            elif self.bias_mu is not None and self.bias_rho is not None:
+            if not record.kl_all and self.bias_mu is not None and self.bias_rho is not None:
                 total = total + _kl.closed_form_kl_sum(
                     self.bias_mu, self.bias_rho, self.prior, sigma=record.sigma_b
                 )
