@@ -57,7 +57,7 @@ def main() -> None:
             "reparam", mu.detach().reshape(-1), rho.detach().reshape(-1), spec, 1
         ),
         "_native._key (one torch.randint + item)": N._key,
-        "BayesLinear._forward_native (two nodes + linear)": lambda: layer._forward_native(x, 1),
+        "BayesLinear._forward_native (its node + linear)": lambda: layer._forward_native(x, 1),
     }
     for name, f in pieces.items():
         print(f"{name:50s} {us(f):7.1f}")
