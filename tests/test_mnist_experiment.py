@@ -77,6 +77,31 @@ def test_driver_set_overrides_every_row(tmp_path: Path, monkeypatch: pytest.Monk
         d["main"]([*args, "--methods", "sgd", "--set", "lr", "--out", str(tmp_path / "x")])
 
 
+def test_driver_jobs_train_rows_in_child_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """table1 --jobs 2: each row trained by a child process (its log beside the run), with the
+    same results as the rows trained one after the other in this process; a finished table
+    is skipped without starting children; a child's failure is reported with its row and log."""
+    monkeypatch.setenv("BBB_DATA_DIR", str(DATA))
+    d = _driver()
+    args = ["table1", "--subset", "128", "--epochs", "1", "--widths", "8", "--quiet"]
+    args += ["--methods", "sgd", "bbb-gaussian", "--threads-per-job", "1"]
+    d["main"]([*args, "--out", str(tmp_path / "seq")])
+    d["main"]([*args, "--jobs", "2", "--out", str(tmp_path / "par")])
+    for row in ("sgd-8-s0", "bbb-gaussian-8-s0"):
+        seq = json.loads((tmp_path / "seq" / row / "metrics.json").read_text())
+        par = json.loads((tmp_path / "par" / row / "metrics.json").read_text())
+        assert par["test"] == seq["test"] and par["val"] == seq["val"]
+        assert (tmp_path / "par" / f"{row}.log").is_file()
+    before = (tmp_path / "par" / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns
+    d["main"]([*args, "--jobs", "2", "--out", str(tmp_path / "par")])  # all done: skipped
+    assert (tmp_path / "par" / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns == before
+    monkeypatch.setenv("BBB_DATA_DIR", str(tmp_path / "no-such-data"))  # the children fail
+    with pytest.raises(SystemExit, match=r"2 row\(s\) failed:[\s\S]*sgd-8-s0 \(exit 1; log "):
+        d["main"]([*args, "--jobs", "2", "--out", str(tmp_path / "bad")])
+
+
 @pytest.mark.slow
 def test_small_bbb_mlp_learns_mnist(tmp_path: Path) -> None:
     """A 784-100-100-10 BBB MLP on 10000 images for 3 epochs: test error below 10%.

@@ -12,6 +12,9 @@ Budgets: ``cpu`` trains the 1200-unit rows for 20-100 epochs each (about 2 hours
 scale-mixture row's 100 epochs are ~70 minutes of it with the native kernels);
 ``paper`` trains all widths for hundreds of epochs (for a GPU: add ``--device cuda``).
 Re-running a command resumes unfinished runs from their checkpoints and skips finished ones.
+``table1 --jobs N`` trains up to N rows at once, each in its own process (on a GPU machine the
+small networks are bound by kernel launches, one core per process, so rows in parallel share
+the GPU; on 2 CPU cores, ``--jobs 2`` runs two rows on one thread each).
 """
 
 from __future__ import annotations
@@ -79,18 +82,97 @@ def table1(args: argparse.Namespace) -> None:
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    rows = []  # (seed, width, method, epochs, run directory, config) still to train
     for seed in args.seeds:
         for width in widths:
             for method in args.methods:
                 epochs = args.epochs or budget["epochs"][method]
-                cfg = _cfg(method, width, epochs, seed, extra)
+                cfg = _cfg(method, width, epochs, seed, extra)  # validated before anything runs
                 rd = run_dir(args.out, method, width, seed)
                 if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
                     print(f"[done] {rd}")
                     continue
-                resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())
-                print(f"[{'resume' if resume else 'train'}] {rd} ({epochs} epochs)", flush=True)
-                train_run(cfg, rd, resume=resume, progress=not args.quiet)
+                rows.append((seed, width, method, epochs, rd, cfg))
+    if args.jobs > 1 and len(rows) > 1:
+        _train_in_parallel(args, rows)
+        return
+    for _, _, _, epochs, rd, cfg in rows:
+        resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())
+        print(f"[{'resume' if resume else 'train'}] {rd} ({epochs} epochs)", flush=True)
+        train_run(cfg, rd, resume=resume, progress=not args.quiet)
+
+
+def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) -> None:
+    """Train the rows as up to ``args.jobs`` child processes of this script at a time.
+
+    Each child is ``table1`` for one row (the same budget, epochs, data and ``--set``
+    options), resumes its own run directory, runs on ``max(1, cores // jobs)`` threads and
+    writes its output to ``OUT/<run directory>.log``. Longest rows start first. A small network
+    on a GPU is bound by the host's kernel launches, one core per process: several processes
+    then share the GPU (the paper budget's rows). If this process is interrupted, the children
+    are stopped (their last checkpoints stay intact: re-running resumes); a failed row is
+    reported with its log once the others have finished.
+    """
+    import os
+    import subprocess
+
+    threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    common = ["--budget", args.budget, "--out", str(args.out), "--device", args.device]
+    common += ["--quiet", "--jobs", "1", "--threads-per-job", str(threads)]
+    if args.epochs:
+        common += ["--epochs", str(args.epochs)]
+    if args.subset:
+        common += ["--subset", str(args.subset)]
+    if args.data_dir:
+        common += ["--data-dir", str(args.data_dir)]
+    for item in args.set or []:
+        common += ["--set", item]
+    queue = sorted(rows, key=lambda r: -r[3])  # longest first: the shortest total time
+    args.out.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[subprocess.Popen[bytes], Path, Any]] = []
+    failed: list[tuple[Path, int, Path]] = []
+    print(
+        f"[parallel] {len(queue)} rows, {args.jobs} at a time, {threads} thread(s) each", flush=True
+    )
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                seed, width, method, epochs, rd, _ = queue.pop(0)
+                log_path = args.out / f"{rd.name}.log"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "table1", *common]
+                cmd += ["--methods", method, "--widths", str(width), "--seeds", str(seed)]
+                log = open(log_path, "ab")  # noqa: SIM115 - closed when the child ends
+                print(f"[start] {rd} ({epochs} epochs), log {log_path}", flush=True)
+                child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((child, rd, log))
+            time.sleep(0.5)
+            for item in list(running):
+                child, rd, log = item
+                code = child.poll()
+                if code is None:
+                    continue
+                running.remove(item)
+                log.close()
+                print(f"[{'done' if code == 0 else f'failed ({code})'}] {rd}", flush=True)
+                if code != 0:
+                    failed.append((rd, code, args.out / f"{rd.name}.log"))
+    finally:
+        for child, _, _log in running:  # interrupted: stop the children, keep their checkpoints
+            child.terminate()
+        for child, _, log in running:
+            try:
+                child.wait(timeout=60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: kill
+                child.kill()
+                child.wait()
+            log.close()
+    if failed:
+        lines = []
+        for rd, code, log_path in failed:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            lines.append(f"  {rd} (exit {code}; log {log_path}):\n    " + "\n    ".join(tail))
+        raise SystemExit(f"{len(failed)} row(s) failed:\n" + "\n".join(lines))
 
 
 def _epochs_done(rd: Path) -> int:
@@ -394,6 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     t1.add_argument("--device", default="cpu")
     t1.add_argument("--quiet", action="store_true")
     t1.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train up to N rows at once, each in a child process (its log: OUT/<row>.log)",
+    )
+    t1.add_argument(
+        "--threads-per-job",
+        type=int,
+        help="threads of each row's process (default: cores / jobs with --jobs > 1)",
+    )
+    t1.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
@@ -410,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     for sp in sub.choices.values():
         sp.add_argument("--out", type=Path, default=Path("runs/mnist"))
     args = p.parse_args(argv)
+    if args.cmd == "table1":
+        if args.jobs < 1:
+            p.error(f"--jobs must be at least 1, got {args.jobs}")
+        if args.threads_per_job is not None:
+            if args.threads_per_job < 1:
+                p.error(f"--threads-per-job must be at least 1, got {args.threads_per_job}")
+            torch.set_num_threads(args.threads_per_job)
     from bbb.allocator import tune_allocator_by_default
 
     tune_allocator_by_default()  # a training process: reuse freed memory (BBB_TUNE_ALLOCATOR=0: off)
