@@ -29,7 +29,7 @@ from torch import Tensor
 from torch import distributions as D
 
 from . import kernels as _kernels
-from .priors import Prior
+from .priors import GaussianPrior, Prior
 
 __all__ = [
     "KL_MODES",
@@ -55,6 +55,20 @@ def kl_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a summed KL of parameters of ``dtype`` is computed and returned in:
     float32 for float16/bfloat16, ``dtype`` itself otherwise."""
     return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def _all_above_switch(rho: Tensor) -> bool:
+    """Whether every rho >= -20, where log(sigma) needs no guard (the fused KLs' fast path).
+
+    Answered on CPU only: on an accelerator, reading the minimum back would stall the host
+    once per layer and step (a device sync), which costs more than the guarded formulas, so
+    those are used there (the same values to float rounding)."""
+    return rho.numel() == 0 or (_cheap_host_read(rho) and bool(rho.min() >= _LOG_SIGMA_SWITCH))
+
+
+def _cheap_host_read(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` back to Python costs no device sync (CPU tensors)."""
+    return t.device.type == "cpu"
 
 
 def _requires_grad(*tensors: object) -> bool:
@@ -214,7 +228,7 @@ class _GaussianKLSum(torch.autograd.Function):
         inv_var = 1.0 / (scale * scale)
         d = mu if loc == 0.0 else mu - loc
         # Fast path (no mask, every rho >= -20, the usual case): log(sigma) needs no guard.
-        fast = mask is None and (rho.numel() == 0 or bool(rho.min() >= _LOG_SIGMA_SWITCH))
+        fast = mask is None and _all_above_switch(rho)
         if fast:
             sq = torch.dot(sigma.reshape(-1), sigma.reshape(-1)) + torch.dot(
                 d.reshape(-1), d.reshape(-1)
@@ -290,6 +304,13 @@ def closed_form_kl_sum(
     if mu.dtype in LOW_PRECISION_DTYPES:
         # differentiable casts: gradients flow back to the low-precision parameters
         mu, rho, sigma = mu.float(), rho.float(), None  # sigma recomputed in float32
+    if type(prior) is GaussianPrior and not prior._parameters:
+        # the built-in Gaussian prior's fixed values as floats: no distribution object and
+        # no read of its buffers (a device sync per layer and step on a GPU)
+        s = None if sigma is None else sigma.detach()
+        m = None if mask is None else mask.to(mu.dtype)
+        loc, scale = prior._value("mean"), prior._value("sigma")
+        return _GaussianKLSum.apply(mu, rho, s, m, loc, scale)
     p = prior.distribution()
     if (
         type(p) is D.Normal
@@ -359,7 +380,7 @@ class _MCKLSum(torch.autograd.Function):
         log_p: Tensor,
     ) -> Tensor:
         num_samples = eps.shape[0]
-        fast = mask is None and (rho.numel() == 0 or bool(rho.min() >= _LOG_SIGMA_SWITCH))
+        fast = mask is None and _all_above_switch(rho)
         if fast:
             e = eps.reshape(-1)
             log_q = (

@@ -90,7 +90,13 @@ class Prior(nn.Module):
         self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()))
 
     def _value(self, name: str) -> float:
-        """A hyper-parameter as a Python float (exact; no device sync on a GPU)."""
+        """A hyper-parameter as a Python float: the exact value given to the constructor while
+        the buffer still holds it (rounded to the buffer's dtype), else the buffer's value.
+
+        The buffer is read only after it has changed (replaced, or modified in place: its
+        version counter moved), so the fast paths that call this every step do not read a
+        device tensor (no host sync on a GPU) until then.
+        """
         if name in self._parameters:
             # the fast paths of the built-in priors read their fixed values from here
             raise TypeError(
@@ -99,7 +105,26 @@ class Prior(nn.Module):
                 "learnable prior subclass bbb.Prior and build distribution() from your "
                 "parameters"
             )
+        self._refresh(name)
         return self._exact[name]
+
+    def _refresh(self, name: str) -> None:
+        """Re-read buffer ``name`` if it changed since last seen: an in-place edit
+        (``prior.sigma.fill_(0.5)``) or a new tensor replaces the exact value, unless the buffer
+        holds that value rounded to its dtype. (An edit through ``.data`` is not seen: it does
+        not move the version counter.)"""
+        buf = self._buffers[name]
+        assert buf is not None
+        # the version of an inference tensor is not tracked: read it every time
+        version = -1 if buf.is_inference() else buf._version
+        seen: dict[str, tuple[Tensor, int]] = self.__dict__.setdefault("_seen", {})
+        mark = seen.get(name)
+        if mark is not None and mark[0] is buf and mark[1] == version >= 0:
+            return
+        current = float(buf)
+        if current != float(torch.tensor(self._exact[name], dtype=buf.dtype)):
+            self._exact[name] = current
+        seen[name] = (buf, version)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def, override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -115,6 +140,9 @@ class Prior(nn.Module):
                 self._exact[name] = float(value)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
+        for name in getattr(self, "_exact", {}):  # an edited buffer's value, not the stale exact
+            if name not in self._parameters:
+                self._refresh(name)
         super()._apply(fn, recurse)
         for name, value in getattr(self, "_exact", {}).items():
             buf = getattr(self, name)
