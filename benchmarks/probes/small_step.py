@@ -1,0 +1,72 @@
+"""Issue 8: the training step of a small network, where fixed per-step costs dominate.
+
+The UCI protocol's defaults (the ``uci`` configuration of ``trainer_optimizer.py``: one hidden
+layer of 50, local, S = 5, learned noise, a Boston-housing-sized batch of 455 x 13), with
+``Adam(fused=True)`` and the kernels backend given (default eager): median ms per step over
+rounds of 20 steps, after 30 warm-up steps.
+
+``--compare-prior-read`` times, interleaved in this process, the closed-form Gaussian KL
+taking the prior's values as Python floats (``Prior._value``, the library since session 18)
+against the route before it (``prior.distribution()`` and ``float()`` of its buffers), by
+hiding ``GaussianPrior`` from ``bbb.kl`` in the second variant. Otherwise one configuration
+is timed; compare commits by running it with ``PYTHONPATH`` at each one's ``src``.
+
+    python benchmarks/probes/small_step.py [--kernels eager|native] [--compare-prior-read]
+
+Run with nothing else on the machine (pause background jobs).
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+from trainer_optimizer import _config, _step
+
+import bbb
+from bbb import kl as kl_module
+from bbb.kernels import use_kernels
+
+
+class _Hidden:  # a class no prior is an instance of: bbb.kl takes its generic route
+    pass
+
+
+def _variant(step: Callable[[], None], floats: bool) -> Callable[[], None]:
+    def run() -> None:
+        kl_module.GaussianPrior = bbb.GaussianPrior if floats else _Hidden  # type: ignore[misc]
+        try:
+            step()
+        finally:
+            kl_module.GaussianPrior = bbb.GaussianPrior  # type: ignore[misc]
+
+    return run
+
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--kernels", default="eager")
+ap.add_argument("--compare-prior-read", action="store_true")
+ap.add_argument("--rounds", type=int, default=40)
+args = ap.parse_args()
+bbb.tune_allocator()
+cfg, data, n = _config("uci")
+with use_kernels(args.kernels):
+    if args.compare_prior_read:
+        steps = {
+            "prior values as floats": _variant(_step(cfg, data, n, True), True),
+            "distribution + float()": _variant(_step(cfg, data, n, True), False),
+        }
+    else:
+        steps = {"step": _step(cfg, data, n, True)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for s in steps.values():
+        for _ in range(30):
+            s()
+    for _ in range(args.rounds):
+        for k, s in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(20):
+                s()
+            times[k].append((time.perf_counter() - t0) / 20 * 1e3)
+for k, v in times.items():
+    print(f"uci step ({args.kernels} kernels), {k}: {statistics.median(v):.3f} ms")
