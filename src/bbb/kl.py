@@ -304,25 +304,28 @@ def closed_form_kl_sum(
     if mu.dtype in LOW_PRECISION_DTYPES:
         # differentiable casts: gradients flow back to the low-precision parameters
         mu, rho, sigma = mu.float(), rho.float(), None  # sigma recomputed in float32
+    p = None
+    loc_scale: tuple[float, float] | None = None
     if type(prior) is GaussianPrior and not prior._parameters:
         # the built-in Gaussian prior's fixed values as floats: no distribution object and
         # no read of its buffers (a device sync per layer and step on a GPU)
+        loc_scale = prior._value("mean"), prior._value("sigma")
+    else:
+        p = prior.distribution()
+        if (
+            type(p) is D.Normal
+            and p.loc.dim() == 0
+            and p.scale.dim() == 0
+            # learnable hyper-parameters: the fused function would convert them to Python
+            # floats and drop their gradients
+            and not _requires_grad(p.loc, p.scale)
+        ):
+            loc_scale = float(p.loc), float(p.scale)
+    if loc_scale is not None:
         s = None if sigma is None else sigma.detach()
         m = None if mask is None else mask.to(mu.dtype)
-        loc, scale = prior._value("mean"), prior._value("sigma")
-        return _GaussianKLSum.apply(mu, rho, s, m, loc, scale)
-    p = prior.distribution()
-    if (
-        type(p) is D.Normal
-        and p.loc.dim() == 0
-        and p.scale.dim() == 0
-        # learnable hyper-parameters: the fused function would convert them to Python floats
-        # and drop their gradients
-        and not _requires_grad(p.loc, p.scale)
-    ):
-        s = None if sigma is None else sigma.detach()
-        m = None if mask is None else mask.to(mu.dtype)
-        return _GaussianKLSum.apply(mu, rho, s, m, float(p.loc), float(p.scale))
+        return _GaussianKLSum.apply(mu, rho, s, m, *loc_scale)
+    assert p is not None
     sig, log_sigma = softplus_and_log(rho)
     term = _closed_form_terms(mu, sig, log_sigma, p)
     return (term if mask is None else term * mask.to(term.dtype)).sum()
