@@ -297,6 +297,20 @@ def test_mean_path_gradient_is_added_in_the_native_backward(
                         mu.detach(), 1.0, ("gaussian", 0.0, 1.0), g_mu=g_m)  # fmt: skip
 
 
+def test_native_kl_follows_an_edited_prior() -> None:
+    """A prior edited in place after construction (here sigma 1 -> 0.5) reaches the native
+    kernels: their KL equals the eager closed form with the new value (before session 18 the
+    kernels kept the constructor's value: 2525.6 against 1836.0 for these weights)."""
+    K.set_kernels("native")
+    prior = bbb.GaussianPrior(1.0)
+    mu = torch.linspace(-0.3, 0.3, 1000, requires_grad=True)
+    rho = torch.full((1000,), -3.0, requires_grad=True)
+    prior.sigma.fill_(0.5)
+    _, kl, _, _ = K.native_sample_and_kl("local", mu, rho, prior)
+    eager = bbb.kl.closed_form_kl_sum(mu, rho, prior)
+    torch.testing.assert_close(kl, eager, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize(
     ("kind", "samples"),
     [("reparam", 1), ("reparam", 3), ("flipout", 1), ("flipout", 3), ("local", 1)],
