@@ -650,6 +650,21 @@ def test_prior_constants_follow_in_place_edits_and_replaced_buffers() -> None:
     assert mix._constants()[0] == math.log(0.25) - 0.5 * math.log(2 * math.pi)
 
 
+def test_prior_on_the_meta_device_materialises_with_its_values() -> None:
+    """A prior (or a layer) built on or moved to the meta device has no values to read; after
+    ``to_empty`` its buffers hold the prior's values (not uninitialised memory), in the
+    target dtype, and a float64 layer can be built under ``torch.device("meta")``."""
+    prior = GaussianPrior(0.3).to("meta")
+    assert prior._value("sigma") == 0.3
+    prior.to_empty(device="cpu")
+    assert prior.sigma.item() == float(torch.tensor(0.3)) and prior._value("sigma") == 0.3
+    with torch.device("meta"):
+        layer = BayesLinear(3, 4, dtype=torch.float64, prior=GaussianPrior(math.exp(-2)))
+    layer.to_empty(device="cpu")
+    assert layer.prior.sigma.dtype == torch.float64
+    assert layer.prior.sigma.item() == math.exp(-2) == layer.prior._value("sigma")
+
+
 def test_fused_kl_without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where reading a tensor back costs a device sync (an accelerator), the layers' fused KLs
     read nothing back per step (the built-in priors' constants are Python floats, the rho >=

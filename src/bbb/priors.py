@@ -115,6 +115,8 @@ class Prior(nn.Module):
         not move the version counter.)"""
         buf = self._buffers[name]
         assert buf is not None
+        if buf.is_meta:  # no value to read (shapes only): the exact value stands
+            return
         # the version of an inference tensor is not tracked: read it every time
         version = -1 if buf.is_inference() else buf._version
         seen: dict[str, tuple[Tensor, int]] = self.__dict__.setdefault("_seen", {})
@@ -140,14 +142,24 @@ class Prior(nn.Module):
                 self._exact[name] = float(value)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
-        for name in getattr(self, "_exact", {}):  # an edited buffer's value, not the stale exact
-            if name not in self._parameters:
+        names = [n for n in getattr(self, "_exact", {}) if n not in self._parameters]
+        was_meta = set()
+        for name in names:  # an edited buffer's value, not the stale exact one, is converted
+            buf = self._buffers[name]
+            if buf is not None and buf.is_meta:
+                was_meta.add(name)
+            else:
                 self._refresh(name)
         super()._apply(fn, recurse)
-        for name, value in getattr(self, "_exact", {}).items():
-            buf = getattr(self, name)
-            if buf.dtype == torch.float64 and float(buf) != value:
-                setattr(self, name, torch.tensor(value, dtype=torch.float64, device=buf.device))
+        for name in names:
+            buf = self._buffers[name]
+            if buf is None or buf.is_meta:
+                continue
+            value = self._exact[name]
+            # float64 regains the exact digits; a buffer materialised from the meta device
+            # (to_empty) holds no value yet: it gets the prior's
+            if name in was_meta or (buf.dtype == torch.float64 and float(buf) != value):
+                setattr(self, name, torch.tensor(value, dtype=buf.dtype, device=buf.device))
         return self
 
 
