@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 import bbb
 from bbb import kernels as K
+from bbb.bench import _interleaved
 
 _one = K.native_layer_sample_and_kl
 
@@ -96,16 +96,7 @@ def main() -> None:
                 "one node": _with(True, _step(config, estimator)),
                 "two nodes": _with(False, _step(config, estimator)),
             }
-            times: dict[str, list[float]] = {k: [] for k in steps}
-            for s in steps.values():
-                for _ in range(5):
-                    s()
-            for _ in range(args.repeats):
-                for k, s in steps.items():
-                    t0 = time.perf_counter()
-                    for _ in range(inner):
-                        s()
-                    times[k].append((time.perf_counter() - t0) / inner * 1e3)
+            times = _interleaved(steps, warmup=5, repeats=args.repeats, inner=inner)
             med = {k: statistics.median(v) for k, v in times.items()}
             print(
                 f"{config:9s} {estimator:8s} one node {med['one node']:8.3f} ms, two nodes "

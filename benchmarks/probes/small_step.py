@@ -18,13 +18,13 @@ Run with nothing else on the machine (pause background jobs).
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 from trainer_optimizer import _config, _step
 
 import bbb
 from bbb import kl as kl_module
+from bbb.bench import _interleaved
 from bbb.kernels import use_kernels
 
 
@@ -58,15 +58,6 @@ with use_kernels(args.kernels):
         }
     else:
         steps = {"step": _step(cfg, data, n, True)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for s in steps.values():
-        for _ in range(30):
-            s()
-    for _ in range(args.rounds):
-        for k, s in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(20):
-                s()
-            times[k].append((time.perf_counter() - t0) / 20 * 1e3)
+    times = _interleaved(steps, warmup=30, repeats=args.rounds, inner=20)
 for k, v in times.items():
     print(f"uci step ({args.kernels} kernels), {k}: {statistics.median(v):.3f} ms")

@@ -247,8 +247,11 @@ def _probe(key: str, *config: Any) -> Step | None:
     return step
 
 
-def _interleaved(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Round-robin timing: ``repeats`` rounds, one step of every configuration per round."""
+def _interleaved(
+    steps: dict[str, Step], warmup: int, repeats: int, inner: int = 1
+) -> dict[str, list[float]]:
+    """Round-robin timing: ``repeats`` rounds, ``inner`` steps of every configuration per round
+    (more than one for steps too short to time alone); ms per step, one entry per round."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -256,8 +259,9 @@ def _interleaved(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str,
     for _ in range(repeats):
         for key, step in steps.items():
             t0 = time.perf_counter()
-            step()
-            times[key].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(inner):
+                step()
+            times[key].append((time.perf_counter() - t0) / inner * 1e3)
     return times
 
 
