@@ -616,6 +616,10 @@ def test_prior_constants_follow_load_state_dict_and_keep_exact_digits() -> None:
     c = ScaleMixturePrior(0.5, 1.0, math.exp(-6))
     c.load_state_dict(ScaleMixturePrior(0.5, 1.0, math.exp(-6)).state_dict())
     assert c._value("sigma2") == math.exp(-6)  # exact digits kept
+    # a float64 prior loading a float32 checkpoint of the same prior keeps them too
+    d = ScaleMixturePrior(0.5, 1.0, math.exp(-6)).double()
+    d.load_state_dict(ScaleMixturePrior(0.5, 1.0, math.exp(-6)).state_dict())
+    assert d._value("sigma2") == math.exp(-6)
 
 
 def test_prior_constants_follow_in_place_edits_and_replaced_buffers() -> None:

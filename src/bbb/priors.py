@@ -138,8 +138,14 @@ class Prior(nn.Module):
         # exact one rounded to the checkpoint's dtype (then the exact digits are kept).
         for name, exact in getattr(self, "_exact", {}).items():
             value = state_dict.get(prefix + name)
-            if value is not None and float(value) != float(torch.tensor(exact, dtype=value.dtype)):
+            if value is None:
+                continue
+            if float(value) != float(torch.tensor(exact, dtype=value.dtype)):
                 self._exact[name] = float(value)
+            buf = self._buffers.get(name)
+            if buf is not None and not buf.is_meta and not buf.is_inference():
+                # decided here, with the checkpoint's dtype: _refresh need not re-read it
+                self.__dict__.setdefault("_seen", {})[name] = (buf, buf._version)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
         names = [n for n in getattr(self, "_exact", {}) if n not in self._parameters]
