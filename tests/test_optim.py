@@ -7,6 +7,7 @@ import torch
 
 from bbb import runs
 from bbb.config import TrainConfig
+from bbb.train import optim as optim_mod
 from bbb.train.optim import adam
 
 
@@ -46,6 +47,7 @@ def test_falls_back_to_default_adam_where_fused_is_refused(monkeypatch: pytest.M
                 raise RuntimeError("`fused=True` requires all the params to be ... supported")
             super().__init__(*args, **kw)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(optim_mod, "Adam", NoFused)
     monkeypatch.setattr(torch.optim, "Adam", NoFused)
     a, b = _params(), _params()
     opt = adam(a, 1e-2)
@@ -88,3 +90,80 @@ def test_bbb_train_uses_it() -> None:
     cfg = TrainConfig.from_dict({"dataset": "mnist", "method": "bbb", "optimizer": "adam"})
     opt = runs._optimizer(cfg, _params())
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
+
+
+def _grads_run(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int) -> None:
+    """Like _run, but the last parameter gets no gradient on odd steps and the learning rate
+    changes half way (as a scheduler would)."""
+    g = torch.Generator().manual_seed(2)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            skip = i == len(params) - 1 and t % 2 == 1
+            p.grad = None if skip else torch.randn(p.shape, generator=g)
+        if t == steps // 2:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+        opt.step()
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_lean_fused_step_is_bit_identical_to_torch_fused_adam(
+    maximize: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bbb's Adam calls the fused kernel itself after the first step: parameters and state
+    equal torch.optim.Adam(fused=True)'s bit for bit, over two parameter groups with their own
+    settings, a parameter without a gradient on some steps and a learning-rate change."""
+    calls = []
+    real = optim_mod._hooked_adam_step
+
+    def counted(opt: torch.optim.Adam, closure: object) -> object:
+        calls.append(1)
+        return real(opt, closure)
+
+    monkeypatch.setattr(optim_mod, "_hooked_adam_step", counted)
+    a, b = _params(), _params()
+
+    def groups(ps: list[torch.nn.Parameter]) -> list[dict[str, object]]:
+        return [
+            {"params": ps[:1], "weight_decay": 0.1},
+            {"params": ps[1:], "lr": 3e-2, "betas": (0.8, 0.99)},
+        ]
+
+    ours = optim_mod.Adam(groups(a), lr=1e-2, eps=1e-6, fused=True, maximize=maximize)
+    ref = torch.optim.Adam(groups(b), lr=1e-2, eps=1e-6, fused=True, maximize=maximize)
+    _grads_run(ours, a, 12)
+    _grads_run(ref, b, 12)
+    # the base step ran once: on step 0, when every parameter's state was created
+    assert len(calls) == 1
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+    sa, sb = ours.state_dict(), ref.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sb["state"]:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k])
+
+
+def test_lean_step_falls_back_for_closures_hooks_and_the_profiler() -> None:
+    a = _params()
+    opt = adam(a, 1e-2)
+    assert isinstance(opt, optim_mod.Adam)
+    _run(opt, a, 1)
+    # a closure: its loss is returned (the base class's step)
+    assert opt.step(lambda: torch.tensor(3.0)) == 3.0
+    # step hooks run
+    seen: list[str] = []
+    h1 = opt.register_step_pre_hook(lambda *_: seen.append("pre"))
+    h2 = opt.register_step_post_hook(lambda *_: seen.append("post"))
+    opt.step()
+    assert seen == ["pre", "post"]
+    h1.remove()
+    h2.remove()
+    # the profiler sees the optimizer's range as with torch's Adam
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert any("Optimizer.step#" in e.name for e in prof.events())
+    # and without any of them the parameters still move
+    before = [p.detach().clone() for p in a]
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(a, before, strict=True))
