@@ -56,7 +56,7 @@ KINDS = {"reparam": 0, "flipout": 1, "local": 2}
 #: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
 #: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
 PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
-_ABI = 10
+_ABI = 9
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
 _lock = threading.Lock()
@@ -263,18 +263,9 @@ def _prior(prior: tuple[object, ...]) -> tuple[int, list[float], bool]:
 
 
 def sample_kl_fwd(
-    kind: str,
-    mu: Tensor,
-    rho: Tensor,
-    prior: tuple[object, ...],
-    samples: int = 1,
-    keep_sigma: bool = True,
-) -> tuple[Tensor, float, Tensor | None, Tensor | None]:
+    kind: str, mu: Tensor, rho: Tensor, prior: tuple[object, ...], samples: int = 1
+) -> tuple[Tensor, float, Tensor, Tensor | None]:
     """``(t, KL sum, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho`` (n elements).
-
-    ``keep_sigma=False`` does not write sigma (returned as None): :func:`sample_kl_bwd`
-    recomputes it from rho with the same formula and bits, which saves writing and reading
-    one weight-sized tensor per step.
 
     t: ``mu + sigma eps`` (reparam), ``sigma eps`` (flipout), one row per weight sample
     (shape (samples, n), or (n) for one sample), or ``sigma^2`` (local, (n)). The KL (float64
@@ -297,7 +288,7 @@ def sample_kl_fwd(
     n = mu.numel()
     rows = (samples, n) if samples > 1 else (n,)
     t = torch.empty(n if code == 2 else rows, dtype=mu.dtype)
-    sigma = torch.empty_like(mu) if keep_sigma else None
+    sigma = torch.empty_like(mu)
     noise = always_noise or code != 2
     eps = torch.empty(rows, dtype=mu.dtype) if noise else None
     # the blocks' partial sums: a ctypes array, read back without a tensor and .item()
@@ -308,7 +299,7 @@ def sample_kl_fwd(
     lib.bbb_sample_kl_fwd(
         mu.data_ptr(), rho.data_ptr(), t.data_ptr(),
         eps.data_ptr() if eps is not None else t.data_ptr(),  # not written without noise
-        None if sigma is None else sigma.data_ptr(), 0, stride, n, _CHUNK, k0, k1, pcode, *consts, code, samples,
+        sigma.data_ptr(), 0, stride, n, _CHUNK, k0, k1, pcode, *consts, code, samples,
         ctypes.addressof(partial), _threads(),
     )  # fmt: skip
     total = 0.0
@@ -321,7 +312,7 @@ def sample_kl_bwd(
     kind: str,
     mu: Tensor,
     rho: Tensor,
-    sigma: Tensor | None,
+    sigma: Tensor,
     eps: Tensor | None,
     g_t: Tensor,
     g_kl: float,
@@ -330,8 +321,7 @@ def sample_kl_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``g_kl * KL + sum <g_t, t> + <g_mu, mu>`` w.r.t. mu and rho (flat float32
     tensors of n elements); ``eps`` and ``prior`` as :func:`sample_kl_fwd` returned and took,
-    ``g_t`` shaped like its t, ``sigma`` as it returned it (None: recomputed from rho),
-    ``g_mu`` (optional, n elements) a gradient of mu from
+    ``g_t`` shaped like its t, ``g_mu`` (optional, n elements) a gradient of mu from
     elsewhere (a layer's mean path) added in the same pass (kinds ``"flipout"`` and
     ``"local"``; for ``"reparam"`` add it to ``g_t`` instead)."""
     lib = load()
@@ -357,8 +347,8 @@ def sample_kl_bwd(
         )
     grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(mu)
     lib.bbb_sample_kl_bwd(
-        mu.data_ptr(), rho.data_ptr(), None if sigma is None else sigma.data_ptr(),
-        eps.data_ptr() if eps is not None else mu.data_ptr(),  # not read without noise
+        mu.data_ptr(), rho.data_ptr(), sigma.data_ptr(),
+        eps.data_ptr() if eps is not None else sigma.data_ptr(),  # not read without noise
         g_t.data_ptr(), None if g_mu is None else g_mu.data_ptr(),  # NULL: no mean path
         g_kl, grad_mu.data_ptr(), grad_rho.data_ptr(), n, _CHUNK, pcode, *consts, code, samples,
         _threads(),

@@ -479,11 +479,7 @@ class _NativeSampleKL(torch.autograd.Function):
         for m, r in pairs:
             shape = m.shape
             mf, rf = m.detach().reshape(-1), r.detach().reshape(-1)
-            # sigma is not kept: the backward recomputes it from rho (same bits), one
-            # weight-sized tensor fewer to write, hold and read
-            t, kl, sigma, eps = _native.sample_kl_fwd(
-                kind, mf, rf, prior, samples, keep_sigma=False
-            )
+            t, kl, sigma, eps = _native.sample_kl_fwd(kind, mf, rf, prior, samples)
             saved += [mf, rf, sigma, eps]
             # the KL of each pair rounded to the parameters' dtype, then added: as two nodes
             part = m.new_tensor(kl + const * m.numel())

@@ -147,7 +147,7 @@ static inline float poly_p(float x) {
 #define SWITCH (-20.0f)
 #define PARALLEL_MIN 32768 /* fewer elements: one thread */
 
-int bbb_native_abi(void) { return 10; }
+int bbb_native_abi(void) { return 9; }
 int bbb_native_tile(void) { return TILE; }
 
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -353,7 +353,7 @@ static inline float fwd_tile1(const int kind, const int prior, const float *rest
 }
 
 /* Fused forward on elements [0, n) for `samples` weight samples (kinds 0, 1; 1 for kind 2):
- * writes sigma (n; not when sigma_out is NULL: the backward can recompute it from rho), t ((samples, n) for kinds 0 and 1, the variance (n) for kind 2) and, where
+ * writes sigma (n), t ((samples, n) for kinds 0 and 1, the variance (n) for kind 2) and, where
  * noise is drawn (all but the Gaussian prior's kind 2), eps (samples, n); sample q, element e
  * uses element start + q * stride + e of the noise stream (start and stride multiples of
  * TILE). The KL (closed form; or the Monte Carlo estimate averaged over the samples) is summed
@@ -371,14 +371,13 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * samples >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
         float tmp[TILE] __attribute__((aligned(64)));
-        float stmp[TILE] __attribute__((aligned(64))); /* sigma when sigma_out is NULL */
         const int64_t c0 = c * chunk;
         const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
         double acc = 0.0;
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
             const float *mb = mu + b0;
-            float *sb = sigma_out ? sigma_out + b0 : stmp;
+            float *sb = sigma_out + b0;
             if (samples == 1) { /* one pass per tile */
                 const float *e = tmp;
                 if (noise) {
@@ -438,7 +437,7 @@ void bbb_sample_kl_fwd(const float *restrict mu, const float *restrict rho, floa
 
 /* One sample: the whole backward in a single pass (kind and prior constant; the formulas
  * of bwd_tile with one sample). */
-static inline void bwd_loop1(const int kind, const int prior, const int hg, const int hs,
+static inline void bwd_loop1(const int kind, const int prior, const int hg,
                             const float *restrict mu, const float *restrict rho,
                             const float *restrict sigma, const float *restrict eps,
                             const float *restrict g_t, const float *restrict g_mu, float g_kl,
@@ -447,8 +446,7 @@ static inline void bwd_loop1(const int kind, const int prior, const int hg, cons
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
         float r = rho[j];
-        float ls;
-        float s = hs ? sigma[j] : softplus_logs(r, &ls); /* the forward's sigma, same bits */
+        float s = sigma[j];
         float dlog = dlog_sigma(r, s);
         float sig = s * dlog;
         float ej = (kind == 2 && prior == PRIOR_GAUSS) ? 0.0f : eps[j];
@@ -486,13 +484,10 @@ static inline void bwd_tile(const int kind, const int prior, const int hg,
     float AS[TILE] __attribute__((aligned(64)));  /* sum_q score eps (mixture) */
     float GT[TILE] __attribute__((aligned(64)));  /* sum_q g_t */
     float GTE[TILE] __attribute__((aligned(64))); /* sum_q g_t dt/dsigma */
-    float S[TILE] __attribute__((aligned(64)));   /* sigma, given or recomputed */
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
-        float ls;
-        float s = sigma ? sigma[j] : softplus_logs(r, &ls);
-        S[j] = s;
+        float s = sigma[j];
         float dlog = dlog_sigma(r, s);
         DLOG[j] = dlog;
         SIG[j] = s * dlog;
@@ -508,7 +503,7 @@ static inline void bwd_tile(const int kind, const int prior, const int hg,
         const int has_g = q < gsamples, has_e = q < esamples;
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) {
-            float s = S[j];
+            float s = sigma[j];
             float ej = has_e ? eq[j] : 0.0f;
             if (has_g) {
                 float g = gq[j];
@@ -525,7 +520,7 @@ static inline void bwd_tile(const int kind, const int prior, const int hg,
     const float inv_s = 1.0f / (float)samples;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-        float s = S[j];
+        float s = sigma[j];
         float gm = prior == PRIOR_GAUSS ? (mu[j] - a0) * a1 : AM[j] * inv_s;
         float gs = prior == PRIOR_GAUSS ? s * a1 : AS[j] * inv_s;
         grad_mu[j] = gm * g_kl + (kind == 0 ? GT[j] : 0.0f) + (hg ? g_mu[j] : 0.0f);
@@ -537,9 +532,7 @@ static inline void bwd_tile(const int kind, const int prior, const int hg,
  * the forward wrote it (not read for the Gaussian prior's kind 2); g_mu, NULL or n elements,
  * an upstream gradient of mu added to grad_mu in the same pass (kinds 1 and 2: the layer's
  * mean path, which would otherwise cost autograd a pass to sum; ignored for kind 0, whose g_t
- * carries it); sigma NULL: recomputed from rho with the forward's formula (the same bits,
- * one weight-sized stream fewer to write and read). Blocks of `chunk` are shared among
- * `threads` OpenMP threads. */
+ * carries it). Blocks of `chunk` are shared among `threads` OpenMP threads. */
 void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        const float *restrict sigma, const float *restrict eps,
                        const float *restrict g_t, const float *restrict g_mu, float g_kl,
@@ -548,7 +541,6 @@ void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
                        int samples, int threads) {
     const int64_t blocks = (n + chunk - 1) / chunk;
     const int hg = g_mu != 0;
-    const int hs = sigma != 0; /* else recomputed from rho (the forward's formula) */
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * samples >= PARALLEL_MIN)
     for (int64_t c = 0; c < blocks; ++c) {
         const int64_t c0 = c * chunk;
@@ -558,8 +550,7 @@ void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
             const int64_t m1 = c1 - c0;
             const int noise = !(kind == 2 && prior == PRIOR_GAUSS);
             const float *e1 = noise ? eps + c0 : eps;
-#define BWD1S(K, P, H, HS) bwd_loop1(K, P, H, HS, mu + c0, rho + c0, hs ? sigma + c0 : sigma, e1, g_t + c0, gm, g_kl, grad_mu + c0, grad_rho + c0, m1, a0, a1, a2, a3)
-#define BWD1(K, P, H) do { if (hs) BWD1S(K, P, H, 1); else BWD1S(K, P, H, 0); } while (0)
+#define BWD1(K, P, H) bwd_loop1(K, P, H, mu + c0, rho + c0, sigma + c0, e1, g_t + c0, gm, g_kl, grad_mu + c0, grad_rho + c0, m1, a0, a1, a2, a3)
 #define BWD1H(K, P) do { if (hg) BWD1(K, P, 1); else BWD1(K, P, 0); } while (0)
             if (prior == PRIOR_GAUSS) {
                 if (kind == 0) BWD1(0, PRIOR_GAUSS, 0); /* reparam: g_t carries mu's gradient */
@@ -572,13 +563,12 @@ void bbb_sample_kl_bwd(const float *restrict mu, const float *restrict rho,
             }
 #undef BWD1H
 #undef BWD1
-#undef BWD1S
             continue;
         }
         for (int64_t b0 = c0; b0 < c1; b0 += TILE) {
             const int64_t m = c1 - b0 < TILE ? c1 - b0 : TILE;
             const float *gmb = hg ? g_mu + b0 : g_mu;
-#define BWD(K, P, H) bwd_tile(K, P, H, mu + b0, rho + b0, hs ? sigma + b0 : sigma, eps + b0, g_t + b0, gmb, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
+#define BWD(K, P, H) bwd_tile(K, P, H, mu + b0, rho + b0, sigma + b0, eps + b0, g_t + b0, gmb, g_kl, grad_mu + b0, grad_rho + b0, m, n, samples, a0, a1, a2, a3)
 #define BWDH(K, P) do { if (hg) BWD(K, P, 1); else BWD(K, P, 0); } while (0)
             if (prior == PRIOR_GAUSS) {
                 if (kind == 0) BWD(0, PRIOR_GAUSS, 0);
