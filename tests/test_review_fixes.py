@@ -590,8 +590,9 @@ def test_uci_blundell_weights_run_over_one_pass(
 def test_tune_scores_diverged_points_last_and_uses_each_points_epochs(uci_dir: Path) -> None:
     from bbb import uci as U
     from bbb.config import ConfigError
+    from bbb.data.uci import UCIDataset
 
-    ds = U.UCIDataset(uci_dir)
+    ds = UCIDataset(uci_dir)
     space = U.SearchSpace.from_dict({"grid": {"lr": [0.01, 1e8], "epochs": [6]}, "smooth": 1})
     result = U.tune(ds, _uci_cfg(epochs=8), space, passes=4, log=None)  # type: ignore[arg-type]
     good, bad = result["points"]
@@ -613,7 +614,7 @@ def test_tune_scores_diverged_points_last_and_uses_each_points_epochs(uci_dir: P
 def test_a_failed_parallel_task_keeps_the_others_results() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from bbb.uci import _results_of
+    from bbb.uci.train import _results_of
 
     def work(i: int) -> int:
         if i == 1:

@@ -20,6 +20,7 @@ import bbb.uci as U
 from bbb.cli import main
 from bbb.config import ConfigError
 from bbb.data.checksums import MissingDataError, resolve_data_dir
+from bbb.data.uci import UCIDataset
 from bbb.metrics import mixture_gaussian_log_likelihood
 
 N_ROWS, N_SPLITS, N_TEST = 60, 3, 6
@@ -198,7 +199,7 @@ def test_resume_skips_finished_splits(
         calls.append(split)
         return real(path, split, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(U, "run_split", counting)
+    monkeypatch.setattr(U.run, "run_split", counting)  # where run_uci looks it up
     monkeypatch.chdir(tiny.parent)  # the data set spelled differently (a relative name)
     m = U.run_uci("tiny", out, config=_fast_config(), settings=_settings(), resume=True, log=None)
     assert calls == [2]
@@ -216,13 +217,13 @@ def test_tune_records_search_and_never_reads_test_rows(
     out = tmp_path / "run"
     space = U.SearchSpace.from_dict({"grid": {"lr": [0.003, 0.03]}, "smooth": 1})
     seen: list[tuple[int, float]] = []
-    real_split = U.UCIDataset.split
+    real_split = UCIDataset.split
 
-    def spy(self: U.UCIDataset, split: int, **kw: object) -> object:
+    def spy(self: UCIDataset, split: int, **kw: object) -> object:
         seen.append((split, float(kw.get("validation_fraction", 0.0))))  # type: ignore[arg-type]
         return real_split(self, split, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(U.UCIDataset, "split", spy)
+    monkeypatch.setattr(UCIDataset, "split", spy)
     st = _settings(tune=True, search=space)
     m = U.run_uci(tiny, out, config=_fast_config(), settings=st, splits="1", log=None)
     # the search used split 0 with a validation part carved from its training rows

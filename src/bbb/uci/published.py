@@ -1,0 +1,118 @@
+"""Published results of the UCI benchmark and the markdown table beside ours."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover
+    pass
+
+
+#: Published test RMSE / log-likelihood (mean over splits), in original units. Sources:
+#: PBP and VI (Graves 2011, as run by the PBP authors): Hernandez-Lobato & Adams (2015);
+#: MC dropout: Gal & Ghahramani (2016); deep ensembles: Lakshminarayanan et al. (2017).
+PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
+    "boston": {
+        "PBP": (3.01, -2.57),
+        "MC dropout": (2.97, -2.46),
+        "Deep ens.": (3.28, -2.41),
+        "VI (Graves)": (4.32, -2.90),
+    },
+    "concrete": {
+        "PBP": (5.67, -3.16),
+        "MC dropout": (5.23, -3.04),
+        "Deep ens.": (6.03, -3.06),
+        "VI (Graves)": (7.19, -3.39),
+    },
+    "energy": {
+        "PBP": (1.80, -2.04),
+        "MC dropout": (1.66, -1.99),
+        "Deep ens.": (2.09, -1.38),
+        "VI (Graves)": (2.65, -2.39),
+    },
+    "kin8nm": {
+        "PBP": (0.10, 0.90),
+        "MC dropout": (0.10, 0.95),
+        "Deep ens.": (0.09, 1.20),
+        "VI (Graves)": (0.10, 0.90),
+    },
+    "power": {
+        "PBP": (4.12, -2.84),
+        "MC dropout": (4.02, -2.80),
+        "Deep ens.": (4.11, -2.79),
+        "VI (Graves)": (4.33, -2.89),
+    },
+    "wine": {
+        "PBP": (0.64, -0.97),
+        "MC dropout": (0.62, -0.93),
+        "Deep ens.": (0.64, -0.94),
+        "VI (Graves)": (0.65, -0.98),
+    },
+}
+PUBLISHED_METHODS = ("PBP", "MC dropout", "Deep ens.", "VI (Graves)")
+_ALIASES = {
+    "bostonhousing": "boston",
+    "housing": "boston",
+    "power-plant": "power",
+    "powerplant": "power",
+    "wine-quality-red": "wine",
+    "winequalityred": "wine",
+}
+
+
+def published_row(name: str) -> dict[str, tuple[float, float]] | None:
+    """Published (RMSE, LL) per method for a data-set directory name, or None if unknown."""
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    return PUBLISHED.get(key)
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """``std / sqrt(n)`` with the sample standard deviation (ddof=1); None for n < 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: our RMSE and LL (mean +- se) next to the published columns."""
+
+    def pm(mean: float, se: float | None, digits: int) -> str:
+        return f"{mean:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+    head = [
+        "data set",
+        "splits",
+        "BBB RMSE",
+        "BBB LL",
+        *(f"{m} RMSE / LL" for m in PUBLISHED_METHODS),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in results:
+        digits = 3 if m["rmse_mean"] < 1 else 2
+        pub = published_row(m["dataset"]) or {}
+        cols = [
+            f"{pub[k][0]:.2f} / {pub[k][1]:.2f}" if k in pub else "-" for k in PUBLISHED_METHODS
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    m["dataset"],
+                    str(m["n_splits"]),
+                    pm(m["rmse_mean"], m["rmse_se"], digits),
+                    pm(m["ll_mean"], m["ll_se"], 2),
+                    *cols,
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""A data set's records and results: per-split files, the CSV, the plots, the summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..train.checkpoint import atomic_write_text
+from .published import published_row, standard_error
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover
+    pass
+
+
+SPLIT_FIELDS = ("split", "rmse", "ll", "epochs", "seconds")
+
+
+def _split_path(out: Path, split: int) -> Path:
+    return out / "splits" / f"split_{split}.json"
+
+
+def _load_records(out: Path) -> dict[int, dict[str, Any]]:
+    records = {}
+    folder = out / "splits"
+    if folder.is_dir():
+        for p in sorted(folder.glob("split_*.json")):
+            try:
+                rec = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue  # cannot happen with atomic writes; treat as unfinished
+            records[int(rec["split"])] = rec
+    return records
+
+
+def _comparable(value: Any, key: str) -> Any:
+    """An engine setting as compared on --resume: the data-set location may be spelled
+    differently (a name, a relative or an absolute path), so it is left out."""
+    if key == "path":
+        return None
+    if key == "requested_config" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "uci_path"}
+    return value
+
+
+def _chosen(cfg: TrainConfig, keys: Sequence[str]) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], extra: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*SPLIT_FIELDS, "noise_std", *extra])
+    for r in rows:
+        noise = "" if r.get("noise_std") is None else f"{r['noise_std']:.6g}"
+        writer.writerow(
+            [
+                r["split"],
+                f"{r['rmse']:.6g}",
+                f"{r['ll']:.6g}",
+                r["epochs"],
+                f"{r['seconds']:.2f}",
+                noise,
+                *(r["settings"].get(k, "") for k in extra),
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot_splits(rows: list[dict[str, Any]], name: str, path: Path) -> None:
+    from ..plots import figure
+
+    splits = [r["split"] for r in rows]
+    fig = figure(figsize=(9, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for ax, key, label in ((ax1, "rmse", "test RMSE"), (ax2, "ll", "test log-likelihood")):
+        vals = [r[key] for r in rows]
+        ax.bar(splits, vals, color="C0" if key == "rmse" else "C1")
+        mean = sum(vals) / len(vals)
+        ax.axhline(mean, color="k", lw=1, ls="--", label=f"mean {mean:.3f}")
+        pub = published_row(name)
+        if pub is not None:
+            ax.axhline(pub["PBP"][0 if key == "rmse" else 1], color="C3", lw=1, ls=":", label="PBP")
+        ax.set_xlabel("split")
+        ax.set_title(f"{name}: {label}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_tune(result: dict[str, Any], path: Path) -> None:
+    from ..plots import figure
+
+    fig = figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for p in result["points"]:
+        ax.plot(p["curve_epochs"], p["curve_ll"], label=str(p["overrides"]), lw=1)
+    ax.axvline(result["chosen"]["epochs"], color="k", ls="--", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation log-likelihood")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and standard errors (``std/sqrt(n)``, ddof=1) of ``rmse`` and ``ll`` over rows."""
+    rmse = [r["rmse"] for r in rows]
+    ll = [r["ll"] for r in rows]
+    n = len(rows)
+    return {
+        "n_splits": n,
+        "rmse_mean": sum(rmse) / n,
+        "rmse_se": standard_error(rmse),
+        "ll_mean": sum(ll) / n,
+        "ll_se": standard_error(ll),
+    }

@@ -1,0 +1,165 @@
+"""The validation search: every grid point trained on a validation part, the epochs chosen."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..data.uci import UCIDataset
+from ..train.trainer import TrainingDivergedError
+from .settings import PathLike, SearchSpace, check_uci_settings
+from .train import _block, _results_of, _run_data, _train
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover
+    pass
+
+
+def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:
+    """Index and value of the maximum of the trailing moving average of ``values``."""
+    best_i, best_v = 0, -math.inf
+    for i in range(len(values)):
+        lo = max(0, i - window + 1)
+        v = sum(values[lo : i + 1]) / (i + 1 - lo)
+        if v > best_v:
+            best_i, best_v = i, v
+    return best_i, best_v
+
+
+def _tune_curve(
+    key: int,
+    path: PathLike,
+    cfg: TrainConfig,
+    split: int,
+    validation_fraction: float,
+    passes: int,
+    verify: bool = True,
+    threads: int | None = None,
+) -> tuple[int, int, tuple[list[float], list[float]] | None]:
+    """``(key, split, curves)``: the validation LL and RMSE curves (original units,
+    one value per trainer epoch) of one grid point on one split's training rows minus a
+    validation part; ``curves`` is None when training diverged."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dataset = UCIDataset(path, verify=verify)
+    sp = dataset.split(split, validation_fraction=validation_fraction, seed=cfg.seed)
+    data = _run_data(sp, sp.train, sp.val)
+    try:
+        trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split, val_every=True)
+    except TrainingDivergedError:
+        return key, split, None
+    return (
+        key,
+        split,
+        ([-r["val_nll"] for r in trainer.history], [r["val_rmse"] for r in trainer.history]),
+    )
+
+
+def tune(
+    dataset: UCIDataset,
+    base: TrainConfig,
+    space: SearchSpace,
+    *,
+    passes: int = 10,
+    jobs: int = 1,
+    threads: int = 1,
+    verify: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Grid search on validation parts carved from training splits (never the test rows).
+
+    For every grid point and every split in ``space.splits``: train on the training rows
+    minus a random ``validation_fraction`` (statistics of the remaining rows), validating the
+    original-unit log-likelihood after every block of ``_block(cfg, passes)`` epochs (see
+    :func:`_train`) up to ``base.epochs``. The curve is
+    averaged over the search splits and smoothed (``space.smooth`` points); the grid point
+    with the best smoothed value wins, and its argmax gives the epoch count. ``jobs`` > 1
+    trains the (grid point, split) pairs in parallel processes.
+
+    Returns ``{"points": [...], "chosen": {...overrides, "epochs": E}, "seconds": ...}``.
+    """
+    start = time.perf_counter()
+    bad = [s for s in space.splits if s >= dataset.n_splits]
+    if bad:
+        raise ConfigError(
+            f"search splits {bad} out of range: {dataset.name} has splits 0..{dataset.n_splits - 1}"
+        )
+    overrides_list = space.points()
+    cfgs = [
+        TrainConfig.from_dict({**base.to_dict(), **o}, source="search").validate()
+        for o in overrides_list
+    ]
+    for c in (base, *cfgs):  # the base and every grid point (the grid may set the schedule)
+        check_uci_settings(c, tuning=True)
+    tasks = [(i, s) for i in range(len(cfgs)) for s in space.splits]
+    frac = space.validation_fraction
+    curves: dict[tuple[int, int], tuple[list[float], list[float]] | None] = {}
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")
+        ) as pool:
+            futures = {
+                pool.submit(
+                    _tune_curve, i, dataset.path, cfgs[i], s, frac, passes, verify, threads
+                ): (i, s)
+                for i, s in tasks
+            }
+            _results_of(futures, lambda r: curves.__setitem__((r[0], r[1]), r[2]))
+    else:
+        for i, s in tasks:
+            curves[(i, s)] = _tune_curve(i, dataset.path, cfgs[i], s, frac, passes, verify)[2]
+    points = []
+    for i, overrides in enumerate(overrides_list):
+        per_block = _block(cfgs[i], passes)
+        diverged = [s for s in space.splits if curves[(i, s)] is None]
+        if diverged:  # a valid point of the grid (e.g. too high a learning rate): scored last
+            points.append({"overrides": overrides, "val_ll": None, "diverged_on_splits": diverged})
+            if log:
+                log(f"  tune {overrides}: diverged (splits {diverged})")
+            continue
+        lls = [curves[(i, s)][0] for s in space.splits]  # type: ignore[index]
+        rmses = [curves[(i, s)][1] for s in space.splits]  # type: ignore[index]
+        ll = [sum(c[k] for c in lls) / len(lls) for k in range(len(lls[0]))]
+        rmse = [sum(c[k] for c in rmses) / len(rmses) for k in range(len(ll))]
+        k, score = _smoothed_argmax(ll, space.smooth)
+        point = {
+            "overrides": overrides,
+            "val_ll": score,
+            "val_rmse": rmse[k],
+            "epochs": (k + 1) * per_block,
+            "curve_epochs": [(j + 1) * per_block for j in range(len(ll))],
+            "curve_ll": ll,
+            "curve_rmse": rmse,
+        }
+        points.append(point)
+        if log:
+            log(
+                f"  tune {overrides}: val ll {score:.4f} rmse {rmse[k]:.4g} "
+                f"at epoch {point['epochs']}"
+            )
+    finite = [p for p in points if p["val_ll"] is not None]
+    if not finite:
+        raise TrainingDivergedError(
+            f"every grid point diverged in the search on {dataset.name}: lower the learning rate"
+        )
+    best = max(finite, key=lambda p: p["val_ll"])
+    return {
+        "metric": "validation log-likelihood (original units), smoothed",
+        "validation_fraction": space.validation_fraction,
+        "splits": space.splits,
+        "smooth": space.smooth,
+        "max_epochs": base.epochs,
+        "points": points,
+        "chosen": {**best["overrides"], "epochs": best["epochs"]},
+        "seconds": time.perf_counter() - start,
+    }
