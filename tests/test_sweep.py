@@ -361,7 +361,7 @@ def test_fallback_importance_plot(tmp_path: Path) -> None:
     """Where Optuna's importance evaluator fails, a labelled rank-correlation plot is drawn."""
     import optuna
 
-    from bbb.sweep import _fallback_importances
+    from bbb.sweep.results import _fallback_importances
 
     study = optuna.create_study()
     dist = {

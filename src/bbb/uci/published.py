@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 #: Published test RMSE / log-likelihood (mean over splits), in original units. Sources:
 #: PBP and VI (Graves 2011, as run by the PBP authors): Hernandez-Lobato & Adams (2015);

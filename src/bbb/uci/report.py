@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,6 @@ from typing import Any
 from ..config import TrainConfig
 from ..train.checkpoint import atomic_write_text
 from .published import published_row, standard_error
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 SPLIT_FIELDS = ("split", "rmse", "ll", "epochs", "seconds")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -16,11 +15,6 @@ from ..data.uci import UCIDataset
 from ..train.trainer import TrainingDivergedError
 from .settings import PathLike, SearchSpace, check_uci_settings
 from .train import _block, _results_of, _run_data, _train
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 
 def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:

@@ -196,9 +196,6 @@ class UCIRunSettings:
     threads: int = 1
 
 
-# --------------------------------------------------------------------------- one split
-
-
 def check_uci_settings(cfg: TrainConfig, *, tuning: bool = False) -> None:
     """Settings the UCI protocol cannot honour, refused instead of ignored."""
     if cfg.patience is not None:

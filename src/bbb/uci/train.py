@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import as_completed
@@ -18,11 +17,6 @@ from ..kernels import use_kernels
 from ..runs import RunData, build_likelihood, build_model, build_objective
 from ..train.trainer import Trainer, evaluate, seed_everything
 from .settings import PathLike, check_uci_settings
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 
 class RepeatedBatches(Sampler[torch.Tensor]):
