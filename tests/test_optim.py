@@ -167,3 +167,30 @@ def test_lean_step_falls_back_for_closures_hooks_and_the_profiler() -> None:
     before = [p.detach().clone() for p in a]
     opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(a, before, strict=True))
+
+
+def test_lean_step_leaves_a_grad_scalers_step_to_torch() -> None:
+    """torch.amp.GradScaler hands a fused optimizer its scale and inf flag as attributes; the
+    lean path would ignore them (apply scaled gradients), so it must fall back: the result
+    equals torch's fused Adam under the same scaler, and an inf gradient skips the step."""
+    results = []
+    for cls in (optim_mod.Adam, torch.optim.Adam):
+        ps = _params()
+        opt = cls(ps, lr=1e-2, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        g = torch.Generator().manual_seed(3)
+        for t in range(4):
+            opt.zero_grad()
+            loss = sum(((p * torch.randn(p.shape, generator=g)).sum() for p in ps), torch.zeros(()))
+            if t == 2:
+                loss = loss * float("inf")  # this step's gradients overflow: skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    # the overflowing step was skipped (an applied inf gradient would leave NaN), the others
+    # moved the parameters
+    assert all(torch.isfinite(a).all() for a in results[0])
+    assert all(not torch.equal(a, p0) for a, p0 in zip(results[0], _params(), strict=True))

@@ -27,9 +27,9 @@ class Adam(torch.optim.Adam):
     the same kernels with the same arguments (``_foreach_add_`` of the step counters, then
     ``_fused_adam_``), so the parameters and the state are bit-identical to the base class's;
     its state dict is the base class's too. Otherwise (a closure, step hooks, the profiler
-    recording, options the lean path does not cover: amsgrad, capturable, differentiable, a
-    tensor learning rate or betas, sparse or mixed-device/dtype gradients, or state not yet
-    created) it runs ``torch.optim.Adam.step`` unchanged.
+    recording, a ``GradScaler``'s step, options the lean path does not cover: amsgrad,
+    capturable, differentiable, a tensor learning rate or betas, sparse or mixed-device/dtype
+    gradients, or state not yet created) it runs ``torch.optim.Adam.step`` unchanged.
     """
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -49,6 +49,9 @@ class Adam(torch.optim.Adam):
             or self._optimizer_step_post_hooks
             or _global_hooks_set()
             or torch.autograd.profiler._is_profiler_enabled
+            # a GradScaler's step: the base class unscales the gradients and skips on inf
+            or getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
         ):
             return False
         plans = []
