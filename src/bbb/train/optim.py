@@ -77,8 +77,12 @@ class Adam(torch.optim.Adam):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
             if params:
-                kinds = {(t.device, t.dtype) for t in (*params, *grads)}
+                # one CPU device and dtype for the tensors the kernel updates, float32 CPU
+                # step counters (what torch's fused Adam makes); anything else: torch's step
+                kinds = {(t.device, t.dtype) for t in (*params, *grads, *exp_avgs, *exp_avg_sqs)}
                 if len(kinds) != 1 or next(iter(kinds))[0].type != "cpu":
+                    return False
+                if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in steps):
                     return False
                 plans.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
         with torch.no_grad():
