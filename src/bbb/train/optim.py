@@ -48,7 +48,7 @@ class Adam(torch.optim.Adam):
             or self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks
             or _global_hooks_set()
-            or torch.autograd.profiler._is_profiler_enabled
+            or getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
             # a GradScaler's step: the base class unscales the gradients and skips on inf
             or getattr(self, "grad_scale", None) is not None
             or getattr(self, "found_inf", None) is not None
@@ -115,7 +115,10 @@ _FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_foreach_add_")
 def _global_hooks_set() -> bool:
     from torch.optim import optimizer as _opt
 
-    return bool(_opt._global_optimizer_pre_hooks or _opt._global_optimizer_post_hooks)
+    # private names of torch.optim: where a release renames them, assume hooks (torch's step)
+    pre = getattr(_opt, "_global_optimizer_pre_hooks", None)
+    post = getattr(_opt, "_global_optimizer_post_hooks", None)
+    return pre is None or post is None or bool(pre or post)
 
 
 def _hooked_adam_step(opt: torch.optim.Adam, closure: Any) -> Any:
