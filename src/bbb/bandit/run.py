@@ -119,8 +119,8 @@ def _run_bandit(
     start_step = 0
     ckpt_dir = out / "checkpoints"
     if not resume:  # the old run's higher step numbers would win the next resume
-        for p in (*previous, out / "cumulative_regret.png", out / "config.json"):
-            p.unlink(missing_ok=True)
+        for stale in (*previous, out / "cumulative_regret.png", out / "config.json"):
+            stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_same_config(out / "config.json", cfg)
