@@ -218,7 +218,8 @@ def test_result_file_names_keep_the_test_names_and_name_other_splits() -> None:
 
 def _all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command's parser: the top level, its subcommands, and the forwarded ones."""
-    from bbb import bench, sweep
+    from bbb import bench
+    from bbb.sweep.cli import _parsers as sweep_parsers
 
     top = build_parser()
     parsers = {"bbb": top}
@@ -228,7 +229,7 @@ def _all_parsers() -> dict[str, argparse.ArgumentParser]:
                 if name not in ("bench", "sweep"):  # stubs: they parse their own options
                     parsers[f"bbb {name}"] = p
     parsers["bbb bench"] = bench.build_parser()
-    run, show, best = sweep._parsers()
+    run, show, best = sweep_parsers()
     parsers.update({"bbb sweep": run, "bbb sweep show": show, "bbb sweep best": best})
     return parsers
 
