@@ -174,7 +174,10 @@ _LEGACY_SETTINGS = {
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:
     """Refuse to resume a run with settings other than those it was started with."""
     if not path.is_file():
-        raise ValueError(f"cannot resume: {path} does not exist (was the run started here?)")
+        raise ValueError(
+            f"cannot resume: {path} does not exist (no run was started in {path.parent}; to "
+            "start one there, leave out --resume)"
+        )
     saved = {**_LEGACY_SETTINGS, **json.loads(path.read_text())}
     diff = changed_settings(saved, asdict(cfg), _RESUMABLE_CHANGES)
     if diff:
