@@ -869,3 +869,16 @@ def test_invalid_layer_hyper_parameters_are_rejected() -> None:
         BayesLinear(2, 2, mu_init="xavier")
     with pytest.raises(ValueError, match="init ranges must have low <= high"):
         BayesLinear(2, 2, rho_init=(-3.0, -5.0))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_linear_takes_an_unbatched_input_with_every_estimator(estimator: str) -> None:
+    """An (in,) input, which nn.Linear takes and the shape check accepts, gives (out,) with
+    every estimator (flipout's signs were shaped (in, in) for it and the product failed);
+    with every sign +1, flipout is mu + sigma * eps applied to the one example."""
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2, estimator=estimator, dtype=DT)
+    x = torch.randn(3, dtype=DT)
+    assert layer(x).shape == (2,)
+    with bbb.sampling(layer, "mean"):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias_mu))

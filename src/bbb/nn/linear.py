@@ -96,6 +96,8 @@ class BayesLinear(BayesModule):
         # One sign per example and feature. For (N, *, in) inputs the positions of an example
         # share its signs (they share its weight sample): each example's outputs then have
         # exactly the joint distribution of weight-space sampling, as for convolutions.
+        if x.dim() == 1:  # an unbatched input (in,), as nn.Linear takes: one example
+            return (x.shape[0],), (y_shape[0],)
         ones = (1,) * (x.dim() - 2)
         return (x.shape[0], *ones, x.shape[-1]), (y_shape[0], *ones, y_shape[-1])
 
