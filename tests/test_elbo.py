@@ -188,6 +188,18 @@ def test_blundell_weight_rejects_bad_indices() -> None:
         blundell_weight(-1, 4)
 
 
+def test_blundell_weight_takes_any_integer_type_for_both_arguments() -> None:
+    """num_batches, like batch_index, may be a NumPy or 0-d tensor integer (it was refused
+    as "must be a positive integer, got np.int64(4)"); a bool is neither."""
+    np = pytest.importorskip("numpy")
+    assert blundell_weight(np.int64(1), np.int64(4)) == blundell_weight(1, 4)
+    assert blundell_weight(torch.tensor(1), torch.tensor(4)) == blundell_weight(1, 4)
+    with pytest.raises(ValueError, match=re.escape("num_batches must be a positive integer")):
+        blundell_weight(0, True)
+    with pytest.raises(ValueError, match=re.escape("batch_index must be an integer, got True")):
+        blundell_weight(True, 4)
+
+
 # --------------------------------------------------------------------------- annealing
 
 

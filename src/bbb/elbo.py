@@ -43,9 +43,11 @@ KL_WEIGHTINGS = ("uniform", "blundell")
 
 def blundell_weight(batch_index: int, num_batches: int) -> float:
     """pi_i = 2^(M-i) / (2^M - 1) for the 0-based minibatch ``batch_index`` (i = index + 1)."""
-    if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    try:  # any integer type: Python, NumPy or a 0-d integer tensor
+    # any integer type: Python, NumPy or a 0-d integer tensor (not a bool)
+    num_batches = _positive_int("num_batches", num_batches)
+    try:
+        if isinstance(batch_index, bool):
+            raise TypeError
         batch_index = operator.index(batch_index)
     except TypeError:
         raise ValueError(f"batch_index must be an integer, got {batch_index!r}") from None
