@@ -665,3 +665,27 @@ def test_load_run_returns_an_eval_mode_model_so_dropout_is_off(tmp_path: Path) -
     a = bbb.predict(model, x, likelihood=likelihood, num_samples=1)
     b = bbb.predict(model, x, likelihood=likelihood, num_samples=1)
     assert torch.equal(a.mean, b.mean)  # type: ignore[union-attr]
+
+
+def test_evaluate_names_a_corrupt_config_json_and_another_commands_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated config.json gave json's bare "Expecting property name ..." (no file named);
+    a `bbb uci` run directory was said to have "not finished an epoch" and a `bbb bandit` one
+    got a list of unknown keys."""
+    run = _toy_run(tmp_path, capsys)
+    text = (run / "config.json").read_text()
+    (run / "config.json").write_text(text[: len(text) // 2])
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 1
+    err = capsys.readouterr().err
+    assert f"config file {run / 'config.json'} is not valid json" in err, err
+    (run / "config.json").write_text(text)
+    for marker, command in (("uci.json", "bbb uci"), ("regret.csv", "bbb bandit")):
+        other = tmp_path / marker
+        other.mkdir()
+        (other / "config.json").write_text(text)  # a TrainConfig, as bbb uci saves
+        (other / marker).write_text("{}")
+        assert cli("prune", other, "--split", "val", "--num-samples", "2") == 1
+        err = capsys.readouterr().err
+        assert f"is a `{command}` run directory" in err and "not finished" not in err, err
+        assert not list(other.glob("prune-*.json"))

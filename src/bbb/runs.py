@@ -534,9 +534,17 @@ def load_run(
         raise ValueError(f"unknown checkpoint choice {which!r}; accepted values: best, last")
     run = Path(run_dir)
     cfg_path = run / "config.json"
+    # the run directories of the other commands hold a config.json of their own kind
+    for marker, command in (("uci.json", "bbb uci"), ("regret.csv", "bbb bandit")):
+        if (run / marker).is_file():
+            raise ConfigError(
+                f"{run} is a `{command}` run directory ({marker}), not one written by `bbb "
+                "train`: load_run, bbb evaluate and bbb prune read `bbb train` runs"
+            )
     if not cfg_path.is_file():
         raise ConfigError(f"{run} is not a run directory: {cfg_path} is missing")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)).validate()
+    # load_config_file names the file when it is not valid JSON (a truncated copy)
+    cfg = TrainConfig.from_dict(load_config_file(cfg_path), source=str(cfg_path)).validate()
     if device is None:
         target = check_device(
             cfg.device,
