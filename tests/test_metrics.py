@@ -370,3 +370,24 @@ def test_auroc_validation_messages() -> None:
         M.auroc(torch.zeros(2), torch.tensor([float("nan")]))
     with pytest.raises(TypeError, match="torch.Tensor"):
         M.auroc([0.0, 1.0], torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_accepted_where_numbers_are() -> None:
+    """n_bins and y_scale of NumPy types (e.g. from a config or an array) are numbers; they
+    were refused as "must be a positive integer / finite positive number, got np.int64(15)"."""
+    np = pytest.importorskip("numpy")
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1])
+    assert M.expected_calibration_error(probs, labels, n_bins=np.int64(4)) == (
+        M.expected_calibration_error(probs, labels, n_bins=4)
+    )
+    mu = torch.zeros(2, 3, dtype=torch.float64)
+    var = torch.ones(2, 3, dtype=torch.float64)
+    y = torch.ones(3, dtype=torch.float64)
+    assert M.mixture_gaussian_log_likelihood(mu, var, y, y_scale=np.float32(2.0)) == (
+        M.mixture_gaussian_log_likelihood(mu, var, y, y_scale=2.0)
+    )
+    with pytest.raises(ValueError, match="n_bins must be a positive integer, got True"):
+        M.expected_calibration_error(probs, labels, n_bins=True)
+    with pytest.raises(ValueError, match="y_scale must be a finite positive number, got True"):
+        M.mixture_gaussian_log_likelihood(mu, var, y, y_scale=True)

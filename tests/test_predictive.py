@@ -232,3 +232,21 @@ def test_predict_rejects_bad_inputs() -> None:
         bbb.predict(model, torch.randn(2, 4), likelihood=Categorical(), num_samples=2),
         bbb.ClassificationPrediction,
     )
+
+
+def test_numpy_integers_are_accepted_as_counts() -> None:
+    """num_samples, max_rows (predict, vectorized_samples) and Gaussian's output_dim of a
+    NumPy integer type were refused as "must be a positive integer, got np.int64(3)"; a bool
+    is refused (vectorized_samples took True as 1)."""
+    np = pytest.importorskip("numpy")
+    model = _classifier()
+    pred = bbb.predict(model, torch.randn(5, 4), num_samples=np.int64(3), max_rows=np.int32(6))
+    assert pred.sample_probs.shape[0] == 3
+    with bbb.vectorized_samples(model, np.int64(2)):
+        assert model(bbb.repeat_samples(torch.randn(5, 4), 2)).shape[0] == 10
+    assert Gaussian("learned", output_dim=np.int64(2)).log_sigma.shape == (2,)
+    msg = "num_samples must be a positive integer, got True"
+    with pytest.raises(ValueError, match=msg), bbb.vectorized_samples(model, True):
+        pass
+    with pytest.raises(ValueError, match="output_dim must be a positive integer, got True"):
+        Gaussian(output_dim=True)

@@ -14,6 +14,7 @@ per-example log-likelihoods (S, B) for the ELBO, and into a predictive summary
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,14 @@ class Gaussian(Likelihood):
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"Gaussian sigma must be a finite positive number, got {sigma!r}")
-        if not isinstance(output_dim, int) or output_dim < 1:
+        # any integer type (Python, NumPy), not a bool
+        if (
+            isinstance(output_dim, bool)
+            or not isinstance(output_dim, numbers.Integral)
+            or output_dim < 1
+        ):
             raise ValueError(f"Gaussian output_dim must be a positive integer, got {output_dim!r}")
+        output_dim = int(output_dim)
         if not math.isfinite(float(min_variance)) or min_variance < 0:
             raise ValueError(
                 f"Gaussian min_variance must be a finite number >= 0, got {min_variance!r}"

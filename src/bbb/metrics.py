@@ -21,6 +21,7 @@ probabilities that do not sum to 1, labels out of range, non-positive variances)
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,8 @@ def _require_positive(t: Tensor, name: str) -> None:
 
 
 def _check_n_bins(n_bins: int) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+    # any integer type (Python, NumPy), not a bool
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
 
 
@@ -295,6 +297,7 @@ def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = 15) ->
         A :class:`ReliabilityData` with per-bin edges, mean confidence, accuracy and count.
     """
     _check_n_bins(n_bins)
+    n_bins = int(n_bins)
     p, y = _check_classification(probs, labels)
     conf, pred = p.max(dim=1)
     conf = conf.clamp(0.0, 1.0).cpu()
@@ -489,7 +492,13 @@ def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor,
 
 
 def _check_y_scale(y_scale: float) -> None:
-    if not (isinstance(y_scale, (int, float)) and math.isfinite(y_scale) and y_scale > 0):
+    # any real number type (Python, NumPy), not a bool
+    if not (
+        isinstance(y_scale, numbers.Real)
+        and not isinstance(y_scale, bool)
+        and math.isfinite(y_scale)
+        and y_scale > 0
+    ):
         raise ValueError(f"y_scale must be a finite positive number, got {y_scale!r}")
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Categorical, Gaussian, Likelihood
-from .nn.module import shared_weight_samples, vectorized_samples
+from .nn.module import _is_int, shared_weight_samples, vectorized_samples
 from .nn.stacking import repeat_samples
 
 __all__ = [
@@ -182,10 +182,12 @@ def sample_outputs(
     ``local`` and ``flipout`` draw their noise per row, so only per-input summaries (the
     predictive distribution of each input) are meaningful for them.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    # any integer type (Python, NumPy), not a bool
+    if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+    if not _is_int(max_rows) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    num_samples, max_rows = int(num_samples), int(max_rows)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     chunk = max(1, max_rows // num_samples)

@@ -737,8 +737,9 @@ def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module
     input (a local or flipout layer that receives it then computes what all samples share
     once per example: :mod:`bbb.nn.stacking`).
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not _is_int(num_samples) or num_samples < 1:  # type: ignore[operator]
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = int(num_samples)
     layers = list(bayes_modules(model))
     previous = [m.num_samples for m in layers]
     try:
