@@ -472,6 +472,25 @@ def test_synthetic_uci_errors(tmp_path: Path) -> None:
         load_uci(tmp_path / "empty", 0)
 
 
+def test_synthetic_uci_binary_files_are_named(tmp_path: Path) -> None:
+    """A data or index file that is not text (a corrupt copy) raised a bare UnicodeDecodeError
+    ("'utf-8' codec can't decode byte 0xff ..."), naming no file."""
+    directory = tmp_path / "binary"
+    _synthetic_uci(directory)
+    good = (directory / "data.txt").read_bytes()
+    (directory / "data.txt").write_bytes(b"\xff\xfe\x00" + good)
+    for call in (lambda: load_uci(directory, 0), lambda: uci_info(directory)):
+        with pytest.raises(DataError, match=r"data\.txt is not a text file"):
+            call()
+    (directory / "data.txt").write_bytes(good)
+    (directory / "index_train_1.txt").write_bytes(b"\xff\x00\x01")
+    with pytest.raises(DataError, match=r"index_train_1\.txt is not a text file"):
+        load_uci(directory, 1)
+    (directory / "n_splits.txt").write_bytes(b"\xff")
+    with pytest.raises(DataError, match=r"n_splits\.txt is not a text file"):
+        uci_info(directory)
+
+
 # --------------------------------------------------------------------------- toy curve
 
 

@@ -150,6 +150,18 @@ class UCISplit:
 # --------------------------------------------------------------------------- parsing
 
 
+def _read_text(path: Path) -> str:
+    """``path``'s text; a file that is not text (binary, another encoding) is a `DataError`
+    naming it, not a bare UnicodeDecodeError."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not a text file ({exc.reason} at byte {exc.start}): corrupt, or not "
+            "in the UCI split format"
+        ) from exc
+
+
 def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse a whitespace-separated numeric file.
 
@@ -159,7 +171,7 @@ def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
     rows: list[list[float]] = []
     lines: list[int] = []
     width: int | None = None
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
@@ -181,7 +193,7 @@ def _read_indices(path: Path) -> np.ndarray:
     """0-based integer indices, one or more per line (written as ints or integral floats)."""
     path = require_file(path, UCI_SOURCE)
     values: list[int] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         for token in line.split():
             try:
                 value = float(token)
@@ -209,7 +221,7 @@ def _read_int(path: Path, default: int) -> int:
     """The single integer in ``path``, or ``default`` when the file is absent."""
     if not path.is_file():
         return default
-    text = path.read_text().strip()
+    text = _read_text(path).strip()
     try:
         return int(float(text))
     except ValueError as exc:
@@ -218,8 +230,7 @@ def _read_int(path: Path, default: int) -> int:
 
 def _count_rows(path: Path) -> int:
     """Number of non-blank lines of ``path``."""
-    with open(path) as fh:
-        return sum(1 for line in fh if line.strip())
+    return sum(1 for line in _read_text(path).splitlines() if line.strip())
 
 
 # --------------------------------------------------------------------------- directories
