@@ -882,3 +882,23 @@ def test_linear_takes_an_unbatched_input_with_every_estimator(estimator: str) ->
     assert layer(x).shape == (2,)
     with bbb.sampling(layer, "mean"):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias_mu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_frozen_sample_follows_the_layer_to_another_dtype(dtype: torch.dtype) -> None:
+    """A frozen weight sample drawn in float32 is kept, in the new dtype, after model.to(dtype)
+    (with bfloat16 the float32 noise made the weight float32 and F.linear failed)."""
+    torch.manual_seed(0)
+    layer = BayesConv1d(2, 3, 3)
+    layer.set_sampling("frozen")
+    x = torch.randn(2, 2, 6)
+    layer(x)
+    eps_w = layer._frozen.eps_w.clone()
+    layer.to(dtype)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype and layer._frozen.eps_w.dtype == dtype
+    torch.testing.assert_close(layer._frozen.eps_w, eps_w.to(dtype), rtol=0, atol=0)
+    w = layer.weight_mu + layer.weight_sigma * layer._frozen.eps_w[0]
+    b = layer.bias_mu + layer.bias_sigma * layer._frozen.eps_b[0]
+    torch.testing.assert_close(y, F.conv1d(x.to(dtype), w, b))
+    assert torch.equal(layer(x.to(dtype)), y)  # still the same sample

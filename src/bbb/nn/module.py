@@ -409,6 +409,12 @@ class BayesModule(nn.Module):
                     "call bbb.resample(model) to draw a new frozen sample, or use the same "
                     "num_samples"
                 )
+            like = self.weight_mu
+            if noise.eps_w.dtype != like.dtype or noise.eps_w.device != like.device:
+                # the layer was cast or moved (model.half(), .to(device)) since the sample was
+                # drawn: the same sample, in the parameters' dtype and on their device
+                eps_b = None if noise.eps_b is None else noise.eps_b.to(like)
+                noise = self._frozen = _Record(eps_w=noise.eps_w.to(like), eps_b=eps_b)
             assert noise.eps_w is not None
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
             self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
