@@ -295,6 +295,19 @@ def test_cli_uci_bad_input(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFix
         U.run_all(tmp_path / "nowhere", tmp_path / "o", log=None)
 
 
+def test_cli_uci_refuses_a_missing_device_before_writing(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bbb uci --device cuda` without CUDA failed inside the first split with torch's "Torch
+    not compiled with CUDA enabled", after writing uci.json and config.json into --out."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "o"
+    assert main(["uci", str(tiny), "--device", "cuda", "--epochs", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "device 'cuda' is not available here" in err and "--device cpu" in err, err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -14,6 +14,7 @@ import torch
 from ..config import ConfigError, TrainConfig
 from ..data.checksums import MissingDataError, resolve_data_dir
 from ..data.uci import UCIDataset, dataset_name, find_uci_datasets
+from ..runs import check_device
 from ..train.checkpoint import atomic_write_text
 from .published import format_table, published_row
 from .report import (
@@ -78,6 +79,8 @@ def run_uci(
     if cfg.hidden == [50]:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "hidden": [info.n_hidden]})
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "uci_path": str(dataset.path)}).validate()
+    # a device this machine lacks: refused with the way out before anything is written
+    check_device(cfg.device, remedy="run on the CPU with --device cpu (device='cpu')")
     st = settings if settings is not None else UCIRunSettings(splits=[])
     check_uci_settings(cfg, tuning=st.tune)  # before any split or worker starts
     chosen_splits = parse_splits(
