@@ -213,6 +213,25 @@ def test_loading_an_unpruned_state_removes_the_mask() -> None:
     _roundtrip_checks(unpruned, pruned, torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_loaded_mask_takes_the_models_dtype(dtype: torch.dtype) -> None:
+    """A float32 checkpoint's mask loaded into a model of another dtype is in the model's
+    dtype (it stayed float32: a bfloat16 model's masked weights became float32 and every
+    forward failed)."""
+    torch.manual_seed(0)
+    pruned = _mlp()
+    bbb.prune_by_snr(pruned, 0.5)
+    model = _mlp().to(dtype)
+    model.load_state_dict(pruned.state_dict())
+    assert model[0].weight_mask.dtype == dtype
+    assert torch.equal(model[0].weight_mask, pruned[0].weight_mask.to(dtype))
+    x = torch.randn(3, 4, dtype=dtype)
+    for mode in ("sample", "mean", "frozen"):
+        with bbb.sampling(model, mode):
+            assert model(x).dtype == dtype
+    assert bbb.to_deterministic(model)[0].weight.dtype == dtype
+
+
 # --------------------------------------------------------------------------- conversions
 
 

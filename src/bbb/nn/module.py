@@ -635,7 +635,10 @@ class BayesModule(nn.Module):
         key = prefix + "weight_mask"
         mask = state_dict.get(key)
         if mask is not None and self.weight_mask is None:
-            self.weight_mask = torch.empty_like(mask, device=self.weight_mu.device)
+            # in the parameters' dtype, as prune_by_snr makes it (a float32 checkpoint's mask
+            # in a bfloat16 layer made its weights float32 and every forward fail)
+            w = self.weight_mu
+            self.weight_mask = torch.empty_like(mask, device=w.device, dtype=w.dtype)
         elif mask is None and self.weight_mask is not None:
             self.weight_mask = None
         super()._load_from_state_dict(
