@@ -30,7 +30,7 @@ import torch
 
 import bbb.elbo
 from bbb.cli import build_parser, main
-from bbb.config import TrainConfig, load_config_file
+from bbb.config import ConfigError, TrainConfig, load_config_file
 from bbb.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -461,6 +461,20 @@ def test_config_file_keys_at_top_level(tmp_path: Path) -> None:
     toml.write_text('dataset = "toy"\nhidden = [3]\nprior_sigma = 0.5\n')
     cfg = TrainConfig.from_dict(load_config_file(toml))
     assert cfg == dataclasses.replace(TrainConfig(), dataset="toy", hidden=[3], prior_sigma=0.5)
+
+
+def test_config_file_keys_beside_a_train_table_are_refused(tmp_path: Path) -> None:
+    """Top-level keys of a file that also has a [train] table were dropped silently: this file
+    trained MNIST (the default) for 10 epochs."""
+    toml = tmp_path / "mixed.toml"
+    toml.write_text('dataset = "toy"\nepochs = 1\n[train]\nhidden = [4]\n[uci]\nsplits = 2\n')
+    with pytest.raises(ConfigError, match=r"key\(s\) dataset, epochs at the top level beside"):
+        load_config_file(toml)
+    assert cli("train", "--config", toml, "--out", tmp_path / "run") == 1
+    assert not (tmp_path / "run").exists()
+    # other tables beside [train] are for other readers (bbb uci's [uci], a sweep's [search])
+    toml.write_text('[train]\ndataset = "toy"\n[uci]\nsplits = 2\n')
+    assert load_config_file(toml) == {"dataset": "toy"}
 
 
 # --------------------------------------------------------------------------- help

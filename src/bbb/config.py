@@ -281,5 +281,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of keys")
     if "train" in data and isinstance(data["train"], dict):
+        # settings outside the [train] table would be dropped silently (other tables, such
+        # as a sweep's [search] or bbb uci's [uci], are for other readers)
+        outside = sorted(k for k, v in data.items() if k != "train" and not isinstance(v, dict))
+        if outside:
+            raise ConfigError(
+                f"config file {path}: key(s) {', '.join(outside)} at the top level beside a "
+                "[train] table would be ignored; put every setting under [train] (or none: "
+                "all at the top level)"
+            )
         data = data["train"]
     return data
