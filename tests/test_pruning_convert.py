@@ -213,6 +213,19 @@ def test_loading_an_unpruned_state_removes_the_mask() -> None:
     _roundtrip_checks(unpruned, pruned, torch.randn(3, 4))
 
 
+def test_a_partial_non_strict_load_keeps_the_other_layers_pruning() -> None:
+    """load_state_dict(strict=False) of a state without a layer's weights leaves that layer
+    pruned (its mask was dropped, silently: the mask is no missing key)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    bbb.prune_by_snr(model, 0.5)
+    mask = model[0].weight_mask.clone()
+    head = {k: v for k, v in _mlp().state_dict().items() if k.startswith("2.")}
+    model.load_state_dict(head, strict=False)
+    assert model[0].weight_mask is not None and torch.equal(model[0].weight_mask, mask)
+    assert model[2].weight_mask is None  # the loaded, unpruned layer
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_a_loaded_mask_takes_the_models_dtype(dtype: torch.dtype) -> None:
     """A float32 checkpoint's mask loaded into a model of another dtype is in the model's

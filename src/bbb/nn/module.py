@@ -639,7 +639,9 @@ class BayesModule(nn.Module):
             # in a bfloat16 layer made its weights float32 and every forward fail)
             w = self.weight_mu
             self.weight_mask = torch.empty_like(mask, device=w.device, dtype=w.dtype)
-        elif mask is None and self.weight_mask is not None:
+        elif mask is None and self.weight_mask is not None and prefix + "weight_mu" in state_dict:
+            # an unpruned state of this layer; a state without this layer's weights (a partial
+            # load_state_dict(..., strict=False)) leaves its pruning alone
             self.weight_mask = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
