@@ -477,6 +477,17 @@ def test_config_file_keys_beside_a_train_table_are_refused(tmp_path: Path) -> No
     assert load_config_file(toml) == {"dataset": "toy"}
 
 
+def test_a_config_file_that_is_not_text_or_a_directory_is_named(tmp_path: Path) -> None:
+    """A binary --config gave a bare "'utf-8' codec can't decode byte 0xff" (no file named);
+    a directory was said not to exist."""
+    binary = tmp_path / "c.toml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"config file .*c\.toml is not UTF-8 text"):
+        load_config_file(binary)
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        load_config_file(tmp_path)
+
+
 # --------------------------------------------------------------------------- help
 
 
