@@ -406,3 +406,21 @@ def test_bayesianize_names_the_weight_layers_it_leaves_and_refuses_a_model_with_
         warnings.simplefilter("error")
         again = bbb.bayesianize(bnet[4:])
     assert isinstance(again[0], BayesLinear)
+
+
+def test_a_layer_used_twice_is_converted_once_in_both_directions() -> None:
+    """A module used in two places (tied weights) becomes one Bayesian layer used in both
+    (named_children lists it once: the second place kept the nn.Linear, and bayesianize
+    warned it had been left deterministic), and to_deterministic makes it one nn.Linear
+    (the second place kept the BayesLinear, a sampling layer in the deterministic copy)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bayes = bbb.bayesianize(model, init_from_weights=True)
+    assert isinstance(bayes[0], BayesLinear) and bayes[2] is bayes[0]
+    det = bbb.to_deterministic(bayes)
+    assert type(det[0]) is nn.Linear and det[2] is det[0]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(det(x), model(x))

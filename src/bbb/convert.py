@@ -135,16 +135,30 @@ _WEIGHT_LAYERS = (
 )
 
 
-def _convert(model: nn.Module, kwargs: dict[str, Any], init_from_weights: bool) -> nn.Module:
+def _convert(
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    init_from_weights: bool,
+    memo: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+) -> nn.Module:
     top = _bayes_for(model, kwargs, init_from_weights)
     if top is not None:
         return top
-    for name, child in list(model.named_children()):
+    # every occurrence of a module used in several places (tied weights) gets the same new
+    # layer (named_children lists such a module once: the later places kept the old layer)
+    memo = {} if memo is None else memo
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
+        if id(child) in memo:
+            setattr(model, name, memo[id(child)][1])
+            continue
         new = _bayes_for(child, kwargs, init_from_weights)
         if new is not None:
+            memo[id(child)] = (child, new)
             setattr(model, name, new)
         else:
-            _convert(child, kwargs, init_from_weights)
+            _convert(child, kwargs, init_from_weights, memo)
     return model
 
 
@@ -202,10 +216,20 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_with_deterministic(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
+def _replace_with_deterministic(
+    module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]] | None = None
+) -> None:
+    # a layer used in several places (tied weights) is replaced everywhere by one new layer
+    memo = {} if memo is None else memo
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) in memo:
+            setattr(module, name, memo[id(child)][1])
+            continue
         new = _deterministic_for(child)
         if new is not None:
+            memo[id(child)] = (child, new)
             setattr(module, name, new)
         else:
-            _replace_with_deterministic(child)
+            _replace_with_deterministic(child, memo)
