@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch import distributions as D
 
 import bbb
@@ -667,6 +667,19 @@ def test_prior_on_the_meta_device_materialises_with_its_values() -> None:
     layer.to_empty(device="cpu")
     assert layer.prior.sigma.dtype == torch.float64
     assert layer.prior.sigma.item() == math.exp(-2) == layer.prior._value("sigma")
+
+
+def test_a_model_on_the_meta_device_has_a_repr() -> None:
+    """repr of a model moved to the meta device shows its priors' values (it raised
+    "Tensor.item() cannot be called on meta tensors")."""
+    model = nn.Sequential(
+        BayesLinear(3, 4, prior=ScaleMixturePrior(0.25, 1.0, math.exp(-6))),
+        BayesLinear(4, 2, prior=LaplacePrior(0.5)),
+        BayesLinear(2, 1, prior=GaussianPrior(0.3)),
+    ).to("meta")
+    text = repr(model)
+    assert "pi=0.25, sigma1=1, sigma2=0.002479" in text
+    assert "scale=0.5, loc=0" in text and "sigma=0.3, mean=0" in text
 
 
 def test_fused_kl_without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:

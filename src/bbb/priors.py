@@ -128,6 +128,14 @@ class Prior(nn.Module):
             self._exact[name] = current
         seen[name] = (buf, version)
 
+    def _shown(self, name: str) -> float:
+        """Hyper-parameter ``name`` for the repr: the tensor's value, or on the meta device
+        (no value to read: ``.item()`` raises) the constructor's."""
+        t = getattr(self, name)
+        if t.is_meta:
+            return getattr(self, "_exact", {}).get(name, math.nan)
+        return t.item()
+
     def _load_from_state_dict(  # type: ignore[no-untyped-def, override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
@@ -197,7 +205,7 @@ class GaussianPrior(Prior):
         return (w - mean).mul_(-1.0 / (sigma * sigma))
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma.item():.4g}, mean={self.mean.item():.4g}"
+        return f"sigma={self._shown('sigma'):.4g}, mean={self._shown('mean'):.4g}"
 
 
 def mixture_clamp(p1: float, p2: float) -> float:
@@ -286,8 +294,8 @@ class ScaleMixturePrior(Prior):
 
     def extra_repr(self) -> str:
         return (
-            f"pi={self.pi.item():.4g}, sigma1={self.sigma1.item():.4g}, "
-            f"sigma2={self.sigma2.item():.4g}"
+            f"pi={self._shown('pi'):.4g}, sigma1={self._shown('sigma1'):.4g}, "
+            f"sigma2={self._shown('sigma2'):.4g}"
         )
 
 
@@ -315,7 +323,7 @@ class LaplacePrior(Prior):
         return torch.sign(w - self._value("loc")).mul_(-1.0 / self._value("scale"))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale.item():.4g}, loc={self.loc.item():.4g}"
+        return f"scale={self._shown('scale'):.4g}, loc={self._shown('loc'):.4g}"
 
 
 PRIOR_NAMES = ("gaussian", "scale_mixture", "laplace")
