@@ -543,6 +543,9 @@ def test_train_help_lists_every_option_with_its_default(
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in entries, flag
+        if f.name == "data_dir":  # None: the help says in words where the data is looked for
+            assert entries[flag].endswith("(default: $BBB_DATA_DIR, then ../shared/data)")
+            continue
         assert entries[flag].endswith(f"(default: {getattr(defaults, f.name)})"), entries[flag]
     for flag in ("--config", "--out", "--resume", "--quiet"):
         assert flag in entries, flag
@@ -813,3 +816,13 @@ def test_train_with_compiled_kernels_matches_eager(
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for k in K._ALL:
         k._compiled, k.failed = None, None
+
+
+def test_train_help_states_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """--data-dir's help said "(default: $BBB_DATA_DIR, then ../shared/data) (default: None)"."""
+    with pytest.raises(SystemExit):
+        cli("train", "--help")
+    lines = capsys.readouterr().out.splitlines()
+    data_dir = [line for line in lines if line.strip().startswith("--data-dir")]
+    assert data_dir and "$BBB_DATA_DIR" in data_dir[0], lines
+    assert all(line.count("(default") <= 1 for line in lines), lines

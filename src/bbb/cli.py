@@ -83,7 +83,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elem, is_list = _base_type(hints[f.name])
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{_HELP.get(f.name, f.name)} (default: {default})"
+        help_text = _HELP.get(f.name, f.name)
+        if "(default" not in help_text:  # --data-dir states its own (not None)
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if is_list:
             kwargs.update(nargs="+", type=elem)
