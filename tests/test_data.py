@@ -301,6 +301,10 @@ def test_mushroom_checksum_and_malformed_rows(shared: Path, tmp_path: Path) -> N
     path.write_text(lines[0] + "\n" + "x" + lines[1][1:] + "\n")
     with pytest.raises(DataError, match=r"line 2: unknown class 'x'"):
         load_mushroom(path, verify=False)
+    # a binary copy: was a bare UnicodeDecodeError naming no file
+    path.write_bytes(b"\xff\xfe" + lines[0].encode())
+    with pytest.raises(DataError, match=r"agaricus-lepiota\.data is not a text file"):
+        load_mushroom(path, verify=False)
 
 
 def test_mushroom_missing(tmp_path: Path) -> None:

@@ -112,7 +112,11 @@ def _parse(path: Path) -> tuple[np.ndarray, np.ndarray]:
     n_fields = 1 + len(MUSHROOM_ATTRIBUTES)
     edible: list[bool] = []
     rows: list[list[str]] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:  # a binary or damaged copy (verify=False)
+        raise DataError(f"{path} is not a text file ({exc.reason} at byte {exc.start})") from exc
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split(",")]
