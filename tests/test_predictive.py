@@ -250,3 +250,17 @@ def test_numpy_integers_are_accepted_as_counts() -> None:
         pass
     with pytest.raises(ValueError, match="output_dim must be a positive integer, got True"):
         Gaussian(output_dim=True)
+
+
+def test_a_bfloat16_model_predicts_probabilities_the_metrics_accept() -> None:
+    """The predictive probabilities of a bfloat16 model are float32 rows summing to 1 (in
+    bfloat16 they summed to 1 only within ~3e-3, and bbb.metrics refused them as "not
+    probabilities"), the same softmax of the same logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesLinear(20, 10, rho_init=-1.0, mu_init=(-1.0, 1.0))).bfloat16()
+    x = torch.randn(200, 20, dtype=torch.bfloat16)
+    pred = bbb.predict(model, x, num_samples=30)
+    assert pred.probs.dtype == torch.float32
+    assert (pred.probs.sum(-1) - 1).abs().max() < 1e-5
+    report = bbb.metrics.classification_report(pred.probs, torch.randint(0, 10, (200,)))
+    assert 0.0 <= report["ece"] <= 1.0

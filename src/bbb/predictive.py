@@ -244,7 +244,10 @@ def predict(
                 f"{outputs.shape[-1]} value per example: for regression pass "
                 "likelihood=bbb.Gaussian(...)"
             )
-        sample_probs = torch.softmax(outputs, dim=-1)
+        # float16/bfloat16 logits: probabilities in float32 (a low-precision softmax's rows sum
+        # to 1 only within ~3e-3, which bbb.metrics refuse, and entropy - aleatoric cancels)
+        low = outputs.dtype in (torch.float16, torch.bfloat16)
+        sample_probs = torch.softmax(outputs, dim=-1, dtype=torch.float32 if low else None)
         return ClassificationPrediction(sample_probs.mean(0), sample_probs)
     if isinstance(likelihood, Gaussian):
         with torch.no_grad():
