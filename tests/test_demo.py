@@ -27,6 +27,20 @@ def test_demo_runs_and_writes_its_plot_and_metrics(tmp_path: Path) -> None:
     assert main(argv) == 0
 
 
+def test_demo_checks_its_options_before_creating_the_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--n-train 0 was reported as "dataset_size must be a positive integer" and --epochs 0
+    after "training ... for 0 epochs"; both left an empty output directory behind."""
+    out = tmp_path / "demo"
+    for flag, value, name in (("--n-train", "0", "n_train"), ("--epochs", "0", "epochs"),
+                              ("--seed", "-1", "seed")):  # fmt: skip
+        assert main(["demo", "--out", str(out), flag, value, "--quiet"]) == 1
+        captured = capsys.readouterr()
+        assert f"bbb: error: {name} ({flag}) must be a" in captured.err, captured.err
+        assert "training" not in captured.out and not out.exists()
+
+
 @pytest.mark.slow
 def test_demo_band_widens_away_from_the_data(tmp_path: Path) -> None:
     """The demo's point (paper Fig. 5): the epistemic band is wider outside the data range

@@ -47,6 +47,13 @@ def run_demo(
     log: Any = print,
 ) -> dict[str, Any]:
     """Run the demo; returns the metrics written to ``out_dir/metrics.json``."""
+    # the options' values first, named as the command spells them, before out_dir is created
+    for name, value in (("n_train", n_train), ("epochs", epochs), ("hidden", hidden)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
