@@ -357,6 +357,21 @@ def test_uci_base_command_and_grid_sampler_with_ranges_are_refused(
 
 
 @needs_optuna
+def test_a_zero_trial_budget_and_a_binary_space_file_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--trials 0 fell back to "no budget" (``0 or None``) and ran the whole grid; a space file
+    that is not text gave a bare UnicodeDecodeError naming no file."""
+    space = write_space(tmp_path, "lr = [0.01, 0.001]")
+    assert main(["sweep", str(space), "--out", str(tmp_path / "a"), "--trials", "0"]) == 1
+    assert "--trials must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "trials").exists()
+    space.write_bytes(b"\xff\xfe")
+    assert main(["sweep", str(space), "--out", str(tmp_path / "b")]) == 1
+    assert f"space file {space} is not UTF-8 text" in capsys.readouterr().err
+
+
+@needs_optuna
 def test_fallback_importance_plot(tmp_path: Path) -> None:
     """Where Optuna's importance evaluator fails, a labelled rank-correlation plot is drawn."""
     import optuna

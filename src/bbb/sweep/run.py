@@ -77,7 +77,8 @@ def run_sweep(opts: SweepOptions) -> int:
         raise SweepError(f"--heartbeat must be >= 1 second, got {opts.heartbeat}")
     sampler = _resolve_sampler(opts.sampler or space.sampler, space)
     pruner = opts.pruner or space.pruner
-    n_trials = opts.trials or space.trials
+    # --trials 0 is a budget to refuse below, not "no --trials" (it ran the whole grid)
+    n_trials = opts.trials if opts.trials is not None else space.trials
     if sampler != "grid" and n_trials is None:
         raise SweepError(
             "the space has ranges or lists: give a budget with --trials N (or trials = N in "

@@ -246,7 +246,12 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"space file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(
+            f"space file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
