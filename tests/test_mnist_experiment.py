@@ -77,6 +77,24 @@ def test_driver_set_overrides_every_row(tmp_path: Path, monkeypatch: pytest.Monk
         d["main"]([*args, "--methods", "sgd", "--set", "lr", "--out", str(tmp_path / "x")])
 
 
+def test_driver_refuses_zero_epochs_and_subset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`table1 --epochs 0` trained the budget's full epochs (`args.epochs or budget`) and
+    `--subset 0` the whole training set (`if args.subset:`)."""
+    from bbb.config import ConfigError
+
+    monkeypatch.setenv("BBB_DATA_DIR", str(DATA))
+    d = _driver()
+    out = tmp_path / "mnist"
+    args = ["table1", "--widths", "8", "--methods", "sgd", "--quiet", "--out", str(out)]
+    with pytest.raises(ConfigError, match="epochs must be a positive integer, got 0"):
+        d["main"]([*args, "--subset", "128", "--epochs", "0"])
+    with pytest.raises(ConfigError, match="subset must be a positive integer or unset, got 0"):
+        d["main"]([*args, "--subset", "0", "--epochs", "1"])
+    assert not out.exists()
+
+
 def test_driver_jobs_train_rows_in_child_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -73,7 +73,7 @@ def table1(args: argparse.Namespace) -> None:
     budget = BUDGETS[args.budget]
     widths = args.widths or budget["widths"]
     extra: dict[str, Any] = {"device": args.device}
-    if args.subset:
+    if args.subset is not None:  # 0 is refused by the config's check, not ignored
         extra["subset"] = args.subset
     if args.data_dir:
         extra["data_dir"] = args.data_dir
@@ -86,7 +86,8 @@ def table1(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for width in widths:
             for method in args.methods:
-                epochs = args.epochs or budget["epochs"][method]
+                # --epochs 0 is refused by the config's check (`or` ran the whole budget)
+                epochs = args.epochs if args.epochs is not None else budget["epochs"][method]
                 cfg = _cfg(method, width, epochs, seed, extra)  # validated before anything runs
                 rd = run_dir(args.out, method, width, seed)
                 if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
@@ -120,9 +121,9 @@ def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) ->
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     common = ["--budget", args.budget, "--out", str(args.out), "--device", args.device]
     common += ["--quiet", "--jobs", "1", "--threads-per-job", str(threads)]
-    if args.epochs:
+    if args.epochs is not None:
         common += ["--epochs", str(args.epochs)]
-    if args.subset:
+    if args.subset is not None:
         common += ["--subset", str(args.subset)]
     if args.data_dir:
         common += ["--data-dir", str(args.data_dir)]
