@@ -8,6 +8,7 @@ import math
 import re
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,8 +207,18 @@ def test_blundell_weight_takes_any_integer_type_for_both_arguments() -> None:
 def test_linear_annealing_schedule_values() -> None:
     sched = linear_annealing(4, start=0.2, end=1.0)
     assert [sched(s) for s in (0, 2, 4, 10)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
-    with pytest.raises(ValueError, match=re.escape("warmup_steps must be >= 1, got 0")):
+    with pytest.raises(
+        ValueError, match=re.escape("warmup_steps must be a positive integer, got 0")
+    ):
         linear_annealing(0)
+    # a fractional or bool step count, or a non-finite end, used to be taken silently
+    # (2.5 steps; True as 1 step; a nan scale for every step)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="warmup_steps must be a positive integer"):
+            linear_annealing(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape("end must be a finite number, got nan")):
+        linear_annealing(3, end=float("nan"))
+    assert linear_annealing(np.int64(2))(1) == pytest.approx(0.5)
 
 
 def test_kl_weight_follows_step_buffer(float64_default) -> None:

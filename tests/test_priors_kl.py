@@ -455,6 +455,10 @@ def test_other_invalid_prior_arguments() -> None:
         ),
     ):
         bbb.make_prior("cauchy")
+    # the aliases make_prior takes are named in its message too
+    with pytest.raises(ValueError, match="'normal' and 'mixture' are taken"):
+        bbb.make_prior("cauchy")
+    assert isinstance(bbb.make_prior("mixture"), ScaleMixturePrior)
 
 
 def test_closed_form_kl_with_scale_mixture_is_rejected() -> None:

@@ -50,6 +50,19 @@ def test_snr_is_abs_mu_over_sigma(float64_default) -> None:
         torch.testing.assert_close(values[name], expected.detach(), rtol=1e-14, atol=0)
 
 
+def test_a_weight_of_mean_zero_and_underflowed_sigma_has_snr_zero() -> None:
+    # mu = 0 with sigma = softplus(-200) = 0 in float32 (the weight is always exactly 0) was
+    # 0/0 = NaN, ranked above every other weight, so pruning never removed it
+    layer = bbb.BayesLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[0.0, 0.5, 1.0, 2.0]]))
+        layer.weight_rho.copy_(torch.tensor([[-200.0, 0.0, 0.0, -200.0]]))
+    values = bbb.snr(layer)[""]
+    assert values[0, 0] == 0 and torch.isinf(values[0, 3]) and not values.isnan().any()
+    bbb.prune_by_snr(layer, 0.25)
+    assert layer.weight_mask is not None and layer.weight_mask[0].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.9])
 def test_global_pruning_removes_the_lowest_snr_weights(fraction: float, float64_default) -> None:
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ in deterministic training; multiply by N to get the negative ELBO of the whole d
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,8 +64,14 @@ def linear_annealing(
     warmup_steps: int, start: float = 0.0, end: float = 1.0
 ) -> Callable[[int], float]:
     """A KL scale that rises linearly from ``start`` to ``end`` over ``warmup_steps`` steps."""
-    if warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps!r}")
+    warmup_steps = _positive_int("warmup_steps", warmup_steps)
+    for name, value in (("start", start), ("end", end)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"linear_annealing: {name} must be a finite number, got {value!r}")
 
     def schedule(step: int) -> float:
         t = min(step / warmup_steps, 1.0)

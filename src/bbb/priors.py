@@ -342,4 +342,7 @@ def make_prior(name: str, **kwargs: float) -> Prior:
         return ScaleMixturePrior(**kwargs)
     if key == "laplace":
         return LaplacePrior(**kwargs)
-    raise ValueError(f"unknown prior {name!r}; accepted values: {', '.join(PRIOR_NAMES)}")
+    raise ValueError(
+        f"unknown prior {name!r}; accepted values: {', '.join(PRIOR_NAMES)} "
+        "('normal' and 'mixture' are taken for gaussian and scale_mixture)"
+    )

@@ -26,15 +26,23 @@ def _named_layers(model: nn.Module) -> list[tuple[str, BayesModule]]:
 def snr(model: nn.Module) -> dict[str, Tensor]:
     """|mu| / sigma of every weight, per Bayesian layer: ``{layer name: tensor shaped like W}``.
 
-    Biases are not included. Pruned weights have SNR 0.
+    Biases are not included. Pruned weights have SNR 0, and so has a weight with mu = 0 whose
+    sigma underflowed to 0 (rho below ~-100 in float32: always exactly zero, 0/0 otherwise NaN,
+    which :func:`prune_by_snr` would rank above every other weight).
     """
     out: dict[str, Tensor] = {}
     for name, layer in _named_layers(model):
-        value = layer.weight_mu.abs() / layer.weight_sigma
+        value = _unmasked_snr(layer)
         if layer.weight_mask is not None:
             value = value * layer.weight_mask
         out[name] = value
     return out
+
+
+def _unmasked_snr(layer: BayesModule) -> Tensor:
+    """|mu| / sigma of the layer's weights (shape W), 0 where mu = 0 (also when sigma is 0)."""
+    mu = layer.weight_mu.abs()
+    return torch.where(mu == 0, 0.0, mu / layer.weight_sigma)
 
 
 @dataclass
@@ -76,7 +84,7 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
     scores = {}
     for name, layer in layers:
         layer.weight_mask = None
-        scores[name] = (layer.weight_mu.abs() / layer.weight_sigma).flatten()
+        scores[name] = _unmasked_snr(layer).flatten()
     per_layer_frac: dict[str, float] = {}
     threshold = float("nan")
     if per_layer:
