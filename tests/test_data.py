@@ -460,6 +460,20 @@ def test_synthetic_uci_errors(tmp_path: Path) -> None:
     (directory / "index_test_1.txt").write_text("0\n9\n")
     with pytest.raises(DataError, match="both"):
         load_uci(directory, 1)
+    # a row listed twice counted twice (accepted silently before)
+    (directory / "index_test_1.txt").write_text("0\n1\n1\n")
+    with pytest.raises(
+        DataError, match=r"index_test_1.txt: 1 rows listed more than once \(e.g. row 1\)"
+    ):
+        load_uci(directory, 1)
+    (directory / "index_test_1.txt").write_text("0\n1\n2\n")
+    # n_splits.txt holding 0 or a fraction (was "valid splits are 0..-1" / truncated to 2)
+    for text in ("0\n", "2.5\n", "x\n"):
+        (directory / "n_splits.txt").write_text(text)
+        with pytest.raises(DataError, match=r"n_splits.txt: expected one positive integer"):
+            load_uci(directory, 0)
+    (directory / "n_splits.txt").write_text("2.0\n")
+    assert len(load_uci(directory, 1).test) == 3
     lines = (directory / "data.txt").read_text().splitlines()
     lines[3] = lines[3].replace(lines[3].split()[2], "nan", 1)
     (directory / "data.txt").write_text("\n".join(lines) + "\n")

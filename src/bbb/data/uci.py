@@ -218,14 +218,18 @@ def _check_bounds(index: np.ndarray, size: int, path: Path, what: str) -> None:
 
 
 def _read_int(path: Path, default: int) -> int:
-    """The single integer in ``path``, or ``default`` when the file is absent."""
+    """The single positive integer in ``path`` (``n_splits.txt``, ``n_hidden.txt``,
+    ``n_epochs.txt``; written as ``50`` or ``50.0``), or ``default`` when the file is absent."""
     if not path.is_file():
         return default
     text = _read_text(path).strip()
     try:
-        return int(float(text))
-    except ValueError as exc:
-        raise DataError(f"{path}: expected one integer, got {text[:40]!r}") from exc
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value.is_integer() and value >= 1):
+        raise DataError(f"{path}: expected one positive integer, got {text[:40]!r}")
+    return int(value)
 
 
 def _count_rows(path: Path) -> int:
@@ -423,6 +427,13 @@ class UCIDataset:
             path = self._checked(f"index_{part}_{split}.txt")
             index = _read_indices(path)
             _check_bounds(index, len(self), path, "row")
+            rows, counts = np.unique(index, return_counts=True)
+            if (counts > 1).any():
+                # a repeated row would count twice in training or in the test metrics
+                raise DataError(
+                    f"{path}: {int((counts > 1).sum())} rows listed more than once "
+                    f"(e.g. row {int(rows[counts > 1][0])})"
+                )
             result.append(index)
         overlap = np.intersect1d(result[0], result[1])
         if overlap.size:
