@@ -25,9 +25,10 @@ __all__ = ["main", "build_parser", "HelpFormatter"]
 _HELP = {
     "dataset": "data set: mnist, toy (the paper's regression curve) or uci",
     "data_dir": "data root holding mnist/, uci/, mushroom/ (default: $BBB_DATA_DIR, then ../shared/data)",
-    "uci_path": "UCI split-format directory (or a name under DATA_DIR/uci) for --dataset uci",
+    "uci_path": "UCI split-format directory (or a name under DATA_DIR/uci); required with "
+    "--dataset uci (default: none)",
     "uci_split": "UCI split index",
-    "subset": "use only the first N training examples (quick runs)",
+    "subset": "use only the first N training examples, for quick runs (default: all of them)",
     "val_fraction": "UCI: share of the training split held out for validation",
     "toy_n": "toy: number of training points",
     "method": "bbb (Bayes by Backprop), sgd (plain network) or dropout",
@@ -55,8 +56,9 @@ _HELP = {
     "weight_decay": "weight decay (deterministic baselines)",
     "batch_size": "minibatch size",
     "epochs": "training epochs",
-    "patience": "early stopping after this many epochs without improvement",
-    "grad_clip": "clip the gradient norm to this value",
+    "patience": "early stopping after this many epochs without improvement (default: no early "
+    "stopping)",
+    "grad_clip": "clip the gradient norm to this value (default: no clipping)",
     "seed": "random seed (makes a CPU run reproducible)",
     "val_samples": "weight samples for validation/test predictions",
     "device": "torch device, e.g. cpu or cuda",
