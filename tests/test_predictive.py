@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import distributions as D
@@ -144,6 +145,25 @@ def test_regression_quantiles_hit_the_mixture_cdf(stats, float64_default) -> Non
         # the CDF value of an empirical quantile has standard error sqrt(q (1 - q) / n)
         se = math.sqrt(level * (1 - level) / n)
         assert torch.all((cdf - level).abs() <= stats.z * se), (cdf, level)
+
+
+def test_regression_quantiles_validate_q_and_num_draws() -> None:
+    torch.manual_seed(0)
+    pred = bbb.RegressionPrediction(torch.randn(5, 2, 1), torch.rand(5, 2, 1) + 0.1)
+    gen = torch.Generator().manual_seed(0)
+    # a single q gives (B, D), the same numbers as the list form's row (torch.quantile's shapes)
+    one = pred.quantiles(0.5, num_draws=3, generator=gen)
+    row = pred.quantiles([0.5], num_draws=3, generator=torch.Generator().manual_seed(0))
+    assert one.shape == (2, 1) and torch.equal(one, row[0])
+    assert pred.quantiles(np.float64(0.9), include_noise=False).shape == (2, 1)
+    # these reached torch's own errors (or none: num_draws=2.5 crashed inside randn)
+    for bad_q in (1.5, [0.1, -0.2], [], "0.5", [True]):
+        with pytest.raises(ValueError, match="q must be probabilities in \\[0, 1\\]"):
+            pred.quantiles(bad_q)  # type: ignore[arg-type]
+    for bad_n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_draws must be a positive integer"):
+            pred.quantiles([0.5], num_draws=bad_n)  # type: ignore[arg-type]
+    assert pred.quantiles([0.5], num_draws=np.int64(2)).shape == (1, 2, 1)
 
 
 def test_regression_log_prob_single_output_is_the_mixture_density(float64_default) -> None:

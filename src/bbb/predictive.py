@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Categorical, Gaussian, Likelihood
-from .nn.module import _is_int, shared_weight_samples, vectorized_samples
+from .nn.module import _is_int, _is_real, shared_weight_samples, vectorized_samples
 from .nn.stacking import repeat_samples
 
 __all__ = [
@@ -145,20 +145,29 @@ class RegressionPrediction:
 
     def quantiles(
         self,
-        q: Sequence[float],
+        q: float | Sequence[float],
         num_draws: int = 20,
         generator: torch.Generator | None = None,
         *,
         include_noise: bool = True,
     ) -> Tensor:
-        """Quantiles (len(q), B, D) of the predictive distribution.
+        """Quantiles (len(q), B, D) of the predictive distribution; (B, D) for a single q.
 
-        ``include_noise=True``: of the predictive mixture of y, estimated from ``num_draws``
-        draws per weight sample. ``False``: of the network's mean output over weight samples
-        (the distribution of f(x; w), w ~ q: epistemic uncertainty only).
+        ``q``: probabilities in [0, 1]. ``include_noise=True``: of the predictive mixture of
+        y, estimated from ``num_draws`` (a positive integer) draws per weight sample.
+        ``False``: of the network's mean output over weight samples (the distribution of
+        f(x; w), w ~ q: epistemic uncertainty only).
         """
         m, v = self.sample_means, self.sample_variances
-        qs = torch.tensor(list(q), dtype=m.dtype, device=m.device)
+        single = _is_real(q)
+        values = [q] if single else list(q)  # type: ignore[arg-type]
+        if not values or not all(_is_real(p) and 0.0 <= p <= 1.0 for p in values):
+            raise ValueError(f"quantiles: q must be probabilities in [0, 1], got {q!r}")
+        if include_noise and (not _is_int(num_draws) or num_draws < 1):
+            raise ValueError(f"quantiles: num_draws must be a positive integer, got {num_draws!r}")
+        qs = torch.tensor([float(p) for p in values], dtype=m.dtype, device=m.device)
+        if single:
+            qs = qs[0]
         if not include_noise:
             return torch.quantile(m, qs, dim=0)
         eps = torch.randn(
