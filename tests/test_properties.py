@@ -237,10 +237,12 @@ def test_elbo_loss_is_nll_plus_weighted_kl_and_finite(
     elbo = bbb.ELBO(likelihood, n, num_samples=num_samples, kl_weighting=weighting)
     x = torch.randn(batch, 2)
     y = torch.randint(0, 3, (batch,)) if classification else torch.randn(batch, 1)
-    r = elbo(model, x, y, batch_index=0, num_batches=max(1, n // batch))
+    n_batches = max(1, n // batch)
+    r = elbo(model, x, y, batch_index=0, num_batches=n_batches)
     assert r.output.shape[:2] == (num_samples, batch)
     assert torch.isfinite(r.loss) and torch.isfinite(r.nll) and torch.isfinite(r.kl)
     assert float(r.kl) >= 0  # closed form (Gaussian prior by default)
     torch.testing.assert_close(r.loss.detach(), r.nll + r.kl_weight * r.kl)
-    if weighting == "uniform":
-        assert r.kl_weight == pytest.approx(1.0 / n)
+    # uniform: 1 / N; blundell: pi_i / B for this first minibatch (i = 0 of M)
+    expected = 1.0 / n if weighting == "uniform" else bbb.blundell_weight(0, n_batches) / batch
+    assert r.kl_weight == pytest.approx(expected, rel=1e-12)
