@@ -284,3 +284,12 @@ def test_a_bfloat16_model_predicts_probabilities_the_metrics_accept() -> None:
     assert (pred.probs.sum(-1) - 1).abs().max() < 1e-5
     report = bbb.metrics.classification_report(pred.probs, torch.randint(0, 10, (200,)))
     assert 0.0 <= report["ece"] <= 1.0
+    # the same softmax of the same (bfloat16) logits: in mean mode every sample's
+    # probabilities are the float32 softmax of the model's output, to float32 rounding
+    with bbb.sampling(model, "mean"):
+        logits = model(x)
+        mean_pred = bbb.predict(model, x, num_samples=2)
+    assert logits.dtype == torch.bfloat16
+    want = torch.softmax(logits.float(), dim=-1)
+    for s in range(2):
+        torch.testing.assert_close(mean_pred.sample_probs[s], want, rtol=1e-6, atol=1e-7)
