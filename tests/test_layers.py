@@ -432,18 +432,32 @@ def test_large_weight_noise_is_iid_standard_normal(stats, two_threads) -> None:
 
 @pytest.mark.parametrize("numel", [10, 63, 64, 1000, 100_003])
 def test_flipout_signs_are_fair_and_independent(numel: int) -> None:
+    """k draws of numel signs (k >= 100, and >= 20000 signs in all, so that every size is
+    checked statistically, both of rademacher's paths: one randint per sign below 64, 63 bits
+    unpacked per random word from 64) are +-1, fair, uncorrelated with their neighbours, and
+    unbiased at each position of a draw and of a 63-bit word. A fair sign has variance 1, so
+    each mean below has standard error 1 / sqrt(its count); tolerances are 5 SE."""
     torch.manual_seed(0)
-    signs = est.rademacher((numel,), torch.empty(0, dtype=DT))
-    assert signs.shape == (numel,) and signs.dtype == DT
-    assert set(signs.unique().tolist()) <= {-1.0, 1.0}
-    if numel >= 1000:
-        # mean of fair signs: standard error 1 / sqrt(n); lag-1 correlation likewise; 5 SE
-        assert abs(float(signs.mean())) <= 5 / math.sqrt(numel)
-        assert abs(float(_lag1_correlation(signs))) <= 5 / math.sqrt(numel)
-        # the 63 bits unpacked from one random word: no position within a word is biased
-        head = numel - numel % 63
-        per_bit = signs[:head].reshape(-1, 63).mean(0)
-        assert float(per_bit.abs().max()) <= 5 / math.sqrt(head // 63)
+    like = torch.empty(0, dtype=DT)
+    k = max(100, -(-20_000 // numel))
+    signs = torch.stack([est.rademacher((numel,), like) for _ in range(k)])  # (k, numel)
+    assert signs.shape == (k, numel) and signs.dtype == DT
+    assert torch.all(signs.abs() == 1)  # only -1 and +1 (both occur: the mean check below)
+    flat = signs.flatten()
+    n = flat.numel()
+    assert abs(float(flat.mean())) <= 5 / math.sqrt(n)
+    # lag-1 correlation of independent signs: standard error 1 / sqrt(n) as well
+    assert abs(float(_lag1_correlation(flat))) <= 5 / math.sqrt(n)
+    # each of the first (up to) 128 positions of a draw, over the k draws: SE 1 / sqrt(k)
+    # (128 comparisons at 5 SE: a false alarm has probability < 1e-4 for the fixed seed)
+    assert float(signs[:, :128].mean(0).abs().max()) <= 5 / math.sqrt(k)
+    # each bit position within a word (sign j of a draw is bit j % 63 of its word), pooled
+    # over the words and draws: SE 1 / sqrt(count)
+    bit = torch.arange(numel) % 63
+    count = (torch.bincount(bit, minlength=63) * k).to(DT)
+    per_bit = torch.zeros(63, dtype=DT).index_add_(0, bit, signs.sum(0))
+    used = count > 0
+    assert torch.all((per_bit[used] / count[used]).abs() <= 5 / count[used].sqrt())
 
 
 def _exact_linear_moments(layer: BayesLinear, x: torch.Tensor):
