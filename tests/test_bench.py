@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,10 @@ def test_cli_forwards_bench_arguments(capsys) -> None:
 
 
 def test_unknown_estimator_is_rejected() -> None:
-    with pytest.raises(SystemExit):
+    # a SystemExit with the message as its code (exit status 1), not --help's or a success's
+    with pytest.raises(
+        SystemExit, match=re.escape("bbb bench: unknown estimator 'nope' (reparam, local, flipout)")
+    ):
         bench.main(["--quick", "--no-peers", "--estimators", "nope"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -548,5 +549,5 @@ def test_load_toy() -> None:
     assert not torch.equal(train.tensors[0][:20], val.tensors[0])
     grid = ToyCurve().grid(11, margin=0.25)
     assert grid.shape == (11, 1) and float(grid[0]) == pytest.approx(-0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("need low < high, got low=1.0, high=0.0")):
         toy_curve(5, low=1.0, high=0.0)

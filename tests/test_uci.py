@@ -291,7 +291,7 @@ def test_cli_uci_bad_input(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFix
         assert "valid splits are 0..2" in capsys.readouterr().err
     assert main(["uci", "--out", str(tmp_path / "o")]) == 1
     assert "PATH" in capsys.readouterr().err
-    with pytest.raises(MissingDataError):
+    with pytest.raises(MissingDataError, match=r"UCI root .*nowhere is not a directory"):
         U.run_all(tmp_path / "nowhere", tmp_path / "o", log=None)
 
 
