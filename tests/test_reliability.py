@@ -250,8 +250,11 @@ def test_all_checkpoints_corrupt_is_a_clear_error_that_keeps_the_files(tmp_path:
     a.write_bytes(a.read_bytes()[:50])  # truncated
     b.write_bytes(b"\0" * 64)  # garbage
     before = {p: p.read_bytes() for p in (a, b, tmp_path / "metrics.jsonl")}
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as info:
+    with pytest.warns(UserWarning) as warned, pytest.raises(CheckpointError) as info:
         small_trainer(tmp_path, epochs=5).fit(resume=True)
+    # each corrupt file is reported as it is skipped, newest first (load_checkpoint's doc)
+    skipped = [str(w.message) for w in warned if "trying an older checkpoint" in str(w.message)]
+    assert len(skipped) == 2 and str(b) in skipped[0] and str(a) in skipped[1], skipped
     message = str(info.value)
     assert "no readable checkpoint" in message
     assert str(a) in message and str(b) in message and "corrupt or truncated" in message
@@ -684,8 +687,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, case: str) -> None:
 def test_bad_run_input_is_reported_before_the_run_directory_exists(
     tmp_path: Path, case: str
 ) -> None:
-    call, exc, _ = BAD_INPUT[case]
-    with pytest.raises(exc):
+    call, exc, pattern = BAD_INPUT[case]
+    with pytest.raises(exc, match=pattern):  # the documented error, not any of its type
         call(tmp_path)
     assert not (tmp_path / "r").exists()
 
