@@ -374,6 +374,27 @@ def test_prior_log_probs_match_torch_distributions(float64_default) -> None:
         assert prior.log_prob(torch.zeros(4, 5)).shape == (4, 5)
 
 
+def test_prior_samples_have_the_prior_moments(stats, float64_default) -> None:
+    """prior.sample draws from the prior: mean loc and variance sigma^2 (Gaussian),
+    2 scale^2 (Laplace), pi sigma1^2 + (1 - pi) sigma2^2 (scale mixture, which a swapped pi
+    would change from 0.675 to 1.575). Tolerances: stats.z standard errors (SE of the
+    variance from the sample's fourth moment, which the mixture's heavy tails need)."""
+    torch.manual_seed(0)
+    n = 20000
+    cases = [
+        (GaussianPrior(0.7, mean=0.3), 0.3, 0.7**2),
+        (LaplacePrior(0.4, loc=-0.2), -0.2, 2 * 0.4**2),
+        (ScaleMixturePrior(0.3, 1.5, math.exp(-4)), 0.0, 0.3 * 1.5**2 + 0.7 * math.exp(-8)),
+    ]
+    for prior, mean, var in cases:
+        w = prior.sample((n, 1))
+        assert w.shape == (n, 1) and w.dtype == DT
+        name = type(prior).__name__
+        expected_var = torch.tensor([var])
+        stats.assert_mean(w, torch.tensor([mean]), known_var=expected_var, what=f"{name} mean")
+        stats.assert_var(w, expected_var, what=f"{name} variance")
+
+
 def test_scale_mixture_log_prob_far_in_the_tail_is_finite(float64_default) -> None:
     """Both components underflow when evaluated naively (exp(-w^2/2) = 0 for w = 200)."""
     prior = ScaleMixturePrior(0.5, 1.0, math.exp(-8))
@@ -394,9 +415,16 @@ def test_prior_buffers_and_make_prior() -> None:
     assert set(dict(ScaleMixturePrior().named_buffers())) == {"pi", "sigma1", "sigma2"}
     assert set(dict(LaplacePrior().named_buffers())) == {"scale", "loc"}
     assert list(GaussianPrior(0.5).parameters()) == []
-    assert isinstance(bbb.make_prior("gaussian", sigma=0.5), GaussianPrior)
-    assert isinstance(bbb.make_prior("scale-mixture", pi=0.5), ScaleMixturePrior)
-    assert isinstance(bbb.make_prior("Laplace", scale=2.0), LaplacePrior)
+    gaussian = bbb.make_prior("gaussian", sigma=0.5)
+    mixture = bbb.make_prior("scale-mixture", pi=0.25, sigma2=math.exp(-7))
+    laplace = bbb.make_prior("Laplace", scale=2.0)
+    assert isinstance(gaussian, GaussianPrior) and gaussian._value("sigma") == 0.5
+    assert isinstance(mixture, ScaleMixturePrior)
+    # the keyword arguments reach the constructor; the others keep their defaults
+    default = ScaleMixturePrior()
+    assert mixture._value("pi") == 0.25 and mixture._value("sigma2") == math.exp(-7)
+    assert mixture._value("sigma1") == default._value("sigma1")
+    assert isinstance(laplace, LaplacePrior) and laplace._value("scale") == 2.0
 
 
 def test_mc_kl_function_matches_definition(float64_default) -> None:
