@@ -304,7 +304,7 @@ def test_mushroom_checksum_and_malformed_rows(shared: Path, tmp_path: Path) -> N
         load_mushroom(path, verify=False)
     # a binary copy: was a bare UnicodeDecodeError naming no file
     path.write_bytes(b"\xff\xfe" + lines[0].encode())
-    with pytest.raises(DataError, match=r"agaricus-lepiota\.data is not a text file"):
+    with pytest.raises(DataError, match=r"agaricus-lepiota\.data is not UTF-8 text"):
         load_mushroom(path, verify=False)
 
 
@@ -499,14 +499,14 @@ def test_synthetic_uci_binary_files_are_named(tmp_path: Path) -> None:
     good = (directory / "data.txt").read_bytes()
     (directory / "data.txt").write_bytes(b"\xff\xfe\x00" + good)
     for call in (lambda: load_uci(directory, 0), lambda: uci_info(directory)):
-        with pytest.raises(DataError, match=r"data\.txt is not a text file"):
+        with pytest.raises(DataError, match=r"data\.txt is not UTF-8 text"):
             call()
     (directory / "data.txt").write_bytes(good)
     (directory / "index_train_1.txt").write_bytes(b"\xff\x00\x01")
-    with pytest.raises(DataError, match=r"index_train_1\.txt is not a text file"):
+    with pytest.raises(DataError, match=r"index_train_1\.txt is not UTF-8 text"):
         load_uci(directory, 1)
     (directory / "n_splits.txt").write_bytes(b"\xff")
-    with pytest.raises(DataError, match=r"n_splits\.txt is not a text file"):
+    with pytest.raises(DataError, match=r"n_splits\.txt is not UTF-8 text"):
         uci_info(directory)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._text import read_text
 from .elbo import KL_WEIGHTINGS
 from .kernels import KERNEL_BACKENDS
 from .kl import KL_MODES
@@ -272,12 +273,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from e
+    text = read_text(path, ConfigError, what="config file")
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:

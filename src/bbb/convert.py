@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -135,31 +136,36 @@ _WEIGHT_LAYERS = (
 )
 
 
-def _convert(
-    model: nn.Module,
-    kwargs: dict[str, Any],
-    init_from_weights: bool,
-    memo: dict[int, tuple[nn.Module, nn.Module]] | None = None,
-) -> nn.Module:
+def _convert(model: nn.Module, kwargs: dict[str, Any], init_from_weights: bool) -> nn.Module:
     top = _bayes_for(model, kwargs, init_from_weights)
     if top is not None:
         return top
-    # every occurrence of a module used in several places (tied weights) gets the same new
-    # layer (named_children lists such a module once: the later places kept the old layer)
+    _replace_layers(model, lambda m: _bayes_for(m, kwargs, init_from_weights))
+    return model
+
+
+def _replace_layers(
+    module: nn.Module,
+    make: Callable[[nn.Module], nn.Module | None],
+    memo: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+) -> None:
+    """Replace, in place and at any depth, every submodule for which ``make`` returns a new
+    module. A module used in several places (tied weights) gets the same new module at each
+    (``named_children`` lists it once: the later places would keep the old one); ``memo``
+    keeps the old module alive so its ``id`` stays its own."""
     memo = {} if memo is None else memo
-    for name, child in list(model._modules.items()):
+    for name, child in list(module._modules.items()):
         if child is None:
             continue
         if id(child) in memo:
-            setattr(model, name, memo[id(child)][1])
+            setattr(module, name, memo[id(child)][1])
             continue
-        new = _bayes_for(child, kwargs, init_from_weights)
+        new = make(child)
         if new is not None:
             memo[id(child)] = (child, new)
-            setattr(model, name, new)
+            setattr(module, name, new)
         else:
-            _convert(child, kwargs, init_from_weights, memo)
-    return model
+            _replace_layers(child, make, memo)
 
 
 def _deterministic_for(module: nn.Module) -> nn.Module | None:
@@ -212,24 +218,5 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     if top is not None:
         return top
     model = copy.deepcopy(model)
-    _replace_with_deterministic(model)
+    _replace_layers(model, _deterministic_for)
     return model
-
-
-def _replace_with_deterministic(
-    module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]] | None = None
-) -> None:
-    # a layer used in several places (tied weights) is replaced everywhere by one new layer
-    memo = {} if memo is None else memo
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        if id(child) in memo:
-            setattr(module, name, memo[id(child)][1])
-            continue
-        new = _deterministic_for(child)
-        if new is not None:
-            memo[id(child)] = (child, new)
-            setattr(module, name, new)
-        else:
-            _replace_with_deterministic(child, memo)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._text import read_text
 from .checksums import (
     MUSHROOM_SHA256,
     MUSHROOM_SOURCE,
@@ -112,10 +113,7 @@ def _parse(path: Path) -> tuple[np.ndarray, np.ndarray]:
     n_fields = 1 + len(MUSHROOM_ATTRIBUTES)
     edible: list[bool] = []
     rows: list[list[str]] = []
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:  # a binary or damaged copy (verify=False)
-        raise DataError(f"{path} is not a text file ({exc.reason} at byte {exc.start})") from exc
+    text = read_text(path, DataError)  # a binary or damaged copy (verify=False): named
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

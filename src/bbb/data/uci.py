@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from .._text import read_text
 from .checksums import (
     UCI_SHA256,
     UCI_SOURCE,
@@ -153,13 +154,7 @@ class UCISplit:
 def _read_text(path: Path) -> str:
     """``path``'s text; a file that is not text (binary, another encoding) is a `DataError`
     naming it, not a bare UnicodeDecodeError."""
-    try:
-        return path.read_text()
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not a text file ({exc.reason} at byte {exc.start}): corrupt, or not "
-            "in the UCI split format"
-        ) from exc
+    return read_text(path, DataError, hint="corrupt, or not in the UCI split format")
 
 
 def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._text import read_text
 from ..config import ConfigError, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -246,12 +247,7 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"space file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SweepError(
-            f"space file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from e
+    text = read_text(path, SweepError, what="space file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
