@@ -689,3 +689,12 @@ def test_evaluate_names_a_corrupt_config_json_and_another_commands_run_directory
         err = capsys.readouterr().err
         assert f"is a `{command}` run directory" in err and "not finished" not in err, err
         assert not list(other.glob("prune-*.json"))
+    # a bandit run still in progress: its own config.json and checkpoints, no results yet
+    running = tmp_path / "bandit-running"
+    (running / "checkpoints").mkdir(parents=True)
+    (running / "config.json").write_text(
+        json.dumps({"agents": ["greedy-0"], "steps": 10, "updates_per_step": 64})
+    )
+    assert cli("evaluate", running, "--split", "val", "--num-samples", "2") == 1
+    err = capsys.readouterr().err
+    assert "is a `bbb bandit` run directory" in err and "unknown key" not in err, err

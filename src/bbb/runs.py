@@ -544,7 +544,13 @@ def load_run(
     if not cfg_path.is_file():
         raise ConfigError(f"{run} is not a run directory: {cfg_path} is missing")
     # load_config_file names the file when it is not valid JSON (a truncated copy)
-    cfg = TrainConfig.from_dict(load_config_file(cfg_path), source=str(cfg_path)).validate()
+    raw = load_config_file(cfg_path)
+    if {"agents", "updates_per_step"} <= raw.keys():  # a bandit run before its first results
+        raise ConfigError(
+            f"{run} is a `bbb bandit` run directory ({cfg_path.name} of its agents), not one "
+            "written by `bbb train`: load_run, bbb evaluate and bbb prune read `bbb train` runs"
+        )
+    cfg = TrainConfig.from_dict(raw, source=str(cfg_path)).validate()
     if device is None:
         target = check_device(
             cfg.device,
