@@ -3,7 +3,10 @@ local step (a mean and a variance product per layer, sqrt, noise) with plain par
 KL, beside the deterministic MLP 784-1200-1200-10 and bbb's local step (native kernels),
 interleaved in one process; forward, backward and Adam timed separately (median of 32).
 
-    python benchmarks/probes/local_floor.py
+    python benchmarks/probes/local_floor.py [--fused]
+
+(``--fused``: all three networks with ``torch.optim.Adam(fused=True)``, as bbb's own training
+uses since session 17; without it the session-11 setting, the default Adam.)
 
 Caveat: the floor network's variance parameters are tiny (1e-5), and its Adam step ran ~2x
 slower than bbb's on as many parameters; compare forward + backward, not Adam.
@@ -11,6 +14,7 @@ Run with the background jobs paused.
 """
 
 import statistics
+import sys
 import time
 
 import torch
@@ -44,7 +48,8 @@ nets = {
     "floor(2 paths)": (floor, lambda: F.cross_entropy(floor(x), y)),
     "bbb local": (bay, lambda: elbo(bay, x, y).loss),
 }
-opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, (m, _) in nets.items()}
+fused = "--fused" in sys.argv[1:]
+opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4, fused=fused) for k, (m, _) in nets.items()}
 T = {k: {"f": [], "b": [], "a": [], "all": []} for k in nets}
 for it in range(40):
     for k, (_m, fn) in nets.items():

@@ -1,0 +1,71 @@
+"""How much of bbb's local step (MLP 784-1200-1200-10, batch 128, Gaussian prior, closed-form
+KL, native kernels, fused Adam) the native sample/KL kernels take, timed inside the step and
+alone on the same inputs, with the page faults (minor) each call caused (issue 8).
+
+    python benchmarks/probes/local_native_share.py
+
+Run with the background jobs paused. (Under ``torch.profiler`` the same calls read 4.5 + 6.8
+ms per step: the profiler's own cost, not the kernels'.)
+"""
+
+import resource
+import statistics
+import time
+
+from _pair import pair
+
+import bbb
+from bbb import _native
+from bbb.train.optim import adam
+
+bbb.set_kernels("native")
+x, y, det, bay, elbo = pair("local")
+opt = adam(bay.parameters(), lr=1e-4)
+calls: list[tuple[str, int, float, int, tuple]] = []
+originals = {"fwd": _native.sample_kl_fwd, "bwd": _native.sample_kl_bwd}
+
+
+def timed(tag: str):
+    fn = originals[tag]
+
+    def call(*args, **kwargs):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        t1 = time.perf_counter()
+        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        calls.append((tag, args[1].numel(), t1 - t0, f1 - f0, args))
+        return out
+
+    return call
+
+
+_native.sample_kl_fwd, _native.sample_kl_bwd = timed("fwd"), timed("bwd")
+steps: list[float] = []
+in_step: dict[tuple[str, int], list[tuple[float, int]]] = {}
+for it in range(30):
+    calls.clear()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    elbo(bay, x, y).loss.backward()
+    opt.step()
+    steps.append(time.perf_counter() - t0)
+    if it >= 10:
+        for tag, n, dt, faults, _ in calls:
+            if n > 100_000:  # the two large layers' weights
+                in_step.setdefault((tag, n), []).append((dt, faults))
+print(f"step {1e3 * statistics.median(steps[10:]):.2f} ms (median of 20)")
+total = 0.0
+for key, v in in_step.items():
+    ms = 1e3 * statistics.median(d for d, _ in v)
+    total += ms
+    print(f"{key}: in the step {ms:.3f} ms, minor faults {statistics.median(f for _, f in v)}")
+print(f"native calls of the two large layers in the step: {total:.2f} ms")
+last = {(tag, n): args for tag, n, _, _, args in calls if n > 100_000}
+for (tag, n), args in last.items():
+    times = []
+    for _ in range(25):
+        t0 = time.perf_counter()
+        originals[tag](*args)
+        times.append(time.perf_counter() - t0)
+    print(f"{(tag, n)}: alone {1e3 * statistics.median(times[5:]):.3f} ms")
