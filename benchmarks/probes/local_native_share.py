@@ -1,8 +1,8 @@
-"""How much of bbb's local step (MLP 784-1200-1200-10, batch 128, Gaussian prior, closed-form
+"""How much of bbb's local (or another estimator's) step (MLP 784-1200-1200-10, batch 128, Gaussian prior, closed-form
 KL, native kernels, fused Adam) the native sample/KL kernels take, timed inside the step and
 alone on the same inputs, with the page faults (minor) each call caused (issue 8).
 
-    python benchmarks/probes/local_native_share.py
+    python benchmarks/probes/local_native_share.py [estimator]
 
 Run with the background jobs paused. (Under ``torch.profiler`` the same calls read 4.5 + 6.8
 ms per step: the profiler's own cost, not the kernels'.)
@@ -10,6 +10,7 @@ ms per step: the profiler's own cost, not the kernels'.)
 
 import resource
 import statistics
+import sys
 import time
 
 from _pair import pair
@@ -19,7 +20,8 @@ from bbb import _native
 from bbb.train.optim import adam
 
 bbb.set_kernels("native")
-x, y, det, bay, elbo = pair("local")
+estimator = sys.argv[1] if len(sys.argv) > 1 else "local"
+x, y, det, bay, elbo = pair(estimator)
 opt = adam(bay.parameters(), lr=1e-4)
 calls: list[tuple[str, int, float, int, tuple]] = []
 originals = {"fwd": _native.sample_kl_fwd, "bwd": _native.sample_kl_bwd}
