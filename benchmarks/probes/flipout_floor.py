@@ -10,11 +10,8 @@ Adam for all three; forward, backward and Adam timed separately (median of 32).
 Run with the background jobs paused.
 """
 
-import statistics
-import time
-
 import torch
-from _pair import pair
+from _pair import pair, time_phases
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,27 +45,4 @@ nets = {
     "bbb flipout": (bay, lambda: elbo(bay, x, y).loss),
 }
 opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in nets.items()}
-T = {k: {"f": [], "b": [], "a": [], "all": []} for k in nets}
-for it in range(40):
-    for k, (_m, fn) in nets.items():
-        o = opts[k]
-        t0 = time.perf_counter()
-        o.zero_grad(set_to_none=True)
-        loss = fn()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        o.step()
-        t3 = time.perf_counter()
-        if it >= 8:
-            T[k]["f"].append(t1 - t0)
-            T[k]["b"].append(t2 - t1)
-            T[k]["a"].append(t3 - t2)
-            T[k]["all"].append(t3 - t0)
-d = statistics.median(T["det"]["all"])
-for k, v in T.items():
-    print(
-        f"{k:15s}",
-        " ".join(f"{p} {1e3 * statistics.median(s):.1f}" for p, s in v.items()),
-        f"ratio {statistics.median(v['all']) / d:.2f}",
-    )
+time_phases(nets, opts)
