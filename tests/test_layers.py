@@ -902,6 +902,26 @@ def test_linear_takes_an_unbatched_input_with_every_estimator(estimator: str) ->
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias_mu))
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_unbatched_input_inside_vectorized_samples_is_named(estimator: str) -> None:
+    """Inside vectorized_samples (S > 1) an (in,) input has no dimension for the S stacked
+    samples: local returned one (out,) output as if S were 1, reparam and flipout failed in a
+    reshape (torch's message); each now says that the input needs a batch dimension, and so
+    does bbb.predict on an unbatched input (it repeated it into (S * in,))."""
+    layer = BayesLinear(6, 2, estimator=estimator, dtype=DT)
+    msg = re.escape("a 1-D (unbatched) input cannot hold the 3 Monte Carlo samples")
+    with (
+        bbb.vectorized_samples(layer, 3),
+        pytest.raises(ValueError, match=msg + ".*received \\(6,\\)"),
+    ):
+        layer(torch.randn(6, dtype=DT))
+    with pytest.raises(ValueError, match=re.escape("x.unsqueeze(0)")):
+        bbb.predict(layer, torch.randn(6, dtype=DT), num_samples=4)
+    with bbb.vectorized_samples(layer, 3):  # batched: S blocks of 1 row
+        assert layer(torch.randn(3, 6, dtype=DT)).shape == (3, 2)
+    assert layer(torch.randn(6, dtype=DT)).shape == (2,)  # S = 1: unbatched as nn.Linear
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_frozen_sample_follows_the_layer_to_another_dtype(dtype: torch.dtype) -> None:
     """A frozen weight sample drawn in float32 is kept, in the new dtype, after model.to(dtype)

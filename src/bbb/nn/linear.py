@@ -70,6 +70,16 @@ class BayesLinear(BayesModule):
         )
 
     def _check_input(self, x: Tensor) -> None:
+        s = self.num_samples
+        if x.dim() == 1 and s > 1:
+            # nn.Linear's unbatched (in,) has no dimension to stack the S samples along
+            # (bbb.predict on such an input repeats it into (S * in,))
+            raise ValueError(
+                f"{type(self).__name__}: a 1-D (unbatched) input cannot hold the {s} Monte "
+                "Carlo samples of bbb.vectorized_samples (used by bbb.predict and bbb.ELBO), "
+                f"which are stacked along dim 0 (received {tuple(x.shape)}); give it a batch "
+                "dimension: x.unsqueeze(0)"
+            )
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             n = self.in_features
             problem = (
