@@ -286,7 +286,9 @@ def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = 15) ->
 
     The top-label confidence of example ``b`` is ``max_c probs[b, c]``; it is counted as
     correct when ``argmax_c probs[b, c] == labels[b]``. Bins are ``(i/n, (i+1)/n]``
-    (Guo et al., 2017, "On Calibration of Modern Neural Networks").
+    (Guo et al., 2017, "On Calibration of Modern Neural Networks"); for float32/float16
+    probabilities an edge ``k/n`` is compared as it is stored in their dtype, so a confidence
+    of exactly ``k/n`` (to the dtype's rounding) falls in bin ``k - 1`` whatever the dtype.
 
     Args:
         probs: predictive probabilities, shape ``(B, C)``.
@@ -299,14 +301,21 @@ def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = 15) ->
     _check_n_bins(n_bins)
     n_bins = int(n_bins)
     p, y = _check_classification(probs, labels)
+    src_dtype = probs.dtype
     conf, pred = p.max(dim=1)
     conf = conf.clamp(0.0, 1.0).cpu()
     correct = (pred == y).to(torch.float64).cpu()
     # k / n_bins by division (correctly rounded, like a confidence computed as k / n), not
     # linspace's start + k * step, which misplaces confidences lying exactly on an edge
     edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    inner = edges[1:-1]
+    if src_dtype.is_floating_point and src_dtype != torch.float64:
+        # a float32/float16 confidence k / n is stored as k / n rounded to its dtype (float32
+        # 0.6 is 0.6000000238...): compare with the edges rounded the same way, so that it
+        # falls in the bin (i/n, k/n] as in float64, not in the next one
+        inner = inner.to(src_dtype).to(torch.float64)
     # bucketize with right=False: index i such that edges[i] < conf <= edges[i+1].
-    idx = torch.bucketize(conf, edges[1:-1].contiguous(), right=False)
+    idx = torch.bucketize(conf, inner.contiguous(), right=False)
     count = torch.bincount(idx, minlength=n_bins)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     corr_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
@@ -635,6 +644,7 @@ def classification_report(probs: Tensor, labels: Tensor, n_bins: int = 15) -> di
         "error": 1.0 - acc,
         "accuracy": acc,
         "nll": nll(p, y),
-        "ece": expected_calibration_error(p, y, n_bins=n_bins),
+        # the original probabilities: their dtype places confidences on the bin edges
+        "ece": expected_calibration_error(probs, labels, n_bins=n_bins),
         "brier": brier(p, y),
     }
