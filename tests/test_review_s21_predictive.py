@@ -30,3 +30,30 @@ def test_a_confidence_on_a_bin_edge_falls_in_the_same_bin_in_every_dtype(
     assert report["ece"] == M.expected_calibration_error(p, labels, n_bins=10)
     # the reported edges stay the exact k / n
     assert torch.equal(data.bin_edges, torch.arange(11, dtype=torch.float64) / 10)
+
+
+# ------------------------------------------------------------ low-precision probabilities
+
+
+def test_the_metrics_accept_a_bfloat16_softmax_and_still_refuse_logits() -> None:
+    """A bfloat16 softmax's rows sum to 1 only within ~2**-8 (values rounded to 8 significant
+    bits): with the fixed tolerance 1e-3 every metric refused ~40% of the rows as "not
+    probabilities". The tolerance is now the larger of 1e-3 and the dtype's epsilon."""
+    g = torch.Generator().manual_seed(0)
+    logits = (2.0 * torch.randn(1000, 10, generator=g)).bfloat16()
+    p = torch.softmax(logits, dim=-1)
+    y = torch.randint(0, 10, (1000,), generator=g)
+    assert ((p.double().sum(1) - 1).abs() > 1e-3).any()  # the case this is about
+    report = M.classification_report(p, y)
+    ref = p.double()
+    ref = ref / ref.sum(1, keepdim=True)  # renormalised: the metrics barely move
+    assert report["nll"] == pytest.approx(M.nll(ref, y), abs=1e-2)
+    assert report["brier"] == pytest.approx(M.brier(ref, y), abs=1e-2)
+    assert report["accuracy"] == M.accuracy(ref, y)
+    for f in (M.nll, M.brier, M.accuracy, M.expected_calibration_error):
+        f(p, y)
+        with pytest.raises(ValueError, match="sum to 1"):
+            f(logits.softmax(-1) * 1.02, y)  # 2% off is not rounding
+    # float32 keeps the 1e-3 tolerance
+    with pytest.raises(ValueError, match="sum to 1"):
+        M.nll(torch.tensor([[0.6, 0.402]]), torch.tensor([0]))

@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 #: Absolute tolerance for ``|sum_c probs[b, c] - 1|`` (and for probabilities slightly
-#: outside ``[0, 1]``) accepted by the classification metrics.
+#: outside ``[0, 1]``) accepted by the classification metrics; for probabilities of a
+#: low-precision dtype, its machine epsilon if that is larger (bfloat16: 2**-7).
 PROB_SUM_ATOL: float = 1e-3
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -108,6 +109,10 @@ def _check_classification(
         )
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {y.dtype}")
+    if p.dtype.is_floating_point:
+        # a bfloat16 softmax's rows sum to 1 only within its epsilon (2**-7; its values are
+        # rounded to 8 significant bits): accept what the dtype can hold
+        atol = max(atol, torch.finfo(p.dtype).eps)
     p = _as_float64(p, "probs")
     y = y.detach().to(device=p.device, dtype=torch.int64)
     lo, hi = int(y.min()), int(y.max())
@@ -638,13 +643,14 @@ def classification_report(probs: Tensor, labels: Tensor, n_bins: int = 15) -> di
         are fractions in ``[0, 1]``, nll is in nats per example, brier as in :func:`brier`.
     """
     _check_n_bins(n_bins)
-    p, y = _check_classification(probs, labels)
-    acc = accuracy(p, y)
+    _check_classification(probs, labels)
+    # each metric gets the original probabilities: their dtype sets the tolerance on the row
+    # sums and places confidences on the bin edges
+    acc = accuracy(probs, labels)
     return {
         "error": 1.0 - acc,
         "accuracy": acc,
-        "nll": nll(p, y),
-        # the original probabilities: their dtype places confidences on the bin edges
+        "nll": nll(probs, labels),
         "ece": expected_calibration_error(probs, labels, n_bins=n_bins),
-        "brier": brier(p, y),
+        "brier": brier(probs, labels),
     }
