@@ -102,3 +102,34 @@ def test_the_mutual_information_matches_a_float64_reference() -> None:
     torch.testing.assert_close(pred.epistemic.double(), ref, rtol=1e-6, atol=1e-9)
     # still the difference of the two reported entropies, to float32 rounding
     torch.testing.assert_close(pred.epistemic, pred.entropy - pred.aleatoric, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------ low-precision regression
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_low_precision_regression_model_predicts_in_float32(dtype: torch.dtype) -> None:
+    """A float16/bfloat16 heteroscedastic model: its means and log-variances are summarised in
+    float32, as for classification. Before: quantiles raised RuntimeError (torch.quantile takes
+    float32/float64 only), exp(log_var) overflowed float16 to inf above log_var = 11.1, and the
+    aleatoric mean over samples was rounded to 3 digits."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BayesLinear(5, 4, rho_init=-3.0)).to(dtype).eval()
+    with torch.no_grad():
+        model[0].bias_mu.copy_(torch.tensor([1.0, -2.0, 12.0, 0.5]))  # log-variance 12
+    lik = bbb.Gaussian("heteroscedastic", output_dim=2)
+    x = torch.randn(50, 5).to(dtype)
+    torch.manual_seed(1)
+    pred = predict(model, x, likelihood=lik, num_samples=20)
+    assert pred.sample_means.dtype == torch.float32
+    # the same outputs, split and summarised in float64 (law of total variance)
+    torch.manual_seed(1)
+    out = bbb.sample_outputs(model, x, 20).double()
+    m, v = out[..., :2], out[..., 2:].exp() + lik.min_variance
+    torch.testing.assert_close(pred.mean.double(), m.mean(0), rtol=1e-6, atol=1e-6)
+    ref_var = v.mean(0) + m.var(0, correction=0)
+    torch.testing.assert_close(pred.variance.double(), ref_var, rtol=1e-5, atol=1e-6)
+    assert bool(torch.isfinite(pred.variance).all())
+    q = pred.quantiles([0.1, 0.9], generator=torch.Generator().manual_seed(0))
+    assert q.shape == (2, 50, 2) and bool(torch.isfinite(q).all())
+    assert bool(torch.isfinite(pred.log_prob(torch.zeros(50, 2))).all())

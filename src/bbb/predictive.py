@@ -269,6 +269,11 @@ def predict(
         sample_probs = torch.softmax(outputs, dim=-1, dtype=torch.float32 if low else None)
         return ClassificationPrediction(sample_probs.mean(0), sample_probs)
     if isinstance(likelihood, Gaussian):
+        if outputs.dtype in (torch.float16, torch.bfloat16):
+            # float16/bfloat16 outputs: the mixture in float32 (exp(log_var) overflows float16
+            # above log_var = 11.1, the sums over samples round at 3 digits, torch.quantile
+            # takes float32/float64 only)
+            outputs = outputs.float()
         with torch.no_grad():
             mean, var = likelihood.mean_and_variance(outputs)
         return RegressionPrediction(mean, var)
