@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -645,3 +646,41 @@ def test_uci_all_caps_a_split_count_at_each_sets_splits(
     (tmp_path / "nothing-here").mkdir()
     assert cli("uci", "--all", tmp_path / "nothing-here", "--out", out) == 1
     assert f"no UCI split directory under {tmp_path / 'nothing-here'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"dataset": "mnist", "toy_n": 50}, "toy_n=50 (dataset 'toy' only)"),
+        ({"dataset": "toy", "val_fraction": 0.2}, "val_fraction=0.2 (dataset 'uci' only)"),
+        ({"dataset": "mnist", "uci_split": 3}, "uci_split=3 (dataset 'uci' only)"),
+        ({"dataset": "mnist", "noise_sigma": 0.5}, "noise_sigma=0.5 (regression (toy, uci) only)"),
+        ({"method": "sgd", "prior": "laplace"}, "prior='laplace' (method 'bbb' only)"),
+        ({"method": "dropout", "num_samples": 5}, "num_samples=5 (method 'bbb' only)"),
+        ({"method": "bbb", "dropout": 0.2}, "dropout=0.2 (method 'dropout' only)"),
+        ({"optimizer": "adam", "momentum": 0.5}, "momentum=0.5 (optimizer 'sgd' only)"),
+    ],
+)
+def test_settings_the_run_never_reads_are_named(settings: dict, named: str) -> None:
+    """A setting changed from its default that the dataset, method or optimizer never reads
+    (the prior of an SGD baseline, the noise of a classifier, ...) was accepted and ignored:
+    it is now a ConfigError naming it; the same setting where it applies is accepted."""
+    from bbb.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape(named) + "$|" + re.escape(named + ";")):
+        TrainConfig(**settings).validate()
+    applies = {
+        "toy_n": {"dataset": "toy"},
+        "val_fraction": {"dataset": "uci", "uci_path": "x"},
+        "uci_split": {"dataset": "uci", "uci_path": "x"},
+        "noise_sigma": {"dataset": "toy"},
+        "prior": {"method": "bbb"},
+        "num_samples": {"method": "bbb"},
+        "dropout": {"method": "dropout"},
+        "momentum": {"optimizer": "sgd"},
+    }[named.split("=")[0]]
+    TrainConfig(**{**settings, **applies}).validate()
+    # the defaults themselves never trip it, whatever the dataset and method
+    for dataset, extra in (("mnist", {}), ("toy", {}), ("uci", {"uci_path": "x"})):
+        for method in ("bbb", "sgd", "dropout"):
+            TrainConfig(dataset=dataset, method=method, **extra).validate()

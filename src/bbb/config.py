@@ -186,11 +186,43 @@ class TrainConfig:
             )
         if self.dataset == "toy" and self.subset is not None:
             raise ConfigError("subset does not apply to dataset 'toy'; set toy_n instead")
+        self._check_applicable()
         if self.dataset == "uci" and self.val_fraction == 0 and self.patience is not None:
             raise ConfigError(
                 "patience needs a validation split (early stopping watches it); val_fraction is 0"
             )
         return self
+
+    def _check_applicable(self) -> None:
+        """Settings changed from their defaults that the chosen dataset, method or optimizer
+        never reads are an error naming them (they were ignored silently)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        bbb_only = [
+            "estimator", "prior", "prior_sigma", "prior_pi", "prior_sigma1", "prior_sigma2",
+            "kl", "mu_init", "rho_init", "kl_weighting", "kl_scale", "kl_anneal_steps",
+            "num_samples", "val_samples",
+        ]  # fmt: skip
+        groups = [
+            (self.dataset != "toy", ["toy_n"], "dataset 'toy' only"),
+            (self.dataset != "uci", ["uci_split", "val_fraction"], "dataset 'uci' only"),
+            (self.dataset == "mnist", ["noise", "noise_sigma"], "regression (toy, uci) only"),
+            (self.method != "bbb", bbb_only, "method 'bbb' only"),
+            (self.method != "dropout", ["dropout"], "method 'dropout' only"),
+            (self.optimizer != "sgd", ["momentum"], "optimizer 'sgd' only"),
+        ]
+        unused = [
+            f"{key}={getattr(self, key)!r} ({where})"
+            for applies, keys, where in groups
+            if applies
+            for key in keys
+            if getattr(self, key) != defaults[key]
+        ]
+        if unused:
+            raise ConfigError(
+                f"setting(s) that do not apply here (dataset {self.dataset!r}, method "
+                f"{self.method!r}, optimizer {self.optimizer!r}) and would be ignored: "
+                f"{'; '.join(unused)}"
+            )
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (a config file can hold anything)."""
