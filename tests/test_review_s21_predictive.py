@@ -133,3 +133,34 @@ def test_a_low_precision_regression_model_predicts_in_float32(dtype: torch.dtype
     q = pred.quantiles([0.1, 0.9], generator=torch.Generator().manual_seed(0))
     assert q.shape == (2, 50, 2) and bool(torch.isfinite(q).all())
     assert bool(torch.isfinite(pred.log_prob(torch.zeros(50, 2))).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_gaussian_log_likelihood_of_low_precision_outputs_is_finite(
+    dtype: torch.dtype,
+) -> None:
+    """float16 outputs: exp(log_var) overflowed above log_var = 11.1 and (y - mean)**2 / var
+    above 65504 (a residual of 3 at sigma = 0.01), so the log-likelihood, and the ELBO of a
+    float16 model, was -inf. It is now evaluated in float32, to float32 rounding of the
+    float64 value of the same (low-precision) outputs."""
+    fixed = bbb.Gaussian("fixed", sigma=0.01)
+    out = torch.zeros(2, 3, 1, dtype=dtype)
+    y = torch.full((3,), 3.0, dtype=dtype)
+    lp = fixed.log_prob(out, y)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), fixed.log_prob(out.double(), y.double()))
+    hetero = bbb.Gaussian("heteroscedastic")
+    o = torch.tensor([[[0.0, 12.0], [1.0, -3.0]]], dtype=dtype)
+    t = torch.tensor([1.0, 2.0], dtype=dtype)
+    lp = hetero.log_prob(o, t)
+    torch.testing.assert_close(lp.double(), hetero.log_prob(o.double(), t.double()))
+    # the ELBO of a low-precision model: finite, with finite gradients for its parameters
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BayesLinear(4, 2, rho_init=-3.0)).to(dtype)
+    with torch.no_grad():
+        model[0].bias_mu.copy_(torch.tensor([0.0, 12.0]))
+    elbo = bbb.ELBO(hetero, dataset_size=100)
+    res = elbo(model, torch.randn(8, 4).to(dtype), torch.randn(8).to(dtype))
+    assert bool(torch.isfinite(res.loss))
+    res.loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
