@@ -77,6 +77,26 @@ def test_driver_set_overrides_every_row(tmp_path: Path, monkeypatch: pytest.Monk
         d["main"]([*args, "--methods", "sgd", "--set", "lr", "--out", str(tmp_path / "x")])
 
 
+def test_driver_set_reaches_the_rows_that_read_it(tmp_path: Path) -> None:
+    """--set of a key only some methods read (a prior setting) changes those rows and leaves
+    the others as their config files say (their configs refuse settings they would ignore);
+    a key no chosen row reads is refused, naming where it applies; a method's own config
+    keys are never dropped."""
+    d = _driver()
+    extra = {"prior_pi": 0.25, "lr": 0.002}
+    dropped: dict[str, str] = {}
+    sgd = d["_cfg"]("sgd", 8, 1, 0, extra, dropped)
+    assert sgd.prior_pi == 0.5 and sgd.lr == 0.002  # the default pi; lr applies to every row
+    assert dropped == {"prior_pi": "method 'bbb' only"}
+    assert d["_cfg"]("bbb-mixture", 8, 1, 0, extra).prior_pi == 0.25
+    args = ["table1", "--epochs", "1", "--widths", "8", "--quiet", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=r"no row of methods sgd, dropout reads prior_pi: "):
+        d["main"]([*args, "--methods", "sgd", "dropout", "--set", "prior_pi=0.25"])
+    with pytest.raises(SystemExit, match=r"reads momentum: optimizer 'sgd' only"):
+        d["main"]([*args, "--methods", "sgd", "bbb-mixture", "--set", "momentum=0.5"])
+    assert not (tmp_path / "x").exists()  # refused before anything ran
+
+
 def test_driver_refuses_zero_epochs_and_subset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,6 +125,7 @@ def test_driver_jobs_train_rows_in_child_processes(
     d = _driver()
     args = ["table1", "--subset", "128", "--epochs", "1", "--widths", "8", "--quiet"]
     args += ["--methods", "sgd", "bbb-gaussian", "--threads-per-job", "1"]
+    args += ["--set", "prior_sigma=0.5"]  # read by the BBB row only: the SGD child is not given it
     d["main"]([*args, "--out", str(tmp_path / "seq")])
     d["main"]([*args, "--jobs", "2", "--out", str(tmp_path / "par")])
     for row in ("sgd-8-s0", "bbb-gaussian-8-s0"):
@@ -112,6 +133,8 @@ def test_driver_jobs_train_rows_in_child_processes(
         par = json.loads((tmp_path / "par" / row / "metrics.json").read_text())
         assert par["test"] == seq["test"] and par["val"] == seq["val"]
         assert (tmp_path / "par" / f"{row}.log").is_file()
+        saved = json.loads((tmp_path / "par" / row / "config.json").read_text())
+        assert saved["prior_sigma"] == (0.5 if row.startswith("bbb") else 1.0)
     before = (tmp_path / "par" / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns
     d["main"]([*args, "--jobs", "2", "--out", str(tmp_path / "par")])  # all done: skipped
     assert (tmp_path / "par" / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns == before

@@ -54,13 +54,28 @@ BUDGETS = {
 }
 
 
-def _cfg(method: str, width: int, epochs: int, seed: int, extra: dict[str, Any]) -> Any:
+def _cfg(
+    method: str,
+    width: int,
+    epochs: int,
+    seed: int,
+    extra: dict[str, Any],
+    dropped: dict[str, str] | None = None,
+) -> Any:
+    """The validated config of one row. ``extra`` (``--set``) keys that this row's method
+    does not read (a prior setting for the SGD row) are left out of it and, with where they
+    apply, added to ``dropped``; a key its own config file sets is never left out."""
     from bbb.config import TrainConfig, load_config_file
 
-    values = load_config_file(HERE / f"{method}.toml")
-    values.update(hidden=[width, width], epochs=epochs, seed=seed)
-    values.update(extra)
-    return TrainConfig.from_dict(values, source=str(HERE / f"{method}.toml")).validate()
+    source = str(HERE / f"{method}.toml")
+    base = load_config_file(source)
+    values = {**base, "hidden": [width, width], "epochs": epochs, "seed": seed, **extra}
+    unused = TrainConfig.from_dict(values, source=source).unused_settings()
+    for key in set(unused) & set(extra) - set(base):
+        del values[key]
+        if dropped is not None:
+            dropped[key] = unused[key]
+    return TrainConfig.from_dict(values, source=source).validate()
 
 
 def run_dir(out: Path, method: str, width: int, seed: int) -> Path:
@@ -82,22 +97,29 @@ def table1(args: argparse.Namespace) -> None:
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-    rows = []  # (seed, width, method, epochs, run directory, config) still to train
+    rows = []  # (seed, width, method, epochs, run directory, config, --set keys it does
+    # not read) still to train
+    dropped: list[dict[str, str]] = []  # per row, the --set keys it does not read
     for seed in args.seeds:
         for width in widths:
             for method in args.methods:
                 # --epochs 0 is refused by the config's check (`or` ran the whole budget)
                 epochs = args.epochs if args.epochs is not None else budget["epochs"][method]
-                cfg = _cfg(method, width, epochs, seed, extra)  # validated before anything runs
+                dropped.append({})  # validated before anything runs:
+                cfg = _cfg(method, width, epochs, seed, extra, dropped[-1])
                 rd = run_dir(args.out, method, width, seed)
                 if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
                     print(f"[done] {rd}")
                     continue
-                rows.append((seed, width, method, epochs, rd, cfg))
+                rows.append((seed, width, method, epochs, rd, cfg, set(dropped[-1])))
+    unread = set.intersection(*(set(d) for d in dropped)) if dropped else set()
+    if unread:  # no row reads it: a mistake, not an override
+        where = "; ".join(f"{k}: {dropped[0][k]}" for k in sorted(unread))
+        raise SystemExit(f"--set: no row of methods {', '.join(args.methods)} reads {where}")
     if args.jobs > 1 and len(rows) > 1:
         _train_in_parallel(args, rows)
         return
-    for _, _, _, epochs, rd, cfg in rows:
+    for _, _, _, epochs, rd, cfg, _ in rows:
         resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())
         print(f"[{'resume' if resume else 'train'}] {rd} ({epochs} epochs)", flush=True)
         train_run(cfg, rd, resume=resume, progress=not args.quiet)
@@ -106,8 +128,8 @@ def table1(args: argparse.Namespace) -> None:
 def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) -> None:
     """Train the rows as up to ``args.jobs`` child processes of this script at a time.
 
-    Each child is ``table1`` for one row (the same budget, epochs, data and ``--set``
-    options), resumes its own run directory, runs on ``max(1, cores // jobs)`` threads and
+    Each child is ``table1`` for one row (the same budget, epochs, data and the ``--set``
+    options it reads), resumes its own run directory, runs on ``max(1, cores // jobs)`` threads and
     writes its output to ``OUT/<run directory>.log``. Longest rows start first. A small network
     on a GPU is bound by the host's kernel launches, one core per process: several processes
     then share the GPU (the paper budget's rows). If this process is interrupted, the children
@@ -127,8 +149,6 @@ def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) ->
         common += ["--subset", str(args.subset)]
     if args.data_dir:
         common += ["--data-dir", str(args.data_dir)]
-    for item in args.set or []:
-        common += ["--set", item]
     queue = sorted(rows, key=lambda r: -r[3])  # longest first: the shortest total time
     args.out.mkdir(parents=True, exist_ok=True)
     running: list[tuple[subprocess.Popen[bytes], Path, Any]] = []
@@ -139,10 +159,13 @@ def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) ->
     try:
         while queue or running:
             while queue and len(running) < args.jobs:
-                seed, width, method, epochs, rd, _ = queue.pop(0)
+                seed, width, method, epochs, rd, _, unread = queue.pop(0)
                 log_path = args.out / f"{rd.name}.log"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "table1", *common]
                 cmd += ["--methods", method, "--widths", str(width), "--seeds", str(seed)]
+                for item in args.set or []:  # the --set keys this row reads
+                    if item.partition("=")[0].strip() not in unread:
+                        cmd += ["--set", item]
                 log = open(log_path, "ab")  # noqa: SIM115 - closed when the child ends
                 print(f"[start] {rd} ({epochs} epochs), log {log_path}", flush=True)
                 child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -491,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help='override a config key for every row (TOML value: --set lr_schedule="cosine")',
+        help="override a config key for every row that reads it (TOML value: --set "
+        'lr_schedule="cosine"; a prior setting changes the BBB rows only)',
     )
     t2 = sub.add_parser("table2", help="prune the BBB scale-mixture 1200 runs by SNR")
     t2.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_TABLE2))

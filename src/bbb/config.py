@@ -193,9 +193,9 @@ class TrainConfig:
             )
         return self
 
-    def _check_applicable(self) -> None:
+    def unused_settings(self) -> dict[str, str]:
         """Settings changed from their defaults that the chosen dataset, method or optimizer
-        never reads are an error naming them (they were ignored silently)."""
+        never reads: ``{key: where it applies}`` (empty when there are none)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         bbb_only = [
             "estimator", "prior", "prior_sigma", "prior_pi", "prior_sigma1", "prior_sigma2",
@@ -210,18 +210,22 @@ class TrainConfig:
             (self.method != "dropout", ["dropout"], "method 'dropout' only"),
             (self.optimizer != "sgd", ["momentum"], "optimizer 'sgd' only"),
         ]
-        unused = [
-            f"{key}={getattr(self, key)!r} ({where})"
+        return {
+            key: where
             for applies, keys, where in groups
             if applies
             for key in keys
             if getattr(self, key) != defaults[key]
-        ]
+        }
+
+    def _check_applicable(self) -> None:
+        """:meth:`unused_settings` is an error naming each (they were ignored silently)."""
+        unused = self.unused_settings()
         if unused:
+            listed = "; ".join(f"{k}={getattr(self, k)!r} ({w})" for k, w in unused.items())
             raise ConfigError(
                 f"setting(s) that do not apply here (dataset {self.dataset!r}, method "
-                f"{self.method!r}, optimizer {self.optimizer!r}) and would be ignored: "
-                f"{'; '.join(unused)}"
+                f"{self.method!r}, optimizer {self.optimizer!r}) and would be ignored: {listed}"
             )
 
     def _check_types(self) -> None:
