@@ -111,7 +111,18 @@ class Param:
         ):
             value = json.loads(value)
         if self.transform is not None:
-            value = TRANSFORMS[self.transform](float(value))
+            # a value the transform cannot take (a string, a list) or whose result overflows
+            # a float is named here, not left as a bare "math range error"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SweepError(
+                    f"{self.name}: transform {self.transform!r} needs a number, got {value!r}"
+                )
+            try:
+                value = TRANSFORMS[self.transform](float(value))
+            except OverflowError:
+                raise SweepError(
+                    f"{self.name}: transform {self.transform!r} of {value!r} overflows a float"
+                ) from None
         return value
 
     def describe(self) -> dict[str, Any]:
@@ -324,6 +335,6 @@ def load_space(path: str | Path) -> Space:
         for value in p.candidates():
             try:
                 space.config({**first, p.name: value})
-            except ConfigError as e:
+            except (ConfigError, SweepError) as e:
                 raise SweepError(f"{where}: {p.name} = {value!r}: {e}") from e
     return space
