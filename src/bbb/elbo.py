@@ -157,8 +157,9 @@ class ELBO(nn.Module):
         self.num_samples = num_samples
         self.kl_weighting = kl_weighting
         self.kl_scale = kl_scale
-        # Data-parallel replicas whose gradients are averaged (set by bbb.train.Trainer under
-        # torch.distributed): the "blundell" weight divides by the global batch, replicas * B.
+        # Data-parallel replicas whose gradients are averaged (set by
+        # bbb.train.distributed.wrap_elbo, which the Trainer calls under torch.distributed):
+        # the "blundell" weight divides by the global batch, replicas * B.
         self.replicas = 1
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 

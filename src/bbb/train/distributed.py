@@ -280,12 +280,17 @@ def wrap_elbo(
 
     Buffers are not broadcast at each step (``broadcast_buffers=False``): the ELBO's step
     counter, pruning masks and input statistics evolve identically on every rank.
+
+    Sets ``elbo.replicas`` to the world size: DDP averages the ranks' gradients, so the
+    ``"blundell"`` KL weight must divide by the global batch, ``replicas * B`` (the uniform
+    weight, ``KL / N``, does not depend on it).
     """
     if not is_distributed():
         raise DistributedError(
             "wrap_elbo needs an initialised torch.distributed process group with more than one "
             "process (launch with torchrun)"
         )
+    elbo.replicas = dist.get_world_size()
     dev = torch.device(device)
     ids = None
     if dev.type == "cuda":

@@ -396,8 +396,7 @@ class Trainer:
                     "rank sees the whole training set",
                     stacklevel=2,
                 )
-            # The blundell KL weight divides by the batch size: the global one, R * B.
-            elbo.replicas = _dist.world_size()
+            # wrap_elbo sets elbo.replicas: the blundell KL weight uses the global batch, R * B
             self._ddp = _dist.wrap_elbo(
                 model, elbo, self.device, find_unused_parameters=find_unused_parameters
             )

@@ -1,0 +1,125 @@
+"""Distributed review (session 21, issue 9): regressions for bugs found in data-parallel training.
+
+One ``torch.multiprocessing.spawn`` of 2 CPU ranks (gloo) runs every check that needs a process
+group; the rest run in this process. Exact checks only (float64, reordered sums), no timing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import bbb
+from bbb.train import distributed as D
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+WORLD = 2
+N = 40  # the global data-set size the ELBO is told
+GLOBAL_BATCH = 8
+RTOL, ATOL = 1e-10, 1e-12  # float64: the sums over ranks are only reordered
+SPAWN_TIMEOUT_S = 300  # a hung collective fails the test instead of the whole suite
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def global_batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(GLOBAL_BATCH, 2, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def blundell_model() -> tuple[nn.Module, bbb.ELBO]:
+    """A mean network (no noise) with the closed-form KL and the blundell KL weighting."""
+    torch.manual_seed(3)
+    model = bbb.models.bayes_mlp(3, [4], 2, kl="closed_form", mu_init="fan_in", rho_init=-1.0)
+    model = model.double()
+    bbb.set_sampling(model, "mean")
+    elbo = bbb.ELBO(bbb.Gaussian("fixed", output_dim=2).double(), N, kl_weighting="blundell")
+    return model, elbo
+
+
+def blundell_grads(model: nn.Module, step: Any, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    step(x, y, batch_index=0, num_batches=3).loss.backward()
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def _worker(r: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=r,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        results: dict[str, Any] = {}
+        x, y = global_batch()
+        lo, hi = r * GLOBAL_BATCH // WORLD, (r + 1) * GLOBAL_BATCH // WORLD
+        # 1. wrap_elbo alone (a user's own loop, no Trainer): the blundell weight must use the
+        #    global batch without the caller setting elbo.replicas
+        model, elbo = blundell_model()
+        ddp = D.wrap_elbo(model, elbo)
+        results["replicas"] = elbo.replicas
+        results["blundell"] = blundell_grads(model, ddp, x[lo:hi], y[lo:hi])
+        del ddp
+        if r == 0:
+            torch.save(results, out)
+    finally:
+        D.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("ddp-s21") / "results.pt"
+    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=0.5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD}-process run did not finish in {SPAWN_TIMEOUT_S} s")
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture
+def float64() -> Any:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.usefixtures("float64")
+def test_wrap_elbo_alone_gives_the_blundell_weight_of_the_global_batch(
+    ddp_results: dict[str, Any],
+) -> None:
+    """wrap_elbo used to leave ``elbo.replicas`` at 1 (only the Trainer set it): a user's own
+    DDP loop with ``kl_weighting="blundell"`` then weighted the KL by pi_i / B instead of
+    pi_i / (R B), R times too much."""
+    assert ddp_results["replicas"] == WORLD
+    model, elbo = blundell_model()
+    x, y = global_batch()
+    expected = blundell_grads(model, lambda *a, **k: elbo(model, *a, **k), x, y)
+    got = ddp_results["blundell"]
+    for k, v in expected.items():
+        # tolerance: float64 with reordered sums
+        torch.testing.assert_close(got[k], v, rtol=RTOL, atol=ATOL, msg=k)
