@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import socket
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -16,8 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import bbb
+from bbb.train import Trainer
 from bbb.train import distributed as D
 
 pytestmark = pytest.mark.skipif(
@@ -60,6 +63,34 @@ def blundell_grads(model: nn.Module, step: Any, x: Tensor, y: Tensor) -> dict[st
     return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
 
+def _uneven_trainer(r: int) -> str:
+    """A Trainer whose ranks hold 9 and 6 rows (3 and 2 batches of 3): the error it raises."""
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(18, 1), torch.randn(18, 1))
+    shard = Subset(ds, list(range(r, 18 if r == 0 else 12, 2)))
+    model = bbb.models.bayes_mlp(1, [4], 1)
+    elbo = bbb.ELBO(bbb.Gaussian(), len(ds))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no DistributedSampler, the shard's own length
+        trainer = Trainer(
+            model,
+            elbo,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            DataLoader(shard, batch_size=3),
+            epochs=1,
+            progress=False,
+            log=None,
+            distributed=True,
+        )
+    try:
+        trainer.fit()
+    except D.DistributedError as e:
+        return str(e)
+    finally:
+        del trainer
+    return "no error"
+
+
 def _worker(r: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -81,6 +112,9 @@ def _worker(r: int, port: int, out: str) -> None:
         results["replicas"] = elbo.replicas
         results["blundell"] = blundell_grads(model, ddp, x[lo:hi], y[lo:hi])
         del ddp
+        # 2. uneven shards: a clear error on every rank, not a gloo abort or a hang
+        results["uneven"] = [None] * WORLD
+        dist.all_gather_object(results["uneven"], _uneven_trainer(r))
         if r == 0:
             torch.save(results, out)
     finally:
@@ -123,3 +157,12 @@ def test_wrap_elbo_alone_gives_the_blundell_weight_of_the_global_batch(
     for k, v in expected.items():
         # tolerance: float64 with reordered sums
         torch.testing.assert_close(got[k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_uneven_batch_counts_are_a_clear_error_on_every_rank(ddp_results: dict[str, Any]) -> None:
+    """Ranks with different numbers of batches used to pair one rank's DDP gradient all-reduce
+    with another's end-of-epoch reduction: gloo aborted the process ("Received data size
+    doesn't match expected size"), nccl would hang until the timeout."""
+    for msg in ddp_results["uneven"]:
+        assert "3 batches on rank 0" in msg and "2 on rank 1" in msg, msg
+        assert "DistributedSampler" in msg, msg

@@ -52,6 +52,7 @@ __all__ = [
     "cleanup",
     "collective_errors",
     "env_world_size",
+    "gather_object",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -180,6 +181,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 @contextlib.contextmanager

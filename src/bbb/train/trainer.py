@@ -544,6 +544,18 @@ class Trainer:
             sampler.set_epoch(self.epoch)  # a DistributedSampler's shuffle for this epoch
         if not self.distributed:
             return self._train_epoch()
+        # Every rank must take the same number of steps: DDP all-reduces gradients at each
+        # one, and a rank with a batch more would pair its all-reduce with another rank's
+        # end-of-epoch reduction (gloo aborts the process, nccl hangs until the timeout).
+        counts = _dist.gather_object(len(self.train_loader))
+        odd = next((r for r, c in enumerate(counts) if c != counts[0]), None)
+        if odd is not None:
+            raise _dist.DistributedError(
+                f"the training loader gives {counts[0]} batches on rank 0 but {counts[odd]} "
+                f"on rank {odd} (epoch {self.epoch + 1}): every rank must take the same number "
+                "of steps; shard the data with a DistributedSampler, which pads the shards to "
+                "equal length"
+            )
         # Each rank draws its own weight noise from a seed derived from the shared RNG stream;
         # the shared stream is restored afterwards, so validation, checkpoints (which save it)
         # and the next epoch see the same state on every rank, for any number of ranks.
