@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset, TensorDataset
 
 import bbb
 from bbb.train import Trainer
@@ -166,3 +166,40 @@ def test_uneven_batch_counts_are_a_clear_error_on_every_rank(ddp_results: dict[s
     for msg in ddp_results["uneven"]:
         assert "3 batches on rank 0" in msg and "2 on rank 1" in msg, msg
         assert "DistributedSampler" in msg, msg
+
+
+def test_set_epoch_reaches_a_distributed_sampler_inside_a_batch_sampler() -> None:
+    """``DataLoader(batch_sampler=BatchSampler(DistributedSampler(ds), ...))``: the loader's
+    ``sampler`` is then a SequentialSampler, and set_epoch was never called: the same shard
+    order every epoch (and, under DDP, a false warning that there is no DistributedSampler)."""
+    ds = TensorDataset(torch.randn(32, 1), torch.randn(32, 1))
+    shard = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_sampler=BatchSampler(shard, batch_size=4, drop_last=False))
+    model = bbb.models.bayes_mlp(1, [4], 1)
+    epochs_seen: list[int] = []
+    trainer = Trainer(
+        model,
+        bbb.ELBO(bbb.Gaussian(), len(ds)),
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        loader,
+        epochs=3,
+        progress=False,
+        log=None,
+        epoch_callback=lambda epoch, row: epochs_seen.append(shard.epoch),
+    )
+    trainer.fit()
+    assert epochs_seen == [0, 1, 2]
+
+
+def test_batch_sampler_lookup_without_a_group() -> None:
+    """The Trainer's warning about a missing DistributedSampler looks inside a batch sampler
+    too (checked on the helper: the warning itself needs a process group)."""
+    from bbb.train.trainer import _epoch_sampler
+
+    ds = TensorDataset(torch.randn(8, 1), torch.randn(8, 1))
+    shard = DistributedSampler(ds, num_replicas=2, rank=1)
+    assert _epoch_sampler(DataLoader(ds, sampler=shard, batch_size=2)) is shard
+    inner = DataLoader(ds, batch_sampler=BatchSampler(shard, batch_size=2, drop_last=False))
+    assert _epoch_sampler(inner) is shard
+    assert _epoch_sampler(DataLoader(ds, batch_size=2, shuffle=True)) is None
+    assert _epoch_sampler([(torch.zeros(1), torch.zeros(1))]) is None

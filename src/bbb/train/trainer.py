@@ -180,6 +180,21 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
                     p.unlink()
 
 
+def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
+    """The sampler of ``loader`` that reshuffles by epoch (has ``set_epoch``: a
+    ``DistributedSampler``), whether it is the loader's ``sampler`` or sits inside its
+    ``batch_sampler`` (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(ds), ...))``,
+    where ``loader.sampler`` is a plain ``SequentialSampler``); None when there is none."""
+    for candidate in (
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        if callable(getattr(candidate, "set_epoch", None)):
+            return candidate
+    return None
+
+
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
     for batch in loader:
         x, y = batch[0], batch[1]
@@ -387,8 +402,7 @@ class Trainer:
         if self.distributed:
             if not self.is_writer:
                 self.log, self.progress = None, False
-            sampler = getattr(train_loader, "sampler", None)
-            if not hasattr(sampler, "set_epoch"):
+            if _epoch_sampler(train_loader) is None:
                 import warnings
 
                 warnings.warn(
@@ -539,8 +553,8 @@ class Trainer:
         """One pass over the training data; returns mean loss, nll, kl and timing."""
         self.model.train()
         self.elbo.train()
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
+        sampler = _epoch_sampler(self.train_loader)
+        if sampler is not None:
             sampler.set_epoch(self.epoch)  # a DistributedSampler's shuffle for this epoch
         if not self.distributed:
             return self._train_epoch()
