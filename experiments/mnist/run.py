@@ -214,7 +214,7 @@ def table2(args: argparse.Namespace) -> None:
     """Prune the end-of-training BBB scale-mixture network by SNR; evaluate; export compactly."""
     from torch.utils.data import DataLoader
 
-    from bbb.pruning import prune_by_snr
+    from bbb.pruning import load_compact, prune_by_snr, save_compact
     from bbb.runs import load_run
     from bbb.train.checkpoint import atomic_write_text
     from bbb.train.trainer import evaluate
@@ -249,7 +249,7 @@ def table2(args: argparse.Namespace) -> None:
             }
             if fraction > 0:
                 path = rd / f"pruned-{fraction:g}.pt"
-                row["compact_bytes"] = export_compact(model, path)
+                row["compact_bytes"] = save_compact(model, path)
                 row["dense_bytes"] = _dense_bytes(model)
                 cfg2, model2, _, _ = load_run(rd, which="last")
                 load_compact(model2, path)
@@ -262,59 +262,6 @@ def table2(args: argparse.Namespace) -> None:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         atomic_write_text(rd / "table2.json", json.dumps(results, indent=2) + "\n")
-
-
-def export_compact(model: torch.nn.Module, path: Path) -> int:
-    """Save only the kept weights of every Bayesian layer: flat int32 indices + mu and rho.
-
-    Biases are kept whole. Returns the size on disk in bytes. :func:`load_compact` restores.
-    """
-    from bbb.nn.module import BayesModule
-    from bbb.train.checkpoint import atomic_write_bytes
-
-    layers: dict[str, Any] = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, BayesModule):
-            continue
-        mask = m.weight_mask if m.weight_mask is not None else torch.ones_like(m.weight_mu)
-        idx = mask.flatten().nonzero().flatten().to(torch.int32)
-        layers[name] = {
-            "shape": list(m.weight_mu.shape),
-            "index": idx,
-            "mu": m.weight_mu.detach().flatten()[idx.long()].clone(),
-            "rho": m.weight_rho.detach().flatten()[idx.long()].clone(),
-            "bias_mu": None if m.bias_mu is None else m.bias_mu.detach().clone(),
-            "bias_rho": None if m.bias_rho is None else m.bias_rho.detach().clone(),
-        }
-    buf = io.BytesIO()
-    torch.save({"format": "bbb-compact-1", "layers": layers}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return path.stat().st_size
-
-
-def load_compact(model: torch.nn.Module, path: Path) -> None:
-    """Load a compact export into a model of the same architecture (pruned weights zero)."""
-    from bbb.nn.module import BayesModule
-
-    state = torch.load(path, weights_only=True)
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for name, entry in state["layers"].items():
-            m = mods[name]
-            assert isinstance(m, BayesModule)
-            n = math.prod(entry["shape"])
-            mask = torch.zeros(n, dtype=m.weight_mu.dtype)
-            mask[entry["index"].long()] = 1
-            mu = torch.zeros(n, dtype=m.weight_mu.dtype)
-            rho = torch.full((n,), -30.0, dtype=m.weight_mu.dtype)
-            mu[entry["index"].long()] = entry["mu"]
-            rho[entry["index"].long()] = entry["rho"]
-            m.weight_mu.copy_(mu.reshape(entry["shape"]))
-            m.weight_rho.copy_(rho.reshape(entry["shape"]))
-            m.weight_mask = mask.reshape(entry["shape"])
-            if entry["bias_mu"] is not None:
-                m.bias_mu.copy_(entry["bias_mu"])  # type: ignore[union-attr]
-                m.bias_rho.copy_(entry["bias_rho"])  # type: ignore[union-attr]
 
 
 def _dense_bytes(model: torch.nn.Module) -> int:

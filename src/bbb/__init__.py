@@ -32,7 +32,7 @@ from .nn import (
 from .nn.ensemble import BayesLinearEnsemble
 from .predictive import ClassificationPrediction, RegressionPrediction, predict, sample_outputs
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, make_prior
-from .pruning import PruneResult, prune_by_snr, remove_pruning, snr
+from .pruning import PruneResult, load_compact, prune_by_snr, remove_pruning, save_compact, snr
 from .runs import load_run
 
 __version__ = "0.1.0"
@@ -78,6 +78,8 @@ __all__ = [
     "predict",
     "prune_by_snr",
     "remove_pruning",
+    "save_compact",
+    "load_compact",
     "repeat_samples",
     "resample",
     "sample_outputs",

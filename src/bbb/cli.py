@@ -104,17 +104,19 @@ _DEVICE_HELP = (
 )
 
 
-def _result_file_name(split: str, fraction: float | None = None, per_layer: bool = False) -> str:
+def _result_file_name(
+    split: str, fraction: float | None = None, per_layer: bool = False, compact: bool = False
+) -> str:
     """The file ``bbb evaluate`` / ``bbb prune`` write in the run directory.
 
     The test split keeps the historical names (``eval.json``, ``prune-<F>.json``); any other
     split is named in the file (``eval-val.json``, ``prune-<F>-val.json``), so evaluating it
     does not overwrite the test results. Pruning each layer separately (``--per-layer``) is
     named too (``prune-<F>-per-layer[-val].json``): it does not replace the global pruning's
-    results.
+    results; so is the evaluation of a compact export (``eval-compact[-val].json``).
     """
     if fraction is None:
-        base = "eval"
+        base = "eval-compact" if compact else "eval"
     else:
         base = f"prune-{fraction:g}" + ("-per-layer" if per_layer else "")
     return f"{base}.json" if split == "test" else f"{base}-{split}.json"
@@ -235,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     ev.add_argument("--device", default="run", help=_DEVICE_HELP)
+    ev.add_argument(
+        "--compact",
+        metavar="FILE",
+        help="evaluate the weights of a compact export (`bbb prune --export FILE`) in the run's "
+        "architecture instead of the run's best model (results: eval-compact.json)",
+    )
 
     pr = sub.add_parser(
         "prune",
@@ -254,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     pr.add_argument("--device", default="run", help=_DEVICE_HELP)
+    pr.add_argument(
+        "--export",
+        metavar="FILE",
+        help="also save the pruned network compactly (only its kept weights; bbb.save_compact) "
+        "and report its size on disk; `bbb evaluate RUN --compact FILE` evaluates it",
+    )
     from .uci import add_parser as _add_uci_parser
 
     _add_uci_parser(sub)
@@ -315,11 +329,13 @@ def _evaluate(
     per_layer: bool,
     seed: int = 0,
     device: str | None = None,
+    compact: str | None = None,
+    export: str | None = None,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from .predictive import ClassificationPrediction, predict
-    from .pruning import prune_by_snr
+    from .pruning import load_compact, prune_by_snr, save_compact
     from .runs import load_run
     from .train.trainer import evaluate, seed_everything
 
@@ -331,7 +347,11 @@ def _evaluate(
         raise ValueError(f"--seed must be a non-negative integer, got {seed}")
     if prune is not None and not (math.isfinite(prune) and 0.0 <= prune < 1.0):
         raise ValueError(f"--fraction must lie in [0, 1), got {prune!r}")
+    if export is not None and not Path(export).resolve().parent.is_dir():
+        raise ValueError(f"--export {export}: its directory does not exist")
     cfg, model, likelihood, data = load_run(run_dir, device=device)
+    if compact is not None:
+        load_compact(model, compact)
     splits = {"val": data.val, "test": data.test}
     ds = splits[split]
     if ds is None:
@@ -347,6 +367,8 @@ def _evaluate(
         "seed": seed,
         "device": cfg.device,
     }
+    if compact is not None:
+        result["compact"] = compact
     if prune is not None:
         pr = prune_by_snr(model, prune, per_layer=per_layer)
         result["pruned"] = {
@@ -357,6 +379,16 @@ def _evaluate(
             "removed": pr.removed,
             "total": pr.total,
         }
+        if export is not None:
+            import io
+
+            import torch
+
+            dense = io.BytesIO()
+            torch.save({k: v for k, v in model.state_dict().items() if "mask" not in k}, dense)
+            result["pruned"]["export"] = export
+            result["pruned"]["export_bytes"] = save_compact(model, export)
+            result["pruned"]["dense_state_bytes"] = len(dense.getvalue())
     samples = num_samples if cfg.method == "bbb" else 1
     report = evaluate(
         model,
@@ -438,9 +470,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             per_layer,
             seed=args.seed,
             device=None if args.device == "run" else args.device,
+            compact=getattr(args, "compact", None),
+            export=getattr(args, "export", None),
         )
         _print_table(result)
-        name = _result_file_name(args.split, fraction, per_layer)
+        name = _result_file_name(args.split, fraction, per_layer, result.get("compact") is not None)
         from .train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(args.run_dir) / name, _result_json(result))

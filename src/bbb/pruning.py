@@ -2,20 +2,25 @@
 
 The SNR of a weight is |mu| / sigma. Pruning removes the weights of lowest SNR: their mask is
 set to zero, so they are exactly zero in every sampling mode and leave the KL. Biases are kept.
+A pruned model is saved compactly, only its kept weights, by :func:`save_compact` and read
+back by :func:`load_compact`.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .nn.module import BayesModule
 
-__all__ = ["snr", "prune_by_snr", "remove_pruning", "PruneResult"]
+__all__ = ["snr", "prune_by_snr", "remove_pruning", "PruneResult", "save_compact", "load_compact"]
 
 
 def _named_layers(model: nn.Module) -> list[tuple[str, BayesModule]]:
@@ -120,3 +125,96 @@ def remove_pruning(model: nn.Module) -> None:
     """Drop every pruning mask (weights come back with their trained mu and sigma)."""
     for _, layer in _named_layers(model):
         layer.weight_mask = None
+
+
+COMPACT_FORMAT = "bbb-compact-2"
+# rho of a pruned weight restored by load_compact: masked, so never used while the mask is on;
+# after remove_pruning the weight is mu = 0 with sigma = softplus(-30) ~ 9e-14, still ~zero
+_PRUNED_RHO = -30.0
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
+    """Save ``model`` with only the weights its pruning kept; returns the file's size in bytes.
+
+    For every Bayesian layer with a pruning mask (:func:`prune_by_snr`), the kept weights'
+    flat positions (int32 where the layer has fewer than 2^31 weights) and their mu and rho
+    are stored; everything else in the state dict (biases, unpruned layers, priors'
+    buffers, other modules) is stored whole. The file is written atomically (a crash never
+    leaves a partial file under ``path``). :func:`load_compact` reads it into a model of the
+    same architecture. At 95% removed a 2 x 1200 MLP's file is ~1/13 of its state dict.
+    """
+    from .train.checkpoint import atomic_write_bytes
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    layers: dict[str, dict[str, object]] = {}
+    for name, layer in _named_layers(model):
+        mask = layer.weight_mask
+        if mask is None:
+            continue  # not pruned: its mu and rho are stored whole with the rest
+        p = _prefix(name)
+        keep = mask.detach().reshape(-1) != 0
+        n = keep.numel()
+        index = keep.nonzero().reshape(-1).to(torch.int32 if n < 2**31 else torch.int64)
+        layers[name] = {
+            "shape": list(layer.weight_mu.shape),
+            "index": index.cpu(),
+            "mu": state.pop(p + "weight_mu").reshape(-1)[keep].cpu(),
+            "rho": state.pop(p + "weight_rho").reshape(-1)[keep].cpu(),
+        }
+        state.pop(p + "weight_mask")
+    # clone: a view saved by torch.save would carry its whole storage
+    rest = {k: v.cpu().clone() for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save({"format": COMPACT_FORMAT, "layers": layers, "rest": rest}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path).stat().st_size
+
+
+def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a :func:`save_compact` file into ``model`` (the same architecture, any device).
+
+    The pruned layers get their masks back and their kept weights' mu and rho; a pruned
+    weight's mu is 0 (the network is exactly the saved one in every sampling mode). Raises
+    FileNotFoundError for a missing file, ValueError for a file that is not a compact export
+    or whose index is corrupt, and ``load_state_dict``'s RuntimeError naming the keys and
+    shapes when the architecture differs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compact export {path} does not exist (or is not a file)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ValueError(
+            f"{path} is not a compact export (torch.load could not read it: {type(e).__name__})"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("format") != COMPACT_FORMAT:
+        raise ValueError(f"{path} is not a compact export (format {COMPACT_FORMAT!r})")
+    state = dict(blob["rest"])
+    for name, entry in blob["layers"].items():
+        shape = [int(v) for v in entry["shape"]]
+        n = math.prod(shape)
+        index, mu, rho = entry["index"].long(), entry["mu"], entry["rho"]
+        if (
+            index.dim() != 1
+            or mu.shape != index.shape
+            or rho.shape != index.shape
+            or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= n))
+        ):
+            raise ValueError(
+                f"{path}: layer {name!r}: corrupt entry (index of {index.numel()} positions "
+                f"for {n} weights, mu {tuple(mu.shape)}, rho {tuple(rho.shape)})"
+            )
+        p = _prefix(name)
+        full_mu = torch.zeros(n, dtype=mu.dtype)
+        full_rho = torch.full((n,), _PRUNED_RHO, dtype=rho.dtype)
+        mask = torch.zeros(n, dtype=mu.dtype)
+        full_mu[index], full_rho[index], mask[index] = mu, rho, 1
+        state[p + "weight_mu"] = full_mu.reshape(shape)
+        state[p + "weight_rho"] = full_rho.reshape(shape)
+        state[p + "weight_mask"] = mask.reshape(shape)
+    model.load_state_dict(state)
