@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset, TensorDataset
 
 import bbb
-from bbb.train import Trainer
+from bbb.train import StopTraining, Trainer
 from bbb.train import distributed as D
 
 pytestmark = pytest.mark.skipif(
@@ -91,6 +91,34 @@ def _uneven_trainer(r: int) -> str:
     return "no error"
 
 
+def _stop_on_one_rank(r: int) -> dict[str, Any]:
+    """A Trainer whose epoch callback raises StopTraining after epoch 1 on rank 1 only (a
+    wall-clock budget read a moment later there): the summary each rank returns."""
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(16, 1), torch.randn(16, 1))
+    model = bbb.models.bayes_mlp(1, [4], 1)
+
+    def callback(epoch: int, row: dict[str, Any]) -> None:
+        if r == 1 and epoch == 1:
+            raise StopTraining("time budget spent")
+
+    trainer = Trainer(
+        model,
+        bbb.ELBO(bbb.Gaussian(), len(ds)),
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds)),
+        val_loader=DataLoader(ds, batch_size=8),
+        epochs=3,
+        progress=False,
+        log=None,
+        distributed=True,
+        epoch_callback=callback,
+    )
+    summary = trainer.fit()
+    del trainer
+    return summary
+
+
 def _worker(r: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -115,6 +143,9 @@ def _worker(r: int, port: int, out: str) -> None:
         # 2. uneven shards: a clear error on every rank, not a gloo abort or a hang
         results["uneven"] = [None] * WORLD
         dist.all_gather_object(results["uneven"], _uneven_trainer(r))
+        # 3. StopTraining on one rank: every rank stops after the same epoch
+        results["stop"] = [None] * WORLD
+        dist.all_gather_object(results["stop"], _stop_on_one_rank(r))
         if r == 0:
             torch.save(results, out)
     finally:
@@ -166,6 +197,13 @@ def test_uneven_batch_counts_are_a_clear_error_on_every_rank(ddp_results: dict[s
     for msg in ddp_results["uneven"]:
         assert "3 batches on rank 0" in msg and "2 on rank 1" in msg, msg
         assert "DistributedSampler" in msg, msg
+
+
+def test_stop_training_on_one_rank_stops_every_rank(ddp_results: dict[str, Any]) -> None:
+    """A StopTraining raised by the epoch callback on rank 1 alone used to end rank 1's fit
+    while rank 0 trained on into its next collective: both waited until the timeout."""
+    for summary in ddp_results["stop"]:
+        assert summary["epochs_trained"] == 1 and summary["stopped_by_callback"], summary
 
 
 def test_set_epoch_reaches_a_distributed_sampler_inside_a_batch_sampler() -> None:

@@ -289,7 +289,8 @@ class Trainer:
         epoch_callback: called as ``epoch_callback(epoch, row)`` after each epoch's files are
             written (``row``: the ``metrics.jsonl`` line, with the ``val_*`` keys), on every
             process; raise :class:`StopTraining` from it to end training there (e.g. a pruned
-            hyper-parameter trial).
+            hyper-parameter trial). Under ``torch.distributed`` a stop raised on any rank
+            stops every rank after that epoch.
     """
 
     def __init__(
@@ -780,14 +781,22 @@ class Trainer:
                     f"({train_stats['train_seconds']:.1f}s)"
                 )
             if self.epoch_callback is not None:
+                why: str | None = None
                 try:
                     self.epoch_callback(self.epoch, row)
                 except StopTraining as e:
                     # the caller's decision for this call (a time budget, a sweep's pruner):
                     # not saved, a resumed run trains on
+                    why = str(e)
+                if self.distributed:
+                    # a decision taken on one rank (a wall-clock budget read a moment later
+                    # than on the others) stops every rank: a rank training on alone would wait
+                    # in its next collective until the timeout
+                    why = next((w for w in _dist.gather_object(why) if w is not None), None)
+                if why is not None:
                     stopped_by_callback = True
                     if self.log:
-                        self.log(f"stopped after epoch {self.epoch}: {e}")
+                        self.log(f"stopped after epoch {self.epoch}: {why}")
                     break
             if self._patience_ran_out():
                 self.stopped = _EARLY
