@@ -250,7 +250,9 @@ def run_all(
     """Run every data set found under ``root`` into ``out_dir/<name>``; write ``table.md``.
 
     ``config_for(name)`` / ``settings_for(name)`` give the per-data-set settings (default:
-    `uci_config()` and all splits).
+    `uci_config()` and all splits). With ``resume``, the data sets already started in
+    ``out_dir/<name>`` (those with a ``uci.json``) are resumed and the others started, so an
+    interrupted ``--all`` run continues past the data set it stopped in.
     """
     resolved = resolve_uci_root(root, data_dir)
     directories = find_uci_datasets(resolved)
@@ -262,8 +264,18 @@ def run_all(
         name = dataset_name(d)
         cfg = config_for(name) if config_for else None
         st = settings_for(name) if settings_for else None
+        # a data set the interrupted run had not reached yet has nothing to resume: start it
+        started = (out / name / "uci.json").is_file()
         results.append(
-            run_uci(d, out / name, config=cfg, settings=st, resume=resume, verify=verify, log=log)
+            run_uci(
+                d,
+                out / name,
+                config=cfg,
+                settings=st,
+                resume=resume and started,
+                verify=verify,
+                log=log,
+            )
         )
     table = format_table(results)
     out.mkdir(parents=True, exist_ok=True)
