@@ -119,6 +119,26 @@ def _stop_on_one_rank(r: int) -> dict[str, Any]:
     return summary
 
 
+def _sharded_val_warnings() -> list[str]:
+    """The warnings of a Trainer given a val_loader with a DistributedSampler."""
+    ds = TensorDataset(torch.randn(16, 1), torch.randn(16, 1))
+    model = bbb.models.bayes_mlp(1, [4], 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(
+            model,
+            bbb.ELBO(bbb.Gaussian(), len(ds)),
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds)),
+            val_loader=DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds)),
+            progress=False,
+            log=None,
+            distributed=True,
+        )
+    del trainer
+    return [str(w.message) for w in caught]
+
+
 def _worker(r: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -143,6 +163,7 @@ def _worker(r: int, port: int, out: str) -> None:
         # 2. uneven shards: a clear error on every rank, not a gloo abort or a hang
         results["uneven"] = [None] * WORLD
         dist.all_gather_object(results["uneven"], _uneven_trainer(r))
+        results["sharded-val"] = _sharded_val_warnings()
         # 3. StopTraining on one rank: every rank stops after the same epoch
         results["stop"] = [None] * WORLD
         dist.all_gather_object(results["stop"], _stop_on_one_rank(r))
@@ -204,6 +225,14 @@ def test_stop_training_on_one_rank_stops_every_rank(ddp_results: dict[str, Any])
     while rank 0 trained on into its next collective: both waited until the timeout."""
     for summary in ddp_results["stop"]:
         assert summary["epochs_trained"] == 1 and summary["stopped_by_callback"], summary
+
+
+def test_a_sharded_val_loader_is_warned_about(ddp_results: dict[str, Any]) -> None:
+    """Validation runs on rank 0 over what its val_loader gives: with the usual DDP idiom (a
+    DistributedSampler on the validation loader too) the val metrics, the best model and early
+    stopping silently used half the validation set."""
+    got = [m for m in ddp_results["sharded-val"] if "validation runs on rank 0" in m]
+    assert len(got) == 1 and "1/2 of the validation set" in got[0], ddp_results["sharded-val"]
 
 
 def test_set_epoch_reaches_a_distributed_sampler_inside_a_batch_sampler() -> None:

@@ -403,6 +403,16 @@ class Trainer:
         if self.distributed:
             if not self.is_writer:
                 self.log, self.progress = None, False
+            if val_loader is not None and _epoch_sampler(val_loader) is not None:
+                import warnings
+
+                warnings.warn(
+                    "validation runs on rank 0 alone, over what its val_loader gives: with a "
+                    f"DistributedSampler that is 1/{_dist.world_size()} of the validation set "
+                    "(the metrics, best model and early stopping would use that shard); give "
+                    "the Trainer a plain DataLoader over the whole validation set",
+                    stacklevel=2,
+                )
             if _epoch_sampler(train_loader) is None:
                 import warnings
 
