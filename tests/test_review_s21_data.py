@@ -138,3 +138,36 @@ def test_uci_all_resume_starts_the_data_sets_not_reached_yet(
     # the finished split of 'first' was kept, not trained again
     assert json.loads((out / "first" / "splits" / "split_0.json").read_text()) == done
     assert (out / "second" / "metrics.json").is_file() and (out / "table.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"grid = { lr = [0.01 }\n", "search file {path} is not valid TOML: Unclosed array"),
+        (b"\xff\xfe", "search file {path} is not UTF-8 text"),
+        (b'smooth = "a"\n', "{path}: smooth must be an integer >= 1, got 'a'"),
+        (
+            b'validation_fraction = "a"\n',
+            "{path}: validation_fraction must be a number in (0, 1), got 'a'",
+        ),
+        (b"grid = 3\n", "{path}: grid must be a table of TrainConfig keys"),
+        (b"search = 3\n", "{path}: [search] must be a table"),
+    ],
+)
+def test_a_bad_uci_search_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, expected: str
+) -> None:
+    """(#7) ``bbb uci --tune --search FILE``: invalid TOML, a binary file or a value of the
+    wrong type gave ``bbb: error: Unclosed array (at line 1, column 21)``, ``'utf-8' codec
+    can't decode byte 0xff ...`` or ``'<' not supported between instances of 'str' and
+    'int'``, naming neither the file nor the key."""
+    d = _write_uci_dir(tmp_path / "uci", "tiny")
+    search = tmp_path / "search.toml"
+    search.write_bytes(content)
+    out = tmp_path / "run"
+    args = ["uci", str(d), "--tune", "--search", str(search), "--epochs", "2", "--out", str(out)]
+    assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("bbb: error: " + expected.format(path=search)), err[0]
+    assert not out.exists()

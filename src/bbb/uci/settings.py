@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._text import read_text
 from ..config import ConfigError, TrainConfig, load_config_file
 
 if sys.version_info >= (3, 11):
@@ -134,6 +135,16 @@ class SearchSpace:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {known}")
+        fraction = values.get("validation_fraction", 0.2)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ConfigError(
+                f"{source}: validation_fraction must be a number in (0, 1), got {fraction!r}"
+            )
+        smooth = values.get("smooth", 5)
+        if isinstance(smooth, bool) or not isinstance(smooth, int):
+            raise ConfigError(f"{source}: smooth must be an integer >= 1, got {smooth!r}")
+        if not isinstance(values.get("grid", {}), dict):
+            raise ConfigError(f"{source}: grid must be a table of TrainConfig keys")
         space = cls(**{k: values[k] for k in known if k in values})
         names = set(TrainConfig.field_names())
         for key, candidates in space.grid.items():
@@ -163,8 +174,15 @@ class SearchSpace:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"search file {p} does not exist")
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-        return cls.from_dict(data.get("search", data), str(p))
+        text = read_text(p, ConfigError, what="search file")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"search file {p} is not valid TOML: {e}") from e
+        search = data.get("search", data)
+        if not isinstance(search, dict):
+            raise ConfigError(f"{p}: [search] must be a table")
+        return cls.from_dict(search, str(p))
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid combination as a dict of overrides."""
