@@ -171,3 +171,34 @@ def test_a_bad_uci_search_file_is_named(
     assert len(err) == 1, err
     assert err[0].startswith("bbb: error: " + expected.format(path=search)), err[0]
     assert not out.exists()
+
+
+@needs_optuna
+@pytest.mark.parametrize(
+    ("fixed", "search", "expected"),
+    [
+        ("val_fraction = 0.0", "lr = [0.01, 0.001]", "[train] val_fraction = 0: a trial is"),
+        ("", "val_fraction = [0.2, 0.0]", "val_fraction = 0.0: a trial is scored on the"),
+        ("", "val_fraction = [0.0, 0.2]\nlr = [0.01]", "val_fraction = 0.0, lr = 0.01: a trial"),
+    ],
+)
+def test_a_uci_sweep_without_a_validation_split_is_refused_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fixed: str, search: str, expected: str
+) -> None:
+    """(#10) A UCI space with val_fraction 0 ran every trial for an epoch, failed each one
+    with "the epoch report has no val_nll" and exited 0; it is now refused up front (and a
+    failing first grid point names all the options at their first values, not only the one
+    being checked)."""
+    d = _write_uci_dir(tmp_path / "uci", "tiny")
+    space = tmp_path / "space.toml"
+    space.write_text(
+        f'[train]\ndataset = "uci"\nuci_path = "{d}"\nhidden = [4]\nepochs = 1\n'
+        f"{fixed}\n[search]\n{search}\n"
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(space), "--out", str(out), "--trials", "2"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"bbb: error: {space}: {expected}"), err[0]
+    assert "give val_fraction > 0" in err[0]
+    assert not (out / "trials").exists()

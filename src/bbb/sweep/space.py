@@ -43,6 +43,10 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
 }
 _KINDS = ("grid", "choices", "int", "float", "log_float")
 _DUPLICATE = "bbb_duplicate_of"
+_NO_VALIDATION = (
+    "a trial is scored on the validation split, and a UCI run with val_fraction 0 has none "
+    "(the test split is never used); give val_fraction > 0, e.g. 0.2"
+)
 
 
 class SweepError(ValueError):
@@ -175,7 +179,10 @@ class Space:
         values = dict(self.fixed)
         for p in self.params:
             values[p.name] = p.to_option(searched[p.name])
-        return TrainConfig.from_dict(values, source=self.source).validate()
+        cfg = TrainConfig.from_dict(values, source=self.source).validate()
+        if cfg.dataset == "uci" and cfg.val_fraction == 0:
+            raise SweepError(_NO_VALIDATION)
+        return cfg
 
     def digest(self) -> dict[str, Any]:
         """What identifies the study's space (JSON-normalised, stored in the study)."""
@@ -311,6 +318,8 @@ def load_space(path: str | Path) -> Space:
     if "dataset" in search:
         raise SweepError(f"{where}: dataset cannot be searched (one sweep per data set)")
     params = [_parse_param(name, spec, f"{where} [search]") for name, spec in search.items()]
+    if fixed.get("dataset") == "uci" and fixed.get("val_fraction", 1) == 0:
+        raise SweepError(f"{where}: [{command}] val_fraction = 0: {_NO_VALIDATION}")
     classification = fixed.get("dataset", TrainConfig.dataset) == "mnist"
     accepted = CLASSIFICATION_METRICS if classification else REGRESSION_METRICS
     metric = head.get("metric", "error" if classification else "nll")
@@ -336,5 +345,9 @@ def load_space(path: str | Path) -> Space:
             try:
                 space.config({**first, p.name: value})
             except (ConfigError, SweepError) as e:
-                raise SweepError(f"{where}: {p.name} = {value!r}: {e}") from e
+                # the other options are at their first values; when this one is too, any of
+                # them may be the cause: all are shown
+                at = {p.name: value} if value != first[p.name] else first
+                shown = ", ".join(f"{k} = {v!r}" for k, v in at.items())
+                raise SweepError(f"{where}: {shown}: {e}") from e
     return space
