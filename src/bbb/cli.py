@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compact",
         metavar="FILE",
         help="evaluate the weights of a compact export (`bbb prune --export FILE`) in the run's "
-        "architecture instead of the run's best model (results: eval-compact.json)",
+        "architecture instead of the run's best model (results: eval-compact.json) "
+        "(default: the run's best model)",
     )
 
     pr = sub.add_parser(
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--export",
         metavar="FILE",
         help="also save the pruned network compactly (only its kept weights; bbb.save_compact) "
-        "and report its size on disk; `bbb evaluate RUN --compact FILE` evaluates it",
+        "and report its size on disk; `bbb evaluate RUN --compact FILE` evaluates it "
+        "(default: no export)",
     )
     from .uci import add_parser as _add_uci_parser
 
