@@ -413,3 +413,24 @@ def test_the_mnist_space_files_load_and_every_setting_is_a_valid_config(
     for point in grid:
         cfg = space.config({p.name: point[p.optuna_name] for p in space.params})
         assert cfg.dataset == "mnist" and cfg.hidden == [1200, 1200]
+
+
+def test_a_sweep_whose_trials_all_failed_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every trial failing (here: a data directory that does not exist) left no best trial,
+    yet the sweep exited 0; it is now an error naming the count, and `show` still reports
+    each trial's error in its CSV."""
+    space = tmp_path / "space.toml"
+    missing = tmp_path / "no-data"
+    space.write_text(
+        f'[sweep]\ncommand = "train"\n\n[train]\ndataset = "mnist"\ndata_dir = "{missing}"\n'
+        "hidden = [8]\nepochs = 1\n\n[search]\nlr = [0.01, 0.001]\n"
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(space), "--out", str(out), "--no-trial-plots"]) == 1
+    err = capsys.readouterr().err
+    assert "no trial completed: 2 of 2 failed" in err
+    assert main(["sweep", "show", str(out), "--no-plots"]) == 0
+    rows = (out / "report" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all("does not exist" in r for r in rows[1:])

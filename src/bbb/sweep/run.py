@@ -155,7 +155,23 @@ def run_sweep(opts: SweepOptions) -> int:
     bad = [i + 1 for i, c in enumerate(codes) if c != 0]
     if bad:
         raise SweepError(f"worker process(es) {bad} exited with an error (see above)")
+    if opts.worker_id is None:
+        _check_some_trial_completed(study)
     return 0
+
+
+def _check_some_trial_completed(study: Any) -> None:
+    """A study whose trials all failed is an error (exit 1), not a finished sweep: it has no
+    best trial, and a script that checks the exit status would carry on with nothing."""
+    import optuna
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    failed = sum(s == optuna.trial.TrialState.FAIL for s in states)
+    if failed and not any(s == optuna.trial.TrialState.COMPLETE for s in states):
+        raise SweepError(
+            f"no trial completed: {failed} of {len(states)} failed (each error is printed above "
+            "and in the error column of report/trials.csv written by bbb sweep show)"
+        )
 
 
 def _spawn_workers(
