@@ -44,6 +44,10 @@ def test_nll_hand_case_and_clamp() -> None:
     p0 = _probs([[1.0, 0.0]])
     assert M.nll(p0, _labels([1]), eps=1e-12) == pytest.approx(-math.log(1e-12))
     assert M.nll(p0, _labels([0])) == pytest.approx(0.0)
+    # eps >= 1 clamped every probability (0.5 gave NLL -log 2 < 0 with eps = 2): refused
+    for bad in (1.0, 2.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=r"eps must lie in \(0, 1\)"):
+            M.nll(p, y, eps=bad)
 
 
 def test_float32_softmax_inputs_accepted() -> None:

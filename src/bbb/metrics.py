@@ -217,14 +217,14 @@ def nll(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
     Args:
         probs: predictive probabilities, shape ``(B, C)``.
         labels: integer class labels, shape ``(B,)``.
-        eps: lower clamp on the probability of the true class, so that a zero probability
-            gives the finite value ``-log(eps)`` instead of ``inf``.
+        eps: lower clamp on the probability of the true class, in (0, 1), so that a zero
+            probability gives the finite value ``-log(eps)`` (27.6 nats) instead of ``inf``.
 
     Returns:
         Mean NLL in nats per example (>= 0).
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    if not 0 < eps < 1:  # eps >= 1 would clamp every probability: a negative or zero NLL
+        raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
     p, y = _check_classification(probs, labels)
     p_true = p.gather(1, y.unsqueeze(1)).squeeze(1).clamp(min=eps)
     return (-p_true.log()).mean().item()
