@@ -309,8 +309,24 @@ def test_mushroom_checksum_and_malformed_rows(shared: Path, tmp_path: Path) -> N
 
 
 def test_mushroom_missing(tmp_path: Path) -> None:
-    with pytest.raises(MissingDataError, match="agaricus-lepiota.data"):
+    with pytest.raises(MissingDataError, match="agaricus-lepiota.data not found"):
         load_mushroom(tmp_path)
+
+
+def test_a_data_file_that_is_a_directory_is_called_one(shared: Path, tmp_path: Path) -> None:
+    """A directory where a data file should be was reported as 'does not exist' / not
+    found, which sends the user looking for a file that is there (as a directory)."""
+    (tmp_path / "mushroom" / "agaricus-lepiota.data").mkdir(parents=True)
+    with pytest.raises(MissingDataError, match=r"agaricus-lepiota.data \(a directory\)"):
+        load_mushroom(tmp_path)
+    root = tmp_path / "m"
+    root.mkdir()
+    target = _mnist_copy(shared, root)
+    labels = next(target.glob("t10k-labels-idx1-ubyte*"))
+    labels.unlink()
+    (target / "t10k-labels-idx1-ubyte.gz").mkdir()
+    with pytest.raises(MissingDataError, match="labels-idx1-ubyte.gz is a directory, not a file"):
+        load_mnist(root, split="test")
 
 
 # --------------------------------------------------------------------------- UCI (shared)

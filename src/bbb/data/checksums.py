@@ -129,7 +129,8 @@ def require_file(path: str | os.PathLike[str], source_hint: str | None = None) -
     path = Path(path)
     if not path.is_file():
         where = f" Get it from {source_hint}." if source_hint else ""
-        raise MissingDataError(f"Data file {path} does not exist.{where}")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise MissingDataError(f"Data file {path} {what}.{where}")
     return path
 
 

@@ -102,7 +102,7 @@ def _find_file(data_dir: str | os.PathLike[str] | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(f"{c} (a directory)" if c.is_dir() else str(c) for c in candidates)
     raise MissingDataError(
         f"{MUSHROOM_FILE} not found (tried {tried}). Get it from {MUSHROOM_SOURCE}."
     )
