@@ -604,6 +604,12 @@ def test_tune_scores_diverged_points_last_and_uses_each_points_epochs(uci_dir: P
         U.SearchSpace.from_dict({"splits": []})
     with pytest.raises(ConfigError, match=r"search splits \[7\] out of range"):
         U.tune(ds, _uci_cfg(), U.SearchSpace.from_dict({"splits": [7]}), log=None)  # type: ignore[arg-type]
+    # through run_uci: refused before the run directory (uci.json) is written
+    out = uci_dir.parent / "tuned"
+    st = U.UCIRunSettings(splits=[0], tune=True, search=U.SearchSpace.from_dict({"splits": [7]}))
+    with pytest.raises(ConfigError, match=r"search splits \[7\] out of range"):
+        U.run_uci(uci_dir, out, config=_uci_cfg(), settings=st, log=None)  # type: ignore[arg-type]
+    assert not out.exists()
     # a cosine schedule would differ between the curves and the final training of E epochs
     with pytest.raises(ConfigError, match="use lr_schedule 'constant' with --tune"):
         U.tune(ds, _uci_cfg(lr_schedule="cosine"), space, log=None)  # type: ignore[arg-type]

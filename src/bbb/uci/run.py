@@ -87,6 +87,12 @@ def run_uci(
         splits if splits is not None else (st.splits or None), info.n_splits
     )
     st.splits = chosen_splits
+    if st.tune and st.search is not None:  # before uci.json is written, not in the search
+        bad = [i for i in st.search.splits if i >= info.n_splits]
+        if bad:
+            raise ConfigError(
+                f"search splits {bad} out of range: {info.name} has splits 0..{info.n_splits - 1}"
+            )
     out = Path(out_dir)
     log = log or (lambda _msg: None)
     engine = {
