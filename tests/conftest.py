@@ -11,9 +11,11 @@ deterministic and a failure means a real discrepancy.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,28 @@ def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
         yield proc.pid
     finally:
         proc.communicate("\n", timeout=60)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_ranks(
+    worker: Callable[..., None], args: tuple, nprocs: int, out: Path, timeout_s: float = 300
+) -> object:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; return ``torch.load(out)``
+    (what the workers saved there). A rank's failure is raised here; a run still going after
+    ``timeout_s`` (a hung collective) is killed and fails the test instead of the suite."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=0.5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs}-process run did not finish in {timeout_s} s")
+    return torch.load(out, weights_only=True)

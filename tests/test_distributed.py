@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import free_port, spawn_ranks
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
@@ -62,12 +60,6 @@ SCENARIOS: dict[str, tuple[str, str, str, str]] = {
     "frozen-mc-mixture": ("frozen", "scale_mixture", "mc", "uniform"),
     "mean-blundell": ("mean", "gaussian", "closed_form", "blundell"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def global_batch() -> tuple[Tensor, Tensor]:
@@ -235,25 +227,10 @@ def _math_scenarios(r: int, out: str) -> dict[str, Any]:
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run :func:`_worker` on 2 spawned CPU processes once for all the tests below."""
     out = tmp_path_factory.mktemp("ddp") / "results.pt"
-    ctx = mp.spawn(_worker, args=((free_port(), free_port()), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=0.5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD}-process run did not finish in {SPAWN_TIMEOUT_S} s")
-    return torch.load(out, weights_only=True)
+    return spawn_ranks(_worker, ((free_port(), free_port()), str(out)), WORLD, out, SPAWN_TIMEOUT_S)  # type: ignore[return-value]
 
 
-@pytest.fixture
-def float64() -> Any:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-@pytest.mark.usefixtures("float64")
+@pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_one_ddp_step_equals_one_step_on_the_global_batch(
     ddp_results: dict[str, Any], scenario: str
@@ -271,7 +248,7 @@ def test_one_ddp_step_equals_one_step_on_the_global_batch(
     assert got["grad.log_sigma"].abs().sum() > 0
 
 
-@pytest.mark.usefixtures("float64")
+@pytest.mark.usefixtures("float64_default")
 def test_kl_is_counted_once(ddp_results: dict[str, Any]) -> None:
     grads = ddp_results["kl-once"]
     layer = kl_once_model()[0]
@@ -285,7 +262,7 @@ def test_kl_is_counted_once(ddp_results: dict[str, Any]) -> None:
     assert not torch.allclose(grads["0.weight_mu"], WORLD * expected_mu)
 
 
-@pytest.mark.usefixtures("float64")
+@pytest.mark.usefixtures("float64_default")
 def test_trainer_under_ddp_matches_one_process(ddp_results: dict[str, Any], tmp_path: Path) -> None:
     got = ddp_results["trainer"]
     ref = trainer_run(tmp_path / "single", distributed=False)

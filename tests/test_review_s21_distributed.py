@@ -7,15 +7,13 @@ group; the rest run in this process. Exact checks only (float64, reordered sums)
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 import warnings
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import free_port, spawn_ranks
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset, TensorDataset
 
@@ -33,12 +31,6 @@ N = 40  # the global data-set size the ELBO is told
 GLOBAL_BATCH = 8
 RTOL, ATOL = 1e-10, 1e-12  # float64: the sums over ranks are only reordered
 SPAWN_TIMEOUT_S = 300  # a hung collective fails the test instead of the whole suite
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def global_batch() -> tuple[Tensor, Tensor]:
@@ -176,25 +168,10 @@ def _worker(r: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ddp-s21") / "results.pt"
-    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=0.5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD}-process run did not finish in {SPAWN_TIMEOUT_S} s")
-    return torch.load(out, weights_only=True)
+    return spawn_ranks(_worker, (free_port(), str(out)), WORLD, out, SPAWN_TIMEOUT_S)  # type: ignore[return-value]
 
 
-@pytest.fixture
-def float64() -> Any:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-@pytest.mark.usefixtures("float64")
+@pytest.mark.usefixtures("float64_default")
 def test_wrap_elbo_alone_gives_the_blundell_weight_of_the_global_batch(
     ddp_results: dict[str, Any],
 ) -> None:
