@@ -12,9 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..train.checkpoint import (
-    atomic_write_text,
-)
+from ..train.checkpoint import atomic_write_text, list_checkpoints
 from .config import BAYES_ONLY_SETTINGS, BanditConfig
 from .env import AGENTS, BAYES_AGENT, LATE_WINDOW
 
@@ -102,6 +100,20 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:
         raise ValueError("merge needs at least two run directories")
+    out = Path(out_dir)
+    # the merged result replaces config.json, regret.csv and metrics.json in out_dir: never
+    # those of a run (one of the parts, or any directory a `bbb bandit` run checkpoints into,
+    # whose config.json its --resume checks); an earlier merge's result is replaced
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise ValueError(
+            f"cannot merge into {out}: it is one of the runs merged (its config.json, "
+            "regret.csv and metrics.json would be replaced); choose another --out"
+        )
+    if list_checkpoints(out / "checkpoints"):
+        raise ValueError(
+            f"cannot merge into {out}: it holds a bandit run (checkpoints/), whose results "
+            "and config.json the merge would replace; choose another --out"
+        )
     cfgs, parts = [], []
     for d in dirs:
         for name in ("config.json", "regret.csv", "metrics.json"):
@@ -132,7 +144,6 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     realized = torch.cat([p[2] for p in parts], 1)
     order = sorted(range(len(columns)), key=lambda i: cfg.agents.index(columns[i].split("/")[0]))
     columns = [columns[i] for i in order]
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     n = done.pop()
