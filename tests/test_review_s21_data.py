@@ -9,8 +9,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_sweep import FIXED
+from test_uci import _write_uci_dir as write_uci_dir
 
 from bbb.cli import main
 
@@ -19,20 +20,7 @@ needs_optuna = pytest.mark.skipif(
     not HAVE_OPTUNA, reason="bbb sweep needs Optuna: pip install -e '.[sweep]'"
 )
 
-TOY_SPACE = """
-[sweep]
-command = "train"
-
-[train]
-dataset = "toy"
-toy_n = 64
-hidden = [8]
-epochs = 1
-batch_size = 32
-val_samples = 2
-
-[search]
-"""
+TOY_SPACE = FIXED.format(epochs=1) + "\n[search]\n"  # test_sweep's tiny toy options
 
 
 @needs_optuna
@@ -75,24 +63,9 @@ def test_a_value_a_transform_cannot_take_is_named(
 # --------------------------------------------------------------------------- UCI (#7)
 
 
-def _write_uci_dir(root: Path, name: str, n_rows: int = 40, n_splits: int = 2) -> Path:
-    """A tiny data set in the split format (3 features, ``n_splits`` splits of 90% / 10%)."""
-    d = root / name
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n_rows, 3))
-    y = x @ np.array([1.0, -2.0, 0.5]) + 10.0 + 0.3 * rng.normal(size=n_rows)
-    np.savetxt(d / "data.txt", np.c_[x, y])
-    (d / "index_features.txt").write_text("0\n1\n2\n")
-    (d / "index_target.txt").write_text("3\n")
-    n_test = n_rows // 10
-    for i in range(n_splits):
-        perm = rng.permutation(n_rows)
-        np.savetxt(d / f"index_train_{i}.txt", perm[n_test:], fmt="%d")
-        np.savetxt(d / f"index_test_{i}.txt", perm[:n_test], fmt="%d")
-    (d / "n_splits.txt").write_text(f"{n_splits}\n")
-    (d / "n_hidden.txt").write_text("4\n")
-    return d
+def _write_uci_dir(root: Path, name: str) -> Path:
+    """A tiny data set in the split format (40 rows, 2 splits of 36 / 4, no n_epochs.txt)."""
+    return write_uci_dir(root, name, n_rows=40, n_splits=2, n_test=4, n_hidden=4, n_epochs=None)
 
 
 def _uci_args(root: Path, out: Path) -> list[str]:

@@ -26,23 +26,34 @@ from bbb.metrics import mixture_gaussian_log_likelihood
 N_ROWS, N_SPLITS, N_TEST = 60, 3, 6
 
 
-def _write_uci_dir(root: Path, name: str = "tiny") -> Path:
-    """A data set in the split format: y = x . w + 10 + noise, in original units ~ N(10, 2)."""
+def _write_uci_dir(
+    root: Path,
+    name: str = "tiny",
+    n_rows: int = N_ROWS,
+    n_splits: int = N_SPLITS,
+    n_test: int = N_TEST,
+    n_hidden: int = 5,
+    n_epochs: int | None = 40,
+) -> Path:
+    """A data set in the split format: y = x . w + 10 + noise, in original units ~ N(10, 2)
+    (3 features; ``n_splits`` splits with ``n_test`` test rows; ``n_epochs`` None: no
+    n_epochs.txt)."""
     d = root / name
     d.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(N_ROWS, 3))
-    y = x @ np.array([1.0, -2.0, 0.5]) + 10.0 + 0.3 * rng.normal(size=N_ROWS)
+    x = rng.normal(size=(n_rows, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 10.0 + 0.3 * rng.normal(size=n_rows)
     np.savetxt(d / "data.txt", np.c_[x, y])
     (d / "index_features.txt").write_text("0\n1\n2\n")
     (d / "index_target.txt").write_text("3\n")
-    for i in range(N_SPLITS):
-        perm = rng.permutation(N_ROWS)
-        np.savetxt(d / f"index_train_{i}.txt", perm[N_TEST:], fmt="%d")
-        np.savetxt(d / f"index_test_{i}.txt", perm[:N_TEST], fmt="%d")
-    (d / "n_splits.txt").write_text(f"{N_SPLITS}\n")
-    (d / "n_hidden.txt").write_text("5\n")
-    (d / "n_epochs.txt").write_text("40\n")
+    for i in range(n_splits):
+        perm = rng.permutation(n_rows)
+        np.savetxt(d / f"index_train_{i}.txt", perm[n_test:], fmt="%d")
+        np.savetxt(d / f"index_test_{i}.txt", perm[:n_test], fmt="%d")
+    (d / "n_splits.txt").write_text(f"{n_splits}\n")
+    (d / "n_hidden.txt").write_text(f"{n_hidden}\n")
+    if n_epochs is not None:
+        (d / "n_epochs.txt").write_text(f"{n_epochs}\n")
     return d
 
 
