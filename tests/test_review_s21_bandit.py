@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,18 @@ def test_merge_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
     for _ in range(2):
         m = merge_runs([bayes, greedy], merged)
         assert m["steps_done"] == 4 and set(m["agents"]) == {"bbb-thompson", "greedy-0"}
+
+
+@needs_data
+def test_a_config_of_tuples_resumes(tmp_path: Path) -> None:
+    """BanditConfig(seeds=(0, 1), agents=(...,)) ran, but its resume was refused as 'other
+    settings' (config.json holds lists: [0, 1] != (0, 1)); a range failed to save."""
+    kw = dict(agents=("greedy-0",), seeds=(0, 1))
+    run_bandit(_cfg(**kw), tmp_path, progress=False, log=None)
+    m = run_bandit(_cfg(steps=5, **kw), tmp_path, resume=True, progress=False, log=None)
+    assert m["steps_done"] == 5 and m["complete"]
+    cfg = _cfg(agents=("greedy-0",), seeds=range(2)).validate()
+    assert cfg.seeds == [0, 1] and cfg.agents == ["greedy-0"]
+    assert json.loads(json.dumps(cfg.__dict__))["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="agents must be a list, got 'greedy-0'"):
+        BanditConfig(agents="greedy-0").validate()  # type: ignore[arg-type]

@@ -88,6 +88,14 @@ class BanditConfig:
     data_dir: str | None = None
 
     def validate(self) -> BanditConfig:
+        # agents and seeds as lists, whatever sequence was passed (a tuple or range): the run's
+        # config.json holds lists, and --resume compares the settings with it, so a tuple of
+        # the same values refused the resume as "other settings" (a range failed to save)
+        for key in ("agents", "seeds"):
+            v = getattr(self, key)
+            if isinstance(v, str | bytes) or not isinstance(v, list | tuple | range):
+                raise ValueError(f"{key} must be a list, got {v!r}")
+            setattr(self, key, list(v))
         unknown = [a for a in self.agents if a not in AGENTS]
         if unknown or not self.agents:
             raise ValueError(f"unknown agent(s) {unknown}; accepted values: {', '.join(AGENTS)}")
