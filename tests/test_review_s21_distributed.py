@@ -14,23 +14,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import free_port, spawn_ranks
+
+# the setting of test_distributed: 2 gloo ranks, N = 40, a global batch of 8, float64 bounds
+from test_distributed import (
+    ATOL,
+    GLOBAL_BATCH,
+    RTOL,
+    SPAWN_TIMEOUT_S,
+    WORLD,
+    N,
+    pytestmark,  # noqa: F401 - skipped where gloo is unavailable
+)
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset, TensorDataset
 
 import bbb
 from bbb.train import StopTraining, Trainer
 from bbb.train import distributed as D
-
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(),
-    reason="torch.distributed with the gloo backend is not available",
-)
-
-WORLD = 2
-N = 40  # the global data-set size the ELBO is told
-GLOBAL_BATCH = 8
-RTOL, ATOL = 1e-10, 1e-12  # float64: the sums over ranks are only reordered
-SPAWN_TIMEOUT_S = 300  # a hung collective fails the test instead of the whole suite
 
 
 def global_batch() -> tuple[Tensor, Tensor]:
