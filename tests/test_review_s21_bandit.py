@@ -6,38 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from test_bandit import _cfg as bandit_cfg
+from test_bandit import needs_data
 
 from bbb.bandit import BanditConfig, merge_runs, run_bandit
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (DATA / "mushroom").is_dir(),
-    reason="the shared Mushroom data (../shared/data/mushroom) is absent",
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cfg(**kw) -> BanditConfig:
-    base = dict(
-        steps=3,
-        seeds=[0, 1],
-        updates_per_step=1,
-        batch_size=4,
-        buffer_size=8,
-        hidden=4,
-        checkpoint_every=2,
-        data_dir=str(DATA),
-    )
-    base.update(kw)
-    return BanditConfig(**base)
+    """test_bandit's tiny configuration, smaller still (3 steps, one update of 4 rows)."""
+    small = dict(steps=3, updates_per_step=1, batch_size=4, buffer_size=8, hidden=4)
+    return bandit_cfg(**{**small, "checkpoint_every": 2, **kw})
 
 
 @needs_data
@@ -77,3 +57,15 @@ def test_a_config_of_tuples_resumes(tmp_path: Path) -> None:
     assert json.loads(json.dumps(cfg.__dict__))["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="agents must be a list, got 'greedy-0'"):
         BanditConfig(agents="greedy-0").validate()  # type: ignore[arg-type]
+
+
+@needs_data
+def test_one_seed_has_no_standard_deviation(tmp_path: Path) -> None:
+    """Over one seed metrics.json said cumulative_regret_std 0.0 (the CLI printed 'sd n/a'):
+    a reader showed '+- 0'; it is null, and a number again over two seeds."""
+    one = run_bandit(_cfg(agents=["greedy-0"], seeds=[0]), tmp_path / "a", progress=False, log=None)
+    assert one["agents"]["greedy-0"]["cumulative_regret_std"] is None
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["agents"]["greedy-0"]["cumulative_regret_std"] is None
+    two = run_bandit(_cfg(agents=["greedy-0"]), tmp_path / "b", progress=False, log=None)
+    assert isinstance(two["agents"]["greedy-0"]["cumulative_regret_std"], float)

@@ -52,7 +52,8 @@ def _write_results(
         last = regret[done - window :, cols].mean(0) if done else torch.zeros(len(cols))
         agents[agent] = {
             "cumulative_regret_mean": float(final.mean()),
-            "cumulative_regret_std": float(final.std(correction=1)) if len(cols) > 1 else 0.0,
+            # over one seed the sample sd is undefined: null, not 0 (a reader would print +- 0)
+            "cumulative_regret_std": float(final.std(correction=1)) if len(cols) > 1 else None,
             "per_step_regret_last_10000_mean": float(last.mean()),
             "cumulative_regret_per_seed": final.tolist(),
         }
