@@ -162,6 +162,48 @@ def native_ready() -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- second order
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises ``message`` (see
+    :func:`first_order_only`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, message: str, sources: int, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
+        ctx.message = message
+        return tuple(g.view_as(g) for g in tensors[sources:])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *_: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(
+    message: str, grads: tuple[Tensor | None, ...], sources: tuple[Tensor | None, ...] = ()
+) -> tuple[Tensor | None, ...]:
+    """The gradients a fused backward computed, refused for a second derivative.
+
+    Inside a backward pass, grad mode is on only with ``create_graph=True`` (double backward,
+    ``torch.autograd.functional.hessian``, gradient penalties). A fused node's gradients are
+    written in closed form without a graph, so their own derivatives would be silently missing
+    (zero), or, where the upstream gradient needs no grad, the result would not even require
+    grad and a penalty built from it would add nothing to the loss. Here they are returned
+    through a node that hangs on ``sources`` (the node's inputs: mu, rho) and whose backward
+    raises ``message``: first-order use is unchanged, a second derivative is a clear error.
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    anchors = [t for t in sources if t is not None and t.requires_grad]
+    if not anchors:
+        anchors = [torch.zeros((), requires_grad=True)]  # the outputs still require grad
+    out = iter(_FirstOrderOnly.apply(message, len(anchors), *anchors, *present))
+    return tuple(None if g is None else next(out) for g in grads)
+
+
 # ----------------------------------------------------------------------------- closed form
 _SWITCH = -20.0  # log(softplus(rho)) taken as rho below it, as bbb.kl.log_softplus
 
@@ -395,7 +437,8 @@ class _SampleKL(torch.autograd.Function):
         mf, rf = mu.reshape(-1), rho.reshape(-1)
         ef = mf if eps is None else eps.reshape(-1)  # local: no noise (a placeholder)
         t, kl, sigma = _K_FWD[kind](mf, rf, ef, loc, inv_var)
-        ctx.save_for_backward(mf, rf, sigma, None if eps is None else ef)
+        # mu and rho themselves too: a double backward recomputes from them (_sample_kl_grads2)
+        ctx.save_for_backward(mf, rf, sigma, None if eps is None else ef, mu, rho)
         ctx.kind, ctx.loc, ctx.inv_var, ctx.shape = kind, loc, inv_var, shape
         return t.view(shape), kl + const
 
@@ -403,7 +446,10 @@ class _SampleKL(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g_t: Tensor, g_kl: Tensor
     ) -> tuple[Tensor | None, ...]:
-        mf, rf, sigma, ef = ctx.saved_tensors
+        mf, rf, sigma, ef, mu, rho = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that have a graph
+            gm2, gr2 = _sample_kl_grads2(ctx, mu, rho, ef, g_t, g_kl)
+            return gm2, gr2, None, None, None, None, None, None
         gt = g_t.reshape(-1)
         if ctx.kind == "local":
             gm, gr = _K_BWD_VAR(mf, rf, sigma, gt, g_kl, ctx.loc, ctx.inv_var)
@@ -411,6 +457,32 @@ class _SampleKL(torch.autograd.Function):
             with_mu = ctx.kind == "reparam"
             gm, gr = _K_BWD_EPS(mf, rf, sigma, ef, gt, g_kl, with_mu, ctx.loc, ctx.inv_var)
         return gm.view(ctx.shape), gr.view(ctx.shape), None, None, None, None, None, None
+
+
+def _sample_kl_grads2(
+    ctx: Any, mu: Tensor, rho: Tensor, ef: Tensor | None, g_t: Tensor, g_kl: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """:class:`_SampleKL`'s gradients with ``create_graph=True``: the same formulas written
+    with autograd from mu and rho, so that their own derivatives (a double backward) exist."""
+    from .kl import softplus_and_log  # bbb.kl imports this module
+
+    wrt = [t for t, need in zip((mu, rho), ctx.needs_input_grad[:2], strict=True) if need]
+    with torch.enable_grad():
+        sigma, log_sigma = softplus_and_log(rho)
+        d = mu - ctx.loc
+        kl = ((sigma * sigma + d * d) * (0.5 * ctx.inv_var) - log_sigma).sum()
+        if ctx.kind == "local":
+            t = sigma * sigma
+        else:
+            assert ef is not None
+            t = sigma * ef.view(ctx.shape)
+            t = mu + t if ctx.kind == "reparam" else t
+        got = iter(
+            torch.autograd.grad(
+                (t, kl), wrt, (g_t.view(ctx.shape), g_kl), create_graph=True, allow_unused=True
+            )
+        )
+    return tuple(next(got) if need else None for need in ctx.needs_input_grad[:2])  # type: ignore[return-value]
 
 
 def sample_and_kl(
@@ -439,6 +511,11 @@ def sample_and_kl(
 
 # ----------------------------------------------------------------------------- native
 _NONE3 = (None, None, None)
+_NATIVE_FIRST_ORDER = (
+    "bbb native kernels: their gradients are first-order only (the backward is C code, "
+    "once_differentiable); a second derivative through a Bayesian layer (create_graph=True: "
+    "double backward, hessian, gradient penalties) needs bbb.set_kernels('eager')"
+)
 
 
 class _NativeSampleKL(torch.autograd.Function):
@@ -494,14 +571,14 @@ class _NativeSampleKL(torch.autograd.Function):
                 (t.view(*lead, *shape), eps_out, m.detach().view(shape) if mean_path else None)
             )
         ctx.mark_non_differentiable(*noise)  # one call: a second would replace the first's
-        ctx.save_for_backward(*saved)
+        # the inputs last: a refused second order hangs on them (first_order_only)
+        ctx.save_for_backward(*saved, *(t for pair in pairs for t in pair))
         ctx.kind, ctx.prior, ctx.used = kind, prior, used
         ctx.shapes = [m.shape for m, _ in pairs]
         (t, eps_w, mu_w), (tb, eps_b, mu_b_out) = outs[0], outs[-1] if len(outs) > 1 else _NONE3
         return t, tb, kl_t, eps_w, eps_b, mu_w, mu_b_out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # C gradients: no graph for a second order
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         g_t: Tensor | None,
@@ -509,6 +586,21 @@ class _NativeSampleKL(torch.autograd.Function):
         g_kl: Tensor | None,
         _g_eps: Tensor | None,
         _g_eps_b: Tensor | None,
+        g_mu: Tensor | None,
+        g_mu_b: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        with torch.no_grad():  # C gradients: no graph (a second order is refused below)
+            grads = _NativeSampleKL._grads(ctx, g_t, g_tb, g_kl, g_mu, g_mu_b)
+        inputs = ctx.saved_tensors[4 * len(ctx.shapes) :]
+        grads = first_order_only(_NATIVE_FIRST_ORDER, grads, inputs)
+        return (*grads, None, None, None, None, None, None)
+
+    @staticmethod
+    def _grads(
+        ctx: Any,
+        g_t: Tensor | None,
+        g_tb: Tensor | None,
+        g_kl: Tensor | None,
         g_mu: Tensor | None,
         g_mu_b: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
@@ -527,7 +619,7 @@ class _NativeSampleKL(torch.autograd.Function):
                 None if gm_i is None else gm_i.reshape(-1),
             )  # fmt: skip
             grads[2 * i], grads[2 * i + 1] = gm.view(shape), gr.view(shape)
-        return (*grads, None, None, None, None, None, None)
+        return tuple(grads)
 
 
 def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:

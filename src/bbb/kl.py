@@ -249,6 +249,12 @@ class _GaussianKLSum(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         mu, rho, sigma, mask = ctx.saved_tensors
         inv_var: float = ctx.inv_var
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, hessian): the closed form's gradients written
+            # with autograd from mu and rho, so that their own derivatives exist (the formulas
+            # below have no graph through sigma, which is passed in detached)
+            gm2, gr2 = _gaussian_kl_grads2(ctx, mu, rho, mask, g)
+            return gm2, gr2, None, None, None, None
         if ctx.fast and _kernels.get_kernels() == "compile":
             # one fused loop instead of ~6 passes (bbb.kernels)
             gm, gr = _kernels.gaussian_kl_grads(mu, rho, sigma, g, ctx.loc, inv_var)
@@ -274,6 +280,25 @@ class _GaussianKLSum(torch.autograd.Function):
                 if mask is not None:
                     grad_rho.mul_(mask)
         return grad_mu, grad_rho, None, None, None, None
+
+
+def _gaussian_kl_grads2(
+    ctx: torch.autograd.function.FunctionCtx,
+    mu: Tensor,
+    rho: Tensor,
+    mask: Tensor | None,
+    g: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:class:`_GaussianKLSum`'s gradients with a graph (``create_graph=True``)."""
+    needs = ctx.needs_input_grad[:2]
+    wrt = [t for t, need in zip((mu, rho), needs, strict=True) if need]
+    with torch.enable_grad():
+        sigma, log_sigma = softplus_and_log(rho)
+        d = mu - ctx.loc  # type: ignore[attr-defined]
+        term = (sigma * sigma + d * d) * (0.5 * ctx.inv_var) - log_sigma  # type: ignore[attr-defined]
+        kl = (term if mask is None else term * mask).sum()
+        got = iter(torch.autograd.grad(kl, wrt, g, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)  # type: ignore[return-value]
 
 
 def closed_form_kl_sum(
@@ -349,6 +374,13 @@ def mc_kl(w: Tensor, eps: Tensor, log_sigma: Tensor, prior: Prior) -> Tensor:
     return gaussian_log_q(eps, log_sigma) - prior.log_prob(w)
 
 
+_MC_FIRST_ORDER = (
+    "bbb: the Monte Carlo KL's gradients are first-order only (written in closed form "
+    "without a graph); for a second derivative (create_graph=True: double backward, hessian, "
+    "gradient penalties) sum the elementwise bbb.kl.mc_kl yourself, or use the closed-form KL"
+)
+
+
 class _MCKLSum(torch.autograd.Function):
     """(1/S) sum_{s,j} mask_j [log q(w_sj) - log p(w_sj)] at ``w = mu + sigma * eps``, fused.
 
@@ -397,7 +429,7 @@ class _MCKLSum(torch.autograd.Function):
             if mask is not None:
                 lq = lq * mask
             log_q = lq.sum()
-        ctx.save_for_backward(rho, sigma, eps, w, mask)
+        ctx.save_for_backward(rho, sigma, eps, w, mask, mu)
         ctx.prior = prior
         ctx.fast = fast
         return log_q - log_p
@@ -406,12 +438,29 @@ class _MCKLSum(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g: Tensor
     ) -> tuple[Tensor | None, ...]:
-        rho, sigma, eps, w, mask = ctx.saved_tensors
+        rho, sigma, eps, w, mask, mu = ctx.saved_tensors
         grad_log_p = -g if ctx.needs_input_grad[7] else None
+        with torch.no_grad():  # closed-form gradients: no graph
+            grad_mu, grad_rho = _MCKLSum._grads(ctx, rho, sigma, eps, w, mask, g)
+        # create_graph=True: a second derivative of these gradients is refused, not zero
+        grad_mu, grad_rho = _kernels.first_order_only(
+            _MC_FIRST_ORDER, (grad_mu, grad_rho), (mu, rho)
+        )
+        return grad_mu, grad_rho, None, None, None, None, None, grad_log_p
+
+    @staticmethod
+    def _grads(
+        ctx: torch.autograd.function.FunctionCtx,
+        rho: Tensor,
+        sigma: Tensor,
+        eps: Tensor,
+        w: Tensor,
+        mask: Tensor | None,
+        g: Tensor,
+    ) -> tuple[Tensor | None, Tensor | None]:
         if ctx.fast and _kernels.get_kernels() == "compile":
             # score, both gradients and the sample mean in one fused loop (bbb.kernels)
-            gm, gr = _kernels.mc_kl_grads(ctx.prior, w, eps, rho, sigma, g)
-            return gm, gr, None, None, None, None, None, grad_log_p
+            return _kernels.mc_kl_grads(ctx.prior, w, eps, rho, sigma, g)  # type: ignore[attr-defined]
         num_samples = eps.shape[0]
         score = ctx.prior.grad_log_prob(w).neg_()  # (S, *W): d(-log p)/dw
         grad_mu = grad_rho = None
@@ -432,7 +481,7 @@ class _MCKLSum(torch.autograd.Function):
             grad_rho = score.mul_(eps).sum(0).mul_(scale).mul_(sig).sub_(dlog * g)
             if mask is not None:
                 grad_rho.mul_(mask)
-        return grad_mu, grad_rho, None, None, None, None, None, grad_log_p
+        return grad_mu, grad_rho
 
 
 def mc_kl_sum(
