@@ -20,7 +20,6 @@ the GPU; on 2 CPU cores, ``--jobs 2`` runs two rows on one thread each).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -214,7 +213,7 @@ def table2(args: argparse.Namespace) -> None:
     """Prune the end-of-training BBB scale-mixture network by SNR; evaluate; export compactly."""
     from torch.utils.data import DataLoader
 
-    from bbb.pruning import load_compact, prune_by_snr, save_compact
+    from bbb.pruning import dense_state_bytes, load_compact, prune_by_snr, save_compact
     from bbb.runs import load_run
     from bbb.train.checkpoint import atomic_write_text
     from bbb.train.trainer import evaluate
@@ -250,7 +249,7 @@ def table2(args: argparse.Namespace) -> None:
             if fraction > 0:
                 path = rd / f"pruned-{fraction:g}.pt"
                 row["compact_bytes"] = save_compact(model, path)
-                row["dense_bytes"] = _dense_bytes(model)
+                row["dense_bytes"] = dense_state_bytes(model)
                 cfg2, model2, _, _ = load_run(rd, which="last")
                 load_compact(model2, path)
                 with torch.no_grad():
@@ -262,12 +261,6 @@ def table2(args: argparse.Namespace) -> None:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         atomic_write_text(rd / "table2.json", json.dumps(results, indent=2) + "\n")
-
-
-def _dense_bytes(model: torch.nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save({k: v for k, v in model.state_dict().items() if "mask" not in k}, buf)
-    return len(buf.getvalue())
 
 
 def extras(args: argparse.Namespace) -> None:

@@ -337,7 +337,7 @@ def _evaluate(
     from torch.utils.data import DataLoader
 
     from .predictive import ClassificationPrediction, predict
-    from .pruning import load_compact, prune_by_snr, save_compact
+    from .pruning import dense_state_bytes, load_compact, prune_by_snr, save_compact
     from .runs import load_run
     from .train.trainer import evaluate, seed_everything
 
@@ -382,15 +382,9 @@ def _evaluate(
             "total": pr.total,
         }
         if export is not None:
-            import io
-
-            import torch
-
-            dense = io.BytesIO()
-            torch.save({k: v for k, v in model.state_dict().items() if "mask" not in k}, dense)
             result["pruned"]["export"] = export
             result["pruned"]["export_bytes"] = save_compact(model, export)
-            result["pruned"]["dense_state_bytes"] = len(dense.getvalue())
+            result["pruned"]["dense_state_bytes"] = dense_state_bytes(model)
     samples = num_samples if cfg.method == "bbb" else 1
     report = evaluate(
         model,

@@ -174,6 +174,14 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     return Path(path).stat().st_size
 
 
+def dense_state_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save`` of the model's whole state without its pruning masks: what a
+    pruned model costs when saved densely, the size :func:`save_compact` is compared with."""
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in model.state_dict().items() if "mask" not in k}, buf)
+    return len(buf.getvalue())
+
+
 def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a :func:`save_compact` file into ``model`` (the same architecture, any device).
 
