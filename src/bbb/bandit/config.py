@@ -31,6 +31,9 @@ KL_DATA_SIZES = ("buffer", "seen", "capacity")
 #: accepted values of ``BanditConfig.kernels`` (bbb.kernels backends the bandit uses)
 BANDIT_KERNELS = ("eager", "native")
 
+#: seeds must be below this: the run's generators are seeded at fixed offsets of it
+SEED_LIMIT = 10_000
+
 
 @dataclass
 class BanditConfig:
@@ -115,6 +118,14 @@ class BanditConfig:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative integers, got {self.seeds!r}")
+        # the run derives its generators from the seeds by fixed offsets (initialisation:
+        # seeds[0]; environment streams: 10000 + seed; agents' noise: 20000 + seeds[0]), so a
+        # seed of 10000 or more would share a stream with another seed's generator
+        if any(s >= SEED_LIMIT for s in self.seeds):
+            raise ValueError(
+                f"seeds must be below {SEED_LIMIT} (the environment and agent generators are "
+                f"seeded at 10000 + seed and 20000 + seed, which would collide), got {self.seeds!r}"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
         from ..nn.estimators import ESTIMATORS
