@@ -57,13 +57,85 @@ def _bayes_for(
                     **kwargs,
                     **factory,
                 )
-    if new is not None and init_from_weights:
+    if new is None:
+        return None
+    if init_from_weights:
         assert isinstance(new, (BayesLinear, _BayesConvNd))
         with torch.no_grad():
             new.weight_mu.copy_(module.weight)  # type: ignore[arg-type]
             if module.bias is not None and new.bias_mu is not None:  # type: ignore[union-attr]
                 new.bias_mu.copy_(module.bias)  # type: ignore[arg-type]
+    _carry_over(
+        module, new, {"weight": ("weight_mu", "weight_rho"), "bias": ("bias_mu", "bias_rho")}
+    )
     return new
+
+
+def _carry_over(old: nn.Module, new: nn.Module, params: dict[str, tuple[str, ...]]) -> None:
+    """Give ``new`` the state of ``old`` that a freshly built module would not have: its
+    train/eval mode, and ``requires_grad=False`` on the new parameters ``params[name]`` of
+    every parameter ``name`` of ``old`` that was frozen (a frozen layer stays frozen)."""
+    new.train(old.training)
+    for old_name, new_names in params.items():
+        p = getattr(old, old_name, None)
+        if not isinstance(p, torch.Tensor) or p.requires_grad:
+            continue
+        for new_name in new_names:
+            q = getattr(new, new_name, None)
+            if isinstance(q, torch.Tensor):
+                q.requires_grad_(False)
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _hooked(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str]:
+    """Names of the modules that ``replaced`` selects and that carry forward/backward hooks
+    (on the module or on one of its own parameters): a conversion builds new modules, so
+    those hooks would no longer run."""
+    names = []
+    for name, m in model.named_modules():
+        if not replaced(m):
+            continue
+        on_module = any(getattr(m, d, None) for d in _HOOK_DICTS)
+        on_params = any(getattr(p, "_backward_hooks", None) for p in m.parameters(recurse=False))
+        if on_module or on_params:
+            names.append(name or "<model>")
+    return names
+
+
+def _convertible(module: nn.Module) -> bool:
+    """Whether :func:`bayesianize` replaces ``module`` (exact types, no transposed conv)."""
+    if type(module) is nn.Linear:
+        return True
+    return any(type(module) is t for t, _ in _CONV_PAIRS) and not getattr(
+        module, "transposed", False
+    )
+
+
+def _tied(model: nn.Module) -> list[str]:
+    """``"a.weight = b.weight"`` for each parameter of a layer :func:`bayesianize` converts
+    that is also a parameter of another module (weights tied between two modules: each new
+    layer gets its own posterior, so the tie is lost)."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    ties = []
+    for m in model.modules():
+        if not _convertible(m):
+            continue
+        for p in m.parameters(recurse=False):
+            names = owners.get(id(p), [])
+            if len(names) > 1:
+                ties.append(" = ".join(names))
+                owners[id(p)] = []  # named once
+    return ties
 
 
 def bayesianize(
@@ -92,7 +164,17 @@ def bayesianize(
     ``nn.ConvNd`` such as parametrized or lazy layers and attention projections, transposed
     convolutions, ``nn.Bilinear``, embeddings): their weights get no posterior and no KL. A
     model with no layer to convert (and none already Bayesian) is an error.
+
+    Each new layer keeps the replaced layer's device, dtype and train/eval mode, and a frozen
+    weight (or bias) stays frozen: its ``mu`` and ``rho`` get ``requires_grad=False``. A module
+    used in several places becomes one Bayesian layer used in all of them. What a new module
+    cannot keep is named in a warning: forward/backward hooks registered on a replaced layer
+    (or its parameters), and a weight tied between two modules (each layer gets its own
+    posterior, so they are no longer tied).
     """
+    # before the copy: copy.deepcopy drops the hooks of parameters
+    hooked = _hooked(model, _convertible)
+    tied = _tied(model)
     if not inplace:
         model = copy.deepcopy(model)
     kwargs: dict[str, Any] = {
@@ -123,7 +205,29 @@ def bayesianize(
             UserWarning,
             stacklevel=2,
         )
+    _warn_lost(hooked, tied, "bayesianize")
     return model
+
+
+def _warn_lost(hooked: list[str], tied: list[str], caller: str) -> None:
+    """Warn that the hooks of the replaced layers ``hooked`` and the ties ``tied`` are lost."""
+    import warnings
+
+    if hooked:
+        warnings.warn(
+            f"{caller} replaced layers that had hooks: {', '.join(hooked)}. The new layers do "
+            "not carry them (register the hooks again on the converted model)",
+            UserWarning,
+            stacklevel=3,
+        )
+    if tied:
+        warnings.warn(
+            f"{caller} untied weights shared between modules: {'; '.join(tied)}. Each "
+            "converted layer has parameters of its own (use one module in several places to "
+            "share a layer)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # weight layers a user may expect to be converted; bayesianize names those it leaves alone
@@ -205,6 +309,7 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
         new.weight.copy_(w)  # type: ignore[operator]
         if bias:
             new.bias.copy_(module.bias_mu)  # type: ignore[union-attr,operator]
+    _carry_over(module, new, {"weight_mu": ("weight",), "bias_mu": ("bias",)})
     return new
 
 
@@ -212,11 +317,15 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every Bayesian layer replaced by its mean network.
 
     Weights are ``weight_mu`` (times the pruning mask), biases ``bias_mu``: the same function
-    as ``bbb.sampling(model, "mean")``, as plain ``nn.Linear``/``nn.ConvNd`` modules.
+    as ``bbb.sampling(model, "mean")``, as plain ``nn.Linear``/``nn.ConvNd`` modules. Each
+    keeps the Bayesian layer's train/eval mode, and a frozen ``weight_mu`` (``bias_mu``) gives a
+    frozen ``weight`` (``bias``); hooks registered on a replaced layer are named in a warning
+    (the new modules do not carry them).
     """
+    hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
     top = _deterministic_for(model)
-    if top is not None:
-        return top
-    model = copy.deepcopy(model)
-    _replace_layers(model, _deterministic_for)
-    return model
+    if top is None:
+        top = copy.deepcopy(model)
+        _replace_layers(top, _deterministic_for)
+    _warn_lost(hooked, [], "to_deterministic")
+    return top

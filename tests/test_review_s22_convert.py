@@ -1,0 +1,99 @@
+"""Session-22 review of conversion, pruning, prediction and the MNIST driver: regressions."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bbb
+from bbb import BayesLinear
+from bbb.models import count_parameters
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
+
+
+# --------------------------------------------------------------------------- bayesianize
+
+
+def test_bayesianize_keeps_frozen_layers_frozen_and_the_train_eval_mode() -> None:
+    """A frozen layer (requires_grad=False) became trainable, and a model in eval mode got
+    layers in training mode; to_deterministic likewise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[0].weight.requires_grad_(False)  # the bias of layer 0 stays trainable
+    net[2].requires_grad_(False)
+    net.eval()
+    bnet = bbb.bayesianize(net, init_from_weights=True)
+    grads = {n: p.requires_grad for n, p in bnet.named_parameters()}
+    assert grads == {
+        "0.weight_mu": False,
+        "0.weight_rho": False,
+        "0.bias_mu": True,
+        "0.bias_rho": True,
+        "2.weight_mu": False,
+        "2.weight_rho": False,
+        "2.bias_mu": False,
+        "2.bias_rho": False,
+    }
+    assert not any(m.training for m in bnet.modules())
+    assert count_parameters(bnet) == 2 * 4
+    # the trainable ones still train
+    bnet.train()
+    x = torch.randn(5, 3)
+    (bnet(x).sum() + bbb.kl_divergence(bnet)).backward()
+    assert bnet[0].bias_mu.grad is not None and bnet[0].weight_mu.grad is None
+
+    bnet.eval()
+    det = bbb.to_deterministic(bnet)
+    assert {n: p.requires_grad for n, p in det.named_parameters()} == {
+        "0.weight": False,
+        "0.bias": True,
+        "2.weight": False,
+        "2.bias": False,
+    }
+    assert not any(m.training for m in det.modules())
+    # a bare layer too
+    assert bbb.bayesianize(nn.Linear(2, 2).eval()).training is False
+    single = bbb.to_deterministic(BayesLinear(2, 2).eval())
+    assert single.training is False
+
+
+def test_bayesianize_and_to_deterministic_name_the_hooks_they_drop() -> None:
+    """Hooks on a replaced layer were silently lost (the new module does not run them)."""
+    calls: list[str] = []
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    net[2].register_forward_hook(lambda *_: calls.append("fwd"))
+    net[1].register_forward_hook(lambda *_: calls.append("relu"))  # kept module: no warning
+    with pytest.warns(UserWarning, match=r"replaced layers that had hooks: 2\. The new"):
+        bnet = bbb.bayesianize(net)
+    bnet(torch.randn(1, 3))
+    assert calls == ["relu"]  # the ReLU's hook still runs; the warning named the lost one
+    net2 = nn.Sequential(nn.Linear(3, 3))
+    net2[0].weight.register_hook(lambda g: g)
+    with pytest.warns(UserWarning, match=r"hooks: 0\."):
+        bbb.bayesianize(net2)
+    bnet[0].register_forward_pre_hook(lambda *_: None)
+    with pytest.warns(UserWarning, match=r"to_deterministic replaced layers that had hooks: 0\."):
+        bbb.to_deterministic(bnet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing hooked: no warning
+        bbb.bayesianize(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_bayesianize_names_weights_tied_between_two_modules() -> None:
+    """Two modules sharing a weight Parameter (a tied encoder/decoder) got independent
+    posteriors without a word; a module used twice (one layer) is still converted once."""
+    enc, dec = nn.Linear(4, 4), nn.Linear(4, 4)
+    dec.weight = enc.weight
+    with pytest.warns(
+        UserWarning, match=r"untied weights shared between modules: 0\.weight = 2\.weight\."
+    ):
+        bnet = bbb.bayesianize(nn.Sequential(enc, nn.Tanh(), dec))
+    assert bnet[0].weight_mu is not bnet[2].weight_mu
+    lin = nn.Linear(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bbb.bayesianize(nn.Sequential(lin, nn.Tanh(), lin))
