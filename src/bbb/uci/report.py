@@ -89,11 +89,19 @@ def _plot_splits(rows: list[dict[str, Any]], name: str, path: Path) -> None:
 
 
 def _plot_tune(result: dict[str, Any], path: Path) -> None:
+    """Validation curves of the search's grid points and the chosen epoch count.
+
+    A grid point that diverged has no curve (only ``diverged_on_splits``): it is listed in
+    the legend as diverged instead of plotted.
+    """
     from ..plots import figure
 
     fig = figure(figsize=(6, 3.6))
     ax = fig.subplots()
     for p in result["points"]:
+        if "curve_ll" not in p:  # diverged on some search split: nothing to draw
+            ax.plot([], [], ls="none", label=f"{p['overrides']}: diverged")
+            continue
         ax.plot(p["curve_epochs"], p["curve_ll"], label=str(p["overrides"]), lw=1)
     ax.axvline(result["chosen"]["epochs"], color="k", ls="--", lw=1)
     ax.set_xlabel("epoch")
