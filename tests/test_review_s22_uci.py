@@ -41,6 +41,19 @@ def test_tune_with_a_diverged_grid_point_finishes_the_run(tmp_path: Path) -> Non
     assert (out / "tune.png").is_file() and (out / "splits" / "split_0.json").is_file()
 
 
+def test_run_uci_leaves_the_callers_settings_alone(tmp_path: Path) -> None:
+    """run_uci wrote the chosen splits back into the caller's settings: the same settings
+    reused for a data set with fewer splits then failed ('split 2 out of range'), and one
+    with more splits silently ran only the first set's selection."""
+    three = _write_uci_dir(tmp_path / "data", name="three", n_splits=3)
+    two = _write_uci_dir(tmp_path / "data", name="two", n_splits=2)
+    st = U.UCIRunSettings(splits=[], test_samples=3, passes=2)
+    a = U.run_uci(three, tmp_path / "a", config=_cfg(epochs=2), settings=st, log=None)  # type: ignore[arg-type]
+    b = U.run_uci(two, tmp_path / "b", config=_cfg(epochs=2), settings=st, log=None)  # type: ignore[arg-type]
+    assert (a["n_splits"], b["n_splits"]) == (3, 2)
+    assert st.splits == []
+
+
 def test_test_rows_never_enter_the_normalisation(tmp_path: Path) -> None:
     """x / y statistics come from the training rows only (ddof 0, as in the reference code);
     with a validation part, from the training rows minus the validation part."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,9 @@ def run_uci(
     chosen_splits = parse_splits(
         splits if splits is not None else (st.splits or None), info.n_splits
     )
-    st.splits = chosen_splits
+    # a copy: the caller's settings keep their own selection (one settings object may serve
+    # several data sets, each with its own number of splits)
+    st = dataclasses.replace(st, splits=chosen_splits)
     if st.tune and st.search is not None:  # before uci.json is written, not in the search
         bad = [i for i in st.search.splits if i >= info.n_splits]
         if bad:
