@@ -54,6 +54,29 @@ def test_run_uci_leaves_the_callers_settings_alone(tmp_path: Path) -> None:
     assert st.splits == []
 
 
+def test_uci_all_checks_every_config_before_the_first_data_set_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--all read a data set's config file only when its turn came: a bad [uci] split
+    selection (or a bad key) in the last set's file stopped the run after the others had
+    trained. Now every file is checked first and the error names the data set."""
+    root = tmp_path / "uci"
+    _write_uci_dir(root, name="aaa", n_splits=2)
+    _write_uci_dir(root, name="zzz", n_splits=2)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "zzz.toml").write_text('[train]\nepochs = 2\n[uci]\nsplits = "0-5"\n')
+    out = tmp_path / "all"
+    args = ["uci", "--all", root, "--config", configs, "--out", out, "--epochs", "2"]
+    assert _cli(*args, "--test-samples", "2", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "zzz" in err and "split 2 out of range" in err
+    assert not (out / "aaa").exists()
+    (configs / "zzz.toml").write_text("[train]\nepochz = 2\n")
+    assert _cli(*args, "--test-samples", "2", "--quiet") == 1
+    assert "epochz" in capsys.readouterr().err and not (out / "aaa").exists()
+
+
 def test_test_rows_never_enter_the_normalisation(tmp_path: Path) -> None:
     """x / y statistics come from the training rows only (ddof 0, as in the reference code);
     with a validation part, from the training rows minus the validation part."""

@@ -12,6 +12,7 @@ from .run import resolve_uci_root, run_all, run_uci
 from .settings import (
     SearchSpace,
     UCIRunSettings,
+    check_uci_settings,
     load_uci_config_file,
     parse_splits,
     uci_config,
@@ -164,12 +165,24 @@ def main_uci(args: Any) -> int:
                 st.splits = parse_splits(spec, n)
             return st
 
+        # every data set's config file, [uci] table and split selection is read and checked
+        # here, before the first data set trains: a bad file of the last one is refused now,
+        # not hours into the run
+        configs: dict[str, TrainConfig] = {}
+        settings: dict[str, UCIRunSettings] = {}
+        for name in split_counts:
+            try:
+                configs[name] = config_for(name)
+                settings[name] = settings_for(name)
+                check_uci_settings(configs[name], tuning=settings[name].tune)
+            except ValueError as e:  # ConfigError, a bad split selection
+                raise ConfigError(f"{name}: {e}") from e
         out = Path(args.out or "runs/uci")
         results = run_all(
             root,
             out,
-            config_for=config_for,
-            settings_for=settings_for,
+            config_for=configs.__getitem__,
+            settings_for=settings.__getitem__,
             data_dir=args.data_dir,
             resume=args.resume,
             verify=verify,
