@@ -97,3 +97,62 @@ def test_bayesianize_names_weights_tied_between_two_modules() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bbb.bayesianize(nn.Sequential(lin, nn.Tanh(), lin))
+
+
+# --------------------------------------------------------------------------- pruning export
+
+
+def _shared_layer_net() -> nn.Sequential:
+    layer = BayesLinear(6, 6, mu_init=(-1.0, 1.0), rho_init=(-4.0, 0.0))
+    return nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), BayesLinear(6, 2))
+
+
+def test_compact_export_of_a_layer_used_twice_stores_it_once_and_zeroes_its_pruned_mu(
+    tmp_path,
+) -> None:
+    """A layer used in two places is in the state dict twice: save_compact compacted the first
+    name and stored the second whole (mu, rho and mask), so the file was not compact and
+    load_compact gave the pruned weights their old mu instead of 0."""
+    torch.manual_seed(0)
+    net = _shared_layer_net()
+    bbb.prune_by_snr(net, 0.75)
+    path = tmp_path / "net.pt"
+    bbb.save_compact(net, path)
+    blob = torch.load(path, weights_only=True)
+    assert not any(k.startswith("2.weight") for k in blob["rest"])
+    torch.manual_seed(1)
+    fresh = _shared_layer_net()
+    bbb.load_compact(fresh, path)
+    assert fresh[2] is fresh[0]
+    pruned = fresh[0].weight_mask == 0
+    assert int(pruned.sum()) == int((net[0].weight_mask == 0).sum()) > 0
+    assert torch.equal(fresh[0].weight_mu[pruned], torch.zeros(int(pruned.sum())))
+    x = torch.randn(4, 6)
+    with bbb.sampling(net, "mean"), bbb.sampling(fresh, "mean"):
+        assert torch.equal(fresh(x), net(x))
+
+
+class _Masked(nn.Module):
+    """A module with a buffer whose name contains "mask" (e.g. an attention mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("attn_mask", torch.ones(64, 64))
+        self.lin = BayesLinear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_dense_state_bytes_drops_only_the_pruning_masks() -> None:
+    """Every key containing "mask" was left out of the dense size, so another module's mask
+    buffer (16 KiB here) was not counted."""
+    from bbb.pruning import dense_state_bytes
+
+    torch.manual_seed(0)
+    net = _Masked()
+    bbb.prune_by_snr(net, 0.5)
+    size = dense_state_bytes(net)
+    net.attn_mask = torch.ones(1, 1)
+    # its 16384 bytes of data, less torch.save's record padding (64-byte aligned)
+    assert size - dense_state_bytes(net) >= 64 * 64 * 4 - 256
