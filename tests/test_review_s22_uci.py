@@ -120,3 +120,23 @@ def test_test_log_likelihood_is_the_log_of_the_mixture_in_original_units() -> No
     assert got == pytest.approx(want, abs=1e-10)
     mean_of_logs = torch.log(dens).mean().item()
     assert got > mean_of_logs + 1e-3  # Jensen: strictly above for components that differ
+
+
+def test_a_float_range_for_an_integer_option_is_refused_when_the_space_is_read(
+    tmp_path: Path,
+) -> None:
+    """``num_samples = { float = [1, 5] }``: the range's ends are TOML ints, so the up-front
+    check passed, then every trial failed ('num_samples must be an integer, got 2.7')."""
+    from bbb.sweep.space import SweepError, load_space
+
+    d = _write_uci_dir(tmp_path / "data")
+    space = tmp_path / "space.toml"
+    head = f'[sweep]\ntrials = 2\n[train]\ndataset = "uci"\nuci_path = "{d}"\nval_fraction = 0.2\n'
+    space.write_text(head + "[search]\nnum_samples = { float = [1, 5] }\n")
+    with pytest.raises(
+        SweepError, match="num_samples = 1: num_samples must be an integer, got 1.0"
+    ):
+        load_space(space)
+    # the same range as ints, and a float range of a float option, are accepted
+    space.write_text(head + "[search]\nnum_samples = { int = [1, 5] }\nlr = { float = [1, 2] }\n")
+    assert [p.kind for p in load_space(space).params] == ["int", "float"]

@@ -139,6 +139,12 @@ class Param:
             d["log"] = True
         return d
 
+    def as_suggested(self, value: Any) -> Any:
+        """A candidate ``value`` with the type the option receives: a ``float`` range's ends
+        are floats even where TOML wrote them as ints (``[1, 5]``); a transform's output is a
+        float whatever its input."""
+        return float(value) if self.kind == "float" and self.transform is None else value
+
     def candidates(self) -> list[Any]:
         """Values to check the option with before anything runs (every grid value, the ends)."""
         return list(self.encoded_values()) if self.finite else [self.low, self.high]
@@ -340,10 +346,13 @@ def load_space(path: str | Path) -> Space:
         raise SweepError(f"{where}: unknown pruner {pruner!r}; accepted: {', '.join(PRUNERS)}")
     space = Space(command, fixed, params, metric, trials, sampler, pruner, where, text)
     first = {p.name: p.candidates()[0] for p in params}
+    # checked with the values' suggested types: an integer option searched as a float range
+    # (num_samples = { float = [1, 5] }) would otherwise pass here and fail in every trial
+    suggested = {p.name: p.as_suggested(v) for p, v in zip(params, first.values(), strict=True)}
     for p in params:
         for value in p.candidates():
             try:
-                space.config({**first, p.name: value})
+                space.config({**suggested, p.name: p.as_suggested(value)})
             except (ConfigError, SweepError) as e:
                 # the other options are at their first values; when this one is too, any of
                 # them may be the cause: all are shown
