@@ -13,6 +13,14 @@ from bbb.bench_peers import (
     PYRO_MAX_ELEMENTS,
     available_peers,
     build_peer_step,
+    pyro_elements,
 )
 
-__all__ = ["PEERS", "PEER_ESTIMATORS", "PYRO_MAX_ELEMENTS", "available_peers", "build_peer_step"]
+__all__ = [
+    "PEERS",
+    "PEER_ESTIMATORS",
+    "PYRO_MAX_ELEMENTS",
+    "available_peers",
+    "build_peer_step",
+    "pyro_elements",
+]

@@ -3,9 +3,11 @@ target validation error on MNIST (default 3%), bbb against the peer libraries.
 
 Same machine, same run, same data order (seeded shuffles), batch 128, Adam (lr 1e-3) for
 everyone; each library with its documented layer defaults (bayesian-torch: prior N(0, 1),
-rho_init -3; blitz: its default scale-mixture prior and rho_init -7, ``sample_elbo`` with
-``sample_nbr=1``; bbb: ``--estimator`` (default local), Gaussian prior N(0, 1)). KL weight
-1 / N for all. Validation error (the last 10000 training images) of the predictive mean over
+rho_init -3, its layer KL the mean over the layer's weights (``kl.mean()``), not their sum;
+blitz 0.2.8: its default prior, ``prior_pi=1`` with ``prior_sigma_1=0.1``, i.e. a Gaussian
+N(0, 0.1^2) with a Monte Carlo KL, and rho_init -7, ``sample_elbo`` with ``sample_nbr=1``;
+bbb: ``--estimator`` (default local), Gaussian prior N(0, 1)). KL weight 1 / N for all (on
+bayesian-torch's averaged KL, so its KL term is far smaller). Validation error (the last 10000 training images) of the predictive mean over
 ``--eval-samples`` stochastic forward passes, every ``--eval-every`` steps; evaluation time is
 not counted. Stops at the target or after ``--max-seconds`` of training.
 
@@ -33,6 +35,7 @@ from bbb.models import bayes_mlp
 
 HIDDEN = 400
 BATCH = 128
+LIBRARIES = ("bbb", "bayesian-torch", "blitz")
 
 
 def _bbb(estimator: str, n: int) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
@@ -101,8 +104,10 @@ def run(library: str, args: argparse.Namespace, data: tuple[Tensor, ...]) -> dic
         model, loss_fn = _bbb(args.estimator, n)
     elif library == "bayesian-torch":
         model, loss_fn = _bayesian_torch(n)
-    else:
+    elif library == "blitz":
         model, loss_fn = _blitz(n)
+    else:
+        raise ValueError(f"unknown library {library!r}; accepted values: {', '.join(LIBRARIES)}")
     compile_seconds = None
     if library == "bbb" and args.kernels != "eager":
         # build the compiled (or native) kernels on a throw-away network (they serve every
@@ -151,6 +156,36 @@ def run(library: str, args: argparse.Namespace, data: tuple[Tensor, ...]) -> dic
     }
 
 
+def _check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, libraries: list[str]
+) -> None:
+    """Refuse, naming the option, what would otherwise run the wrong thing or fail late: an
+    unknown or missing library (or a peer not installed), a target error outside (0, 1], a
+    non-positive evaluation period, sample count or time budget."""
+    import importlib.util
+
+    if not libraries:
+        parser.error(f"--libraries is empty (accepted values: {', '.join(LIBRARIES)})")
+    for lib in libraries:
+        if lib not in LIBRARIES:
+            parser.error(
+                f"--libraries: unknown library {lib!r} (accepted values: {', '.join(LIBRARIES)})"
+            )
+        module = {"bayesian-torch": "bayesian_torch", "blitz": "blitz"}.get(lib)
+        if module is not None and importlib.util.find_spec(module) is None:
+            parser.error(f"--libraries: {lib} is not installed (make bench installs the peers)")
+    if not 0.0 < args.target <= 1.0:
+        parser.error(f"--target must be a validation error in (0, 1], got {args.target}")
+    for option, value in (
+        ("--eval-every", args.eval_every),
+        ("--eval-samples", args.eval_samples),
+        ("--max-seconds", args.max_seconds),
+        ("--lr", args.lr),
+    ):
+        if not value > 0:
+            parser.error(f"{option} must be positive, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="benchmarks/time_to_accuracy.py", description=__doc__)
@@ -179,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    libraries = [lib.strip() for lib in args.libraries.split(",") if lib.strip()]
+    _check_args(p, args, libraries)
     tuned = bbb.tune_allocator() if args.tune_allocator else False
     train = load_mnist(args.data_dir, split="train", subset=args.subset)
     val = load_mnist(args.data_dir, split="val")
     data = (*train.tensors, *val.tensors)
-    results = [run(lib, args, data) for lib in args.libraries.split(",") if lib]
+    results = [run(lib, args, data) for lib in libraries]
     for r in results:
         print(f"{r['library']:<15} {r['estimator']:<8} seconds to {args.target:.1%}: "
               f"{r['seconds_to_target']}")  # fmt: skip

@@ -12,15 +12,17 @@
    network of the same round-robin.
 2. **Inference**: inputs per second of :func:`bbb.predict` with 100 weight samples on 10000
    MNIST-sized inputs (``--quick``: fewer).
-3. **Peak memory** for ``num_samples=10``: each configuration runs in a fresh subprocess that
-   reads its resident-set high-water mark (``VmHWM`` of ``/proc/self/status``, which counts
+3. **Peak memory** for ``num_samples=10``: each configuration runs in a fresh subprocess (with
+   this process's allocator setting, ``--no-tune-allocator``) that reads its resident-set
+   high-water mark (``VmHWM`` of ``/proc/self/status``, which counts
    torch's CPU tensors, unlike ``tracemalloc``) after building the model and again after three
    training steps; we report the peak and its increase over the built model. (Not
    ``getrusage().ru_maxrss``: Linux carries it over ``fork`` + ``exec``, so a child of a big
    benchmark process would report the parent's peak. It is the fallback off Linux.)
-4. **Gradient variance**: per estimator, the variance over repeated draws of the minibatch
-   gradient of the loss with respect to ``weight_mu`` and ``weight_rho`` (averaged over all
-   weights), at one fixed point in training shared by all estimators (the same parameters).
+4. **Gradient variance**: per estimator, the unbiased variance over ``--variance-draws``
+   repeated draws (at least two) of the gradient of the ELBO loss on one fixed minibatch with
+   respect to ``weight_mu`` and ``weight_rho`` (averaged over all weights), at one fixed point
+   in training shared by all estimators (the same parameters).
 
 The table format and JSON keys are stable: they are how regressions are found.
 """
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 
 from . import bench_peers
 from . import kernels as _kernels
-from .allocator import tune_allocator
+from .allocator import allocator_tuned, tune_allocator
 from .elbo import ELBO
 from .likelihoods import Categorical
 from .models import bayes_convnet, bayes_mlp, mlp
@@ -379,7 +381,9 @@ def _peak_rss_kib() -> int:
                     return int(line.split()[1])
     except OSError:
         pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # ru_maxrss is in KiB on Linux and the BSDs but in bytes on macOS
+    return maxrss // 1024 if sys.platform == "darwin" else maxrss
 
 
 def _memory_child(spec: str) -> None:
@@ -390,6 +394,9 @@ def _memory_child(spec: str) -> None:
     """
     cfg = json.loads(spec)
     torch.set_num_threads(cfg["threads"])
+    # the parent's allocator setting (a fresh process starts with glibc's defaults), so that
+    # the peak is measured as the step-time table ran
+    tuned = tune_allocator() if cfg.get("tune_allocator", False) else False
     device = torch.device(cfg.get("device", "cpu"))
     x, y = make_data(cfg["net"], batch=cfg["batch"], device=device)
     step = build_step(
@@ -407,7 +414,16 @@ def _memory_child(spec: str) -> None:
         for _ in range(3):
             step()
     peak = peak_kib()
-    print(json.dumps({"base_kib": base, "peak_kib": peak, "offered": step is not None}))
+    print(
+        json.dumps(
+            {
+                "base_kib": base,
+                "peak_kib": peak,
+                "offered": step is not None,
+                "allocator_tuned": tuned,
+            }
+        )
+    )
 
 
 def run_memory(
@@ -417,9 +433,17 @@ def run_memory(
     num_samples: int = 10,
     batch: int = BATCH,
     device: torch.device | str = "cpu",
+    tuned_allocator: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Peak memory per configuration (Gaussian prior), one subprocess each: resident memory
-    on CPU, memory allocated on the GPU with ``device`` cuda."""
+    on CPU, memory allocated on the GPU with ``device`` cuda.
+
+    Each subprocess tunes glibc's allocator (:func:`bbb.tune_allocator`) when
+    ``tuned_allocator`` is true (None: as this process is, :func:`bbb.allocator.allocator_tuned`),
+    so that memory is measured under the same allocator as the step times.
+    """
+    if tuned_allocator is None:
+        tuned_allocator = allocator_tuned()
     rows = []
     for net, hidden in nets:
         cfgs = [("deterministic", "-", "-", 1)]
@@ -434,7 +458,7 @@ def run_memory(
             spec = {
                 "net": net, "hidden": hidden, "library": lib, "estimator": est,
                 "prior": prior, "num_samples": s, "threads": torch.get_num_threads(), "batch": batch,
-                "device": str(device),
+                "device": str(device), "tune_allocator": bool(tuned_allocator),
             }  # fmt: skip
             code = "import sys; from bbb.bench import _memory_child; _memory_child(sys.argv[1])"
             proc = subprocess.run(
@@ -478,6 +502,8 @@ def run_grad_variance(
     point. For each estimator, ``draws`` gradients of the ELBO loss on one fixed minibatch are
     taken; the per-weight variance over draws is averaged over all weights of the network.
     """
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"draws must be an integer >= 2 (an unbiased variance), got {draws!r}")
     torch.manual_seed(0)
     x, y = make_data("mlp", seed=2, device=device)
     base = make_bbb_model("mlp", hidden, "reparam", "gaussian")
@@ -563,11 +589,39 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- CLI
 def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    """A comma-separated list of positive integers (``--sizes``, ``--samples``); argparse turns
+    the ArgumentTypeError into a usage error naming the option and the bad value."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one positive integer, got {text!r}")
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"values must be positive integers, got {bad[0]}")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
-    return [v for v in text.split(",") if v]
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (the error names the bound and the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
@@ -614,10 +668,16 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
         default=list(PRIORS),
         help=f"priors, comma-separated, from {', '.join(PRIORS)} (default: {csv(PRIORS)})",
     )
-    p.add_argument("--batch", type=int, default=BATCH, help="minibatch size")
-    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per configuration")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=_int_at_least(1), default=BATCH, help="minibatch size")
+    p.add_argument(
+        "--repeats", type=_int_at_least(1), default=15, help="interleaved rounds (median)"
+    )
+    p.add_argument(
+        "--warmup", type=_int_at_least(0), default=3, help="warm-up steps per configuration"
+    )
+    p.add_argument(
+        "--threads", type=_int_at_least(1), default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument(
         "--device",
         default="cpu",
@@ -687,22 +747,23 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--inference-inputs",
-        type=int,
+        type=_int_at_least(1),
         default=10_000,
         help="inputs predicted in the inference part",
     )
     p.add_argument(
         "--variance-draws",
-        type=int,
+        type=_int_at_least(2),
         default=50,
-        help="gradient draws per estimator in the gradient-variance part",
+        help="gradient draws per estimator in the gradient-variance part (at least 2: the "
+        "variance is the unbiased one)",
     )
     return p
 
 
 def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every requested part and return the JSON-serialisable results."""
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     for name in args.estimators:
         if name not in ESTIMATORS:
@@ -710,6 +771,16 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     for name in args.priors:
         if name not in PRIORS:
             raise SystemExit(f"bbb bench: unknown prior {name!r} ({', '.join(PRIORS)})")
+    for name in args.nets:
+        if name not in NETS:
+            raise SystemExit(f"bbb bench: unknown net {name!r} ({', '.join(NETS)})")
+    for option, values in (
+        ("--nets", args.nets),
+        ("--estimators", args.estimators),
+        ("--priors", args.priors),
+    ):
+        if not values:
+            raise SystemExit(f"bbb bench: {option} is empty")
     sizes = args.sizes
     repeats, warmup, batch = args.repeats, args.warmup, args.batch
     inputs, draws, train_steps = args.inference_inputs, args.variance_draws, 200
@@ -773,7 +844,14 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     if args.memory:
         mem_nets = [(n, h) for n, h in nets if n != "mlp" or h == max(sizes)]
         mem_est = args.estimators[:1] if args.quick else args.estimators
-        mem = run_memory(mem_nets, mem_est, [] if args.quick else peers, batch=batch, device=device)
+        mem = run_memory(
+            mem_nets,
+            mem_est,
+            [] if args.quick else peers,
+            batch=batch,
+            device=device,
+            tuned_allocator=tuned,
+        )
         out["memory"] = mem
         what = "GPU max_memory_allocated" if device.type == "cuda" else "VmHWM"
         log(f"\nPeak memory, num_samples=10 ({what} of a fresh process, MiB)\n"

@@ -5,21 +5,24 @@ dependency of bbb. Every adapter uses the library as its documentation shows:
 
 - bayesian-torch (Intel Labs): ``LinearReparameterization`` / ``LinearFlipout`` and the conv
   counterparts; each layer's ``forward`` returns ``(output, kl)`` with the closed-form Gaussian
-  KL; ``loss = cross_entropy + kl / batch_size`` (their MNIST example scales the KL by the
-  batch size; we use 1 / dataset_size like bbb: the same work). Monte Carlo samples are a
+  KL (``prior_variance`` is used as the prior's standard deviation; 1 here either way), which
+  bayesian-torch 0.5 averages over the layer's weights (``kl.mean()``) rather than sums: the
+  same work, a smaller value; ``loss = cross_entropy + kl / batch_size`` (their MNIST example
+  scales the KL by the batch size; we use 1 / dataset_size like bbb: the same work). Monte Carlo samples are a
   Python loop over forward passes, as in their example.
 - blitz-bayesian-pytorch: ``@variational_estimator`` model of ``BayesianLinear`` /
   ``BayesianConv2d``; ``loss = model.sample_elbo(inputs, labels, criterion, sample_nbr,
   complexity_cost_weight=1 / N)``. Blitz always uses a Monte Carlo KL against its scale-mixture
-  prior (``prior_pi=1`` makes it Gaussian).
+  prior (``prior_pi=1``, its default, makes it Gaussian; it still evaluates the second
+  component's density, as blitz does by default).
 - torchbnn: ``BayesLinear(prior_mu, prior_sigma, in, out)`` / ``BayesConv2d``;
   ``cost = ce + kl_weight * BKLLoss(reduction="mean", last_layer_only=False)(model)``. Its KL
   is closed form but averaged over parameters (``reduction="mean"``), not summed.
 - Pyro: ``pyro.contrib.bnn.HiddenLayer(X, A_mean, A_scale, ...)`` (local reparameterisation,
   MLP only), sampled with ``rsample()`` and its ``KL`` (what its ``log_prob`` returns inside
   SVI), in a plain PyTorch loop: this leaves out Pyro's SVI bookkeeping (in Pyro's favour). It
-  materialises a (batch, in, out) tensor per layer, so it is skipped above
-  :data:`PYRO_MAX_ELEMENTS`.
+  materialises a (batch, in + 1, out) tensor per layer, so it is skipped when the largest
+  (:func:`pyro_elements`) exceeds :data:`PYRO_MAX_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PEERS", "PEER_ESTIMATORS", "PYRO_MAX_ELEMENTS", "available_peers", "build_peer_step"]
+__all__ = [
+    "PEERS",
+    "PEER_ESTIMATORS",
+    "PYRO_MAX_ELEMENTS",
+    "available_peers",
+    "build_peer_step",
+    "pyro_elements",
+]
 
 #: peer name -> importable module
 PEERS = {
@@ -202,6 +212,14 @@ def _torchbnn(
 
 
 # --------------------------------------------------------------------------- pyro
+def pyro_elements(batch: int, hidden: int) -> int:
+    """Elements of the largest (batch, in + 1, out) tensor Pyro's HiddenLayer builds in the
+    784-H-H-10 MLP: the first layer's (batch, 785, H), or the second's (batch, H + 1, H) once
+    H exceeds 784."""
+    sizes = [784, hidden, hidden, 10]
+    return max(batch * (a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
 class _PyroMLP(nn.Module):
     """784-H-H-10 of pyro.contrib.bnn.HiddenLayer (A_mean: (in + 1, out) with the bias row)."""
 
@@ -301,7 +319,7 @@ def build_peer_step(
     if peer == "pyro":
         if net != "mlp" or prior != "gaussian":
             return None
-        if x.shape[0] * (784 + 1) * hidden > PYRO_MAX_ELEMENTS:
+        if pyro_elements(x.shape[0], hidden) > PYRO_MAX_ELEMENTS:
             return None
         model_p = _PyroMLP(hidden)
 
