@@ -140,3 +140,24 @@ def test_a_float_range_for_an_integer_option_is_refused_when_the_space_is_read(
     # the same range as ints, and a float range of a float option, are accepted
     space.write_text(head + "[search]\nnum_samples = { int = [1, 5] }\nlr = { float = [1, 2] }\n")
     assert [p.kind for p in load_space(space).params] == ["int", "float"]
+
+
+def test_a_shared_copys_n_splits_and_n_hidden_files_are_verified(tmp_path: Path) -> None:
+    """n_splits.txt and n_hidden.txt set how many splits run and the network's width, and
+    their digests are in the table, but only data.txt and the index files were checked: a
+    changed n_splits.txt silently dropped splits."""
+    from bbb.data.checksums import ChecksumError, clear_verification_cache
+
+    src = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "uci" / "concrete"
+    if not (src / "data.txt").is_file():
+        pytest.skip("shared UCI data not available")
+    copy = tmp_path / "concrete"
+    copy.mkdir()
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    clear_verification_cache()
+    assert UCIDataset(copy).n_splits == 20
+    (copy / "n_splits.txt").write_text("19\n")
+    with pytest.raises(ChecksumError, match="n_splits.txt"):
+        UCIDataset(copy)
+    assert UCIDataset(copy, verify=False).n_splits == 19

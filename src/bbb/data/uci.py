@@ -21,7 +21,8 @@ data point (`UCISplit.log_likelihood_to_original`). RMSE scales by ``y_std``.
 
 Checksums: files of a directory whose name is in the known table (the shared copies:
 bostonHousing, concrete, energy, kin8nm, power-plant, wine-quality-red) are verified against
-their SHA-256; files of other directories are read unverified.
+their SHA-256 (`UCIDataset`: the data, the index files and ``n_splits.txt``, ``n_hidden.txt``,
+``n_epochs.txt``; `uci_info` verifies nothing); files of other directories are read unverified.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ DEFAULT_N_SPLITS = 20
 DEFAULT_N_HIDDEN = 50
 DEFAULT_N_EPOCHS = 40
 _REQUIRED = ("data.txt", "index_features.txt", "index_target.txt")
+_SETTINGS = ("n_splits.txt", "n_hidden.txt", "n_epochs.txt")
 
 PathLike = str | os.PathLike[str]
 
@@ -377,6 +379,9 @@ class UCIDataset:
         _check_finite(values[:, used], lines, used, data_path)
         self.features = values[:, feature_cols]
         self.targets = values[:, target_cols[0]]
+        for name in _SETTINGS:  # optional; when present they set the splits and the network
+            if (self.path / name).is_file():
+                self._checked(name)
         self.info = UCIInfo(
             name=self.name,
             path=self.path,
