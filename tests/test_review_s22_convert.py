@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import runpy
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,3 +159,71 @@ def test_dense_state_bytes_drops_only_the_pruning_masks() -> None:
     net.attn_mask = torch.ones(1, 1)
     # its 16384 bytes of data, less torch.save's record padding (64-byte aligned)
     assert size - dense_state_bytes(net) >= 64 * 64 * 4 - 256
+
+
+# --------------------------------------------------------------------------- MNIST driver
+
+_ROOT = Path(__file__).resolve().parents[1]
+_DATA = _ROOT / ".." / "shared" / "data"
+_needs_mnist = pytest.mark.skipif(
+    not (_DATA / "mnist").is_dir(), reason="the shared MNIST data (../shared/data/mnist) is absent"
+)
+
+
+def _driver() -> dict[str, Any]:
+    return runpy.run_path(str(_ROOT / "experiments" / "mnist" / "run.py"), run_name="mnist_s22")
+
+
+@_needs_mnist
+def test_driver_refuses_rows_whose_directory_holds_a_run_of_other_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-running table1 with other settings (--set, --subset) printed "[done]" for finished
+    rows and kept their old results; a value given twice (--seeds 0 0) made two rows of one
+    run directory (with --jobs: two children training it)."""
+    monkeypatch.setenv("BBB_DATA_DIR", str(_DATA))
+    d = _driver()
+    out = tmp_path / "mnist"
+    args = ["table1", "--epochs", "1", "--widths", "8", "8", "--methods", "sgd", "--quiet"]
+    args += ["--subset", "128", "--out", str(out)]
+    d["main"]([*args, "--seeds", "0", "0", "--jobs", "2"])
+    assert sorted(p.name for p in out.iterdir()) == ["sgd-8-s0"]  # one row, in this process
+    before = (out / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match=r"sgd-8-s0 \(lr: 0\.001 -> 0\.01\); use the same"):
+        d["main"]([*args, "--set", "lr=0.01"])
+    d["main"]([*args, "--epochs", "1"])  # the same settings: skipped as done
+    assert (out / "sgd-8-s0" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_driver_table2_refuses_fractions_outside_the_unit_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fraction of 1 failed in prune_by_snr after the earlier fractions' evaluations, and
+    table2.json was not written."""
+    d = _driver()
+    with pytest.raises(SystemExit) as exit_info:
+        d["main"](["table2", "--fractions", "0.5", "1.0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--fractions must lie in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+@_needs_mnist
+def test_driver_extras_of_a_run_do_not_depend_on_the_other_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """extras drew the noise images of each run from one generator shared by all runs (and
+    the weight samples unseeded): a run's OOD AUROC changed when another run was added."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("BBB_DATA_DIR", str(_DATA))
+    d = _driver()
+    out = tmp_path / "mnist"
+    args = ["table1", "--epochs", "1", "--widths", "8", "--methods", "sgd", "--quiet"]
+    d["main"]([*args, "--subset", "128", "--seeds", "0", "1", "--out", str(out)])
+    d["main"](["extras", "--num-samples", "2", "--out", str(out)])
+    both = json.loads((out / "extras.json").read_text())
+    shutil.rmtree(out / "sgd-8-s0")
+    d["main"](["extras", "--num-samples", "2", "--out", str(out)])
+    alone = json.loads((out / "extras.json").read_text())
+    assert alone["sgd-8-s1"] == both["sgd-8-s1"]

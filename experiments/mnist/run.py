@@ -99,14 +99,20 @@ def table1(args: argparse.Namespace) -> None:
     rows = []  # (seed, width, method, epochs, run directory, config, --set keys it does
     # not read) still to train
     dropped: list[dict[str, str]] = []  # per row, the --set keys it does not read
-    for seed in args.seeds:
-        for width in widths:
-            for method in args.methods:
+    conflicts: list[str] = []  # run directories holding a run of other settings
+    # a value given twice (--seeds 0 0) is one row: two children would train one directory
+    for seed in dict.fromkeys(args.seeds):
+        for width in dict.fromkeys(widths):
+            for method in dict.fromkeys(args.methods):
                 # --epochs 0 is refused by the config's check (`or` ran the whole budget)
                 epochs = args.epochs if args.epochs is not None else budget["epochs"][method]
                 dropped.append({})  # validated before anything runs:
                 cfg = _cfg(method, width, epochs, seed, extra, dropped[-1])
                 rd = run_dir(args.out, method, width, seed)
+                diff = _other_settings(rd, cfg)
+                if diff:
+                    conflicts.append(f"{rd} ({'; '.join(diff)})")
+                    continue
                 if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
                     print(f"[done] {rd}")
                     continue
@@ -115,6 +121,14 @@ def table1(args: argparse.Namespace) -> None:
     if unread:  # no row reads it: a mistake, not an override
         where = "; ".join(f"{k}: {dropped[0][k]}" for k in sorted(unread))
         raise SystemExit(f"--set: no row of methods {', '.join(args.methods)} reads {where}")
+    if conflicts:  # a finished row was reported done, an unfinished one refused mid-table
+        from bbb.runs import RESUMABLE_CHANGES
+
+        raise SystemExit(
+            "table1: these run directories hold runs with other settings (only "
+            f"{', '.join(RESUMABLE_CHANGES)} may differ): {', '.join(conflicts)}; use the same "
+            "settings or another --out"
+        )
     if args.jobs > 1 and len(rows) > 1:
         _train_in_parallel(args, rows)
         return
@@ -198,6 +212,19 @@ def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) ->
         raise SystemExit(f"{len(failed)} row(s) failed:\n" + "\n".join(lines))
 
 
+def _other_settings(rd: Path, cfg: Any) -> list[str]:
+    """``"key: saved -> now"`` for each setting in which the run saved in ``rd`` differs from
+    ``cfg`` (none when ``rd`` holds no run), other than those a resumed run may change."""
+    from bbb.config import TrainConfig, changed_settings, load_config_file
+    from bbb.runs import RESUMABLE_CHANGES
+
+    saved = rd / "config.json"
+    if not saved.is_file():
+        return []
+    old = TrainConfig.from_dict(load_config_file(saved), source=str(saved)).to_dict()
+    return changed_settings(old, cfg.to_dict(), RESUMABLE_CHANGES)
+
+
 def _epochs_done(rd: Path) -> int:
     try:
         return int(json.loads((rd / "metrics.json").read_text())["summary"]["epochs_trained"])
@@ -253,7 +280,7 @@ def table2(args: argparse.Namespace) -> None:
                 cfg2, model2, _, _ = load_run(rd, which="last")
                 load_compact(model2, path)
                 with torch.no_grad():
-                    x = data.test.tensors[0][:500]
+                    x = data.test.tensors[0][:500].to(cfg.device)  # the models' device
                     from bbb.nn.module import sampling
 
                     with sampling(model, "mean"), sampling(model2, "mean"):
@@ -274,18 +301,21 @@ def extras(args: argparse.Namespace) -> None:
 
     out: dict[str, Any] = {}
     weights: dict[str, torch.Tensor] = {}
-    gen = torch.Generator().manual_seed(0)
     for rd in _find_runs(args.out):
         cfg, model, likelihood, data = load_run(rd, which="best")
         assert data.test is not None
-        x, y = data.test.tensors
+        # every run sees the same noise images and its own seeded weight samples: a run's
+        # numbers do not depend on which runs were summarised before it
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(args.seed)
+        x = data.test.tensors[0].to(cfg.device)  # the model's device (a GPU run's too)
         samples = args.num_samples if cfg.method == "bbb" else 1
         pred = predict(model, x, num_samples=samples)
         # out-of-distribution inputs: the test digits rotated by 90 degrees, and uniform noise
         # images in the same pixel range (0..255 / 126)
         img = x.reshape(-1, 28, 28)
         rotated = torch.rot90(img, 1, dims=(1, 2)).reshape(len(x), -1)
-        noise = torch.rand(x.shape, generator=gen) * (255.0 / 126.0)
+        noise = (torch.rand(x.shape, generator=gen) * (255.0 / 126.0)).to(x)
         ent_in = pred.entropy  # type: ignore[union-attr]
         ent_rot = predict(model, rotated, num_samples=samples).entropy  # type: ignore[union-attr]
         ent_noise = predict(model, noise, num_samples=samples).entropy  # type: ignore[union-attr]
@@ -309,8 +339,8 @@ def extras(args: argparse.Namespace) -> None:
                     if hasattr(m, "weight_mu")
                 ]
             )
-            s = torch.cat([v.flatten() for v in snr(model).values()])
-            weights[cfg.method + "-" + cfg.prior] = w
+            s = torch.cat([v.flatten() for v in snr(model).values()]).cpu()
+            weights[cfg.method + "-" + cfg.prior] = w.cpu()
             _snr_figure(figure, s, args.out / f"fig4_snr_{rd.name}.png")
         else:
             w = torch.cat(
@@ -320,7 +350,7 @@ def extras(args: argparse.Namespace) -> None:
                     if isinstance(m, torch.nn.Linear)
                 ]
             )
-            weights[cfg.method] = w
+            weights[cfg.method] = w.cpu()
         del first
     atomic_write_text(args.out / "extras.json", json.dumps(out, indent=2) + "\n")
     if weights:
@@ -464,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--seed", type=int, default=0, help="seed of the evaluation's weight samples")
     ex = sub.add_parser("extras", help="NLL, ECE, OOD AUROC, figures")
     ex.add_argument("--num-samples", type=int, default=10)
+    ex.add_argument("--seed", type=int, default=0, help="seed of the weight samples")
     sub.add_parser("report", help="markdown tables")
     for sp in sub.choices.values():
         sp.add_argument("--out", type=Path, default=Path("runs/mnist"))
@@ -475,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads_per_job < 1:
                 p.error(f"--threads-per-job must be at least 1, got {args.threads_per_job}")
             torch.set_num_threads(args.threads_per_job)
+    if args.cmd == "table2":  # refused before the first fraction's evaluation, not after it
+        bad = [f for f in args.fractions if not 0.0 <= f < 1.0]
+        if bad:
+            p.error(f"--fractions must lie in [0, 1), got {', '.join(map(repr, bad))}")
+    if args.cmd in ("table2", "extras") and args.num_samples < 1:
+        p.error(f"--num-samples must be at least 1, got {args.num_samples}")
     from bbb.allocator import tune_allocator_by_default
 
     tune_allocator_by_default()  # a training process: reuse freed memory (BBB_TUNE_ALLOCATOR=0: off)
