@@ -227,3 +227,25 @@ def test_driver_extras_of_a_run_do_not_depend_on_the_other_runs(
     d["main"](["extras", "--num-samples", "2", "--out", str(out)])
     alone = json.loads((out / "extras.json").read_text())
     assert alone["sgd-8-s1"] == both["sgd-8-s1"]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_regression_band_of_a_model_on_the_gpu(tmp_path: Path) -> None:
+    """The grid was made on the CPU for a model on the GPU (the run directory's plot of a 1-D
+    regression trained with device='cuda' failed after training), and the plotted tensors
+    were not brought back to the CPU."""
+    from torch.utils.data import TensorDataset
+
+    from bbb.models import bayes_mlp
+    from bbb.plots import regression_band
+
+    torch.manual_seed(0)
+    model = bayes_mlp(1, [8], 1).cuda()
+    likelihood = bbb.Gaussian().cuda()
+    train = TensorDataset(torch.rand(20, 1, device="cuda"), torch.randn(20, 1, device="cuda"))
+    out = regression_band(model, likelihood, train, tmp_path / "band.png", num_samples=4)
+    assert (tmp_path / "band.png").stat().st_size > 0
+    assert out["quantiles"].device.type == "cpu"

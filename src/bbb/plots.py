@@ -68,16 +68,19 @@ def regression_band(
     The shaded bands are quantiles of the network output f(x; w) over weight samples w ~ q
     (epistemic uncertainty, as in Blundell et al. 2015, Figure 5); dashed lines mark the 95%
     band of the full predictive distribution of y (observation noise included).
-    Returns the grid, the output quantiles and the predictive quantiles (len 5, G) so callers
-    can report band widths.
+    The model may be on any device (the grid is evaluated there); the returned tensors are on
+    the CPU. Returns the grid, the output quantiles and the predictive quantiles (len 5, G) so
+    callers can report band widths.
     """
     from .predictive import RegressionPrediction, predict
 
     assert isinstance(likelihood, Gaussian)
     p = next(model.parameters())
     grid = torch.linspace(*x_range, 400, dtype=p.dtype).unsqueeze(-1)
-    pred = predict(model, grid, likelihood=likelihood, num_samples=num_samples)
+    pred = predict(model, grid.to(p.device), likelihood=likelihood, num_samples=num_samples)
     assert isinstance(pred, RegressionPrediction)
+    # the quantiles on the CPU (numpy for matplotlib; the seeded draws are device-independent)
+    pred = RegressionPrediction(pred.sample_means.cpu(), pred.sample_variances.cpu())
     gen = torch.Generator().manual_seed(0)
     levels = [0.025, 0.25, 0.5, 0.75, 0.975]
     q = pred.quantiles(levels, include_noise=False)[..., 0]
@@ -90,7 +93,7 @@ def regression_band(
     ax.plot(xs, q[2].numpy(), color="C0", label="median")
     ax.plot(xs, qy[0].numpy(), "C0--", lw=0.8, label="95% predictive (with noise)")
     ax.plot(xs, qy[4].numpy(), "C0--", lw=0.8)
-    x_train, y_train = train.tensors
+    x_train, y_train = (t.cpu() for t in train.tensors)
     ax.scatter(
         x_train[:, 0].numpy(),
         y_train.reshape(len(y_train), -1)[:, 0].numpy(),
@@ -103,7 +106,9 @@ def regression_band(
         ax.plot(xs, truth(grid)[:, 0].numpy(), "k--", lw=1, label="noise-free curve")
     if baseline is not None:
         baseline.eval()
-        ax.plot(xs, baseline(grid)[:, 0].numpy(), color="C3", lw=1.5, label="plain network")
+        b = next(baseline.parameters())
+        y_plain = baseline(grid.to(b.device, b.dtype))[:, 0].cpu()
+        ax.plot(xs, y_plain.numpy(), color="C3", lw=1.5, label="plain network")
     lo = float(y_train.min()) - 1.0
     hi = float(y_train.max()) + 1.0
     ax.set_ylim(lo, hi)
