@@ -60,6 +60,9 @@ def test_bayesianize_keeps_frozen_layers_frozen_and_the_train_eval_mode() -> Non
     assert not any(m.training for m in det.modules())
     # a bare layer too
     assert bbb.bayesianize(nn.Linear(2, 2).eval()).training is False
+    # frozen but not started at the trained weights: its random mu would never train
+    with pytest.warns(UserWarning, match=r"kept these frozen layers frozen: 0, 2, but with"):
+        bbb.bayesianize(net)
     single = bbb.to_deterministic(BayesLinear(2, 2).eval())
     assert single.training is False
 

@@ -166,7 +166,8 @@ def bayesianize(
     model with no layer to convert (and none already Bayesian) is an error.
 
     Each new layer keeps the replaced layer's device, dtype and train/eval mode, and a frozen
-    weight (or bias) stays frozen: its ``mu`` and ``rho`` get ``requires_grad=False``. A module
+    weight (or bias) stays frozen: its ``mu`` and ``rho`` get ``requires_grad=False`` (with
+    ``init_from_weights=False`` a warning says its mu then stays at random values). A module
     used in several places becomes one Bayesian layer used in all of them. What a new module
     cannot keep is named in a warning: forward/backward hooks registered on a replaced layer
     (or its parameters), and a weight tied between two modules (each layer gets its own
@@ -175,6 +176,11 @@ def bayesianize(
     # before the copy: copy.deepcopy drops the hooks of parameters
     hooked = _hooked(model, _convertible)
     tied = _tied(model)
+    frozen = [
+        name or "<model>"
+        for name, m in model.named_modules()
+        if _convertible(m) and not all(p.requires_grad for p in m.parameters(recurse=False))
+    ]
     if not inplace:
         model = copy.deepcopy(model)
     kwargs: dict[str, Any] = {
@@ -206,6 +212,16 @@ def bayesianize(
             stacklevel=2,
         )
     _warn_lost(hooked, tied, "bayesianize")
+    if frozen and not init_from_weights:
+        import warnings
+
+        warnings.warn(
+            f"bayesianize kept these frozen layers frozen: {', '.join(frozen)}, but with "
+            "init_from_weights=False their mu starts at random values that will not train; "
+            "pass init_from_weights=True to start them at the trained weights",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
