@@ -252,3 +252,12 @@ def test_regression_band_of_a_model_on_the_gpu(tmp_path: Path) -> None:
     out = regression_band(model, likelihood, train, tmp_path / "band.png", num_samples=4)
     assert (tmp_path / "band.png").stat().st_size > 0
     assert out["quantiles"].device.type == "cpu"
+
+
+def test_bayes_convnet_names_an_image_size_too_small() -> None:
+    """image_size below 4 pooled to nothing: the error named BayesLinear's in_features=0."""
+    from bbb.models import bayes_convnet
+
+    with pytest.raises(ValueError, match=r"image_size must be an integer of at least 4 .* got 3"):
+        bayes_convnet(image_size=3)
+    assert bayes_convnet(image_size=4)[-1].in_features == 32

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .nn.conv import BayesConv2d
 from .nn.linear import BayesLinear
+from .nn.module import _is_int
 from .priors import Prior
 
 __all__ = ["METHODS", "Standardize", "bayes_convnet", "bayes_mlp", "count_parameters", "mlp"]
@@ -97,9 +98,17 @@ def bayes_convnet(
     estimator: str = "reparam",
     kl: str = "auto",
 ) -> nn.Sequential:
-    """Two Bayesian 3x3 conv layers (each ReLU + 2x2 max-pool) and a Bayesian linear head."""
+    """Two Bayesian 3x3 conv layers (each ReLU + 2x2 max-pool) and a Bayesian linear head.
+
+    ``image_size``: the side of the (square) input images, at least 4 (the two pools halve it
+    twice, rounding down).
+    """
+    if not _is_int(image_size) or image_size < 4:
+        raise ValueError(
+            f"image_size must be an integer of at least 4 (two 2x2 max-pools), got {image_size!r}"
+        )
     c1, c2 = channels
-    side = image_size // 4
+    side = int(image_size) // 4
     kw = {"prior": prior, "estimator": estimator, "kl": kl}
     return nn.Sequential(
         BayesConv2d(in_channels, c1, 3, padding=1, **kw),  # type: ignore[arg-type]
