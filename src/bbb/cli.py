@@ -138,6 +138,13 @@ def _result_json(result: dict[str, Any]) -> str:
     return json.dumps(_finite_json(result), indent=2, allow_nan=False) + "\n"
 
 
+_DATA_DIR_HELP = (
+    "data root holding mnist/, uci/, mushroom/, for a run moved to another machine or trained "
+    "with a relative --data-dir in another working directory (default: the run's own "
+    "data directory)"
+)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` of every ``bbb`` command: each option's help ends with its default.
 
@@ -237,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     ev.add_argument("--device", default="run", help=_DEVICE_HELP)
+    ev.add_argument("--data-dir", help=_DATA_DIR_HELP)
     ev.add_argument(
         "--compact",
         metavar="FILE",
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     pr.add_argument("--device", default="run", help=_DEVICE_HELP)
+    pr.add_argument("--data-dir", help=_DATA_DIR_HELP)
     pr.add_argument(
         "--export",
         metavar="FILE",
@@ -318,7 +327,8 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         v = getattr(args, name)
         if v is not None:
             values[name] = v
-    cfg = TrainConfig.from_dict(values, source=source).validate()
+    # a resumed run's own settings are not refused for being ignored (see TrainConfig.validate)
+    cfg = TrainConfig.from_dict(values, source=source).validate(check_applicable=not resume)
     out = Path(args.resume) if resume else Path(args.out or f"runs/{cfg.dataset}-{cfg.method}")
     return cfg, out, resume
 
@@ -333,6 +343,7 @@ def _evaluate(
     device: str | None = None,
     compact: str | None = None,
     export: str | None = None,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
@@ -345,13 +356,13 @@ def _evaluate(
     # like every value check; see UsageError)
     if num_samples < 1:
         raise ValueError(f"--num-samples must be a positive integer, got {num_samples}")
-    if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if not 0 <= seed < 2**64:  # what torch's generators take
+        raise ValueError(f"--seed must be a non-negative integer below 2**64, got {seed}")
     if prune is not None and not (math.isfinite(prune) and 0.0 <= prune < 1.0):
         raise ValueError(f"--fraction must lie in [0, 1), got {prune!r}")
     if export is not None and not Path(export).resolve().parent.is_dir():
         raise ValueError(f"--export {export}: its directory does not exist")
-    cfg, model, likelihood, data = load_run(run_dir, device=device)
+    cfg, model, likelihood, data = load_run(run_dir, device=device, data_dir=data_dir)
     if compact is not None:
         load_compact(model, compact)
     splits = {"val": data.val, "test": data.test}
@@ -468,6 +479,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             device=None if args.device == "run" else args.device,
             compact=getattr(args, "compact", None),
             export=getattr(args, "export", None),
+            data_dir=args.data_dir,
         )
         _print_table(result)
         name = _result_file_name(args.split, fraction, per_layer, result.get("compact") is not None)

@@ -41,6 +41,8 @@ OPTIMIZERS = ("adam", "sgd")
 #: stepped once per epoch (torch.optim.lr_scheduler.CosineAnnealingLR, down to 0 at the end)
 LR_SCHEDULES = ("constant", "cosine")
 MU_INITS = ("paper", "fan_in")
+#: the largest ``seed`` a TrainConfig accepts (see :meth:`TrainConfig.validate`)
+MAX_SEED = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -111,8 +113,14 @@ class TrainConfig:
     # back to eager with a warning where they cannot be built
     kernels: str = "eager"
 
-    def validate(self) -> TrainConfig:
-        """Check every field; raise :class:`ConfigError` naming the key and accepted values."""
+    def validate(self, *, check_applicable: bool = True) -> TrainConfig:
+        """Check every field; raise :class:`ConfigError` naming the key and accepted values.
+
+        ``check_applicable=False`` skips the refusal of settings the run never reads
+        (:meth:`unused_settings`): for the ``config.json`` of a run that has already trained
+        (evaluated, pruned or resumed), which versions before that check could write with
+        such settings, ignored then as they would be now.
+        """
         self._check_types()
         choices = {
             "dataset": DATASETS,
@@ -159,6 +167,11 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0 or unset, got {self.grad_clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed > MAX_SEED:
+            # torch's generators take seeds below 2**64 (a larger one failed with "Overflow
+            # when unpacking long long"), and a DistributedSampler seeds its shuffle with
+            # seed + epoch: 2**63 - 1 leaves room for any number of epochs
+            raise ConfigError(f"seed must be at most 2**63 - 1, got {self.seed!r}")
         if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigError(
                 f"hidden must be a non-empty list of positive integers, got {self.hidden!r}"
@@ -186,7 +199,8 @@ class TrainConfig:
             )
         if self.dataset == "toy" and self.subset is not None:
             raise ConfigError("subset does not apply to dataset 'toy'; set toy_n instead")
-        self._check_applicable()
+        if check_applicable:
+            self._check_applicable()
         if self.dataset == "uci" and self.val_fraction == 0 and self.patience is not None:
             raise ConfigError(
                 "patience needs a validation split (early stopping watches it); val_fraction is 0"

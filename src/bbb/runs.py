@@ -281,7 +281,8 @@ def train_run(
     Launched by ``torchrun`` with several processes, this trains data-parallel (one process
     group for the call, left at the end unless the caller had already created it).
     """
-    cfg.validate()
+    # a resumed run's saved settings are not refused for being ignored (TrainConfig.validate)
+    cfg.validate(check_applicable=not resume)
     out = Path(out_dir)
     check_device(
         cfg.device,
@@ -512,7 +513,11 @@ def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'"
 
 
 def load_run(
-    run_dir: str | Path, which: str = "best", device: str | torch.device | None = None
+    run_dir: str | Path,
+    which: str = "best",
+    device: str | torch.device | None = None,
+    *,
+    data_dir: str | Path | None = None,
 ) -> tuple[TrainConfig, nn.Module, Likelihood, RunData]:
     """Rebuild a saved run: its config, model, likelihood and data.
 
@@ -523,6 +528,13 @@ def load_run(
     it); ``None`` = the run's own device (``config.json``), an error naming the way out when
     this machine lacks it (a run trained on a GPU, loaded where there is none: pass
     ``device="cpu"``). The returned config's ``device`` is the device loaded on.
+
+    ``data_dir``: the data root to read the run's data set from instead of the one its
+    ``config.json`` names (a run moved to another machine, or trained with a relative
+    ``data_dir`` from another working directory); the returned config holds it.
+
+    A saved setting the run never read (a baseline's prior, momentum with Adam: refused for a
+    new run) is not an error here: runs written before that check could hold one.
 
     The data set is loaded too (the run's splits, as training saw them): regression targets
     are normalised with the training split's statistics (``RunData.y_mean``, ``y_std``; UCI),
@@ -550,7 +562,9 @@ def load_run(
             f"{run} is a `bbb bandit` run directory ({cfg_path.name} of its agents), not one "
             "written by `bbb train`: load_run, bbb evaluate and bbb prune read `bbb train` runs"
         )
-    cfg = TrainConfig.from_dict(raw, source=str(cfg_path)).validate()
+    cfg = TrainConfig.from_dict(raw, source=str(cfg_path)).validate(check_applicable=False)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
     if device is None:
         target = check_device(
             cfg.device,
@@ -576,7 +590,8 @@ def load_run(
     data = build_data(cfg)
     model = build_model(cfg, data).to(target)
     likelihood = build_likelihood(cfg, data).to(target)
-    state, _ = load_checkpoint(path, map_location=target)
+    # a .pt file without them (not written by bbb train) is a CheckpointError naming it
+    state, _ = load_checkpoint(path, map_location=target, require=("model", "elbo"))
     model.load_state_dict(state["model"])
     prefix = "likelihood."
     likelihood.load_state_dict(

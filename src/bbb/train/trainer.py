@@ -98,6 +98,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if seed >= 2**64:  # torch.manual_seed's limit (its own message: "Overflow when unpacking")
+        raise ValueError(f"seed must be below 2**64 (a 64-bit generator seed), got {seed!r}")
     torch.manual_seed(seed)
     random.seed(seed)
     g = torch.Generator()
@@ -532,7 +534,9 @@ class Trainer:
         best: dict[str, Any] | None = None
         if (self.out_dir / "best.pt").exists():
             try:
-                best, _ = load_checkpoint(self.out_dir / "best.pt", map_location=cpu)
+                best, _ = load_checkpoint(
+                    self.out_dir / "best.pt", map_location=cpu, require=("model", "elbo", "epoch")
+                )
             except CheckpointError as e:
                 # the epoch checkpoints are intact: train on, choosing the best model again
                 # (fit warns); best.pt is replaced, atomically, at the next best epoch
