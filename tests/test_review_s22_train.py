@@ -160,3 +160,18 @@ def test_a_pt_file_without_model_weights_as_best_pt_is_named(
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"] == 2
     assert isinstance(bbb.train.load_checkpoint(run / "best.pt")[0]["model"], dict)
+
+
+def test_overwrite_removes_the_previous_runs_plots_and_normalization(tmp_path: Path) -> None:
+    """``--overwrite`` deleted the old run's checkpoints, metrics and evaluations but left its
+    plots and a UCI run's ``normalization.json``: a toy run written over an MNIST or UCI run
+    kept the old ``reliability.png`` and training statistics beside its own files."""
+    run = tmp_path / "r"
+    assert cli("train", *TOY, "--epochs", "1", "--out", run) == 0
+    old = ["reliability.png", "normalization.json", "learning_curves.png"]
+    for name in old:  # as an MNIST run (reliability diagram) or a UCI run left them
+        (run / name).write_text("the previous run's")
+    assert cli("train", *TOY, "--epochs", "1", "--seed", "3", "--out", run, "--overwrite") == 0
+    for name in old:
+        assert not (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["seed"] == 3

@@ -208,6 +208,10 @@ def _check_data(name: str, ds: TensorDataset | None) -> None:
 RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 
 
+#: the plots :func:`finish_run` may write in a run directory (which ones depends on the run)
+RUN_PLOTS = ("learning_curves.png", "reliability.png", "regression_band.png")
+
+
 def _epochs_done(run: Path) -> int:
     """Epochs a run has done: the number of its newest epoch checkpoint (0 without one)."""
     from .train.checkpoint import checkpoint_epoch, latest_checkpoint
@@ -381,15 +385,18 @@ def _train_run(
         if resume:
             cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
         else:
-            # overwrite: the previous run's files go first (evaluations of its model too)
+            # overwrite: the previous run's files go first (evaluations of its model, its
+            # plots and a UCI run's normalization.json too: a new run of another data set or
+            # without validation data would have left them describing the old one)
             stale = [
                 *previous_run_files(out),
                 *out.glob("eval.json"),
                 *out.glob("eval-*.json"),
                 *out.glob("prune-*.json"),
+                *(out / name for name in RUN_PLOTS + ("normalization.json",)),
             ]
             for p in stale:
-                p.unlink()
+                p.unlink(missing_ok=True)
             cfg.save(out / "config.json")
             if data.normalization is not None:
                 atomic_write_text(
