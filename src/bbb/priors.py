@@ -36,6 +36,14 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+def _like(hyper: Tensor, w: Tensor) -> Tensor:
+    """Hyper-parameter ``hyper`` in the floating dtype of ``w`` (the same tensor where they
+    agree, or where ``w`` is not floating)."""
+    if hyper.dtype == w.dtype or not w.is_floating_point():
+        return hyper
+    return hyper.to(w.dtype)
+
+
 class Prior(nn.Module):
     """Base class: a factorised prior p(w) = prod_j p(w_j) over a weight tensor.
 
@@ -197,8 +205,11 @@ class GaussianPrior(Prior):
         return D.Normal(self.mean, self.sigma, validate_args=False)
 
     def log_prob(self, w: Tensor) -> Tensor:
-        z = (w - self.mean) / self.sigma
-        return -0.5 * z * z - torch.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+        # the hyper-parameters in w's dtype: float32 weights of a float16 layer (bbb.kl sums
+        # its KL in float32) would otherwise get log(sigma) rounded to float16
+        mean, sigma = _like(self.mean, w), _like(self.sigma, w)
+        z = (w - mean) / sigma
+        return -0.5 * z * z - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
         mean, sigma = self._value("mean"), self._value("sigma")
@@ -317,7 +328,9 @@ class LaplacePrior(Prior):
         return D.Laplace(self.loc, self.scale, validate_args=False)
 
     def log_prob(self, w: Tensor) -> Tensor:
-        return -(w - self.loc).abs() / self.scale - torch.log(2 * self.scale)
+        # in w's dtype (see GaussianPrior.log_prob)
+        loc, scale = _like(self.loc, w), _like(self.scale, w)
+        return -(w - loc).abs() / scale - torch.log(2 * scale)
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
         return torch.sign(w - self._value("loc")).mul_(-1.0 / self._value("scale"))
