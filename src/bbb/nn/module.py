@@ -280,9 +280,26 @@ class BayesModule(nn.Module):
         return self._posterior_and_sigmas()[0]
 
     def _param_versions(self) -> tuple[int, ...]:
-        # (identity, in-place version) of each mu and rho: a replaced parameter also
-        # invalidates
-        return tuple(v for pair in self._pairs() for q in pair for v in (id(q), q._version))
+        """The key that tells whether what a forward pass left for :meth:`kl` is current.
+
+        For each mu and rho: its identity and in-place version counter (a replaced
+        parameter, ``load_state_dict`` and most optimizers' steps move them), and the
+        identity and version of its ``.grad``. The gradient's part catches what moves no
+        version counter after a backward pass: fused optimizers (``torch.optim.Adam(
+        fused=True)``, the trainer's Adam), which update the parameters in place without
+        bumping it, and manual updates through ``.data`` (a backward pass creates or
+        accumulates into ``.grad``, so a step that follows it is never missed). An edit
+        through ``.data`` with no backward pass since the forward is not seen (see
+        :meth:`kl`).
+        """
+        key: list[int] = []
+        for pair in self._pairs():
+            for q in pair:
+                # .grad of a non-leaf (a tensor swapped in by torch.func.functional_call)
+                # would warn; such tensors are not updated by optimizers
+                g = q.grad if q.is_leaf else None
+                key += (id(q), q._version, id(g), -1 if g is None else g._version)
+        return tuple(key)
 
     def _cached_sigmas(self) -> list[Tensor | None]:
         """The forward pass's softplus(rho) of weight and bias, if no parameter has changed
@@ -555,6 +572,13 @@ class BayesModule(nn.Module):
         float32 (a sum over more than a few thousand weights exceeds float16's range) and the
         result is a float32 scalar; gradients still reach the low-precision parameters. For
         other dtypes the result has the parameters' dtype.
+
+        What the forward pass left for the KL (its softplus, weight sample, or the KL of a
+        fused kernel) is used only while the parameters are unchanged: kl() after an
+        optimizer step (fused ones included), ``load_state_dict`` or an update through
+        ``.data`` after a backward pass is that of the current parameters (the Monte Carlo KL
+        at the same noise). An edit through ``.data`` with no backward pass since the forward
+        moves nothing the layer can see cheaply: run a forward pass after it.
         """
         total = self.weight_mu.new_zeros((), dtype=_kl.kl_dtype(self.weight_mu.dtype))
         mask = self.weight_mask
@@ -635,10 +659,20 @@ class BayesModule(nn.Module):
         key = prefix + "weight_mask"
         mask = state_dict.get(key)
         if mask is not None and self.weight_mask is None:
-            # in the parameters' dtype, as prune_by_snr makes it (a float32 checkpoint's mask
-            # in a bfloat16 layer made its weights float32 and every forward fail)
             w = self.weight_mu
-            self.weight_mask = torch.empty_like(mask, device=w.device, dtype=w.dtype)
+            if mask.shape != w.shape:
+                # the mask multiplies the weights: any other shape is another layer's (it was
+                # loaded silently, and every later forward failed with a broadcast error). An
+                # error in torch's words; the key is then not reported as unexpected too.
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {mask.shape} from "
+                    f"checkpoint, the shape in current model is {w.shape} (the weights')."
+                )
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+            else:
+                # in the parameters' dtype, as prune_by_snr makes it (a float32 checkpoint's
+                # mask in a bfloat16 layer made its weights float32 and every forward fail)
+                self.weight_mask = torch.empty_like(mask, device=w.device, dtype=w.dtype)
         elif mask is None and self.weight_mask is not None and prefix + "weight_mu" in state_dict:
             # an unpruned state of this layer; a state without this layer's weights (a partial
             # load_state_dict(..., strict=False)) leaves its pruning alone
