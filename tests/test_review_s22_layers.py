@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import bbb
 from bbb import kernels as K
 from bbb.nn import BayesLinear
-from bbb.priors import GaussianPrior, LaplacePrior, Prior
+from bbb.priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +175,17 @@ def test_low_precision_kl_constants_are_computed_in_float32(
         expected = _layer_kl_reference(layer, None)
     # float32 sums of 60k terms of size ~3: relative error well below 1e-5
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_scale_mixture_score_of_float16_weights() -> None:
+    """``ScaleMixturePrior.grad_log_prob`` of float16 weights raised 'value cannot be
+    converted to type c10::Half without overflow' (1 / sigma2^2 = e^12 > 65504); it is now
+    the float32 score rounded to float16 (reference: autograd of the float64 log-density)."""
+    prior = ScaleMixturePrior(0.5, 1.0, math.exp(-6)).half()
+    w = torch.linspace(-0.05, 0.05, 41).half()
+    got = prior.grad_log_prob(w)
+    assert got.dtype == torch.float16
+    w64 = w.double().requires_grad_()
+    (expected,) = torch.autograd.grad(copy.deepcopy(prior).double().log_prob(w64).sum(), w64)
+    # float16 rounding of the result (relative 2^-11) and of the prior's sigma2 (2^-11)
+    torch.testing.assert_close(got.double(), expected, rtol=3e-3, atol=1e-3)

@@ -290,6 +290,10 @@ class ScaleMixturePrior(Prior):
         return torch.logaddexp(*self._components(w))
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
+        if w.dtype == torch.float16:
+            # in float32, returned in float16: the precision 1 / sigma2^2 (e^12 at the default
+            # sigma2) exceeds float16's range, which made add_(alpha=p2) raise
+            return self.grad_log_prob(w.float()).to(w.dtype)
         # d/dw log p = -w (r1 / sigma1^2 + r2 / sigma2^2), r the components' responsibilities,
         # both taken as sigmoids of u = log(pi N1(w)) - log((1 - pi) N2(w)) (no 1 - r
         # cancellation when sigma2 is tiny and 1 / sigma2^2 is huge). u is clamped to
