@@ -189,3 +189,30 @@ def test_scale_mixture_score_of_float16_weights() -> None:
     (expected,) = torch.autograd.grad(copy.deepcopy(prior).double().log_prob(w64).sum(), w64)
     # float16 rounding of the result (relative 2^-11) and of the prior's sigma2 (2^-11)
     torch.testing.assert_close(got.double(), expected, rtol=3e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("prior", "key", "value", "message"),
+    [
+        (GaussianPrior(1.0), "prior.sigma", -1.0, r"prior\.sigma must be positive, got -1\.0"),
+        (GaussianPrior(1.0), "prior.mean", math.nan, r"prior\.mean must be finite, got nan"),
+        (ScaleMixturePrior(), "prior.pi", 1.5, r"prior\.pi must lie in \(0, 1\), got 1\.5"),
+        (ScaleMixturePrior(), "prior.sigma2", 0.0, r"prior\.sigma2 must be positive"),
+        (LaplacePrior(1.0), "prior.scale", math.inf, r"prior\.scale must be finite"),
+    ],
+)
+def test_a_checkpoint_with_an_invalid_prior_hyper_parameter_is_a_load_error(
+    prior: Prior, key: str, value: float, message: str
+) -> None:
+    """A negative prior sigma in a checkpoint loaded silently; kl() then raised a bare
+    'math domain error' (Gaussian) or returned NaN. Now load_state_dict names it and leaves
+    the prior unchanged."""
+    layer = BayesLinear(3, 2, prior=prior)
+    state = layer.state_dict()
+    state[key] = torch.tensor(value)
+    before = float(getattr(layer.prior, key.split(".")[1]))
+    with pytest.raises(RuntimeError, match=message):
+        layer.load_state_dict(state)
+    assert float(getattr(layer.prior, key.split(".")[1])) == before
+    layer(torch.randn(2, 3))
+    assert torch.isfinite(layer.kl())

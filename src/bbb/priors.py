@@ -147,6 +147,12 @@ class Prior(nn.Module):
     def _load_from_state_dict(  # type: ignore[no-untyped-def, override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        bad = self._invalid_hyper_parameters(state_dict, prefix)
+        if bad:
+            # refused before anything is copied (a negative sigma loaded silently, and kl()
+            # then failed with a bare 'math domain error' or returned NaN)
+            error_msgs.extend(bad)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -162,6 +168,29 @@ class Prior(nn.Module):
             if buf is not None and not buf.is_meta and not buf.is_inference():
                 # decided here, with the checkpoint's dtype: _refresh need not re-read it
                 self.__dict__.setdefault("_seen", {})[name] = (buf, buf._version)
+
+    #: hyper-parameters that must be positive, and those that must lie in (0, 1), checked
+    #: when a state dict is loaded (the constructors check their arguments)
+    _POSITIVE: tuple[str, ...] = ()
+    _UNIT_INTERVAL: tuple[str, ...] = ()
+
+    def _invalid_hyper_parameters(self, state_dict: dict[str, Tensor], prefix: str) -> list[str]:
+        """Messages for the built-in hyper-parameters of ``state_dict`` that the constructor
+        would refuse (non-finite, non-positive scales, ``pi`` outside (0, 1)); 0-d values only.
+        """
+        bad = []
+        for name in getattr(self, "_exact", {}):
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or value.dim() != 0 or value.is_meta:
+                continue  # a shape mismatch is reported by torch
+            v = float(value)
+            if not math.isfinite(v):
+                bad.append(f"{type(self).__name__} {prefix}{name} must be finite, got {v!r}")
+            elif name in self._POSITIVE and v <= 0.0:
+                bad.append(f"{type(self).__name__} {prefix}{name} must be positive, got {v!r}")
+            elif name in self._UNIT_INTERVAL and not 0.0 < v < 1.0:
+                bad.append(f"{type(self).__name__} {prefix}{name} must lie in (0, 1), got {v!r}")
+        return bad
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
         names = [n for n in getattr(self, "_exact", {}) if n not in self._parameters]
@@ -192,6 +221,8 @@ class GaussianPrior(Prior):
         sigma: standard deviation (> 0).
         mean: location (default 0).
     """
+
+    _POSITIVE = ("sigma",)
 
     sigma: Tensor
     mean: Tensor
@@ -244,6 +275,9 @@ class ScaleMixturePrior(Prior):
         pi: mixture weight of the first component, in (0, 1).
         sigma1, sigma2: standard deviations of the two components (> 0).
     """
+
+    _POSITIVE = ("sigma1", "sigma2")
+    _UNIT_INTERVAL = ("pi",)
 
     pi: Tensor
     sigma1: Tensor
@@ -319,6 +353,8 @@ class LaplacePrior(Prior):
 
     A Gaussian posterior has a closed-form KL to it (``torch.distributions`` registers it).
     """
+
+    _POSITIVE = ("scale",)
 
     scale: Tensor
     loc: Tensor
