@@ -198,6 +198,7 @@ def test_evaluate_prints_metrics_and_writes_eval_json(
         assert word in out
     result = json.loads((mnist_run / "eval.json").read_text())
     assert result["split"] == "test" and result["num_samples"] == 4
+    assert result["n_examples"] == 512  # the run's --subset 512 also caps the test images
     assert 0.0 <= result["metrics"]["error"] <= 1.0
     u = result["uncertainty"]
     # (entropy = aleatoric + epistemic holds by construction; check the parts' own ranges:

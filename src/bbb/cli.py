@@ -28,7 +28,8 @@ _HELP = {
     "uci_path": "UCI split-format directory (or a name under DATA_DIR/uci); required with "
     "--dataset uci (default: none)",
     "uci_split": "UCI split index",
-    "subset": "use only the first N training examples, for quick runs (default: all of them)",
+    "subset": "use only the first N training examples (and at most the first N validation and test "
+    "examples of MNIST: bbb evaluate of such a run scores those), for quick runs (default: all)",
     "val_fraction": "UCI: share of the training split held out for validation",
     "toy_n": "toy: number of training points",
     "method": "bbb (Bayes by Backprop), sgd (plain network) or dropout",
@@ -379,6 +380,9 @@ def _evaluate(
         "num_samples": num_samples,
         "seed": seed,
         "device": cfg.device,
+        # how many examples were evaluated (a run trained with --subset N evaluates the first
+        # min(N, 10000) validation / test images of MNIST)
+        "n_examples": len(ds),
     }
     if compact is not None:
         result["compact"] = compact

@@ -72,7 +72,9 @@ class TrainConfig:
     )
     uci_path: str | None = None  # a UCI split-format directory (dataset = uci)
     uci_split: int = 0
-    subset: int | None = None  # use the first N training examples (quick runs)
+    # use the first N training examples (quick runs); MNIST also keeps at most the first N
+    # validation and test examples, and `bbb evaluate` of the run scores those
+    subset: int | None = None
     val_fraction: float = 0.1  # uci: share of the training split held out for validation
     toy_n: int = 300  # toy: number of training points
     # model
