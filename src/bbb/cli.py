@@ -123,20 +123,18 @@ def _result_file_name(
     return f"{base}.json" if split == "test" else f"{base}-{split}.json"
 
 
-def _finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, +-Infinity) replaced by None: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
 def _result_json(result: dict[str, Any]) -> str:
     """A result file's text: strict JSON (no NaN or Infinity; None where a value is not finite)."""
-    return json.dumps(_finite_json(result), indent=2, allow_nan=False) + "\n"
+    from .train.checkpoint import strict_json
+
+    return strict_json(result, indent=2) + "\n"
+
+
+def _fmt_metric(value: Any) -> str:
+    """A metric for the summary line: 4 significant digits; ``nan`` for a null (non-finite)."""
+    if value is None:
+        return "nan"
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 _DATA_DIR_HELP = (
@@ -467,7 +465,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
         for split in ("val", "test"):
             if split in metrics:
-                text = ", ".join(f"{k}={v:.4g}" for k, v in metrics[split].items())
+                text = ", ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics[split].items())
                 print(f"{split}: {text}")
         return 0
     if args.command in ("evaluate", "prune"):

@@ -20,8 +20,6 @@ alone write the run directory (see :mod:`bbb.train.distributed`).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import kernels as _kernels
@@ -40,7 +38,13 @@ from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
 from .priors import Prior, make_prior
 from .train import distributed as _dist
-from .train.checkpoint import CheckpointError, RunLock, atomic_write_text, check_writable
+from .train.checkpoint import (
+    CheckpointError,
+    RunLock,
+    atomic_write_text,
+    check_writable,
+    strict_json,
+)
 from .train.optim import adam
 from .train.trainer import Trainer, evaluate, previous_run_files, seed_everything
 
@@ -400,7 +404,7 @@ def _train_run(
             cfg.save(out / "config.json")
             if data.normalization is not None:
                 atomic_write_text(
-                    out / "normalization.json", json.dumps(data.normalization, indent=2)
+                    out / "normalization.json", strict_json(data.normalization, indent=2)
                 )
 
     _dist.on_main(setup, "creating the run directory")
@@ -466,9 +470,8 @@ def finish_run(
             device=cfg.device,
             y_scale=data.y_std,  # type: ignore[arg-type]
         )
-    atomic_write_text(
-        out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n"
-    )
+    # strict JSON: a non-finite metric or summary value is null (NaN is not JSON)
+    atomic_write_text(out / "metrics.json", strict_json(result, indent=2) + "\n")
     if not write_plots:
         return
     if history:
@@ -482,14 +485,6 @@ def finish_run(
         plot_reliability_diagram(pred.probs.cpu(), y[:5000], out / "reliability.png")  # type: ignore[union-attr]
     if not data.classification and data.in_features == 1:
         plots.regression_band(model, likelihood, data.train, out / "regression_band.png")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
 
 
 def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'") -> torch.device:

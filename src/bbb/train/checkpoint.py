@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import os
 import random
 import re
@@ -31,6 +33,8 @@ __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
+    "finite_json",
+    "strict_json",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_epoch",
@@ -75,6 +79,33 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` for :func:`json.dumps` with every non-finite float (NaN, +-Infinity) as None.
+
+    Dictionaries, lists and tuples are copied recursively and tensors become (nested) lists;
+    anything else is returned as is. The ``default`` hook of :func:`json.dumps` cannot do
+    this: it is never called for floats, which are written as the non-standard ``NaN`` /
+    ``Infinity`` that strict JSON readers reject.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        return finite_json(value.tolist())
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """``value`` as strict JSON text: non-finite floats as ``null`` (:func:`finite_json`),
+    any other object JSON does not know as its ``str()``."""
+    return json.dumps(
+        finite_json(value), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str
+    )
 
 
 def _fsync_dir(directory: Path) -> None:

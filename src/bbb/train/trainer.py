@@ -51,6 +51,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    strict_json,
 )
 
 _EARLY = "early stopping"
@@ -485,7 +486,7 @@ class Trainer:
                 continue  # a line cut by a crash
             if row.get("epoch", 0) <= epoch:
                 history.append(row)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(path, "".join(strict_json(r) + "\n" for r in history))
         return history
 
     def _prepare(
@@ -548,7 +549,8 @@ class Trainer:
         path = self._metrics_path()
         if path is not None and self.is_writer:
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                # strict JSON: a non-finite value (a NaN validation metric) is null
+                f.write(strict_json(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the epoch's checkpoint is
 

@@ -1,0 +1,83 @@
+"""Review (session 22, second pass) of runs, the ``bbb`` command line and the trainer.
+
+Each test names what was wrong before its fix. Runs are tiny (64 toy points, an 8-unit
+hidden layer, one to three epochs) and called in-process through ``bbb.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bbb.cli import main
+
+TOY = [
+    "--dataset", "toy", "--toy-n", "64", "--hidden", "8", "--batch-size", "16",
+    "--val-samples", "2", "--quiet",
+]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No BBB_DATA_DIR from the caller, no PNGs (not looked at), the working directory in tmp."""
+    import bbb.metrics
+    import bbb.plots
+
+    monkeypatch.delenv("BBB_DATA_DIR", raising=False)
+    monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
+    monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: None)
+    monkeypatch.setattr(bbb.metrics, "plot_reliability_diagram", lambda *a, **k: None)
+    monkeypatch.chdir(tmp_path)
+
+
+def cli(*args: object) -> int:
+    """``bbb ARGS`` in-process; returns the exit code."""
+    return main([str(a) for a in args])
+
+
+def _strict_load(text: str) -> Any:
+    """``json.loads`` that refuses NaN / Infinity (as strict JSON readers do)."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_files_are_strict_json_when_a_metric_is_not_finite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``runs._json_default`` meant to write non-finite floats as null, but json.dumps never
+    calls ``default`` for floats: a NaN / infinite metric went into ``metrics.json`` and
+    ``metrics.jsonl`` as ``NaN`` / ``Infinity`` (not JSON). Now they are null, and the
+    command's summary line prints them as nan."""
+    import bbb.runs
+    import bbb.train.trainer
+
+    def bad_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        return {"nll": float("nan"), "rmse": float("inf"), "log_likelihood": -float("inf")}
+
+    monkeypatch.setattr(bbb.train.trainer, "evaluate", bad_evaluate)
+    monkeypatch.setattr(bbb.runs, "evaluate", bad_evaluate)
+    run = tmp_path / "run"
+    assert cli("train", *TOY, "--epochs", "1", "--out", run) == 0
+    assert "val: nll=nan, rmse=nan, log_likelihood=nan" in capsys.readouterr().out
+    metrics = _strict_load((run / "metrics.json").read_text())
+    assert metrics["val"] == {"nll": None, "rmse": None, "log_likelihood": None}
+    rows = [_strict_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["val_nll"] is None and rows[0]["val_rmse"] is None
+    assert isinstance(rows[0]["loss"], float)
+
+
+def test_strict_json_helper() -> None:
+    """The shared helper: floats, tensors and containers; other objects as str()."""
+    from bbb.train.checkpoint import strict_json
+
+    value = {"a": [1.0, float("nan")], "t": torch.tensor([float("inf"), 2.0]), "p": Path("x")}
+    assert _strict_load(strict_json(value)) == {"a": [1.0, None], "t": [None, 2.0], "p": "x"}
