@@ -81,3 +81,44 @@ def test_strict_json_helper() -> None:
 
     value = {"a": [1.0, float("nan")], "t": torch.tensor([float("inf"), 2.0]), "p": Path("x")}
     assert _strict_load(strict_json(value)) == {"a": [1.0, None], "t": [None, 2.0], "p": "x"}
+
+
+def test_resuming_a_finished_run_for_more_epochs_removes_its_evaluations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bbb train --resume RUN --epochs N`` beyond a finished run's epochs left its
+    ``eval*.json`` and ``prune-*.json``, which then described a model that may no longer be
+    the run's best. They are removed when training continues, and the output says so; a
+    resume that trains no further epoch keeps them."""
+    run = tmp_path / "run"
+    assert cli("train", *TOY, "--epochs", "1", "--out", run) == 0
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
+    assert cli("prune", run, "--split", "val", "--num-samples", "2", "--fraction", "0.5") == 0
+    capsys.readouterr()
+    assert cli("train", "--resume", run, "--epochs", "1", "--quiet") == 0  # nothing to train
+    assert (run / "eval-val.json").is_file() and (run / "prune-0.5-val.json").is_file()
+    assert "removed" not in capsys.readouterr().out
+    assert cli("train", "--resume", run, "--epochs", "2", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "removed eval-val.json, prune-0.5-val.json: they evaluated the model before" in out
+    assert not list(run.glob("eval*.json")) and not list(run.glob("prune-*.json"))
+    assert json.loads((run / "metrics.json").read_text())["summary"]["epochs_trained"] == 2
+
+
+def test_resume_counts_the_epochs_of_the_newest_readable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The epochs a resumed run had done were read from the newest checkpoint's file name
+    even when that file was corrupt (the Trainer then resumes from the older one): a resume
+    with the older one's epochs was refused ("has already done 3 epochs")."""
+    run = tmp_path / "run"
+    assert cli("train", *TOY, "--epochs", "3", "--out", run) == 0
+    (run / "checkpoints" / "checkpoint-00003.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    # fewer epochs than the readable checkpoint holds: refused, naming it
+    assert cli("train", "--resume", run, "--epochs", "1", "--quiet") == 1
+    assert "already done 2 epochs (checkpoint-00002.pt)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="checkpoint-00003.pt is corrupt"):
+        assert cli("train", "--resume", run, "--epochs", "2", "--quiet") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["summary"]["epochs_trained"] == 2

@@ -216,17 +216,33 @@ RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 RUN_PLOTS = ("learning_curves.png", "reliability.png", "regression_band.png")
 
 
-def _epochs_done(run: Path) -> int:
-    """Epochs a run has done: the number of its newest epoch checkpoint (0 without one)."""
-    from .train.checkpoint import checkpoint_epoch, latest_checkpoint
-
-    last = latest_checkpoint(run / "checkpoints")
-    return 0 if last is None else checkpoint_epoch(last)
+#: result files of ``bbb evaluate`` / ``bbb prune`` in a run directory: they describe the
+#: model best.pt held when they were written
+RESULT_GLOBS = ("eval.json", "eval-*.json", "prune-*.json")
 
 
-def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
+def _resume_point(run: Path) -> tuple[int, int, Path]:
+    """(epochs done, epochs without improvement, file) of the checkpoint a resume of ``run``
+    starts from: the newest *readable* epoch checkpoint, as :class:`~bbb.train.Trainer`
+    picks it (a corrupt newest one is skipped; the Trainer warns about it when it resumes).
+
+    A :class:`~bbb.train.checkpoint.CheckpointError` names each file when none is readable.
+    """
+    import warnings
+
+    from .train.checkpoint import load_checkpoint
+    from .train.trainer import _REQUIRED
+
+    with warnings.catch_warnings():  # the Trainer's own load warns once, not twice
+        warnings.simplefilter("ignore")
+        state, path = load_checkpoint(run / "checkpoints", map_location="cpu", require=_REQUIRED)
+    return int(state["epoch"]), int(state.get("bad_epochs", 0)), path
+
+
+def _check_resumable(cfg: TrainConfig, saved: Path) -> bool:
     """Refuse to resume the run of ``saved`` (its config.json) with other settings, or one
-    that has no checkpoint to resume from."""
+    that has no checkpoint to resume from; return whether the resumed run trains on (more
+    epochs than its checkpoint holds, and early stopping has not ended it)."""
     from .train.checkpoint import latest_checkpoint
 
     if not saved.exists():
@@ -249,11 +265,11 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
             f"cannot resume {saved.parent} with other settings ({'; '.join(diff)}): only "
             f"{', '.join(RESUMABLE_CHANGES)} may change when resuming; start a new run instead"
         )
-    done = _epochs_done(saved.parent)
+    done, bad_epochs, path = _resume_point(saved.parent)
     if cfg.epochs < done:
         raise ConfigError(
             f"cannot resume {saved.parent} with epochs {cfg.epochs}: the run has already done "
-            f"{done} epochs; epochs must be >= {done} (nothing was changed)"
+            f"{done} epochs ({path.name}); epochs must be >= {done} (nothing was changed)"
         )
     if cfg.lr_schedule == "cosine" and old["epochs"] != new["epochs"]:
         raise ConfigError(
@@ -261,6 +277,7 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> None:
             "cosine learning-rate schedule was laid out for the original length; start a new "
             "run instead"
         )
+    return cfg.epochs > done and not (cfg.patience is not None and bad_epochs >= cfg.patience)
 
 
 def train_run(
@@ -297,8 +314,9 @@ def train_run(
         remedy="train on the CPU with --device cpu (device='cpu'; a resumed run may change "
         "its device)",
     )
+    trains_on = False
     if resume:
-        _check_resumable(cfg, out / "config.json")
+        trains_on = _check_resumable(cfg, out / "config.json")
     elif not overwrite and out.is_dir():
         previous = previous_run_files(out)
         if previous:
@@ -325,6 +343,7 @@ def train_run(
                 evaluate_test=evaluate_test,
                 write_plots=write_plots,
                 locks=locks,
+                stale_results=trains_on,
             )
     finally:
         for lock in locks:
@@ -345,6 +364,7 @@ def _train_run(
     evaluate_test: bool = True,
     write_plots: bool = True,
     locks: list[RunLock],  # rank 0 appends the run directory's lock; the caller releases it
+    stale_results: bool = False,  # a resumed run trains on: its eval/prune files go
 ) -> dict[str, Any]:
     world = _dist.world_size()
     generator = seed_everything(cfg.seed)
@@ -388,15 +408,16 @@ def _train_run(
         locks.append(RunLock(out))
         if resume:
             cfg.save(out / "config.json")  # the resumed run's settings (epochs, patience, ...)
+            if stale_results:
+                # they evaluated the best model so far, which training on may replace
+                _remove_results(out, log)
         else:
             # overwrite: the previous run's files go first (evaluations of its model, its
             # plots and a UCI run's normalization.json too: a new run of another data set or
             # without validation data would have left them describing the old one)
             stale = [
                 *previous_run_files(out),
-                *out.glob("eval.json"),
-                *out.glob("eval-*.json"),
-                *out.glob("prune-*.json"),
+                *(p for pattern in RESULT_GLOBS for p in out.glob(pattern)),
                 *(out / name for name in RUN_PLOTS + ("normalization.json",)),
             ]
             for p in stale:
@@ -439,6 +460,20 @@ def _train_run(
         "evaluating the best model and plotting",
     )
     return summary
+
+
+def _remove_results(out: Path, log: Any) -> None:
+    """Delete the ``bbb evaluate`` / ``bbb prune`` results of ``out`` (:data:`RESULT_GLOBS`)
+    before a resumed run trains on, and say so through ``log`` (when given)."""
+    stale = sorted({p for pattern in RESULT_GLOBS for p in out.glob(pattern) if p.is_file()})
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale and log:
+        log(
+            f"removed {', '.join(p.name for p in stale)}: they evaluated the model before "
+            "this resumed training, which may replace best.pt; run bbb evaluate / bbb prune "
+            "again when it ends"
+        )
 
 
 def finish_run(
