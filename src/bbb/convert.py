@@ -28,11 +28,42 @@ _CONV_PAIRS: tuple[tuple[type[nn.Module], type[_BayesConvNd]], ...] = (
 )
 
 
+class _PriorPerDtype:
+    """The prior for a new layer of each dtype: ``prior`` itself for the first dtype, a copy
+    of it (as given, before any conversion) for each further one.
+
+    A layer converts its prior to its own dtype in place, so one prior object shared by
+    layers of several dtypes would end in the last layer's dtype (a float64 layer would get
+    float16-rounded hyper-parameters from a float16 one). Layers of one dtype share one prior.
+    """
+
+    def __init__(self, prior: Prior | None) -> None:
+        self._given = prior
+        # copied before the first layer converts ``prior`` (a float16 round trip loses digits)
+        self._template = copy.deepcopy(prior)
+        self._by_dtype: dict[torch.dtype | None, Prior] = {}
+
+    def __call__(self, dtype: torch.dtype | None) -> Prior | None:
+        """The prior for a new layer of ``dtype`` (``None``: the default dtype)."""
+        if self._given is None or self._template is None:
+            return None  # each layer builds its own default prior
+        if dtype not in self._by_dtype:
+            first = not self._by_dtype
+            self._by_dtype[dtype] = self._given if first else copy.deepcopy(self._template)
+        return self._by_dtype[dtype]
+
+
 def _bayes_for(
-    module: nn.Module, kwargs: dict[str, Any], init_from_weights: bool
+    module: nn.Module,
+    kwargs: dict[str, Any],
+    init_from_weights: bool,
+    prior_for: _PriorPerDtype,
 ) -> nn.Module | None:
+    if not _convertible(module):
+        return None
     w = getattr(module, "weight", None)
     factory = {"device": w.device, "dtype": w.dtype} if isinstance(w, torch.Tensor) else {}
+    kwargs = {**kwargs, "prior": prior_for(factory.get("dtype"))}
     new: nn.Module | None = None
     if type(module) is nn.Linear:
         new = BayesLinear(
@@ -154,7 +185,9 @@ def bayesianize(
     Args:
         model: any ``nn.Module`` (the module itself may be a Linear/Conv).
         prior, estimator, kl, rho_init: passed to every new layer. One prior object is shared
-            by all layers (priors hold no trainable state).
+            by all layers of one dtype (priors hold no trainable state) and converted to it;
+            layers of another dtype (a model with float64 and float16 layers) share a copy of
+            the prior as given, converted to theirs.
         init_from_weights: start mu at the existing weights and biases (fine-tuning a trained
             network); otherwise mu is initialised by ``mu_init`` (default fan-in scaled).
         inplace: modify ``model`` instead of a deep copy.
@@ -184,13 +217,12 @@ def bayesianize(
     if not inplace:
         model = copy.deepcopy(model)
     kwargs: dict[str, Any] = {
-        "prior": prior,
         "estimator": estimator,
         "kl": kl,
         "mu_init": mu_init,
         "rho_init": rho_init,
     }
-    model = _convert(model, kwargs, init_from_weights)
+    model = _convert(model, kwargs, init_from_weights, _PriorPerDtype(prior))
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         raise ValueError(
             f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__}: "
@@ -256,11 +288,17 @@ _WEIGHT_LAYERS = (
 )
 
 
-def _convert(model: nn.Module, kwargs: dict[str, Any], init_from_weights: bool) -> nn.Module:
-    top = _bayes_for(model, kwargs, init_from_weights)
+def _convert(
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    init_from_weights: bool,
+    prior_for: _PriorPerDtype,
+) -> nn.Module:
+    """``model`` with its convertible layers replaced (``model`` itself when it is one)."""
+    top = _bayes_for(model, kwargs, init_from_weights, prior_for)
     if top is not None:
         return top
-    _replace_layers(model, lambda m: _bayes_for(m, kwargs, init_from_weights))
+    _replace_layers(model, lambda m: _bayes_for(m, kwargs, init_from_weights, prior_for))
     return model
 
 
