@@ -190,13 +190,19 @@ class RegressionPrediction:
 Prediction = ClassificationPrediction | RegressionPrediction
 
 
+# rows per forward pass of predict and sample_outputs by default (raised to S when S is larger)
+_DEFAULT_MAX_ROWS = 65536
+
+
 def sample_outputs(
-    model: nn.Module, x: Tensor, num_samples: int, *, max_rows: int = 65536
+    model: nn.Module, x: Tensor, num_samples: int, *, max_rows: int | None = None
 ) -> Tensor:
     """Model outputs for ``num_samples`` weight samples, (S, B, ...), without gradients.
 
     Inputs are processed in chunks of at most ``max_rows // S`` examples, each chunk in one
-    vectorized pass (S * chunk rows). With weight-space sampling (``reparam``) sample s is one
+    vectorized pass (S * chunk rows, so ``max_rows`` must be at least S: a pass holds the S
+    samples of at least one input, and smaller is a ValueError; ``None``: 65536, or S where
+    S is larger). With weight-space sampling (``reparam``) sample s is one
     network for all B inputs, across chunks too (:func:`bbb.nn.module.shared_weight_samples`);
     ``local`` and ``flipout`` draw their noise per row, so only per-input summaries (the
     predictive distribution of each input) are meaningful for them.
@@ -204,12 +210,22 @@ def sample_outputs(
     # any integer type (Python, NumPy), not a bool
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if max_rows is None:
+        max_rows = max(_DEFAULT_MAX_ROWS, int(num_samples))
     if not _is_int(max_rows) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
     num_samples, max_rows = int(num_samples), int(max_rows)
+    if max_rows < num_samples:
+        # every pass runs all S samples (in "frozen" mode S is the number frozen): S rows,
+        # one input's, is the smallest pass there is
+        raise ValueError(
+            f"max_rows ({max_rows}) must be at least num_samples ({num_samples}): each "
+            "forward pass holds the num_samples copies of at least one input; raise max_rows "
+            "or lower num_samples"
+        )
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    chunk = max(1, max_rows // num_samples)
+    chunk = max_rows // num_samples
     outs = []
     shared = shared_weight_samples(model) if x.shape[0] > chunk else contextlib.nullcontext()
     with torch.no_grad(), vectorized_samples(model, num_samples), shared:
@@ -227,7 +243,7 @@ def predict(
     *,
     likelihood: Likelihood | None = None,
     num_samples: int = 100,
-    max_rows: int = 65536,
+    max_rows: int | None = None,
 ) -> ClassificationPrediction | RegressionPrediction:
     """Predictive distribution of ``model`` at inputs ``x`` (B, ...), averaged over samples.
 
@@ -245,7 +261,9 @@ def predict(
         likelihood: :class:`bbb.Categorical` (default; the model outputs logits) or
             :class:`bbb.Gaussian` (regression; its noise model gives the aleatoric part).
         num_samples: S, the number of weight samples.
-        max_rows: bound on S * chunk rows per forward pass (memory).
+        max_rows: bound on S * chunk rows per forward pass (memory); at least S (one input's
+            samples run in one pass), else a ValueError. ``None``: 65536, or S where S is
+            larger.
     """
     if likelihood is None:
         likelihood = Categorical()
