@@ -70,7 +70,8 @@ def regression_band(
     band of the full predictive distribution of y (observation noise included).
     The model may be on any device (the grid is evaluated there); the returned tensors are on
     the CPU. Returns the grid, the output quantiles and the predictive quantiles (len 5, G) so
-    callers can report band widths.
+    callers can report band widths. ``baseline`` (a plain network drawn for comparison) is
+    evaluated in eval mode and left in the train/eval modes it came in (each submodule's).
     """
     from .predictive import RegressionPrediction, predict
 
@@ -105,9 +106,14 @@ def regression_band(
     if truth is not None:
         ax.plot(xs, truth(grid)[:, 0].numpy(), "k--", lw=1, label="noise-free curve")
     if baseline is not None:
-        baseline.eval()
-        b = next(baseline.parameters())
-        y_plain = baseline(grid.to(b.device, b.dtype))[:, 0].cpu()
+        modes = [(m, m.training) for m in baseline.modules()]  # each submodule's, given back
+        baseline.eval()  # its curve without dropout
+        try:
+            b = next(baseline.parameters())
+            y_plain = baseline(grid.to(b.device, b.dtype))[:, 0].cpu()
+        finally:
+            for m, mode in modes:
+                m.training = mode
         ax.plot(xs, y_plain.numpy(), color="C3", lw=1.5, label="plain network")
     lo = float(y_train.min()) - 1.0
     hi = float(y_train.max()) + 1.0
