@@ -102,7 +102,10 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             layer.weight_mask = mask.reshape(layer.weight_mu.shape)
             per_layer_frac[name] = k / s.numel()
     else:
-        flat = torch.cat([scores[n].double() for n, _ in layers])
+        # one threshold over all layers: the scores meet on the first layer's device (a
+        # model split across devices has layers on several); each mask goes back to its layer's
+        home = layers[0][1].weight_mu.device
+        flat = torch.cat([scores[n].to(home, torch.float64) for n, _ in layers])
         k = _floor_count(fraction, flat.numel())
         mask = torch.ones_like(flat)
         if k:
@@ -112,7 +115,8 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
         start = 0
         for name, layer in layers:
             n = layer.weight_mu.numel()
-            m = mask[start : start + n].reshape(layer.weight_mu.shape).to(layer.weight_mu.dtype)
+            w = layer.weight_mu
+            m = mask[start : start + n].reshape(w.shape).to(w.device, w.dtype)
             layer.weight_mask = m
             per_layer_frac[name] = int((m == 0).sum()) / n
             start += n
@@ -146,41 +150,53 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _repeated_keys(model: nn.Module) -> dict[str, str]:
+    """``{key: first key}`` for each state dict entry of ``model`` that holds the same tensor
+    as an earlier entry: a module used in several places (or a prior shared by several
+    layers) has its parameters and buffers under each of its names."""
+    first: dict[int, str] = {}
+    repeated: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue  # extra state: stored under every key
+        repeated_of = first.setdefault(id(value), key)
+        if repeated_of != key:
+            repeated[key] = repeated_of
+    return repeated
+
+
 def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Save ``model`` with only the weights its pruning kept; returns the file's size in bytes.
 
     For every Bayesian layer with a pruning mask (:func:`prune_by_snr`), the kept weights'
     flat positions (int32 where the layer has fewer than 2^31 weights) and their mu and rho
     are stored; everything else in the state dict (biases, unpruned layers, priors'
-    buffers, other modules) is stored whole; a layer used in several places is stored once.
-    The file is written atomically (a crash never
-    leaves a partial file under ``path``). :func:`load_compact` reads it into a model of the
-    same architecture. At 95% removed a 2 x 1200 MLP's file is ~1/13 of its state dict.
+    buffers, other modules) is stored whole; a tensor the state dict holds under several keys
+    (a layer used in several places, a prior shared by layers) is stored once. The file is
+    written atomically (a crash never leaves a partial file under ``path``).
+    :func:`load_compact` reads it into a model of the same architecture. At 95% removed a 2 x 1200 MLP's file is ~1/13 of its state dict.
     """
     from .train.checkpoint import atomic_write_bytes
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    aliases = _aliases(model)
+    repeated = _repeated_keys(model)  # load_compact fills them in from their first key
+    state = {k: v.detach() for k, v in model.state_dict().items() if k not in repeated}
     layers: dict[str, dict[str, object]] = {}
-    for name, layer in _named_layers(model):
+    for name, layer in _named_layers(model):  # a layer used in several places: its first name
         mask = layer.weight_mask
         if mask is None:
             continue  # not pruned: its mu and rho are stored whole with the rest
         p = _prefix(name)
-        for other in aliases[id(layer)]:  # a layer used in several places: stored once
-            if other != name:
-                for key in ("weight_mu", "weight_rho", "weight_mask"):
-                    state.pop(_prefix(other) + key, None)
         keep = mask.detach().reshape(-1) != 0
         n = keep.numel()
         index = keep.nonzero().reshape(-1).to(torch.int32 if n < 2**31 else torch.int64)
         layers[name] = {
             "shape": list(layer.weight_mu.shape),
             "index": index.cpu(),
-            "mu": state.pop(p + "weight_mu").reshape(-1)[keep].cpu(),
-            "rho": state.pop(p + "weight_rho").reshape(-1)[keep].cpu(),
+            "mu": layer.weight_mu.detach().reshape(-1)[keep].cpu(),
+            "rho": layer.weight_rho.detach().reshape(-1)[keep].cpu(),
         }
-        state.pop(p + "weight_mask")
+        for key in ("weight_mu", "weight_rho", "weight_mask"):
+            state.pop(p + key, None)  # absent where another module's entry holds the tensor
     # clone: a view saved by torch.save would carry its whole storage
     rest = {k: v.cpu().clone() for k, v in state.items()}
     buf = io.BytesIO()
@@ -255,4 +271,8 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
             state[p + "weight_mu"] = full_mu.reshape(shape)
             state[p + "weight_rho"] = full_rho.reshape(shape)
             state[p + "weight_mask"] = mask.reshape(shape)
+    # a tensor under several keys of the model's state dict is stored under the first only
+    for key, first in _repeated_keys(model).items():
+        if key not in state and first in state:
+            state[key] = state[first]
     model.load_state_dict(state)
