@@ -113,7 +113,7 @@ def table1(args: argparse.Namespace) -> None:
                 if diff:
                     conflicts.append(f"{rd} ({'; '.join(diff)})")
                     continue
-                if (rd / "metrics.json").exists() and _epochs_done(rd) >= epochs:
+                if _finished(rd, cfg):
                     print(f"[done] {rd}")
                     continue
                 rows.append((seed, width, method, epochs, rd, cfg, set(dropped[-1])))
@@ -225,11 +225,31 @@ def _other_settings(rd: Path, cfg: Any) -> list[str]:
     return changed_settings(old, cfg.to_dict(), RESUMABLE_CHANGES)
 
 
-def _epochs_done(rd: Path) -> int:
+def _finished(rd: Path, cfg: Any) -> bool:
+    """Whether the run in ``rd`` is done for ``cfg``: its ``metrics.json`` records all of
+    ``cfg.epochs`` epochs, or an early stop (``patience``) that ``cfg`` would not undo.
+
+    A resumed run that stopped early stays stopped (the trainer trains on only with a larger
+    patience, or none), so resuming it would only evaluate it again and rewrite its
+    ``metrics.json``. The early stop counts only if ``metrics.json`` was written after the
+    ``config.json`` of the run's last start (not by an earlier attempt before a resume with a
+    larger patience that has not finished).
+    """
+    from bbb.config import TrainConfig, load_config_file
+
+    metrics, saved = rd / "metrics.json", rd / "config.json"
     try:
-        return int(json.loads((rd / "metrics.json").read_text())["summary"]["epochs_trained"])
-    except (OSError, KeyError, ValueError):
-        return 0
+        summary = json.loads(metrics.read_text())["summary"]
+        if int(summary["epochs_trained"]) >= cfg.epochs:
+            return True
+        if summary.get("stopped_early") is not True or cfg.patience is None:
+            return False
+        if metrics.stat().st_mtime_ns < saved.stat().st_mtime_ns:
+            return False  # a later start of the run has not finished
+        old = TrainConfig.from_dict(load_config_file(saved), source=str(saved))
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return old.patience is not None and cfg.patience <= old.patience
 
 
 def _find_runs(out: Path) -> list[Path]:
@@ -326,9 +346,6 @@ def extras(args: argparse.Namespace) -> None:
             "auroc_noise": auroc(ent_in, ent_noise),
         }
         print(rd.name, json.dumps(out[rd.name]), flush=True)
-        first = next(
-            m for m in model.modules() if hasattr(m, "weight_mu") or isinstance(m, torch.nn.Linear)
-        )
         if cfg.method == "bbb":
             w = torch.cat(
                 [
@@ -351,7 +368,6 @@ def extras(args: argparse.Namespace) -> None:
                 ]
             )
             weights[cfg.method] = w.cpu()
-        del first
     atomic_write_text(args.out / "extras.json", json.dumps(out, indent=2) + "\n")
     if weights:
         fig = figure(figsize=(6, 4))
