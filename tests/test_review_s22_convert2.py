@@ -279,8 +279,3 @@ def test_table1_counts_an_early_stopped_run_as_done(
     _write_run(full, cfg, 6, False)
     assert d["_finished"](full, cfg) is True
     assert d["_finished"](tmp_path / "missing", cfg) is False
-
-
-def test_extras_has_no_unused_variable() -> None:
-    """`first` was computed in extras and never used."""
-    assert "first = next(" not in SCRIPT.read_text()
