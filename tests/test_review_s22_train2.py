@@ -122,3 +122,52 @@ def test_resume_counts_the_epochs_of_the_newest_readable_checkpoint(
         assert cli("train", "--resume", run, "--epochs", "2", "--quiet") == 0
     assert "resumed from" in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["summary"]["epochs_trained"] == 2
+
+
+def test_evaluate_into_a_read_only_run_is_refused_first_naming_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bbb evaluate`` / ``bbb prune`` of a run in a read-only directory evaluated the whole
+    split, then failed naming its temporary file (``.eval.json.XXXX.tmp``). Now the directory
+    is checked before the evaluation and named. (Root ignores file modes: there the failing
+    file creation is simulated.)"""
+    import os
+    import tempfile
+
+    import bbb.train.trainer
+
+    run = tmp_path / "run"
+    assert cli("train", *TOY, "--epochs", "1", "--out", run) == 0
+    capsys.readouterr()
+
+    def no_evaluation(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("evaluated before checking the run directory")
+
+    monkeypatch.setattr(bbb.train.trainer, "evaluate", no_evaluation)
+    if os.geteuid() == 0:
+        real = tempfile.mkstemp
+
+        def mkstemp(*args: Any, dir: Any = None, **kwargs: Any) -> tuple[int, str]:
+            if dir is not None and Path(dir) == run:
+                raise PermissionError(13, "Permission denied", str(Path(dir) / ".x.tmp"))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        run.chmod(0o555)
+    try:
+        assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 1
+        err = capsys.readouterr().err
+        assert f"cannot write eval-val.json into the run directory {run} (" in err
+        assert ".tmp" not in err
+        assert cli("prune", run, "--num-samples", "2", "--fraction", "0.5") == 1
+        assert f"cannot write prune-0.5.json into the run directory {run}" in (
+            capsys.readouterr().err
+        )
+    finally:
+        run.chmod(0o755)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
+    assert (run / "eval-val.json").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".probe", ".tmp"))]

@@ -123,6 +123,25 @@ def _result_file_name(
     return f"{base}.json" if split == "test" else f"{base}-{split}.json"
 
 
+def _check_result_writable(run_dir: Path, name: str) -> None:
+    """An :class:`OSError` naming ``run_dir`` when ``bbb evaluate`` / ``bbb prune`` could not
+    write their result file ``name`` into it (read-only, no permission, a full disk's inode
+    table): a file is created there and removed, as the atomic write will do."""
+    import os
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".probe", dir=run_dir)
+    except OSError as e:
+        raise OSError(
+            f"cannot write {name} into the run directory {run_dir} ({e.strerror or e}): make "
+            "it writable (or copy the run to a writable place) and run the command again; "
+            "nothing was evaluated"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _result_json(result: dict[str, Any]) -> str:
     """A result file's text: strict JSON (no NaN or Infinity; None where a value is not finite)."""
     from .train.checkpoint import strict_json
@@ -362,6 +381,10 @@ def _evaluate(
     if export is not None and not Path(export).resolve().parent.is_dir():
         raise ValueError(f"--export {export}: its directory does not exist")
     cfg, model, likelihood, data = load_run(run_dir, device=device, data_dir=data_dir)
+    # the result file goes into the run directory: refused now, not after the evaluation
+    _check_result_writable(
+        Path(run_dir), _result_file_name(split, prune, per_layer, compact is not None)
+    )
     if compact is not None:
         load_compact(model, compact)
     splits = {"val": data.val, "test": data.test}
