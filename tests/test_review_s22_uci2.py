@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bbb import bench
 from bbb import uci as U
 from bbb.sweep import worker as W
 
@@ -79,3 +80,47 @@ def test_the_sweep_workers_trial_json_is_written_atomically(
     monkeypatch.undo()
     assert sorted(p.name for p in run_dir.iterdir()) == []
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- bench (#8)
+
+
+def test_bench_json_records_the_argv_it_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`command` was " ".join(sys.argv): pytest's command line (or any caller's) when
+    bench.main(argv) was called from code."""
+    monkeypatch.setattr(bench, "run_step_times", lambda *a, **k: [])
+    monkeypatch.setattr(bench.sys, "argv", ["pytest", "-k", "something"])
+    out = tmp_path / "b.json"
+    args = ["--quick", "--no-peers", "--no-inference", "--no-memory", "--no-variance"]
+    args += ["--no-tune-allocator", "--json", str(out)]
+    assert bench.main(args) == 0
+    assert json.loads(out.read_text())["command"] == "bbb bench " + " ".join(args)
+    assert bench.main(args, prog="benchmarks/step_time.py") == 0
+    assert json.loads(out.read_text())["command"].startswith("benchmarks/step_time.py --quick")
+    capsys.readouterr()
+
+
+def test_a_failed_memory_row_has_the_shape_of_a_good_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed memory subprocess gave a row of the raw spec keys (threads, device, prior,
+    ...) with `error` as a one-element list; now the measured row's keys, null numbers and
+    `error` as a string."""
+    stderr = {"bbb": "Traceback (most recent call last):\n  ...\nRuntimeError: boom\n"}
+
+    def fake_run(cmd: list[str], **_: Any) -> SimpleNamespace:
+        lib = json.loads(cmd[-1])["library"]
+        if lib in stderr:
+            return SimpleNamespace(returncode=1, stdout="", stderr=stderr[lib])
+        out = {"base_kib": 1024, "peak_kib": 3072, "offered": True, "allocator_tuned": False}
+        return SimpleNamespace(returncode=0, stdout=json.dumps(out) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    good, bad = bench.run_memory([("mlp", 8)], ["reparam"], [], batch=4, tuned_allocator=False)
+    assert good["peak_mib"] == 3.0 and good["step_mib"] == 2.0 and "error" not in good
+    assert set(bad) == {*good, "error"}
+    assert bad["error"] == "RuntimeError: boom"
+    assert bad["peak_mib"] is None and bad["step_mib"] is None and bad["library"] == "bbb"
+    stderr["bbb"] = ""
+    _, bad = bench.run_memory([("mlp", 8)], ["reparam"], [], batch=4, tuned_allocator=False)
+    assert bad["error"] == "exit code 1"

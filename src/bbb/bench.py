@@ -18,7 +18,9 @@
    torch's CPU tensors, unlike ``tracemalloc``) after building the model and again after three
    training steps; we report the peak and its increase over the built model. (Not
    ``getrusage().ru_maxrss``: Linux carries it over ``fork`` + ``exec``, so a child of a big
-   benchmark process would report the parent's peak. It is the fallback off Linux.)
+   benchmark process would report the parent's peak. It is the fallback off Linux.) A
+   configuration whose subprocess fails keeps its row, with ``peak_mib``/``step_mib`` null
+   and ``error`` (the child's last error line).
 4. **Gradient variance**: per estimator, the unbiased variance over ``--variance-draws``
    repeated draws (at least two) of the gradient of the ELBO loss on one fixed minibatch with
    respect to ``weight_mu`` and ``weight_rho`` (averaged over all weights), at one fixed point
@@ -35,6 +37,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -441,6 +444,10 @@ def run_memory(
     Each subprocess tunes glibc's allocator (:func:`bbb.tune_allocator`) when
     ``tuned_allocator`` is true (None: as this process is, :func:`bbb.allocator.allocator_tuned`),
     so that memory is measured under the same allocator as the step times.
+
+    Each row holds ``net, hidden, library, estimator, num_samples, peak_mib, step_mib``; a
+    configuration whose subprocess failed has ``peak_mib`` and ``step_mib`` None and an
+    ``error`` string (the last line the subprocess wrote to stderr).
     """
     if tuned_allocator is None:
         tuned_allocator = allocator_tuned()
@@ -467,23 +474,25 @@ def run_memory(
                 text=True,
                 check=False,
             )
+            row: dict[str, Any] = {
+                "net": net,
+                "hidden": hidden if net == "mlp" else 0,
+                "library": lib,
+                "estimator": est,
+                "num_samples": s,
+            }
             if proc.returncode != 0:
-                rows.append({**spec, "error": proc.stderr.strip().splitlines()[-1:]})
+                # the same keys as a measured row, no numbers, and the child's last error line
+                lines = proc.stderr.strip().splitlines()
+                error = lines[-1] if lines else f"exit code {proc.returncode}"
+                rows.append({**row, "peak_mib": None, "step_mib": None, "error": error})
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             if not res["offered"]:
                 continue
-            rows.append(
-                {
-                    "net": net,
-                    "hidden": hidden if net == "mlp" else 0,
-                    "library": lib,
-                    "estimator": est,
-                    "num_samples": s,
-                    "peak_mib": round(res["peak_kib"] / 1024, 1),
-                    "step_mib": round((res["peak_kib"] - res["base_kib"]) / 1024, 1),
-                }
-            )
+            row["peak_mib"] = round(res["peak_kib"] / 1024, 1)
+            row["step_mib"] = round((res["peak_kib"] - res["base_kib"]) / 1024, 1)
+            rows.append(row)
     return rows
 
 
@@ -762,7 +771,11 @@ def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
 
 
 def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every requested part and return the JSON-serialisable results."""
+    """Run every requested part and return the JSON-serialisable results.
+
+    The results' ``command`` is ``args.command`` (set by `main` to the program and the options
+    it parsed), or this process's ``sys.argv`` for a namespace built elsewhere.
+    """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     for name in args.estimators:
@@ -823,7 +836,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     out: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "machine": info,
-        "command": " ".join(sys.argv),
+        # the options this run parsed (main() records them), not sys.argv: a caller's
+        # bench.main(argv) runs inside another program (pytest, a script)
+        "command": getattr(args, "command", None) or shlex.join(sys.argv),
         "settings": {
             "batch": batch,
             "dataset_size": DATASET_SIZE,
@@ -872,7 +887,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bbb bench") -> int:
     """Entry point of ``bbb bench`` and ``benchmarks/step_time.py``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
+    args.command = shlex.join([*shlex.split(prog), *argv])  # recorded in the JSON
     run_benchmark(args)
     return 0
 
