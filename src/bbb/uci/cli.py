@@ -59,7 +59,8 @@ def add_parser(sub: Any) -> Any:
     )
     p.add_argument(
         "--splits",
-        help="a count N (splits 0..N-1), a range a-b or a list 0,3,5 (default: every split)",
+        help="a count N (the first N splits, 0..N-1), a range a-b (one split i alone: i-i) "
+        "or a list 0,3,5; integers only (default: every split)",
     )
     p.add_argument("--out", help="run directory (default: runs/uci/<name>, or runs/uci for --all)")
     p.add_argument(
@@ -157,7 +158,7 @@ def main_uci(args: Any) -> int:
             if spec is not None:
                 n = split_counts[name]
                 if (isinstance(spec, int) and not isinstance(spec, bool)) or (
-                    isinstance(spec, str) and spec.strip().isdigit()
+                    isinstance(spec, str) and spec.strip().isascii() and spec.strip().isdigit()
                 ):
                     # a count across data sets of different sizes: each set's first
                     # min(count, its splits) (protein has 5, the others 20)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..train.checkpoint import atomic_write_text
 from .published import published_row, standard_error
 
@@ -21,16 +22,55 @@ def _split_path(out: Path, split: int) -> Path:
 
 
 def _load_records(out: Path) -> dict[int, dict[str, Any]]:
+    """The finished splits of the run in ``out``: split index -> its ``split_<i>.json`` record.
+
+    A file that is not JSON (cannot happen with atomic writes) counts as unfinished; one
+    that is JSON but not a split record raises ConfigError naming the file and the fault.
+    Files not named ``split_<index>.json`` are not this engine's and are left alone.
+    """
     records = {}
     folder = out / "splits"
     if folder.is_dir():
         for p in sorted(folder.glob("split_*.json")):
+            name = _SPLIT_FILE.fullmatch(p.name)
+            if name is None:
+                continue
             try:
-                rec = json.loads(p.read_text())
-            except json.JSONDecodeError:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # cannot happen with atomic writes; treat as unfinished
-            records[int(rec["split"])] = rec
+            problem = _record_problem(rec, int(name.group(1)))
+            if problem is not None:
+                raise ConfigError(
+                    f"{p} is not a split record ({problem}); delete it to train that split "
+                    "again on --resume, or use another --out"
+                )
+            records[rec["split"]] = rec
     return records
+
+
+_SPLIT_FILE = re.compile(r"split_(\d+)\.json", re.ASCII)
+
+
+def _record_problem(rec: Any, index: int) -> str | None:
+    """What makes ``rec`` (read from ``split_<index>.json``) not a split record, or None."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    missing = [k for k in (*SPLIT_FIELDS, "noise_std", "settings") if k not in rec]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    split = rec["split"]
+    if isinstance(split, bool) or not isinstance(split, int) or split != index:
+        return f"its split is {split!r}, the file name says {index}"
+    for key in ("rmse", "ll", "seconds"):
+        value = rec[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is {value!r}, not a number"
+    if isinstance(rec["epochs"], bool) or not isinstance(rec["epochs"], int):
+        return f"epochs is {rec['epochs']!r}, not an integer"
+    if not isinstance(rec["settings"], dict):
+        return f"settings is {rec['settings']!r}, not an object"
+    return None
 
 
 def _comparable(value: Any, key: str) -> Any:

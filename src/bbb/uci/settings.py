@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,44 +34,69 @@ DEFAULT_SEARCH: dict[str, Any] = {
 }
 
 
-def parse_splits(spec: str | int | Sequence[int] | None, n_splits: int) -> list[int]:
-    """Split indices from ``spec``.
+_COUNT = re.compile(r"\d+", re.ASCII)
+_SPLITS_FORMS = "use a count N (splits 0..N-1), a range a-b (a single split i: i-i) or a list 0,3,5"
 
-    ``None``: all ``n_splits``; an int or a bare number ``"N"``: the first N splits;
-    ``"a-b"``: a to b inclusive; ``"0,3,5"``: those (ranges allowed inside the list).
-    Raises ValueError naming the valid range for anything else.
+
+def parse_splits(spec: str | int | Sequence[int] | None, n_splits: int) -> list[int]:
+    """Split indices from ``spec`` (sorted, without repeats).
+
+    The accepted forms:
+
+    * ``None``: every split, ``0..n_splits-1``;
+    * a count, the int ``N`` or the bare number ``"N"`` (1 <= N <= n_splits): the first N
+      splits, ``0..N-1`` (so ``"0"`` selects nothing and is refused);
+    * a range ``"a-b"``: splits a to b inclusive; a single split i is ``"i-i"``;
+    * a list ``"0,3,5"`` (ranges allowed inside: ``"0,4-6"``);
+    * a sequence of split indices, e.g. ``[0]`` or ``[0, 3]`` (a TOML ``splits = [0]``).
+
+    Every number must be a non-negative integer in ASCII digits (``1.5``, ``"1.5"`` or
+    ``[1.5]`` is refused, not truncated). Raises ValueError naming the valid range for
+    anything else.
     """
     valid = f"valid splits are 0..{n_splits - 1} ({n_splits} splits)"
     if spec is None:
         return list(range(n_splits))
     if isinstance(spec, bool):
-        raise ValueError(f"bad --splits {spec!r}")
+        raise ValueError(f"bad --splits {spec!r}: {_SPLITS_FORMS}; {valid}")
     if isinstance(spec, int):
         spec = str(spec)
     if not isinstance(spec, str):
-        out = [int(s) for s in spec]
+        try:
+            items = list(spec)
+        except TypeError:
+            raise ValueError(
+                f"bad --splits {spec!r} (a {type(spec).__name__}): {_SPLITS_FORMS}; {valid}"
+            ) from None
+        bad = [s for s in items if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise ValueError(
+                f"bad --splits {spec!r}: {bad[0]!r} is not an integer split index; {valid}"
+            )
+        out = [int(s) for s in items]
     else:
         text = spec.strip()
-        if text.isdigit():
+        if _COUNT.fullmatch(text):
             count = int(text)
             if not 1 <= count <= n_splits:
-                raise ValueError(f"--splits {text}: a count must be in 1..{n_splits}; {valid}")
+                alone = f" (split {count} alone is {count}-{count})" if count < n_splits else ""
+                raise ValueError(
+                    f"--splits {text}: a bare number is a count of splits (the first N), it "
+                    f"must be in 1..{n_splits}{alone}; {valid}"
+                )
             return list(range(count))
         out = []
         for part in text.split(","):
-            part = part.strip()
-            try:
-                if "-" in part:
-                    a, b = (int(v) for v in part.split("-", 1))
-                    if b < a:
-                        raise ValueError
-                    out.extend(range(a, b + 1))
-                else:
-                    out.append(int(part))
-            except ValueError:
+            bounds = [v.strip() for v in part.split("-", 1)]
+            if not all(_COUNT.fullmatch(v) for v in bounds):
+                raise ValueError(f"bad --splits {spec!r}: {_SPLITS_FORMS}; {valid}")
+            a, b = int(bounds[0]), int(bounds[-1])
+            if b < a:
                 raise ValueError(
-                    f"bad --splits {spec!r}: use a count N, a range a-b or a list 0,3,5; {valid}"
-                ) from None
+                    f"bad --splits {spec!r}: the range {part.strip()} ends before it starts; "
+                    f"{valid}"
+                )
+            out.extend(range(a, b + 1))
     for s in out:
         if not 0 <= s < n_splits:
             raise ValueError(f"--splits: split {s} out of range; {valid}")
@@ -231,10 +258,21 @@ def check_uci_settings(cfg: TrainConfig, *, tuning: bool = False) -> None:
 
 
 def uci_table(path: PathLike | None) -> dict[str, Any]:
-    """The optional ``[uci]`` table of a TOML config file (engine keys such as ``splits``)."""
+    """The optional ``[uci]`` table of a TOML config file (engine keys such as ``splits``).
+
+    A file that is not UTF-8 or not TOML, or a ``uci`` key that is not a table (``uci = 3``),
+    raises ConfigError naming the file.
+    """
     if path is None or Path(path).suffix != ".toml" or not Path(path).is_file():
         return {}
-    table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("uci", {})
+    text = read_text(Path(path), ConfigError, what="config file")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    table = data.get("uci", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: uci must be a table ([uci] with splits = ...), got {table!r}")
     unknown = sorted(set(table) - {"splits"})
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) in [uci]: {', '.join(unknown)}; valid: splits")
