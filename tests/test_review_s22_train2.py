@@ -171,3 +171,54 @@ def test_evaluate_into_a_read_only_run_is_refused_first_naming_the_directory(
     assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
     assert (run / "eval-val.json").is_file()
     assert not [p.name for p in run.iterdir() if p.name.endswith((".probe", ".tmp"))]
+
+
+def _uci_dir(d: Path, n_rows: int = 40) -> Path:
+    """A tiny data set in the UCI split format (2 features, one split of 8 test rows)."""
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, 2, generator=g)
+    y = x @ torch.tensor([1.0, -1.0]) + 3.0
+    rows = torch.cat([x, y[:, None]], 1).tolist()
+    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
+    (d / "index_features.txt").write_text("0\n1\n")
+    (d / "index_target.txt").write_text("2\n")
+    (d / "index_train_0.txt").write_text("".join(f"{i}\n" for i in range(8, n_rows)))
+    (d / "index_test_0.txt").write_text("".join(f"{i}\n" for i in range(8)))
+    return d
+
+
+def test_a_relative_uci_path_is_saved_absolute_and_a_missing_one_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run trained with a relative ``--uci-path`` saved it as written: ``bbb evaluate``
+    from another working directory failed ("UCI data set 'sets/tiny' not found"), and
+    ``--data-dir`` could not help (it serves bare names under DATA_DIR/uci). The path is now
+    saved absolute; a saved path that leads nowhere is named with config.json and the fix."""
+    work = tmp_path / "work"
+    _uci_dir(work / "sets" / "tiny")
+    monkeypatch.chdir(work)
+    run = tmp_path / "run"
+    uci = ["--dataset", "uci", "--uci-path", "sets/tiny", "--hidden", "4", "--batch-size", "8"]
+    assert cli("train", *uci, "--val-samples", "2", "--epochs", "1", "--quiet", "--out", run) == 0
+    saved = json.loads((run / "config.json").read_text())["uci_path"]
+    assert saved == str(work / "sets" / "tiny")
+    # resuming with the same relative path repeated is not a change
+    assert cli("train", "--resume", run, "--uci-path", "sets/tiny", "--epochs", "2", "--quiet") == 0
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved path still leads to the data
+    capsys.readouterr()
+    assert cli("evaluate", run, "--num-samples", "2") == 0
+    assert (run / "eval.json").is_file()
+    # a run saved before (relative path), evaluated from elsewhere: named, with the remedy
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "uci_path": "sets/tiny"}))
+    assert cli("evaluate", run, "--num-samples", "2") == 1
+    err = capsys.readouterr().err
+    assert f"the run's uci_path 'sets/tiny' (in {run / 'config.json'}) is relative" in err
+    assert f"{tmp_path / 'sets' / 'tiny'} does not exist" in err
+    # ... and a saved absolute path whose data moved
+    (run / "config.json").write_text(json.dumps({**config, "uci_path": str(tmp_path / "gone")}))
+    assert cli("evaluate", run, "--num-samples", "2") == 1
+    assert f"UCI data set {tmp_path / 'gone'} (uci_path in {run / 'config.json'})" in (
+        capsys.readouterr().err
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .allocator import tune_allocator_by_default
-from .config import ConfigError, TrainConfig, load_config_file
+from .config import ConfigError, TrainConfig, anchored_uci_path, load_config_file
 
 __all__ = ["main", "build_parser", "HelpFormatter"]
 
@@ -326,6 +326,9 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         values.update(load_config_file(saved))
         source = str(saved)
         old = TrainConfig.from_dict(values, source=source).to_dict()
+        if old["uci_path"] and args.uci_path:  # saved absolute (see bbb.runs.train_run)
+            old["uci_path"] = anchored_uci_path(old["uci_path"])
+            args.uci_path = anchored_uci_path(args.uci_path)
         changed = [  # a flag repeating the run's own value is harmless
             f"--{n.replace('_', '-')} ({old[n]!r} -> {getattr(args, n)!r})"
             for n in TrainConfig.field_names()

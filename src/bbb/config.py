@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -313,6 +314,21 @@ def _is_a(value: Any, expected: type) -> bool:
     if expected is float:
         return isinstance(value, (int, float))
     return isinstance(value, expected)
+
+
+def anchored_uci_path(path: str) -> str:
+    """``uci_path`` as a run saves it in ``config.json``, readable from any working directory.
+
+    A path that leads to a directory from the current working directory is made absolute
+    (``~`` expanded, symbolic links kept); a bare name that is no directory here (looked up
+    under ``DATA_DIR/uci`` by :func:`bbb.data.load_uci`, so ``--data-dir`` can point
+    elsewhere later) and a path that leads nowhere (refused when the data is loaded) are
+    returned as written.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    return os.path.abspath(p) if p.is_dir() else path
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ alone write the run directory (see :mod:`bbb.train.distributed`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import kernels as _kernels
 from . import plots
-from .config import ConfigError, TrainConfig, changed_settings, load_config_file
+from .config import (
+    ConfigError,
+    TrainConfig,
+    anchored_uci_path,
+    changed_settings,
+    load_config_file,
+)
 from .elbo import ELBO, linear_annealing
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import bayes_mlp, mlp
@@ -258,6 +265,8 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> bool:
             "(train_run with overwrite=True instead of resume=True)"
         )
     old = TrainConfig.from_dict(load_config_file(saved), source=str(saved)).to_dict()
+    if old["uci_path"]:  # a run saved before uci_path was made absolute (see train_run)
+        old["uci_path"] = anchored_uci_path(old["uci_path"])
     new = cfg.to_dict()
     diff = changed_settings(old, new, RESUMABLE_CHANGES)
     if diff:
@@ -308,6 +317,9 @@ def train_run(
     """
     # a resumed run's saved settings are not refused for being ignored (TrainConfig.validate)
     cfg.validate(check_applicable=not resume)
+    if cfg.uci_path:
+        # saved in config.json: a relative path would lead nowhere from another directory
+        cfg = dataclasses.replace(cfg, uci_path=anchored_uci_path(cfg.uci_path))
     out = Path(out_dir)
     check_device(
         cfg.device,
@@ -549,6 +561,28 @@ def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'"
     return dev
 
 
+def _check_uci_path(cfg: TrainConfig, cfg_path: Path) -> None:
+    """A :class:`~bbb.data.MissingDataError` naming the saved ``uci_path`` (and ``cfg_path``)
+    when it is a path (not a bare name under ``DATA_DIR/uci``) leading to no directory."""
+    if cfg.dataset != "uci" or not cfg.uci_path:
+        return
+    from .data import MissingDataError
+
+    p = Path(cfg.uci_path).expanduser()
+    if p.is_dir() or (not p.is_absolute() and len(p.parts) == 1):
+        return  # a bare name: bbb.data.load_uci looks it up under the data directory
+    fix = f"set uci_path in {cfg_path} to where the data set is now"
+    if p.is_absolute():
+        raise MissingDataError(
+            f"the run's UCI data set {p} (uci_path in {cfg_path}) does not exist: {fix}"
+        )
+    raise MissingDataError(
+        f"the run's uci_path {cfg.uci_path!r} (in {cfg_path}) is relative to the working "
+        f"directory it was trained in, and {os.path.abspath(p)} does not exist: run the "
+        f"command from that directory, or {fix} (an absolute path)"
+    )
+
+
 def load_run(
     run_dir: str | Path,
     which: str = "best",
@@ -602,6 +636,7 @@ def load_run(
     cfg = TrainConfig.from_dict(raw, source=str(cfg_path)).validate(check_applicable=False)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
+    _check_uci_path(cfg, cfg_path)
     if device is None:
         target = check_device(
             cfg.device,
