@@ -222,3 +222,40 @@ def test_a_relative_uci_path_is_saved_absolute_and_a_missing_one_is_named(
     assert f"UCI data set {tmp_path / 'gone'} (uci_path in {run / 'config.json'})" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_adam_steps_move_the_version_counters_so_a_cached_kl_is_current(lean: bool) -> None:
+    """The trainer's Adam (fused) updated the parameters without moving their version
+    counters: after a forward pass, a step with no backward pass in between (gradients of an
+    earlier pass) left kl() returning the KL cached by that forward, of the parameters before
+    the step. Both its own fused path and torch's fused step (the fallback, here forced by a
+    step hook) now move the counters."""
+    import torch.distributions as D
+
+    from bbb.nn import BayesLinear
+    from bbb.priors import GaussianPrior
+    from bbb.train.optim import Adam, adam
+
+    torch.manual_seed(0)
+    layer = BayesLinear(5, 3, prior=GaussianPrior(1.0), kl="closed_form", rho_init=-2.0)
+    opt = adam(layer.parameters(), lr=0.5)
+    assert isinstance(opt, Adam)
+    if not lean:
+        opt.register_step_post_hook(lambda *a: None)
+    x = torch.randn(4, 5)
+    (layer(x).square().sum() + layer.kl()).backward()
+    opt.step()
+    layer(x)  # caches softplus(rho) for kl(); the gradients are the earlier pass's
+    versions = [p._version for p in layer.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(layer.parameters(), versions, strict=True))
+    with torch.no_grad():
+        expected = sum(
+            D.kl_divergence(
+                D.Normal(mu.double(), torch.nn.functional.softplus(rho.double())),
+                D.Normal(0.0, 1.0),
+            ).sum()
+            for mu, rho in ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))
+        )
+    assert layer.kl().item() == pytest.approx(float(expected), rel=1e-5)
