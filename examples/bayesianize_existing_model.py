@@ -62,8 +62,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="minibatch size")
     p.add_argument("--samples", type=int, default=20, help="weight samples for predictions")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (the small network's operations are too short to gain from more;"
+        " on a busy machine extra threads only wait: 2-6x slower on 2 shared cores)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    return args
 
 
 def convnet() -> nn.Sequential:
@@ -148,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed)
 
     train = load_mnist(args.data_dir, split="train", subset=args.subset, flatten=False)
@@ -259,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "export_max_abs_error": export_error,
         "round_trip_max_abs_error": round_trip_error,
         "num_samples": args.samples,
+        "threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -267,4 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except bbb.data.MissingDataError as exc:  # no MNIST files: one line, not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc}") from None

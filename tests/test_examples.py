@@ -29,7 +29,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("mnist_uncertainty", "heteroscedastic_regression", "bayesianize_existing_model")
 
 
-def run_example(name: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:
+def run_example(
+    name: str, *args: object, cwd: Path, returncode: int = 0
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "BBB_DATA_DIR"}
     env["OMP_NUM_THREADS"] = "1"  # tiny models: fastest single-threaded, even on a busy machine
     proc = subprocess.run(
@@ -40,7 +42,9 @@ def run_example(name: str, *args: object, cwd: Path) -> subprocess.CompletedProc
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == returncode, (
+        f"{name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    )
     assert "Traceback" not in proc.stderr
     return proc
 
@@ -69,6 +73,27 @@ def test_readme_lists_every_example() -> None:
 def test_default_output_directory(name: str) -> None:
     args = load_example(name).parse_args([])
     assert args.out == f"runs/examples/{name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_torch_thread_by_default(name: str) -> None:
+    """With torch's default of one thread per core these small networks ran 2-6x slower on a
+    busy 2-core machine (heteroscedastic_regression: 89 s against 16 s single-threaded), past
+    examples/README.md's "under a minute"; --threads chooses another count, at least 1."""
+    module = load_example(name)
+    assert module.parse_args([]).threads == 1
+    assert module.parse_args(["--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        module.parse_args(["--threads", "0"])
+
+
+@pytest.mark.parametrize("name", ["mnist_uncertainty", "bayesianize_existing_model"])
+def test_missing_mnist_is_a_one_line_error(name: str, tmp_path: Path) -> None:
+    """A wrong --data-dir (or no MNIST files) was a traceback ending in MissingDataError."""
+    absent = tmp_path / "absent"
+    proc = run_example(name, "--data-dir", absent, cwd=tmp_path, returncode=1)
+    assert proc.stderr.startswith(f"{name}.py: error: Data directory {absent}"), proc.stderr
+    assert "--data-dir DIR" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 @needs_mnist
@@ -115,12 +140,13 @@ def test_heteroscedastic_regression(tmp_path: Path) -> None:
 def test_example_writes_under_runs_examples_by_default(tmp_path: Path) -> None:
     run_example(
         "heteroscedastic_regression",
-        *("--epochs", 1, "--n-train", 200, "--samples", 10, "--quiet"),
+        *("--epochs", 1, "--n-train", 200, "--samples", 10, "--threads", 2, "--quiet"),
         cwd=tmp_path,
     )
     out = tmp_path / "runs" / "examples" / "heteroscedastic_regression"
     assert is_png(out / "regression.png")
-    assert (out / "noise.json").is_file()
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["threads"] == 2  # --threads wins over OMP_NUM_THREADS=1
 
 
 @needs_mnist
