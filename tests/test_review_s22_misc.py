@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bbb.bandit.config import SEED_LIMIT, BanditConfig
+from bbb.cli import main as cli_main
 
 
 def test_bandit_seeds_that_would_share_a_generator_are_refused() -> None:
@@ -13,3 +20,42 @@ def test_bandit_seeds_that_would_share_a_generator_are_refused() -> None:
     with pytest.raises(ValueError, match=r"below 10000.*collide"):
         BanditConfig(seeds=[0, SEED_LIMIT]).validate()
     assert BanditConfig(seeds=[0, SEED_LIMIT - 1]).validate().seeds == [0, SEED_LIMIT - 1]
+
+
+def test_evaluate_into_a_closed_pipe_keeps_its_result_and_exits_quietly(tmp_path: Path) -> None:
+    """`bbb evaluate RUN | head -1`: the reader closing the pipe printed 'bbb: error: [Errno
+    32] Broken pipe' (exit 1), and the table was printed before eval.json was written, so the
+    result was lost. Now the file is written first and the exit is SIGPIPE's quiet 141."""
+    run = tmp_path / "run"
+    toy = ["--dataset", "toy", "--toy-n", "64", "--hidden", "8", "--batch-size", "16"]
+    assert (
+        cli_main(
+            ["train", *toy, "--epochs", "1", "--val-samples", "2", "--quiet", "--out", str(run)]
+        )
+        == 0
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader: every write to the pipe fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bbb",
+                "evaluate",
+                str(run),
+                "--split",
+                "val",
+                "--num-samples",
+                "2",
+            ],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((run / "eval-val.json").read_text())["num_samples"] == 2

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -509,11 +510,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             export=getattr(args, "export", None),
             data_dir=args.data_dir,
         )
-        _print_table(result)
         name = _result_file_name(args.split, fraction, per_layer, result.get("compact") is not None)
         from .train.checkpoint import atomic_write_text
 
+        # written before anything is printed: a reader that closes the pipe early
+        # (`bbb evaluate RUN | head -1`) loses no result
         atomic_write_text(Path(args.run_dir) / name, _result_json(result))
+        _print_table(result)
         print(f"written: {Path(args.run_dir) / name}")
         return 0
     if args.command == "uci":
@@ -551,6 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bbb: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`bbb ... | head`): nothing more to say to it; point
+        # stdout at /dev/null so the interpreter's final flush does not fail again, and exit
+        # as a process killed by SIGPIPE would (128 + 13), like other command-line tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except UsageError as e:
         print(f"bbb: error: {e}", file=sys.stderr)
         return 2
