@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from bbb.cli import main
 
@@ -25,6 +26,24 @@ def test_demo_runs_and_writes_its_plot_and_metrics(tmp_path: Path) -> None:
     )
     # a second run into the same directory replaces the first (the demo is re-runnable)
     assert main(argv) == 0
+
+
+def test_demo_runs_on_one_thread_by_default_and_restores_the_setting(tmp_path: Path) -> None:
+    """One thread by default, so the printed widths are the same on every machine (the noise is
+    drawn per thread); the caller's thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "demo"
+        argv = ["demo", "--out", str(out), "--epochs", "1", "--n-train", "32", "--quiet"]
+        assert main(argv) == 0
+        assert json.loads((out / "metrics.json").read_text())["threads"] == 1
+        assert torch.get_num_threads() == 2
+        assert main([*argv, "--threads", "0"]) == 0  # 0 keeps the process's setting
+        assert json.loads((out / "metrics.json").read_text())["threads"] == 2
+        assert main([*argv, "--threads", "-1"]) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_demo_checks_its_options_before_creating_the_directory(
