@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: the same numbers on every machine, and the fastest "
+        help="torch CPU threads (default 1: numbers independent of the core count, and the fastest "
         "for this small network on busy cores; 0 keeps torch's default)",
     )
 

@@ -50,9 +50,9 @@ def run_demo(
     """Run the demo; returns the metrics written to ``out_dir/metrics.json``.
 
     ``threads``: torch CPU threads while it runs (restored afterwards; ``None`` keeps the
-    process's setting). The default, one, gives the same numbers on every machine (the weight
-    noise is drawn in one chunk per thread, so another thread count draws other noise) and is
-    the fastest for this small network when other work shares the cores.
+    process's setting). The default, one, makes the numbers independent of the core count
+    (the weight noise is drawn in one chunk per thread, so another thread count draws other
+    noise) and is the fastest for this small network when other work shares the cores.
     """
     # the options' values first, named as the command spells them, before out_dir is created
     for name, value in (("n_train", n_train), ("epochs", epochs), ("hidden", hidden)):
