@@ -12,6 +12,7 @@ import pytest
 
 from bbb.bandit.config import SEED_LIMIT, BanditConfig
 from bbb.cli import main as cli_main
+from bbb.config import TrainConfig
 
 
 def test_bandit_seeds_that_would_share_a_generator_are_refused() -> None:
@@ -59,3 +60,22 @@ def test_evaluate_into_a_closed_pipe_keeps_its_result_and_exits_quietly(tmp_path
     assert proc.returncode == 141, proc.stderr
     assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((run / "eval-val.json").read_text())["num_samples"] == 2
+
+
+def test_a_setting_given_explicitly_at_its_default_is_refused_where_never_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bbb train --dataset mnist --noise-sigma 1` trained a whole run ignoring the flag (only
+    values other than the default were refused); a flag given now counts at any value, while
+    a config file's keys at their defaults stay accepted (a run's config.json holds them all)."""
+    out = tmp_path / "r"
+    assert cli_main(["train", "--dataset", "mnist", "--noise-sigma", "1", "--out", str(out)]) == 1
+    assert "noise_sigma=1.0 (regression (toy, uci) only)" in capsys.readouterr().err
+    assert cli_main(["train", "--method", "sgd", "--estimator", "reparam", "--out", str(out)]) == 1
+    assert "estimator='reparam' (method 'bbb' only)" in capsys.readouterr().err
+    assert not out.exists()
+    cfg = TrainConfig(dataset="mnist", noise_sigma=1.0)
+    assert cfg.unused_settings() == {}  # at the default and not given: nothing to refuse
+    assert cfg.unused_settings(given={"noise_sigma"}) == {
+        "noise_sigma": "regression (toy, uci) only"
+    }

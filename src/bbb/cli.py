@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: numbers independent of the core count, and the fastest "
-        "for this small network on busy cores; 0 keeps torch's default)",
+        help="torch CPU threads: numbers independent of the core count with 1, the fastest for "
+        "this small network on busy cores; 0 keeps torch's setting (default: 1)",
     )
 
     train = sub.add_parser(
@@ -352,12 +352,16 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
             )
     elif args.config:
         values.update(load_config_file(args.config))
-    for name in TrainConfig.field_names():
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
-    # a resumed run's own settings are not refused for being ignored (see TrainConfig.validate)
-    cfg = TrainConfig.from_dict(values, source=source).validate(check_applicable=not resume)
+    flags = {name for name in TrainConfig.field_names() if getattr(args, name) is not None}
+    for name in flags:
+        values[name] = getattr(args, name)
+    # a resumed run's own settings are not refused for being ignored (see TrainConfig.validate);
+    # a flag given is refused when the run never reads it, even at its default value
+    # (`--noise-sigma 1` for MNIST); a config file's keys only when changed from the default
+    # (a run's config.json, a documented --config, holds every key)
+    cfg = TrainConfig.from_dict(values, source=source).validate(
+        check_applicable=not resume, given=flags
+    )
     out = Path(args.resume) if resume else Path(args.out or f"runs/{cfg.dataset}-{cfg.method}")
     return cfg, out, resume
 

@@ -15,7 +15,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +116,17 @@ class TrainConfig:
     # back to eager with a warning where they cannot be built
     kernels: str = "eager"
 
-    def validate(self, *, check_applicable: bool = True) -> TrainConfig:
+    def validate(
+        self, *, check_applicable: bool = True, given: Collection[str] = ()
+    ) -> TrainConfig:
         """Check every field; raise :class:`ConfigError` naming the key and accepted values.
 
         ``check_applicable=False`` skips the refusal of settings the run never reads
         (:meth:`unused_settings`): for the ``config.json`` of a run that has already trained
         (evaluated, pruned or resumed), which versions before that check could write with
-        such settings, ignored then as they would be now.
+        such settings, ignored then as they would be now. ``given``: the keys the user set
+        explicitly (the command line's flags), refused when the run never reads them even
+        at their default value (``--noise-sigma 1`` for MNIST).
         """
         self._check_types()
         choices = {
@@ -203,16 +207,17 @@ class TrainConfig:
         if self.dataset == "toy" and self.subset is not None:
             raise ConfigError("subset does not apply to dataset 'toy'; set toy_n instead")
         if check_applicable:
-            self._check_applicable()
+            self._check_applicable(given)
         if self.dataset == "uci" and self.val_fraction == 0 and self.patience is not None:
             raise ConfigError(
                 "patience needs a validation split (early stopping watches it); val_fraction is 0"
             )
         return self
 
-    def unused_settings(self) -> dict[str, str]:
-        """Settings changed from their defaults that the chosen dataset, method or optimizer
-        never reads: ``{key: where it applies}`` (empty when there are none)."""
+    def unused_settings(self, given: Collection[str] = ()) -> dict[str, str]:
+        """Settings changed from their defaults, or named in ``given`` (set explicitly), that
+        the chosen dataset, method or optimizer never reads: ``{key: where it applies}``
+        (empty when there are none)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         bbb_only = [
             "estimator", "prior", "prior_sigma", "prior_pi", "prior_sigma1", "prior_sigma2",
@@ -232,12 +237,12 @@ class TrainConfig:
             for applies, keys, where in groups
             if applies
             for key in keys
-            if getattr(self, key) != defaults[key]
+            if getattr(self, key) != defaults[key] or key in given
         }
 
-    def _check_applicable(self) -> None:
+    def _check_applicable(self, given: Collection[str] = ()) -> None:
         """:meth:`unused_settings` is an error naming each (they were ignored silently)."""
-        unused = self.unused_settings()
+        unused = self.unused_settings(given)
         if unused:
             listed = "; ".join(f"{k}={getattr(self, k)!r} ({w})" for k, w in unused.items())
             raise ConfigError(
