@@ -30,7 +30,13 @@ from .nn import (
     vectorized_samples,
 )
 from .nn.ensemble import BayesLinearEnsemble
-from .predictive import ClassificationPrediction, RegressionPrediction, predict, sample_outputs
+from .predictive import (
+    ClassificationPrediction,
+    Prediction,
+    RegressionPrediction,
+    predict,
+    sample_outputs,
+)
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, make_prior
 from .pruning import PruneResult, load_compact, prune_by_snr, remove_pruning, save_compact, snr
 from .runs import load_run
@@ -58,6 +64,7 @@ __all__ = [
     "GaussianPrior",
     "LaplacePrior",
     "Likelihood",
+    "Prediction",
     "Prior",
     "PruneResult",
     "RegressionPrediction",
