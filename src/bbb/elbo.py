@@ -80,6 +80,16 @@ def linear_annealing(
     return schedule
 
 
+def _uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a batch-norm layer of ``model`` normalises by the statistics of the batch it is
+    given (training mode, or no running statistics kept): such a layer mixes the rows of a
+    batch, so the S weight samples of one vectorized pass would share its mean and variance."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+        for m in model.modules()
+    )
+
+
 def _positive_int(name: str, value: object) -> int:
     """``value`` as a Python int if it is a positive integer of any integer type (Python,
     NumPy, 0-d integer tensor); bools and everything else are refused, naming ``name``."""
@@ -112,7 +122,13 @@ class ELBO(nn.Module):
         likelihood: :class:`bbb.Categorical` or :class:`bbb.Gaussian`.
         dataset_size: N, the number of training examples (required: the KL scale depends on it;
             under ``torch.distributed``, the global size, not a rank's share).
-        num_samples: S weight samples per step, evaluated in one vectorized forward pass.
+        num_samples: S weight samples per step, evaluated in one vectorized forward pass
+            (S stacked copies of the minibatch). A model whose batch-norm layers normalise by
+            the batch's statistics (``nn.BatchNorm*`` in training mode) runs one pass per
+            sample instead, so that each sample is normalised by its own statistics (one
+            vectorized pass pooled them over the S samples, which changed the objective);
+            its running statistics are then updated once per sample. Other layers that mix
+            the rows of a batch are not detected: the model must treat examples independently.
         kl_weighting: ``"uniform"`` or ``"blundell"``.
         kl_scale: beta, a float >= 0 or a callable ``step -> float`` (annealing). The step
             counter (a buffer, saved in ``state_dict``) advances by one at each call made in
@@ -164,12 +180,25 @@ class ELBO(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
-        """beta * pi_i / B for this minibatch."""
-        beta = self.kl_scale(int(self.step)) if callable(self.kl_scale) else self.kl_scale
-        if callable(self.kl_scale) and not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(
-                f"kl_scale({int(self.step)}) returned {beta!r}; it must be a finite number >= 0"
-            )
+        """beta * pi_i / B for this minibatch, a Python float.
+
+        A ``kl_scale`` schedule may return any real number (Python, NumPy) or a one-element
+        tensor (read as a float, without gradient); anything else is a ValueError.
+        """
+        if callable(self.kl_scale):
+            step = int(self.step)
+            value = self.kl_scale(step)
+            beta = math.nan
+            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+                beta = float(value.detach())
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                beta = float(value)
+            if not (math.isfinite(beta) and beta >= 0):
+                raise ValueError(
+                    f"kl_scale({step}) returned {value!r}; it must be a finite number >= 0"
+                )
+        else:
+            beta = self.kl_scale
         if self.kl_weighting == "uniform":
             return beta / self.dataset_size
         if batch_index is None or num_batches is None:
@@ -199,10 +228,22 @@ class ELBO(nn.Module):
                 "dataset_size must be the number of training examples"
             )
         s = self.num_samples
-        with vectorized_samples(model, s):
-            out = model(repeat_samples(x, s))
-            out = out.reshape(s, b, *out.shape[1:])
-            kl = kl_divergence(model)
+        if s > 1 and _uses_batch_statistics(model):
+            # a batch-norm layer normalising by its batch's statistics would pool the S
+            # samples of a vectorized pass (S * B rows): one pass per sample instead, each
+            # normalised by its own statistics, as S separate forward passes would be
+            outs, kls = [], []
+            for _ in range(s):
+                with vectorized_samples(model, 1):
+                    outs.append(model(x))
+                    kls.append(kl_divergence(model))
+            out = torch.stack(outs)
+            kl = torch.stack(kls).mean()
+        else:
+            with vectorized_samples(model, s):
+                out = model(repeat_samples(x, s))
+                out = out.reshape(s, b, *out.shape[1:])
+                kl = kl_divergence(model)
         nll = -self.likelihood.log_prob(out, y).mean()
         weight = self.kl_weight(b, batch_index, num_batches)
         loss = nll + weight * kl

@@ -250,7 +250,9 @@ def predict(
     The model runs as it is: in its current sampling mode and its current train/eval mode.
     Call ``model.eval()`` first unless you mean otherwise: in training mode dropout stays
     active (Monte Carlo dropout, if that is what you want) and batch normalisation uses and
-    updates the batch statistics. The Bayesian layers sample their weights in both modes.
+    updates the batch statistics, those of a pass's S * chunk rows (pooled over the S weight
+    samples, unlike :class:`bbb.ELBO`, which normalises each sample by its own). The Bayesian
+    layers sample their weights in both modes.
 
     Args:
         model: a network with Bayesian layers (in its current sampling mode: ``"sample"``
