@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             passed_edible = (recent == 5).float().mean()
             ate_poisonous = (recent == 15).float().mean()
             per_seed = ", ".join(f"{v:.0f}" for v in cum.tolist())
+            # over one seed the sample sd is undefined: not "+- 0" (as bbb bandit's own report)
+            spread = f" +- {cum.std(correction=1):.0f}" if len(cols) > 1 else " (one seed: sd n/a)"
             print(
-                f"{label:14s} cumulative regret at {step}: {cum.mean():.0f} +- "
-                f"{cum.std(correction=1) if len(cols) > 1 else 0.0:.0f} (per seed {per_seed}); "
+                f"{label:14s} cumulative regret at {step}: {cum.mean():.0f}{spread} "
+                f"(per seed {per_seed}); "
                 f"per step over {step - window + 1}-{step}: {late:.3f} (passed an edible one "
                 f"on {100 * passed_edible:.2f}% of steps, ate a poisonous one on "
                 f"{100 * ate_poisonous:.2f}%)"

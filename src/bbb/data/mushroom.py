@@ -1,5 +1,5 @@
 """The UCI Mushroom data set, one-hot encoded: the contextual-bandit environment of
-Blundell et al. (2015), section 5.4.
+Blundell et al. (2015), section 5.3.
 
 ``agaricus-lepiota.data``: 8124 comma-separated rows; column 0 is the class (``e`` edible,
 ``p`` poisonous), columns 1..22 are one-letter categorical attributes; ``?`` (missing
