@@ -167,7 +167,17 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 def all_reduce_mean(t: Tensor) -> Tensor:
-    """Average ``t`` over ranks, in place; returns it (unchanged when not distributed)."""
+    """Average ``t`` over ranks, in place; returns it (unchanged when not distributed).
+
+    ``t`` must be a floating-point (or complex) tensor, on every process count: the mean of
+    integers is not an integer, and an integer tensor was summed over the ranks in place before
+    the division failed, left holding the sum.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        raise TypeError(
+            f"all_reduce_mean needs a floating-point tensor, got {t.dtype} (use all_reduce_sum, "
+            "or convert it first: t.double())"
+        )
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
