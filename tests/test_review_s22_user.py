@@ -98,3 +98,49 @@ def test_prediction_alias_is_reexported() -> None:
     # bbb.predictive.__all__ lists Prediction; bbb re-exports everything public
     assert bbb.Prediction is bbb.predictive.Prediction
     assert "Prediction" in bbb.__all__
+
+
+class _ReturnsTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = bbb.BayesLinear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer(x), x
+
+
+def test_model_output_that_is_not_a_tensor_is_a_clear_type_error() -> None:
+    # Before: AttributeError: 'tuple' object has no attribute 'reshape'
+    torch.manual_seed(4)
+    x, y = torch.randn(4, 2), torch.randint(0, 3, (4,))
+    with pytest.raises(TypeError, match="must return a tensor.*got tuple"):
+        bbb.ELBO(bbb.Categorical(), 8)(_ReturnsTuple(), x, y)
+    with pytest.raises(TypeError, match="must return a tensor.*got tuple"):
+        bbb.predict(_ReturnsTuple(), x, num_samples=2)
+
+
+def test_model_output_without_the_batch_dimension_is_refused() -> None:
+    # Before: a model flattening its (S * B, C) output reshaped to (S, B, C) by chance of the
+    # element count, or failed with "shape '[2, 4]' is invalid for input of size 24"
+    torch.manual_seed(5)
+    model = nn.Sequential(bbb.BayesLinear(2, 3), nn.Flatten(0))
+    x, y = torch.randn(4, 2), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"returned shape \(24,\) for an input of 8 rows"):
+        bbb.ELBO(bbb.Categorical(), 8, num_samples=2)(model, x, y)
+    with pytest.raises(ValueError, match=r"returned shape \(12,\) for an input of 4 rows"):
+        bbb.predict(model, x, num_samples=1)
+
+
+def test_inputs_that_are_not_tensors_are_a_clear_type_error() -> None:
+    # Before: AttributeError: 'tuple' object has no attribute 'dim' (ELBO), 'list' object has
+    # no attribute 'is_floating_point' (predict); a 0-d y: IndexError
+    model = bbb.BayesLinear(2, 3)
+    x, y = torch.randn(4, 2), torch.randint(0, 3, (4,))
+    with pytest.raises(TypeError, match="ELBO needs x as one tensor"):
+        bbb.ELBO(bbb.Categorical(), 8)(model, (x, x), y)
+    with pytest.raises(TypeError, match="ELBO needs y as one tensor"):
+        bbb.ELBO(bbb.Categorical(), 8)(model, x, y.tolist())
+    with pytest.raises(ValueError, match="x has 4 examples but y has 0"):
+        bbb.ELBO(bbb.Categorical(), 8)(model, x, torch.tensor(1))
+    with pytest.raises(TypeError, match="predict needs the inputs as one tensor"):
+        bbb.predict(model, [x])

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .likelihoods import Likelihood
 from .nn.module import kl_divergence, vectorized_samples
 from .nn.stacking import repeat_samples
+from .predictive import _model_output
 
 __all__ = ["ELBO", "ELBOResult", "KL_WEIGHTINGS", "blundell_weight", "linear_annealing"]
 
@@ -215,12 +216,16 @@ class ELBO(nn.Module):
         num_batches: int | None = None,
     ) -> ELBOResult:
         """Evaluate the objective on a minibatch ``x`` (B, ...), ``y`` (B, ...)."""
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"ELBO needs {name} as one tensor (B, ...), got {type(t).__name__}")
         b = x.shape[0] if x.dim() else 0
         if b == 0:
             raise ValueError(f"ELBO needs a non-empty minibatch, got x of shape {tuple(x.shape)}")
-        if y.shape[0] != b:
+        if y.dim() == 0 or y.shape[0] != b:
             raise ValueError(
-                f"x has {b} examples but y has {y.shape[0]} (shapes {tuple(x.shape)}, {tuple(y.shape)})"
+                f"x has {b} examples but y has {y.shape[0] if y.dim() else 0} "
+                f"(shapes {tuple(x.shape)}, {tuple(y.shape)})"
             )
         if b > self.dataset_size:
             raise ValueError(
@@ -235,13 +240,13 @@ class ELBO(nn.Module):
             outs, kls = [], []
             for _ in range(s):
                 with vectorized_samples(model, 1):
-                    outs.append(model(x))
+                    outs.append(_model_output(model(x), b))
                     kls.append(kl_divergence(model))
             out = torch.stack(outs)
             kl = torch.stack(kls).mean()
         else:
             with vectorized_samples(model, s):
-                out = model(repeat_samples(x, s))
+                out = _model_output(model(repeat_samples(x, s)), s * b)
                 out = out.reshape(s, b, *out.shape[1:])
                 kl = kl_divergence(model)
         nll = -self.likelihood.log_prob(out, y).mean()

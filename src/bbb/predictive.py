@@ -190,6 +190,23 @@ class RegressionPrediction:
 Prediction = ClassificationPrediction | RegressionPrediction
 
 
+def _model_output(out: object, rows: int) -> Tensor:
+    """``out``, a model's output for an input of ``rows`` rows, checked to be a tensor with
+    one row per input row (a tuple, a dict or a batch-reducing output otherwise failed deep
+    inside with an AttributeError or a reshape error)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model must return a tensor (one row per input row), got "
+            f"{type(out).__name__}; wrap it so that forward returns the logits or outputs alone"
+        )
+    if out.dim() == 0 or out.shape[0] != rows:
+        raise ValueError(
+            f"the model returned shape {tuple(out.shape)} for an input of {rows} rows; it must "
+            "keep the batch dimension first (one output row per input row)"
+        )
+    return out
+
+
 # rows per forward pass of predict and sample_outputs by default (raised to S when S is larger)
 _DEFAULT_MAX_ROWS = 65536
 
@@ -223,6 +240,8 @@ def sample_outputs(
             "forward pass holds the num_samples copies of at least one input; raise max_rows "
             "or lower num_samples"
         )
+    if not isinstance(x, Tensor):
+        raise TypeError(f"predict needs the inputs as one tensor (B, ...), got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"predict needs a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     chunk = max_rows // num_samples
@@ -232,7 +251,7 @@ def sample_outputs(
         for start in range(0, x.shape[0], chunk):
             xb = x[start : start + chunk]
             b = xb.shape[0]
-            out = model(repeat_samples(xb, num_samples))
+            out = _model_output(model(repeat_samples(xb, num_samples)), num_samples * b)
             outs.append(out.reshape(num_samples, b, *out.shape[1:]))
     return torch.cat(outs, dim=1)
 
@@ -269,6 +288,8 @@ def predict(
     """
     if likelihood is None:
         likelihood = Categorical()
+    if not isinstance(x, Tensor):
+        raise TypeError(f"predict needs the inputs as one tensor (B, ...), got {type(x).__name__}")
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError("predict: inputs contain NaN or Inf values")
     outputs = sample_outputs(model, x, num_samples, max_rows=max_rows)
