@@ -79,3 +79,44 @@ def test_a_setting_given_explicitly_at_its_default_is_refused_where_never_read(
     assert cfg.unused_settings(given={"noise_sigma"}) == {
         "noise_sigma": "regression (toy, uci) only"
     }
+
+
+def _tiny_bandit(**kw: object) -> BanditConfig:
+    base: dict[str, object] = dict(
+        steps=4, seeds=[0], agents=["greedy-0"], updates_per_step=1, batch_size=4,
+        buffer_size=8, hidden=4, checkpoint_every=2,
+    )  # fmt: skip
+    base.update(kw)
+    return BanditConfig(**base)  # type: ignore[arg-type]
+
+
+def test_a_bandit_run_holds_its_directory_and_clears_a_killed_runs_temporaries(
+    tmp_path: Path,
+) -> None:
+    """Two `bbb bandit` processes could run into one directory (nothing refused the second,
+    which deleted or overwrote the first's checkpoints), and the temporary file of a
+    checkpoint write cut by a kill stayed in checkpoints/ for ever; a bandit run now holds the
+    directory's lock, as `bbb train` does, and removes such files when it starts."""
+    from bbb.bandit.run import run_bandit
+    from bbb.train.checkpoint import RunLockedError
+
+    out = tmp_path / "b"
+    run_bandit(_tiny_bandit(steps=2), out, progress=False, log=None)
+    stale = out / "checkpoints" / ".checkpoint-00003.pt.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from bbb.train.checkpoint import RunLock; "
+         "l = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match="is in use"):
+            run_bandit(_tiny_bandit(), out, resume=True, progress=False, log=None)
+        assert stale.exists()  # the refused process removed nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_bandit(_tiny_bandit(), out, resume=True, progress=False, log=None)
+    assert not stale.exists()
+    assert result["steps_done"] == 4 and result["complete"]  # resumed from step 2 to the end

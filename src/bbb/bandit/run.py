@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -12,9 +13,11 @@ import torch
 
 from .. import kernels as _kernels
 from ..train.checkpoint import (
+    RunLock,
     atomic_write_text,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -45,7 +48,7 @@ def run_bandit(
     ``overwrite`` (delete its checkpoints and results first). The run uses the kernels
     backend ``cfg.kernels`` (restored afterwards).
     """
-    with _kernels.use_kernels(cfg.validate().kernels):
+    with _kernels.use_kernels(cfg.validate().kernels), contextlib.ExitStack() as held:
         return _run_bandit(
             cfg,
             out_dir,
@@ -54,6 +57,7 @@ def run_bandit(
             progress=progress,
             log=log,
             max_seconds=max_seconds,
+            held=held,
         )
 
 
@@ -66,7 +70,9 @@ def _run_bandit(
     progress: bool,
     log: Any,
     max_seconds: float | None,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
+    """The run itself; ``held`` keeps the run directory's lock until :func:`run_bandit` returns."""
     from tqdm.auto import tqdm
 
     from ..data.mushroom import load_mushroom
@@ -90,6 +96,11 @@ def _run_bandit(
             "continue it with --resume, start it over with --overwrite, or choose another --out"
         )
     data = load_mushroom(cfg.data_dir)  # before anything is deleted: a bad --data-dir loses nothing
+    # held until the run returns (the kernel releases it if the process dies): a second process
+    # running into this directory is refused before it deletes or writes anything, and the
+    # temporary files of a killed run's atomic writes can go
+    held.enter_context(RunLock(out))
+    remove_stale_temporaries(out)
     contexts, edible = data.contexts, data.edible
     n_rows, dim = contexts.shape
     n_seeds = len(cfg.seeds)

@@ -153,6 +153,18 @@ def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20)
         ) from e
 
 
+def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> None:
+    """Delete the temporary files of atomic writes that a killed run left in ``out_dir`` and
+    its ``checkpoints/`` (never read). Call it only while holding the directory's
+    :class:`RunLock`: another process's write in progress would lose its file."""
+    out = Path(out_dir)
+    for d in (out, out / "checkpoints"):
+        if d.is_dir():
+            for p in [*d.glob(".*.tmp"), *d.glob(".write-probe.*")]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
 def rng_state() -> dict[str, Any]:
     """The global torch (CPU and, where initialised, every CUDA device's) and Python RNG
     states, in a ``weights_only``-loadable form."""

@@ -48,6 +48,7 @@ from .checkpoint import (
     check_writable,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -170,17 +171,6 @@ def _warn_untrained_elbo_parameters(elbo: ELBO, optimizer: torch.optim.Optimizer
             UserWarning,
             stacklevel=3,
         )
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete the temporary files of atomic writes a killed run left behind (never read)."""
-    import contextlib
-
-    for d in (out_dir, out_dir / "checkpoints"):
-        if d.is_dir():
-            for p in [*d.glob(".*.tmp"), *d.glob(".write-probe.*")]:
-                with contextlib.suppress(OSError):
-                    p.unlink()
 
 
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
@@ -498,7 +488,7 @@ class Trainer:
         check_writable(self.out_dir)
         # held until fit() returns: a second process training into this directory is refused
         self._run_lock = RunLock(self.out_dir)
-        _remove_stale_temporaries(self.out_dir)
+        remove_stale_temporaries(self.out_dir)
         ckpt_dir = self.out_dir / "checkpoints"
         if not resume:
             previous = previous_run_files(self.out_dir)
