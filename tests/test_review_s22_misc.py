@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,24 @@ def test_a_bandit_run_holds_its_directory_and_clears_a_killed_runs_temporaries(
     result = run_bandit(_tiny_bandit(), out, resume=True, progress=False, log=None)
     assert not stale.exists()
     assert result["steps_done"] == 4 and result["complete"]  # resumed from step 2 to the end
+
+
+def test_result_files_are_strict_json_and_a_diverged_uci_split_reads_back_as_nan(
+    tmp_path: Path,
+) -> None:
+    """Only `bbb train`'s files were strict JSON: the UCI split records, tune.json and
+    summaries, the bandit's and the demo's metrics.json and the sweep's trial.json wrote a
+    diverged value as `NaN` / `-Infinity`, which strict JSON readers refuse. They now write
+    null, and a UCI split record's null rmse / ll reads back as NaN (its resume unchanged)."""
+    from bbb.train.checkpoint import atomic_write_text, strict_json
+    from bbb.uci.report import _load_records
+
+    rec = {"split": 0, "rmse": float("nan"), "ll": float("-inf"), "epochs": 40,
+           "seconds": 1.5, "noise_std": 0.1, "settings": {}}  # fmt: skip
+    text = strict_json(rec, indent=2)
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    (tmp_path / "splits").mkdir()
+    atomic_write_text(tmp_path / "splits" / "split_0.json", text + "\n")
+    back = _load_records(tmp_path)[0]
+    assert math.isnan(back["rmse"]) and math.isnan(back["ll"]) and back["epochs"] == 40

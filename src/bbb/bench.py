@@ -60,6 +60,7 @@ from .models import bayes_convnet, bayes_mlp, mlp
 from .nn.estimators import ESTIMATORS
 from .predictive import predict
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
+from .train.checkpoint import strict_json
 
 __all__ = ["StepResult", "build_parser", "main", "run_benchmark", "format_table"]
 
@@ -880,7 +881,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     out["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        args.json.write_text(strict_json(out, indent=1) + "\n")
         log(f"\n[bench] wrote {args.json}")
     return out
 

@@ -11,7 +11,6 @@ bands inside the data range and outside it (the band must widen away from the da
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from .likelihoods import Gaussian
 from .models import bayes_mlp, mlp
 from .plots import regression_band
 from .priors import GaussianPrior
-from .train.checkpoint import atomic_write_text
+from .train.checkpoint import atomic_write_text, strict_json
 from .train.trainer import Trainer, seed_everything
 
 __all__ = ["run_demo"]
@@ -164,7 +163,7 @@ def _run_demo(
         "wall_seconds": time.perf_counter() - start,
         "plot": str(out / "regression.png"),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", strict_json(metrics, indent=2) + "\n")
     if log:
         log(
             f"95% band width: {inside:.3f} inside the data [0, 0.5], {outside:.3f} on [0.8, 1.2] "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..train.checkpoint import atomic_write_text, list_checkpoints
+from ..train.checkpoint import atomic_write_text, list_checkpoints, strict_json
 from .config import BAYES_ONLY_SETTINGS, BanditConfig
 from .env import AGENTS, BAYES_AGENT, LATE_WINDOW
 
@@ -66,7 +66,7 @@ def _write_results(
         "steps_per_second_this_session": (done - start_step) / max(elapsed, 1e-9),
         "networks": len(columns),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", strict_json(metrics, indent=2) + "\n")
     if done:
         _plot(out / "cumulative_regret.png", cfg.agents, columns, cum)
     return metrics
@@ -153,7 +153,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     # wall time is in each run's own metrics.json (runs may span sessions)
     summary.pop("seconds_this_session")
     summary.pop("steps_per_second_this_session")
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", strict_json(summary, indent=2) + "\n")
     return summary
 
 

@@ -113,7 +113,7 @@ class _Worker:
         """Train one configuration; report the validation metric per epoch; prune."""
         optuna = _import_optuna()
         from ..runs import train_run
-        from ..train.checkpoint import atomic_write_text
+        from ..train.checkpoint import atomic_write_text, strict_json
         from ..train.trainer import StopTraining
 
         self.current = trial.number
@@ -199,7 +199,7 @@ class _Worker:
             "best_epoch": best["epoch"],
         }
         # atomic (temporary file + rename): a worker killed mid-write leaves no half file
-        atomic_write_text(run_dir / "trial.json", json.dumps(info, indent=2) + "\n")
+        atomic_write_text(run_dir / "trial.json", strict_json(info, indent=2) + "\n")
         self.say(
             f"trial {trial.number} {state.lower()}: {key}={value:.6g} (epoch {best['epoch']} "
             f"of {summary['epochs_trained']})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,10 @@ def _load_records(out: Path) -> dict[int, dict[str, Any]]:
                 rec = json.loads(p.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # cannot happen with atomic writes; treat as unfinished
+            if isinstance(rec, dict):  # a non-finite metric is written as null (strict JSON)
+                for key in ("rmse", "ll"):
+                    if key in rec and rec[key] is None:
+                        rec[key] = math.nan
             problem = _record_problem(rec, int(name.group(1)))
             if problem is not None:
                 raise ConfigError(

@@ -16,7 +16,7 @@ from ..config import ConfigError, TrainConfig
 from ..data.checksums import MissingDataError, resolve_data_dir
 from ..data.uci import UCIDataset, dataset_name, find_uci_datasets
 from ..runs import check_device
-from ..train.checkpoint import atomic_write_text
+from ..train.checkpoint import atomic_write_text, strict_json
 from .published import format_table, published_row
 from .report import (
     SPLIT_FIELDS,
@@ -126,7 +126,7 @@ def run_uci(
             f"{out} already holds finished splits; pass --resume to continue it, or another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "uci.json", json.dumps(engine, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "uci.json", strict_json(engine, indent=2, sort_keys=True) + "\n")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(st.threads)  # tiny networks: extra threads only spin-wait
     try:
@@ -171,7 +171,7 @@ def _run_uci_body(
                 verify=verify,
                 log=log,
             )
-            atomic_write_text(tune_path, json.dumps(result, indent=2) + "\n")
+            atomic_write_text(tune_path, strict_json(result, indent=2) + "\n")
             _plot_tune(result, out / "tune.png")
         tune_seconds = float(result["seconds"])
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **result["chosen"]}).validate()
@@ -185,7 +185,7 @@ def _run_uci_body(
 
     def finish(rec: dict[str, Any]) -> None:
         rec["settings"] = _chosen(cfg, report_keys)
-        atomic_write_text(_split_path(out, rec["split"]), json.dumps(rec, indent=2) + "\n")
+        atomic_write_text(_split_path(out, rec["split"]), strict_json(rec, indent=2) + "\n")
         records[rec["split"]] = rec
         log(
             f"{info.name} split {rec['split']}: rmse {rec['rmse']:.4g} ll {rec['ll']:.4g} "
@@ -232,7 +232,7 @@ def _run_uci_body(
         "se = sample std (ddof=1) / sqrt(n_splits)",
         "published": published_row(info.name),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", strict_json(metrics, indent=2) + "\n")
     _plot_splits(rows, info.name, out / "splits.png")
     return metrics
 
@@ -289,5 +289,5 @@ def run_all(
     table = format_table(results)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", table)
-    atomic_write_text(out / "summary.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", strict_json(results, indent=2) + "\n")
     return results
