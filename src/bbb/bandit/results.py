@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,20 +29,19 @@ def _write_results(
     start_step: int,
 ) -> dict[str, Any]:
     cum = regret.cumsum(0)
-    with open(out / "regret.csv.tmp", "w", newline="") as f:
-        w = csv.writer(f)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", *[f"{c}:expected" for c in columns], *[f"{c}:realized" for c in columns]])
+    for t in range(done):
         w.writerow(
-            ["step", *[f"{c}:expected" for c in columns], *[f"{c}:realized" for c in columns]]
+            [
+                t + 1,
+                *[f"{v:g}" for v in regret[t].tolist()],
+                *[f"{v:g}" for v in realized[t].tolist()],
+            ]
         )
-        for t in range(done):
-            w.writerow(
-                [
-                    t + 1,
-                    *[f"{v:g}" for v in regret[t].tolist()],
-                    *[f"{v:g}" for v in realized[t].tolist()],
-                ]
-            )
-    Path(out / "regret.csv.tmp").replace(out / "regret.csv")
+    # temporary file, fsync, rename, directory fsync: a crash leaves the old file or the new one
+    atomic_write_text(out / "regret.csv", buf.getvalue())
     agents: dict[str, Any] = {}
     # the late per-step regret of the target: the last 10000 steps, or every step of a
     # shorter run (the key keeps its name; "per_step_regret_window" says how many steps)
