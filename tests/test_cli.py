@@ -52,6 +52,10 @@ TOY_KILL = [
     "--dataset", "toy", "--toy-n", "400", "--hidden", "16", "16", "--batch-size", "8",
     "--epochs", "6", "--val-samples", "2", "--estimator", "flipout", "--seed", "7", "--quiet",
 ]  # fmt: skip
+# An error below this beats chance on 512 images: a network that guesses (error 0.9) has
+# a binomial standard error sqrt(0.9 * 0.1 / 512) = 0.013 on 512 images, and the bound is
+# 5 of those below 0.9 (0.834); 0.9 itself was passed by half of the guessing networks.
+BEATS_CHANCE = 0.9 - 5 * math.sqrt(0.9 * 0.1 / 512)
 TIMING_KEYS = ("train_seconds", "wall_seconds")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -173,7 +177,8 @@ def test_train_writes_the_run_directory(mnist_run: Path) -> None:
     assert metrics["summary"]["epochs_trained"] == 3
     for split in ("val", "test"):
         assert set(metrics[split]) >= {"error", "accuracy", "nll", "ece", "brier"}
-        assert 0.0 <= metrics[split]["error"] < 0.9  # 3 epochs on 512 digits beat chance
+        # 3 epochs on 512 digits beat chance (measured: error 0.29 val, 0.31 test)
+        assert 0.0 <= metrics[split]["error"] < BEATS_CHANCE
     for png in ("learning_curves.png", "reliability.png"):
         assert (mnist_run / png).read_bytes()[:8] == PNG_MAGIC
 
@@ -199,7 +204,7 @@ def test_evaluate_prints_metrics_and_writes_eval_json(
     result = json.loads((mnist_run / "eval.json").read_text())
     assert result["split"] == "test" and result["num_samples"] == 4
     assert result["n_examples"] == 512  # the run's --subset 512 also caps the test images
-    assert 0.0 <= result["metrics"]["error"] <= 1.0
+    assert 0.0 <= result["metrics"]["error"] < BEATS_CHANCE  # measured: 0.31
     u = result["uncertainty"]
     # (entropy = aleatoric + epistemic holds by construction; check the parts' own ranges:
     # 4 weight samples of a 3-epoch network disagree, and no entropy exceeds log 10 nats)
@@ -220,7 +225,7 @@ def test_prune_prints_metrics_and_writes_prune_json(
     pruned = result["pruned"]
     assert pruned["removed"] == math.floor(Fraction("0.9") * pruned["total"])  # exactly
     assert pruned["fraction"] == pytest.approx(pruned["removed"] / pruned["total"])
-    assert 0.0 <= result["metrics"]["error"] < 0.9  # still better than chance
+    assert 0.0 <= result["metrics"]["error"] < BEATS_CHANCE  # still (measured: 0.33)
     # pruning is applied to a loaded copy: the run's best.pt is untouched by `bbb prune`
     assert (mnist_run / "best.pt").read_bytes() == best
 
