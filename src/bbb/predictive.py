@@ -45,6 +45,10 @@ class ClassificationPrediction:
 
     probs: Tensor  # (B, C) predictive probabilities
     sample_probs: Tensor  # (S, B, C) per-sample probabilities
+    # (B, C) log predictive probabilities, log (1/S) sum_s softmax(f_s), by log-sum-exp of the
+    # samples' log-softmax (:func:`predict` fills it in): finite and accurate where ``probs``
+    # underflows to 0 (a logit gap beyond ~100 in float32); None: log_prob uses log(probs)
+    log_probs: Tensor | None = None
 
     @property
     def entropy(self) -> Tensor:
@@ -79,7 +83,9 @@ class ClassificationPrediction:
         """Predictive log-probability (B,) of class indices ``target`` (B,), nats.
 
         ``target`` must hold integers in [0, C) (an integer tensor, or a float tensor of whole
-        numbers); anything else is an error rather than a silent truncation.
+        numbers); anything else is an error rather than a silent truncation. The log of the
+        sample-averaged probability, from ``log_probs`` (log-sum-exp over the samples) when
+        it is set; otherwise from ``probs``, floored at 1e-30 (-69 nats).
         """
         b, c = self.probs.shape
         if target.shape != (b,):
@@ -100,7 +106,10 @@ class ClassificationPrediction:
             raise ValueError(
                 f"log_prob: class indices must lie in [0, {c}), got {int(idx[bad][0])}"
             )
-        p = self.probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        idx = idx.to(self.probs.device).unsqueeze(-1)
+        if self.log_probs is not None:
+            return self.log_probs.gather(-1, idx).squeeze(-1)
+        p = self.probs.gather(-1, idx).squeeze(-1)
         return torch.log(p.clamp_min(1e-30))
 
 
@@ -307,8 +316,13 @@ def predict(
         # float16/bfloat16 logits: probabilities in float32 (a low-precision softmax's rows sum
         # to 1 only within ~3e-3, which bbb.metrics refuse, and entropy - aleatoric cancels)
         low = outputs.dtype in (torch.float16, torch.bfloat16)
-        sample_probs = torch.softmax(outputs, dim=-1, dtype=torch.float32 if low else None)
-        return ClassificationPrediction(sample_probs.mean(0), sample_probs)
+        dtype = torch.float32 if low else None
+        sample_probs = torch.softmax(outputs, dim=-1, dtype=dtype)
+        # log (1/S) sum_s p_s, by log-sum-exp: the log of a mean of probabilities that
+        # underflow (a wrong class at a logit gap of 200: p = 0, log p = -200) stays exact
+        log_probs = torch.logsumexp(torch.log_softmax(outputs, dim=-1, dtype=dtype), dim=0)
+        log_probs = log_probs - math.log(outputs.shape[0])
+        return ClassificationPrediction(sample_probs.mean(0), sample_probs, log_probs)
     if isinstance(likelihood, Gaussian):
         if outputs.dtype in (torch.float16, torch.bfloat16):
             # float16/bfloat16 outputs: the mixture in float32 (exp(log_var) overflows float16
