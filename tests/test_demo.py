@@ -24,8 +24,27 @@ def test_demo_runs_and_writes_its_plot_and_metrics(tmp_path: Path) -> None:
     assert m["band_widening_ratio"] == pytest.approx(
         m["band95_width_outside_data"] / m["band95_width_inside_data"]
     )
-    # a second run into the same directory replaces the first (the demo is re-runnable)
-    assert main(argv) == 0
+    # a second run into the same directory replaces the first (the demo is re-runnable): a
+    # 1-epoch re-run leaves exactly what a 1-epoch run into a fresh directory writes (nothing
+    # resumed from, or appended to, the 2-epoch run's files), timings and paths aside
+    one = ["--epochs", "1", "--n-train", "48", "--quiet"]
+    assert main(["demo", "--out", str(out), *one]) == 0
+    assert main(["demo", "--out", str(tmp_path / "fresh"), *one]) == 0
+    again = _untimed(json.loads((out / "metrics.json").read_text()))
+    fresh = _untimed(json.loads((tmp_path / "fresh" / "metrics.json").read_text()))
+    assert again["epochs"] == 1 and again["bbb"]["epochs_trained"] == 1
+    assert again == fresh
+    for net in ("bbb", "plain"):
+        assert len((out / net / "metrics.jsonl").read_text().splitlines()) == 1, net
+
+
+def _untimed(value: object) -> object:
+    """A metrics.json without its wall-clock times and output paths."""
+    if isinstance(value, dict):
+        return {
+            k: _untimed(v) for k, v in value.items() if not k.endswith("seconds") and k != "plot"
+        }
+    return value
 
 
 def test_demo_runs_on_one_thread_by_default_and_restores_the_setting(tmp_path: Path) -> None:
