@@ -67,3 +67,93 @@ def test_the_log_predictive_probability_of_an_underflowing_class_is_exact(
     # where nothing underflows the value is the log of probs, as before
     assert got[3].item() == pytest.approx(math.log(pred.probs[3, 0].item()), abs=1e-6)
     assert torch.allclose(pred.log_probs.exp(), pred.probs, atol=1e-6)
+
+
+# ------------------------------------------------------------ regression log_prob, quantiles
+
+
+def _regression_prediction(d: int = 1) -> bbb.RegressionPrediction:
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(5, 4, d, generator=g, dtype=torch.float64)
+    variances = torch.rand(5, 4, d, generator=g, dtype=torch.float64) + 0.1
+    return bbb.RegressionPrediction(means, variances)
+
+
+def test_the_regression_log_prob_matches_a_brute_force_mixture_density() -> None:
+    """log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd), by hand, D = 2."""
+    pred = _regression_prediction(d=2)
+    y = torch.tensor([[0.1, -0.3], [2.0, 1.0], [-5.0, 0.0], [0.0, 30.0]], dtype=torch.float64)
+    got = pred.log_prob(y)
+    m, v = pred.sample_means, pred.sample_variances
+    for b in range(4):
+        comps = []
+        for s in range(5):
+            lp = 0.0
+            for k in range(2):
+                var = v[s, b, k].item()
+                lp += -0.5 * math.log(2 * math.pi * var) - (
+                    y[b, k].item() - m[s, b, k].item()
+                ) ** 2 / (2 * var)
+            comps.append(lp)
+        assert got[b].item() == pytest.approx(_log_mean_exp(comps), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_regression_log_prob_refuses_non_finite_targets(bad: float) -> None:
+    """A NaN target gave a NaN log-density for that example, silently (the classification
+    log_prob and Gaussian.log_prob refuse them)."""
+    pred = _regression_prediction()
+    y = torch.zeros(4, dtype=torch.float64)
+    y[2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pred.log_prob(y)
+
+
+def test_the_regression_log_prob_names_the_shape_it_was_given() -> None:
+    """Targets (B,) against D = 2 outputs: the message named (B, 1), a shape the user never
+    passed. It now names the given shape and the accepted ones."""
+    pred = _regression_prediction(d=2)
+    with pytest.raises(ValueError, match=r"targets of shape \(4,\) do not match .*\(4, 2\)"):
+        pred.log_prob(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(3, 1\).*\(4, 1\) or \(4,\)"):
+        _regression_prediction(d=1).log_prob(torch.zeros(3, 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="tensor"):
+        pred.log_prob([[0.0, 0.0]] * 4)  # type: ignore[arg-type]
+
+
+def test_quantiles_accept_a_tensor_of_probabilities() -> None:
+    """``q`` as a tensor (the form torch.quantile takes) was refused: a 1-d tensor as "not
+    probabilities", a 0-d one with "iteration over a 0-d tensor". It now gives what the same
+    numbers as a list give."""
+    pred = _regression_prediction()
+    levels = [0.05, 0.5, 0.95]
+    want = pred.quantiles(levels, include_noise=False)
+    f64 = torch.float64  # the same numbers exactly (a float32 0.05 is 0.05000000075)
+    assert torch.equal(pred.quantiles(torch.tensor(levels, dtype=f64), include_noise=False), want)
+    assert torch.equal(pred.quantiles(torch.tensor(0.5), include_noise=False), want[1])
+    got32 = pred.quantiles(torch.tensor(levels), include_noise=False)
+    assert torch.allclose(got32, want, rtol=0, atol=1e-6)
+    noisy = pred.quantiles(levels, generator=torch.Generator().manual_seed(1))
+    noisy_t = pred.quantiles(
+        torch.tensor(levels, dtype=f64), generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(noisy, noisy_t)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pred.quantiles(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="1-D"):
+        pred.quantiles(torch.full((2, 2), 0.5))
+
+
+def test_predict_checks_the_likelihood_before_running_the_model() -> None:
+    """A wrong likelihood (the class itself, or a torch loss) was reported only after the
+    model had run all S samples of every input; now before any forward pass, and passing
+    the class says to pass an instance."""
+    calls = []
+    model = nn.Sequential(BayesLinear(2, 1))
+    model.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(8, 2)
+    with pytest.raises(TypeError, match=r"Gaussian \(the class\); pass an instance"):
+        predict(model, x, likelihood=bbb.Gaussian, num_samples=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got MSELoss"):
+        predict(model, x, likelihood=nn.MSELoss(), num_samples=3)  # type: ignore[arg-type]
+    assert calls == []

@@ -151,20 +151,27 @@ class RegressionPrediction:
         The joint density of the D outputs: log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd).
         """
         m, v = self.sample_means, self.sample_variances
+        if not isinstance(target, Tensor):
+            raise TypeError(f"log_prob: targets must be a tensor, got {type(target).__name__}")
+        given = tuple(target.shape)
         if target.dim() == 1:
             target = target.unsqueeze(-1)
         if target.shape != m.shape[1:]:
+            b, d = m.shape[1:]
             raise ValueError(
-                f"log_prob: targets of shape {tuple(target.shape)} do not match the predictions' "
-                f"(B, D) = {tuple(m.shape[1:])}"
+                f"log_prob: targets of shape {given} do not match the predictions' (B, D) = "
+                f"{(b, d)}; pass targets of shape {(b, d)}" + (f" or ({b},)" if d == 1 else "")
             )
+        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            # a NaN target made that example's log-density NaN, silently
+            raise ValueError("log_prob: targets contain NaN or Inf values")
         lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
         s = m.shape[0]
         return torch.logsumexp(lp.sum(-1), dim=0) - math.log(s)
 
     def quantiles(
         self,
-        q: float | Sequence[float],
+        q: float | Sequence[float] | Tensor,
         num_draws: int = 20,
         generator: torch.Generator | None = None,
         *,
@@ -172,12 +179,22 @@ class RegressionPrediction:
     ) -> Tensor:
         """Quantiles (len(q), B, D) of the predictive distribution; (B, D) for a single q.
 
-        ``q``: probabilities in [0, 1]. ``include_noise=True``: of the predictive mixture of
+        ``q``: probabilities in [0, 1] (a number, a sequence, or a 0-d or 1-d tensor, like
+        :func:`torch.quantile`'s). ``include_noise=True``: of the predictive mixture of
         y, estimated from ``num_draws`` (a positive integer) draws per weight sample.
         ``False``: of the network's mean output over weight samples (the distribution of
         f(x; w), w ~ q: epistemic uncertainty only).
         """
         m, v = self.sample_means, self.sample_variances
+        if isinstance(q, Tensor):
+            # a tensor of probabilities, like torch.quantile's q (was refused as "not
+            # probabilities", a 0-d one with "iteration over a 0-d tensor")
+            if q.dim() > 1 or q.is_complex() or q.dtype == torch.bool:
+                raise ValueError(
+                    f"quantiles: q must be a probability or a 1-D sequence of probabilities, "
+                    f"got a tensor of shape {tuple(q.shape)} and dtype {q.dtype}"
+                )
+            q = q.tolist()
         single = _is_real(q)
         values = [q] if single else list(q)  # type: ignore[arg-type]
         if not values or not all(_is_real(p) and 0.0 <= p <= 1.0 for p in values):
@@ -297,6 +314,19 @@ def predict(
     """
     if likelihood is None:
         likelihood = Categorical()
+    if not isinstance(likelihood, (Categorical, Gaussian)):
+        # checked before the model runs (was: after all S samples of every input)
+        hint = (
+            f"; pass an instance, e.g. bbb.{likelihood.__name__}(...)"
+            if isinstance(likelihood, type)
+            else ""
+        )
+        name = likelihood.__name__ if isinstance(likelihood, type) else type(likelihood).__name__
+        raise TypeError(
+            f"predict supports Categorical and Gaussian likelihoods, got {name}"
+            + (" (the class)" if isinstance(likelihood, type) else "")
+            + hint
+        )
     if not isinstance(x, Tensor):
         raise TypeError(f"predict needs the inputs as one tensor (B, ...), got {type(x).__name__}")
     if x.is_floating_point() and not torch.isfinite(x).all():
