@@ -157,3 +157,103 @@ def test_predict_checks_the_likelihood_before_running_the_model() -> None:
     with pytest.raises(TypeError, match="got MSELoss"):
         predict(model, x, likelihood=nn.MSELoss(), num_samples=3)  # type: ignore[arg-type]
     assert calls == []
+
+
+# ------------------------------------------------------------ metrics against brute force
+
+
+def _pairwise_auroc(neg: list, pos: list) -> float:
+    """P(pos > neg) + P(pos == neg) / 2 over all pairs, counted one pair at a time (Python
+    numbers: integers compare exactly)."""
+    total = 0.0
+    for p in pos:
+        for n in neg:
+            total += 1.0 if p > n else 0.5 if p == n else 0.0
+    return total / (len(neg) * len(pos))
+
+
+def test_auroc_ranks_integer_scores_beyond_2_to_the_53_exactly() -> None:
+    """Integer scores were converted to float64 before ranking: above 2**53 neighbours
+    collapse into ties (2**60 and 2**60 + 1 both become 2**60), and perfectly separated sets
+    scored 0.5. Integer scores are now ranked as integers."""
+    base = 2**60
+    neg = torch.tensor([base + 0, base + 2, base + 4], dtype=torch.int64)
+    pos = torch.tensor([base + 1, base + 3, base + 5, base + 7], dtype=torch.int64)
+    assert bbb.metrics.auroc(neg, pos) == pytest.approx(_pairwise_auroc(neg.tolist(), pos.tolist()))
+    assert bbb.metrics.auroc(neg, pos) == pytest.approx(9 / 12)
+    # separated sets, one of them int32
+    assert bbb.metrics.auroc(torch.tensor([base]), torch.tensor([base + 1])) == 1.0
+    assert bbb.metrics.auroc(torch.tensor([3], dtype=torch.int32), torch.tensor([base])) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float64])
+def test_auroc_matches_a_pairwise_count_with_many_ties(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    neg = torch.randint(0, 6, (120,), generator=g).to(dtype)
+    pos = torch.randint(1, 8, (90,), generator=g).to(dtype)
+    want = _pairwise_auroc(neg.tolist(), pos.tolist())
+    assert bbb.metrics.auroc(neg, pos) == pytest.approx(want, abs=1e-12)
+    assert bbb.metrics.auroc(pos, neg) == pytest.approx(1.0 - want, abs=1e-12)
+    # a single class of scores (every pair tied) is chance, not an error
+    assert bbb.metrics.auroc(torch.ones(5, dtype=dtype), torch.ones(3, dtype=dtype)) == 0.5
+
+
+def _ece_by_hand(rows: list[list[float]], labels: list[int], n_bins: int) -> tuple[float, list]:
+    """Bins (i/n, (i+1)/n], bin 0 also holding 0; returns the ECE and the per-bin counts."""
+    members: list[list[tuple[float, bool]]] = [[] for _ in range(n_bins)]
+    for row, y in zip(rows, labels, strict=True):
+        conf = max(row)
+        pred = row.index(conf)
+        i = 0
+        while i < n_bins - 1 and conf > (i + 1) / n_bins:
+            i += 1
+        members[i].append((conf, pred == y))
+    ece = 0.0
+    for m in members:
+        if m:
+            acc = sum(ok for _, ok in m) / len(m)
+            conf = sum(c for c, _ in m) / len(m)
+            ece += len(m) / len(rows) * abs(acc - conf)
+    return ece, [len(m) for m in members]
+
+
+def test_ece_and_nll_match_a_brute_force_with_edges_and_empty_bins() -> None:
+    """Confidences exactly on 1.0 and on inner edges, empty bins, ties; n_bins 1, 4, 15."""
+    rows = [
+        [1.0, 0.0, 0.0],  # exactly 1.0: last bin
+        [0.0, 1.0, 0.0],
+        [0.5, 0.5, 0.0],  # tie: arg-max is class 0; on the edge 0.5 (bin (0.25, 0.5])
+        [0.25, 0.5, 0.25],
+        [0.75, 0.125, 0.125],  # on the edge 0.75
+        [0.4, 0.35, 0.25],
+        [1 / 3, 1 / 3, 1 / 3],
+    ]
+    labels = [0, 0, 1, 1, 0, 2, 2]
+    p = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(labels)
+    for n_bins in (1, 4, 15):
+        want, counts = _ece_by_hand(rows, labels, n_bins)
+        data = bbb.metrics.reliability_diagram_data(p, y, n_bins=n_bins)
+        assert data.bin_count.tolist() == counts
+        assert bbb.metrics.expected_calibration_error(p, y, n_bins=n_bins) == pytest.approx(
+            want, abs=1e-12
+        )
+    nll = -sum(math.log(max(r[c], 1e-12)) for r, c in zip(rows, labels, strict=True)) / 7
+    assert bbb.metrics.nll(p, y) == pytest.approx(nll, abs=1e-12)
+
+
+# ------------------------------------------------------------ plots
+
+
+def test_regression_band_refuses_a_classification_likelihood_with_a_reason(tmp_path) -> None:
+    """It was an ``assert`` (no message; skipped under ``python -O``)."""
+    model = nn.Sequential(BayesLinear(1, 2))
+    train = torch.utils.data.TensorDataset(torch.randn(5, 1), torch.randn(5, 1))
+    with pytest.raises(TypeError, match="must be a bbb.Gaussian, got Categorical"):
+        bbb.plots.regression_band(model, bbb.Categorical(), train, tmp_path / "band.png")
+
+
+def test_learning_curves_of_an_empty_history_say_so(tmp_path) -> None:
+    """An empty history raised ``IndexError: list index out of range``."""
+    with pytest.raises(ValueError, match="history is empty"):
+        bbb.plots.learning_curves([], tmp_path / "curves.png")

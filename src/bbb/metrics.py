@@ -620,7 +620,15 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
     if neg.device != pos.device:
         raise ValueError(f"scores_negative is on {neg.device} but scores_positive on {pos.device}")
     n_neg, n_pos = neg.numel(), pos.numel()
-    ranks = _average_ranks(torch.cat([neg, pos]))
+    both = torch.cat([neg, pos])
+    raw_neg, raw_pos = scores_negative, scores_positive
+    if not (raw_neg.dtype.is_floating_point or raw_pos.dtype.is_floating_point):
+        # integer scores are ranked as integers: float64 holds them exactly only up to 2**53
+        # (counts, hashes or timestamps in ns beyond it tied in float64, pulling the AUROC to 0.5)
+        both = torch.cat(
+            [raw_neg.detach().to(torch.int64), raw_pos.detach().to(neg.device, torch.int64)]
+        )
+    ranks = _average_ranks(both)
     u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0
     return (u / (n_neg * n_pos)).clamp(0.0, 1.0).item()
 

@@ -27,6 +27,8 @@ def figure(*args: Any, **kwargs: Any) -> Any:
 def learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
     """Training loss, NLL and KL and the validation metrics against the epoch."""
     path = Path(path)
+    if not history:
+        raise ValueError("learning_curves: the history is empty (no epoch to plot)")
     epochs = [r["epoch"] for r in history]
     fig = figure(figsize=(10, 3.5))
     ax1, ax2, ax3 = fig.subplots(1, 3)
@@ -75,7 +77,12 @@ def regression_band(
     """
     from .predictive import RegressionPrediction, predict
 
-    assert isinstance(likelihood, Gaussian)
+    if not isinstance(likelihood, Gaussian):
+        # (an assert, gone under python -O, where the plot failed later with no reason given)
+        raise TypeError(
+            "regression_band plots a regression model: likelihood must be a bbb.Gaussian, got "
+            f"{type(likelihood).__name__}"
+        )
     p = next(model.parameters())
     grid = torch.linspace(*x_range, 400, dtype=p.dtype).unsqueeze(-1)
     pred = predict(model, grid.to(p.device), likelihood=likelihood, num_samples=num_samples)
