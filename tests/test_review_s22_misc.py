@@ -123,22 +123,52 @@ def test_a_bandit_run_holds_its_directory_and_clears_a_killed_runs_temporaries(
     assert result["steps_done"] == 4 and result["complete"]  # resumed from step 2 to the end
 
 
+def _strict(path: Path) -> object:
+    """A result file read as strict JSON readers do (NaN / Infinity are an error)."""
+    return json.loads(
+        path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name}: constant {c}")
+    )
+
+
 def test_result_files_are_strict_json_and_a_diverged_uci_split_reads_back_as_nan(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only `bbb train`'s files were strict JSON: the UCI split records, tune.json and
     summaries, the bandit's and the demo's metrics.json and the sweep's trial.json wrote a
     diverged value as `NaN` / `-Infinity`, which strict JSON readers refuse. They now write
-    null, and a UCI split record's null rmse / ll reads back as NaN (its resume unchanged)."""
-    from bbb.train.checkpoint import atomic_write_text, strict_json
+    null, and a UCI split record's null rmse / ll reads back as NaN (its resume unchanged).
+    Checked through a real `run_uci` whose split 1 diverges (its record from run_split made
+    non-finite), and the resume that reads the records back."""
+    from test_uci import _write_uci_dir
+
+    import bbb.uci as U
+    from bbb.train.checkpoint import strict_json
     from bbb.uci.report import _load_records
 
-    rec = {"split": 0, "rmse": float("nan"), "ll": float("-inf"), "epochs": 40,
-           "seconds": 1.5, "noise_std": 0.1, "settings": {}}  # fmt: skip
-    text = strict_json(rec, indent=2)
-    assert "NaN" not in text and "Infinity" not in text
-    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
-    (tmp_path / "splits").mkdir()
-    atomic_write_text(tmp_path / "splits" / "split_0.json", text + "\n")
-    back = _load_records(tmp_path)[0]
-    assert math.isnan(back["rmse"]) and math.isnan(back["ll"]) and back["epochs"] == 40
+    text = strict_json({"a": [float("nan"), 1.0], "b": float("-inf")}, indent=2)
+    assert json.loads(text) == {"a": [None, 1.0], "b": None}
+    real = U.run.run_split
+
+    def diverging(path: Path, split: int, *args: object, **kw: object) -> dict:
+        rec = real(path, split, *args, **kw)  # type: ignore[arg-type]
+        return {**rec, "rmse": float("nan"), "ll": float("-inf")} if split == 1 else rec
+
+    monkeypatch.setattr(U.run, "run_split", diverging)  # where run_uci looks it up
+    data = _write_uci_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = U.uci_config(epochs=2, num_samples=2)
+    settings = U.UCIRunSettings(splits=[0, 1], test_samples=3, passes=1)
+    U.run_uci(data, out, config=cfg, settings=settings, log=None)
+    record = _strict(out / "splits" / "split_1.json")
+    assert record["rmse"] is None and record["ll"] is None  # type: ignore[index]
+    assert math.isfinite(_strict(out / "splits" / "split_0.json")["rmse"])  # type: ignore[index]
+    metrics = _strict(out / "metrics.json")
+    assert [s["rmse"] for s in metrics["splits"]][1] is None  # type: ignore[index]
+    _strict(out / "uci.json")
+    back = _load_records(out)
+    assert math.isnan(back[1]["rmse"]) and math.isnan(back[1]["ll"]) and back[1]["epochs"] == 2
+    assert back[0] == _strict(out / "splits" / "split_0.json")
+    # the resume reads the records back (NaN) and runs nothing again
+    monkeypatch.setattr(U.run, "run_split", lambda *a, **k: pytest.fail("split re-run"))
+    again = U.run_uci(data, out, config=cfg, settings=settings, resume=True, log=None)
+    assert again["n_splits"] == 2
