@@ -257,3 +257,54 @@ def test_learning_curves_of_an_empty_history_say_so(tmp_path) -> None:
     """An empty history raised ``IndexError: list index out of range``."""
     with pytest.raises(ValueError, match="history is empty"):
         bbb.plots.learning_curves([], tmp_path / "curves.png")
+
+
+# ------------------------------------------------------------ the split, batching, dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_the_classification_split_matches_a_brute_force_from_the_logits(
+    dtype: torch.dtype,
+) -> None:
+    """entropy = H[mean_s p_s], aleatoric = mean_s H[p_s], epistemic = their difference,
+    each >= 0, computed here in Python floats from the very logits predict averaged."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        BayesLinear(3, 8, rho_init=-1.0), nn.ReLU(), BayesLinear(8, 4, rho_init=-1.0)
+    )
+    model = model.to(dtype).eval()
+    x = torch.randn(12, 3).to(dtype)
+    num_samples = 5
+    with bbb.sampling(model, "frozen"):
+        pred = predict(model, x, num_samples=num_samples)
+        logits = bbb.sample_outputs(model, x, num_samples)
+    assert isinstance(pred, ClassificationPrediction)
+    # float16 logits are averaged in float32 (rounding ~1e-7 per term); float64 in float64
+    tol = 1e-6 if dtype == torch.float16 else 1e-12
+    for b in range(12):
+        ps = [[math.exp(v) for v in _log_softmax(logits[s, b].tolist())] for s in range(5)]
+        mean = [sum(p[c] for p in ps) / 5 for c in range(4)]
+        total = -sum(q * math.log(q) for q in mean if q > 0)
+        alea = sum(-sum(q * math.log(q) for q in p if q > 0) for p in ps) / 5
+        assert pred.entropy[b].item() == pytest.approx(total, abs=tol)
+        assert pred.aleatoric[b].item() == pytest.approx(alea, abs=tol)
+        assert pred.epistemic[b].item() == pytest.approx(total - alea, abs=tol)
+        assert pred.epistemic[b].item() >= 0.0 and pred.aleatoric[b].item() >= 0.0
+        for c in range(4):
+            assert pred.probs[b, c].item() == pytest.approx(mean[c], abs=tol)
+
+
+def test_chunked_prediction_is_one_big_batch_in_sample_mode() -> None:
+    """max_rows splits the inputs into chunks; in ``reparam`` sample mode the chunks share the
+    S weight samples, so from the same seed the result is the single pass's (up to the
+    float32 rounding of a different matmul shape) and the global RNG ends in the same state."""
+    model = nn.Sequential(BayesLinear(3, 8), nn.ReLU(), BayesLinear(8, 4)).eval()
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(7)
+    one = predict(model, x, num_samples=10)
+    state_one = torch.get_rng_state()
+    torch.manual_seed(7)
+    chunked = predict(model, x, num_samples=10, max_rows=30)  # 3 inputs per pass
+    assert torch.equal(torch.get_rng_state(), state_one)
+    assert torch.allclose(chunked.sample_probs, one.sample_probs, rtol=0, atol=1e-6)
+    assert torch.allclose(chunked.log_probs, one.log_probs, rtol=0, atol=1e-5)
