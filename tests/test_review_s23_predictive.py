@@ -308,3 +308,20 @@ def test_chunked_prediction_is_one_big_batch_in_sample_mode() -> None:
     assert torch.equal(torch.get_rng_state(), state_one)
     assert torch.allclose(chunked.sample_probs, one.sample_probs, rtol=0, atol=1e-6)
     assert torch.allclose(chunked.log_probs, one.log_probs, rtol=0, atol=1e-5)
+
+
+def test_the_plots_create_their_directories(tmp_path) -> None:
+    """plot_reliability_diagram creates the parent directories of its path; learning_curves
+    and regression_band raised FileNotFoundError (regression_band after all its sampling)."""
+    history = [{"epoch": 1, "loss": 1.0, "nll": 0.5, "kl": 2.0, "val_rmse": 0.3}]
+    out = bbb.plots.learning_curves(history, tmp_path / "a" / "b" / "curves.png")
+    assert out.is_file()
+    model = nn.Sequential(BayesLinear(1, 4), nn.Tanh(), BayesLinear(4, 1)).eval()
+    g = torch.Generator().manual_seed(0)
+    train = torch.utils.data.TensorDataset(
+        torch.rand(10, 1, generator=g), torch.rand(10, 1, generator=g)
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "c" / "band.png"
+    bbb.plots.regression_band(model, bbb.Gaussian(), train, path, num_samples=5)
+    assert path.is_file()

@@ -25,7 +25,8 @@ def figure(*args: Any, **kwargs: Any) -> Any:
 
 
 def learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss, NLL and KL and the validation metrics against the epoch."""
+    """Training loss, NLL and KL and the validation metrics against the epoch, as an image
+    at ``path`` (parent directories are created)."""
     path = Path(path)
     if not history:
         raise ValueError("learning_curves: the history is empty (no epoch to plot)")
@@ -48,6 +49,7 @@ def learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
     if val_keys:
         ax3.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # as plot_reliability_diagram does
     fig.savefig(path, dpi=110)
     return path
 
@@ -74,6 +76,7 @@ def regression_band(
     the CPU. Returns the grid, the output quantiles and the predictive quantiles (len 5, G) so
     callers can report band widths. ``baseline`` (a plain network drawn for comparison) is
     evaluated in eval mode and left in the train/eval modes it came in (each submodule's).
+    The image is written to ``path`` (parent directories are created).
     """
     from .predictive import RegressionPrediction, predict
 
@@ -130,5 +133,6 @@ def regression_band(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as plot_reliability_diagram does
     fig.savefig(Path(path), dpi=120)
     return {"grid": grid, "quantiles": q, "predictive_quantiles": qy}
