@@ -142,11 +142,13 @@ def test_fit_writes_one_metrics_line_per_epoch_and_keeps_two_checkpoints(tmp_pat
     trainer = make_trainer(tmp_path, epochs=4)
     summary = trainer.fit()
     assert summary["epochs_trained"] == 4
-    assert 1 <= summary["best_epoch"] <= 4
     assert summary["val_metric"] == "nll"
     assert summary["stopped_early"] is False
     rows = loss_rows(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    val_nll = [r["val_nll"] for r in rows]  # the best epoch is the logged lowest (the first)
+    assert summary["best_epoch"] == 1 + val_nll.index(min(val_nll))
+    assert summary["best_val"] == min(val_nll)
     for r in rows:
         assert {"loss", "nll", "kl", "val_rmse", "val_nll", "val_log_likelihood", "lr"} <= set(r)
         assert all(math.isfinite(r[k]) for k in ("loss", "nll", "kl", "val_nll"))
@@ -174,6 +176,23 @@ def test_load_best_restores_best_epoch_weights(tmp_path: Path) -> None:
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert_same(trainer.model.state_dict(), best["model"], "model after load_best")
     assert_same(trainer.elbo.state_dict(), best["elbo"], "elbo after load_best")
+
+
+@pytest.mark.parametrize("metric", ["nll", "rmse", "log_likelihood"])
+def test_best_epoch_is_the_best_validation_score_in_the_metrics_direction(metric: str) -> None:
+    """The best epoch is the history's lowest nll / rmse and highest log-likelihood. With
+    lr 5e-2 each curve's optimum is an interior epoch (measured: 4, 3, 4 of
+    6), so neither 'the last epoch' nor the wrong direction (epoch 1 for log-likelihood)
+    passes."""
+    trainer = make_trainer(None, epochs=6, val_metric=metric)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 5e-2
+    summary = trainer.fit()
+    scores = [r[f"val_{metric}"] for r in trainer.history]
+    best = 1 + scores.index((max if metric == "log_likelihood" else min)(scores))
+    assert 1 < best < 6, scores  # an interior optimum: the check can tell the cases apart
+    assert summary["best_epoch"] == best and trainer.best_epoch == best
+    assert summary["best_val"] == scores[best - 1]
 
 
 def test_fit_without_validation_keeps_last_epoch_as_best(tmp_path: Path) -> None:
