@@ -117,6 +117,25 @@ def _min_variance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
+def _float16_variance(x: Tensor) -> bool:
+    """Whether local's variance path ``op(x^2, sigma^2)`` would run in float16: a float16
+    input, or a float32 one under an autocast to float16 (float64 is not cast by autocast)."""
+    if x.dtype == torch.float16:
+        return True
+    dev = x.device.type
+    return (
+        x.dtype == torch.float32
+        and torch.is_autocast_enabled(dev)
+        and torch.get_autocast_dtype(dev) == torch.float16
+    )
+
+
+def _std(var: Tensor) -> Tensor:
+    """sqrt(var) where var > 0, else 0; the clamp keeps the square root's gradient finite
+    and passes none below the floor (see :func:`local`)."""
+    return torch.where(var > 0, var.clamp_min(_min_variance(var.dtype)).sqrt(), 0.0)
+
+
 def local(
     ops: LayerOps,
     x: Tensor,
@@ -128,9 +147,13 @@ def local(
 
     ``w_var``: the weights' variance ``sigma^2`` already computed (shape W;
     :func:`bbb.kernels.sample_and_kl`), in which case ``post.w_sigma`` is not used; ``b_var``
-    likewise for the bias (``post.b_sigma`` then not used). The variance is floored at the smallest normal number of the dtype before the square root, so
-    an all-zero input row with ``bias=False`` gives a noise-free output without a NaN gradient
-    (the floor passes no gradient).
+    likewise for the bias (``post.b_sigma`` then not used). The variance is floored at the
+    smallest normal number of the dtype before the square root, so an all-zero input row with
+    ``bias=False`` gives a noise-free output without a NaN gradient (the floor passes no
+    gradient). For a float16 input (or a float32 one under an autocast to float16) the
+    variance ``op(x^2, sigma^2)`` and its square root are computed in float32 and the standard
+    deviation cast back: in float16, an input above 256 made it overflow, a sigma below
+    2.4e-4 underflow, and the floor (6.1e-5) raised every smaller variance to it.
     """
     # S identical blocks of input rows (bbb.nn.stacking.repeat_samples: a multi-sample pass
     # straight into this layer): the pre-activations' mean and variance are computed on one
@@ -140,12 +163,29 @@ def local(
     if s > 1:
         x = x[: x.shape[0] // s]
     mean = ops.op(x, post.w_mu, post.b_mu)
-    if b_var is None and post.b_sigma is not None:
-        b_var = post.b_sigma * post.b_sigma
-    var = ops.op(x * x, post.w_sigma * post.w_sigma if w_var is None else w_var, b_var)
-    # Zero variance (a fully pruned unit, an all-zero input with bias=False) gives exactly the
-    # mean; the clamp keeps the square root's gradient finite and passes none below the floor.
-    std = torch.where(var > 0, var.clamp_min(_min_variance(var.dtype)).sqrt(), 0.0)
+    if _float16_variance(x):
+        # A float16 sum of squares overflows for an input above 256 (the output was +-inf
+        # where the other estimators' was finite) and sigma^2 underflows below sigma = 2.4e-4
+        # (no noise at all): the variance path in float32, as autocast does for its own sums
+        # of squares (pow, norm, layer_norm), then the standard deviation cast back.
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = x.float()
+            w32 = post.w_sigma.float().square() if w_var is None else w_var.float()
+            b32 = None
+            if b_var is not None:
+                b32 = b_var.float()
+            elif post.b_sigma is not None:
+                b32 = post.b_sigma.float().square()
+            var = ops.op(x32 * x32, w32, b32)
+        std = _std(var).to(mean.dtype)
+    else:
+        if b_var is None and post.b_sigma is not None:
+            b_var = post.b_sigma * post.b_sigma
+        var = ops.op(x * x, post.w_sigma * post.w_sigma if w_var is None else w_var, b_var)
+        # Zero variance (a fully pruned unit, an all-zero input with bias=False) gives exactly
+        # the mean; the clamp keeps the square root's gradient finite and passes none below
+        # the floor.
+        std = _std(var)
     # bbb.nn.noise.randn: multi-threaded on CPU for large outputs (conv feature maps)
     if s == 1:
         noise = _noise.randn(mean.shape, dtype=mean.dtype, device=mean.device)
