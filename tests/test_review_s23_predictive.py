@@ -110,10 +110,10 @@ def test_the_regression_log_prob_refuses_non_finite_targets(bad: float) -> None:
 
 
 def test_the_regression_log_prob_names_the_shape_it_was_given() -> None:
-    """Targets (B,) against D = 2 outputs: the message named (B, 1), a shape the user never
-    passed. It now names the given shape and the accepted ones."""
+    """Targets (B,) against D = 2 outputs: the message named only (B, 1), a shape the user
+    never passed. It now also names the given shape, and the accepted ones."""
     pred = _regression_prediction(d=2)
-    with pytest.raises(ValueError, match=r"targets of shape \(4,\) do not match .*\(4, 2\)"):
+    with pytest.raises(ValueError, match=r"\(4, 1\) \(given as \(4,\)\) do not match .*\(4, 2\)"):
         pred.log_prob(torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\(3, 1\).*\(4, 1\) or \(4,\)"):
         _regression_prediction(d=1).log_prob(torch.zeros(3, 1, dtype=torch.float64))

@@ -158,9 +158,11 @@ class RegressionPrediction:
             target = target.unsqueeze(-1)
         if target.shape != m.shape[1:]:
             b, d = m.shape[1:]
+            read = f" (given as {given})" if len(given) == 1 else ""
             raise ValueError(
-                f"log_prob: targets of shape {given} do not match the predictions' (B, D) = "
-                f"{(b, d)}; pass targets of shape {(b, d)}" + (f" or ({b},)" if d == 1 else "")
+                f"log_prob: targets of shape {tuple(target.shape)}{read} do not match the "
+                f"predictions' (B, D) = {(b, d)}; pass targets of shape {(b, d)}"
+                + (f" or ({b},)" if d == 1 else "")
             )
         if target.is_floating_point() and not bool(torch.isfinite(target).all()):
             # a NaN target made that example's log-density NaN, silently
