@@ -254,9 +254,13 @@ def test_parallel_jobs_give_the_same_results(tiny: Path, tmp_path: Path) -> None
     par = U.run_uci(
         tiny, tmp_path / "b", config=_fast_config(), settings=_settings(jobs=2), log=None
     )
-    assert [r["rmse"] for r in par["splits"]] == pytest.approx(
-        [r["rmse"] for r in serial["splits"]], rel=1e-6
-    )
+    # every per-split result, not only the RMSE (a worker that scored the log-likelihood
+    # differently, e.g. without the run's y_scale, would show in ll alone)
+    assert [r["split"] for r in par["splits"]] == [r["split"] for r in serial["splits"]]
+    for key in ("rmse", "ll", "noise_std"):
+        assert [r[key] for r in par["splits"]] == pytest.approx(
+            [r[key] for r in serial["splits"]], rel=1e-6
+        ), key
 
 
 # --------------------------------------------------------------------------- command line
