@@ -7,6 +7,8 @@
   ``entropy`` = H[p(y|x)]; ``aleatoric`` = mean_s H[softmax(f_s(x))] (expected entropy);
   ``epistemic`` = entropy - aleatoric (the mutual information between y and w; computed in
   float64 as mean_s KL(softmax(f_s(x)) || p(y|x)), 0 where all samples agree). All in nats.
+  ``log_probs`` = log p(y|x) by log-sum-exp of the samples' log-softmax (finite where the
+  probabilities underflow); ``log_prob(y)`` reads it.
 - regression: the mixture of S Gaussians N(mu_s(x), var_s(x)); ``mean`` = mean_s mu_s;
   ``aleatoric`` = mean_s var_s (noise); ``epistemic`` = variance over s of mu_s (population
   variance, 1/S); ``variance`` = aleatoric + epistemic (law of total variance).
