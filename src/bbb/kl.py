@@ -43,6 +43,7 @@ __all__ = [
     "mc_kl_sum",
     "gaussian_log_q",
     "resolve_kl_mode",
+    "closed_form_prior_types",
 ]
 
 KL_MODES = ("auto", "closed_form", "mc")
@@ -160,6 +161,40 @@ def has_closed_form(prior: Prior) -> bool:
     return _CLOSED_FORM_CACHE[t]
 
 
+def closed_form_prior_types() -> list[str]:
+    """Names of the prior distribution types with a closed-form KL from a Normal posterior:
+    this module's registry and the pairs ``torch.distributions.kl`` registers with ``Normal``
+    (or a base class of it) first."""
+    names = {t.__name__ for t in _REGISTRY}
+    names.update(
+        q.__name__
+        for (p, q) in getattr(D.kl, "_KL_REGISTRY", {})
+        if isinstance(p, type) and issubclass(D.Normal, p) and q is not D.ExponentialFamily
+    )
+    return sorted(names)
+
+
+def _no_closed_form_message(prior: Prior) -> str:
+    dist = type(prior.distribution()).__name__
+    return (
+        f"kl='closed_form' is not available for a Normal posterior and a "
+        f"{type(prior).__name__} ({dist}); use kl='mc' or kl='auto' (Monte Carlo where there "
+        f"is no closed form). Closed forms exist for the prior distributions "
+        f"{', '.join(closed_form_prior_types())} (GaussianPrior: Normal, LaplacePrior: "
+        "Laplace; a prior of bounded support gives KL = inf)"
+    )
+
+
+def _no_closed_form_error(prior: Prior) -> NotImplementedError:
+    """The error of the KL functions asked for a closed form that does not exist (torch's
+    message, which named neither the prior nor the alternatives, is kept at the end)."""
+    dist = type(prior.distribution()).__name__
+    return NotImplementedError(
+        f"{_no_closed_form_message(prior)}. (torch.distributions: No KL(p || q) is "
+        f"implemented for p type Normal and q type {dist})"
+    )
+
+
 def resolve_kl_mode(kl: str, prior: Prior) -> str:
     """Validate a ``kl`` option and resolve ``"auto"`` to ``"closed_form"`` or ``"mc"``."""
     if kl not in KL_MODES:
@@ -168,11 +203,7 @@ def resolve_kl_mode(kl: str, prior: Prior) -> str:
     if kl == "auto":
         return "closed_form" if closed else "mc"
     if kl == "closed_form" and not closed:
-        dist = type(prior.distribution()).__name__
-        raise ValueError(
-            f"kl='closed_form' is not available for a Normal posterior and a "
-            f"{type(prior).__name__} ({dist}); use kl='mc' or kl='auto'"
-        )
+        raise ValueError(_no_closed_form_message(prior))
     return kl
 
 
@@ -182,7 +213,19 @@ def closed_form_kl(
     """Elementwise KL(N(mu, sigma^2) || prior), shaped like ``mu`` (nats)."""
     if log_sigma is None:
         log_sigma = torch.log(sigma)
-    return _closed_form_terms(mu, sigma, log_sigma, prior.distribution())
+    return _closed_form_terms_of(mu, sigma, log_sigma, prior)
+
+
+def _closed_form_terms_of(mu: Tensor, sigma: Tensor, log_sigma: Tensor, prior: Prior) -> Tensor:
+    """:func:`_closed_form_terms` for ``prior``; no closed form is an error naming the prior
+    and the supported ones (torch's bare 'No KL(p || q) is implemented for p type Normal ...'
+    named neither)."""
+    try:
+        return _closed_form_terms(mu, sigma, log_sigma, prior.distribution())
+    except NotImplementedError:
+        if has_closed_form(prior):
+            raise
+        raise _no_closed_form_error(prior) from None
 
 
 def _closed_form_terms(mu: Tensor, sigma: Tensor, log_sigma: Tensor, p: D.Distribution) -> Tensor:
@@ -339,6 +382,12 @@ def closed_form_kl_sum(
     (:class:`_GaussianKLSum`); other priors, and a Gaussian with learnable hyper-parameters,
     through the elementwise :func:`closed_form_kl` and autograd.
     """
+    if tuple(rho.shape) != tuple(mu.shape) or (mask is not None and mask.shape != mu.shape):
+        # a mask of another shape was broadcast (or summed over a larger shape): wrong KL
+        got = f"rho {tuple(rho.shape)}" + ("" if mask is None else f", mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"closed_form_kl_sum: rho and mask must be shaped like mu {tuple(mu.shape)}, got {got}"
+        )
     if mu.dtype in LOW_PRECISION_DTYPES:
         # differentiable casts: gradients flow back to the low-precision parameters
         mu, rho, sigma = mu.float(), rho.float(), None  # sigma recomputed in float32
@@ -365,7 +414,12 @@ def closed_form_kl_sum(
         return _GaussianKLSum.apply(mu, rho, s, m, *loc_scale)
     assert p is not None
     sig, log_sigma = softplus_and_log(rho)
-    term = _closed_form_terms(mu, sig, log_sigma, p)
+    try:
+        term = _closed_form_terms(mu, sig, log_sigma, p)
+    except NotImplementedError:
+        if has_closed_form(prior):
+            raise
+        raise _no_closed_form_error(prior) from None
     return (term if mask is None else term * mask.to(term.dtype)).sum()
 
 
@@ -497,6 +551,31 @@ class _MCKLSum(torch.autograd.Function):
         return grad_mu, grad_rho
 
 
+def _check_mc_shapes(
+    mu: Tensor, rho: Tensor, eps: Tensor, w: Tensor | None, mask: Tensor | None
+) -> None:
+    """Refuse noise (or a sample, or a mask) not shaped (S, *W) (mask: W) for parameters W.
+
+    ``eps`` shaped like ``mu`` (no sample dimension) was read as ``mu.shape[0]`` samples and
+    broadcast: the estimate came out silently wrong (negative, for a KL)."""
+    shape = tuple(mu.shape)
+    if tuple(rho.shape) != shape:
+        raise ValueError(f"mc_kl_sum: mu {shape} and rho {tuple(rho.shape)} differ in shape")
+    if eps.dim() != mu.dim() + 1 or tuple(eps.shape[1:]) != shape or eps.shape[0] < 1:
+        raise ValueError(
+            f"mc_kl_sum: eps must be (S, *W) = (S, {', '.join(map(str, shape))}) for "
+            f"parameters of shape {shape}, got {tuple(eps.shape)} (add a leading sample "
+            "dimension for one sample: eps[None])"
+        )
+    if w is not None and tuple(w.shape) != tuple(eps.shape):
+        raise ValueError(
+            f"mc_kl_sum: the weight sample w must be shaped like eps {tuple(eps.shape)}, "
+            f"got {tuple(w.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != shape:
+        raise ValueError(f"mc_kl_sum: mask must be shaped like mu {shape}, got {tuple(mask.shape)}")
+
+
 def mc_kl_sum(
     mu: Tensor,
     rho: Tensor,
@@ -526,6 +605,7 @@ def mc_kl_sum(
     by S, in a few passes (see :class:`_MCKLSum`). Gradients also reach the prior's learnable
     hyper-parameters, if any (through its ``log_prob`` at the detached sample).
     """
+    _check_mc_shapes(mu, rho, eps, w, mask)
     if mu.dtype in LOW_PRECISION_DTYPES:
         # differentiable casts: gradients flow back to the low-precision parameters; the
         # forward's sample w is kept (upcast), sigma is recomputed in float32
