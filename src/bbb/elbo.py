@@ -73,6 +73,10 @@ def linear_annealing(
             or not math.isfinite(value)
         ):
             raise ValueError(f"linear_annealing: {name} must be a finite number, got {value!r}")
+        if value < 0:
+            # accepted here, it failed only when the ELBO reached a step whose KL scale was
+            # negative
+            raise ValueError(f"linear_annealing: {name} must be >= 0 (a KL scale), got {value!r}")
 
     def schedule(step: int) -> float:
         t = min(step / warmup_steps, 1.0)
@@ -166,9 +170,20 @@ class ELBO(nn.Module):
                 f"unknown kl_weighting {kl_weighting!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"
             )
         if not callable(kl_scale):
-            kl_scale = float(kl_scale)
+            given = kl_scale
+            try:
+                # a string ("0.5") was read as a number, None or "abc" failed in float()'s
+                # words without naming kl_scale; a bool is refused as elsewhere
+                if isinstance(given, (str, bytes, bool)):
+                    raise TypeError
+                kl_scale = float(given)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                kl_scale = math.nan
             if not math.isfinite(kl_scale) or kl_scale < 0:
-                raise ValueError(f"kl_scale must be a finite number >= 0, got {kl_scale!r}")
+                raise ValueError(
+                    f"kl_scale must be a finite number >= 0, got {given!r} (or a callable: "
+                    "step -> number, for annealing)"
+                )
         self.likelihood = likelihood
         self.dataset_size = dataset_size
         self.num_samples = num_samples

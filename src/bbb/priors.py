@@ -22,15 +22,27 @@ from torch import distributions as D
 __all__ = ["Prior", "GaussianPrior", "ScaleMixturePrior", "LaplacePrior", "make_prior"]
 
 
+def _number(name: str, value: object, what: str) -> float:
+    """``value`` as a float; a string, a bool or anything ``float()`` refuses is a ValueError
+    naming the argument (a string such as "0.1" was read as a number, None or a tensor of
+    several values failed in float()'s words without naming it)."""
+    try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
 def _positive(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value, "a finite positive number")
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return value
 
 
 def _finite(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value, "a finite number")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
@@ -285,7 +297,7 @@ class ScaleMixturePrior(Prior):
 
     def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = math.exp(-6)) -> None:
         super().__init__()
-        pi = float(pi)
+        pi = _number("ScaleMixturePrior pi", pi, "a number in the open interval (0, 1)")
         if not (0.0 < pi < 1.0):
             raise ValueError(
                 f"ScaleMixturePrior pi must lie in the open interval (0, 1), got {pi!r}"
@@ -388,6 +400,10 @@ def make_prior(name: str, **kwargs: float) -> Prior:
     Keyword arguments are the prior's constructor arguments (``sigma``; ``pi, sigma1, sigma2``;
     ``scale``).
     """
+    if not isinstance(name, str):
+        raise ValueError(
+            f"prior name must be a string, one of {', '.join(PRIOR_NAMES)}; got {name!r}"
+        )
     key = name.lower().replace("-", "_")
     if key in ("gaussian", "normal"):
         return GaussianPrior(**kwargs)
