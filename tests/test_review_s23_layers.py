@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bbb
-from bbb import BayesConv1d, BayesConv2d, BayesConv3d
+from bbb import BayesConv1d, BayesConv2d, BayesConv3d, BayesLinear
 from bbb import kernels as K
+from bbb.nn import estimators as est
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"),
@@ -291,3 +292,192 @@ def test_conv_flipout_positions_share_the_sample_and_examples_do_not(case, stats
             assert torch.all((c - var.flatten()).abs() <= stats.z * se)
         else:  # independent signs (flipout) or noise (local) per example: 0
             assert torch.all(c.abs() <= stats.z * se)
+
+
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_gradients_are_unbiased(case, estimator: str) -> None:  # type: ignore[no-untyped-def]
+    """E[dL/dtheta] for L = <g, y> + |y|^2 / 2, a loss that adds up over the outputs (local's
+    marginals are then exact too), equals the gradient of E[L] = <g, m> + (|m|^2 + sum v) / 2
+    with m, v the outputs' exact mean and variance, for mu and rho of weights and bias."""
+    torch.manual_seed(3)
+    layer = _layer(case, estimator)
+    x = torch.randn(case[2], dtype=DT)
+    p = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
+    s_w = F.softplus(p["weight_rho"])
+    s_b = F.softplus(p["bias_rho"]) if "bias_rho" in p else None
+    m = _torch_conv(layer, x, p["weight_mu"], p.get("bias_mu"))
+    v = _torch_conv(layer, x * x, s_w * s_w, None if s_b is None else s_b * s_b)
+    g = torch.randn(m.shape, dtype=DT)
+    exact = torch.autograd.grad((g * m).sum() + 0.5 * (m * m + v).sum(), list(p.values()))
+    reps, s = 150, 10  # 150 independent gradient estimates, each the mean of 10 draws
+    grads: dict[str, list[torch.Tensor]] = {k: [] for k in p}
+    for _ in range(reps):
+        layer.zero_grad()
+        with bbb.vectorized_samples(layer, s):
+            y = layer(bbb.repeat_samples(x, s)).reshape(s, *m.shape)
+        (((g * y).sum() + 0.5 * (y * y).sum()) / s).backward()
+        for k, q in layer.named_parameters():
+            assert q.grad is not None
+            grads[k].append(q.grad.clone())
+    for (k, _), want in zip(layer.named_parameters(), exact, strict=True):
+        est_ = torch.stack(grads[k])
+        # the mean of reps i.i.d. estimates, within 5 standard errors std / sqrt(reps)
+        se = est_.std(0) / math.sqrt(reps)
+        assert torch.all((est_.mean(0) - want).abs() <= 5 * se + 1e-12), k
+
+
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in (1, 3, 5)], ids=lambda c: c[0])
+def test_conv_estimators_pass_gradcheck_at_fixed_noise(case, estimator: str) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(4)
+    layer = _layer(case, estimator)
+    x = torch.randn(case[2], dtype=DT)[:1].requires_grad_()
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(q.detach().clone().requires_grad_() for q in layer.parameters())
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(123)  # the same noise (and flipout signs) at every evaluation
+        return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+def test_frozen_parameters_get_no_gradient_and_the_others_do(backend: str, estimator: str) -> None:
+    if backend == "native" and not bbb._native.available():
+        pytest.skip("the native library cannot be built here")
+    K.set_kernels(backend)
+    for frozen in ("weight_mu", "weight_rho", "bias_mu", "bias_rho", "all"):
+        torch.manual_seed(0)
+        layer = BayesConv2d(2, 3, 3, padding=1, estimator=estimator)
+        for n, q in layer.named_parameters():
+            if frozen in (n, "all"):
+                q.requires_grad_(False)
+        x = torch.randn(2, 2, 5, 5, requires_grad=True)
+        for s in (1, 2):
+            with bbb.vectorized_samples(layer, s):
+                y = layer(bbb.repeat_samples(x, s))
+            (y.pow(2).sum() + layer.kl()).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        for n, q in layer.named_parameters():
+            if q.requires_grad:
+                assert q.grad is not None and torch.isfinite(q.grad).all(), (frozen, n)
+            else:
+                assert q.grad is None, (frozen, n)
+
+
+# --------------------------------------------------------------------------- native kernels
+NATIVE_CASES = [
+    (
+        "conv2d-groups-dilation",
+        partial(
+            BayesConv2d, 4, 8, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=4
+        ),
+        (3, 4, 9, 10),
+    ),  # fmt: skip
+    (
+        "conv2d-reflect-same-even",
+        partial(BayesConv2d, 2, 3, 4, padding="same", padding_mode="reflect", dilation=2),
+        (2, 2, 9, 9),
+    ),  # fmt: skip
+    ("conv1d-1-to-1", partial(BayesConv1d, 1, 1, 1), (1, 1, 1)),
+    (
+        "conv3d-circular-nobias",
+        partial(BayesConv3d, 2, 2, 2, padding="same", padding_mode="circular", bias=False),
+        (1, 2, 3, 4, 5),
+    ),  # fmt: skip
+    ("linear-1-to-1", partial(BayesLinear, 1, 1), (3, 1)),
+    ("linear-1-to-300", partial(BayesLinear, 1, 300), (3, 1)),
+    # 36864 weights: more than one of the C kernels' 32768-element blocks, and a partial one
+    ("conv2d-large", partial(BayesConv2d, 64, 64, 3, padding=1), (2, 64, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
+def test_native_kernels_agree_with_the_eager_formulas_on_convs_and_odd_shapes(
+    case,  # type: ignore[no-untyped-def]
+    estimator: str,
+    samples: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The native node's output, KL and gradients equal the float64 eager computation at the
+    noise it drew (flipout's signs set to +1, so that its output is weight-space sampling's)."""
+    if not bbb._native.available():
+        pytest.skip("the native library cannot be built here")
+    _, ctor, shape = case
+    torch.manual_seed(1)
+    layer = ctor(estimator=estimator, rho_init=(-2.0, -1.0), prior=bbb.GaussianPrior(0.5))
+    x = torch.randn(shape)
+    monkeypatch.setattr(est, "rademacher", lambda shape, like: torch.ones(shape, dtype=like.dtype))
+    K.set_kernels("native")
+    with bbb.vectorized_samples(layer, samples):
+        y = layer(bbb.repeat_samples(x, samples))
+    rec = layer._record
+    assert rec is not None and rec.kl_w is not None and rec.eps_w is not None  # the native node
+    g = torch.randn(y.shape)
+    ((y * g).sum() + 0.3 * layer.kl()).backward()
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    s_w = F.softplus(p["weight_rho"])
+    w = p["weight_mu"] + s_w * rec.eps_w.double()
+    b = None
+    kl = bbb.closed_form_kl(p["weight_mu"], s_w, bbb.GaussianPrior(0.5)).sum()
+    if "bias_mu" in p:
+        assert rec.eps_b is not None
+        s_b = F.softplus(p["bias_rho"])
+        b = p["bias_mu"] + s_b * rec.eps_b.double()
+        kl = kl + bbb.closed_form_kl(p["bias_mu"], s_b, bbb.GaussianPrior(0.5)).sum()
+    y64 = torch.cat(
+        [layer.op(x.double(), w[q], None if b is None else b[q]) for q in range(samples)]
+    )
+    ((y64 * g.double()).sum() + 0.3 * kl).backward()
+    # float32 against float64: sums of up to 576 products, a few float32 ulps of each
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(layer.kl().double(), kl.detach(), rtol=1e-6, atol=1e-3)
+    for k, q in layer.named_parameters():
+        assert q.grad is not None and p[k].grad is not None
+        scale = p[k].grad.abs().max().item()
+        torch.testing.assert_close(q.grad.double(), p[k].grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
+def test_native_local_layer_equals_the_eager_layer_at_the_same_noise(
+    case,  # type: ignore[no-untyped-def]
+    samples: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Native local (the variance sigma^2 and the closed-form KL from the native node) gives
+    the eager layer's output, KL and gradients when both draw the same output noise."""
+    if not bbb._native.available():
+        pytest.skip("the native library cannot be built here")
+    _, ctor, shape = case
+    torch.manual_seed(2)
+    layer = ctor(estimator="local", rho_init=(-2.0, -1.0), prior=bbb.GaussianPrior(0.5))
+    eager = ctor(estimator="local", rho_init=(-2.0, -1.0), prior=bbb.GaussianPrior(0.5))
+    eager.load_state_dict(layer.state_dict())
+    x = torch.randn(shape)
+
+    def fixed_noise(shape, dtype=None, device=None):  # type: ignore[no-untyped-def]
+        return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+
+    monkeypatch.setattr(est._noise, "randn", fixed_noise)
+    out = []
+    for net, backend in ((layer, "native"), (eager, "eager")):
+        with bbb.use_kernels(backend), bbb.vectorized_samples(net, samples):
+            y = net(bbb.repeat_samples(x, samples))
+            kl = net.kl()
+            (y.pow(2).sum() / 2 + 0.3 * kl).backward()
+        out.append((y.detach(), kl.detach()))
+    assert layer._record is not None and layer._record.kl_w is not None  # the native node
+    assert eager._record is not None and eager._record.kl_w is None
+    # float32 kernels against float32 eager operations: a few ulps
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-3)
+    for (k, q), (_, r) in zip(layer.named_parameters(), eager.named_parameters(), strict=True):
+        assert q.grad is not None and r.grad is not None
+        scale = r.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, r.grad, rtol=1e-4, atol=1e-5 * scale, msg=k)
