@@ -481,3 +481,33 @@ def test_native_local_layer_equals_the_eager_layer_at_the_same_noise(
         assert q.grad is not None and r.grad is not None
         scale = r.grad.abs().max().item()
         torch.testing.assert_close(q.grad, r.grad, rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+# --------------------------------------------------------------------------- NaN sigma
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("make", [partial(BayesConv2d, 2, 3, 3), partial(BayesLinear, 18, 3)])
+def test_a_nan_sigma_gives_a_nan_local_output_as_in_the_other_estimators(
+    make,  # type: ignore[no-untyped-def]
+    dtype: torch.dtype,
+    backend: str,
+) -> None:
+    # Before: local turned a NaN variance into a standard deviation of 0, so a layer with a
+    # diverged (NaN) rho returned finite outputs equal to the mean, where reparam and flipout
+    # returned NaN: a broken model predicted with no uncertainty and no sign of error.
+    if backend == "native" and not bbb._native.available():
+        pytest.skip("the native library cannot be built here")
+    K.set_kernels(backend)
+    x = torch.randn(2, 2, 3, 3, dtype=dtype)
+    for estimator in bbb.ESTIMATORS:
+        torch.manual_seed(0)
+        layer = make(estimator=estimator, dtype=dtype)
+        with torch.no_grad():
+            layer.weight_rho.view(-1)[0] = float("nan")
+        xin = x if isinstance(layer, BayesConv2d) else x.flatten(1)
+        y = layer(xin)
+        # the NaN weight reaches output channel 0 of every example
+        assert torch.isnan(y[:, 0]).all(), estimator
+        assert not torch.isnan(y[:, 1:]).any(), estimator

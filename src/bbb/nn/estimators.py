@@ -131,9 +131,14 @@ def _float16_variance(x: Tensor) -> bool:
 
 
 def _std(var: Tensor) -> Tensor:
-    """sqrt(var) where var > 0, else 0; the clamp keeps the square root's gradient finite
-    and passes none below the floor (see :func:`local`)."""
-    return torch.where(var > 0, var.clamp_min(_min_variance(var.dtype)).sqrt(), 0.0)
+    """sqrt(var) where var > 0, 0 where var <= 0, NaN where var is NaN; the clamp keeps the
+    square root's gradient finite and passes none below the floor (see :func:`local`).
+
+    A NaN variance (a NaN sigma: a diverged parameter) stays NaN, as it does in the other
+    estimators' outputs; ``where(var > 0, ...)`` had turned it into 0, a finite output
+    equal to the mean, so a broken layer predicted with no uncertainty and no sign of error.
+    """
+    return torch.where(var <= 0, 0.0, var.clamp_min(_min_variance(var.dtype)).sqrt())
 
 
 def local(
