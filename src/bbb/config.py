@@ -170,6 +170,13 @@ class TrainConfig:
         for key in ("kl_scale", "kl_anneal_steps", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.optimizer == "sgd" and self.momentum >= 1:
+            # SGD's velocity v = momentum * v + g then never decays (1) or grows geometrically
+            # (only SGD reads it: a saved Adam run's unused value is no reason to refuse it)
+            raise ConfigError(
+                f"momentum must lie in [0, 1) (e.g. 0.9: a typo such as 9 makes SGD diverge), "
+                f"got {self.momentum!r}"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be > 0 or unset, got {self.grad_clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:

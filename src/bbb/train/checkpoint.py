@@ -43,6 +43,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "check_writable",
+    "make_dirs",
     "RunLock",
     "RunLockedError",
 ]
@@ -121,6 +122,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: str | os.PathLike[str]) -> None:
+    """``mkdir -p directory``, durably: each directory it creates is fsync'ed into its parent.
+
+    A file fsync'ed inside a new directory is not on disk until the new directory's own entry
+    is (POSIX requires an fsync of the parent for that): a power cut after the first epoch
+    could otherwise lose ``checkpoints/`` with the checkpoint in it.
+    """
+    directory = Path(directory)
+    missing = []
+    for p in (directory, *directory.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):  # outermost first
+        try:
+            p.mkdir()
+        except FileExistsError:
+            if not p.is_dir():
+                raise
+            continue  # created meanwhile by another process: its creator syncs it
+        _fsync_dir(p.parent)
+
+
 def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20) -> None:
     """Fail early, with a clear message, when ``directory`` cannot hold a run's files.
 
@@ -137,7 +161,7 @@ def check_writable(directory: str | os.PathLike[str], need_bytes: int = 1 << 20)
                 )
             break
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         fd, tmp = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -235,7 +259,7 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write ``state`` as ``checkpoint-<epoch>.pt``; keep the newest ``keep``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     buf = io.BytesIO()
     torch.save(state, buf)
     path = directory / f"checkpoint-{epoch:05d}.pt"

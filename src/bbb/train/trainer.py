@@ -43,6 +43,7 @@ from . import distributed as _dist
 from .checkpoint import (
     CheckpointError,
     RunLock,
+    _fsync_dir,
     atomic_write_bytes,
     atomic_write_text,
     check_writable,
@@ -73,6 +74,7 @@ def previous_run_files(out_dir: Path) -> list[Path]:
 __all__ = [
     "Trainer",
     "TrainingDivergedError",
+    "NonFinitePredictionError",
     "StopTraining",
     "evaluate",
     "seed_everything",
@@ -194,6 +196,25 @@ def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tens
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+class NonFinitePredictionError(ValueError):
+    """:func:`evaluate`: the model's predictions hold NaN or Inf for finite inputs (``predict``
+    refuses non-finite inputs itself); the message says for how many examples."""
+
+
+def _check_predictions(*predictions: Tensor) -> None:
+    """Raise :class:`NonFinitePredictionError` when any of ``predictions`` (first dimension:
+    examples) is not finite."""
+    bad = torch.zeros(predictions[0].shape[0], dtype=torch.bool)
+    for t in predictions:
+        bad |= ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+    if bool(bad.any()):
+        raise NonFinitePredictionError(
+            f"the model's predictions are NaN or Inf for {int(bad.sum())} of {bad.numel()} "
+            "examples (finite inputs): its parameters have diverged or hold NaN/Inf; check "
+            "its training loss (a smaller learning rate or gradient clipping helps)"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -225,7 +246,9 @@ def evaluate(
                 labels.append(y.cpu())
             if not probs:
                 raise ValueError("evaluate: the data loader is empty")
-            return M.classification_report(torch.cat(probs), torch.cat(labels), n_bins=n_bins)
+            all_probs = torch.cat(probs)
+            _check_predictions(all_probs)
+            return M.classification_report(all_probs, torch.cat(labels), n_bins=n_bins)
         means, variances, targets = [], [], []
         for x, y in _batches(loader, device):
             pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
@@ -234,9 +257,10 @@ def evaluate(
             targets.append(y.cpu())
         if not means:
             raise ValueError("evaluate: the data loader is empty")
-        report = M.regression_report(
-            torch.cat(means, 1), torch.cat(variances, 1), torch.cat(targets), y_scale=y_scale
-        )
+        all_means, all_variances = torch.cat(means, 1), torch.cat(variances, 1)
+        # (samples, examples, ...): one row per example
+        _check_predictions(all_means.transpose(0, 1), all_variances.transpose(0, 1))
+        report = M.regression_report(all_means, all_variances, torch.cat(targets), y_scale=y_scale)
         report["nll"] = -report["log_likelihood"]
         return report
     finally:
@@ -538,11 +562,14 @@ class Trainer:
         self.history.append(row)
         path = self._metrics_path()
         if path is not None and self.is_writer:
+            new = not path.exists()
             with open(path, "a", encoding="utf-8") as f:
                 # strict JSON: a non-finite value (a NaN validation metric) is null
                 f.write(strict_json(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the epoch's checkpoint is
+            if new:  # the file's directory entry too (POSIX: an fsync of the directory)
+                _fsync_dir(path.parent)
 
     def _save_best(self) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -611,12 +638,7 @@ class Trainer:
                 # the mean over ranks: non-finite on every rank when it is on any one
                 loss_value = float(_dist.all_reduce_mean(result.loss.detach().clone()))
             if not math.isfinite(loss_value):
-                last = (
-                    None
-                    if self.out_dir is None
-                    else latest_checkpoint(self.out_dir / "checkpoints")
-                )
-                where = f"; the last good checkpoint {last} is intact" if last else ""
+                where = self._last_good_checkpoint(first_step=i == 0)
                 bad_data = [
                     name
                     for name, t in (("inputs", x), ("targets", y))
@@ -663,6 +685,58 @@ class Trainer:
         out = {k: v / max(n_seen, 1) for k, v in sums.items()}
         out["train_seconds"] = time.perf_counter() - start
         return out
+
+    def _last_good_checkpoint(self, first_step: bool = False) -> str:
+        """``"; the last good checkpoint ... is intact"`` (or how the newest one is not good)
+        for a divergence message; empty without a run directory or checkpoint.
+
+        ``first_step``: the divergence came at the first step of an epoch, which ran with the
+        parameters the newest checkpoint holds (written at the end of the previous epoch, or
+        resumed from): resuming from it would diverge again at once.
+        """
+        if self.out_dir is None:
+            return ""
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.out_dir / "checkpoints")
+        if not found:
+            return ""
+        if not first_step:
+            return f"; the last good checkpoint {found[-1]} is intact"
+        older = (
+            f" (the one before it, {found[-2]}, trained on: delete {found[-1].name} to resume "
+            "from it)"
+            if len(found) > 1
+            else ""
+        )
+        return (
+            f"; the newest checkpoint {found[-1]} holds the parameters this step started from "
+            f"(the epoch's first): resuming from it would likely diverge again{older}"
+        )
+
+    def _check_finite_parameters(self) -> None:
+        """:class:`TrainingDivergedError` when a step of the epoch just trained left a parameter
+        NaN or Inf with a finite loss (a NaN gradient, an overflowing update), before the
+        epoch's checkpoint would save it as good."""
+        params = [
+            (name, p)
+            for name, p in [*self.model.named_parameters(), *self.elbo.named_parameters()]
+            if p.is_floating_point()
+        ]
+        if not params:
+            return
+        # one flag per tensor, read back at once: a single device synchronisation per epoch
+        flags = [torch.isfinite(p.detach()).all() for _, p in params]
+        finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        bad = [name for (name, _), ok in zip(params, finite, strict=True) if not ok]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise TrainingDivergedError(
+                f"parameters became NaN or Inf during epoch {self.epoch + 1} ({shown}) while "
+                f"the loss stayed finite (a NaN or Inf gradient, or an overflowing update)"
+                f"{self._last_good_checkpoint()}. Try a smaller learning rate or gradient "
+                "clipping."
+            )
 
     def validate(self) -> dict[str, float]:
         """Validation report (empty when there is no validation loader)."""
@@ -755,6 +829,7 @@ class Trainer:
             self.log(f"the run had stopped at epoch {self.epoch} ({self.stopped}): not training on")
         while self.epoch < self.epochs and self.stopped is None:
             train_stats = self.train_epoch()
+            self._check_finite_parameters()  # identical on every rank: no exchange needed
             val = self.validate()
             self.epoch += 1
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
