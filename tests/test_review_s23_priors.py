@@ -249,3 +249,20 @@ def test_mc_kl_sum_averages_to_the_closed_form(prior, float64_default) -> None:
     torch.testing.assert_close(closed_form_kl_sum(mu, rho, prior), exact)
     se = per_sample.std() / math.sqrt(s)
     assert abs(float(estimate - exact)) < 5 * float(se), (float(estimate), float(exact), float(se))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_mixture_log_prob_of_low_precision_weights(dtype) -> None:
+    # float16: the gradient at w = 0 was NaN (1 / sigma2^2 = e^16 rounds to inf, times 0) and
+    # the value at w = 1e-3 was off by 0.06 (30 ulps); now computed in float32
+    prior = ScaleMixturePrior(0.5, 1.0, math.exp(-8))
+    w = torch.tensor([0.0, 1e-4, 1e-3, 0.05, 1.0, -2.0], dtype=dtype, requires_grad=True)
+    lp = prior.log_prob(w)
+    lp.sum().backward()
+    assert lp.dtype == dtype and w.grad is not None
+    w64 = w.detach().double().requires_grad_(True)
+    ref = prior.double().log_prob(w64)
+    ref.sum().backward()
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # relative rounding of the result
+    torch.testing.assert_close(lp.double(), ref.detach(), rtol=ulp, atol=0)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=ulp, atol=0)

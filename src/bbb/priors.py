@@ -333,6 +333,11 @@ class ScaleMixturePrior(Prior):
         return (w2 * (-0.5 * p1)).add_(c1), (w2 * (-0.5 * p2)).add_(c2)
 
     def log_prob(self, w: Tensor) -> Tensor:
+        if w.dtype in (torch.float16, torch.bfloat16):
+            # in float32, returned in w's dtype: in float16 the precision 1 / sigma2^2 (e^12 at
+            # the default sigma2) rounds to inf, so the gradient at w = 0 (a pruned weight)
+            # was NaN (inf * 0), and the constants' rounding moved the value by ~30 ulps
+            return self.log_prob(w.float()).to(w.dtype)
         return torch.logaddexp(*self._components(w))
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
