@@ -511,3 +511,32 @@ def test_a_nan_sigma_gives_a_nan_local_output_as_in_the_other_estimators(
         # the NaN weight reaches output channel 0 of every example
         assert torch.isnan(y[:, 0]).all(), estimator
         assert not torch.isnan(y[:, 1:]).any(), estimator
+
+
+# --------------------------------------------------------------------------- repeat_samples
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, 1.5, True, "2"])
+def test_repeat_samples_refuses_what_vectorized_samples_refuses(bad: object) -> None:
+    # Before: 0 gave an empty batch without a word (a model's output then had no rows),
+    # -1 and 2.0 raised torch's errors about shapes and expand, True passed as 1.
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        bbb.repeat_samples(x, bad)  # type: ignore[arg-type]
+    layer = BayesLinear(3, 2)
+    with (
+        pytest.raises(ValueError, match="num_samples must be a positive integer"),
+        bbb.vectorized_samples(layer, bad),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_repeat_samples_takes_numpy_integers_and_names_a_0d_input() -> None:
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3)
+    y = bbb.repeat_samples(x, np.int64(3))
+    assert y.shape == (6, 3) and torch.equal(y[4:], x)
+    assert bbb.nn.stacking.identical_blocks(y) == 3
+    assert bbb.repeat_samples(x, 1) is x
+    with pytest.raises(ValueError, match="batch dimension"):
+        bbb.repeat_samples(torch.tensor(1.0), 2)

@@ -12,6 +12,8 @@ its mean path ``op(x, mu)`` (the perturbation path differs per sample).
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor
 
 _MARK = "_bbb_identical_blocks"
@@ -25,8 +27,19 @@ def repeat_samples(x: Tensor, num_samples: int) -> Tensor:
     version counter, so an in-place change could not be detected: the result is left unmarked
     there (the layers then compute every block; ``torch.no_grad`` keeps the saving).
     """
+    if (
+        not isinstance(num_samples, numbers.Integral)
+        or isinstance(num_samples, bool)
+        or num_samples < 1
+    ):
+        # as bbb.vectorized_samples says it (0 gave an empty batch without a word; -1, 2.0
+        # raised torch's errors about expand and shapes)
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = int(num_samples)
     if num_samples == 1:
         return x
+    if x.dim() == 0:
+        raise ValueError("repeat_samples needs a tensor with a batch dimension, got a 0-d one")
     b = x.shape[0]
     rep = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * b, *x.shape[1:])
     if not rep.is_inference():
