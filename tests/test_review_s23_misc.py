@@ -38,3 +38,23 @@ def test_regret_csv_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.undo()
     assert (tmp_path / "regret.csv").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_diagnose_on_a_directory_without_checkpoints_is_a_one_line_error(tmp_path: Path) -> None:
+    """experiments/bandit/diagnose.py on a merged run (config.json, no checkpoints) or on a
+    directory that is no run: exit status 1 and one line naming the problem (before: a
+    CheckpointError / FileNotFoundError traceback)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bandit" / "diagnose.py"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    for run, expected in ((merged, "holds no checkpoints"), (tmp_path / "nothing", "no config")):
+        r = subprocess.run(
+            [sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 1, r.stderr
+        assert expected in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

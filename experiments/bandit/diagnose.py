@@ -32,18 +32,25 @@ import torch
 from bbb.bandit import EAT, PASS, BanditConfig, _Population, _with_action, expected_regret
 from bbb.data.mushroom import load_mushroom
 from bbb.nn.module import resample, sampling, vectorized_samples
-from bbb.train.checkpoint import load_checkpoint
+from bbb.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
 @torch.no_grad()
 def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[str, object]]:
     """One row of statistics per member network (see the module docstring)."""
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a bandit run directory (no config.json)")
+    ckpts = run_dir / "checkpoints"
+    if not list_checkpoints(ckpts):
+        raise FileNotFoundError(
+            f"{run_dir} holds no checkpoints (a run merged with `bbb bandit --merge` keeps "
+            "none): point diagnose.py at one of the runs that were merged"
+        )
     cfg = BanditConfig(**json.loads((run_dir / "config.json").read_text()))
     data = load_mushroom(cfg.data_dir)
     x, edible = data.contexts, data.edible
     no_odor = x[:, data.feature_names.index("odor=n")] > 0
     n, dim = x.shape
-    ckpts = run_dir / "checkpoints"
     state, _ = load_checkpoint(ckpts if step is None else ckpts / f"checkpoint-{step:05d}.pt")
     n_seeds = len(cfg.seeds)
     rows: list[dict[str, object]] = []
@@ -117,7 +124,10 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = parser.parse_args()
-    rows = diagnose(args.run_dir, args.draws, args.step)
+    try:
+        rows = diagnose(args.run_dir, args.draws, args.step)
+    except (OSError, CheckpointError) as e:
+        parser.exit(1, f"diagnose.py: error: {e}\n")
     print(
         f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  "
         "eaten (no odor / odor)  wide (>prior/2)      noise units"
