@@ -58,3 +58,34 @@ def test_diagnose_on_a_directory_without_checkpoints_is_a_one_line_error(tmp_pat
         assert r.returncode == 1, r.stderr
         assert expected in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_has_closed_form_sees_a_pair_registered_with_torch_after_the_first_question() -> None:
+    """bbb.kl.has_closed_form cached a prior type's "no" for good: a KL pair registered later
+    with torch.distributions.kl.register_kl was never used (kl='auto' stayed Monte Carlo)."""
+    from torch import distributions as D
+
+    from bbb.kl import has_closed_form
+    from bbb.priors import Prior
+
+    # a distribution type of its own, unknown to torch's KL registry
+    class Odd(D.Distribution):
+        arg_constraints: dict = {}
+
+    class OddPrior(Prior):
+        def distribution(self) -> D.Distribution:
+            return Odd(validate_args=False)
+
+    odd = OddPrior()
+    assert has_closed_form(odd) is False
+
+    @D.kl.register_kl(D.Normal, Odd)
+    def _kl_normal_odd(p: D.Normal, q: Odd) -> torch.Tensor:
+        return torch.zeros_like(p.loc)
+
+    try:
+        assert has_closed_form(odd) is True
+    finally:  # leave torch's registry as it was for the other tests
+        del D.kl._KL_REGISTRY[(D.Normal, Odd)]
+        D.kl._KL_MEMOIZE.clear()
+    assert has_closed_form(odd) is False

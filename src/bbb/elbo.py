@@ -10,8 +10,9 @@ of the pass for weight-space sampling and flipout; the local estimator draws no 
 its estimate uses one weight sample drawn for the KL alone) and the KL weight
 ``beta * pi_i / B`` depends on the weighting scheme:
 
-- ``"uniform"``: pi_i = B / N, so the KL term is KL / N. Summed over the M minibatches of an
-  epoch (times B) this is exactly the full-data negative ELBO divided by N.
+- ``"uniform"``: pi_i = B / N, so the KL term is KL / N. Multiplied by B and summed over the M
+  minibatches of an epoch, the loss is exactly the full-data negative ELBO (and the epoch's
+  mean loss per example is that divided by N).
 - ``"blundell"``: pi_i = 2^(M-i) / (2^M - 1) for minibatch i = 1..M of the epoch (Blundell et
   al. 2015, eq. 9), computed as 2^-i / (1 - 2^-M) so M = 391 does not overflow. The weights sum
   to 1 over an epoch: early minibatches carry most of the KL.

@@ -80,6 +80,7 @@ def _requires_grad(*tensors: object) -> bool:
 ClosedForm = Callable[[Tensor, Tensor, Tensor, D.Distribution], Tensor]
 _REGISTRY: dict[type[D.Distribution], ClosedForm] = {}
 _CLOSED_FORM_CACHE: dict[type[D.Distribution], bool] = {}
+_CACHED_TORCH_PAIRS = -1  # how many pairs torch.distributions.kl had when the cache was filled
 
 
 def register_closed_form(prior_type: type[D.Distribution]) -> Callable[[ClosedForm], ClosedForm]:
@@ -148,6 +149,13 @@ def has_closed_form(prior: Prior) -> bool:
     """
     p = prior.distribution()
     t = type(p)
+    # a pair registered with torch.distributions.kl.register_kl after a prior type was first
+    # asked about would not be seen by a stale "no": start over when torch's registry grew
+    global _CACHED_TORCH_PAIRS
+    pairs = len(getattr(D.kl, "_KL_REGISTRY", ()))
+    if pairs != _CACHED_TORCH_PAIRS:
+        _CLOSED_FORM_CACHE.clear()
+        _CACHED_TORCH_PAIRS = pairs
     if t not in _CLOSED_FORM_CACHE:
         if t in _REGISTRY:
             _CLOSED_FORM_CACHE[t] = True
