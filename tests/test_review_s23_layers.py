@@ -540,3 +540,13 @@ def test_repeat_samples_takes_numpy_integers_and_names_a_0d_input() -> None:
     assert bbb.repeat_samples(x, 1) is x
     with pytest.raises(ValueError, match="batch dimension"):
         bbb.repeat_samples(torch.tensor(1.0), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+def test_layers_run_on_the_meta_device(estimator: str, dtype: torch.dtype) -> None:
+    # shape inference on the meta device (a device type autocast does not know: asking it
+    # whether autocast is on raises) must keep working with local's float16 variance path
+    layer = BayesConv2d(2, 3, 3, estimator=estimator, dtype=dtype, device="meta")
+    y = layer(torch.empty(4, 2, 5, 5, dtype=dtype, device="meta"))
+    assert y.shape == (4, 3, 3, 3) and y.device.type == "meta" and y.dtype == dtype

@@ -20,6 +20,7 @@ number of outputs (out features / out channels).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Protocol
 
 import torch
@@ -117,6 +118,15 @@ def _min_variance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` (False for a device type autocast does
+    not know, such as ``meta``, for which torch raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _float16_variance(x: Tensor) -> bool:
     """Whether local's variance path ``op(x^2, sigma^2)`` would run in float16: a float16
     input, or a float32 one under an autocast to float16 (float64 is not cast by autocast)."""
@@ -125,7 +135,7 @@ def _float16_variance(x: Tensor) -> bool:
     dev = x.device.type
     return (
         x.dtype == torch.float32
-        and torch.is_autocast_enabled(dev)
+        and _autocast_on(dev)
         and torch.get_autocast_dtype(dev) == torch.float16
     )
 
@@ -173,7 +183,9 @@ def local(
         # where the other estimators' was finite) and sigma^2 underflows below sigma = 2.4e-4
         # (no noise at all): the variance path in float32, as autocast does for its own sums
         # of squares (pow, norm, layer_norm), then the standard deviation cast back.
-        with torch.autocast(x.device.type, enabled=False):
+        dev = x.device.type
+        off = torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
+        with off:
             x32 = x.float()
             w32 = post.w_sigma.float().square() if w_var is None else w_var.float()
             b32 = None
