@@ -550,3 +550,34 @@ def test_layers_run_on_the_meta_device(estimator: str, dtype: torch.dtype) -> No
     layer = BayesConv2d(2, 3, 3, estimator=estimator, dtype=dtype, device="meta")
     y = layer(torch.empty(4, 2, 5, 5, dtype=dtype, device="meta"))
     assert y.shape == (4, 3, 3, 3) and y.device.type == "meta" and y.dtype == dtype
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("estimator", bbb.ESTIMATORS)
+def test_layers_compile_into_one_graph(estimator: str, stats) -> None:  # type: ignore[no-untyped-def]
+    # Before: bbb.nn.noise.randn asked torch for its thread count (and the native library
+    # for its normals), which broke the graph at every layer's noise: 8 graphs for this
+    # two-layer model, and fullgraph=True failed. (backend "eager": dynamo's tracing only,
+    # no code generation, so no compiler is needed.)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BayesConv2d(2, 3, 3, estimator=estimator, rho_init=-1.0, dtype=DT),
+        nn.ReLU(),
+        BayesConv2d(3, 2, 3, padding="same", padding_mode="reflect", estimator=estimator, dtype=DT),
+        nn.Flatten(),
+        BayesLinear(18, 2, estimator=estimator, rho_init=-1.0, dtype=DT),
+    )
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(1, 2, 5, 5, dtype=DT)
+    s = 2000
+    with torch.no_grad(), bbb.vectorized_samples(model, s):
+        xs = torch.cat([x] * s)
+        y = compiled(xs)
+        y_ref = model(xs)
+    # the compiled model's noise is torch's own: the same distribution as the eager model's,
+    # output by output (two independent samples: means and variances within 5 SE)
+    stats.assert_same_moments(y, y_ref, what=f"compiled {estimator}")
+    torch._dynamo.reset()

@@ -65,6 +65,10 @@ def randn(
 ) -> Tensor:
     """i.i.d. standard normal noise of ``shape``, like ``torch.randn`` (see the module doc)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        # inside torch.compile: its own random numbers (the thread count query and the
+        # native library's call each broke the graph, twice per local layer)
+        return torch.randn(shape, dtype=dtype, device=dev)
     numel = math.prod(shape)
     if (
         dev.type == "cpu"
@@ -96,9 +100,10 @@ def randn(
 def rademacher(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     """Independent random signs (+1/-1) of ``shape``, dtype and device of ``like``."""
     numel = math.prod(shape)
-    if numel < 64:
-        # Tiny tensors: one generator call per sign is cheaper than the unpacking.
-        return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+    if numel < 64 or torch.compiler.is_compiling():
+        # Tiny tensors: one generator call per sign is cheaper than the unpacking. Inside
+        # torch.compile: its own random numbers (random_ on the int64 words broke the graph).
+        return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype) * 2 - 1
     words = torch.empty(-(-numel // _BITS), dtype=torch.int64, device=like.device).random_()
     shifts = _shifts.get(like.device)
     if shifts is None:
