@@ -7,13 +7,16 @@ layer, one to three epochs of 4 steps); nothing here is statistical: every check
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from conftest import free_port, spawn_ranks
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import bbb
 import bbb.train.checkpoint as C
@@ -27,6 +30,7 @@ from bbb.train import (
     evaluate,
     save_checkpoint,
 )
+from bbb.train import distributed as D
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
 
@@ -236,3 +240,211 @@ def test_evaluate_of_a_diverged_model_says_so(task: str) -> None:
     with pytest.raises(NonFinitePredictionError, match="for 6 of 6 examples .*diverged"):
         evaluate(model, loader, lik, num_samples=2)
     assert issubclass(NonFinitePredictionError, ValueError)  # what evaluate raised before
+
+
+# --------------------------------------------------------------------------- 2 ranks (gloo)
+#
+# One spawn of 2 CPU processes runs every scenario (a few seconds, mostly importing torch).
+# Each rank saves what it saw to its own file: no collective outside the scenarios, so a
+# scenario that leaves the ranks out of step fails its test instead of hanging the others.
+
+WORLD = 2
+SPAWN_TIMEOUT_S = 120  # a hung collective fails the test instead of the suite
+
+
+class Indexed(Dataset):
+    """32 toy points that record which indices were read (the shards a rank trained on)."""
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        self.x, self.y = toy_data().tensors
+        if nan_at is not None:
+            self.x = self.x.clone()
+            self.x[nan_at] = math.nan
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        self.seen.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def ddp_trainer(
+    out_dir: Path | None,
+    epochs: int,
+    ds: Dataset | None = None,
+    *,
+    sharded: bool = True,
+    init_seed: int = 0,
+    distributed: bool = True,
+    **kw: Any,
+) -> Trainer:
+    """The same network, ELBO and optimizer on each rank (weight noise on: "sample" mode)."""
+    torch.manual_seed(init_seed)
+    ds = Indexed() if ds is None else ds
+    model = bayes_mlp(1, [8], 1, mu_init="fan_in")
+    elbo = bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), N)
+    if sharded and distributed:  # the CLI's sampler: a shuffled shard per rank, reshuffled by epoch
+        sampler = DistributedSampler(ds, num_replicas=WORLD, rank=dist.get_rank(), seed=3)
+        loader = DataLoader(ds, batch_size=BATCH // WORLD, sampler=sampler)
+    else:
+        loader = DataLoader(ds, batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sharded=False: "every rank sees the whole set"
+        return Trainer(
+            model,
+            elbo,
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            loader,
+            epochs=epochs,
+            out_dir=out_dir,
+            progress=False,
+            log=None,
+            distributed=distributed,
+            **kw,
+        )
+
+
+def _params(trainer: Trainer) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _scenarios(r: int, tmp: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    # 1. two epochs straight, and one epoch then a resume with 2 ranks: the same parameters
+    t = ddp_trainer(tmp / "straight", 2)
+    t.fit()
+    res["straight"] = _params(t)
+    seen = t.train_loader.dataset.seen  # type: ignore[attr-defined]
+    res["shards"] = [seen[:16], seen[16:]]  # epoch 1, epoch 2: 16 rows per rank
+    del t
+    ddp_trainer(tmp / "resumed", 1).fit()
+    t = ddp_trainer(tmp / "resumed", 2, init_seed=1)  # another initialisation: resume replaces it
+    t.fit(resume=True)
+    res["resumed"] = _params(t)
+    del t
+    # 1b. a run of one process (rank 0 alone, distributed=False inside the group) resumed on
+    # 2 ranks. Before: that Trainer exchanged its epoch-file errors with the other ranks,
+    # which took no part: rank 0 hung in its first epoch (this spawn timed out)
+    if r == 0:
+        t = ddp_trainer(tmp / "one", 1, distributed=False)
+        t.fit()
+        res["one"] = t.history[0]["loss"]
+        del t
+    dist.barrier()
+    t = ddp_trainer(tmp / "one", 2, init_seed=1)
+    t.fit(resume=True)
+    res["one-then-two"] = [(row["epoch"], row["loss"]) for row in t.history]
+    res["one-then-two-params"] = _params(t)
+    del t
+    # 2. every rank draws its own weight noise: the same rows on both ranks, outputs differ
+    t = ddp_trainer(None, 1, sharded=False)
+    outputs: list[Tensor] = []
+    t.model.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().clone()))
+    t.fit()
+    res["first_output"] = outputs[0]
+    del t
+    # 3. a NaN input in rank 1's shard only: the message on rank 0 names it
+    sampler_rows = list(range(1, N, WORLD))  # shuffle off: rank 1 reads rows 1, 3, ...
+    t = ddp_trainer(None, 1, Indexed(nan_at=sampler_rows[0]), sharded=True)
+    t.train_loader.sampler.shuffle = False  # type: ignore[union-attr]
+    try:
+        t.fit()
+        res["nan_message"] = "no error"
+    except TrainingDivergedError as e:
+        res["nan_message"] = str(e)
+    del t
+
+    # 4. last (it may leave the ranks out of step): an error in the epoch callback of rank 1
+    def callback(epoch: int, row: dict[str, Any]) -> None:
+        if r == 1:
+            raise RuntimeError("rank 1's callback failed")
+
+    t = ddp_trainer(None, 3, epoch_callback=callback)
+    try:
+        t.fit()
+        res["callback"] = "no error"
+    except Exception as e:  # noqa: BLE001 - what each rank raised
+        res["callback"] = f"{type(e).__name__}: {e}"
+    del t
+    return res
+
+
+def _worker(r: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=WORLD)
+    try:
+        res = _scenarios(r, Path(out).parent)
+    finally:
+        D.cleanup()
+    torch.save(res, f"{out}.{r}")
+    if r == 0:  # spawn_ranks reads this file once both ranks have finished
+        torch.save(True, out)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp("ddp") / "done.pt"
+    spawn_ranks(_worker, (free_port(), str(out)), WORLD, out, SPAWN_TIMEOUT_S)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+
+
+def test_a_two_rank_run_resumed_on_two_ranks_ends_like_an_uninterrupted_one(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for r in range(WORLD):
+        for k, v in ranks[r]["straight"].items():
+            # exact: the resumed run restores every generator, and the shards depend only on
+            # the sampler's seed and the epoch
+            assert torch.equal(ranks[r]["resumed"][k], v), (r, k)
+            assert torch.equal(ranks[0]["straight"][k], v), k  # DDP: one model on every rank
+
+
+def test_a_one_process_run_resumes_on_two_ranks(ranks: list[dict[str, Any]]) -> None:
+    rows = ranks[0]["one-then-two"]
+    assert rows == ranks[1]["one-then-two"]  # the same history on every rank
+    # epoch 1 is the one-process run's (resumed, not trained again), epoch 2 the 2 ranks'
+    assert [e for e, _ in rows] == [1, 2] and rows[0][1] == ranks[0]["one"]
+    for k, v in ranks[0]["one-then-two-params"].items():
+        assert torch.equal(ranks[1]["one-then-two-params"][k], v), k
+
+
+def test_the_ranks_shards_are_disjoint_and_reshuffled_every_epoch(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for epoch in range(2):
+        a, b = ranks[0]["shards"][epoch], ranks[1]["shards"][epoch]
+        assert sorted(a + b) == list(range(N))  # disjoint, and together the whole set
+    assert ranks[0]["shards"][0] != ranks[0]["shards"][1]
+
+
+def test_the_ranks_draw_independent_weight_noise(ranks: list[dict[str, Any]]) -> None:
+    # the same 8 rows and the same parameters on both ranks: only the noise differs
+    a, b = ranks[0]["first_output"], ranks[1]["first_output"]
+    assert a.shape == b.shape == (BATCH, 1)
+    assert not torch.allclose(a, b)
+
+
+def test_a_nan_input_on_one_rank_is_named_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    # before: each rank looked at its own minibatch only; rank 0 (the one whose log is read)
+    # blamed the learning rate, and printed its own finite nll
+    for r in range(WORLD):
+        message = ranks[r]["nan_message"]
+        assert "step 1 of 4" in message, message
+        assert "The minibatch inputs on rank 1 contain NaN or Inf values" in message, message
+        assert "rank 0: nll=" in message and "rank 1: nll=nan" in message, message
+
+
+def test_an_epoch_callback_error_on_one_rank_is_raised_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    # before: rank 0 waited in its next collective until rank 1's process left the group,
+    # then failed with gloo's "Connection closed by peer" (no word of the callback)
+    assert ranks[1]["callback"] == "RuntimeError: rank 1's callback failed"
+    assert ranks[0]["callback"].startswith(
+        "DistributedError: rank 1 failed while running the "
+        "epoch callback of epoch 1: RuntimeError: rank 1's"
+    )

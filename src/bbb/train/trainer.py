@@ -23,6 +23,7 @@ resumed with any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -644,6 +645,16 @@ class Trainer:
                     for name, t in (("inputs", x), ("targets", y))
                     if t.is_floating_point() and not bool(torch.isfinite(t).all())
                 ]
+                stats = f"nll={float(result.nll)}, kl={float(result.kl)}"
+                if self._ddp is not None:
+                    # every rank is here (the loss was reduced over ranks), but each saw only
+                    # its own shard: say which rank's minibatch holds the NaN (rank 0 alone
+                    # blamed the learning rate when rank 1's data were at fault)
+                    per_rank = _dist.gather_object((bad_data, stats))
+                    stats = "; ".join(f"rank {r}: {st}" for r, (_, st) in enumerate(per_rank))
+                    bad_data = [
+                        f"{n} on rank {r}" for r, (ns, _) in enumerate(per_rank) for n in ns
+                    ]
                 hint = (
                     f"The minibatch {' and '.join(bad_data)} contain NaN or Inf values: clean "
                     "the data set."
@@ -652,8 +663,7 @@ class Trainer:
                 )
                 raise TrainingDivergedError(
                     f"loss became {loss_value} at epoch {self.epoch + 1}, step {i + 1} of "
-                    f"{num_batches} (nll={float(result.nll)}, kl={float(result.kl)}){where}. "
-                    + hint
+                    f"{num_batches} ({stats}){where}. " + hint
                 )
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
@@ -852,7 +862,7 @@ class Trainer:
             row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
             row.update({f"val_{k}": v for k, v in val.items()})
             row["lr"] = lr
-            with _dist.collective_errors(f"writing epoch {self.epoch}'s files"):
+            with self._collective_errors(f"writing epoch {self.epoch}'s files"):
                 self._write_epoch(row, improved)
             if self.log:
                 vtxt = f" val_{self.val_metric}={val[self.val_metric]:.4g}" if val else ""
@@ -863,12 +873,15 @@ class Trainer:
                 )
             if self.epoch_callback is not None:
                 why: str | None = None
-                try:
-                    self.epoch_callback(self.epoch, row)
-                except StopTraining as e:
-                    # the caller's decision for this call (a time budget, a sweep's pruner):
-                    # not saved, a resumed run trains on
-                    why = str(e)
+                # an error raised on one rank is raised on every rank, naming it (the others
+                # waited in their next collective until that rank's process ended)
+                with self._collective_errors(f"running the epoch callback of epoch {self.epoch}"):
+                    try:
+                        self.epoch_callback(self.epoch, row)
+                    except StopTraining as e:
+                        # the caller's decision for this call (a time budget, a sweep's
+                        # pruner): not saved, a resumed run trains on
+                        why = str(e)
                 if self.distributed:
                     # a decision taken on one rank (a wall-clock budget read a moment later
                     # than on the others) stops every rank: a rank training on alone would wait
@@ -893,6 +906,12 @@ class Trainer:
             "stopped_by_callback": stopped_by_callback,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
         }
+
+    def _collective_errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """:func:`bbb.train.distributed.collective_errors` for a distributed Trainer; nothing
+        for one trained by this process alone (``distributed=False`` inside a process group:
+        the other ranks take no part, and an exchange with them waited until the timeout)."""
+        return _dist.collective_errors(what) if self.distributed else contextlib.nullcontext()
 
     def _patience_ran_out(self) -> str | None:
         """``"early stopping"`` when the last ``patience`` epochs brought no improvement."""
