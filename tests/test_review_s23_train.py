@@ -200,7 +200,7 @@ def test_a_divergence_at_an_epochs_first_step_does_not_call_the_newest_checkpoin
         trainer.fit(resume=True)
     message = str(info.value)
     assert "is intact" not in message
-    assert "checkpoint-00002.pt holds the parameters this step started from" in message
+    assert "checkpoint-00002.pt holds the parameters this step started from" in message, message
     assert "checkpoint-00001.pt" in message  # the one to fall back to
     # later in an epoch, the newest checkpoint did train on: it is still named as intact
     trainer, model = make(run, 3)
@@ -215,6 +215,31 @@ def test_a_divergence_at_an_epochs_first_step_does_not_call_the_newest_checkpoin
         trainer.fit(resume=True)
     assert "the last good checkpoint" in str(info.value)
     assert "checkpoint-00002.pt is intact" in str(info.value)
+
+
+def test_a_divergence_after_resuming_past_a_corrupt_checkpoint_names_the_one_resumed_from(
+    tmp_path: Path,
+) -> None:
+    # before: "the last good checkpoint checkpoint-00002.pt is intact", the newest file, which
+    # was corrupt (the resume had skipped it, with a warning, for checkpoint-00001.pt)
+    run = tmp_path / "run"
+    make(run, 2)[0].fit()
+    (run / "checkpoints" / "checkpoint-00002.pt").write_bytes(b"not a checkpoint")
+    trainer, model = make(run, 3)
+    calls = [0]
+
+    def nan_at_second_forward(_m: nn.Module, _inp: Any, out: Tensor) -> Tensor:
+        calls[0] += 1
+        return out * math.nan if calls[0] == 2 else out
+
+    model.register_forward_hook(nan_at_second_forward)
+    with (
+        pytest.warns(UserWarning, match="trying an older checkpoint"),
+        pytest.raises(TrainingDivergedError, match="epoch 2, step 2 of 4") as info,
+    ):
+        trainer.fit(resume=True)
+    assert "the last good checkpoint" in str(info.value)
+    assert "checkpoint-00001.pt is intact" in str(info.value), str(info.value)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -395,6 +395,9 @@ class Trainer:
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self._run_lock: RunLock | None = None
+        # the checkpoint holding the parameters the current epoch started from (the one
+        # resumed from, or the last one written); None before the first
+        self._start_checkpoint: Path | None = None
         self.val_samples = val_samples
         self.patience = patience
         self.progress = progress
@@ -697,31 +700,32 @@ class Trainer:
         return out
 
     def _last_good_checkpoint(self, first_step: bool = False) -> str:
-        """``"; the last good checkpoint ... is intact"`` (or how the newest one is not good)
-        for a divergence message; empty without a run directory or checkpoint.
+        """``"; the last good checkpoint ... is intact"`` (or how it is not good) for a
+        divergence message; empty without one.
 
-        ``first_step``: the divergence came at the first step of an epoch, which ran with the
-        parameters the newest checkpoint holds (written at the end of the previous epoch, or
-        resumed from): resuming from it would diverge again at once.
+        The last good checkpoint is the one this epoch started from (the one resumed from:
+        not the newest file when that one was unreadable). ``first_step``: the divergence
+        came at the epoch's first step, which ran with the parameters that checkpoint holds:
+        resuming from it would diverge again at once.
         """
-        if self.out_dir is None:
-            return ""
-        from .checkpoint import list_checkpoints
+        from .checkpoint import checkpoint_epoch, list_checkpoints
 
-        found = list_checkpoints(self.out_dir / "checkpoints")
-        if not found:
+        start = self._start_checkpoint
+        if start is None or not start.is_file():
             return ""
         if not first_step:
-            return f"; the last good checkpoint {found[-1]} is intact"
+            return f"; the last good checkpoint {start} is intact"
+        found = list_checkpoints(start.parent)
+        before = [p for p in found if checkpoint_epoch(p) < checkpoint_epoch(start)]
         older = (
-            f" (the one before it, {found[-2]}, trained on: delete {found[-1].name} to resume "
+            f" (the one before it, {before[-1]}, trained on: delete the newer ones to resume "
             "from it)"
-            if len(found) > 1
+            if before
             else ""
         )
         return (
-            f"; the newest checkpoint {found[-1]} holds the parameters this step started from "
-            f"(the epoch's first): resuming from it would likely diverge again{older}"
+            f"; the checkpoint {start} holds the parameters this step started from (the "
+            f"epoch's first): resuming from it would likely diverge again{older}"
         )
 
     def _check_finite_parameters(self) -> None:
@@ -832,6 +836,7 @@ class Trainer:
             state, path, self.history, best = loaded
             self._restore(state)
             self._restore_best(best, path)
+            self._start_checkpoint = path
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
         stopped_by_callback = False
@@ -928,10 +933,14 @@ class Trainer:
             self._append_metrics(row)
             if self.out_dir is not None and self.is_writer:
                 save_checkpoint(self.out_dir / "checkpoints", self.epoch, self._state())
+            if self.out_dir is not None:  # on every rank (rank 0 wrote it)
+                self._start_checkpoint = (
+                    self.out_dir / "checkpoints" / f"checkpoint-{self.epoch:05d}.pt"
+                )
         except OSError as e:
             if self.out_dir is None:
                 raise
-            last = latest_checkpoint(self.out_dir / "checkpoints")
+            last = self._start_checkpoint  # the newest written or resumed from (not a corrupt one)
             kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint yet"
             raise OSError(
                 e.errno,
