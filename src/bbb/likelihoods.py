@@ -27,7 +27,9 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    # a meta tensor holds no values to check (reading its flag raised "Tensor.item() cannot
+    # be called on meta tensors")
+    if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -57,8 +59,13 @@ class Categorical(Likelihood):
                 f"Categorical targets must be integer class indices, got {target.dtype}"
             )
         num_classes = output.shape[-1]
-        # one read of the device (a host sync on a GPU) per minibatch; min and max on failure
-        if target.numel() and bool(((target < 0) | (target >= num_classes)).any()):
+        # one read of the device (a host sync on a GPU) per minibatch; min and max on failure;
+        # none for a meta tensor, which holds no values ("cannot be called on meta tensors")
+        if (
+            target.numel()
+            and not target.is_meta
+            and bool(((target < 0) | (target >= num_classes)).any())
+        ):
             raise ValueError(
                 f"Categorical targets must lie in [0, {num_classes}), got values in "
                 f"[{int(target.min())}, {int(target.max())}]"
@@ -136,7 +143,29 @@ class Gaussian(Likelihood):
         return self.log_sigma.exp()
 
     def mean_and_variance(self, output: Tensor) -> tuple[Tensor, Tensor]:
-        """Split outputs (S, B, D or 2D) into the mean (S, B, D) and noise variance (S, B, D)."""
+        """Split outputs (S, B, D or 2D) into the mean (S, B, D) and noise variance (S, B, D).
+
+        The variance has the outputs' device and dtype, a fixed or learned noise's too
+        (whatever device and dtype this module is on). A variance beyond the dtype's range (a
+        log-variance above ~88.7 in float32) is Inf here; :meth:`log_prob` works in log space
+        and stays finite.
+        """
+        mean, log_var, heteroscedastic = self._split(output)
+        if heteroscedastic:
+            return mean, log_var.exp() + self.min_variance
+        return mean, log_var.exp()
+
+    def mean_and_log_variance(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean (S, B, D) and the log of the noise variance (S, B, D), in the outputs'
+        device and dtype; heteroscedastic: log(exp(log_var) + min_variance), without exp."""
+        mean, log_var, heteroscedastic = self._split(output)
+        if heteroscedastic and self.min_variance > 0:
+            floor = log_var.new_tensor(math.log(self.min_variance))
+            log_var = torch.logaddexp(log_var, floor)
+        return mean, log_var
+
+    def _split(self, output: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """(mean, log-variance before the min_variance floor, heteroscedastic?)."""
         if output.dim() == 2:  # (S, B) from a model with a squeezed single output
             output = output.unsqueeze(-1)
         if output.dim() != 3:
@@ -160,13 +189,15 @@ class Gaussian(Likelihood):
                     f"got {d}; pass output_dim={d // 2} if the targets have {d // 2} dimensions"
                 )
             mean, log_var = output.split(d // 2, dim=-1)
-            return mean, log_var.exp() + self.min_variance
+            return mean, log_var, True
         if d != self.output_dim:
             raise ValueError(
                 f"Gaussian(noise={self.noise!r}) expects {self.output_dim} output(s) per example, got {d}"
             )
-        var = (2 * self.log_sigma).exp().to(output.dtype).expand_as(output)
-        return output, var
+        # on the outputs' device and in their dtype (expand_as moved neither: the variances of
+        # a model on another device than this module stayed on this module's, or crashed)
+        log_var = 2 * self.log_sigma.to(device=output.device, dtype=output.dtype)
+        return output, log_var.expand_as(output), False
 
     def _target(self, mean: Tensor, target: Tensor) -> Tensor:
         if target.dtype == torch.bool or target.is_complex():
@@ -195,9 +226,13 @@ class Gaussian(Likelihood):
         """
         if output.dtype in (torch.float16, torch.bfloat16):
             output = output.float()
-        mean, var = self.mean_and_variance(output)
+        mean, log_var = self.mean_and_log_variance(output)
         target = self._target(mean, target)
-        lp = -0.5 * (_LOG_2PI + var.log() + (target - mean) ** 2 / var)
+        # in log space: exp(log_var) overflowed float32 above log_var = 88.7 (a -inf
+        # log-likelihood, a NaN gradient); the residual is scaled before it is squared, so a
+        # residual above 1.8e19 (whose square overflows float32) stays finite too
+        z = (target - mean) * torch.exp(-0.5 * log_var)
+        lp = -0.5 * (_LOG_2PI + log_var + z * z)
         return lp.sum(-1)
 
     def extra_repr(self) -> str:
