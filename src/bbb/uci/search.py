@@ -12,7 +12,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..data.uci import UCIDataset
-from ..train.trainer import TrainingDivergedError
+from ..train.trainer import NonFinitePredictionError, TrainingDivergedError
 from .settings import PathLike, SearchSpace, check_uci_settings
 from .train import _block, _results_of, _run_data, _train
 
@@ -28,6 +28,9 @@ def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:
     return best_i, best_v
 
 
+Curves = tuple[list[float], list[float]]
+
+
 def _tune_curve(
     key: int,
     path: PathLike,
@@ -37,10 +40,15 @@ def _tune_curve(
     passes: int,
     verify: bool = True,
     threads: int | None = None,
-) -> tuple[int, int, tuple[list[float], list[float]] | None]:
-    """``(key, split, curves)``: the validation LL and RMSE curves (original units,
+) -> tuple[int, int, Curves | None, str | None]:
+    """``(key, split, curves, why)``: the validation LL and RMSE curves (original units,
     one value per trainer epoch) of one grid point on one split's training rows minus a
-    validation part; ``curves`` is None when training diverged."""
+    validation part; ``curves`` is None when training diverged, and ``why`` then says how.
+
+    Diverged: a non-finite loss or parameters (:class:`TrainingDivergedError`), non-finite
+    validation predictions with finite parameters (:class:`NonFinitePredictionError`: e.g. a
+    learned noise std beyond float32's range, whose loss stays finite in log space), or a
+    non-finite validation value."""
     if threads is not None:
         torch.set_num_threads(threads)
     dataset = UCIDataset(path, verify=verify)
@@ -48,13 +56,15 @@ def _tune_curve(
     data = _run_data(sp, sp.train, sp.val)
     try:
         trainer, _ = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split, val_every=True)
-    except TrainingDivergedError:
-        return key, split, None
-    return (
-        key,
-        split,
-        ([-r["val_nll"] for r in trainer.history], [r["val_rmse"] for r in trainer.history]),
-    )
+    except (TrainingDivergedError, NonFinitePredictionError) as e:
+        return key, split, None, f"{type(e).__name__}: {e}"
+    ll = [-r["val_nll"] for r in trainer.history]
+    rmse = [r["val_rmse"] for r in trainer.history]
+    bad = next((j for j, v in enumerate(ll + rmse) if not math.isfinite(v)), None)
+    if bad is not None:
+        epoch = trainer.history[bad % len(ll)]["epoch"]
+        return key, split, None, f"a non-finite validation value at trainer epoch {epoch}"
+    return key, split, (ll, rmse), None
 
 
 def tune(
@@ -95,7 +105,12 @@ def tune(
         check_uci_settings(c, tuning=True)
     tasks = [(i, s) for i in range(len(cfgs)) for s in space.splits]
     frac = space.validation_fraction
-    curves: dict[tuple[int, int], tuple[list[float], list[float]] | None] = {}
+    curves: dict[tuple[int, int], Curves | None] = {}
+    why: dict[tuple[int, int], str | None] = {}
+
+    def record(r: tuple[int, int, Curves | None, str | None]) -> None:
+        curves[(r[0], r[1])], why[(r[0], r[1])] = r[2], r[3]
+
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
@@ -108,18 +123,26 @@ def tune(
                 ): (i, s)
                 for i, s in tasks
             }
-            _results_of(futures, lambda r: curves.__setitem__((r[0], r[1]), r[2]))
+            _results_of(futures, record)
     else:
         for i, s in tasks:
-            curves[(i, s)] = _tune_curve(i, dataset.path, cfgs[i], s, frac, passes, verify)[2]
+            record(_tune_curve(i, dataset.path, cfgs[i], s, frac, passes, verify))
     points = []
     for i, overrides in enumerate(overrides_list):
         per_block = _block(cfgs[i], passes)
         diverged = [s for s in space.splits if curves[(i, s)] is None]
         if diverged:  # a valid point of the grid (e.g. too high a learning rate): scored last
-            points.append({"overrides": overrides, "val_ll": None, "diverged_on_splits": diverged})
+            reasons = [why[(i, s)] for s in diverged]
+            points.append(
+                {
+                    "overrides": overrides,
+                    "val_ll": None,
+                    "diverged_on_splits": diverged,
+                    "diverged_because": reasons,
+                }
+            )
             if log:
-                log(f"  tune {overrides}: diverged (splits {diverged})")
+                log(f"  tune {overrides}: diverged (splits {diverged}): {reasons[0]}")
             continue
         lls = [curves[(i, s)][0] for s in space.splits]  # type: ignore[index]
         rmses = [curves[(i, s)][1] for s in space.splits]  # type: ignore[index]
@@ -143,8 +166,11 @@ def tune(
             )
     finite = [p for p in points if p["val_ll"] is not None]
     if not finite:
+        first = points[0]
         raise TrainingDivergedError(
-            f"every grid point diverged in the search on {dataset.name}: lower the learning rate"
+            f"every grid point diverged in the search on {dataset.name} (the first, "
+            f"{first['overrides']}, on split {first['diverged_on_splits'][0]}: "
+            f"{first['diverged_because'][0]}): lower the learning rate"
         )
     best = max(finite, key=lambda p: p["val_ll"])
     return {

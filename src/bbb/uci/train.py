@@ -15,7 +15,13 @@ from ..config import TrainConfig
 from ..data.uci import UCIDataset, UCISplit
 from ..kernels import use_kernels
 from ..runs import RunData, build_likelihood, build_model, build_objective
-from ..train.trainer import Trainer, evaluate, seed_everything
+from ..train.trainer import (
+    NonFinitePredictionError,
+    Trainer,
+    TrainingDivergedError,
+    evaluate,
+    seed_everything,
+)
 from .settings import PathLike, check_uci_settings
 
 
@@ -146,6 +152,10 @@ def run_split(
     over the same span), ``noise_std`` (original units, learned
     homoscedastic noise), ``n_train``, ``n_test`` and ``settings`` (the TrainConfig values
     that vary in a search).
+
+    Raises :class:`TrainingDivergedError` naming the data set, the split and the learning
+    rate when training diverged: a non-finite loss or parameters, or non-finite test
+    predictions from finite parameters (a noise variance beyond the dtype's range).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -153,15 +163,20 @@ def run_split(
     ds = UCIDataset(path, verify=verify)
     data_split = ds.split(split)
     data = _run_data(data_split, data_split.train, None)
-    trainer, likelihood = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split)
-    report = evaluate(
-        trainer.model,
-        DataLoader(data_split.test, batch_size=len(data_split.test)),
-        likelihood,  # type: ignore[arg-type]
-        num_samples=test_samples,
-        device=cfg.device,
-        y_scale=data.y_std,
-    )
+    try:
+        trainer, likelihood = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split)
+        report = evaluate(
+            trainer.model,
+            DataLoader(data_split.test, batch_size=len(data_split.test)),
+            likelihood,  # type: ignore[arg-type]
+            num_samples=test_samples,
+            device=cfg.device,
+            y_scale=data.y_std,
+        )
+    except (TrainingDivergedError, NonFinitePredictionError) as e:
+        # which split, with which rate (a NonFinitePredictionError from the test evaluation is
+        # the same failure: finite parameters whose predictions overflow)
+        raise TrainingDivergedError(f"{ds.name} split {split} diverged (lr={cfg.lr:g}): {e}") from e
     return {
         "split": split,
         "rmse": report["rmse"],
