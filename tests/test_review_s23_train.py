@@ -174,6 +174,14 @@ def test_the_nan_parameter_check_names_the_last_good_checkpoint(tmp_path: Path) 
     assert "contains NaN" not in message
 
 
+def test_the_nan_parameter_check_ignores_frozen_parameters(tmp_path: Path) -> None:
+    # a parameter no step can change (requires_grad=False: a user's fixed -inf bound) is not
+    # a divergence
+    trainer, model = make(tmp_path / "run", 1)
+    model.register_parameter("bound", nn.Parameter(torch.tensor(-math.inf), requires_grad=False))
+    assert trainer.fit()["epochs_trained"] == 1
+
+
 def _nan_output_once(model: nn.Module) -> None:
     """The model's next forward returns NaN (a divergence at the next step)."""
     done = [False]

@@ -735,7 +735,7 @@ class Trainer:
         params = [
             (name, p)
             for name, p in [*self.model.named_parameters(), *self.elbo.named_parameters()]
-            if p.is_floating_point()
+            if p.requires_grad and p.is_floating_point()  # what the optimizer may have changed
         ]
         if not params:
             return
