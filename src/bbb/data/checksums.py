@@ -8,8 +8,8 @@ the SHA-256 digest of each file it reads against the table at the bottom of this
   its gzip bytes (compression level, timestamp) are;
 * UCI split directories and the mushroom file: digests of the files as stored.
 
-Successful verifications are cached in-process, keyed by ``(path, size, mtime, decompress)``, so
-loading the same file twice hashes it once.
+Successful verifications are cached in-process, keyed by ``(path, inode, size, mtime, ctime,
+decompress)``, so loading the same file twice hashes it once.
 """
 
 from __future__ import annotations
@@ -130,8 +130,21 @@ def require_file(path: str | os.PathLike[str], source_hint: str | None = None) -
     if not path.is_file():
         where = f" Get it from {source_hint}." if source_hint else ""
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        if path.is_symlink() and not path.exists():
+            what = f"is a broken symbolic link (to {describe_link(path)}, which does not exist)"
         raise MissingDataError(f"Data file {path} {what}.{where}")
     return path
+
+
+def describe_link(path: Path) -> str:
+    """Where the symbolic link ``path`` points (its target as written, and resolved if
+    relative), for messages about a link whose target is missing."""
+    try:
+        target = os.readlink(path)
+    except OSError:  # not a link (any more), or unreadable
+        return "an unreadable target"
+    resolved = (path.parent / target).resolve(strict=False)
+    return target if str(resolved) == target else f"{target}, i.e. {resolved}"
 
 
 # --------------------------------------------------------------------------- hashing
@@ -210,7 +223,7 @@ def _gzip_message(exc: ChecksumError, expected: str | None, source_hint: str | N
 
 # --------------------------------------------------------------------------- verification
 
-_VERIFIED: dict[tuple[str, int, int, bool], str] = {}
+_VERIFIED: dict[tuple[str, int, int, int, int, bool], str] = {}
 
 
 def clear_verification_cache() -> None:
@@ -218,10 +231,14 @@ def clear_verification_cache() -> None:
     _VERIFIED.clear()
 
 
-def _cache_key(path: Path, decompress: bool) -> tuple[str, int, int, bool]:
-    """Cache key identifying one version of a file: resolved path, size, mtime (ns)."""
+def _cache_key(path: Path, decompress: bool) -> tuple[str, int, int, int, int, bool]:
+    """Cache key identifying one version of a file: resolved path, inode, size, mtime and
+    ctime (ns). The ctime and inode change with every write or replacement, also one that
+    restores the modification time (``cp -p``, ``rsync -a``, ``wget``/``curl -R``, which set
+    it from the source), so a same-size altered copy is hashed again, not taken from the
+    cache."""
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns, decompress)
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, decompress)
 
 
 def _mismatch_message(

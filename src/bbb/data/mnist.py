@@ -2,7 +2,8 @@
 
 Files (gzip, as downloaded from the usual mirrors or found in torchvision's ``MNIST/raw/``):
 ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz``,
-``t10k-labels-idx1-ubyte.gz``. Uncompressed copies (same names without ``.gz``) are accepted too.
+``t10k-labels-idx1-ubyte.gz``. Uncompressed copies (same names without ``.gz``) are accepted too;
+whether a file is gzip is read from its content, not its name.
 
 Splits: ``train`` = first 50000 training images, ``val`` = last 10000 training images,
 ``test`` = the 10000 t10k images, ``train_full`` = all 60000 training images. Pixels (0..255)
@@ -11,6 +12,8 @@ are divided by ``scale`` (126 in the paper), so values lie in [0, 255/126].
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from .checksums import (
     MNIST_SOURCE,
     DataError,
     MissingDataError,
+    describe_link,
     read_gzip_bytes,
     require_file,
     resolve_data_dir,
@@ -74,7 +78,8 @@ def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: IDX header truncated ({len(data)} bytes)")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a damaged header's sizes (up to 2**32 - 1 each) overflow int64
+    expected = math.prod(dims) * dtype.itemsize
     if len(data) - header_len != expected:
         raise DataError(
             f"{name}: IDX header announces shape {dims} ({expected} payload bytes) but the "
@@ -83,8 +88,21 @@ def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header_len).reshape(dims)
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with the gzip magic bytes (an IDX file starts with two zeros)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
+
+
 def read_idx(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> np.ndarray:
-    """Read an IDX file (gzip if the name ends in ``.gz``), optionally verifying its content.
+    """Read an IDX file, gzip or not, optionally verifying its content.
+
+    Whether the file is gzip is read from its first bytes, not its name: browsers and some
+    download tools store a decompressed file under the ``.gz`` name, and a gzip file may have
+    lost its suffix; either is read (and verified on its decompressed content) as it is.
 
     Args:
         path: the file.
@@ -94,7 +112,7 @@ def read_idx(path: str | os.PathLike[str], *, expected_sha256: str | None = None
         Read-only numpy array with the shape given in the IDX header.
     """
     path = require_file(path, MNIST_SOURCE)
-    gzipped = path.suffix == ".gz"
+    gzipped = _is_gzip(path)
     if gzipped:
         data = read_gzip_bytes(path, MNIST_SOURCE, expected_sha256=expected_sha256)
     else:
@@ -125,8 +143,16 @@ def find_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         if _idx_path(candidate, _FILES["train"][0]) or _idx_path(candidate, _FILES["test"][0]):
             return candidate
     tried = ", ".join(str(c) for c in candidates)
+    broken = [
+        f"{link} is a broken symbolic link to {describe_link(link)}"
+        for c in candidates
+        for stem in (_FILES["train"][0], _FILES["test"][0])
+        for link in (c / f"{stem}.gz", c / stem)
+        if link.is_symlink() and not link.exists()
+    ]
+    found = f" ({'; '.join(broken)})" if broken else ""
     raise MissingDataError(
-        f"No MNIST files found (looked in {tried}). Get them from {MNIST_SOURCE}."
+        f"No MNIST files found (looked in {tried}){found}. Get them from {MNIST_SOURCE}."
     )
 
 
@@ -205,13 +231,23 @@ def load_mnist(
         [0, 255/scale]; ``y`` int64 class labels 0..9, shape (N,).
 
     Raises:
-        ValueError: unknown split, non-positive scale or bad subset.
+        ValueError: unknown split, non-positive or infinite scale, or subset out of range.
+        TypeError: a non-integer subset, a non-number scale, or a non-floating dtype.
         MissingDataError / ChecksumError / DataError: missing, corrupt or malformed files.
     """
     if split not in MNIST_SPLITS:
         raise ValueError(f"unknown MNIST split {split!r}; expected one of {list(MNIST_SPLITS)}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__} {scale!r}")
+    if not (scale > 0 and math.isfinite(scale)):  # inf made every pixel 0
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+    if subset is not None and (
+        isinstance(subset, bool) or not isinstance(subset, numbers.Integral)
+    ):
+        # True was taken as 1, 2.5 failed in numpy's slicing
+        raise TypeError(f"subset must be an int or None, got {type(subset).__name__} {subset!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (images / scale), got {dtype!r}")
     directory = find_mnist_dir(data_dir)
     images, labels = _load_pair(directory, "test" if split == "test" else "train", verify)
     rows = _select(split, images.shape[0])
@@ -221,8 +257,8 @@ def load_mnist(
             raise ValueError(
                 f"subset must be in 1..{images.shape[0]} for split {split!r}, got {subset}"
             )
-        images, labels = images[:subset], labels[:subset]
-    x = torch.from_numpy(images.astype(np.float32)).to(dtype).div_(scale)
+        images, labels = images[: int(subset)], labels[: int(subset)]
+    x = torch.from_numpy(images.astype(np.float32)).to(dtype).div_(float(scale))
     x = x.reshape(-1, IMAGE_SHAPE[0] * IMAGE_SHAPE[1]) if flatten else x.unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return TensorDataset(x, y)
