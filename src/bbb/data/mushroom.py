@@ -22,6 +22,7 @@ from .checksums import (
     MUSHROOM_SOURCE,
     DataError,
     MissingDataError,
+    describe_link,
     resolve_data_dir,
     verify_file,
 )
@@ -102,10 +103,20 @@ def _find_file(data_dir: str | os.PathLike[str] | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    tried = ", ".join(f"{c} (a directory)" if c.is_dir() else str(c) for c in candidates)
+    tried = ", ".join(_describe(c) for c in candidates)
     raise MissingDataError(
         f"{MUSHROOM_FILE} not found (tried {tried}). Get it from {MUSHROOM_SOURCE}."
     )
+
+
+def _describe(candidate: Path) -> str:
+    """A candidate path for the not-found message: says if it is a directory or a broken
+    symbolic link (and where that points)."""
+    if candidate.is_dir():
+        return f"{candidate} (a directory)"
+    if candidate.is_symlink() and not candidate.exists():
+        return f"{candidate} (a broken symbolic link to {describe_link(candidate)})"
+    return str(candidate)
 
 
 def _parse(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +144,15 @@ def _parse(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}, line {lineno}: empty value for attribute "
                 f"{MUSHROOM_ATTRIBUTES[column - 1]!r}"
             )
+        for column, value in enumerate(fields[1:]):
+            # one lowercase letter, or '?' (missing): any other value (a word, a capital, a
+            # number) would become a category of its own and change the context width
+            if len(value) != 1 or not (value == "?" or "a" <= value <= "z"):
+                raise DataError(
+                    f"{path}, line {lineno}: value {value!r} of attribute "
+                    f"{MUSHROOM_ATTRIBUTES[column]!r} is not one lowercase letter or '?' "
+                    "(the UCI file's categories)"
+                )
         edible.append(_CLASSES[fields[0]])
         rows.append(fields[1:])
     if not rows:
