@@ -159,6 +159,32 @@ def _read_text(path: Path) -> str:
     return read_text(path, DataError, hint="corrupt, or not in the UCI split format")
 
 
+def _number(token: str) -> float:
+    """``token`` as a float, read as numpy.loadtxt (the reference code's reader) reads it:
+    Python's float() also takes digit separators ("1_000") and non-ASCII digits, which
+    loadtxt refuses; ValueError for those and for anything float() refuses."""
+    if not token.isascii() or "_" in token:
+        raise ValueError(f"not a number: {token!r}")
+    return float(token)
+
+
+def _numbers(line: str, tokens: list[str]) -> list[float]:
+    """The tokens of one line as floats (`_number`'s rules, checked once per line)."""
+    if not line.isascii() or "_" in line:
+        return [_number(t) for t in tokens]
+    return [float(t) for t in tokens]
+
+
+def _bad_token(tokens: list[str]) -> int:
+    """Position of the first token `_number` refuses."""
+    for column, token in enumerate(tokens):
+        try:
+            _number(token)
+        except ValueError:
+            return column
+    raise AssertionError("no bad token")  # pragma: no cover
+
+
 def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse a whitespace-separated numeric file.
 
@@ -177,9 +203,12 @@ def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
         elif len(tokens) != width:
             raise DataError(f"{path}, line {lineno}: expected {width} columns, got {len(tokens)}")
         try:
-            rows.append([float(t) for t in tokens])
-        except ValueError as exc:
-            raise DataError(f"{path}, line {lineno}: non-numeric value ({exc})") from exc
+            rows.append(_numbers(line, tokens))
+        except ValueError:
+            column = _bad_token(tokens)
+            raise DataError(
+                f"{path}, line {lineno}, column {column}: non-numeric value {tokens[column]!r}"
+            ) from None
         lines.append(lineno)
     if not rows:
         raise DataError(f"{path} holds no data rows")
@@ -193,7 +222,7 @@ def _read_indices(path: Path) -> np.ndarray:
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         for token in line.split():
             try:
-                value = float(token)
+                value = _number(token)
             except ValueError as exc:
                 raise DataError(f"{path}, line {lineno}: not an index: {token!r}") from exc
             if not value.is_integer():
@@ -221,7 +250,7 @@ def _read_int(path: Path, default: int) -> int:
         return default
     text = _read_text(path).strip()
     try:
-        value = float(text)
+        value = _number(text)
     except ValueError:
         value = math.nan
     if not (value.is_integer() and value >= 1):
@@ -370,6 +399,13 @@ class UCIDataset:
         _check_bounds(target_cols, values.shape[1], target_path, "column")
         if target_cols.size != 1:
             raise DataError(f"{target_path}: expected one target column, got {target_cols.size}")
+        cols, counts = np.unique(feature_cols, return_counts=True)
+        if (counts > 1).any():
+            # a repeated column would be a second, identical input feature
+            raise DataError(
+                f"{feat_path}: column {int(cols[counts > 1][0])} listed more than once "
+                f"({int((counts > 1).sum())} repeated columns)"
+            )
         if np.isin(target_cols, feature_cols).any():
             raise DataError(
                 f"{target_path}: target column {int(target_cols[0])} is also "
