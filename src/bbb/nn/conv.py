@@ -158,7 +158,16 @@ class _BayesConvNd(BayesModule):
         return conv(x, w, b, padding=self.padding, **kwargs)
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return self._conv(x, w, b, self.groups)
+        try:
+            return self._conv(x, w, b, self.groups)
+        except RuntimeError:
+            s = self.num_samples
+            if s < 2 or x.shape[0] % s:
+                raise
+            # x holds the S stacked copies of the batch (the mean path inside
+            # bbb.vectorized_samples): torch's error in the shape of one copy, the user's
+            self._replay_per_sample(x[: x.shape[0] // s], w, b)
+            raise
 
     def op_batched(self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
         # Fold the S samples into channel groups: (S*B, C, *sp) -> (B, S*C, *sp), one grouped
@@ -169,10 +178,26 @@ class _BayesConvNd(BayesModule):
         xs = x.reshape(s, b_rows, c, *spatial).transpose(0, 1).reshape(b_rows, s * c, *spatial)
         ws = w.reshape(s * w.shape[1], *w.shape[2:])
         bs = None if b is None else b.reshape(-1)
-        y = self._conv(xs, ws, bs, s * self.groups)
+        try:
+            y = self._conv(xs, ws, bs, s * self.groups)
+        except RuntimeError:
+            # torch's error names the folded shape (B, S * C, ...) the user never built: the
+            # first sample's convolution on the user's (B, C, ...), whose error is raised
+            # instead (only on this error path: nothing is paid when the call succeeds)
+            self._replay_per_sample(xs[:, :c], w[0], None if b is None else b[0])
+            raise
         o = self.out_channels
         out_spatial = y.shape[2:]
         return y.reshape(b_rows, s, o, *out_spatial).transpose(0, 1).reshape(sb, o, *out_spatial)
+
+    def _replay_per_sample(self, x: Tensor, w: Tensor, b: Tensor | None) -> None:
+        """After a failed convolution on S stacked samples: the same convolution on one
+        sample's input ``x`` (the user's shape); its error, if it fails too, is raised in place
+        of the stacked call's (whose shapes the user never built). Returns if it succeeds."""
+        try:
+            self._conv(x, w, b, self.groups)
+        except RuntimeError as err:
+            raise err from None
 
     def sign_shapes(
         self, x: Tensor, y_shape: torch.Size

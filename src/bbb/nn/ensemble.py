@@ -60,7 +60,7 @@ class BayesLinearEnsemble(BayesModule):
         self.out_features = out_features
         self._init_posterior(
             (members, out_features, in_features),
-            False,
+            bias,
             prior=prior,
             estimator=estimator,
             kl=kl,
@@ -69,25 +69,11 @@ class BayesLinearEnsemble(BayesModule):
             fan_in=in_features,
             device=device,
             dtype=dtype,
+            # member k's bias is row k of a (K, out) tensor; the base class draws its noise as
+            # (S, K, out) and initialises it with the weights (one draw each: no discarded
+            # noise, no second initialisation of the weights)
+            bias_shape=(members, out_features),
         )
-        # The bias of member k is a (K, out) tensor: built here rather than by the base class
-        # (whose bias is (out,)), with the same initialisation.
-        if bias:
-            self.bias_mu = torch.nn.Parameter(
-                torch.empty(members, out_features, device=device, dtype=dtype)
-            )
-            self.bias_rho = torch.nn.Parameter(
-                torch.empty(members, out_features, device=device, dtype=dtype)
-            )
-            self.reset_parameters()  # the constructor's mu_init and rho_init
-
-    def _noise(self, num_samples: int, like: Tensor):  # type: ignore[override]
-        record = super()._noise(num_samples, like)
-        if self.bias_mu is not None:
-            record.eps_b = torch.randn(
-                (num_samples, *self.bias_mu.shape), dtype=like.dtype, device=like.device
-            )
-        return record
 
     def _check_input(self, x: Tensor) -> None:
         s, k, n = self.num_samples, self.members, self.in_features

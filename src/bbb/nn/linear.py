@@ -71,23 +71,45 @@ class BayesLinear(BayesModule):
 
     def _check_input(self, x: Tensor) -> None:
         s = self.num_samples
+        n = self.in_features
         if x.dim() == 1 and s > 1:
             # nn.Linear's unbatched (in,) has no dimension to stack the S samples along
             # (bbb.predict on such an input repeats it into (S * in,))
+            per = x.shape[0] // s if x.shape[0] % s == 0 else None
+            given = f" (your input: {(per,)})" if per is not None else ""
             raise ValueError(
                 f"{type(self).__name__}: a 1-D (unbatched) input cannot hold the {s} Monte "
                 "Carlo samples of bbb.vectorized_samples (used by bbb.predict and bbb.ELBO), "
-                f"which are stacked along dim 0 (received {tuple(x.shape)}); give it a batch "
-                "dimension: x.unsqueeze(0)"
+                f"which are stacked along dim 0 (received {tuple(x.shape)}){given}; "
+                + self._one_d_advice(per)
             )
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            n = self.in_features
+        if x.dim() == 1 and x.shape[0] != n:
+            raise self._shape_error(
+                x,
+                f"(N, ..., {n})",
+                f"the last dimension must be in_features={n}, got {x.shape[0]}; "
+                + self._one_d_advice(x.shape[0]),
+            )
+        if x.dim() < 1 or x.shape[-1] != n:
             problem = (
                 "a 0-d input has no feature dimension"
                 if x.dim() < 1
                 else f"the last dimension must be in_features={n}, got {x.shape[-1]}"
             )
             raise self._shape_error(x, f"(N, ..., {n})", problem)
+
+    def _one_d_advice(self, length: int | None) -> str:
+        """How to shape a 1-D input of ``length`` values (None: unknown) for this layer."""
+        n = self.in_features
+        if n == 1:
+            # 1-D regression: a vector of N scalar inputs is N examples of one feature
+            return "for N examples of one feature give shape (N, 1): x.unsqueeze(-1)"
+        if length == n:
+            return f"for one example of {n} features give shape (1, {n}): x.unsqueeze(0)"
+        return (
+            f"give shape (N, {n}): x.unsqueeze(0) for one example of {n} features, "
+            f"x.reshape(-1, {n}) for N examples"
+        )
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)
