@@ -152,3 +152,15 @@ def test_tune_records_why_a_point_diverged_and_says_it_when_all_did(uci_dir: Pat
     only_bad = U.SearchSpace.from_dict({"grid": {"lr": [1e8]}, "smooth": 1})
     with pytest.raises(TrainingDivergedError, match=r"every grid point diverged.*NaN or Inf"):
         U.tune(ds, base, only_bad, passes=1, log=None)  # type: ignore[arg-type]
+
+
+def test_regression_log_prob_moves_cpu_targets_to_the_predictions_device() -> None:
+    """Predictions on the model's device (meta stands for a GPU), targets on the CPU: the
+    classification log_prob moved them, the regression one failed on mixed devices."""
+    from bbb.predictive import RegressionPrediction
+
+    pred = RegressionPrediction(
+        torch.zeros(3, 4, 1, device="meta"), torch.ones(3, 4, 1, device="meta")
+    )
+    lp = pred.log_prob(torch.zeros(4))
+    assert lp.device.type == "meta" and lp.shape == (4,)

@@ -166,9 +166,17 @@ class RegressionPrediction:
                 f"predictions' (B, D) = {(b, d)}; pass targets of shape {(b, d)}"
                 + (f" or ({b},)" if d == 1 else "")
             )
-        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+        if (
+            target.is_floating_point()
+            and not target.is_meta
+            and not bool(torch.isfinite(target).all())
+        ):
             # a NaN target made that example's log-density NaN, silently
             raise ValueError("log_prob: targets contain NaN or Inf values")
+        # targets on the CPU, predictions on the model's device: moved, as
+        # ClassificationPrediction.log_prob does (was "Expected all tensors to be on the same
+        # device")
+        target = target.to(m.device)
         lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
         s = m.shape[0]
         return torch.logsumexp(lp.sum(-1), dim=0) - math.log(s)
