@@ -189,3 +189,16 @@ def test_a_feature_column_listed_twice_is_refused(tmp_path: Path) -> None:
     (d / "index_features.txt").write_text("\n".join([*cols, cols[2]]) + "\n")
     with pytest.raises(DataError, match=f"column {cols[2]} listed more than once"):
         UCIDataset(d)
+
+
+def test_the_mushroom_file_given_by_its_own_path_with_a_tilde_or_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "~/agaricus-lepiota.data" was taken for a data directory that "does not exist or is not a
+    # directory" (a directory's "~" is expanded); a missing file was called a missing directory
+    (tmp_path / "agaricus-lepiota.data").symlink_to(_need(MUSHROOM))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_mushroom("~/agaricus-lepiota.data").contexts.shape == (8124, 117)
+    missing = tmp_path / "elsewhere" / "agaricus-lepiota.data"
+    with pytest.raises(MissingDataError, match=f"^{missing} does not exist"):
+        load_mushroom(missing)

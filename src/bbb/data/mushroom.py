@@ -96,8 +96,16 @@ class Mushroom:
 
 def _find_file(data_dir: str | os.PathLike[str] | None) -> Path:
     """The mushroom file: ``data_dir`` itself if a file, else under ``mushroom/`` or the root."""
-    if data_dir is not None and Path(data_dir).is_file():
-        return Path(data_dir)
+    if data_dir is not None:
+        given = Path(data_dir).expanduser()  # as resolve_data_dir does for a directory
+        if given.is_file():
+            return given
+        if given.name == MUSHROOM_FILE and not given.is_dir():
+            # the file's own path (documented), missing: not "data directory ... does not
+            # exist or is not a directory"
+            raise MissingDataError(
+                f"{_describe(given)} does not exist. Get it from {MUSHROOM_SOURCE}."
+            )
     root = resolve_data_dir(data_dir)
     candidates = [root / "mushroom" / MUSHROOM_FILE, root / MUSHROOM_FILE]
     for candidate in candidates:
