@@ -202,3 +202,20 @@ def test_the_mushroom_file_given_by_its_own_path_with_a_tilde_or_missing(
     missing = tmp_path / "elsewhere" / "agaricus-lepiota.data"
     with pytest.raises(MissingDataError, match=f"^{missing} does not exist"):
         load_mushroom(missing)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_an_mnist_file_that_is_an_error_page_or_empty_says_so(tmp_path: Path, verify: bool) -> None:
+    # a failed download that saved the server's HTML page under the .gz name; an empty file
+    src = _need(SHARED / "mnist")
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    shutil.copy(src / "t10k-labels-idx1-ubyte.gz", mnist)
+    page = mnist / "t10k-images-idx3-ubyte.gz"
+    page.write_bytes(b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    error = ChecksumError if verify else DataError
+    with pytest.raises(error, match="is neither a gzip file nor an IDX file .*<!DOCTYPE html>"):
+        load_mnist(tmp_path, split="test", verify=verify)
+    page.write_bytes(b"")
+    with pytest.raises(error, match=f"{page} is empty"):
+        load_mnist(tmp_path, split="test", verify=verify)

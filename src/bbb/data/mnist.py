@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 from .checksums import (
     MNIST_SHA256,
     MNIST_SOURCE,
+    ChecksumError,
     DataError,
     MissingDataError,
     describe_link,
@@ -117,6 +118,17 @@ def read_idx(path: str | os.PathLike[str], *, expected_sha256: str | None = None
         data = read_gzip_bytes(path, MNIST_SOURCE, expected_sha256=expected_sha256)
     else:
         data = path.read_bytes()
+        if data[:2] != b"\x00\x00":
+            # e.g. an error page saved under the file's name: say so, not only that its
+            # digest differs (or that its "magic number" is wrong)
+            error = DataError if expected_sha256 is None else ChecksumError
+            what = (
+                "is empty"
+                if not data
+                else f"is neither a gzip file nor an IDX file (it starts with {data[:16]!r}; "
+                "an HTML page or an interrupted download?)"
+            )
+            raise error(f"{path} {what}. Get a fresh copy from {MNIST_SOURCE}.")
     if expected_sha256 is not None:
         verify_bytes(
             data,
