@@ -219,3 +219,20 @@ def test_an_mnist_file_that_is_an_error_page_or_empty_says_so(tmp_path: Path, ve
     page.write_bytes(b"")
     with pytest.raises(error, match=f"{page} is empty"):
         load_mnist(tmp_path, split="test", verify=verify)
+
+
+def test_a_folder_with_only_the_test_files_does_not_hide_a_complete_one(tmp_path: Path) -> None:
+    # <data-dir>/mnist/ holding the t10k files only was taken for every split: the training
+    # split failed with "train-images-idx3-ubyte.gz does not exist" though MNIST/raw/ has it
+    src = _need(SHARED / "mnist")
+    (tmp_path / "mnist").mkdir()
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in src.glob("*-ubyte.gz"):
+        (raw / f.name).symlink_to(f)
+        if f.name.startswith("t10k"):
+            (tmp_path / "mnist" / f.name).symlink_to(f)
+    x, y = load_mnist(tmp_path, split="val", subset=4).tensors
+    x_ref, y_ref = load_mnist(SHARED, split="val", subset=4).tensors
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert load_mnist(tmp_path, split="test", subset=4).tensors[1].shape == (4,)

@@ -140,17 +140,28 @@ def read_idx(path: str | os.PathLike[str], *, expected_sha256: str | None = None
     return parse_idx(data, name=str(path))
 
 
-def find_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+def find_mnist_dir(
+    data_dir: str | os.PathLike[str] | None = None, *, split: str | None = None
+) -> Path:
     """Directory holding the MNIST files under the data directory.
 
     Looks in ``<data-dir>/mnist``, ``<data-dir>/MNIST/raw`` (torchvision layout) and
-    ``<data-dir>`` itself, in that order.
+    ``<data-dir>`` itself, in that order. With ``split``, the first of them holding both files
+    (images and labels) that the split reads is taken, so a folder holding only the test
+    files does not hide a complete one further down the list; else (or if none holds both)
+    the first holding any MNIST images file.
 
     Raises:
-        MissingDataError: none of them holds ``train-images-idx3-ubyte[.gz]``.
+        MissingDataError: none of them holds ``train-images-idx3-ubyte[.gz]`` or
+            ``t10k-images-idx3-ubyte[.gz]``.
     """
     root = resolve_data_dir(data_dir)
     candidates = [root / "mnist", root / "MNIST" / "raw", root]
+    if split is not None:
+        stems = _FILES["test" if split == "test" else "train"]
+        for candidate in candidates:
+            if all(_idx_path(candidate, stem) for stem in stems):
+                return candidate
     for candidate in candidates:
         if _idx_path(candidate, _FILES["train"][0]) or _idx_path(candidate, _FILES["test"][0]):
             return candidate
@@ -260,7 +271,7 @@ def load_mnist(
         raise TypeError(f"subset must be an int or None, got {type(subset).__name__} {subset!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype (images / scale), got {dtype!r}")
-    directory = find_mnist_dir(data_dir)
+    directory = find_mnist_dir(data_dir, split=split)
     images, labels = _load_pair(directory, "test" if split == "test" else "train", verify)
     rows = _select(split, images.shape[0])
     images, labels = images[rows], labels[rows]
