@@ -59,6 +59,8 @@ MUSHROOM_ATTRIBUTES: tuple[str, ...] = (
 (``bruises?`` written as ``bruises``)."""
 
 _CLASSES = {"e": True, "p": False}
+#: the attribute values of the UCI file: one lowercase letter, or '?' (missing stalk-root)
+_VALUES = frozenset("abcdefghijklmnopqrstuvwxyz?")
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,15 +154,15 @@ def _parse(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}, line {lineno}: empty value for attribute "
                 f"{MUSHROOM_ATTRIBUTES[column - 1]!r}"
             )
-        for column, value in enumerate(fields[1:]):
+        if not _VALUES.issuperset(fields[1:]):
             # one lowercase letter, or '?' (missing): any other value (a word, a capital, a
             # number) would become a category of its own and change the context width
-            if len(value) != 1 or not (value == "?" or "a" <= value <= "z"):
-                raise DataError(
-                    f"{path}, line {lineno}: value {value!r} of attribute "
-                    f"{MUSHROOM_ATTRIBUTES[column]!r} is not one lowercase letter or '?' "
-                    "(the UCI file's categories)"
-                )
+            column, value = next((c, v) for c, v in enumerate(fields[1:]) if v not in _VALUES)
+            raise DataError(
+                f"{path}, line {lineno}: value {value!r} of attribute "
+                f"{MUSHROOM_ATTRIBUTES[column]!r} is not one lowercase letter or '?' "
+                "(the UCI file's categories)"
+            )
         edible.append(_CLASSES[fields[0]])
         rows.append(fields[1:])
     if not rows:
