@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
 
 import bbb
-from bbb import BayesLinearEnsemble
 from bbb.nn import BayesConv2d, BayesLinear, repeat_samples, sampling, vectorized_samples
 
 
@@ -42,47 +43,6 @@ def test_one_d_input_of_one_example_is_told_to_unsqueeze_first() -> None:
     assert out.mean.shape == (1, 1)
 
 
-# ------------------------------------------------------------------ ensemble: no wasted draws
-def test_ensemble_initialises_its_weights_with_one_draw() -> None:
-    # the weights were initialised twice (the second time to initialise the bias): the first
-    # uniform draw was thrown away
-    torch.manual_seed(0)
-    layer = BayesLinearEnsemble(4, 3, 2)
-    torch.manual_seed(0)
-    expected = torch.empty(4, 2, 3).uniform_(-(3**-0.5), 3**-0.5)
-    assert torch.equal(layer.weight_mu.detach(), expected)
-    assert layer.bias_mu is not None and layer.bias_mu.shape == (4, 2)
-    assert layer.bias_rho is not None and layer.bias_rho.shape == (4, 2)
-    assert (
-        float(layer.bias_rho.detach().min()) >= -5.0
-        and float(layer.bias_rho.detach().max()) <= -4.0
-    )
-    assert list(layer.state_dict())[:4] == ["weight_mu", "weight_rho", "bias_mu", "bias_rho"]
-
-
-@pytest.mark.parametrize("mode", ["sample", "frozen"])
-def test_ensemble_bias_noise_is_the_next_draw_after_the_weights(mode: str) -> None:
-    # an (S, K) normal draw was made for the bias and discarded, then (S, K, out) drawn
-    layer = BayesLinearEnsemble(4, 3, 2)
-    x = torch.randn(2 * 4, 5, 3)
-    torch.manual_seed(1)
-    with sampling(layer, mode), vectorized_samples(layer, 2):
-        layer(x)
-    rec = layer._record
-    assert rec is not None and rec.eps_w is not None and rec.eps_b is not None
-    torch.manual_seed(1)
-    eps_w = torch.randn(2, 4, 2, 3)
-    eps_b = torch.randn(2, 4, 2)
-    assert torch.equal(rec.eps_w, eps_w)
-    assert torch.equal(rec.eps_b, eps_b)
-    # and the pass used those weights
-    w = layer.weight_mu + layer.weight_sigma * eps_w
-    assert layer.bias_mu is not None and layer.bias_sigma is not None
-    b = layer.bias_mu + layer.bias_sigma * eps_b
-    torch.testing.assert_close(rec.w, w)
-    torch.testing.assert_close(rec.b, b)
-
-
 # ------------------------------------------------------------------ conv: the user's shape
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
 @pytest.mark.parametrize("mode", ["sample", "mean", "frozen"])
@@ -102,3 +62,58 @@ def test_conv_padding_error_inside_vectorized_samples_names_the_users_shape(
     with pytest.raises(RuntimeError) as plain:
         layer(torch.randn(1, 2, 3, 3))
     assert str(plain.value) == msg
+
+
+# ------------------------------------------------------------------ KL cache and the prior
+@pytest.fixture
+def _kernels_reset(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from bbb import kernels as K
+
+    # the compile backend's fused paths with the kernels' plain bodies (no real compilation)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+    def reset() -> None:
+        for k in K._ALL:
+            k._compiled, k.failed = None, None
+        K.set_kernels("eager")
+
+    reset()
+    yield
+    reset()
+
+
+def _reference_kl(layer: BayesLinear) -> float:
+    fresh = BayesLinear(4, 3, estimator=layer.estimator, prior=bbb.GaussianPrior(1.0))
+    fresh.load_state_dict(layer.state_dict())
+    return float(fresh.kl())  # no forward pass: the closed form of the current state
+
+
+@pytest.mark.usefixtures("_kernels_reset")
+@pytest.mark.parametrize("backend", ["compile", "native"])
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_kl_after_the_prior_changes_is_that_of_the_new_prior(backend: str, estimator: str) -> None:
+    # with a fused backend the forward pass computes the KL; kl() returned it after the
+    # prior was replaced or edited in place (the old prior's KL, silently)
+    from bbb import _native
+
+    if backend == "native" and not _native.available():
+        pytest.skip("the native kernels cannot be built here")
+    torch.manual_seed(0)
+    layer = BayesLinear(4, 3, estimator=estimator)
+    x = torch.randn(5, 4)
+    with bbb.use_kernels(backend):
+        layer(x)
+        before = float(layer.kl())
+        torch.testing.assert_close(before, _reference_kl(layer), rtol=1e-5, atol=0)
+        layer.prior = bbb.GaussianPrior(0.1)
+        replaced = float(layer.kl())
+        layer(x)
+        layer.prior.sigma.fill_(0.5)  # an in-place edit of the hyper-parameter
+        edited = float(layer.kl())
+    ref = BayesLinear(4, 3, prior=bbb.GaussianPrior(0.1))
+    ref.load_state_dict(layer.state_dict(), strict=False)
+    ref.prior = bbb.GaussianPrior(0.1)
+    assert replaced != pytest.approx(before, rel=1e-3)
+    torch.testing.assert_close(replaced, float(ref.kl()), rtol=1e-5, atol=0)
+    ref.prior = bbb.GaussianPrior(0.5)
+    torch.testing.assert_close(edited, float(ref.kl()), rtol=1e-5, atol=0)

@@ -23,6 +23,7 @@ The KL divergence of the latest forward pass is computed on demand by :meth:`Bay
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 SAMPLING_MODES = ("sample", "mean", "frozen")
+_UNSEEN = itertools.count(-2, -1)
 MU_INITS = ("paper", "fan_in")
 
 
@@ -152,6 +154,9 @@ class _Record:
     kl_w: Tensor | None = None
     kl_all: bool = False  # kl_w is the whole layer's KL, bias included (native kernels)
     kl_mode: str | None = None  # the KL mode kl_w was computed with
+    # the prior kl_w was computed with (BayesModule._prior_key): a prior replaced or edited in
+    # place since the forward makes kl() recompute (it returned the old prior's KL)
+    prior_key: tuple[int, ...] = ()
     # native node: [True] once its backward has run (kl_w's graph is freed; kl() recomputes)
     kl_used: list[bool] | None = None
 
@@ -306,6 +311,19 @@ class BayesModule(nn.Module):
                 # would warn; such tensors are not updated by optimizers
                 g = q.grad if q.is_leaf else None
                 key += (id(q), q._version, id(g), -1 if g is None else g._version)
+        return tuple(key)
+
+    def _prior_key(self) -> tuple[int, ...]:
+        """The prior's identity and each of its tensors' identity and in-place version: what
+        a KL computed by the forward pass (``kl_w``) depends on besides mu and rho."""
+        prior = self.prior
+        key = [id(prior)]
+        for t in (*prior._buffers.values(), *prior._parameters.values()):
+            if t is None:
+                continue
+            # an inference tensor tracks no version, so its edits cannot be seen: a number
+            # never used before, so that no record's key matches (kl() recomputes)
+            key += (id(t), next(_UNSEEN) if t.is_inference() else t._version)
         return tuple(key)
 
     def _cached_sigmas(self) -> list[Tensor | None]:
@@ -492,6 +510,7 @@ class BayesModule(nn.Module):
         if _kernels.get_kernels() == "native":
             return self._forward_native(x, num_samples)
         versions = self._param_versions()
+        pkey = self._prior_key()
         s_b = None if self.bias_rho is None else F.softplus(self.bias_rho)
         assert isinstance(self.prior, GaussianPrior)
         # w_sigma is not read by the estimators when their tensor is given (placeholder)
@@ -514,12 +533,12 @@ class BayesModule(nn.Module):
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b, w1=t)
             self._record = _Record(
                 noise.eps_w, noise.eps_b, w, b, sigma_b=s_b, param_versions=versions, kl_w=kl_w,
-                kl_mode="closed_form",
+                kl_mode="closed_form", prior_key=pkey,
             )  # fmt: skip
             return y
         self._record = _Record(
             noise.eps_w, noise.eps_b, sigma_b=s_b, param_versions=versions, kl_w=kl_w,
-            kl_mode="closed_form",
+            kl_mode="closed_form", prior_key=pkey,
         )  # fmt: skip
         return est.flipout(self, x, post, noise.eps_w, noise.eps_b, dw1=t)
 
@@ -527,6 +546,7 @@ class BayesModule(nn.Module):
         """:meth:`_forward_fused` with the native kernels: the weight's and the bias's
         estimator tensors, noise and KL from one native node."""
         versions = self._param_versions()
+        pkey = self._prior_key()
         kind, mode = self.estimator, self.kl_mode
         used = [False]  # set by the node's backward: kl() then recomputes (graph freed)
         s = 1 if kind == "local" else num_samples
@@ -546,7 +566,12 @@ class BayesModule(nn.Module):
         if kind == "local":
             # (with the Monte Carlo KL, eps_w is the KL's own sample: not the layer's noise)
             self._record = _Record(
-                param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode, kl_used=used
+                param_versions=versions,
+                kl_w=kl_w,
+                kl_all=True,
+                kl_mode=mode,
+                kl_used=used,
+                prior_key=pkey,
             )
             return est.local(self, x, post, w_var=t, b_var=tb)
         assert eps_w is not None
@@ -557,11 +582,18 @@ class BayesModule(nn.Module):
             y, w, b = est.reparam(self, x, post, ew, eb, w1=t, b1=tb)
             self._record = _Record(
                 ew, eb, w, b, param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode,
-                kl_used=used,
+                kl_used=used, prior_key=pkey,
             )  # fmt: skip
             return y
         self._record = _Record(
-            ew, eb, param_versions=versions, kl_w=kl_w, kl_all=True, kl_mode=mode, kl_used=used
+            ew,
+            eb,
+            param_versions=versions,
+            kl_w=kl_w,
+            kl_all=True,
+            kl_mode=mode,
+            kl_used=used,
+            prior_key=pkey,
         )
         return est.flipout(self, x, post, ew, eb, dw1=t, db1=tb)
 
@@ -596,6 +628,7 @@ class BayesModule(nn.Module):
             record is not None
             and record.kl_w is not None
             and record.kl_mode == self.kl_mode
+            and record.prior_key == self._prior_key()
             and not (record.kl_used is not None and record.kl_used[0])
             and mask is None
             and record.param_versions == self._param_versions()
