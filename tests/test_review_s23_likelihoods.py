@@ -164,3 +164,12 @@ def test_regression_log_prob_moves_cpu_targets_to_the_predictions_device() -> No
     )
     lp = pred.log_prob(torch.zeros(4))
     assert lp.device.type == "meta" and lp.shape == (4,)
+
+
+def test_categorical_refuses_a_single_logit() -> None:
+    """One output per example: log_softmax is 0, so the ELBO's data term was 0 (nll = -0.0)
+    and the network trained on the KL alone without a word."""
+    model = bbb.models.bayes_mlp(3, [4], 1)
+    elbo = bbb.ELBO(bbb.Categorical(), 8)
+    with pytest.raises(ValueError, match=r"at least 2 classes.*bbb\.Gaussian"):
+        elbo(model, torch.randn(8, 3), torch.zeros(8, dtype=torch.long))

@@ -59,6 +59,14 @@ class Categorical(Likelihood):
                 f"Categorical targets must be integer class indices, got {target.dtype}"
             )
         num_classes = output.shape[-1]
+        if num_classes < 2:
+            # one logit: log_softmax is 0 whatever it is, so the data term was 0 and the
+            # network trained on the KL alone, silently (predict refused it already)
+            raise ValueError(
+                f"Categorical needs logits of at least 2 classes, but the model outputs "
+                f"{num_classes} value per example: for regression use bbb.Gaussian(...); for "
+                "two classes output 2 logits"
+            )
         # one read of the device (a host sync on a GPU) per minibatch; min and max on failure;
         # none for a meta tensor, which holds no values ("cannot be called on meta tensors")
         if (
