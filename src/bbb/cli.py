@@ -14,6 +14,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,37 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             kwargs["type"] = elem
         p.add_argument(flag, **kwargs)
+
+
+_QUIET_HELP = (
+    "no progress bars (they are drawn only when stderr is a terminal: a log file gets the "
+    "per-epoch lines, not a bar's carriage returns)"
+)
+
+
+def _show_progress(quiet: bool) -> bool:
+    """Whether to draw progress bars: not with ``--quiet``, and only on a terminal. A bar
+    redrawn with carriage returns in a log file (``bbb train ... 2> log``, a CI job, nohup)
+    leaves hundreds of partial lines per epoch; the per-epoch lines say the same there."""
+    if quiet:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``bbb train``: carries the one line that says how to continue."""
+
+
+def _resume_hint(out: Path) -> str:
+    """What ``bbb train`` says when interrupted: how to continue the run in ``out``."""
+    if not (out / "config.json").is_file():
+        return "interrupted before the run was set up; nothing to resume"
+    import shlex
+
+    return f"interrupted; continue the run with: bbb train --resume {shlex.quote(str(out))}"
 
 
 _SEED_HELP = "random seed of the weight samples (the same seed gives the same numbers)"
@@ -202,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bbb.tune_allocator(): freed memory is reused instead of faulted in again each step).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"bbb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # `bbb bench ARGS...`: forwarded as is to bbb.bench.main (issue 8; see main()).
     sub.add_parser(
@@ -221,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=300, help="training epochs")
     demo.add_argument("--n-train", type=int, default=500, help="training points")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     demo.add_argument(
         "--threads",
         type=int,
@@ -252,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in a run directory that already holds a run (its checkpoints, best.pt "
         "and metrics are deleted first)",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     _add_config_flags(train)
 
     ev = sub.add_parser(
@@ -486,7 +521,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             n_train=args.n_train,
             seed=args.seed,
-            progress=not args.quiet,
+            progress=_show_progress(args.quiet),
             threads=None if args.threads == 0 else args.threads,
         )
         return 0
@@ -494,9 +529,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .runs import train_run
 
         cfg, out, resume = _train_config(args)
-        summary = train_run(
-            cfg, out, resume=resume, overwrite=args.overwrite, progress=not args.quiet
-        )
+        try:
+            summary = train_run(
+                cfg,
+                out,
+                resume=resume,
+                overwrite=args.overwrite,
+                progress=_show_progress(args.quiet),
+            )
+        except KeyboardInterrupt:
+            raise _Interrupted(_resume_hint(out)) from None
         metrics = json.loads((out / "metrics.json").read_text())
         print(f"run directory: {out}")
         print(
@@ -543,6 +585,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """``bbb: warning: MESSAGE``: a warning of the command as one line (the category is named
+    unless it is a plain UserWarning, such as bbb's own)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"bbb: warning: {kind}{message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bbb`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -553,6 +608,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # BBB_TUNE_ALLOCATOR=0 opts out; the benchmark decides for itself, --no-tune-allocator)
     if argv[:1] != ["bench"]:
         tune_allocator_by_default()
+    # a warning is one line on stderr, like an error (not the library's file, line number and
+    # source line); --debug keeps Python's format, which says where it was raised
+    previous_format = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _format_warning
     try:
         if argv[:1] == ["bench"]:  # the benchmark parses its own options
             from .bench import main as bench_main
@@ -563,8 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return sweep_main(argv[1:])
         return run(argv)
-    except KeyboardInterrupt:
-        print("bbb: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"bbb: {e if isinstance(e, _Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader of stdout went away (`bbb ... | head`): nothing more to say to it; point
@@ -584,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).strip() or type(e).__name__
         print(f"bbb: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -209,6 +209,7 @@ def bayesianize(
     # before the copy: copy.deepcopy drops the hooks of parameters
     hooked = _hooked(model, _convertible)
     tied = _tied(model)
+    buffers = _own_buffers(model, _convertible)
     frozen = [
         name or "<model>"
         for name, m in model.named_modules()
@@ -223,27 +224,26 @@ def bayesianize(
         "rho_init": rho_init,
     }
     model = _convert(model, kwargs, init_from_weights, _PriorPerDtype(prior))
+    kept = [_describe(name, m) for name, m in _left_deterministic(model)]
     if not any(isinstance(m, BayesModule) for m in model.modules()):
+        found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
         raise ValueError(
             f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__}: "
-            "nothing was made Bayesian (it converts those exact types)"
+            f"nothing was made Bayesian (it converts those exact types){found}"
         )
-    kept = [
-        f"{name or '<model>'} ({type(m).__name__})"
-        for name, m in model.named_modules()
-        if isinstance(m, _WEIGHT_LAYERS) and not isinstance(m, BayesModule)
-    ]
     if kept:
         import warnings
 
         warnings.warn(
-            f"bayesianize left these weight layers deterministic: {', '.join(kept)}. It "
+            f"bayesianize left these layers with weights deterministic: {', '.join(kept)}. It "
             "converts exactly nn.Linear and nn.Conv1d/2d/3d (not their subclasses, transposed "
-            "or parametrized versions); these layers' weights get no posterior and no KL",
+            "or parametrized versions, recurrent layers, attention's own projections or "
+            "parameters of other modules; normalisation layers are kept on purpose); these "
+            "weights get no posterior and no KL",
             UserWarning,
             stacklevel=2,
         )
-    _warn_lost(hooked, tied, "bayesianize")
+    _warn_lost(hooked, tied, "bayesianize", buffers)
     if frozen and not init_from_weights:
         import warnings
 
@@ -257,9 +257,81 @@ def bayesianize(
     return model
 
 
-def _warn_lost(hooked: list[str], tied: list[str], caller: str) -> None:
-    """Warn that the hooks of the replaced layers ``hooked`` and the ties ``tied`` are lost."""
+def _own_buffers(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str]:
+    """``"layer.buffer"`` for each buffer registered on a layer that ``replaced`` selects (a
+    plain ``nn.Linear`` / ``nn.ConvNd`` has none: a user's scale or mask; the new layer has no
+    such buffer, so it would be dropped without a word)."""
+    return [
+        f"{name}.{b}" if name else b
+        for name, m in model.named_modules()
+        if replaced(m)
+        for b, _ in m.named_buffers(recurse=False)
+    ]
+
+
+# modules with weights that bayesianize keeps deterministic on purpose (documented)
+_NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _left_deterministic(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules of a converted ``model`` whose weights stay deterministic, the user may
+    expect converted: every module outside a Bayesian layer that holds parameters of its own
+    (subclassed, parametrized or lazy Linear/Conv, embeddings, nn.LSTM/GRU/RNN and their
+    cells, nn.MultiheadAttention's in-projection, a custom module's ``nn.Parameter``), except
+    normalisation layers."""
+    from torch.nn.utils import parametrize
+
+    # a Bayesian layer's parts (its prior) and a parametrization's (the layer is named)
+    skip: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, BayesModule):
+            skip.update(id(x) for x in m.modules())
+        elif parametrize.is_parametrized(m):
+            skip.update(id(x) for x in m.parametrizations.modules())
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if id(m) not in skip
+        and not isinstance(m, _NORM_LAYERS)
+        and (
+            isinstance(m, _WEIGHT_LAYERS)
+            or any(True for _ in m.parameters(recurse=False))
+            or isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        )
+    ]
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    """``name (Type)`` of a layer left deterministic; a module that is neither a weight layer
+    nor one of torch's names its parameters instead (``name.scale (MyBlock)``)."""
+    if isinstance(module, _WEIGHT_LAYERS) or type(module).__module__.startswith("torch."):
+        return f"{name or '<model>'} ({type(module).__name__})"
+    params = [_prefix_of(name) + p for p, _ in module.named_parameters(recurse=False)]
+    return f"{', '.join(params) or name or '<model>'} ({type(module).__name__})"
+
+
+def _prefix_of(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _warn_lost(hooked: list[str], tied: list[str], caller: str, buffers: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Warn that the hooks of the replaced layers ``hooked``, the ties ``tied`` and the
+    buffers ``buffers`` registered on replaced layers are lost."""
     import warnings
+
+    if buffers:
+        warnings.warn(
+            f"{caller} replaced layers that had buffers of their own: {', '.join(buffers)}. "
+            "The new layers do not have them (register them again on the converted model if "
+            "your code reads them)",
+            UserWarning,
+            stacklevel=3,
+        )
 
     if hooked:
         warnings.warn(

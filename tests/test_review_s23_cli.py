@@ -1,0 +1,225 @@
+"""Review 23 of the command line and of conversion (issues 4 and 5): progress bars only on a
+terminal, warnings as one line, Ctrl-C during `bbb train` says how to resume, `bbb --version`;
+bayesianize names every weight it leaves deterministic and the buffers it drops."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import bbb
+import bbb.runs
+from bbb.cli import _show_progress, main
+
+TOY_TINY = [
+    "--dataset", "toy", "--toy-n", "64", "--hidden", "8", "--batch-size", "16",
+    "--val-samples", "2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip drawing PNGs (most of an in-process tiny run's time); no test here looks at them."""
+    import bbb.metrics
+    import bbb.plots
+
+    monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
+    monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    monkeypatch.setattr(bbb.metrics, "plot_reliability_diagram", lambda *a, **k: None)
+
+
+def cli(*args: Any) -> int:
+    return main([str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+def test_train_draws_no_progress_bar_into_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plots: None
+) -> None:
+    """Without --quiet, stderr that is no terminal (a log file, CI) gets no tqdm bar: before,
+    each epoch wrote a bar redrawn with carriage returns into the log."""
+    assert cli("train", *TOY_TINY, "--epochs", "2", "--out", tmp_path / "r") == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "it/s" not in captured.err
+    # the per-epoch lines still say how training goes
+    assert "epoch 1/2" in captured.out and "epoch 2/2" in captured.out
+
+
+def test_progress_bars_are_drawn_on_a_terminal_unless_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    class Closed:
+        def isatty(self) -> bool:
+            raise ValueError("I/O operation on closed file")
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert _show_progress(False) is True
+    assert _show_progress(True) is False
+    monkeypatch.setattr(sys, "stderr", Closed())
+    assert _show_progress(False) is False
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_a_warning_of_a_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning during a command is ``bbb: warning: ...`` on one line of stderr, not Python's
+    ``/path/to/bbb/x.py:123: UserWarning: ...`` followed by the library's source line."""
+    import bbb.demo
+
+    def warn(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        warnings.warn("the band is narrow", UserWarning, stacklevel=1)
+        warnings.warn("old option", FutureWarning, stacklevel=1)
+        return {}
+
+    monkeypatch.setattr(bbb.demo, "run_demo", warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # pytest records warnings; show them as Python does outside pytest (its own impl)
+        monkeypatch.setattr(
+            warnings, "_showwarnmsg_impl", lambda m: sys.stderr.write(warnings._formatwarnmsg(m))
+        )
+        assert cli("demo", "--quiet") == 0
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            "bbb: warning: the band is narrow",
+            "bbb: warning: FutureWarning: old option",
+        ]
+        # --debug keeps Python's format (where it was raised)
+        assert cli("--debug", "demo", "--quiet") == 0
+        err = capsys.readouterr().err
+        assert "test_review_s23_cli.py" in err and "UserWarning: the band is narrow" in err
+    # the command restores the process's warning format
+    assert warnings.formatwarning is not None
+    assert "bbb: warning" not in warnings.formatwarning("x", UserWarning, "f.py", 1, "")
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_during_train_says_how_to_resume_and_the_run_resumes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_plots: None,
+) -> None:
+    run = tmp_path / "my run"  # a space: the command printed must be usable as is
+    original = bbb.runs.train_run
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        def ctrl_c(epoch: int, row: dict[str, Any]) -> None:
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+        return original(*args, **kwargs, epoch_callback=ctrl_c)
+
+    monkeypatch.setattr(bbb.runs, "train_run", interrupted)
+    assert cli("train", *TOY_TINY, "--quiet", "--epochs", "4", "--out", run) == 130
+    err = capsys.readouterr().err
+    assert err == f"bbb: interrupted; continue the run with: bbb train --resume '{run}'\n"
+    monkeypatch.setattr(bbb.runs, "train_run", original)
+    assert cli("train", "--resume", run, "--quiet") == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_before_the_run_exists_says_there_is_nothing_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bbb.runs, "train_run", interrupted)
+    assert cli("train", *TOY_TINY, "--quiet", "--out", tmp_path / "r") == 130
+    err = capsys.readouterr().err
+    assert err == "bbb: interrupted before the run was set up; nothing to resume\n"
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"bbb {bbb.__version__}\n"
+
+
+# --------------------------------------------------------------------------- bayesianize
+
+
+class _Tagger(nn.Module):
+    """A user's block with a learnable parameter of its own and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x * self.scale)
+
+
+def test_bayesianize_names_recurrent_attention_and_custom_weights_it_leaves() -> None:
+    """nn.LSTM, nn.GRUCell, nn.MultiheadAttention's in-projection and a custom module's
+    nn.Parameter stay deterministic: before, only Linear/Conv subclasses and embeddings were
+    named, these were left without a word (their weights silently got no posterior)."""
+    model = nn.ModuleDict(
+        {
+            "rnn": nn.LSTM(3, 4),
+            "cell": nn.GRUCell(3, 4),
+            "attn": nn.MultiheadAttention(4, 2),
+            "tag": _Tagger(),
+            "head": nn.Linear(4, 2),
+        }
+    )
+    with pytest.warns(UserWarning, match="left these layers with weights deterministic") as rec:
+        out = bbb.bayesianize(model)
+    (message,) = [str(w.message) for w in rec]
+    for name in (
+        "rnn (LSTM)",
+        "cell (GRUCell)",
+        "attn (MultiheadAttention)",
+        "tag.scale (_Tagger)",
+    ):
+        assert name in message
+    assert isinstance(out["head"], bbb.BayesLinear) and isinstance(out["tag"].proj, bbb.BayesLinear)
+    assert "prior" not in message  # the Bayesian layers' own parts are not listed
+
+
+def test_bayesianize_does_not_warn_about_normalisation_layers() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GroupNorm(1, 2), nn.Flatten(), nn.LayerNorm(8)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bbb.bayesianize(model)
+
+
+def test_bayesianize_of_a_model_with_only_other_weight_layers_names_them() -> None:
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    model = nn.Sequential(spectral_norm(nn.Linear(3, 3)), nn.LSTM(3, 3))
+    with pytest.raises(ValueError, match="nothing was made Bayesian") as err:
+        bbb.bayesianize(model)
+    assert "0 (ParametrizedLinear), 1 (LSTM)" in str(err.value)
+
+
+def test_bayesianize_names_the_buffers_of_a_replaced_layer() -> None:
+    layer = nn.Linear(3, 3)
+    layer.register_buffer("input_scale", torch.full((3,), 2.0))
+    with pytest.warns(UserWarning, match=r"buffers of their own: 0\.input_scale"):
+        out = bbb.bayesianize(nn.Sequential(layer, nn.ReLU()))
+    assert not hasattr(out[0], "input_scale")
