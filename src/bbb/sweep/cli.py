@@ -81,6 +81,8 @@ def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     if argv[:1] == ["show"]:
         a = show.parse_args(argv[1:])
+        if a.top < 1:  # 0 printed "no finished trial yet", -1 dropped the last row
+            show.error(f"--top must be >= 1, got {a.top}")
         print(
             show_sweep(
                 Path(a.sweep_dir),

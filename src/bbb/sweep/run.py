@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .space import SPACE_COPY, SWEEP_FILE, SweepError, load_space
+from .space import DEFAULT_DB, SPACE_COPY, SWEEP_FILE, TRIALS_DIR, SweepError, load_space
 from .storage import (
     _default_storage,
     _has_password,
@@ -67,6 +67,29 @@ def _storage_url(out: Path, given: str | None, info: dict[str, Any]) -> str:
     return str(saved)
 
 
+def _check_same_study(out: Path, info: dict[str, Any], study_name: str, url: str) -> None:
+    """Refuse a second study in a sweep directory that holds another study's trials.
+
+    Trial run directories are named by trial number alone (``trials/trial-NNNN``) and each
+    study numbers its trials from 0: another ``--study-name`` (or ``--storage``) in the same
+    ``--out`` deleted the first study's run directories one by one as its own trials reused
+    the numbers, and overwrote ``sweep.json``, so ``show``/``best`` found the new study only.
+    """
+    trials = out / TRIALS_DIR
+    if not info or not trials.is_dir() or not any(trials.iterdir()):
+        return
+    recorded = info.get("study_name", study_name)
+    stored = None if url == _default_storage(out) else _masked(url)
+    if recorded == study_name and info.get("storage") == stored:
+        return
+    where = info.get("storage") or str(out / DEFAULT_DB)
+    raise SweepError(
+        f"{out} holds the trials of study {recorded!r} in {where}; study {study_name!r} in "
+        f"{stored or out / DEFAULT_DB} would overwrite their run directories ({TRIALS_DIR}/"
+        "trial-NNNN): give it another --out"
+    )
+
+
 def run_sweep(opts: SweepOptions) -> int:
     """``bbb sweep SPACE --out DIR``: create or join the study, run workers; exit status."""
     _import_optuna()
@@ -90,6 +113,7 @@ def run_sweep(opts: SweepOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = _saved_info(out)
     url = _storage_url(out, opts.storage, info)
+    _check_same_study(out, info, opts.study_name, url)
     storage = open_storage(url, opts.heartbeat)
     study = _open_study(space, storage, opts.study_name, sampler, pruner, create=True)
     if opts.worker_id is None:

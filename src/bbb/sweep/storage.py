@@ -168,6 +168,7 @@ def _open_study(
     elif saved != space.digest():
         raise SweepError(
             f"study {study_name!r} was started with a different search space (or metric); "
-            "run the changed space with another --out or --study-name"
+            "run the changed space with another --out (with a shared --storage, also another "
+            "--study-name)"
         )
     return study

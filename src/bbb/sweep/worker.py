@@ -164,7 +164,10 @@ class _Worker:
                         "data set needs a validation split"
                     )
                 value = float(row[key])
-                if sign * value < best["value"]:
+                best["last"] = value
+                # a NaN or infinite metric is never the best epoch (a trial whose every epoch
+                # was NaN returned inf: a COMPLETE trial, the best one when no other finished)
+                if math.isfinite(value) and sign * value < best["value"]:
                     best.update(value=sign * value, epoch=epoch)
                 trial.report(value, epoch)
                 if trial.should_prune():
@@ -180,6 +183,11 @@ class _Worker:
                 evaluate_test=False,
                 write_plots=self.trial_plots,
             )
+            if best["epoch"] == 0:
+                raise SweepError(
+                    f"{key} was not finite in any of the {summary['epochs_trained']} epoch(s) "
+                    f"(last: {best.get('last')}): the trial has no score"
+                )
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             trial.set_user_attr("error", msg)
