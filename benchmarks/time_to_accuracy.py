@@ -108,6 +108,8 @@ def run(library: str, args: argparse.Namespace, data: tuple[Tensor, ...]) -> dic
         model, loss_fn = _blitz(n)
     else:
         raise ValueError(f"unknown library {library!r}; accepted values: {', '.join(LIBRARIES)}")
+    if n < BATCH:  # no full minibatch: the training loop below would never take a step
+        raise ValueError(f"{n} training examples: at least one batch ({BATCH}) is needed")
     compile_seconds = None
     if library == "bbb" and args.kernels != "eager":
         # build the compiled (or native) kernels on a throw-away network (they serve every
@@ -160,8 +162,9 @@ def _check_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, libraries: list[str]
 ) -> None:
     """Refuse, naming the option, what would otherwise run the wrong thing or fail late: an
-    unknown or missing library (or a peer not installed), a target error outside (0, 1], a
-    non-positive evaluation period, sample count or time budget."""
+    unknown or missing library (or a peer not installed), a subset smaller than one batch, a
+    target error outside (0, 1], a non-positive evaluation period, sample count or time
+    budget."""
     import importlib.util
 
     if not libraries:
@@ -174,6 +177,9 @@ def _check_args(
         module = {"bayesian-torch": "bayesian_torch", "blitz": "blitz"}.get(lib)
         if module is not None and importlib.util.find_spec(module) is None:
             parser.error(f"--libraries: {lib} is not installed (make bench installs the peers)")
+    if args.subset is not None and args.subset < BATCH:
+        # fewer examples than one minibatch: no step was ever taken and the loop spun forever
+        parser.error(f"--subset must be at least the batch size {BATCH}, got {args.subset}")
     if not 0.0 < args.target <= 1.0:
         parser.error(f"--target must be a validation error in (0, 1], got {args.target}")
     for option, value in (

@@ -320,6 +320,7 @@ def run_step_times(
         times = _interleaved(steps, warmup, repeats)
         det_ms = statistics.median(times["deterministic"])
         by_key: dict[tuple[str, str, str, int], float] = {}
+        first = len(results)  # this network's rows: results[first:]
         for key, (lib, est, prior, s) in configs.items():
             ms = statistics.median(times[key])
             by_key[(lib, est, prior, s)] = ms
@@ -336,12 +337,15 @@ def run_step_times(
                     ms_all=[round(t, 3) for t in times[key]],
                 )
             )
-        for r in results:
-            if r.net != net or (r.net == "mlp" and r.hidden != hidden) or r.num_samples == 1:
+        # this round-robin's rows only: a network listed twice (--sizes 400,400) had the
+        # earlier rows' ratios taken to the later round's S=1 times; the unrounded medians
+        for r in results[first:]:
+            if r.num_samples == 1:
                 continue
             one = by_key.get((r.library, r.estimator, r.prior, 1))
             if one is not None:
-                r.samples_ratio = round(r.ms / one, 3)
+                ms = by_key[(r.library, r.estimator, r.prior, r.num_samples)]
+                r.samples_ratio = round(ms / one, 3)
     return results
 
 
