@@ -23,6 +23,7 @@ The KL divergence of the latest forward pass is computed on demand by :meth:`Bay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import numbers
@@ -159,6 +160,25 @@ class _Record:
     prior_key: tuple[int, ...] = ()
     # native node: [True] once its backward has run (kl_w's graph is freed; kl() recomputes)
     kl_used: list[bool] | None = None
+
+
+_RECORD_TENSORS = ("eps_w", "eps_b", "w", "b", "sigma_w", "sigma_b")
+
+
+def _outside_inference(rec: _Record) -> _Record:
+    """``rec`` with its tensors made under ``torch.inference_mode`` cloned into ordinary
+    ones (the same values), for use with autograd outside it; ``rec`` itself if it has none.
+
+    Inference tensors cannot be saved for backward: a forward pass under inference_mode
+    followed by kl(), or by a frozen-mode pass with autograd, raised torch's 'Inference
+    tensors cannot be saved for backward'.
+    """
+    changed = {}
+    for name in _RECORD_TENSORS:
+        t = getattr(rec, name)
+        if t is not None and t.is_inference():
+            changed[name] = t.clone()
+    return dataclasses.replace(rec, **changed) if changed else rec
 
 
 class BayesModule(nn.Module):
@@ -452,7 +472,11 @@ class BayesModule(nn.Module):
                     "call bbb.resample(model) to draw a new frozen sample, or use the same "
                     "num_samples"
                 )
+            if noise.eps_w.is_inference() and not torch.is_inference_mode_enabled():
+                # drawn under torch.inference_mode: the same sample, usable by autograd
+                noise = self._frozen = _outside_inference(noise)
             like = self.weight_mu
+            assert noise.eps_w is not None
             if noise.eps_w.dtype != like.dtype or noise.eps_w.device != like.device:
                 # the layer was cast or moved (model.half(), .to(device)) since the sample was
                 # drawn: the same sample, in the parameters' dtype and on their device
@@ -622,6 +646,10 @@ class BayesModule(nn.Module):
         """
         total = self.weight_mu.new_zeros((), dtype=_kl.kl_dtype(self.weight_mu.dtype))
         mask = self.weight_mask
+        if self._record is not None and not torch.is_inference_mode_enabled():
+            # a forward pass under torch.inference_mode left inference tensors, which autograd
+            # cannot save: the same values as ordinary tensors (once; the record keeps them)
+            self._record = _outside_inference(self._record)
         sigmas = self._cached_sigmas()
         record = self._record
         if (
