@@ -219,3 +219,40 @@ def test_time_to_accuracy_refuses_a_subset_smaller_than_a_batch(
         tta.main(["--libraries", "bbb", "--subset", "100", "--data-dir", "/nonexistent"])
     assert exc.value.code == 2
     assert "--subset must be at least the batch size 128, got 100" in capsys.readouterr().err
+
+
+@needs_optuna
+def test_ctrl_c_before_a_trial_starts_does_not_requeue_a_trial_that_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial that fails with an error is not retried. A Ctrl-C that came in the next
+    optimize call before its objective ran (the sampler choosing) found the worker's
+    ``current`` still naming the failed trial and queued it again as "interrupted"."""
+    import optuna
+
+    import bbb.runs
+    from bbb.sweep import load_space
+    from bbb.sweep.worker import _Worker
+
+    def broken(*_: Any, **__: Any) -> dict[str, Any]:
+        raise RuntimeError("diverged")
+
+    monkeypatch.setattr(bbb.runs, "train_run", broken)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = load_space(write_space(tmp_path, "lr = [0.1, 0.01]"))
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": [0.1, 0.01]}))
+    worker = _Worker(space, study, tmp_path / "sweep", "grid", None, poll=0.01)
+    real = study.optimize
+    calls = itertools.count()
+
+    def optimize(*args: Any, **kwargs: Any) -> None:
+        if next(calls) == 1:  # the second trial: interrupted before its objective runs
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(study, "optimize", optimize)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["FAIL"], states
+    assert study.get_trials()[0].user_attrs["error"] == "diverged"

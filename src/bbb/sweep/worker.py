@@ -93,6 +93,9 @@ class _Worker:
                     self.study.enqueue_trial(random.choice(todo))
             waiting_said = False
             self.ran += 1
+            # set by the objective once it runs: a Ctrl-C before that (while the sampler
+            # chooses) must not re-queue the previous trial, which may have failed with an error
+            self.current = None
             try:
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
             except KeyboardInterrupt:
