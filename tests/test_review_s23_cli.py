@@ -223,3 +223,60 @@ def test_bayesianize_names_the_buffers_of_a_replaced_layer() -> None:
     with pytest.warns(UserWarning, match=r"buffers of their own: 0\.input_scale"):
         out = bbb.bayesianize(nn.Sequential(layer, nn.ReLU()))
     assert not hasattr(out[0], "input_scale")
+
+
+# --------------------------------------------------------------------------- prune / export
+
+
+def _toy_run(root: Path, *extra: str) -> Path:
+    run = root / "run"
+    args = TOY_TINY if not extra else TOY_TINY[:-2]  # --val-samples: bbb runs only
+    assert cli("train", *args, "--quiet", "--epochs", "1", "--out", run, *extra) == 0
+    return run
+
+
+def test_prune_export_to_a_directory_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plots: None
+) -> None:
+    """Before: the run was loaded and pruned, then the atomic write failed with
+    ``[Errno 21] Is a directory: '.../.x.tmp' -> '...'``."""
+    run = _toy_run(tmp_path)
+    capsys.readouterr()
+    assert cli("prune", run, "--split", "val", "--num-samples", "2", "--export", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err == f"bbb: error: --export {tmp_path} is a directory: give the file to write\n"
+    assert not list(run.glob("prune-*.json"))
+
+
+def test_prune_of_a_deterministic_run_names_its_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plots: None
+) -> None:
+    """Before: ``prune_by_snr: the model has no Bayesian layers`` (which model? why?)."""
+    run = _toy_run(tmp_path, "--method", "sgd")
+    capsys.readouterr()
+    assert cli("prune", run, "--split", "val") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"bbb: error: {run} was trained with --method sgd")
+    assert "needs a --method bbb run" in err and len(err.splitlines()) == 1
+
+
+def test_bandit_draws_no_progress_bar_into_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bbb bandit` without --quiet: its progress bar only on a terminal, as for train."""
+    import bbb.bandit
+
+    seen: list[bool] = []
+    monkeypatch.setattr(bbb.bandit, "main_bandit", lambda args: seen.append(args.quiet) or 0)
+
+    class Log:
+        def isatty(self) -> bool:
+            return False
+
+        def write(self, text: str) -> int:
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Log())
+    assert cli("bandit") == 0
+    assert seen == [True]  # no bar

@@ -430,7 +430,14 @@ def _evaluate(
         raise ValueError(f"--fraction must lie in [0, 1), got {prune!r}")
     if export is not None and not Path(export).resolve().parent.is_dir():
         raise ValueError(f"--export {export}: its directory does not exist")
+    if export is not None and Path(export).is_dir():
+        raise ValueError(f"--export {export} is a directory: give the file to write")
     cfg, model, likelihood, data = load_run(run_dir, device=device, data_dir=data_dir)
+    if prune is not None and cfg.method != "bbb":
+        raise ConfigError(
+            f"{run_dir} was trained with --method {cfg.method}: its weights have no posterior, "
+            "hence no signal-to-noise ratio to prune by (bbb prune needs a --method bbb run)"
+        )
     # the result file goes into the run directory: refused now, not after the evaluation
     _check_result_writable(
         Path(run_dir), _result_file_name(split, prune, per_layer, compact is not None)
@@ -579,6 +586,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return main_uci(args)
     if args.command == "bandit":
         from .bandit import main_bandit
+
+        # its --quiet only turns the progress bar off: no bar into a log either (see _QUIET_HELP)
+        args.quiet = not _show_progress(args.quiet)
 
         return main_bandit(args)
     parser.error(f"unknown command {args.command!r}")
