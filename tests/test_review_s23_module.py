@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import bbb
+from bbb import BayesLinearEnsemble
 from bbb.nn import BayesConv2d, BayesLinear, repeat_samples, sampling, vectorized_samples
 
 
@@ -150,3 +151,9 @@ def test_a_frozen_sample_drawn_under_inference_mode_is_used_with_autograd() -> N
         assert layer.kl().isfinite()
     assert torch.equal(y.detach(), y0)
     assert layer.weight_rho.grad is not None and layer.weight_rho.grad.abs().sum() > 0
+
+
+def test_ensemble_repr_says_whether_it_has_a_bias() -> None:
+    # BayesLinear's repr says bias=...; the ensemble's said nothing (bias=False was invisible)
+    assert "bias=False" in repr(BayesLinearEnsemble(2, 3, 4, bias=False))
+    assert "bias=True" in repr(BayesLinearEnsemble(2, 3, 4))

@@ -60,7 +60,7 @@ class BayesLinearEnsemble(BayesModule):
         self.out_features = out_features
         self._init_posterior(
             (members, out_features, in_features),
-            bias,
+            False,
             prior=prior,
             estimator=estimator,
             kl=kl,
@@ -69,11 +69,28 @@ class BayesLinearEnsemble(BayesModule):
             fan_in=in_features,
             device=device,
             dtype=dtype,
-            # member k's bias is row k of a (K, out) tensor; the base class draws its noise as
-            # (S, K, out) and initialises it with the weights (one draw each: no discarded
-            # noise, no second initialisation of the weights)
-            bias_shape=(members, out_features),
         )
+        # The bias of member k is a (K, out) tensor: built here rather than by the base class
+        # (whose bias is (out,)), with the same initialisation. This initialises the weights a
+        # second time, and _noise below draws an (S, K) bias noise it replaces: both draws are
+        # kept on purpose, so that every documented bandit run (docs/RESULTS.md, README's
+        # excerpt) is reproduced bit for bit by its command (tests/test_review_s23_misc.py).
+        if bias:
+            self.bias_mu = torch.nn.Parameter(
+                torch.empty(members, out_features, device=device, dtype=dtype)
+            )
+            self.bias_rho = torch.nn.Parameter(
+                torch.empty(members, out_features, device=device, dtype=dtype)
+            )
+            self.reset_parameters()  # the constructor's mu_init and rho_init
+
+    def _noise(self, num_samples: int, like: Tensor):  # type: ignore[override]
+        record = super()._noise(num_samples, like)
+        if self.bias_mu is not None:
+            record.eps_b = torch.randn(
+                (num_samples, *self.bias_mu.shape), dtype=like.dtype, device=like.device
+            )
+        return record
 
     def _check_input(self, x: Tensor) -> None:
         s, k, n = self.num_samples, self.members, self.in_features
@@ -119,5 +136,6 @@ class BayesLinearEnsemble(BayesModule):
     def extra_repr(self) -> str:
         return (
             f"members={self.members}, in_features={self.in_features}, "
-            f"out_features={self.out_features}, " + super().extra_repr()
+            f"out_features={self.out_features}, bias={self.bias_mu is not None}, "
+            + super().extra_repr()
         )

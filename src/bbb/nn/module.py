@@ -208,13 +208,7 @@ class BayesModule(nn.Module):
         fan_in: int,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
-        bias_shape: tuple[int, ...] | None = None,
     ) -> None:
-        """Validate the options, register the posterior's parameters and initialise them.
-
-        ``bias_shape``: the shape of ``bias_mu``/``bias_rho`` (default ``(weight_shape[0],)``,
-        one per output; :class:`bbb.BayesLinearEnsemble` gives ``(K, out)``).
-        """
         if estimator not in est.ESTIMATORS:
             raise ValueError(
                 f"unknown estimator {estimator!r}; accepted values: {', '.join(est.ESTIMATORS)}"
@@ -244,9 +238,8 @@ class BayesModule(nn.Module):
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory))
         if bias:
-            b_shape = (out,) if bias_shape is None else tuple(bias_shape)
-            self.bias_mu = nn.Parameter(torch.empty(b_shape, **factory))
-            self.bias_rho = nn.Parameter(torch.empty(b_shape, **factory))
+            self.bias_mu = nn.Parameter(torch.empty(out, **factory))
+            self.bias_rho = nn.Parameter(torch.empty(out, **factory))
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
@@ -422,9 +415,8 @@ class BayesModule(nn.Module):
         )
         eps_b = None
         if self.bias_mu is not None:
-            # (S, *bias shape): (S, O), or (S, K, O) for an ensemble
             eps_b = torch.randn(
-                (num_samples, *self.bias_mu.shape), dtype=like.dtype, device=like.device
+                (num_samples, self.bias_mu.shape[0]), dtype=like.dtype, device=like.device
             )
         return _Record(eps_w=eps_w, eps_b=eps_b)
 
