@@ -256,3 +256,27 @@ def test_ctrl_c_before_a_trial_starts_does_not_requeue_a_trial_that_failed(
     states = [t.state.name for t in study.get_trials()]
     assert states == ["FAIL"], states
     assert study.get_trials()[0].user_attrs["error"] == "diverged"
+
+
+def test_bench_json_keeps_the_parts_measured_before_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JSON was written only at the very end: a failure in a later part (the inference
+    part running out of GPU memory, say) or a time limit (benchmarks/gpu.sh) lost the whole
+    step-time table. It is now written after each part, ``complete`` false until the end."""
+
+    def out_of_memory(*_: Any, **__: Any) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "run_inference", out_of_memory)
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--no-peers", "--nets", "mlp", "--samples", "1", "--repeats", "1"]
+    args += ["--estimators", "reparam", "--priors", "gaussian", "--no-memory", "--no-variance"]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.main([*args, "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and "inference" not in data
+    assert {r["library"] for r in data["step_time"]} == {"deterministic", "bbb"}
+    monkeypatch.undo()
+    assert bench.main([*args, "--no-inference", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] is True

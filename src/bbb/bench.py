@@ -26,7 +26,9 @@
    respect to ``weight_mu`` and ``weight_rho`` (averaged over all weights), at one fixed point
    in training shared by all estimators (the same parameters).
 
-The table format and JSON keys are stable: they are how regressions are found.
+The table format and JSON keys are stable: they are how regressions are found. With ``--json``
+the file is written after each part; ``complete`` is false until every requested part is in it
+(a run that failed or was stopped keeps what it measured).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from .models import bayes_convnet, bayes_mlp, mlp
 from .nn.estimators import ESTIMATORS
 from .predictive import predict
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
-from .train.checkpoint import strict_json
+from .train.checkpoint import atomic_write_text, strict_json
 
 __all__ = ["StepResult", "build_parser", "main", "run_benchmark", "format_table"]
 
@@ -854,13 +856,24 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         },
         "step_time": [asdict(r) for r in steps],
         "table": table,
+        "complete": False,
     }
+
+    def save() -> None:
+        # after every part, atomically: a later part that fails (a GPU out of memory) or a
+        # run stopped by a time limit (benchmarks/gpu.sh) keeps the parts measured so far
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, strict_json(out, indent=1) + "\n")
+
+    save()
     if args.inference:
         inf = run_inference(max(sizes), inputs, device=device)
         out["inference"] = inf
         log(f"\nInference: bbb.predict, {inf['num_samples']} samples, {inputs} inputs, "
             f"H={inf['hidden']}\n"
             + _format_rows(inf["rows"], ["estimator", "seconds", "inputs_per_s"]))  # fmt: skip
+        save()
     if args.memory:
         mem_nets = [(n, h) for n, h in nets if n != "mlp" or h == max(sizes)]
         mem_est = args.estimators[:1] if args.quick else args.estimators
@@ -876,6 +889,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         what = "GPU max_memory_allocated" if device.type == "cuda" else "VmHWM"
         log(f"\nPeak memory, num_samples=10 ({what} of a fresh process, MiB)\n"
             + _format_rows(mem, ["net", "library", "estimator", "peak_mib", "step_mib"]))  # fmt: skip
+        save()
     if args.variance:
         var = run_grad_variance(min(sizes), draws, train_steps, args.estimators, device=device)
         out["grad_variance"] = var
@@ -883,9 +897,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             + _format_rows(var, ["estimator", "var_grad_mu", "var_grad_rho", "rel_mu",
                                  "rel_rho"]))  # fmt: skip
     out["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    out["complete"] = True
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(strict_json(out, indent=1) + "\n")
+        save()
         log(f"\n[bench] wrote {args.json}")
     return out
 
