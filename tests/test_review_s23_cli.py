@@ -280,3 +280,20 @@ def test_bandit_draws_no_progress_bar_into_a_log(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(sys, "stderr", Log())
     assert cli("bandit") == 0
     assert seen == [True]  # no bar
+
+
+def test_bayesianize_of_an_uncopyable_model_says_to_convert_in_place() -> None:
+    """The deprecated torch.nn.utils.weight_norm makes a model that copy.deepcopy refuses:
+    before, torch's RuntimeError about deepcopy; now a TypeError naming inplace=True, which
+    converts it (mu = the layer's effective weight g * v / |v|)."""
+    from torch.nn.utils import weight_norm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its deprecation
+        layer = weight_norm(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"cannot be copied.*inplace=True"):
+        bbb.bayesianize(nn.Sequential(layer))
+    effective = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="had hooks"):  # weight norm's own pre-forward hook
+        out = bbb.bayesianize(nn.Sequential(layer), inplace=True, init_from_weights=True)
+    assert torch.equal(out[0].weight_mu, effective)

@@ -216,7 +216,7 @@ def bayesianize(
         if _convertible(m) and not all(p.requires_grad for p in m.parameters(recurse=False))
     ]
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model, "bayesianize")
     kwargs: dict[str, Any] = {
         "estimator": estimator,
         "kl": kl,
@@ -317,6 +317,25 @@ def _describe(name: str, module: nn.Module) -> str:
 
 def _prefix_of(name: str) -> str:
     return f"{name}." if name else ""
+
+
+def _copy(model: nn.Module, caller: str) -> nn.Module:
+    """``copy.deepcopy(model)``, or a TypeError that says what to do when the model cannot be
+    copied (``torch.nn.utils.weight_norm``'s computed weight is not a leaf tensor)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        if "deepcopy" not in str(e):
+            raise
+        remedy = (
+            "pass inplace=True to convert the model itself"
+            if caller == "bayesianize"
+            else "torch.nn.utils.parametrizations.weight_norm replaces the deprecated "
+            "torch.nn.utils.weight_norm and can be copied"
+        )
+        raise TypeError(
+            f"{caller} works on a copy of the model, and the model cannot be copied: {e} ({remedy})"
+        ) from e
 
 
 def _warn_lost(hooked: list[str], tied: list[str], caller: str, buffers: list[str] = ()) -> None:  # type: ignore[assignment]
@@ -451,7 +470,7 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
     top = _deterministic_for(model)
     if top is None:
-        top = copy.deepcopy(model)
+        top = _copy(model, "to_deterministic")
         _replace_layers(top, _deterministic_for)
     _warn_lost(hooked, [], "to_deterministic")
     return top
