@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import bbb
+import bbb.models as bbb_models
 import bbb.runs
 from bbb.cli import _show_progress, main
 
@@ -297,3 +298,37 @@ def test_bayesianize_of_an_uncopyable_model_says_to_convert_in_place() -> None:
     with pytest.warns(UserWarning, match="had hooks"):  # weight norm's own pre-forward hook
         out = bbb.bayesianize(nn.Sequential(layer), inplace=True, init_from_weights=True)
     assert torch.equal(out[0].weight_mu, effective)
+
+
+# --------------------------------------------------------------------------- ready-made models
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        # a zero width built a plain network whose output ignores its input (only the bias)
+        (lambda: bbb_models.mlp(3, [0], 2), r"mlp: hidden\[0\] must be a positive integer, got 0"),
+        (lambda: bbb_models.mlp(3, [-1], 2), r"hidden\[0\] must be a positive integer, got -1"),
+        (lambda: bbb_models.mlp(0, [4], 2), "in_features must be a positive integer, got 0"),
+        # an int: "Value after * must be an iterable, not int"
+        (lambda: bbb_models.bayes_mlp(3, 5, 2), "hidden must be a sequence of layer widths"),
+        # a string was read one character per layer ("out_features ... got '1'")
+        (lambda: bbb_models.bayes_mlp(3, "12", 2), "got '12'"),
+        (lambda: bbb_models.mlp(3, [2.5], 2), r"hidden\[0\] must be a positive integer, got 2.5"),
+        # "not enough values to unpack (expected 2, got 1)"
+        (lambda: bbb_models.bayes_convnet(channels=(16,)), "channels must be two positive"),
+        (lambda: bbb_models.bayes_convnet(num_classes=0), "num_classes must be a positive"),
+    ],
+)
+def test_ready_made_models_refuse_bad_sizes_by_name(build: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_ready_made_models_accept_any_integer_widths() -> None:
+    import numpy as np
+
+    net = bbb_models.mlp(3, np.array([4, 5]), 2)
+    assert [m.out_features for m in net if isinstance(m, nn.Linear)] == [4, 5, 2]
+    assert len(bbb_models.bayes_mlp(3, [], 2)) == 1
+    assert bbb_models.bayes_convnet(channels=[3, 4])[3].out_channels == 4

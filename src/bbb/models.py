@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
@@ -31,6 +31,25 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _layer_sizes(fn: str, in_features: object, hidden: object, out_features: object) -> list[int]:
+    """``[in_features, *hidden, out_features]`` as ints, or a ValueError naming ``fn`` and the
+    bad size: a width of 0 built a network whose output ignores its input (``mlp``), an int
+    for ``hidden`` failed with ``Value after * must be an iterable`` and a string was read one
+    character per layer."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
+        raise ValueError(
+            f"{fn}: hidden must be a sequence of layer widths such as [400, 400] (or [] for "
+            f"none), got {hidden!r}"
+        )
+    named = [("in_features", in_features)]
+    named += [(f"hidden[{i}]", h) for i, h in enumerate(list(hidden))]
+    named.append(("out_features", out_features))
+    for name, value in named:
+        if not _is_int(value) or int(value) < 1:  # type: ignore[call-overload]
+            raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
+    return [int(v) for _, v in named]  # type: ignore[call-overload]
+
+
 def bayes_mlp(
     in_features: int,
     hidden: Sequence[int],
@@ -49,8 +68,8 @@ def bayes_mlp(
     784-400-400-10 network reached 3% MNIST validation error in 650 steps against 850 with
     ``"paper"`` (issue 8, ``benchmarks/time_to_accuracy.py --eval-every 50``).
     """
+    sizes = _layer_sizes("bayes_mlp", in_features, hidden, out_features)[:-1]
     layers: list[nn.Module] = []
-    sizes = [in_features, *hidden]
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [
             BayesLinear(
@@ -78,8 +97,8 @@ def mlp(
     """Deterministic baseline: in -> [Linear -> ReLU (-> Dropout)] * len(hidden) -> Linear."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    sizes = _layer_sizes("mlp", in_features, hidden, out_features)[:-1]
     layers: list[nn.Module] = []
-    sizes = [in_features, *hidden]
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]
         if dropout > 0:
@@ -107,7 +126,20 @@ def bayes_convnet(
         raise ValueError(
             f"image_size must be an integer of at least 4 (two 2x2 max-pools), got {image_size!r}"
         )
-    c1, c2 = channels
+    if (
+        isinstance(channels, (str, bytes))
+        or not isinstance(channels, Sequence)
+        or len(channels) != 2
+        or not all(_is_int(c) and c >= 1 for c in channels)
+    ):
+        raise ValueError(
+            "bayes_convnet: channels must be two positive integers (the two conv layers' "
+            f"widths), got {channels!r}"
+        )
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"bayes_convnet: {name} must be a positive integer, got {value!r}")
+    c1, c2 = (int(c) for c in channels)
     side = int(image_size) // 4
     kw = {"prior": prior, "estimator": estimator, "kl": kl}
     return nn.Sequential(
