@@ -136,3 +136,33 @@ def test_the_bandit_reproduces_its_documented_random_stream(tmp_path: Path) -> N
     }
     for key, value in expected.items():
         assert sums[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " off "])
+def test_the_allocator_opt_out_takes_the_usual_spellings(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BBB_TUNE_ALLOCATOR=false / no / off tuned the allocator all the same (only "0" opted
+    out); an unknown value warns and tunes."""
+    from bbb import allocator
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setenv(allocator.ENV_VAR, value)
+    assert allocator.tune_allocator_by_default() is False and calls == []
+    monkeypatch.setenv(allocator.ENV_VAR, "yes")
+    assert allocator.tune_allocator_by_default() is True and calls == [1]
+    monkeypatch.setenv(allocator.ENV_VAR, "maybe")
+    with pytest.warns(UserWarning, match="not understood"):
+        assert allocator.tune_allocator_by_default() is True
+    assert calls == [1, 1]
+
+
+def test_a_log_float_range_with_log_false_is_refused(tmp_path: Path) -> None:
+    """{ log_float = [a, b], log = false } was searched on a log scale without a word."""
+    from bbb.sweep.space import SweepError, _parse_param
+
+    with pytest.raises(SweepError, match="log_float is searched on a log scale"):
+        _parse_param("lr", {"log_float": [1e-4, 1e-2], "log": False}, "space.toml")
+    p = _parse_param("lr", {"log_float": [1e-4, 1e-2]}, "space.toml")
+    assert p.log is True and p.kind == "float"

@@ -30,6 +30,7 @@ import ctypes.util
 import os
 import sys
 import threading
+import warnings
 
 __all__ = ["ENV_VAR", "allocator_tuned", "tune_allocator", "tune_allocator_by_default"]
 
@@ -90,13 +91,26 @@ def allocator_tuned() -> bool:
     return _tuned
 
 
+_ON = ("1", "true", "yes", "on", "")
+_OFF = ("0", "false", "no", "off")
+
+
 def tune_allocator_by_default() -> bool:
-    """:func:`tune_allocator` unless the environment says ``BBB_TUNE_ALLOCATOR=0``.
+    """:func:`tune_allocator` unless the environment says ``BBB_TUNE_ALLOCATOR=0`` (or
+    ``false``/``no``/``off``; an unknown value is a warning naming the accepted ones, and tunes).
 
     Called at the start of the ``bbb`` command (except ``bbb bench``, which has its own
     ``--no-tune-allocator``) and of the experiment scripts: processes that only train or
     evaluate. The library never calls it on import.
     """
-    if os.environ.get(ENV_VAR, "1").strip() == "0":
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value in _OFF:
         return False
+    if value not in _ON:
+        warnings.warn(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not understood: tuning the allocator (the "
+            f"default); accepted values: {', '.join(v for v in _ON if v)} (tune) or "
+            f"{', '.join(_OFF)} (do not)",
+            stacklevel=2,
+        )
     return tune_allocator()

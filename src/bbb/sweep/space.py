@@ -252,6 +252,11 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
     if kind == "int" and not all(isinstance(v, int) for v in body):
         raise SweepError(f"{where}: {name}: an int range needs integer bounds, got {body!r}")
     if kind == "log_float":
+        if spec.get("log") is False:  # a log_float is a log range: "log = false" contradicts it
+            raise SweepError(
+                f"{where}: {name}: log_float is searched on a log scale; for a linear range "
+                "write { float = [low, high] }"
+            )
         kind, log = "float", True
     if log and low <= 0:
         raise SweepError(f"{where}: {name}: a log range needs low > 0, got {low}")
