@@ -332,3 +332,24 @@ def test_ready_made_models_accept_any_integer_widths() -> None:
     assert [m.out_features for m in net if isinstance(m, nn.Linear)] == [4, 5, 2]
     assert len(bbb_models.bayes_mlp(3, [], 2)) == 1
     assert bbb_models.bayes_convnet(channels=[3, 4])[3].out_channels == 4
+
+
+def test_prune_result_file_names_the_fraction_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plots: None
+) -> None:
+    """--fraction 0.9999999 wrote prune-1-val.json (a fraction bbb prune refuses), and 0.95
+    and 0.9500001 wrote the same file; the short names stay (prune-0.95-val.json)."""
+    run = _toy_run(tmp_path)
+    for fraction in ("0.9999999", "0.95", "0.9500001", "0"):
+        assert (
+            cli("prune", run, "--split", "val", "--num-samples", "2", "--fraction", fraction) == 0
+        )
+    names = sorted(p.name for p in run.glob("prune-*.json"))
+    assert names == [
+        "prune-0-val.json",
+        "prune-0.95-val.json",
+        "prune-0.9500001-val.json",
+        "prune-0.9999999-val.json",
+    ]
+    saved = json.loads((run / "prune-0.9999999-val.json").read_text())
+    assert saved["pruned"]["removed"] == saved["pruned"]["total"] - 1  # floor(0.9999999 * n)

@@ -152,7 +152,12 @@ def _result_file_name(
     if fraction is None:
         base = "eval-compact" if compact else "eval"
     else:
-        base = f"prune-{fraction:g}" + ("-per-layer" if per_layer else "")
+        # 6 significant digits (the historical prune-0.95.json) unless they round: 0.9999999
+        # was prune-1.json, and 0.95 and 0.9500001 overwrote each other's file
+        text = f"{fraction:g}"
+        if float(text) != fraction:
+            text = repr(float(fraction))
+        base = f"prune-{text}" + ("-per-layer" if per_layer else "")
     return f"{base}.json" if split == "test" else f"{base}-{split}.json"
 
 
