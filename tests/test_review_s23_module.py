@@ -157,3 +157,31 @@ def test_ensemble_repr_says_whether_it_has_a_bias() -> None:
     # BayesLinear's repr says bias=...; the ensemble's said nothing (bias=False was invisible)
     assert "bias=False" in repr(BayesLinearEnsemble(2, 3, 4, bias=False))
     assert "bias=True" in repr(BayesLinearEnsemble(2, 3, 4))
+
+
+# ------------------------------------------------------------------ replacing the prior
+def test_replacing_the_prior_resolves_kl_auto_for_the_new_prior() -> None:
+    # kl="auto" (the default) was resolved once, for the constructor's prior: a Gaussian
+    # prior replaced by a scale mixture kept "closed_form", and kl() failed advising kl="auto"
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2)
+    layer(torch.randn(4, 3))
+    mixture = bbb.ScaleMixturePrior(0.5, 1.0, 0.0025)
+    layer.prior = mixture
+    assert layer.kl_mode == "mc"
+    assert torch.isfinite(layer.kl())
+    layer.prior = bbb.GaussianPrior(0.3)
+    assert layer.kl_mode == "closed_form"
+    built = BayesLinear(3, 2, prior=bbb.ScaleMixturePrior(0.5, 1.0, 0.0025))
+    assert built.kl_mode == "mc"
+
+
+def test_an_invalid_prior_replacement_is_refused_and_changes_nothing() -> None:
+    layer = BayesLinear(3, 2, kl="closed_form")
+    prior = layer.prior
+    with pytest.raises(ValueError, match="closed_form"):
+        layer.prior = bbb.ScaleMixturePrior(0.5, 1.0, 0.0025)
+    with pytest.raises(TypeError, match="bbb Prior"):
+        layer.prior = None  # type: ignore[assignment]
+    assert layer.prior is prior and layer.kl_mode == "closed_form"
+    assert torch.isfinite(layer.kl())

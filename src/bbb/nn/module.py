@@ -230,6 +230,8 @@ class BayesModule(nn.Module):
         self.estimator = estimator
         self.kl_mode = _kl.resolve_kl_mode(kl, prior)
         self.prior = prior
+        # the kl option as given: "auto" is resolved again when the prior is replaced
+        self._kl_request = kl
         self.mode = "sample"
         self.num_samples = 1
         self._fan_in = fan_in
@@ -692,6 +694,23 @@ class BayesModule(nn.Module):
                 mask=mask if i == 0 else None,
             )
         return total
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "prior" and "_kl_request" in self.__dict__:
+            # a prior replaced after construction (layer.prior = ScaleMixturePrior(...)): the
+            # kl option is resolved for it as the constructor would ("auto" stayed the old
+            # prior's "closed_form", and kl() then failed advising kl="auto"); an invalid
+            # replacement is refused before anything changes
+            if not isinstance(value, Prior):
+                raise TypeError(
+                    "prior must be a bbb Prior (GaussianPrior, ScaleMixturePrior, LaplacePrior),"
+                    f" got {type(value).__name__}"
+                )
+            mode = _kl.resolve_kl_mode(self._kl_request, value)
+            super().__setattr__(name, value)
+            self.kl_mode = mode
+            return
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------- modes
     def resample(self) -> None:
