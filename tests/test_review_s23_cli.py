@@ -353,3 +353,21 @@ def test_prune_result_file_names_the_fraction_exactly(
     ]
     saved = json.loads((run / "prune-0.9999999-val.json").read_text())
     assert saved["pruned"]["removed"] == saved["pruned"]["total"] - 1  # floor(0.9999999 * n)
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_demo_out_that_is_a_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """Before: ``bbb: error: [Errno 17] File exists: '...'`` (or Errno 20), naming no option."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine\n")
+    out = blocker if where == "file" else blocker / "demo"
+    assert cli("demo", "--out", out, "--epochs", "1", "--quiet") == 1
+    err = capsys.readouterr().err
+    tail = "is a file" if where == "file" else f"is under {blocker}, which is a file"
+    assert err == (
+        f"bbb: error: the demo's output directory (--out) {out} {tail}, not a directory: "
+        "choose another --out\n"
+    )
+    assert blocker.read_text() == "mine\n"

@@ -78,7 +78,16 @@ def _run_demo(
 ) -> dict[str, Any]:
     """The demo itself, under the thread setting :func:`run_demo` chose."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # Errno 17 'File exists' / 20 'Not a directory' named neither the option nor the file
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), out)
+        where = "is a file" if blocker == out else f"is under {blocker}, which is a file"
+        raise ValueError(
+            f"the demo's output directory (--out) {out} {where}, not a directory: choose "
+            "another --out"
+        ) from None
     start = time.perf_counter()
     generator = seed_everything(seed)
     train, val = load_toy(n_train=n_train, n_val=200, seed=seed)
