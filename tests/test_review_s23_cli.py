@@ -371,3 +371,21 @@ def test_demo_out_that_is_a_file_is_a_clear_error(
         "choose another --out\n"
     )
     assert blocker.read_text() == "mine\n"
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plots: None
+) -> None:
+    """Notepad saves UTF-8 with a BOM: before, ``config file ... is not valid toml: Invalid
+    statement (at line 1, column 1)``."""
+    config = tmp_path / "run.toml"
+    config.write_bytes(
+        b'\xef\xbb\xbfdataset = "toy"\ntoy_n = 64\nhidden = [8]\nepochs = 1\nbatch_size = 16\n'
+    )
+    assert cli("train", "--config", config, "--quiet", "--out", tmp_path / "r") == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["dataset"], saved["toy_n"], saved["hidden"]) == ("toy", 64, [8])
+    # a file that is not UTF-8 is still named (the BOM is dropped, nothing else is accepted)
+    config.write_bytes(b'\xef\xbb\xbfdataset = "toy\xff"\n')
+    assert cli("train", "--config", config, "--quiet", "--out", tmp_path / "s") == 1
+    assert f"config file {config} is not UTF-8 text" in capsys.readouterr().err
