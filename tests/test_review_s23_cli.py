@@ -389,3 +389,21 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(
     config.write_bytes(b'\xef\xbb\xbfdataset = "toy\xff"\n')
     assert cli("train", "--config", config, "--quiet", "--out", tmp_path / "s") == 1
     assert f"config file {config} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_evaluate_says_how_many_examples_its_uncertainty_summary_covers(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_plots: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The uncertainty means are over the first 2000 examples, the metrics over all of them:
+    before, the result said n_examples = the whole split and nothing about the subset."""
+    import bbb.cli
+
+    run = _toy_run(tmp_path)
+    monkeypatch.setattr(bbb.cli, "_UNCERTAINTY_EXAMPLES", 5)  # a toy split is small
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
+    result = json.loads((run / "eval-val.json").read_text())
+    assert result["n_examples"] > 5 and result["uncertainty"]["n_examples"] == 5
+    assert "n_examples" in capsys.readouterr().out.split("uncertainty:")[1]

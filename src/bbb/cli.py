@@ -493,10 +493,13 @@ def _evaluate(
         y_scale=data.y_std,
     )
     result["metrics"] = report
-    x = ds.tensors[0][:2000].to(cfg.device)
+    # the uncertainty summary is taken over the first 2000 examples (a predict of every weight
+    # sample at once): said in the result, whose n_examples counts the whole split
+    x = ds.tensors[0][:_UNCERTAINTY_EXAMPLES].to(cfg.device)
     pred = predict(model, x, likelihood=likelihood, num_samples=samples)
     if isinstance(pred, ClassificationPrediction):
         result["uncertainty"] = {
+            "n_examples": int(x.shape[0]),
             "mean_entropy": float(pred.entropy.mean()),
             "mean_aleatoric": float(pred.aleatoric.mean()),
             "mean_epistemic": float(pred.epistemic.mean()),
@@ -504,11 +507,15 @@ def _evaluate(
     else:
         s2 = data.y_std**2
         result["uncertainty"] = {
+            "n_examples": int(x.shape[0]),
             "mean_total_variance": float(pred.variance.mean()) * s2,
             "mean_aleatoric_variance": float(pred.aleatoric.mean()) * s2,
             "mean_epistemic_variance": float(pred.epistemic.mean()) * s2,
         }
     return result
+
+
+_UNCERTAINTY_EXAMPLES = 2000
 
 
 def _print_table(result: dict[str, Any]) -> None:
