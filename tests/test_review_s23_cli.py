@@ -407,3 +407,31 @@ def test_evaluate_says_how_many_examples_its_uncertainty_summary_covers(
     result = json.loads((run / "eval-val.json").read_text())
     assert result["n_examples"] > 5 and result["uncertainty"]["n_examples"] == 5
     assert "n_examples" in capsys.readouterr().out.split("uncertainty:")[1]
+
+
+def test_ctrl_c_in_the_first_epoch_says_how_to_start_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_plots: None,
+) -> None:
+    """No epoch ended: --resume would refuse ('nothing to resume'); the command printed works."""
+    run = tmp_path / "r"
+    original = bbb.runs.train_run
+
+    def interrupted(cfg: Any, out: Any, **kwargs: Any) -> Any:
+        (Path(out) / "checkpoints").mkdir(parents=True)
+        (Path(out) / "config.json").write_text(json.dumps(cfg.to_dict()))  # set up, then ^C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bbb.runs, "train_run", interrupted)
+    assert cli("train", *TOY_TINY, "--quiet", "--epochs", "1", "--out", run) == 130
+    err = capsys.readouterr().err
+    command = f"bbb train --config {run / 'config.json'} --out {run} --overwrite"
+    assert (
+        err
+        == f"bbb: interrupted in the first epoch (no checkpoint yet); start the run again with: {command}\n"
+    )
+    monkeypatch.setattr(bbb.runs, "train_run", original)
+    assert main(command.split()[1:] + ["--quiet"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["val"]

@@ -123,11 +123,19 @@ class _Interrupted(KeyboardInterrupt):
 
 def _resume_hint(out: Path) -> str:
     """What ``bbb train`` says when interrupted: how to continue the run in ``out``."""
-    if not (out / "config.json").is_file():
-        return "interrupted before the run was set up; nothing to resume"
     import shlex
 
-    return f"interrupted; continue the run with: bbb train --resume {shlex.quote(str(out))}"
+    if not (out / "config.json").is_file():
+        return "interrupted before the run was set up; nothing to resume"
+    where = shlex.quote(str(out))
+    if not any((out / "checkpoints").glob("checkpoint-*.pt")):
+        # --resume would refuse: no epoch ended
+        config = shlex.quote(str(out / "config.json"))
+        return (
+            "interrupted in the first epoch (no checkpoint yet); start the run again with: "
+            f"bbb train --config {config} --out {where} --overwrite"
+        )
+    return f"interrupted; continue the run with: bbb train --resume {where}"
 
 
 _SEED_HELP = "random seed of the weight samples (the same seed gives the same numbers)"
