@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -86,7 +87,7 @@ def _kernels_reset(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def _reference_kl(layer: BayesLinear) -> float:
     fresh = BayesLinear(4, 3, estimator=layer.estimator, prior=bbb.GaussianPrior(1.0))
     fresh.load_state_dict(layer.state_dict())
-    return float(fresh.kl())  # no forward pass: the closed form of the current state
+    return fresh.kl().item()  # no forward pass: the closed form of the current state
 
 
 @pytest.mark.usefixtures("_kernels_reset")
@@ -104,20 +105,20 @@ def test_kl_after_the_prior_changes_is_that_of_the_new_prior(backend: str, estim
     x = torch.randn(5, 4)
     with bbb.use_kernels(backend):
         layer(x)
-        before = float(layer.kl())
+        before = layer.kl().item()
         torch.testing.assert_close(before, _reference_kl(layer), rtol=1e-5, atol=0)
         layer.prior = bbb.GaussianPrior(0.1)
-        replaced = float(layer.kl())
+        replaced = layer.kl().item()
         layer(x)
         layer.prior.sigma.fill_(0.5)  # an in-place edit of the hyper-parameter
-        edited = float(layer.kl())
+        edited = layer.kl().item()
     ref = BayesLinear(4, 3, prior=bbb.GaussianPrior(0.1))
     ref.load_state_dict(layer.state_dict(), strict=False)
     ref.prior = bbb.GaussianPrior(0.1)
     assert replaced != pytest.approx(before, rel=1e-3)
-    torch.testing.assert_close(replaced, float(ref.kl()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(replaced, ref.kl().item(), rtol=1e-5, atol=0)
     ref.prior = bbb.GaussianPrior(0.5)
-    torch.testing.assert_close(edited, float(ref.kl()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(edited, ref.kl().item(), rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------ inference_mode records
@@ -131,12 +132,12 @@ def test_kl_after_an_inference_mode_forward_backpropagates(estimator: str, kl: s
     x = torch.randn(5, 4)
     with torch.inference_mode():
         layer(x)
-        inside = float(layer.kl()) if estimator != "local" or kl != "mc" else None
+        inside = layer.kl().item() if estimator != "local" or kl != "mc" else None
     k = layer.kl()
     k.backward()
     assert layer.weight_rho.grad is not None and torch.isfinite(layer.weight_rho.grad).all()
     if inside is not None:  # the same weight sample as inside (local's mc KL draws its own)
-        assert float(k) == pytest.approx(inside, rel=1e-6)
+        assert k.item() == pytest.approx(inside, rel=1e-6)
 
 
 def test_a_frozen_sample_drawn_under_inference_mode_is_used_with_autograd() -> None:
@@ -185,3 +186,66 @@ def test_an_invalid_prior_replacement_is_refused_and_changes_nothing() -> None:
         layer.prior = None  # type: ignore[assignment]
     assert layer.prior is prior and layer.kl_mode == "closed_form"
     assert torch.isfinite(layer.kl())
+
+
+# ------------------------------------------------------------------ moves after a forward pass
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+@pytest.mark.parametrize("kl", ["closed_form", "mc"])
+def test_kl_after_a_dtype_or_device_move_uses_the_moved_parameters(estimator: str, kl: str) -> None:
+    # .to()/.double() keep the parameters' identity and version counter: kl() reused the
+    # forward's softplus and weight sample, of the old dtype (float32 digits in a float64 KL)
+    # and device (a device-mismatch error, here with the meta device standing in for a GPU)
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2, estimator=estimator, kl=kl)
+    layer(torch.randn(4, 3))
+    before = layer.kl().item()
+    layer.double()
+    moved = layer.kl()
+    assert moved.dtype == torch.float64
+    if kl == "closed_form":
+        fresh = copy.deepcopy(layer)  # a copy starts without the forward's record
+        assert moved.item() == fresh.kl().item()  # float64 throughout, bit for bit
+    elif estimator != "local":  # the same noise: the forward's sample, now in float64
+        assert moved.item() == pytest.approx(before, rel=1e-6)
+    layer.to("meta")
+    assert layer.kl().device.type == "meta"
+
+
+def test_one_d_input_not_from_repeat_samples_is_not_split_into_samples() -> None:
+    # only repeat_samples' marked copies are the user's vector S times: a (6,) received as is
+    # inside vectorized_samples(., 3) is not "your input (2,)"
+    layer = BayesLinear(6, 2)
+    with vectorized_samples(layer, 3), pytest.raises(ValueError) as info:
+        layer(torch.randn(6))
+    assert "(2,)" not in str(info.value)
+    assert "x.unsqueeze(0)" in str(info.value)
+
+
+# ------------------------------------------------------------------ conv: the missing dimension
+@pytest.mark.parametrize("num_samples", [1, 10])
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [(bbb.BayesConv2d, (8, 28, 28)), (bbb.BayesConv1d, (8, 20))],
+)
+def test_single_channel_inputs_without_a_channel_dimension_are_told_unsqueeze_1(
+    layer: type, shape: tuple[int, ...], num_samples: int
+) -> None:
+    # MNIST as (N, 28, 28) into a one-channel conv: the message said x.unsqueeze(0), which
+    # gives (1, N, 28, 28) and a channel error
+    torch.manual_seed(0)
+    model = nn.Sequential(layer(1, 2, 3), nn.Flatten())
+    x = torch.randn(*shape)
+    with pytest.raises(ValueError, match=r"x\.unsqueeze\(1\)") as info:
+        bbb.predict(model, x, likelihood=bbb.Categorical(), num_samples=num_samples)
+    assert "unsqueeze(0)" not in str(info.value)
+    # the advice is right
+    out = bbb.predict(model, x.unsqueeze(1), likelihood=bbb.Categorical(), num_samples=2)
+    assert out.probs.shape[0] == shape[0]
+
+
+def test_an_unbatched_conv_input_is_still_told_unsqueeze_0() -> None:
+    layer = BayesConv2d(3, 2, 3)
+    with pytest.raises(ValueError, match=r"x\.unsqueeze\(0\)") as info:
+        layer(torch.randn(3, 8, 8))
+    assert "unsqueeze(1)" not in str(info.value)
+    assert layer(torch.randn(3, 8, 8).unsqueeze(0)).shape == (1, 2, 6, 6)

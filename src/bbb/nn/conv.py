@@ -137,13 +137,22 @@ class _BayesConvNd(BayesModule):
         if x.dim() != d + 2 or x.shape[1] != c:
             spatial = ", ".join(["..."] * d)
             if x.dim() != d + 2:
-                problem = (
-                    f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D "
-                    "(an unbatched input needs a leading batch dimension: x.unsqueeze(0))"
-                )
+                problem = f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
+                if x.dim() == d + 1:
+                    problem += f" ({self._missing_dim_advice(x)})"
             else:
                 problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
             raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
+
+    def _missing_dim_advice(self, x: Tensor) -> str:
+        """Which dimension a (d + 1)-D input lacks: the batch (one unbatched example, as
+        ``nn.ConvNd`` takes it) or, for a one-channel layer, the channel (N single-channel
+        inputs: MNIST's (N, 28, 28))."""
+        c, s = self.in_channels, self.num_samples
+        lead = x.shape[0] // s if s > 1 and x.shape[0] % s == 0 else x.shape[0]
+        unbatched = "an unbatched input needs a leading batch dimension: x.unsqueeze(0)"
+        channel = "N inputs of one channel need a channel dimension: x.unsqueeze(1)"
+        return channel if c == 1 and lead != 1 else unbatched
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         conv = _CONV[self._dim]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..priors import Prior
 from .module import BayesModule, positive_int
+from .stacking import identical_blocks
 
 __all__ = ["BayesLinear"]
 
@@ -75,8 +76,10 @@ class BayesLinear(BayesModule):
         if x.dim() == 1 and s > 1:
             # nn.Linear's unbatched (in,) has no dimension to stack the S samples along
             # (bbb.predict on such an input repeats it into (S * in,))
-            per = x.shape[0] // s if x.shape[0] % s == 0 else None
-            given = f" (your input: {(per,)})" if per is not None else ""
+            # the user's vector: one block of repeat_samples' S copies (bbb.predict, bbb.ELBO),
+            # else the tensor as received
+            per = x.shape[0] // s if identical_blocks(x) == s else x.shape[0]
+            given = f" (your input: {(per,)})" if per != x.shape[0] else ""
             raise ValueError(
                 f"{type(self).__name__}: a 1-D (unbatched) input cannot hold the {s} Monte "
                 "Carlo samples of bbb.vectorized_samples (used by bbb.predict and bbb.ELBO), "
@@ -98,8 +101,8 @@ class BayesLinear(BayesModule):
             )
             raise self._shape_error(x, f"(N, ..., {n})", problem)
 
-    def _one_d_advice(self, length: int | None) -> str:
-        """How to shape a 1-D input of ``length`` values (None: unknown) for this layer."""
+    def _one_d_advice(self, length: int) -> str:
+        """How to shape a 1-D input of ``length`` values for this layer."""
         n = self.in_features
         if n == 1:
             # 1-D regression: a vector of N scalar inputs is N examples of one feature

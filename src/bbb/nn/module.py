@@ -761,6 +761,23 @@ class BayesModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(device/dtype), .double(), .half(), .cuda(), .cpu(), to_empty(): what the latest
+        # forward left for kl() is on the old device and dtype and is not seen as stale (the
+        # parameters keep their identity and version counter). Its noise is kept, moved like
+        # the parameters (kl()'s Monte Carlo estimate stays at the same noise), the rest is
+        # recomputed by kl(): before, kl() mixed the old tensors with the moved parameters
+        # (a device-mismatch error after model.cpu() of a CUDA-trained model).
+        result = super()._apply(fn, recurse)
+        rec = self.__dict__.get("_record")
+        if rec is not None:
+            like = self.weight_mu
+            self._record = _Record(
+                eps_w=None if rec.eps_w is None else rec.eps_w.to(like),
+                eps_b=None if rec.eps_b is None else rec.eps_b.to(like),
+            )
+        return result
+
     def __getstate__(self) -> dict[str, object]:
         # The record of the last forward holds non-leaf tensors of the autograd graph, which
         # copy.deepcopy and pickle refuse; it is transient, so copies start without it.
