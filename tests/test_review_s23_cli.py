@@ -435,3 +435,29 @@ def test_ctrl_c_in_the_first_epoch_says_how_to_start_again(
     monkeypatch.setattr(bbb.runs, "train_run", original)
     assert main(command.split()[1:] + ["--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["val"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # wrote metrics.json, regression.png, bbb/ and plain/ into the working directory
+        (
+            ["demo", "--out", "", "--epochs", "1", "--quiet"],
+            "out_dir (--out) is empty: give the demo's output directory",
+        ),
+        # '--export  is a directory' (Path("") is ".")
+        (["prune", "no-run", "--export", ""], "--export is empty: give a file name"),
+        (["evaluate", "no-run", "--compact", " "], "--compact is empty: give a file name"),
+    ],
+)
+def test_an_empty_path_option_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli(*argv) == 1
+    assert capsys.readouterr().err == f"bbb: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory

@@ -441,6 +441,9 @@ def _evaluate(
         raise ValueError(f"--seed must be a non-negative integer below 2**64, got {seed}")
     if prune is not None and not (math.isfinite(prune) and 0.0 <= prune < 1.0):
         raise ValueError(f"--fraction must lie in [0, 1), got {prune!r}")
+    for flag, value in (("--export", export), ("--compact", compact)):
+        if value is not None and not value.strip():  # an unset shell variable: "." otherwise
+            raise ValueError(f"{flag} is empty: give a file name")
     if export is not None and not Path(export).resolve().parent.is_dir():
         raise ValueError(f"--export {export}: its directory does not exist")
     if export is not None and Path(export).is_dir():

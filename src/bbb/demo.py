@@ -58,6 +58,9 @@ def run_demo(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}")
+    if not str(out_dir).strip():
+        # Path("") is the working directory: the demo's files would land among the user's
+        raise ValueError("out_dir (--out) is empty: give the demo's output directory")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     if threads is not None and (
