@@ -461,3 +461,27 @@ def test_an_empty_path_option_is_refused(
     assert cli(*argv) == 1
     assert capsys.readouterr().err == f"bbb: error: {message}\n"
     assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_a_run_directory_whose_name_is_not_utf8_is_printed_under_a_strict_utf8_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    """A directory name with a byte that is not UTF-8 (Python decodes it to a surrogate) under
+    an en_US.UTF-8 locale (stdout errors='strict'): before, `bbb train` trained, then exited 1
+    with "'utf-8' codec can't encode character '\\udcff'" at its summary line."""
+    import io
+
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    run = tmp_path / "caf\udce9 run"  # b"caf\xe9 run": Latin-1, not UTF-8
+    assert cli("train", *TOY_TINY, "--quiet", "--epochs", "1", "--out", run) == 0
+    assert b"run directory: " + bytes(run) + b"\n" in raw.getvalue()  # the name's own bytes
+    assert stdout.errors == "strict"  # restored
+    # an ASCII stdout (PYTHONIOENCODING=ascii): the name escaped, not an error
+    ascii_raw = io.BytesIO()
+    monkeypatch.setattr(
+        sys, "stdout", io.TextIOWrapper(ascii_raw, encoding="ascii", write_through=True)
+    )
+    assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
+    assert b"written: " + str(run).encode("ascii", "backslashreplace") in ascii_raw.getvalue()

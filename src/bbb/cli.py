@@ -7,7 +7,10 @@ Commands: ``demo``, ``train``, ``evaluate``, ``prune``, ``uci``. Errors are prin
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -618,6 +621,24 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _lenient_stdout() -> io.TextIOWrapper | None:
+    """Let stdout print any path: a directory name with bytes that are not UTF-8 (decoded by
+    Python to surrogates) under a UTF-8 locale, or a non-ASCII name under an ASCII one, made
+    ``print`` raise UnicodeEncodeError after the work was done (``bbb train`` trained, then
+    exited 1 at ``run directory: ...``). A strict stdout is switched to ``surrogateescape``
+    (UTF-8: the name's own bytes come out) or ``backslashreplace``; returns the stream to
+    restore, or None when nothing was changed."""
+    stream = sys.stdout
+    if not isinstance(stream, io.TextIOWrapper) or stream.errors != "strict":
+        return None
+    try:
+        utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+        stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+    except (LookupError, ValueError, OSError):
+        return None
+    return stream
+
+
 def _format_warning(
     message: Warning | str,
     category: type[Warning],
@@ -646,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_format = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _format_warning
+    strict_stdout = _lenient_stdout()
     try:
         if argv[:1] == ["bench"]:  # the benchmark parses its own options
             from .bench import main as bench_main
@@ -679,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = previous_format
+        if strict_stdout is not None:
+            with contextlib.suppress(ValueError, OSError):  # closed: its reader went away
+                strict_stdout.reconfigure(errors="strict")
 
 
 if __name__ == "__main__":  # pragma: no cover
