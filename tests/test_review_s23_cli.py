@@ -485,3 +485,26 @@ def test_a_run_directory_whose_name_is_not_utf8_is_printed_under_a_strict_utf8_s
     )
     assert cli("evaluate", run, "--split", "val", "--num-samples", "2") == 0
     assert b"written: " + str(run).encode("ascii", "backslashreplace") in ascii_raw.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["no rest", "layers a list", "no rho", "shape a string"])
+def test_load_compact_of_a_damaged_export_is_a_value_error_naming_it(
+    tmp_path: Path, damage: str
+) -> None:
+    """Before: a bare KeyError ("bbb: error: 'rho'") or TypeError naming neither file nor layer."""
+    model = bbb_models.bayes_mlp(3, [4], 2)
+    bbb.prune_by_snr(model, 0.5)
+    path = tmp_path / "c.pt"
+    bbb.save_compact(model, path)
+    blob = torch.load(path, weights_only=True)
+    if damage == "no rest":
+        del blob["rest"]
+    elif damage == "layers a list":
+        blob["layers"] = list(blob["layers"].values())
+    elif damage == "no rho":
+        del blob["layers"]["0"]["rho"]
+    else:
+        blob["layers"]["0"]["shape"] = "4x3"
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match=f"{path}: (corrupt compact export|layer '0': corrupt)"):
+        bbb.load_compact(bbb_models.bayes_mlp(3, [4], 2), path)

@@ -241,12 +241,20 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != COMPACT_FORMAT:
         raise ValueError(f"{path} is not a compact export (format {COMPACT_FORMAT!r})")
-    state = dict(blob["rest"])
+    rest, layers = blob.get("rest"), blob.get("layers")
+    if not isinstance(rest, dict) or not isinstance(layers, dict):
+        raise ValueError(f"{path}: corrupt compact export (no 'rest' or 'layers' table)")
+    state = dict(rest)
     aliases = _aliases(model)
-    for name, entry in blob["layers"].items():
-        shape = [int(v) for v in entry["shape"]]
+    for name, entry in layers.items():
+        try:
+            shape = [int(v) for v in entry["shape"]]
+            index, mu, rho = entry["index"].long(), entry["mu"], entry["rho"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # "bbb: error: 'rho'"
+            raise ValueError(
+                f"{path}: layer {name!r}: corrupt entry ({type(e).__name__}: {e})"
+            ) from None
         n = math.prod(shape)
-        index, mu, rho = entry["index"].long(), entry["mu"], entry["rho"]
         if (
             index.dim() != 1
             or mu.shape != index.shape
