@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="fit the paper's regression curve and plot the uncertainty band",
         formatter_class=HelpFormatter,
+        description="Fit a Bayesian MLP and a plain MLP of the same shape to the regression "
+        "curve of the paper (section 5.2) and plot the Bayesian network's uncertainty bands "
+        "beside the plain fit. Writes OUT/regression.png and OUT/metrics.json (validation "
+        "metrics; the 95% band's mean width inside and outside the data), and each network's "
+        "run under OUT/bbb and OUT/plain. A run over an existing OUT replaces it.",
     )
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--epochs", type=int, default=300, help="training epochs")
@@ -310,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="test metrics of a trained run",
         formatter_class=HelpFormatter,
+        description="Evaluate a run's best model (best.pt) on its test (or validation) split "
+        "with --num-samples weight samples: the metrics over the whole split, and the mean "
+        "predictive uncertainty over its first 2000 examples. Prints them and writes them to "
+        "the run directory (eval.json, eval-val.json).",
     )
     ev.add_argument("run_dir", help="run directory written by `bbb train`")
     ev.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
@@ -334,9 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="remove the weights of lowest signal-to-noise ratio, then evaluate",
         formatter_class=HelpFormatter,
+        description="Prune a --method bbb run as in the paper (section 5.1): the weights of "
+        "lowest signal-to-noise ratio |mu|/sigma are removed (set to exactly zero in every "
+        "sampling mode, and out of the KL), exactly floor(F x n) of the n weights, ties broken "
+        "by position; biases are kept. One threshold over all layers, or each layer's own "
+        "with --per-layer. Then evaluates as `bbb evaluate` does; the run's files are not "
+        "changed (the results go to prune-F.json).",
     )
     pr.add_argument("run_dir", help="run directory written by `bbb train`")
-    pr.add_argument("--fraction", type=float, default=0.95, help="share of weights to remove")
+    pr.add_argument(
+        "--fraction", type=float, default=0.95, help="share F of the weights to remove, in [0, 1)"
+    )
     pr.add_argument("--per-layer", action="store_true", help="threshold each layer separately")
     pr.add_argument("--num-samples", type=int, default=100, help="weight samples per prediction")
     pr.add_argument(
