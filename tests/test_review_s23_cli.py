@@ -200,10 +200,11 @@ def test_bayesianize_names_recurrent_attention_and_custom_weights_it_leaves() ->
     assert "prior" not in message  # the Bayesian layers' own parts are not listed
 
 
-def test_bayesianize_does_not_warn_about_normalisation_layers() -> None:
+def test_bayesianize_does_not_warn_about_normalisation_layers_or_a_likelihood() -> None:
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GroupNorm(1, 2), nn.Flatten(), nn.LayerNorm(8)
     )
+    model.likelihood = bbb.Gaussian("learned", sigma=0.5)  # its noise is no weight
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bbb.bayesianize(model)

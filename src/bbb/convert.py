@@ -286,10 +286,13 @@ def _left_deterministic(model: nn.Module) -> list[tuple[str, nn.Module]]:
     normalisation layers."""
     from torch.nn.utils import parametrize
 
-    # a Bayesian layer's parts (its prior) and a parametrization's (the layer is named)
+    from .likelihoods import Likelihood
+
+    # a Bayesian layer's parts (its prior), a parametrization's (the layer is named) and a
+    # likelihood's (a learned noise is no weight)
     skip: set[int] = set()
     for m in model.modules():
-        if isinstance(m, BayesModule):
+        if isinstance(m, (BayesModule, Likelihood)):
             skip.update(id(x) for x in m.modules())
         elif parametrize.is_parametrized(m):
             skip.update(id(x) for x in m.parametrizations.modules())
