@@ -166,3 +166,12 @@ def test_a_log_float_range_with_log_false_is_refused(tmp_path: Path) -> None:
         _parse_param("lr", {"log_float": [1e-4, 1e-2], "log": False}, "space.toml")
     p = _parse_param("lr", {"log_float": [1e-4, 1e-2]}, "space.toml")
     assert p.log is True and p.kind == "float"
+
+
+def test_bbb_bench_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bbb bench --bogus` printed argparse's whole usage block, unlike every other command."""
+    from bbb.cli import main
+
+    assert main(["bench", "--bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bbb: error: unrecognized arguments: --bogus (see `bbb bench --help`)"]

@@ -640,14 +640,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def build_parser(prog: str = "bbb bench") -> argparse.ArgumentParser:
-    """Command-line options of the benchmark."""
+def build_parser(
+    prog: str = "bbb bench", parser_class: type[argparse.ArgumentParser] | None = None
+) -> argparse.ArgumentParser:
+    """Command-line options of the benchmark (``parser_class``: default ``ArgumentParser``)."""
     from .cli import HelpFormatter
 
     def csv(values: Sequence[object]) -> str:
         return ",".join(str(v) for v in values)
 
-    p = argparse.ArgumentParser(
+    p = (parser_class or argparse.ArgumentParser)(
         prog=prog,
         description="Training-step benchmark of bbb's Bayesian layers (issue 8).",
         formatter_class=HelpFormatter,
@@ -907,7 +909,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
 def main(argv: Sequence[str] | None = None, prog: str = "bbb bench") -> int:
     """Entry point of ``bbb bench`` and ``benchmarks/step_time.py``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
+    from .cli import _Parser
+
+    # as a subcommand of bbb, its one-line usage errors (exit 2); a script keeps argparse's
+    parser = build_parser(prog, parser_class=_Parser if prog == "bbb bench" else None)
+    args = parser.parse_args(argv)
     args.command = shlex.join([*shlex.split(prog), *argv])  # recorded in the JSON
     run_benchmark(args)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..nn.estimators import ESTIMATORS
 from .config import BANDIT_KERNELS, KL_DATA_SIZES, BanditConfig
 from .env import AGENTS, LATE_WINDOW
 from .results import merge_runs
@@ -50,7 +51,11 @@ def add_parser(sub: Any) -> None:
         default=d.thompson_samples,
         help="weight samples averaged per decision",
     )
-    p.add_argument("--estimator", default=d.estimator, help="BBB training estimator")
+    p.add_argument(
+        "--estimator",
+        default=d.estimator,
+        help=f"BBB training estimator: {', '.join(ESTIMATORS)}",
+    )
     p.add_argument("--prior", default=d.prior, help="BBB prior: gaussian, scale_mixture or laplace")
     p.add_argument(
         "--prior-pi", type=float, default=d.prior_pi, help="scale mixture: weight of sigma1"
