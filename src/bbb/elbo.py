@@ -17,7 +17,9 @@ its estimate uses one weight sample drawn for the KL alone) and the KL weight
   al. 2015, eq. 9), computed as 2^-i / (1 - 2^-M) so M = 391 does not overflow. The weights sum
   to 1 over an epoch: early minibatches carry most of the KL.
 - ``beta`` (``kl_scale``): a constant (1 is the true ELBO) or a schedule of the optimisation
-  step (annealing, e.g. :func:`linear_annealing`).
+  step (annealing, e.g. :func:`linear_annealing`). The ELBO counts its calls (minibatches):
+  with gradient accumulation over k minibatches per optimizer step, pass
+  ``accumulation_steps=k`` (the schedule then sees calls // k) and divide each loss by k.
 
 Dividing by B keeps the loss on the scale of an ordinary mean loss, so learning rates behave as
 in deterministic training; multiply by N to get the negative ELBO of the whole data set.
@@ -138,7 +140,16 @@ class ELBO(nn.Module):
         kl_weighting: ``"uniform"`` or ``"blundell"``.
         kl_scale: beta, a float >= 0 or a callable ``step -> float`` (annealing). The step
             counter (a buffer, saved in ``state_dict``) advances by one at each call made in
-            training mode with gradients enabled.
+            training mode with gradients enabled: it counts ELBO calls (minibatches), not
+            optimizer steps; the schedule is given ``step // accumulation_steps``.
+        accumulation_steps: k, the minibatches whose gradients are accumulated into one
+            optimizer step (1, the default, and what :class:`bbb.train.Trainer` does: one step
+            per minibatch). With k > 1 a ``kl_scale`` schedule sees the optimizer step
+            (calls // k), so ``linear_annealing(warmup)`` warms up over ``warmup`` optimizer
+            steps; left at 1 it would count the k calls of each step and warm up k times
+            faster (the same as ``linear_annealing(warmup * k)`` with k = 1). Either way,
+            divide each minibatch's loss by k before ``backward()`` so that the accumulated
+            gradient is that of the mean loss.
 
     Call ``elbo(model, x, y, batch_index=i, num_batches=M)``; ``batch_index``/``num_batches``
     are required for ``"blundell"`` only. The inputs ``x`` are not scanned for NaN or Inf (a
@@ -158,6 +169,7 @@ class ELBO(nn.Module):
         num_samples: int = 1,
         kl_weighting: str = "uniform",
         kl_scale: float | Callable[[int], float] = 1.0,
+        accumulation_steps: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(likelihood, Likelihood):
@@ -166,6 +178,7 @@ class ELBO(nn.Module):
             )
         dataset_size = _positive_int("dataset_size", dataset_size)
         num_samples = _positive_int("num_samples", num_samples)
+        accumulation_steps = _positive_int("accumulation_steps", accumulation_steps)
         if kl_weighting not in KL_WEIGHTINGS:
             raise ValueError(
                 f"unknown kl_weighting {kl_weighting!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"
@@ -186,15 +199,32 @@ class ELBO(nn.Module):
                     "step -> number, for annealing)"
                 )
         self.likelihood = likelihood
-        self.dataset_size = dataset_size
+        self._dataset_size = dataset_size
         self.num_samples = num_samples
         self.kl_weighting = kl_weighting
         self.kl_scale = kl_scale
+        self.accumulation_steps = accumulation_steps
         # Data-parallel replicas whose gradients are averaged (set by
-        # bbb.train.distributed.wrap_elbo, which the Trainer calls under torch.distributed):
-        # the "blundell" weight divides by the global batch, replicas * B.
+        # bbb.train.distributed.wrap_elbo; a Trainer sets it for the duration of each of its
+        # training epochs, and restores it after): the "blundell" weight divides by the
+        # global batch, replicas * B.
         self.replicas = 1
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def dataset_size(self) -> int:
+        """N, the number of training examples the KL is weighed against (a positive integer).
+
+        It may be changed between fits (an active-learning round that grows the training
+        set): a value that is not a positive integer (0, 20.5, True, None) is refused here,
+        naming ``dataset_size``, rather than failing later inside a training step. NumPy and
+        0-d tensor integers are accepted, stored as a Python ``int``.
+        """
+        return self._dataset_size
+
+    @dataset_size.setter
+    def dataset_size(self, value: int) -> None:
+        self._dataset_size = _positive_int("dataset_size", value)
 
     def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
         """beta * pi_i / B for this minibatch, a Python float.
@@ -203,7 +233,8 @@ class ELBO(nn.Module):
         tensor (read as a float, without gradient); anything else is a ValueError.
         """
         if callable(self.kl_scale):
-            step = int(self.step)
+            # the optimizer step: ELBO calls // accumulation_steps (see the class docstring)
+            step = int(self.step) // self.accumulation_steps
             value = self.kl_scale(step)
             beta = math.nan
             if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
@@ -217,7 +248,7 @@ class ELBO(nn.Module):
         else:
             beta = self.kl_scale
         if self.kl_weighting == "uniform":
-            return beta / self.dataset_size
+            return beta / self._dataset_size
         if batch_index is None or num_batches is None:
             raise ValueError("kl_weighting='blundell' needs batch_index and num_batches")
         return beta * blundell_weight(batch_index, num_batches) / (batch_size * self.replicas)
@@ -243,9 +274,9 @@ class ELBO(nn.Module):
                 f"x has {b} examples but y has {y.shape[0] if y.dim() else 0} "
                 f"(shapes {tuple(x.shape)}, {tuple(y.shape)})"
             )
-        if b > self.dataset_size:
+        if b > self._dataset_size:
             raise ValueError(
-                f"minibatch of {b} examples is larger than dataset_size={self.dataset_size}: "
+                f"minibatch of {b} examples is larger than dataset_size={self._dataset_size}: "
                 "dataset_size must be the number of training examples"
             )
         s = self.num_samples
@@ -273,7 +304,12 @@ class ELBO(nn.Module):
         return ELBOResult(loss=loss, nll=nll.detach(), kl=kl.detach(), kl_weight=weight, output=out)
 
     def extra_repr(self) -> str:
+        acc = (
+            ""
+            if self.accumulation_steps == 1
+            else f", accumulation_steps={self.accumulation_steps}"
+        )
         return (
             f"dataset_size={self.dataset_size}, num_samples={self.num_samples}, "
-            f"kl_weighting={self.kl_weighting!r}"
+            f"kl_weighting={self.kl_weighting!r}{acc}"
         )
