@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -176,6 +177,30 @@ def _warn_untrained_elbo_parameters(elbo: ELBO, optimizer: torch.optim.Optimizer
         )
 
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _plain_module(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``model`` itself otherwise): the one whose
+    state a checkpoint holds, loadable into the uncompiled network."""
+    # torch.compile's wrapper class, looked up without importing torch._dynamo (slow): a
+    # compiled model exists only once it has been imported
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if compiled is not None and isinstance(model, compiled):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
+def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A model state dict without ``torch.compile``'s ``_orig_mod.`` key prefix (what a
+    checkpoint of a compiled model held before it was saved from the underlying module)."""
+    if state and all(isinstance(k, str) and k.startswith(_COMPILED_PREFIX) for k in state):
+        return {k[len(_COMPILED_PREFIX) :]: v for k, v in state.items()}
+    return state
+
+
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
     """The sampler of ``loader`` that reshuffles by epoch (has ``set_epoch``: a
     ``DistributedSampler``), whether it is the loader's ``sampler`` or sits inside its
@@ -229,10 +254,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Predictive metrics of ``model`` over ``loader`` with ``num_samples`` weight samples.
 
-    Classification: ``error``, ``accuracy``, ``nll`` (predictive, nats per example), ``ece``,
-    ``brier``. Regression: ``rmse`` and ``log_likelihood`` (of the Gaussian mixture predictive,
-    noise included; in original units when ``y_scale`` is the target's normalisation scale)
-    and ``nll`` = -log_likelihood.
+    Classification: ``error``, ``accuracy``, ``nll`` (predictive, nats per example: the
+    exact ``-log p(y|x)`` of :meth:`ClassificationPrediction.log_prob`, by log-sum-exp, not
+    floored where the predictive probability underflows), ``ece``, ``brier``. Regression:
+    ``rmse`` and ``log_likelihood`` (of the Gaussian mixture predictive, noise included; in
+    original units when ``y_scale`` is the target's normalisation scale) and ``nll`` =
+    -log_likelihood.
     """
     device = torch.device(device)
     was_training = model.training
@@ -240,16 +267,29 @@ def evaluate(
     try:
         if isinstance(likelihood, Categorical):
             probs, labels = [], []
+            log_probs: list[Tensor | None] = []
             for x, y in _batches(loader, device):
                 pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
                 assert isinstance(pred, ClassificationPrediction)
                 probs.append(pred.probs.cpu())
                 labels.append(y.cpu())
+                log_probs.append(None if pred.log_probs is None else pred.log_probs.cpu())
             if not probs:
                 raise ValueError("evaluate: the data loader is empty")
-            all_probs = torch.cat(probs)
+            all_probs, all_labels = torch.cat(probs), torch.cat(labels)
             _check_predictions(all_probs)
-            return M.classification_report(all_probs, torch.cat(labels), n_bins=n_bins)
+            report = M.classification_report(all_probs, all_labels, n_bins=n_bins)
+            # the NLL from log p(y|x) of the log-sum-exp log_probs, through the one method that
+            # reads it (ClassificationPrediction.log_prob): a confidently wrong example counts
+            # its full -log p, where metrics.nll clamps the averaged probability at 1e-12 (at
+            # most 27.6 nats per example); the labels were checked by the report
+            exact = ClassificationPrediction(
+                all_probs,
+                all_probs.unsqueeze(0),  # not read by log_prob
+                None if any(lp is None for lp in log_probs) else torch.cat(log_probs),  # type: ignore[arg-type]
+            )
+            report["nll"] = -float(exact.log_prob(all_labels).double().mean())
+            return report
         means, variances, targets = [], [], []
         for x, y in _batches(loader, device):
             pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
@@ -392,6 +432,12 @@ class Trainer:
             )
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             _check_plateau_mode(scheduler, self.val_metric, val_loader is not None)
+        if getattr(elbo, "accumulation_steps", 1) != 1:
+            raise ValueError(
+                f"the ELBO has accumulation_steps={elbo.accumulation_steps}, but the Trainer "
+                "steps the optimizer at every minibatch (no gradient accumulation): its KL "
+                "schedule would advance that many times too slowly; use accumulation_steps=1"
+            )
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self._run_lock: RunLock | None = None
@@ -420,6 +466,10 @@ class Trainer:
         # rank 0 (or the only process) writes files, logs and shows progress
         self.is_writer = not self.distributed or _dist.is_main()
         self._ddp: nn.Module | None = None
+        # the ELBO's replicas during this Trainer's training epochs (see train_epoch)
+        self._replicas = 1
+        # None: fit() has not run; False: the last fit() raised; True: it returned
+        self._fit_returned: bool | None = None
         self.epoch_callback = epoch_callback
         if self.distributed:
             if not self.is_writer:
@@ -442,10 +492,16 @@ class Trainer:
                     "rank sees the whole training set",
                     stacklevel=2,
                 )
-            # wrap_elbo sets elbo.replicas: the blundell KL weight uses the global batch, R * B
+            # wrap_elbo sets elbo.replicas (the blundell KL weight uses the global batch,
+            # R * B): kept for this Trainer's epochs alone, and the ELBO's own value restored,
+            # so that the ELBO reused outside this run (a Trainer(distributed=False), a loss
+            # computed by hand) does not divide its blundell weight by R
+            previous = elbo.replicas
             self._ddp = _dist.wrap_elbo(
                 model, elbo, self.device, find_unused_parameters=find_unused_parameters
             )
+            self._replicas = elbo.replicas
+            elbo.replicas = previous
 
     # ------------------------------------------------------------------ helpers
     def _score(self, report: dict[str, float]) -> float:
@@ -456,7 +512,9 @@ class Trainer:
         return {
             "format": "bbb-checkpoint-1",
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
+            # the underlying module's state under torch.compile (no "_orig_mod." prefix): the
+            # checkpoint loads into the uncompiled network too
+            "model": _plain_module(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "elbo": self.elbo.state_dict(),
@@ -470,7 +528,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        _plain_module(self.model).load_state_dict(_plain_state(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -508,15 +566,21 @@ class Trainer:
         return history
 
     def _prepare(
-        self, resume: bool, overwrite: bool = False
+        self, resume: bool, overwrite: bool = False, continuing: bool = False
     ) -> tuple[dict[str, Any], Path, list[dict[str, Any]], dict[str, Any] | None] | None:
-        """Check the run directory; when resuming, read (state, path, history, best)."""
+        """Check the run directory; when resuming, read (state, path, history, best).
+
+        ``continuing``: this Trainer's own run, trained on from its state in memory (a second
+        ``fit()``): the directory holds that run, which is neither refused nor deleted.
+        """
         if self.out_dir is None:
             return None
         check_writable(self.out_dir)
         # held until fit() returns: a second process training into this directory is refused
         self._run_lock = RunLock(self.out_dir)
         remove_stale_temporaries(self.out_dir)
+        if continuing:
+            return None
         ckpt_dir = self.out_dir / "checkpoints"
         if not resume:
             previous = previous_run_files(self.out_dir)
@@ -576,7 +640,8 @@ class Trainer:
                 _fsync_dir(path.parent)
 
     def _save_best(self) -> None:
-        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        model_state = _plain_module(self.model).state_dict()
+        self.best_state = {k: v.detach().clone() for k, v in model_state.items()}
         self.best_elbo_state = {k: v.detach().clone() for k, v in self.elbo.state_dict().items()}
         if self.out_dir is not None and self.is_writer:
             import io
@@ -588,7 +653,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training data; returns mean loss, nll, kl and timing."""
+        """One pass over the training data; returns mean loss, nll, kl and timing.
+
+        The ELBO's ``replicas`` is this run's for the epoch (the world size under
+        ``torch.distributed``, else 1), then restored: an ELBO used before by a distributed
+        run does not divide this run's blundell KL weight by that run's world size.
+        """
+        previous = self.elbo.replicas
+        self.elbo.replicas = self._replicas
+        try:
+            return self._train_epoch_scoped()
+        finally:
+            self.elbo.replicas = previous
+
+    def _train_epoch_scoped(self) -> dict[str, float]:
         self.model.train()
         self.elbo.train()
         sampler = _epoch_sampler(self.train_loader)
@@ -734,7 +812,10 @@ class Trainer:
         epoch's checkpoint would save it as good."""
         params = [
             (name, p)
-            for name, p in [*self.model.named_parameters(), *self.elbo.named_parameters()]
+            for name, p in [
+                *_plain_module(self.model).named_parameters(),
+                *self.elbo.named_parameters(),
+            ]
             if p.requires_grad and p.is_floating_point()  # what the optimizer may have changed
         ]
         if not params:
@@ -786,28 +867,73 @@ class Trainer:
         the epoch callback trains on. Without it, a run
         directory that already holds a run is an error unless ``overwrite=True``, which
         deletes the previous run's checkpoints, ``best.pt`` and metrics first.
+
+        Called again on a Trainer whose last ``fit()`` returned, ``fit()`` trains on from
+        where that one ended (the same model, optimizer, scheduler, history and run
+        directory, which it appends to): ``epochs`` counts every epoch, those already done
+        included, so raise it first (``trainer.epochs += 5``); for an active-learning round
+        on a larger training set, also set ``trainer.train_loader`` and
+        ``trainer.elbo.dataset_size``. With nothing left to train (``epochs`` reached, or
+        the patience run out: raise ``trainer.patience``) that call is a ``RuntimeError``
+        saying so (it used to return the previous summary without training), as is
+        ``overwrite=True`` (it would delete the files of the training the model holds). A
+        fresh run (a round trained from scratch) needs a new Trainer, model and optimizer.
         """
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir")
+        continuing = not resume and self._fit_returned is True
+        if continuing:
+            self._check_continuation(overwrite)
+            # the loader or the ELBO's dataset_size may have changed since (a new round)
+            _warn_dataset_size(self.train_loader, self.elbo)
         try:
             if self.distributed:  # rank 0 reads the run directory; every rank gets its content
                 loaded = _dist.on_main(
-                    lambda: self._prepare(resume, overwrite), "preparing the run directory"
+                    lambda: self._prepare(resume, overwrite, continuing),
+                    "preparing the run directory",
                 )
             else:
-                loaded = self._prepare(resume, overwrite)
+                loaded = self._prepare(resume, overwrite, continuing)
             return self._fit(loaded)
         finally:  # also when _prepare refused the directory after taking the lock
             if self._run_lock is not None:
                 self._run_lock.release()
                 self._run_lock = None
 
+    def _check_continuation(self, overwrite: bool) -> None:
+        """Refuse a ``fit()`` (no resume) of a Trainer that has already trained when it would
+        train nothing or delete its run (see :meth:`fit`)."""
+        if overwrite:
+            raise RuntimeError(
+                f"fit(overwrite=True) on a Trainer that has already trained {self.epoch} epochs: "
+                "it would delete the run's files while the model, optimizer and history keep "
+                "that training. To start over, build a new Trainer with a freshly initialised "
+                "model and optimizer; to train on, raise trainer.epochs and call fit()"
+            )
+        # derived as on resume: a larger patience set since lets the run train on
+        self.stopped = self._patience_ran_out()
+        new = " (with another out_dir)" if self.out_dir is not None else ""
+        if self.epoch >= self.epochs:
+            raise RuntimeError(
+                f"this Trainer has already trained epochs={self.epochs} epochs, so fit() would "
+                "train nothing: epochs counts every epoch, those already done included. To "
+                f"train on from here, raise it (e.g. trainer.epochs = {self.epochs + 5}) and "
+                "call fit() again (also set trainer.train_loader and trainer.elbo.dataset_size "
+                f"for a new active-learning round); to train from scratch, build a new Trainer{new}"
+            )
+        if self.stopped is not None:
+            raise RuntimeError(
+                f"this Trainer's run stopped early after epoch {self.epoch} (no improvement "
+                f"for patience={self.patience} epochs), so fit() would train nothing: raise "
+                f"trainer.patience to train on, or build a new Trainer{new}"
+            )
+
     def _restore_best(self, best: dict[str, Any] | None, path: Path) -> None:
         """Take the best model's weights from ``best.pt`` (read by _prepare) if they are those
         of the checkpoint's best epoch; otherwise warn and choose the best model again."""
         if best is not None and "unreadable" not in best:
             if int(best.get("epoch", -1)) == self.best_epoch:
-                self.best_state = best["model"]
+                self.best_state = _plain_state(best["model"])
                 self.best_elbo_state = best["elbo"]
                 return
             # best.pt is written before the epoch's checkpoint: a crash between the two leaves
@@ -832,6 +958,7 @@ class Trainer:
         self.best_metric, self.best_epoch = math.inf, 0
 
     def _fit(self, loaded: Any) -> dict[str, Any]:
+        self._fit_returned = False
         if loaded is not None:
             state, path, self.history, best = loaded
             self._restore(state)
@@ -902,6 +1029,7 @@ class Trainer:
                 if self.log:
                     self.log(f"early stopping: no improvement for {self.patience} epochs")
                 break
+        self._fit_returned = True
         return {
             "epochs_trained": self.epoch,
             "best_epoch": self.best_epoch,
@@ -955,6 +1083,6 @@ class Trainer:
     def load_best(self) -> None:
         """Load the best-on-validation weights (model and ELBO, e.g. a learned noise)."""
         if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+            _plain_module(self.model).load_state_dict(_plain_state(self.best_state))
         if self.best_elbo_state is not None:
             self.elbo.load_state_dict(self.best_elbo_state)
