@@ -155,6 +155,42 @@ def test_dataset_size_set_between_rounds_is_used() -> None:
     assert type(elbo.dataset_size) is int and elbo.kl_weight(10, None, None) == 0.5 / 40
 
 
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("kl_scale", -0.5, "kl_scale must be a finite number >= 0"),
+        ("kl_scale", "0.5", "kl_scale must be a finite number >= 0"),
+        ("kl_weighting", "Uniform", "unknown kl_weighting 'Uniform'"),
+        ("num_samples", 0, "num_samples must be a positive integer"),
+    ],
+)
+def test_the_other_elbo_settings_are_validated_when_set_later(
+    name: str, bad: object, message: str
+) -> None:
+    # before: checked in __init__ only; set later, a negative kl_scale rewarded a large KL
+    # and "Uniform" (any kl_weighting but "uniform") was used as "blundell", silently
+    elbo = bbb.ELBO(bbb.Categorical(), 100, kl_scale=0.5)
+    with pytest.raises(ValueError, match=message):
+        setattr(elbo, name, bad)
+    assert elbo.kl_weight(10, 0, 4) == 0.5 / 100
+
+
+def test_a_kl_scale_set_later_is_used_and_a_module_schedule_stays_a_submodule() -> None:
+    elbo = bbb.ELBO(bbb.Categorical(), 100)
+    elbo.kl_scale = np.float32(0.25)  # type: ignore[assignment]
+    assert elbo.kl_scale == 0.25 and type(elbo.kl_scale) is float
+    elbo.kl_scale = lambda step: 0.5
+    assert elbo.kl_weight(10, None, None) == 0.5 / 100
+
+    class Schedule(nn.Module):
+        def forward(self, step: int) -> float:
+            return 0.1
+
+    with_module = bbb.ELBO(bbb.Categorical(), 100, kl_scale=Schedule())
+    assert isinstance(with_module.kl_scale, Schedule)
+    assert with_module.kl_weight(10, None, None) == 0.1 / 100
+
+
 # --------------------------------------------------------------------- 3. torch.compile
 
 

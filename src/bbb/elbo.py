@@ -176,34 +176,13 @@ class ELBO(nn.Module):
             raise TypeError(
                 f"likelihood must be a bbb Likelihood (Categorical, Gaussian), got {type(likelihood).__name__}"
             )
-        dataset_size = _positive_int("dataset_size", dataset_size)
-        num_samples = _positive_int("num_samples", num_samples)
-        accumulation_steps = _positive_int("accumulation_steps", accumulation_steps)
-        if kl_weighting not in KL_WEIGHTINGS:
-            raise ValueError(
-                f"unknown kl_weighting {kl_weighting!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"
-            )
-        if not callable(kl_scale):
-            given = kl_scale
-            try:
-                # a string ("0.5") was read as a number, None or "abc" failed in float()'s
-                # words without naming kl_scale; a bool is refused as elsewhere
-                if isinstance(given, (str, bytes, bool)):
-                    raise TypeError
-                kl_scale = float(given)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                kl_scale = math.nan
-            if not math.isfinite(kl_scale) or kl_scale < 0:
-                raise ValueError(
-                    f"kl_scale must be a finite number >= 0, got {given!r} (or a callable: "
-                    "step -> number, for annealing)"
-                )
         self.likelihood = likelihood
-        self._dataset_size = dataset_size
+        # validated by the properties' setters, in this order (also when set later)
+        self.dataset_size = dataset_size
         self.num_samples = num_samples
+        self.accumulation_steps = accumulation_steps
         self.kl_weighting = kl_weighting
         self.kl_scale = kl_scale
-        self.accumulation_steps = accumulation_steps
         # Data-parallel replicas whose gradients are averaged (set by
         # bbb.train.distributed.wrap_elbo; a Trainer sets it for the duration of each of its
         # training epochs, and restores it after): the "blundell" weight divides by the
@@ -226,6 +205,68 @@ class ELBO(nn.Module):
     def dataset_size(self, value: int) -> None:
         self._dataset_size = _positive_int("dataset_size", value)
 
+    # The other settings are validated when set too: a later assignment (a callback that
+    # changes kl_scale, a typo in kl_weighting) was used as given: a negative kl_scale
+    # rewarded a large KL, any kl_weighting other than "uniform" was read as "blundell".
+
+    @property
+    def num_samples(self) -> int:
+        """S, the weight samples per step (a positive integer)."""
+        return self._num_samples
+
+    @num_samples.setter
+    def num_samples(self, value: int) -> None:
+        self._num_samples = _positive_int("num_samples", value)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """k, the minibatches per optimizer step (see the class docstring)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        self._accumulation_steps = _positive_int("accumulation_steps", value)
+
+    @property
+    def kl_weighting(self) -> str:
+        """``"uniform"`` or ``"blundell"``."""
+        return self._kl_weighting
+
+    @kl_weighting.setter
+    def kl_weighting(self, value: str) -> None:
+        if not isinstance(value, str) or value not in KL_WEIGHTINGS:
+            raise ValueError(
+                f"unknown kl_weighting {value!r}; accepted values: {', '.join(KL_WEIGHTINGS)}"
+            )
+        self._kl_weighting = value
+
+    @property
+    def kl_scale(self) -> float | Callable[[int], float]:
+        """beta: a float >= 0, or a callable ``step -> float`` (annealing)."""
+        # a schedule that is an nn.Module is registered as a submodule (nn.Module's
+        # __setattr__ does so without calling this property's setter)
+        module = self._modules.get("kl_scale")
+        return module if module is not None else self._kl_scale
+
+    @kl_scale.setter
+    def kl_scale(self, value: float | Callable[[int], float]) -> None:
+        if not callable(value):
+            given = value
+            try:
+                # a string ("0.5") was read as a number, None or "abc" failed in float()'s
+                # words without naming kl_scale; a bool is refused as elsewhere
+                if isinstance(given, (str, bytes, bool)):
+                    raise TypeError
+                value = float(given)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"kl_scale must be a finite number >= 0, got {given!r} (or a callable: "
+                    "step -> number, for annealing)"
+                )
+        self._kl_scale = value
+
     def kl_weight(self, batch_size: int, batch_index: int | None, num_batches: int | None) -> float:
         """beta * pi_i / B for this minibatch, a Python float.
 
@@ -234,7 +275,7 @@ class ELBO(nn.Module):
         """
         if callable(self.kl_scale):
             # the optimizer step: ELBO calls // accumulation_steps (see the class docstring)
-            step = int(self.step) // self.accumulation_steps
+            step = int(self.step) // self._accumulation_steps
             value = self.kl_scale(step)
             beta = math.nan
             if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
@@ -247,7 +288,7 @@ class ELBO(nn.Module):
                 )
         else:
             beta = self.kl_scale
-        if self.kl_weighting == "uniform":
+        if self._kl_weighting == "uniform":
             return beta / self._dataset_size
         if batch_index is None or num_batches is None:
             raise ValueError("kl_weighting='blundell' needs batch_index and num_batches")
@@ -279,7 +320,7 @@ class ELBO(nn.Module):
                 f"minibatch of {b} examples is larger than dataset_size={self._dataset_size}: "
                 "dataset_size must be the number of training examples"
             )
-        s = self.num_samples
+        s = self._num_samples
         if s > 1 and _uses_batch_statistics(model):
             # a batch-norm layer normalising by its batch's statistics would pool the S
             # samples of a vectorized pass (S * B rows): one pass per sample instead, each
