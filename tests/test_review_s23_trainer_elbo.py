@@ -83,7 +83,9 @@ def test_a_second_fit_with_nothing_left_to_train_is_an_error_saying_what_to_do()
     t = make(None, 2)
     t.fit()
     before = params(t.model)
-    with pytest.raises(RuntimeError, match=r"already trained epochs=2 epochs.*trainer\.epochs"):
+    with pytest.raises(
+        RuntimeError, match=r"already trained 2 epochs \(epochs=2\).*trainer\.epochs"
+    ):
         t.fit()
     assert_same(params(t.model), before)
 
@@ -130,6 +132,24 @@ def test_a_second_fit_after_early_stopping_names_patience() -> None:
         t.fit()
     t.patience = 1000  # as on resume, a larger patience lets the run train on
     assert t.fit()["epochs_trained"] == 40
+
+
+@pytest.mark.parametrize("bad", [5.5, "10", 0, True])
+def test_epochs_set_on_a_trainer_is_validated(bad: object) -> None:
+    # before: a plain attribute: 5.5 trained 6 epochs, "10" failed in fit() with a bare
+    # TypeError ('<' not supported between 'int' and 'str')
+    t = make(None, 2)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        t.epochs = bad  # type: ignore[assignment]
+    assert t.epochs == 2
+
+
+def test_patience_set_on_a_trainer_is_validated() -> None:
+    t = make(None, 2)  # no val_loader: early stopping has nothing to watch
+    with pytest.raises(ValueError, match="patience needs a val_loader"):
+        t.patience = 3
+    with pytest.raises(ValueError, match="patience must be a positive integer or None"):
+        make(None, 2, val=True).patience = 2.5  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------- 2. dataset_size

@@ -503,6 +503,32 @@ class Trainer:
             self._replicas = elbo.replicas
             elbo.replicas = previous
 
+    # ------------------------------------------------------------------ settings
+    # validated when set after construction too (fit() tells a user to raise them)
+    @property
+    def epochs(self) -> int:
+        """The total number of epochs (those already trained included)."""
+        return self._epochs
+
+    @epochs.setter
+    def epochs(self, value: int) -> None:
+        if not _is_positive_int(value):
+            raise ValueError(f"epochs must be a positive integer, got {value!r}")
+        self._epochs = value
+
+    @property
+    def patience(self) -> int | None:
+        """Epochs without improvement before early stopping (None: never)."""
+        return self._patience
+
+    @patience.setter
+    def patience(self, value: int | None) -> None:
+        if value is not None and not _is_positive_int(value):
+            raise ValueError(f"patience must be a positive integer or None, got {value!r}")
+        if value is not None and self.val_loader is None:
+            raise ValueError("patience needs a val_loader: early stopping watches validation")
+        self._patience = value
+
     # ------------------------------------------------------------------ helpers
     def _score(self, report: dict[str, float]) -> float:
         v = report[self.val_metric]
@@ -915,8 +941,9 @@ class Trainer:
         new = " (with another out_dir)" if self.out_dir is not None else ""
         if self.epoch >= self.epochs:
             raise RuntimeError(
-                f"this Trainer has already trained epochs={self.epochs} epochs, so fit() would "
-                "train nothing: epochs counts every epoch, those already done included. To "
+                f"this Trainer has already trained {self.epoch} epochs (epochs={self.epochs}), so "
+                "fit() would train nothing: epochs counts every epoch, those already done "
+                "included. To "
                 f"train on from here, raise it (e.g. trainer.epochs = {self.epochs + 5}) and "
                 "call fit() again (also set trainer.train_loader and trainer.elbo.dataset_size "
                 f"for a new active-learning round); to train from scratch, build a new Trainer{new}"
