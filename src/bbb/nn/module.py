@@ -27,6 +27,8 @@ import dataclasses
 import itertools
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +57,8 @@ __all__ = [
 
 SAMPLING_MODES = ("sample", "mean", "frozen")
 _UNSEEN = itertools.count(-2, -1)
+# BayesModule._param_versions inside a compiled region: a key that is never current
+_UNKNOWN_VERSIONS: tuple[int, ...] = (-1,)
 MU_INITS = ("paper", "fan_in")
 
 
@@ -160,6 +164,8 @@ class _Record:
     prior_key: tuple[int, ...] = ()
     # native node: [True] once its backward has run (kl_w's graph is freed; kl() recomputes)
     kl_used: list[bool] | None = None
+    # a frozen sample used in another dtype than it was drawn in: (eps_w, eps_b) as drawn
+    drawn: tuple[Tensor, Tensor | None] | None = None
 
 
 _RECORD_TENSORS = ("eps_w", "eps_b", "w", "b", "sigma_w", "sigma_b")
@@ -318,7 +324,16 @@ class BayesModule(nn.Module):
         accumulates into ``.grad``, so a step that follows it is never missed). An edit
         through ``.data`` with no backward pass since the forward is not seen (see
         :meth:`kl`).
+
+        Inside a ``torch.compile``d region the key is :data:`_UNKNOWN_VERSIONS`, which
+        :meth:`_current` never takes as current: the identities and counters would be baked
+        into the graph as constants, and dynamo guards on the gradient's identity, which
+        recompiled the model at every training step (a new ``.grad`` after each backward;
+        torch falls back to eager after 8). What a compiled forward leaves is then recomputed
+        by :meth:`kl` from the current parameters (the Monte Carlo KL at the same noise).
         """
+        if torch.compiler.is_compiling():
+            return _UNKNOWN_VERSIONS
         key: list[int] = []
         for pair in self._pairs():
             for q in pair:
@@ -328,9 +343,20 @@ class BayesModule(nn.Module):
                 key += (id(q), q._version, id(g), -1 if g is None else g._version)
         return tuple(key)
 
+    def _current(self, record: _Record) -> bool:
+        """Whether what ``record`` (a forward pass's) holds was computed from the parameters
+        as they are now; never in a compiled region, nor for a record left by one."""
+        if torch.compiler.is_compiling():
+            return False
+        versions = record.param_versions
+        return versions != _UNKNOWN_VERSIONS and versions == self._param_versions()
+
     def _prior_key(self) -> tuple[int, ...]:
         """The prior's identity and each of its tensors' identity and in-place version: what
-        a KL computed by the forward pass (``kl_w``) depends on besides mu and rho."""
+        a KL computed by the forward pass (``kl_w``) depends on besides mu and rho. Empty in
+        a compiled region, whose record is never current (:meth:`_current`)."""
+        if torch.compiler.is_compiling():
+            return ()
         prior = self.prior
         key = [id(prior)]
         for t in (*prior._buffers.values(), *prior._parameters.values()):
@@ -345,7 +371,7 @@ class BayesModule(nn.Module):
         """The forward pass's softplus(rho) of weight and bias, if no parameter has changed
         since (then the forward's weight sample is current too)."""
         rec = self._record
-        if rec is None or rec.sigma_w is None or rec.param_versions != self._param_versions():
+        if rec is None or rec.sigma_w is None or not self._current(rec):
             return [None, None]
         return [rec.sigma_w, rec.sigma_b]
 
@@ -466,16 +492,29 @@ class BayesModule(nn.Module):
                     "call bbb.resample(model) to draw a new frozen sample, or use the same "
                     "num_samples"
                 )
-            if noise.eps_w.is_inference() and not torch.is_inference_mode_enabled():
-                # drawn under torch.inference_mode: the same sample, usable by autograd
-                noise = self._frozen = _outside_inference(noise)
             like = self.weight_mu
             assert noise.eps_w is not None
             if noise.eps_w.dtype != like.dtype or noise.eps_w.device != like.device:
                 # the layer was cast or moved (model.half(), .to(device)) since the sample was
-                # drawn: the same sample, in the parameters' dtype and on their device
-                eps_b = None if noise.eps_b is None else noise.eps_b.to(like)
-                noise = self._frozen = _Record(eps_w=noise.eps_w.to(like), eps_b=eps_b)
+                # drawn: the same sample, in the parameters' dtype and on their device. The
+                # sample as drawn is kept beside a cast copy (``drawn``) and each later cast
+                # starts from it: model.half().float() rounded the sample to float16 for good.
+                dw, db = noise.drawn if noise.drawn is not None else (noise.eps_w, noise.eps_b)
+                dw = dw.to(like.device)
+                db = None if db is None else db.to(like.device)
+                noise = self._frozen = _Record(
+                    eps_w=dw.to(like.dtype),
+                    eps_b=None if db is None else db.to(like.dtype),
+                    drawn=None if dw.dtype == like.dtype else (dw, db),
+                )
+            assert noise.eps_w is not None
+            if (
+                not torch.compiler.is_compiling()  # (dynamo cannot trace is_inference)
+                and noise.eps_w.is_inference()
+                and not torch.is_inference_mode_enabled()
+            ):
+                # drawn under torch.inference_mode: the same sample, usable by autograd
+                noise = self._frozen = _outside_inference(noise)
             assert noise.eps_w is not None
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
             self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
@@ -653,7 +692,7 @@ class BayesModule(nn.Module):
             and record.prior_key == self._prior_key()
             and not (record.kl_used is not None and record.kl_used[0])
             and mask is None
-            and record.param_versions == self._param_versions()
+            and self._current(record)
         ):
             # the weights' KL from the forward's fused node (bbb.kernels.sample_and_kl), or
             # the whole layer's (native_layer_sample_and_kl: closed form, or the Monte Carlo
@@ -677,7 +716,7 @@ class BayesModule(nn.Module):
         eps_list = [record.eps_w, record.eps_b]
         # the forward's weight sample, unless mu or rho changed since (then it is rebuilt from
         # the same noise and the current parameters)
-        current = record.param_versions == self._param_versions()
+        current = self._current(record)
         samples = [record.w, record.b] if current else [None, None]
         for i, (mu, rho) in enumerate(self._pairs()):
             eps = eps_list[i]
@@ -785,6 +824,16 @@ class BayesModule(nn.Module):
         state["_record"] = None
         return state
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # called by torch.jit.script on every submodule: a clear refusal instead of
+        # TorchScript's "Unknown type annotation: 'nn.Parameter'"
+        raise TypeError(
+            f"{type(self).__name__} (a bbb Bayesian layer) cannot be compiled by "
+            "torch.jit.script: its forward draws and records weight samples in Python. Use "
+            "torch.compile(model) instead, or bbb.to_deterministic(model) for a plain "
+            "network of the mean weights, which TorchScript accepts"
+        )
+
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, kl={self.kl_mode!r}, mode={self.mode!r}"
 
@@ -809,24 +858,72 @@ def kl_divergence(model: nn.Module) -> Tensor:
         k = m.kl()
         total = k if total is None else total + k
     if total is None:
-        p = next(model.parameters(), None)
-        return torch.zeros((), device=None if p is None else p.device)
+        # in the parameters' dtype (float32 for float16/bfloat16, as kl() gives), float32 when
+        # there are none: a float64 model's zero was float32
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        if p is None:
+            return torch.zeros(())
+        return torch.zeros((), device=p.device, dtype=_kl.kl_dtype(p.dtype))
     return total
 
 
+def _check_mode(mode: object) -> None:
+    if mode not in SAMPLING_MODES:
+        raise ValueError(
+            f"unknown sampling mode {mode!r}; accepted values: {', '.join(SAMPLING_MODES)}"
+        )
+
+
+def _warn_no_layers(model: nn.Module, call: str) -> None:
+    """Warn that ``call`` (a model-level helper) has no effect on ``model``, which holds no
+    Bayesian layer (a torch.jit.trace'd model, a to_deterministic copy, plain layers): it
+    ran silently. Not when the helper is called by bbb itself (bbb.predict and bbb.ELBO
+    accept deterministic baselines); the warning points at the user's line."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller == "bbb" or caller.startswith("bbb."):
+        return
+    name = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):
+        name += f" ({getattr(model, 'original_name', 'TorchScript')}, traced or scripted)"
+    warnings.warn(
+        f"bbb.{call} has no effect: the model ({name}) has no Bayesian layers (bbb "
+        "BayesModule). A torch.jit.trace'd model, a bbb.to_deterministic copy and plain torch "
+        "layers are deterministic; pass the model with BayesLinear/BayesConv layers",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _has_bayes(model: nn.Module) -> bool:
+    return next(bayes_modules(model), None) is not None
+
+
 def set_sampling(model: nn.Module, mode: str) -> None:
-    """Set the sampling mode of every Bayesian layer in ``model``."""
+    """Set the sampling mode of every Bayesian layer in ``model`` (a warning if it has none)."""
+    _check_mode(mode)
+    if not _has_bayes(model):
+        _warn_no_layers(model, f"set_sampling(model, {mode!r})")
     for m in bayes_modules(model):
         m.set_sampling(mode)
 
 
-@contextlib.contextmanager
-def sampling(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+def sampling(model: nn.Module, mode: str) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: use ``mode`` in every Bayesian layer, restore the previous modes after.
 
     >>> with bbb.sampling(model, "mean"):
     ...     y = model(x)          # the mean network
+
+    An unknown mode is a ValueError; a model without Bayesian layers gets a warning (the
+    context then changes nothing).
     """
+    _check_mode(mode)
+    if not _has_bayes(model):
+        _warn_no_layers(model, f"sampling(model, {mode!r})")
+    return _sampling(model, mode)
+
+
+@contextlib.contextmanager
+def _sampling(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     layers = list(bayes_modules(model))
     previous = [m.mode for m in layers]
     try:
@@ -839,13 +936,15 @@ def sampling(model: nn.Module, mode: str) -> Iterator[nn.Module]:
 
 
 def resample(model: nn.Module) -> None:
-    """Draw new frozen weight samples (at the next forward) in every Bayesian layer."""
+    """Draw new frozen weight samples (at the next forward) in every Bayesian layer (a
+    warning if ``model`` has none)."""
+    if not _has_bayes(model):
+        _warn_no_layers(model, "resample(model)")
     for m in bayes_modules(model):
         m.resample()
 
 
-@contextlib.contextmanager
-def shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
+def shared_weight_samples(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: weight-space sampling layers keep one set of weight samples across calls.
 
     Inside it, every Bayesian layer with the ``reparam`` estimator in ``"sample"`` mode draws
@@ -853,8 +952,15 @@ def shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
     that sample s is one network across passes (e.g. the chunks of :func:`bbb.predict`).
     Layers in another mode, and ``local``/``flipout`` layers (which never give one network per
     sample: their noise is per row), are left alone. The previous modes and frozen samples are
-    restored on exit.
+    restored on exit. A model without Bayesian layers gets a warning.
     """
+    if not _has_bayes(model):
+        _warn_no_layers(model, "shared_weight_samples(model)")
+    return _shared_weight_samples(model)
+
+
+@contextlib.contextmanager
+def _shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
     layers = [m for m in bayes_modules(model) if m.mode == "sample" and m.estimator == "reparam"]
     saved = [(m.mode, m._frozen) for m in layers]
     try:
@@ -867,8 +973,9 @@ def shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
             m.mode, m._frozen = mode, frozen
 
 
-@contextlib.contextmanager
-def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
+def vectorized_samples(
+    model: nn.Module, num_samples: int
+) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: Bayesian layers treat their input as ``num_samples`` stacked copies.
 
     Inside it the model is called on S stacked copies of the batch (shape (S * B, ...);
@@ -877,11 +984,18 @@ def vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module
     Non-Bayesian layers see an ordinary batch. :class:`bbb.ELBO` and :func:`bbb.predict` use
     this; call it yourself only for custom objectives, with ``repeat_samples(x, S)`` as the
     input (a local or flipout layer that receives it then computes what all samples share
-    once per example: :mod:`bbb.nn.stacking`).
+    once per example: :mod:`bbb.nn.stacking`). A model without Bayesian layers gets a
+    warning (its S copies would be identical), except from bbb's own callers.
     """
     if not _is_int(num_samples) or num_samples < 1:  # type: ignore[operator]
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    num_samples = int(num_samples)
+    if not _has_bayes(model):
+        _warn_no_layers(model, f"vectorized_samples(model, {num_samples!r})")
+    return _vectorized_samples(model, int(num_samples))
+
+
+@contextlib.contextmanager
+def _vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
     layers = list(bayes_modules(model))
     previous = [m.num_samples for m in layers]
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor
 
 _MARK = "_bbb_identical_blocks"
@@ -49,7 +50,11 @@ def repeat_samples(x: Tensor, num_samples: int) -> Tensor:
 
 def identical_blocks(x: Tensor) -> int:
     """S where ``x`` is an output of :func:`repeat_samples` not modified in place since, so
-    that its S blocks along dim 0 are known to be equal; 1 for every other tensor."""
+    that its S blocks along dim 0 are known to be equal; 1 for every other tensor, and inside
+    a ``torch.compile``d region (dynamo cannot trace the version check: each layer's check
+    broke the graph in two, so a local/flipout model with S > 1 ran as several graphs)."""
+    if torch.compiler.is_compiling():
+        return 1
     mark = getattr(x, _MARK, None)
     if mark is None or mark[1] != x._version:
         return 1
