@@ -434,6 +434,10 @@ def test_best_pt_ahead_of_the_resumed_checkpoint_is_not_trusted(tmp_path: Path) 
     _toy_trainer(run, epochs=2).fit()
     best = torch.load(run / "best.pt", weights_only=True)
     torch.save({**best, "epoch": 3}, run / "best.pt")  # as if epoch 3's checkpoint was lost
+    # and the checkpoint resumed from names an earlier epoch the best, whose weights best.pt
+    # no longer holds (when it names its own epoch, its weights are the best: nothing is lost)
+    ckpt = run / "checkpoints" / "checkpoint-00002.pt"
+    torch.save({**torch.load(ckpt, weights_only=True), "best_epoch": 1}, ckpt)
     with pytest.warns(UserWarning, match="best.pt holds epoch 3 but checkpoint-00002.pt names"):
         summary = _toy_trainer(run, epochs=3).fit(resume=True)
     assert summary["best_epoch"] == 3  # chosen again: the only epoch validated since

@@ -595,16 +595,23 @@ def test_a_second_process_cannot_train_into_a_locked_run_directory(tmp_path: Pat
         pass
 
 
+def _name_best_epoch(checkpoint: Path, epoch: int) -> None:
+    """Rewrite ``checkpoint`` as if the run's best epoch so far were ``epoch``."""
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "best_epoch": epoch}, checkpoint)
+
+
 @pytest.mark.parametrize("how", ["missing", "corrupt"])
 def test_resume_with_lost_best_weights_warns_and_chooses_the_best_again(
     tmp_path: Path, how: str
 ) -> None:
-    """best.pt deleted or unreadable while the epoch checkpoints are intact: resuming warns that
-    the best epoch's weights are lost and re-selects, so the summary never names an epoch whose
-    weights load_best() cannot restore."""
+    """best.pt deleted or unreadable while the epoch checkpoints are intact, and the best epoch
+    an earlier one than the checkpoint's: resuming warns that the best epoch's weights are lost
+    and re-selects, so the summary never names an epoch whose weights load_best() cannot
+    restore."""
     first = make_trainer(tmp_path, epochs=2)
     first.fit()
-    assert first.best_epoch >= 1
+    _name_best_epoch(tmp_path / "checkpoints" / "checkpoint-00002.pt", 1)
     best = tmp_path / "best.pt"
     if how == "missing":
         best.unlink()
@@ -617,6 +624,64 @@ def test_resume_with_lost_best_weights_warns_and_chooses_the_best_again(
     assert torch.load(best, weights_only=True)["epoch"] == 3
     trainer.load_best()
     assert_same(trainer.model.state_dict(), torch.load(best, weights_only=True)["model"])
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt", "behind"])
+def test_best_weights_of_the_checkpoints_own_epoch_are_never_lost(tmp_path: Path, how: str) -> None:
+    """best.pt is written after the epoch's checkpoint, so a crash (or Ctrl-C) between the two
+    leaves best.pt behind (or, at the first epoch, missing), and the checkpoint, naming its own
+    epoch the best, holds the best weights: resuming takes them from it and rewrites best.pt
+    (before, best.pt was written first: a crash between left it ahead and the checkpoint's best
+    weights lost)."""
+    first = make_trainer(tmp_path, epochs=2)
+    first.fit()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-00002.pt"
+    _name_best_epoch(checkpoint, 2)
+    best = tmp_path / "best.pt"
+    if how == "missing":
+        best.unlink()
+    elif how == "corrupt":
+        best.write_bytes(best.read_bytes()[:100])
+    else:  # epoch 1's best.pt, as a crash right after epoch 2's checkpoint leaves it
+        old = torch.load(best, weights_only=True)
+        torch.save({**old, "epoch": 1}, best)
+    trainer = make_trainer(tmp_path, epochs=2)
+    if how == "corrupt":  # said, since something damaged the file, but nothing is lost
+        with pytest.warns(UserWarning, match="best.pt is unreadable .*: rewritten from checkpoint"):
+            summary = trainer.fit(resume=True)
+    else:  # what a crash between the two writes leaves: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            summary = trainer.fit(resume=True)
+    assert summary["best_epoch"] == 2
+    saved = torch.load(best, weights_only=True)
+    assert saved["epoch"] == 2
+    model = torch.load(checkpoint, weights_only=True)["model"]
+    assert_same(saved["model"], model, "best.pt")
+    trainer.load_best()
+    assert_same(trainer.model.state_dict(), model, "load_best")
+
+
+def test_best_pt_is_written_after_the_epochs_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order of an improved epoch's writes: metrics line, checkpoint, then best.pt."""
+    import bbb.train.trainer as T
+
+    order: list[str] = []
+    real_save, real_atomic = T.save_checkpoint, T.atomic_write_bytes
+    monkeypatch.setattr(
+        T,
+        "save_checkpoint",
+        lambda d, e, s, **k: order.append("checkpoint") or real_save(d, e, s, **k),
+    )
+    monkeypatch.setattr(
+        T,
+        "atomic_write_bytes",
+        lambda path, data: order.append(Path(path).name) or real_atomic(path, data),
+    )
+    make_trainer(tmp_path, epochs=1).fit()
+    assert order.index("checkpoint") < order.index("best.pt")
 
 
 def test_elbo_parameters_left_out_of_the_optimizer_warn() -> None:

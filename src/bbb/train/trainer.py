@@ -958,16 +958,28 @@ class Trainer:
     def _restore_best(self, best: dict[str, Any] | None, path: Path) -> None:
         """Take the best model's weights from ``best.pt`` (read by _prepare) if they are those
         of the checkpoint's best epoch; otherwise warn and choose the best model again."""
-        if best is not None and "unreadable" not in best:
-            if int(best.get("epoch", -1)) == self.best_epoch:
-                self.best_state = _plain_state(best["model"])
-                self.best_elbo_state = best["elbo"]
-                return
-            # best.pt is written before the epoch's checkpoint: a crash between the two leaves
-            # it ahead of the checkpoint resumed from, and the checkpoint's best weights are gone
+        readable = best if best is not None and "unreadable" not in best else None
+        if readable is not None and int(readable.get("epoch", -1)) == self.best_epoch:
+            self.best_state = _plain_state(readable["model"])
+            self.best_elbo_state = readable["elbo"]
+            return
+        if 0 < self.best_epoch == self.epoch:
+            # the checkpoint's own weights are the best: best.pt, written after it, is behind
+            # (a crash or Ctrl-C between the two writes) or lost; nothing is: bring it up to date
+            if best is not None and "unreadable" in best:
+                import warnings
+
+                warnings.warn(
+                    f"best.pt is unreadable ({best['unreadable']}): rewritten from {path.name}, "
+                    f"whose weights are the best so far (epoch {self.epoch})",
+                    stacklevel=4,
+                )
+            self._save_best()
+            return
+        if readable is not None:  # ahead of the checkpoint resumed from (a newer one unreadable)
             why = (
-                f"best.pt holds epoch {best.get('epoch')} but {path.name} names epoch "
-                f"{self.best_epoch} as the best (a crash between their writes)"
+                f"best.pt holds epoch {readable.get('epoch')} but {path.name} names epoch "
+                f"{self.best_epoch} as the best"
             )
         elif self.best_epoch == 0 or self.val_loader is None:
             return  # no best model yet, or the best is always the last epoch
@@ -1083,11 +1095,15 @@ class Trainer:
         A write error (disk full, ...) names the run directory and the last good checkpoint.
         """
         try:
-            if improved:
-                self._save_best()
             self._append_metrics(row)
             if self.out_dir is not None and self.is_writer:
                 save_checkpoint(self.out_dir / "checkpoints", self.epoch, self._state())
+            # best.pt after the checkpoint: a crash or Ctrl-C between the two leaves best.pt one
+            # epoch behind, and the checkpoint (which then names its own epoch as the best)
+            # holds the new best weights (_restore_best takes them from it). The other order
+            # left best.pt ahead, and the checkpoint's best weights overwritten: lost.
+            if improved:
+                self._save_best()
             if self.out_dir is not None:  # on every rank (rank 0 wrote it)
                 self._start_checkpoint = (
                     self.out_dir / "checkpoints" / f"checkpoint-{self.epoch:05d}.pt"
