@@ -146,7 +146,7 @@ def _no_bayes_models() -> dict[str, nn.Module]:
     det = bbb.to_deterministic(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(det, torch.zeros(2, 4))
+        traced = torch.jit.trace(det, torch.zeros(2, 4), check_trace=False)
     return {"Linear": nn.Linear(4, 3), "Sequential": det, "Traced": traced}
 
 
@@ -219,3 +219,32 @@ def test_zero_kl_has_the_parameters_dtype() -> None:
     assert bbb.kl_divergence(nn.Linear(2, 2)).dtype == torch.float32
     assert bbb.kl_divergence(nn.Linear(2, 2).half()).dtype == torch.float32  # as kl() does
     assert bbb.kl_divergence(nn.ReLU()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernels", ["eager", "native"])
+def test_traced_noise_is_drawn_anew_at_every_call(kernels: str) -> None:
+    # torch.jit.trace of a sampling layer: the worker threads' chunks of bbb's parallel
+    # randn (2+ threads, >= 65536 numbers) and the native library's noise were recorded as
+    # constants, so the traced model reused (half of) one noise draw at every call
+    from bbb import _native
+    from bbb.nn import noise
+
+    if kernels == "native" and not _native.available():
+        pytest.skip("native kernels not built here")
+    threads = torch.get_num_threads()
+    n = noise.PARALLEL_MIN_NUMEL * 2
+    try:
+        torch.set_num_threads(2)
+        with bbb.kernels.use_kernels(kernels), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(
+                lambda x: x + noise.randn((n,)), (torch.zeros(n),), check_trace=False
+            )
+            torch.manual_seed(0)
+            a, b = traced(torch.zeros(n)), traced(torch.zeros(n))
+    finally:
+        torch.set_num_threads(threads)
+    # two independent normal draws coincide with probability 0 (float32: ~never)
+    assert (a == b).float().mean().item() < 1e-3
+    # and each is a standard normal draw: mean within 5 standard errors (1/sqrt(n))
+    assert abs(a.mean().item()) < 5 / n**0.5

@@ -65,9 +65,12 @@ def randn(
 ) -> Tensor:
     """i.i.d. standard normal noise of ``shape``, like ``torch.randn`` (see the module doc)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # inside torch.compile: its own random numbers (the thread count query and the
-        # native library's call each broke the graph, twice per local layer)
+        # native library's call each broke the graph, twice per local layer). Under
+        # torch.jit.trace: a traced randn, drawn anew at each call of the traced model (the
+        # native library's noise, and the worker threads' chunks, were recorded as constants:
+        # the traced model reused one noise draw, or half of one, at every call)
         return torch.randn(shape, dtype=dtype, device=dev)
     numel = math.prod(shape)
     if (
