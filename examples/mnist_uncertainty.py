@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     x_test, y_test = test.tensors
     pred = bbb.predict(model, x_test, num_samples=args.samples)
     assert isinstance(pred, bbb.ClassificationPrediction)
-    report = bbb.metrics.classification_report(pred.probs, y_test)
+    report = bbb.metrics.classification_report(pred.probs, y_test, log_probs=pred.log_probs)
     wrong = pred.predicted != y_test
     uncertain = plot_most_uncertain(x_test, y_test, pred, out / "most_uncertain.png")
 

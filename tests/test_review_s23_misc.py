@@ -175,3 +175,22 @@ def test_bbb_bench_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str])
     assert main(["bench", "--bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["bbb: error: unrecognized arguments: --bogus (see `bbb bench --help`)"]
+
+
+def test_classification_report_takes_exact_log_probs() -> None:
+    """classification_report's NLL from log_probs is exact (a wrong class at log p = -200
+    counts 200 nats); from the probabilities alone it stays clamped at 1e-12 (27.6 nats), as
+    documented. evaluate and examples/mnist_uncertainty.py pass predict's log_probs."""
+    from bbb.metrics import classification_report
+
+    log_probs = torch.tensor([[0.0, -200.0], [-1e-3, -7.0]]).log_softmax(-1)
+    probs = log_probs.exp()
+    labels = torch.tensor([1, 0])
+    exact = -float(log_probs[torch.arange(2), labels].double().mean())
+    assert classification_report(probs, labels, log_probs=log_probs)["nll"] == pytest.approx(
+        exact, rel=1e-12
+    )
+    assert exact > 100
+    assert classification_report(probs, labels)["nll"] < 14  # (27.6 + ~0) / 2: clamped
+    with pytest.raises(ValueError, match="log_probs must have the shape of probs"):
+        classification_report(probs, labels, log_probs=log_probs[:, :1])

@@ -638,13 +638,19 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def classification_report(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+def classification_report(
+    probs: Tensor, labels: Tensor, n_bins: int = 15, log_probs: Tensor | None = None
+) -> dict[str, float]:
     """All classification metrics at once.
 
     Args:
         probs: predictive probabilities, shape ``(B, C)``.
         labels: integer class labels, shape ``(B,)``.
         n_bins: number of ECE bins.
+        log_probs: optional ``(B, C)`` log predictive probabilities computed without
+            underflow (``bbb.predict(...).log_probs``, a log-sum-exp over the weight
+            samples): the NLL is then exact, where :func:`nll` of ``probs`` clamps each
+            probability at 1e-12 (at most 27.6 nats per example).
 
     Returns:
         ``{"error", "accuracy", "nll", "ece", "brier"}`` as floats; error, accuracy and ece
@@ -655,10 +661,20 @@ def classification_report(probs: Tensor, labels: Tensor, n_bins: int = 15) -> di
     # each metric gets the original probabilities: their dtype sets the tolerance on the row
     # sums and places confidences on the bin edges
     acc = accuracy(probs, labels)
+    if log_probs is None:
+        nll_value = nll(probs, labels)
+    else:
+        if log_probs.shape != probs.shape:
+            raise ValueError(
+                f"log_probs must have the shape of probs {tuple(probs.shape)}, got "
+                f"{tuple(log_probs.shape)}"
+            )
+        picked = log_probs.double().gather(1, labels.long().view(-1, 1).to(log_probs.device))
+        nll_value = -float(picked.mean())
     return {
         "error": 1.0 - acc,
         "accuracy": acc,
-        "nll": nll(probs, labels),
+        "nll": nll_value,
         "ece": expected_calibration_error(probs, labels, n_bins=n_bins),
         "brier": brier(probs, labels),
     }

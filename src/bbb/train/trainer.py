@@ -255,7 +255,7 @@ def evaluate(
     """Predictive metrics of ``model`` over ``loader`` with ``num_samples`` weight samples.
 
     Classification: ``error``, ``accuracy``, ``nll`` (predictive, nats per example: the
-    exact ``-log p(y|x)`` of :meth:`ClassificationPrediction.log_prob`, by log-sum-exp, not
+    exact ``-log p(y|x)`` from :attr:`ClassificationPrediction.log_probs`, by log-sum-exp, not
     floored where the predictive probability underflows), ``ece``, ``brier``. Regression:
     ``rmse`` and ``log_likelihood`` (of the Gaussian mixture predictive, noise included; in
     original units when ``y_scale`` is the target's normalisation scale) and ``nll`` =
@@ -278,18 +278,11 @@ def evaluate(
                 raise ValueError("evaluate: the data loader is empty")
             all_probs, all_labels = torch.cat(probs), torch.cat(labels)
             _check_predictions(all_probs)
-            report = M.classification_report(all_probs, all_labels, n_bins=n_bins)
-            # the NLL from log p(y|x) of the log-sum-exp log_probs, through the one method that
-            # reads it (ClassificationPrediction.log_prob): a confidently wrong example counts
-            # its full -log p, where metrics.nll clamps the averaged probability at 1e-12 (at
-            # most 27.6 nats per example); the labels were checked by the report
-            exact = ClassificationPrediction(
-                all_probs,
-                all_probs.unsqueeze(0),  # not read by log_prob
-                None if any(lp is None for lp in log_probs) else torch.cat(log_probs),  # type: ignore[arg-type]
-            )
-            report["nll"] = -float(exact.log_prob(all_labels).double().mean())
-            return report
+            # the NLL from the log-sum-exp log_probs: a confidently wrong example counts its
+            # full -log p, where metrics.nll of the averaged probabilities clamps each at 1e-12
+            # (at most 27.6 nats per example)
+            exact = None if any(lp is None for lp in log_probs) else torch.cat(log_probs)  # type: ignore[arg-type]
+            return M.classification_report(all_probs, all_labels, n_bins=n_bins, log_probs=exact)
         means, variances, targets = [], [], []
         for x, y in _batches(loader, device):
             pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
