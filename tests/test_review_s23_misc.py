@@ -194,3 +194,54 @@ def test_classification_report_takes_exact_log_probs() -> None:
     assert classification_report(probs, labels)["nll"] < 14  # (27.6 + ~0) / 2: clamped
     with pytest.raises(ValueError, match="log_probs must have the shape of probs"):
         classification_report(probs, labels, log_probs=log_probs[:, :1])
+
+
+def test_toy_curve_refuses_non_finite_settings() -> None:
+    """toy_curve(noise_var=nan) returned all-NaN targets without a word; inf bounds too."""
+    from bbb.data.toy import toy_curve
+
+    for kw in ({"noise_var": float("nan")}, {"noise_var": float("inf")}, {"high": float("inf")}):
+        with pytest.raises(ValueError, match="finite"):
+            toy_curve(10, **kw)
+    x, y = toy_curve(10)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.skipif(not (_DATA / "uci" / "bostonHousing").is_dir(), reason="no UCI data")
+def test_a_uci_data_set_given_by_its_data_file_loads() -> None:
+    """load_uci('.../bostonHousing/data.txt', ...) said 'not found'; the file's directory is
+    the data set."""
+    from bbb.data.uci import UCIDataset
+
+    by_dir = UCIDataset(_DATA / "uci" / "bostonHousing")
+    by_file = UCIDataset(_DATA / "uci" / "bostonHousing" / "data.txt")
+    assert by_file.path == by_dir.path and by_file.n_splits == by_dir.n_splits
+
+
+@pytest.mark.parametrize("command", ["bandit", "uci"])
+def test_ctrl_c_in_bandit_or_uci_names_the_resume_command(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in bbb bandit / bbb uci printed only 'bbb: interrupted', though both resume
+    with the same command and --resume (--overwrite, which excludes it, is dropped)."""
+    import bbb.bandit
+    import bbb.uci
+    from bbb.cli import main
+
+    def interrupt(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bbb.bandit, "main_bandit", interrupt)
+    monkeypatch.setattr(bbb.uci, "main_uci", interrupt)
+    argv = {
+        "bandit": ["bandit", "--steps", "50", "--out", "my run", "--overwrite"],
+        "uci": ["uci", "boston", "--out", "runs/u"],
+    }[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {
+        "bandit": "bbb bandit --steps 50 --out 'my run' --resume",
+        "uci": "bbb uci boston --out runs/u --resume",
+    }[command]
+    assert len(err) == 1 and err[0].startswith("bbb: interrupted; continue (")
+    assert err[0].endswith(f"with: {expected}")

@@ -141,6 +141,17 @@ def _resume_hint(out: Path) -> str:
     return f"interrupted; continue the run with: bbb train --resume {where}"
 
 
+def _rerun_hint(argv: Sequence[str] | None, what: str) -> str:
+    """What ``bbb uci`` / ``bbb bandit`` say when interrupted: the same command with
+    ``--resume`` (and without ``--overwrite``, which excludes it)."""
+    import shlex
+
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    return f"interrupted; continue ({what}) with: {shlex.join(['bbb', *words])}"
+
+
 _SEED_HELP = "random seed of the weight samples (the same seed gives the same numbers)"
 
 _DEVICE_HELP = (
@@ -626,14 +637,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "uci":
         from .uci import main_uci
 
-        return main_uci(args)
+        try:
+            return main_uci(args)
+        except KeyboardInterrupt:
+            raise _Interrupted(_rerun_hint(argv, "finished splits are kept")) from None
     if args.command == "bandit":
         from .bandit import main_bandit
 
         # its --quiet only turns the progress bar off: no bar into a log either (see _QUIET_HELP)
         args.quiet = not _show_progress(args.quiet)
 
-        return main_bandit(args)
+        try:
+            return main_bandit(args)
+        except KeyboardInterrupt:
+            raise _Interrupted(_rerun_hint(argv, "from its last checkpoint")) from None
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -52,10 +52,12 @@ def _sample(
     """Draw ``n`` noisy points from ``generator``; see `toy_curve`."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"low and high must be finite, got low={low}, high={high}")
     if not high > low:
         raise ValueError(f"need low < high, got low={low}, high={high}")
-    if noise_var < 0:
-        raise ValueError(f"noise_var must be non-negative, got {noise_var}")
+    if not (math.isfinite(noise_var) and noise_var >= 0):  # (NaN fails every comparison)
+        raise ValueError(f"noise_var must be a finite non-negative number, got {noise_var}")
     x = low + (high - low) * torch.rand(n, 1, generator=generator, dtype=dtype)
     e = math.sqrt(noise_var) * torch.randn(n, 1, generator=generator, dtype=dtype)
     return x, toy_curve_function(x, e)

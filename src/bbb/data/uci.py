@@ -284,6 +284,8 @@ def find_uci_datasets(root: PathLike) -> list[Path]:
 def _resolve_dir(path: PathLike, data_dir: PathLike | None) -> Path:
     """Directory holding ``data.txt`` for a path or a bare name under ``<data-dir>/uci/``."""
     given = Path(path).expanduser()
+    if given.name == "data.txt" and given.is_file():  # the data file itself: its directory
+        return given.parent
     candidates = [given]
     root: Path | None = None
     if not given.is_dir() and not given.is_absolute() and len(given.parts) == 1:
