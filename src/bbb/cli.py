@@ -399,6 +399,7 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
     values: dict[str, Any] = {}
     resume = args.resume is not None
     source = args.config or "flags"
+    from_file: dict[str, Any] = {}
     if resume:
         clash = [f for f in ("config", "out", "overwrite") if getattr(args, f)]
         if clash:
@@ -410,7 +411,8 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         saved = run / "config.json"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} does not exist")
-        values.update(load_config_file(saved))
+        from_file = load_config_file(saved)
+        values.update(from_file)
         source = str(saved)
         old = TrainConfig.from_dict(values, source=source).to_dict()
         if old["uci_path"] and args.uci_path:  # saved absolute (see bbb.runs.train_run)
@@ -430,7 +432,8 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
                 f"schedule would override it); only {allowed} can"
             )
     elif args.config:
-        values.update(load_config_file(args.config))
+        from_file = load_config_file(args.config)
+        values.update(from_file)
     flags = {name for name in TrainConfig.field_names() if getattr(args, name) is not None}
     for name in flags:
         values[name] = getattr(args, name)
@@ -438,9 +441,17 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
     # a flag given is refused when the run never reads it, even at its default value
     # (`--noise-sigma 1` for MNIST); a config file's keys only when changed from the default
     # (a run's config.json, a documented --config, holds every key)
-    cfg = TrainConfig.from_dict(values, source=source).validate(
-        check_applicable=not resume, given=flags
-    )
+    try:
+        cfg = TrainConfig.from_dict(values, source=source).validate(
+            check_applicable=not resume, given=flags
+        )
+    except ConfigError as e:
+        # a bad value read from a config file is named with the file (was "lr must be a
+        # finite positive number, got -1" with no word of where the -1 came from)
+        key = str(e).split(" ", 1)[0]
+        if key in from_file and key not in flags:
+            raise ConfigError(f"{source}: {e}") from None
+        raise
     out = Path(args.resume) if resume else Path(args.out or f"runs/{cfg.dataset}-{cfg.method}")
     return cfg, out, resume
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -294,6 +295,23 @@ def sample_outputs(
     return torch.cat(outs, dim=1)
 
 
+def _warn_overflowed_variances(outputs: Tensor, var: Tensor) -> None:
+    """Warn when finite outputs gave infinite noise variances (exp of a log-variance above
+    ~88.7 overflows float32): the predictive variance, std and log_prob are then inf/-inf,
+    which was silent."""
+    overflowed = torch.isinf(var) & torch.isfinite(outputs).all(-1, keepdim=True)
+    if bool(overflowed.any()):
+        n = int(overflowed.any(0).any(-1).sum())
+        warnings.warn(
+            f"predict: the model's log-variance overflows {var.dtype} (exp above "
+            f"{torch.finfo(var.dtype).max:.3g}) for {n} of {var.shape[1]} examples, so their "
+            "variance, std and log_prob are inf/-inf; the model predicts an enormous noise "
+            "there (check its training), or run it in float64 (model.double(), x.double())",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def predict(
     model: nn.Module,
     x: Tensor,
@@ -373,6 +391,8 @@ def predict(
             outputs = outputs.float()
         with torch.no_grad():
             mean, var = likelihood.mean_and_variance(outputs)
+        if not outputs.is_meta:
+            _warn_overflowed_variances(outputs, var)
         return RegressionPrediction(mean, var)
     raise TypeError(
         f"predict supports Categorical and Gaussian likelihoods, got {type(likelihood).__name__}"
