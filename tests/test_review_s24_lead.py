@@ -73,3 +73,42 @@ def test_a_bad_value_in_a_config_file_names_the_file(
     err = capsys.readouterr().err
     assert code != 0 and "lr must be a finite positive number, got -2.0" in err
     assert str(cfg) not in err
+
+
+def test_sweep_best_gives_an_absolute_uci_path_for_a_relative_one(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep over a UCI set given by a path relative to the working directory recorded
+    the path as written, so `bbb sweep best`'s TOML failed from any other directory; the
+    trial's config.json had it absolute. Both now agree."""
+    pytest.importorskip("optuna")
+    import tomllib
+
+    from bbb.cli import main
+
+    d = tmp_path / "sets" / "tiny"
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    rows = torch.cat([x, (x @ torch.tensor([1.0, -1.0]) + 3.0)[:, None]], 1).tolist()
+    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
+    (d / "index_features.txt").write_text("0\n1\n")
+    (d / "index_target.txt").write_text("2\n")
+    (d / "index_train_0.txt").write_text("".join(f"{i}\n" for i in range(8, 40)))
+    (d / "index_test_0.txt").write_text("".join(f"{i}\n" for i in range(8)))
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.toml"
+    space.write_text(
+        '[sweep]\ncommand = "train"\n[train]\ndataset = "uci"\nuci_path = "sets/tiny"\n'
+        "hidden = [4]\nepochs = 1\nbatch_size = 16\nval_samples = 2\nval_fraction = 0.25\n"
+        "[search]\nlr = { grid = [0.01] }\n"
+    )
+    assert main(["sweep", str(space), "--out", "sw", "--no-trial-plots"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "best", "sw"]) == 0
+    best = tomllib.loads(capsys.readouterr().out)
+    assert best["uci_path"] == str(tmp_path / "sets" / "tiny")
+    saved = __import__("json").loads(
+        next((tmp_path / "sw" / "trials").iterdir()).joinpath("config.json").read_text()
+    )
+    assert saved["uci_path"] == best["uci_path"]

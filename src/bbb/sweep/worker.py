@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import anchored_uci_path
 from .space import _DUPLICATE, TRIALS_DIR, Space, SweepError, _DuplicateTrial
 from .storage import _import_optuna, _retry_callback
 
@@ -151,7 +152,13 @@ class _Worker:
                 shutil.rmtree(run_dir)
             trial.set_user_attr("run_dir", str(run_dir.relative_to(self.out)))
             trial.set_user_attr("host", socket.gethostname())
-            trial.set_user_attr("config", cfg.to_dict())
+            recorded = cfg.to_dict()
+            if recorded.get("uci_path"):
+                # as the trial's config.json holds it (see bbb.runs.train_run): a path relative
+                # to this working directory made absolute, so `bbb sweep best`'s TOML works
+                # from any directory (it printed the relative path as written)
+                recorded["uci_path"] = anchored_uci_path(recorded["uci_path"])
+            trial.set_user_attr("config", recorded)
             mine_frozen = [
                 t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number
             ]
