@@ -112,3 +112,54 @@ def test_sweep_best_gives_an_absolute_uci_path_for_a_relative_one(
         next((tmp_path / "sw" / "trials").iterdir()).joinpath("config.json").read_text()
     )
     assert saved["uci_path"] == best["uci_path"]
+
+
+def _mixture_mlp_shared() -> nn.Module:
+    return bbb.models.bayes_mlp(4, [8], 2, prior=bbb.ScaleMixturePrior())
+
+
+def test_a_compact_export_loads_into_a_model_that_does_not_share_its_prior(tmp_path) -> None:
+    """save_compact stores a tensor held under several keys once and load_compact filled the
+    others from the *target* model's sharing: a model built with its own prior per layer (or
+    a used-twice layer built as two) could not load it ("Missing key(s)")."""
+    torch.manual_seed(0)
+    src = _mixture_mlp_shared()
+    bbb.prune_by_snr(src, 0.5)
+    f = tmp_path / "c.pt"
+    bbb.save_compact(src, f)
+    dst = nn.Sequential(
+        bbb.BayesLinear(4, 8, prior=bbb.ScaleMixturePrior(pi=0.3)),
+        nn.ReLU(),
+        bbb.BayesLinear(8, 2, prior=bbb.ScaleMixturePrior(pi=0.3)),
+    )
+    bbb.load_compact(dst, f)
+    x = torch.randn(3, 4)
+    with bbb.sampling(src, "mean"), bbb.sampling(dst, "mean"):
+        assert torch.equal(src(x), dst(x))
+    assert float(dst[2].prior.pi) == pytest.approx(float(src[0].prior.pi))
+    # a layer used twice, loaded into a network with two separate layers
+    shared = bbb.BayesLinear(4, 4)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    bbb.prune_by_snr(twice, 0.5)
+    bbb.save_compact(twice, f)
+    two = nn.Sequential(bbb.BayesLinear(4, 4), nn.ReLU(), bbb.BayesLinear(4, 4))
+    bbb.load_compact(two, f)
+    assert torch.equal(two[2].weight_mask, shared.weight_mask)
+    # the kept weights (a pruned weight's mu is stored as 0, see load_compact)
+    assert torch.equal(two[2].weight_mu, shared.weight_mu * shared.weight_mask)
+
+
+def test_a_compact_export_of_a_compiled_model_loads_into_the_plain_one(tmp_path) -> None:
+    torch.manual_seed(0)
+    plain = _mixture_mlp_shared()
+    compiled = torch.compile(plain)
+    bbb.prune_by_snr(compiled, 0.5)
+    f = tmp_path / "c.pt"
+    bbb.save_compact(compiled, f)
+    other = _mixture_mlp_shared()
+    bbb.load_compact(other, f)
+    assert torch.equal(other[0].weight_mask, plain[0].weight_mask)
+    # and the other way: a plain file into a compiled model
+    again = _mixture_mlp_shared()
+    bbb.load_compact(torch.compile(again), f)
+    assert torch.equal(again[2].weight_mu, plain[2].weight_mu * plain[2].weight_mask)

@@ -177,7 +177,11 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     :func:`load_compact` reads it into a model of the same architecture. At 95% removed a 2 x 1200 MLP's file is ~1/13 of its state dict.
     """
     from .train.checkpoint import atomic_write_bytes
+    from .train.trainer import _plain_module
 
+    # a torch.compile wrapper: the underlying network's keys, without "_orig_mod." (the file
+    # loads into the uncompiled network, as the Trainer's checkpoints do)
+    model = _plain_module(model)
     repeated = _repeated_keys(model)  # load_compact fills them in from their first key
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in repeated}
     layers: dict[str, dict[str, object]] = {}
@@ -200,7 +204,11 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     # clone: a view saved by torch.save would carry its whole storage
     rest = {k: v.cpu().clone() for k, v in state.items()}
     buf = io.BytesIO()
-    torch.save({"format": COMPACT_FORMAT, "layers": layers, "rest": rest}, buf)
+    # the sharing is recorded: a model built without it (its own prior per layer, a layer
+    # that the saved model used twice built as two) loads the file as well (was: missing keys)
+    torch.save(
+        {"format": COMPACT_FORMAT, "layers": layers, "rest": rest, "repeated": repeated}, buf
+    )
     atomic_write_bytes(path, buf.getvalue())
     return Path(path).stat().st_size
 
@@ -230,6 +238,9 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
     or whose index is corrupt, and ``load_state_dict``'s RuntimeError naming the keys and
     shapes when the architecture differs.
     """
+    from .train.trainer import _plain_module
+
+    model = _plain_module(model)  # a torch.compile wrapper: its network (see save_compact)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"compact export {path} does not exist (or is not a file)")
@@ -279,8 +290,14 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
             state[p + "weight_mu"] = full_mu.reshape(shape)
             state[p + "weight_rho"] = full_rho.reshape(shape)
             state[p + "weight_mask"] = mask.reshape(shape)
-    # a tensor under several keys of the model's state dict is stored under the first only
-    for key, first in _repeated_keys(model).items():
-        if key not in state and first in state:
-            state[key] = state[first]
+    # a tensor under several keys of the saved model's state dict is stored under the first
+    # only: filled in from the file's record of that sharing (files written before it was
+    # recorded: from the target model's sharing)
+    saved_repeated = blob.get("repeated", {})
+    if not isinstance(saved_repeated, dict):
+        raise ValueError(f"{path}: corrupt compact export ('repeated' is not a table)")
+    for sharing in (saved_repeated, _repeated_keys(model)):
+        for key, first in sharing.items():
+            if key not in state and first in state:
+                state[key] = state[first]
     model.load_state_dict(state)
