@@ -163,3 +163,35 @@ def test_a_compact_export_of_a_compiled_model_loads_into_the_plain_one(tmp_path)
     again = _mixture_mlp_shared()
     bbb.load_compact(torch.compile(again), f)
     assert torch.equal(again[2].weight_mu, plain[2].weight_mu * plain[2].weight_mask)
+
+
+def test_a_shared_prior_given_two_values_by_a_state_dict_is_refused() -> None:
+    """A checkpoint whose layers have different priors, loaded into a model whose layers share
+    one, loaded "All keys matched" with the last layer's value in the shared buffer: the
+    first layer's KL silently used the wrong prior."""
+    torch.manual_seed(0)
+    src = nn.Sequential(
+        bbb.BayesLinear(3, 4, prior=bbb.GaussianPrior(0.5)),
+        nn.ReLU(),
+        bbb.BayesLinear(4, 2, prior=bbb.GaussianPrior(2.0)),
+    )
+    dst = bbb.models.bayes_mlp(3, [4], 2, prior=bbb.GaussianPrior(0.5))
+    assert dst[0].prior is dst[2].prior
+    with pytest.raises(
+        RuntimeError,
+        match=r"shared by several layers.*0\.prior\.sigma = 0\.5.*2\.prior\.sigma = 2\.0",
+    ):
+        dst.load_state_dict(src.state_dict())
+    # equal values under both keys load as before, as do separate priors
+    ok = bbb.models.bayes_mlp(3, [4], 2, prior=bbb.GaussianPrior(0.7))
+    dst.load_state_dict(ok.state_dict())
+    assert float(dst[0].prior.sigma) == pytest.approx(0.7)
+    sep = nn.Sequential(
+        bbb.BayesLinear(3, 4, prior=bbb.GaussianPrior(1.0)),
+        nn.ReLU(),
+        bbb.BayesLinear(4, 2, prior=bbb.GaussianPrior(1.0)),
+    )
+    sep.load_state_dict(src.state_dict())
+    assert float(sep[2].prior.sigma) == 2.0 and float(sep[0].prior.sigma) == 0.5
+    # loading twice in a row (a second load_state_dict call) is a new load
+    dst.load_state_dict(ok.state_dict())

@@ -14,6 +14,7 @@ both KL modes (closed form and Monte Carlo) backpropagate to them.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,13 @@ def _like(hyper: Tensor, w: Tensor) -> Tensor:
     if hyper.dtype == w.dtype or not w.is_floating_point():
         return hyper
     return hyper.to(w.dtype)
+
+
+#: per prior, the load in progress (its error list, the object torch shares among one
+#: load_state_dict's calls) and the values it gave, by name: (value, key prefix)
+_LOADS: weakref.WeakKeyDictionary[Prior, tuple[list[str], dict[str, tuple[float, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Prior(nn.Module):
@@ -160,6 +168,7 @@ class Prior(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         bad = self._invalid_hyper_parameters(state_dict, prefix)
+        bad += self._conflicting_shared_values(state_dict, prefix, error_msgs)
         if bad:
             # refused before anything is copied (a negative sigma loaded silently, and kl()
             # then failed with a bare 'math domain error' or returned NaN)
@@ -180,6 +189,34 @@ class Prior(nn.Module):
             if buf is not None and not buf.is_meta and not buf.is_inference():
                 # decided here, with the checkpoint's dtype: _refresh need not re-read it
                 self.__dict__.setdefault("_seen", {})[name] = (buf, buf._version)
+
+    def _conflicting_shared_values(
+        self, state_dict: dict[str, Tensor], prefix: str, error_msgs: list[str]
+    ) -> list[str]:
+        """Messages for a prior that one ``load_state_dict`` reaches under several prefixes
+        (shared by several layers) with different values: torch copied each into the one
+        buffer, the last silently winning (the first layer's KL then used the last layer's
+        prior)."""
+        record = _LOADS.get(self)
+        if record is None or record[0] is not error_msgs:  # a new load_state_dict call
+            record = (error_msgs, {})
+            _LOADS[self] = record
+        given = record[1]
+        bad = []
+        for name in getattr(self, "_exact", {}):
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or value.dim() != 0 or value.is_meta:
+                continue
+            v = float(value)
+            first = given.setdefault(name, (v, prefix))
+            if first[0] != v:
+                bad.append(
+                    f"{type(self).__name__} is shared by several layers ({first[1]}* and "
+                    f"{prefix}*), but the state dict gives its {name} two values: "
+                    f"{first[1]}{name} = {first[0]!r}, {prefix}{name} = {v!r}; load it into a "
+                    "model whose layers each have their own prior"
+                )
+        return bad
 
     #: hyper-parameters that must be positive, and those that must lie in (0, 1), checked
     #: when a state dict is loaded (the constructors check their arguments)
