@@ -226,10 +226,14 @@ class BayesModule(nn.Module):
                 f"prior must be a bbb Prior (GaussianPrior, ScaleMixturePrior, LaplacePrior), "
                 f"got {type(prior).__name__}"
             )
-        if dtype is not None:
-            # The prior's hyper-parameters follow the layer's dtype (in place: a prior object
-            # shared by several layers should be shared by layers of one dtype).
-            prior = prior.to(dtype=dtype)
+        if dtype is not None or device is not None:
+            # The prior's hyper-parameters follow the layer's dtype and device (in place: a
+            # prior object shared by several layers should be shared by layers of one dtype
+            # and device). Without the device, device="meta" left them on the CPU, where
+            # to_empty() (deferred initialisation) then filled them with uninitialised memory
+            # (a prior sigma of 0: a KL of inf or a ZeroDivisionError), and device="cuda"
+            # left CPU buffers in a CUDA model.
+            prior = prior.to(device=device, dtype=dtype)
         # validated before any allocation, with errors that name the argument
         mu_init_range(mu_init, fan_in)
         rho_init_range(rho_init)
