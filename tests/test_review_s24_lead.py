@@ -195,3 +195,20 @@ def test_a_shared_prior_given_two_values_by_a_state_dict_is_refused() -> None:
     assert float(sep[2].prior.sigma) == 2.0 and float(sep[0].prior.sigma) == 0.5
     # loading twice in a row (a second load_state_dict call) is a new load
     dst.load_state_dict(ok.state_dict())
+
+
+def test_a_float32_checkpoint_in_a_float64_model_keeps_the_priors_exact_digits() -> None:
+    torch.manual_seed(0)
+    m32 = bbb.models.bayes_mlp(3, [4], 2, prior=bbb.GaussianPrior(0.1), kl="mc")
+    m64 = bbb.models.bayes_mlp(3, [4], 2, prior=bbb.GaussianPrior(0.1), kl="mc").double()
+    m64.load_state_dict(m32.state_dict())
+    # the buffer holds 0.1 as float64 (was 0.1 rounded to float32: 0.10000000149...)
+    assert float(m64[0].prior.sigma) == 0.1
+    ref = bbb.models.bayes_mlp(3, [4], 2, prior=bbb.GaussianPrior(0.1), kl="mc").double()
+    ref.load_state_dict(m64.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    m64(x)
+    torch.manual_seed(1)
+    ref(x)
+    assert bbb.kl_divergence(m64).item() == bbb.kl_divergence(ref).item()

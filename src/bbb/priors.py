@@ -186,6 +186,18 @@ class Prior(nn.Module):
             if float(value) != float(torch.tensor(exact, dtype=value.dtype)):
                 self._exact[name] = float(value)
             buf = self._buffers.get(name)
+            if (
+                buf is not None
+                and buf.dtype == torch.float64
+                and not buf.is_meta
+                and not buf.is_inference()
+                and float(buf) != self._exact[name]
+            ):
+                # a float32 checkpoint's rounded value in a float64 model: the buffer regains
+                # the exact digits, as .double() gives them (the forward of a Monte Carlo KL
+                # read the rounded buffer while its gradient used the exact value)
+                with torch.no_grad():
+                    buf.fill_(self._exact[name])
             if buf is not None and not buf.is_meta and not buf.is_inference():
                 # decided here, with the checkpoint's dtype: _refresh need not re-read it
                 self.__dict__.setdefault("_seen", {})[name] = (buf, buf._version)
