@@ -401,3 +401,46 @@ def test_a_layer_built_on_the_meta_device_keeps_its_prior_through_to_empty(
     kl = layer.kl()
     torch.manual_seed(1)  # (the Monte Carlo KL draws its sample: the same one)
     torch.testing.assert_close(kl, reference.kl(), rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- options set later
+
+
+def test_options_set_after_construction_are_validated_as_the_constructor_does() -> None:
+    """layer.estimator / .mode / .kl_mode assigned after construction: an unknown value is a
+    ValueError listing the accepted ones (before: a typo of estimator ran flipout, of mode
+    ran "sample", and any kl_mode other than "closed_form" ran the Monte Carlo KL, all
+    silently); a valid value takes effect."""
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2, dtype=DT)
+    x = torch.randn(4, 3, dtype=DT)
+    with pytest.raises(ValueError, match="unknown estimator 'lcoal'.*reparam, local, flipout"):
+        layer.estimator = "lcoal"
+    with pytest.raises(ValueError, match="unknown sampling mode 'means'.*sample, mean, frozen"):
+        layer.mode = "means"
+    with pytest.raises(ValueError, match="unknown kl mode 'closed'.*auto, closed_form, mc"):
+        layer.kl_mode = "closed"
+    assert (layer.estimator, layer.mode, layer.kl_mode) == ("reparam", "sample", "closed_form")
+    layer.mode = "mean"
+    assert torch.equal(layer(x), F.linear(x, layer.weight_mu, layer.bias_mu))
+    layer.mode = "sample"
+    layer.estimator = "local"
+    layer(x)
+    assert layer._record is not None and layer._record.eps_w is None  # local draws no weights
+
+
+def test_kl_mode_set_after_construction_resolves_auto_for_the_prior() -> None:
+    """kl_mode = "auto" is the exact KL for a prior with a closed form (before: anything but
+    "closed_form" was taken as "mc", a noisy estimate where the exact value was asked for),
+    and it stays the request when the prior is replaced, as the constructor's kl option."""
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2, kl="mc", prior=bbb.GaussianPrior(0.5), dtype=DT)
+    layer.kl_mode = "auto"
+    assert layer.kl_mode == "closed_form"
+    exact = BayesLinear(3, 2, prior=bbb.GaussianPrior(0.5), dtype=DT)
+    exact.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer.kl(), exact.kl(), rtol=1e-12, atol=0)
+    layer.prior = bbb.ScaleMixturePrior(0.5, 1.0, math.exp(-6))
+    assert layer.kl_mode == "mc"
+    layer.prior = bbb.GaussianPrior(0.5)
+    assert layer.kl_mode == "closed_form"

@@ -751,8 +751,29 @@ class BayesModule(nn.Module):
                 )
             mode = _kl.resolve_kl_mode(self._kl_request, value)
             super().__setattr__(name, value)
-            self.kl_mode = mode
+            super().__setattr__("kl_mode", mode)
             return
+        if "_kl_request" in self.__dict__:
+            # the options a forward pass dispatches on, set after construction: validated as
+            # the constructor does (a typo ran silently: an unknown estimator as flipout, an
+            # unknown mode as "sample", an unknown or "auto" kl_mode as the Monte Carlo KL)
+            if name == "estimator" and value not in est.ESTIMATORS:
+                raise ValueError(
+                    f"unknown estimator {value!r}; accepted values: {', '.join(est.ESTIMATORS)}"
+                )
+            if name == "mode":
+                _check_mode(value)
+            if name == "kl_mode":
+                # as the constructor's kl option: "auto" resolved for the prior, and kept as
+                # the request that a replaced prior is resolved with ("closed_form" for a
+                # prior without one is left for kl() to refuse, as before)
+                if value not in _kl.KL_MODES:
+                    raise ValueError(
+                        f"unknown kl mode {value!r}; accepted values: {', '.join(_kl.KL_MODES)}"
+                    )
+                super().__setattr__("_kl_request", value)
+                if value == "auto":
+                    value = _kl.resolve_kl_mode("auto", self.prior)
         super().__setattr__(name, value)
 
     # ----------------------------------------------------------------- modes
