@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,36 @@ from bbb.plots import figure
 from bbb.train import Trainer, seed_everything
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is one usage line, not a traceback
+    from deep in the library or, for ``--samples``, one after the whole training has run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def images(available: int) -> Callable[[str], int]:
+    """argparse type: a number of images in 1..``available`` (the size of the split)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= available:
+            raise argparse.ArgumentTypeError(f"must be in 1..{available}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="bayesianize a trained convnet, fine-tune it with the ELBO, export it back.",
@@ -55,12 +86,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", default="runs/examples/bayesianize_existing_model", help="output directory"
     )
     p.add_argument("--data-dir", default=None, help="data root holding mnist/")
-    p.add_argument("--subset", type=int, default=5000, help="training images (of 50000)")
-    p.add_argument("--test-subset", type=int, default=2000, help="test images (of 10000)")
-    p.add_argument("--pretrain-epochs", type=int, default=2, help="epochs of ordinary training")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of ELBO fine-tuning")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size")
-    p.add_argument("--samples", type=int, default=20, help="weight samples for predictions")
+    p.add_argument("--subset", type=images(50000), default=5000, help="training images (of 50000)")
+    p.add_argument("--test-subset", type=images(10000), default=2000, help="test images (of 10000)")
+    p.add_argument(
+        "--pretrain-epochs", type=positive_int, default=2, help="epochs of ordinary training"
+    )
+    p.add_argument(
+        "--finetune-epochs", type=positive_int, default=2, help="epochs of ELBO fine-tuning"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size")
+    p.add_argument(
+        "--samples", type=positive_int, default=20, help="weight samples for predictions"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--threads",

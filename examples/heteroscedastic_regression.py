@@ -57,6 +57,23 @@ def make_data(n: int, generator: torch.Generator) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is one usage line, not a traceback
+    from deep in the library or, for ``--samples``, one after the whole training has run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Bayesian MLP with a heteroscedastic Gaussian likelihood on 1-D data.",
@@ -65,12 +82,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default="runs/examples/heteroscedastic_regression", help="output directory"
     )
-    p.add_argument("--n-train", type=int, default=4000, help="training points")
-    p.add_argument("--hidden", type=int, default=50, help="units per hidden layer")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=200, help="minibatch size")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    p.add_argument("--samples", type=int, default=500, help="weight samples for predictions")
+    p.add_argument("--n-train", type=positive_int, default=4000, help="training points")
+    p.add_argument("--hidden", type=positive_int, default=50, help="units per hidden layer")
+    p.add_argument("--epochs", type=positive_int, default=60, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=200, help="minibatch size")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate")
+    p.add_argument(
+        "--samples", type=positive_int, default=500, help="weight samples for predictions"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--threads",

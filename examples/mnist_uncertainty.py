@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +41,36 @@ from bbb.plots import figure
 from bbb.train import Trainer, seed_everything
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is one usage line, not a traceback
+    from deep in the library or, for ``--samples``, one after the whole training has run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def images(available: int) -> Callable[[str], int]:
+    """argparse type: a number of images in 1..``available`` (the size of the split)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= available:
+            raise argparse.ArgumentTypeError(f"must be in 1..{available}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Bayesian MLP on MNIST: test error and the most uncertain test digits.",
@@ -47,15 +78,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/examples/mnist_uncertainty", help="output directory")
     p.add_argument("--data-dir", default=None, help="data root holding mnist/")
-    p.add_argument("--subset", type=int, default=10000, help="training images (of 50000)")
-    p.add_argument("--val-subset", type=int, default=2000, help="validation images (of 10000)")
-    p.add_argument("--test-subset", type=int, default=None, help="test images (default: all)")
-    p.add_argument("--hidden", type=int, default=200, help="units per hidden layer")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--prior-sigma", type=float, default=1.0, help="Gaussian prior sigma")
-    p.add_argument("--samples", type=int, default=10, help="weight samples for test predictions")
+    p.add_argument("--subset", type=images(50000), default=10000, help="training images (of 50000)")
+    p.add_argument(
+        "--val-subset", type=images(10000), default=2000, help="validation images (of 10000)"
+    )
+    p.add_argument(
+        "--test-subset", type=images(10000), default=None, help="test images (default: all)"
+    )
+    p.add_argument("--hidden", type=positive_int, default=200, help="units per hidden layer")
+    p.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--prior-sigma", type=positive_float, default=1.0, help="Gaussian prior sigma")
+    p.add_argument(
+        "--samples", type=positive_int, default=10, help="weight samples for test predictions"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--threads",
