@@ -8,12 +8,14 @@ counters turned into normals by Box-Muller), the sample and the closed-form Gaus
 one pass per tile, and the backward in one more, with its own inline float32 exp, log, sine
 and cosine (polynomials, a few ulps) so that every loop vectorizes.
 
-Building: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the file
-once per source, flags and compiler into ``$BBB_CACHE_DIR`` (default
-``~/.cache/bbb/native``; a temporary directory where that is not writable); the library is
-written to a temporary name and renamed into place, so concurrent first uses do not see a
-half-written file. Where no compiler is found or the build fails, :func:`load` returns None
-and :func:`error` says why; :mod:`bbb.kernels` then warns once and runs eagerly.
+Building: the system C compiler (``$CC``, split as a shell would, so ``CC="ccache gcc"`` works;
+else ``cc``, ``gcc`` or ``clang``) compiles the file once per source, flags and compiler into
+``$BBB_CACHE_DIR`` (default ``~/.cache/bbb/native``; a temporary directory where that is not
+writable); the library is written to a temporary name and renamed into place, so concurrent
+first uses do not see a half-written file, and its name carries the hash of its bytes, checked
+before it is loaded: a damaged cached file is built again (loading it would kill the process
+with SIGBUS). Where no compiler is found or the build fails, :func:`load` returns None and
+:func:`error` says why; :mod:`bbb.kernels` then warns once and runs eagerly.
 
 Threads: the C loops share fixed blocks of 32768 elements among ``torch.get_num_threads()``
 OpenMP threads (built with ``-fopenmp``, the library binds to the ``libgomp.so.1`` PyTorch has
@@ -24,10 +26,12 @@ whatever the number of threads. Without OpenMP the loops run on one thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -71,26 +75,45 @@ def _source() -> bytes:
     return resources.files("bbb").joinpath("csrc/bbb_native.c").read_bytes()
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command line: ``$CC`` split as a shell would (``CC="ccache gcc"``,
+    ``CC="gcc -m64"``: the program and its own arguments), else ``cc``, ``gcc`` or
+    ``clang``; None where none is found."""
+    env = os.environ.get("CC", "").strip()
+    if env:
+        try:
+            argv = shlex.split(env)
+        except ValueError:  # unbalanced quotes: taken as one name
+            argv = [env]
+        found = shutil.which(argv[0]) if argv else None
+        if found:
+            return [found, *argv[1:]]
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
     return None
 
 
 def _cache_dir() -> Path:
     env = os.environ.get("BBB_CACHE_DIR")
-    if env:
-        base = Path(env)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "bbb" / "native"
     try:
+        if env:
+            base = Path(env)
+        else:
+            xdg = os.environ.get("XDG_CACHE_HOME")
+            home = Path(xdg) if xdg else Path.home() / ".cache"
+            if not home.is_absolute():
+                # no home directory (no $HOME and a uid without a passwd entry, as in some
+                # containers): Path.home() is "~" (Python 3.11, a folder named "~" would be
+                # made in the working directory) or raises (3.12)
+                raise OSError(f"no usable cache directory ({home})")
+            base = home / "bbb" / "native"
         base.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=base):  # writable?
             pass
         return base
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: Path.home() without a home (Python 3.12)
         # a shared temporary directory: only a private folder of ours, never one another user
         # could have made first (a library planted there would be loaded)
         fallback = Path(tempfile.gettempdir()) / f"bbb-native-{os.getuid()}"
@@ -116,29 +139,58 @@ def _flag_sets() -> list[list[str]]:
     return [base + ["-fopenmp"], base + ["-fopenmp-simd"]]
 
 
-def _build(cc: str) -> Path:
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _cached(out_dir: Path, tag: str) -> Path | None:
+    """A library built before for ``tag`` whose bytes are intact, else None.
+
+    A library's name carries the hash of its contents (``bbb_native-TAG-HASH.so``), checked
+    before loading: a damaged file (truncated by a full disk or a copy, say) would not just
+    fail to load, dlopen would map it and the process would die of SIGBUS. Damaged files are
+    removed (best effort) and the library built again."""
+    prefix = f"bbb_native-{tag}-"
+    for path in sorted(out_dir.glob(f"{prefix}*.so")):
+        try:
+            intact = _digest(path) == path.name[len(prefix) : -len(".so")]
+        except OSError:
+            intact = False
+        if intact:
+            return path
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return None
+
+
+def _build(cc: list[str]) -> Path:
     src = _source()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     out_dir = _cache_dir()  # once: its fallback may be a fresh temporary directory
     for flags in _flag_sets():
         tag = hashlib.sha256(
             src + repr((flags, cc, version, platform.machine(), _ABI)).encode()
         ).hexdigest()[:16]
-        target = out_dir / f"bbb_native-{tag}.so"
-        if target.exists():
-            return target
+        cached = _cached(out_dir, tag)
+        if cached is not None:
+            return cached
         with tempfile.TemporaryDirectory() as tmp:
-            c_file = Path(tmp) / "bbb_native.c"
-            c_file.write_bytes(src)
-            partial = out_dir / f".bbb_native-{tag}.{os.getpid()}.tmp"
-            cmd = [cc, *flags, str(c_file), "-o", str(partial), "-lm"]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+            (Path(tmp) / "bbb_native.c").write_bytes(src)
+            # a name of its own per build (pid and a random part: processes of different
+            # containers sharing the cache may have the same pid)
+            partial = out_dir / f".bbb_native-{tag}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            # compiled where it lies, by a relative name: the same bytes from every build
+            cmd = [*cc, *flags, "bbb_native.c", "-o", str(partial), "-lm"]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp)
+                if res.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+                    continue
+                target = out_dir / f"bbb_native-{tag}-{_digest(partial)}.so"
+                os.replace(partial, target)  # atomic: a concurrent loader sees all or nothing
+            finally:
                 partial.unlink(missing_ok=True)
-                continue
-            os.replace(partial, target)  # atomic: a concurrent loader sees all or nothing
         return target
     raise RuntimeError("; ".join(errors))
 

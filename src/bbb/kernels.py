@@ -91,10 +91,16 @@ def set_kernels(name: str) -> None:
 
 @contextlib.contextmanager
 def use_kernels(name: str) -> Iterator[None]:
-    """Context manager: use backend ``name`` inside, restore the previous one after."""
+    """Context manager: use backend ``name`` inside, restore the previous one after (also
+    when the body raises, or when choosing ``name`` does: ``"native"``'s warning that the
+    library is unavailable, raised as an error under ``-W error``).
+
+    The setting is process-wide, not per thread: two threads inside ``use_kernels`` at once
+    see each other's choice, and the one that leaves last restores what the other had
+    chosen. Choose the backend once, before starting threads."""
     previous = get_kernels()
-    set_kernels(name)
     try:
+        set_kernels(name)
         yield
     finally:
         set_kernels(previous)
@@ -110,7 +116,9 @@ class _Kernel:
         _ALL.append(self)
 
     def __call__(self, *args: Any) -> Any:
-        if _backend == "eager" or self.failed is not None:
+        # compiled only under "compile": the "native" backend is no licence to run
+        # torch.compile (seconds per kernel, or a warning without a C++ compiler)
+        if _backend != "compile" or self.failed is not None:
             return self.fn(*args)
         try:
             if self._compiled is None:
@@ -722,10 +730,21 @@ def native_layer_sample_and_kl(
     if (mu_b is None) != (rho_b is None):
         raise ValueError("native_layer_sample_and_kl: give both mu_b and rho_b, or neither")
     args, const_per_weight = spec
-    rho_c = rho if rho.is_contiguous() else rho.contiguous()
-    rho_bc = rho_b if rho_b is None or rho_b.is_contiguous() else rho_b.contiguous()
+    # the C code reads contiguous float32 CPU memory: a strided parameter (a transposed or
+    # sliced rho, a bias mu sliced from a larger tensor) is copied, its gradient flowing
+    # back through the copy; a parameter of another dtype or device is a clear error
+    named = (("weight_mu", mu), ("weight_rho", rho), ("bias_mu", mu_b), ("bias_rho", rho_b))
+    for name, t in named:
+        if t is not None and not (t.dtype == torch.float32 and t.is_cpu):
+            raise ValueError(
+                f"native_layer_sample_and_kl: {name} must be a float32 CPU tensor, got "
+                f"{t.dtype} on {t.device} (a layer's parameters share one dtype and device)"
+            )
+    mu_c, rho_c, mu_bc, rho_bc = (
+        t if t is None or t.is_contiguous() else t.contiguous() for t in (mu, rho, mu_b, rho_b)
+    )
     out = _NativeSampleKL.apply(
-        mu, rho_c, mu_b, rho_bc, kind, args, const_per_weight,
+        mu_c, rho_c, mu_bc, rho_bc, kind, args, const_per_weight,
         [False] if used is None else used, samples, mean_path,
     )  # fmt: skip
     return NativeLayerOutputs(*out)
