@@ -444,3 +444,116 @@ def test_kl_mode_set_after_construction_resolves_auto_for_the_prior() -> None:
     assert layer.kl_mode == "mc"
     layer.prior = bbb.GaussianPrior(0.5)
     assert layer.kl_mode == "closed_form"
+
+
+# --------------------------------------------------------------------------- KL, initialisation
+
+
+def _mc_kl_reference(layer: bbb.BayesModule, eps_w: torch.Tensor, eps_b: torch.Tensor | None):
+    """(1/S) sum_s [log q(w_s) - log p(w_s)] at w_s = mu + sigma * eps_s, in float64 with
+    torch.distributions for q."""
+    total = torch.zeros((), dtype=DT)
+    for mu, rho, eps in (
+        (layer.weight_mu, layer.weight_rho, eps_w),
+        (layer.bias_mu, layer.bias_rho, eps_b),
+    ):
+        if mu is None or rho is None or eps is None:
+            continue
+        mu, sigma = mu.detach(), F.softplus(rho.detach())
+        w = mu + sigma * eps
+        log_q = torch.distributions.Normal(mu, sigma).log_prob(w)
+        total = total + (log_q - layer.prior.log_prob(w)).sum() / eps.shape[0]
+    return total
+
+
+@pytest.mark.parametrize("kind", ["linear", "ensemble"])
+@pytest.mark.parametrize("prior", ["laplace", "scale_mixture"])
+@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
+@pytest.mark.parametrize("mode", ["sample", "frozen"])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_the_monte_carlo_kl_uses_the_forward_pass_sample(
+    kind: str, prior: str, estimator: str, mode: str, num_samples: int
+) -> None:
+    """kl="mc": the KL is the average over the pass's S weight samples, and those are the
+    samples the output was computed with (one-weight layer, no bias: the output is x w_s for
+    reparam and frozen mode, x (mu + s_in s_out (w_s - mu)) for flipout, so |y - x mu| =
+    |x (w_s - mu)|); after an optimizer step the same noise at the new parameters."""
+    torch.manual_seed(30)
+    s = num_samples
+    kw = {"estimator": estimator, "kl": "mc", "prior": PRIORS[prior](), "dtype": DT}
+    if kind == "linear":
+        layer: bbb.BayesModule = BayesLinear(1, 1, bias=False, rho_init=(-1.0, 0.0), **kw)
+        x = torch.tensor([[1.5]], dtype=DT)
+    else:
+        layer = BayesLinearEnsemble(2, 1, 1, bias=False, rho_init=(-1.0, 0.0), **kw)
+        x = torch.tensor([[[1.5]], [[-0.5]]], dtype=DT)
+    layer.prior.to(DT)
+    bbb.set_sampling(layer, mode)
+    with bbb.vectorized_samples(layer, s):
+        y = layer(bbb.repeat_samples(x, s))
+    rec = layer._record
+    assert rec is not None and rec.eps_w is not None and rec.eps_w.shape[0] == s
+    with torch.no_grad():
+        w = (layer.weight_mu + layer.weight_sigma * rec.eps_w).reshape(s, -1)  # (S, K)
+    xv = x.reshape(-1)
+    got = y.detach().reshape(s, -1)
+    mu = layer.weight_mu.detach().reshape(-1)
+    if estimator == "flipout" and mode == "sample":
+        torch.testing.assert_close((got - xv * mu).abs(), (xv * (w - mu)).abs())
+    else:
+        torch.testing.assert_close(got, xv * w)
+    kl = layer.kl()
+    torch.testing.assert_close(kl, _mc_kl_reference(layer, rec.eps_w, None), rtol=1e-10, atol=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    (y.sum() + kl).backward()
+    opt.step()
+    torch.testing.assert_close(
+        layer.kl(), _mc_kl_reference(layer, rec.eps_w, None), rtol=1e-10, atol=0
+    )
+
+
+def _assert_uniform(t: torch.Tensor, low: float, high: float, stats, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Values of ``t`` i.i.d. U(low, high): inside the range, mean (low + high) / 2 within 5
+    standard errors (high - low) / sqrt(12 n), variance (high - low)^2 / 12 within 5 standard
+    errors of the sample variance (conftest.Stats)."""
+    v = t.detach().reshape(-1, 1).to(DT)
+    assert float(v.min()) >= low and float(v.max()) <= high, what
+    var = torch.tensor([(high - low) ** 2 / 12], dtype=DT)
+    stats.assert_mean(v, torch.tensor([(low + high) / 2], dtype=DT), known_var=var, what=what)
+    stats.assert_var(v, var, what=what)
+
+
+INITS = {
+    # (layer, expected mu range, expected rho range)
+    "linear-paper": (lambda: BayesLinear(40, 50), (-0.2, 0.2), (-5.0, -4.0)),
+    "linear-fan_in": (lambda: BayesLinear(40, 50, mu_init="fan_in"), (-(40**-0.5), 40**-0.5), None),
+    "linear-ranges": (
+        lambda: BayesLinear(40, 50, mu_init=(0.5, 1.5), rho_init=(-3.0, 2.0)),
+        (0.5, 1.5),
+        (-3.0, 2.0),
+    ),
+    # fan_in of a grouped conv: in_channels / groups * prod(kernel) = 3 * 15 = 45
+    "conv2d-groups": (
+        lambda: BayesConv2d(6, 60, (3, 5), groups=2),
+        (-(45**-0.5), 45**-0.5),
+        (-5.0, -4.0),
+    ),
+    "ensemble": (lambda: BayesLinearEnsemble(4, 25, 30), (-(25**-0.5), 25**-0.5), (-5.0, -4.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(INITS))
+def test_initialisation_draws_the_documented_uniform_distributions(case: str, stats) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(31)
+    make, mu_range, rho_range = INITS[case]
+    layer = make()
+    for mu, rho in layer._pairs():
+        _assert_uniform(mu, *mu_range, stats, f"{case} mu")
+        if rho_range is not None:
+            _assert_uniform(rho, *rho_range, stats, f"{case} rho")
+    torch.manual_seed(32)
+    layer.reset_parameters(rho_init=-3.0)  # a constant, for this call only
+    assert all(torch.all(rho == -3.0) for _, rho in layer._pairs())
+    layer.reset_parameters()  # the constructor's options again
+    for mu, _ in layer._pairs():
+        _assert_uniform(mu, *mu_range, stats, f"{case} mu after reset")
