@@ -212,3 +212,70 @@ def test_a_float32_checkpoint_in_a_float64_model_keeps_the_priors_exact_digits()
     torch.manual_seed(1)
     ref(x)
     assert bbb.kl_divergence(m64).item() == bbb.kl_divergence(ref).item()
+
+
+def _toy_trainer(out_dir, width: int, epochs: int = 1):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bbb.train import Trainer
+
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 32).unsqueeze(1)
+    ds = TensorDataset(x, torch.sin(3 * x))
+    model = bbb.models.bayes_mlp(1, [width], 1)
+    return Trainer(
+        model,
+        bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), 32),
+        torch.optim.SGD(model.parameters(), lr=1e-2),
+        DataLoader(ds, batch_size=16),
+        epochs=epochs,
+        out_dir=out_dir,
+        progress=False,
+        log=None,
+    )
+
+
+def test_resuming_another_architecture_or_format_names_the_checkpoint(tmp_path) -> None:
+    from bbb.train.checkpoint import CheckpointError, list_checkpoints
+
+    _toy_trainer(tmp_path, 8).fit()
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    with pytest.raises(
+        CheckpointError, match=rf"(?s){ckpt.name} does not fit this Trainer's model.*size mismatch"
+    ):
+        _toy_trainer(tmp_path, 16, epochs=2).fit(resume=True)
+    state = torch.load(ckpt, weights_only=False)
+    state["format"] = "bbb-checkpoint-99"
+    torch.save(state, ckpt)
+    with pytest.raises(
+        CheckpointError, match=r"format 'bbb-checkpoint-99'.*reads 'bbb-checkpoint-1'"
+    ):
+        _toy_trainer(tmp_path, 8, epochs=2).fit(resume=True)
+
+
+def test_load_run_and_load_compact_name_the_file_that_does_not_fit(tmp_path) -> None:
+    from bbb.cli import main
+    from bbb.runs import load_run
+    from bbb.train.checkpoint import CheckpointError
+
+    for name, hidden in (("a", "8"), ("b", "16")):
+        code = main(
+            ["train", "--dataset", "toy", "--toy-n", "32", "--hidden", hidden, "--epochs", "1",
+             "--batch-size", "16", "--val-samples", "2", "--out", str(tmp_path / name)]
+        )  # fmt: skip
+        assert code == 0
+    # run b's weights put into run a's directory: its config builds a width-8 network
+    (tmp_path / "a" / "best.pt").write_bytes((tmp_path / "b" / "best.pt").read_bytes())
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)best\.pt does not fit the model that .*config\.json builds.*size mismatch",
+    ):
+        load_run(tmp_path / "a")
+    _, model_b, _, _ = load_run(tmp_path / "b")
+    bbb.prune_by_snr(model_b, 0.5)
+    f = tmp_path / "b.compact.pt"
+    bbb.save_compact(model_b, f)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)b\.compact\.pt does not fit the model: .*size mismatch"
+    ):
+        bbb.load_compact(bbb.models.bayes_mlp(1, [8], 1), f)

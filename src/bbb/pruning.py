@@ -300,4 +300,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
         for key, first in sharing.items():
             if key not in state and first in state:
                 state[key] = state[first]
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # another architecture: torch's message, now with the file
+        raise RuntimeError(f"{path} does not fit the model: {e}") from None

@@ -663,11 +663,17 @@ def load_run(
     model = build_model(cfg, data).to(target)
     likelihood = build_likelihood(cfg, data).to(target)
     # a .pt file without them (not written by bbb train) is a CheckpointError naming it
-    state, _ = load_checkpoint(path, map_location=target, require=("model", "elbo"))
-    model.load_state_dict(state["model"])
+    state, used = load_checkpoint(path, map_location=target, require=("model", "elbo"))
     prefix = "likelihood."
-    likelihood.load_state_dict(
-        {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
-    )
+    try:
+        model.load_state_dict(state["model"])
+        likelihood.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state["elbo"].items() if k.startswith(prefix)}
+        )
+    except (RuntimeError, AttributeError) as e:  # was torch's message alone, without the file
+        raise CheckpointError(
+            f"{used} does not fit the model that {run / 'config.json'} builds "
+            f"({type(e).__name__}: {e})"
+        ) from None
     # in eval mode: dropout (the baseline networks) off; Bayesian layers sample either way
     return cfg, model.eval(), likelihood, data

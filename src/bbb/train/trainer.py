@@ -61,6 +61,8 @@ from .checkpoint import (
 _EARLY = "early stopping"
 # keys a checkpoint must hold to be resumed from (any other .pt file counts as unreadable)
 _REQUIRED = ("format", "epoch", "model", "optimizer", "elbo", "rng")
+#: the epoch checkpoints' format (a file of another format is refused when resuming)
+_FORMAT = "bbb-checkpoint-1"
 
 
 def previous_run_files(out_dir: Path) -> list[Path]:
@@ -529,7 +531,7 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         return {
-            "format": "bbb-checkpoint-1",
+            "format": _FORMAT,
             "epoch": self.epoch,
             # the underlying module's state under torch.compile (no "_orig_mod." prefix): the
             # checkpoint loads into the uncompiled network too
@@ -993,7 +995,18 @@ class Trainer:
         self._fit_returned = False
         if loaded is not None:
             state, path, self.history, best = loaded
-            self._restore(state)
+            if state.get("format") != _FORMAT:
+                raise CheckpointError(
+                    f"{path}: checkpoint format {state.get('format')!r}, but this version of "
+                    f"bbb reads {_FORMAT!r}"
+                )
+            try:
+                self._restore(state)
+            except (RuntimeError, ValueError, KeyError) as e:  # another architecture, ...
+                raise CheckpointError(
+                    f"{path} does not fit this Trainer's model, optimizer or ELBO "
+                    f"({type(e).__name__}: {e})"
+                ) from None
             self._restore_best(best, path)
             self._start_checkpoint = path
             if self.log:
