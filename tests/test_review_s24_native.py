@@ -349,3 +349,45 @@ def test_ten_million_normals_moments_and_tails() -> None:
         lim = 5 / math.sqrt(a.size)
         assert abs(np.corrcoef(a, b)[0, 1]) < lim
         assert abs(np.corrcoef(a * a, b * b)[0, 1]) < lim
+
+
+# ----------------------------------------------------------------------------- default device
+def test_native_noise_and_kernels_ignore_the_default_device() -> None:
+    """Under torch.set_default_device / `with torch.device(...)` (meta here; cuda likewise),
+    the key was drawn on that device (meta: RuntimeError 'Tensor.item() cannot be called on
+    meta tensors'; cuda: from the CUDA generator) and the outputs allocated there, for the C
+    code to write through a null (meta) or device (cuda) pointer. Now: the CPU, the same
+    numbers as without the context."""
+    g = torch.Generator().manual_seed(3)
+    mu, rho = torch.randn(700, generator=g), torch.randn(700, generator=g) - 3
+    mix = ("mixture", -1.2, 4.0, 1.0, math.exp(12))
+    runs = []
+    for context in (False, True):
+        with torch.device("meta") if context else torch.device("cpu"):
+            torch.manual_seed(0)
+            got = [N.normal((5, 300))]
+            for kind, prior in (("reparam", G), ("flipout", mix), ("local", mix)):
+                t, kl, sigma, eps = N.sample_kl_fwd(kind, mu, rho, prior, samples=2)
+                got += [t, torch.tensor(kl, device="cpu"), sigma, eps]
+        assert all(x.device.type == "cpu" for x in got)
+        runs.append(got)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_noiseless_native_kernel_under_a_meta_default_device_does_not_crash() -> None:
+    """The Gaussian prior's local kind draws no key, so nothing raised first: the C code wrote
+    sigma^2 through the null data pointer of a meta tensor (segmentation fault)."""
+    code = (
+        "import torch; from bbb import _native as N; assert N.available(), N.error()\n"
+        "mu, rho = torch.zeros(1000), torch.full((1000,), -1.0)\n"
+        "with torch.device('meta'):\n"
+        "    t, kl, sigma, eps = N.sample_kl_fwd('local', mu, rho, ('gaussian', 0.0, 1.0))\n"
+        "print(t.device, eps, round(float(t.sum()), 3))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    # softplus(-1)^2 = 0.0981..., times 1000
+    assert res.stdout.split() == ["cpu", "None", f"{1000 * math.log1p(math.exp(-1)) ** 2:.3f}"]

@@ -275,8 +275,10 @@ def _check(**tensors: Tensor | None) -> None:
 
 
 def _key() -> tuple[int, int]:
-    # one draw from the global generator: the noise is a function of torch.manual_seed
-    k = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    # one draw from the global CPU generator: the noise is a function of torch.manual_seed
+    # (on the CPU whatever torch.set_default_device says: under "meta" the draw had no value,
+    # under "cuda" it came from the CUDA generator)
+    k = int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu").item())
     return k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF
 
 
@@ -292,7 +294,7 @@ def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
     """i.i.d. N(0, 1) float32 noise of ``shape`` on CPU (the library must be loaded)."""
     lib = load()
     assert lib is not None
-    out = torch.empty(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32, device="cpu")  # not the default device's
     n = out.numel()
     if n == 0:
         return out
@@ -339,10 +341,12 @@ def sample_kl_fwd(
         samples = 1  # local: one variance; the mixture's KL sample is one weight sample
     n = mu.numel()
     rows = (samples, n) if samples > 1 else (n,)
-    t = torch.empty(n if code == 2 else rows, dtype=mu.dtype)
+    # on mu's device (the CPU), not torch.set_default_device's: the C code writes there (a
+    # "meta" or "cuda" default device had it write through a null or a device pointer)
+    t = torch.empty(n if code == 2 else rows, dtype=mu.dtype, device=mu.device)
     sigma = torch.empty_like(mu)
     noise = always_noise or code != 2
-    eps = torch.empty(rows, dtype=mu.dtype) if noise else None
+    eps = torch.empty(rows, dtype=mu.dtype, device=mu.device) if noise else None
     # the blocks' partial sums: a ctypes array, read back without a tensor and .item()
     # (the fixed cost of a small layer's call, issue 8)
     partial = (ctypes.c_double * max(1, -(-n // _CHUNK)))()
