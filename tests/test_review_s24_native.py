@@ -67,6 +67,22 @@ def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path: Path) -> Non
     assert again.read_bytes() == data  # rebuilt (the compile is deterministic), not kept
 
 
+@pytest.mark.slow
+def test_two_processes_building_at_once(tmp_path: Path) -> None:
+    """Two first uses at once on an empty cache: both load a library (each compiles to a
+    name of its own and renames it into place), one library is left, no partial file."""
+    code = "from bbb import _native as N; assert N.available(), N.error()"
+    env = {**os.environ, "BBB_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("bbb_native-*.so")).name]
+
+
 def _logging_compiler(tmp_path: Path, rc: int) -> tuple[str, Path]:
     """A $CC value with an argument of its own: a shell script that logs its arguments and
     runs the real compiler (rc 0) or fails (rc 1)."""
@@ -391,3 +407,46 @@ def test_noiseless_native_kernel_under_a_meta_default_device_does_not_crash() ->
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
     # softplus(-1)^2 = 0.0981..., times 1000
     assert res.stdout.split() == ["cpu", "None", f"{1000 * math.log1p(math.exp(-1)) ** 2:.3f}"]
+
+
+# ----------------------------------------------------------------------------- seeding
+def test_manual_seed_and_fork_rng_govern_the_native_stream() -> None:
+    """The key is one draw from torch's global CPU generator: torch.manual_seed reproduces
+    the noise, consecutive calls differ (a new key each), and a draw inside
+    torch.random.fork_rng leaves the stream after it as if it had not happened."""
+    torch.manual_seed(5)
+    a, b = N.normal((1000,)), N.normal((1000,))
+    assert not torch.equal(a, b)
+    torch.manual_seed(5)
+    assert torch.equal(N.normal((1000,)), a)
+    with torch.random.fork_rng():
+        inner = N.normal((1000,))
+    assert torch.equal(N.normal((1000,)), b)
+    assert torch.equal(inner, b)  # fork_rng starts from the same state: the same next key
+
+
+class _NoiseData(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return N.normal((64,))
+
+
+def test_dataloader_workers_draw_different_reproducible_noise() -> None:
+    """Forked DataLoader workers: each worker's torch seed differs (base seed + worker id),
+    so its native noise does; the same loader generator seed gives the same batches; no
+    worker waits on the parent's OpenMP team (one thread in a forked child)."""
+    import multiprocessing as mp
+
+    batches = []
+    for _ in range(2):
+        loader = torch.utils.data.DataLoader(
+            _NoiseData(), batch_size=1, num_workers=2,
+            multiprocessing_context=mp.get_context("fork"),
+            generator=torch.Generator().manual_seed(7), timeout=60,
+        )  # fmt: skip
+        batches.append(torch.cat(list(loader)))
+    assert torch.equal(batches[0], batches[1])
+    rows = batches[0]
+    assert len({tuple(r[:4].tolist()) for r in rows}) == 4  # no two items share noise
