@@ -77,6 +77,50 @@ def _cfg(
     return TrainConfig.from_dict(values, source=source).validate()
 
 
+# keys each row sets itself (its run directory is named by the first three): a --set of one
+# trained rows other than their names and the report say, or overrode a flag
+_ROW_KEYS = {
+    "hidden": "--widths",
+    "epochs": "--epochs",
+    "seed": "--seeds",
+    "method": "--methods",
+    "dataset": "--methods (every row is MNIST)",
+    "subset": "--subset",
+    "data_dir": "--data-dir",
+    "device": "--device",
+}
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: a TrainConfig key the rows do not set themselves, and its
+    TOML value; anything else is refused naming the option, not a config file."""
+    from bbb.config import TrainConfig
+
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep:
+        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+    if key in _ROW_KEYS:
+        raise SystemExit(f"--set {key}: each row sets {key} itself; use {_ROW_KEYS[key]}")
+    names = TrainConfig.field_names()
+    if key not in names:
+        import difflib
+
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SystemExit(
+            f"--set: unknown key {key!r}{hint}; valid keys: "
+            + ", ".join(k for k in names if k not in _ROW_KEYS)
+        )
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(
+            f"--set {item!r}: {value!r} is not a TOML value ({e}); a string needs quotes, "
+            f"e.g. --set '{key}=\"{value}\"'"
+        ) from None
+
+
 def run_dir(out: Path, method: str, width: int, seed: int) -> Path:
     return out / f"{method}-{width}-s{seed}"
 
@@ -92,10 +136,8 @@ def table1(args: argparse.Namespace) -> None:
     if args.data_dir:
         extra["data_dir"] = args.data_dir
     for item in args.set or []:  # KEY=VALUE, VALUE in TOML syntax (e.g. lr_schedule="cosine")
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        key, value = _parse_set(item)
+        extra[key] = value
     rows = []  # (seed, width, method, epochs, run directory, config, --set keys it does
     # not read) still to train
     dropped: list[dict[str, str]] = []  # per row, the --set keys it does not read
@@ -256,6 +298,30 @@ def _find_runs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if (p / "config.json").is_file()) if out.is_dir() else []
 
 
+def _finished_runs(out: Path, command: str) -> list[Path]:
+    """The runs under ``out`` that finished the epochs of their last start (its config.json);
+    each unfinished one is named and skipped: its best or last checkpoint is not the trained
+    network a table reports, and it has no metrics.json to summarise."""
+    from bbb.config import ConfigError, TrainConfig, load_config_file
+
+    done = []
+    for rd in _find_runs(out):
+        try:
+            saved = TrainConfig.from_dict(load_config_file(rd / "config.json"))
+        except (ConfigError, OSError) as e:
+            print(f"[skip] {rd}: unreadable config.json ({e})", flush=True)
+            continue
+        if _finished(rd, saved):
+            done.append(rd)
+        else:
+            print(
+                f"[skip] {rd}: unfinished (no metrics.json of its {saved.epochs} epochs); run "
+                f"table1 to finish it, then {command} again",
+                flush=True,
+            )
+    return done
+
+
 def table2(args: argparse.Namespace) -> None:
     """Prune the end-of-training BBB scale-mixture network by SNR; evaluate; export compactly."""
     from torch.utils.data import DataLoader
@@ -265,9 +331,12 @@ def table2(args: argparse.Namespace) -> None:
     from bbb.train.checkpoint import atomic_write_text
     from bbb.train.trainer import evaluate
 
-    runs = [p for p in _find_runs(args.out) if p.name.startswith(f"bbb-mixture-{args.width}-")]
-    if not runs:
+    prefix = f"bbb-mixture-{args.width}-"
+    if not any(p.name.startswith(prefix) for p in _find_runs(args.out)):
         raise SystemExit(f"no bbb-mixture-{args.width} run under {args.out}: run `table1` first")
+    runs = [p for p in _finished_runs(args.out, "table2") if p.name.startswith(prefix)]
+    if not runs:
+        raise SystemExit(f"no finished bbb-mixture-{args.width} run under {args.out}")
     for rd in runs:
         results: dict[str, Any] = {
             "run": str(rd),
@@ -320,8 +389,11 @@ def extras(args: argparse.Namespace) -> None:
     from bbb.train.checkpoint import atomic_write_text
 
     out: dict[str, Any] = {}
-    weights: dict[str, torch.Tensor] = {}
-    for rd in _find_runs(args.out):
+    # Figure 3: per method, the weights of its widest network (the paper's 1200 units), first
+    # seed: another width's run under the same label made the histogram that of the run
+    # summarised last
+    weights: dict[str, tuple[tuple[int, int], str, torch.Tensor]] = {}
+    for rd in _finished_runs(args.out, "extras"):
         cfg, model, likelihood, data = load_run(rd, which="best")
         assert data.test is not None
         # every run sees the same noise images and its own seeded weight samples: a run's
@@ -357,7 +429,7 @@ def extras(args: argparse.Namespace) -> None:
                 ]
             )
             s = torch.cat([v.flatten() for v in snr(model).values()]).cpu()
-            weights[cfg.method + "-" + cfg.prior] = w.cpu()
+            label = cfg.method + "-" + cfg.prior
             _snr_figure(figure, s, args.out / f"fig4_snr_{rd.name}.png")
         else:
             w = torch.cat(
@@ -367,13 +439,22 @@ def extras(args: argparse.Namespace) -> None:
                     if isinstance(m, torch.nn.Linear)
                 ]
             )
-            weights[cfg.method] = w.cpu()
+            label = cfg.method
+        rank = (-cfg.hidden[0], cfg.seed)  # the widest network, then the lowest seed
+        if label not in weights or rank < weights[label][0]:
+            weights[label] = (rank, rd.name, w.cpu())
     atomic_write_text(args.out / "extras.json", json.dumps(out, indent=2) + "\n")
     if weights:
         fig = figure(figsize=(6, 4))
         ax = fig.subplots()
-        for name, w in weights.items():
-            ax.hist(w.clamp(-0.3, 0.3).numpy(), bins=200, density=True, histtype="step", label=name)
+        for name, (_, run, w) in weights.items():
+            ax.hist(
+                w.clamp(-0.3, 0.3).numpy(),
+                bins=200,
+                density=True,
+                histtype="step",
+                label=f"{name} ({run})",
+            )
         ax.set_xlabel("weight")
         ax.set_ylabel("density")
         ax.set_title("Trained weights (BBB: one posterior sample), cf. paper Fig. 3", fontsize=9)
@@ -537,5 +618,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _entry() -> int:
+    """``main`` as a command: an expected failure (a config the library refuses, a missing data
+    directory, a run directory locked by another process) is one line, not a traceback, and
+    Ctrl-C says how to continue."""
+    from bbb.train import CheckpointError, TrainingDivergedError
+    from bbb.train.checkpoint import RunLockedError
+
+    name = Path(__file__).name
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(
+            f"{name}: interrupted; the finished epochs are checkpointed: run the same command "
+            "again to resume (finished rows are skipped)",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, OSError, CheckpointError, RunLockedError, TrainingDivergedError) as e:
+        print(f"{name}: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())
