@@ -450,3 +450,16 @@ def test_dataloader_workers_draw_different_reproducible_noise() -> None:
     assert torch.equal(batches[0], batches[1])
     rows = batches[0]
     assert len({tuple(r[:4].tolist()) for r in rows}) == 4  # no two items share noise
+
+
+@pytest.mark.usefixtures("_fresh_library_state")
+@pytest.mark.parametrize(
+    ("value", "disabled"), [("0", False), ("false", False), (" Off ", False), ("1", True)]
+)
+def test_bbb_native_disable_zero_does_not_disable(
+    value: str, disabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BBB_NATIVE_DISABLE=0 disabled the native library (any non-empty value did)."""
+    monkeypatch.setenv("BBB_NATIVE_DISABLE", value)
+    assert (N.load() is None) == disabled
+    assert ("BBB_NATIVE_DISABLE" in (N.error() or "")) == disabled

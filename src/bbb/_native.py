@@ -14,7 +14,8 @@ else ``cc``, ``gcc`` or ``clang``) compiles the file once per source, flags and 
 writable); the library is written to a temporary name and renamed into place, so concurrent
 first uses do not see a half-written file, and its name carries the hash of its bytes, checked
 before it is loaded: a damaged cached file is built again (loading it would kill the process
-with SIGBUS). Where no compiler is found or the build fails, :func:`load` returns None and
+with SIGBUS). Where no compiler is found or the build fails, or ``$BBB_NATIVE_DISABLE`` is set
+(to anything but ``0``, ``false``, ``no``, ``off`` or nothing), :func:`load` returns None and
 :func:`error` says why; :mod:`bbb.kernels` then warns once and runs eagerly.
 
 Threads: the C loops share fixed blocks of 32768 elements among ``torch.get_num_threads()``
@@ -216,6 +217,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_sample_kl_bwd.restype = None
 
 
+def _disabled() -> bool:
+    # BBB_NATIVE_DISABLE=1 (or any other value) disables; unset, empty, 0, false, no, off
+    # do not (BBB_NATIVE_DISABLE=0 used to disable too)
+    value = os.environ.get("BBB_NATIVE_DISABLE", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def load() -> ctypes.CDLL | None:
     """The native library (built on first call), or None where it cannot be built."""
     global _lib, _error, _tried
@@ -225,7 +233,7 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         try:
-            if os.environ.get("BBB_NATIVE_DISABLE"):
+            if _disabled():
                 raise RuntimeError("disabled by the BBB_NATIVE_DISABLE environment variable")
             cc = _compiler()
             if cc is None:
