@@ -279,3 +279,40 @@ def test_load_run_and_load_compact_name_the_file_that_does_not_fit(tmp_path) -> 
         RuntimeError, match=r"(?s)b\.compact\.pt does not fit the model: .*size mismatch"
     ):
         bbb.load_compact(bbb.models.bayes_mlp(1, [8], 1), f)
+
+
+class _PerWeightPrior(bbb.Prior):
+    """A per-weight Gaussian prior N(loc, scale^2) of a fixed shape (continual learning)."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale", scale.detach().clone())
+
+    def distribution(self) -> torch.distributions.Distribution:
+        return torch.distributions.Normal(self.loc, self.scale)
+
+
+@pytest.mark.parametrize("kl", ["closed_form", "mc"])
+@pytest.mark.parametrize("out_features", [4, 3])
+def test_a_per_weight_prior_is_not_broadcast_against_the_bias(kl: str, out_features: int) -> None:
+    """A (out, in) prior on a layer with a bias: its terms were broadcast against the (out,)
+    bias, a (out, in) grid of bias terms summed into the KL (1022 nats where 0 was right),
+    or torch's bare size-mismatch error for a non-square layer. Now a clear refusal; a
+    bias-free layer takes it."""
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(4, out_features, kl=kl)
+    layer.prior = _PerWeightPrior(layer.weight_mu, torch.ones(out_features, 4))
+    layer(torch.randn(2, 4))
+    with pytest.raises(
+        ValueError, match=r"batch shape \(" + str(out_features) + r", 4\).*bias=False"
+    ):
+        layer.kl()
+    free = bbb.BayesLinear(4, out_features, bias=False, kl=kl)
+    sigma = torch.nn.functional.softplus(free.weight_rho.detach())
+    free.prior = _PerWeightPrior(free.weight_mu, sigma)
+    free(torch.randn(2, 4))
+    if kl == "closed_form":
+        assert free.kl().item() == pytest.approx(0.0, abs=1e-4)
+    else:
+        assert torch.isfinite(free.kl())

@@ -29,7 +29,9 @@ from torch import Tensor
 from torch import distributions as D
 
 from . import kernels as _kernels
-from .priors import GaussianPrior, Prior
+from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior
+
+_SCALAR_PRIORS = (GaussianPrior, LaplacePrior, ScaleMixturePrior)
 
 __all__ = [
     "KL_MODES",
@@ -81,6 +83,26 @@ ClosedForm = Callable[[Tensor, Tensor, Tensor, D.Distribution], Tensor]
 _REGISTRY: dict[type[D.Distribution], ClosedForm] = {}
 _CLOSED_FORM_CACHE: dict[type[D.Distribution], bool] = {}
 _CACHED_TORCH_PAIRS = -1  # how many pairs torch.distributions.kl had when the cache was filled
+
+
+def _check_prior_shape(p: D.Distribution, prior: Prior, shape: torch.Size) -> None:
+    """Refuse a prior distribution whose batch shape does not broadcast to the parameter's
+    ``shape`` unchanged: a per-weight prior's terms were broadcast against a layer's bias
+    (a (4, 4) prior and a (4,) bias: a (4, 4) sum of the bias terms, a wrong KL, silently)."""
+    batch = tuple(p.batch_shape)
+    if not batch:
+        return
+    try:
+        fits = torch.broadcast_shapes(batch, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"the prior {type(prior).__name__}'s distribution has batch shape {batch}, which "
+            f"does not broadcast to a parameter of shape {tuple(shape)}: a layer's prior "
+            "applies to each of its tensors (weight and bias), so a per-weight prior needs a "
+            "shape every one of them takes (e.g. a layer with bias=False)"
+        )
 
 
 def register_closed_form(prior_type: type[D.Distribution]) -> Callable[[ClosedForm], ClosedForm]:
@@ -421,6 +443,7 @@ def closed_form_kl_sum(
         m = None if mask is None else mask.to(mu.dtype)
         return _GaussianKLSum.apply(mu, rho, s, m, *loc_scale)
     assert p is not None
+    _check_prior_shape(p, prior, mu.shape)
     sig, log_sigma = softplus_and_log(rho)
     try:
         term = _closed_form_terms(mu, sig, log_sigma, p)
@@ -614,6 +637,8 @@ def mc_kl_sum(
     hyper-parameters, if any (through its ``log_prob`` at the detached sample).
     """
     _check_mc_shapes(mu, rho, eps, w, mask)
+    if type(prior) not in _SCALAR_PRIORS:  # the built-in priors' values are scalars
+        _check_prior_shape(prior.distribution(), prior, mu.shape)
     if mu.dtype in LOW_PRECISION_DTYPES:
         # differentiable casts: gradients flow back to the low-precision parameters; the
         # forward's sample w is kept (upcast), sigma is recomputed in float32
