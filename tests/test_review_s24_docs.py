@@ -158,6 +158,14 @@ def commands(snip: Snippet) -> Iterator[Command]:
                 cwd = toks[1].rstrip("/") + "/"
                 continue
             prog = toks[0].rsplit("/", 1)[-1]
+            if snip.lang == "inline" and len(toks) > 1 and toks[1].startswith("-"):
+                # a subcommand quoted without its program: `train --resume`, `table1 --jobs N`
+                if toks[0] in _bbb_subcommands():
+                    yield Command(snip, tuple(toks), "bbb")
+                    continue
+                if toks[0] in ("table1", "table2", "extras", "report"):
+                    yield Command(snip, tuple(toks), "experiments/mnist/run.py")
+                    continue
             if prog == "bbb":
                 yield Command(snip, tuple(toks[1:]), "bbb")
             elif prog in ("python", "python3", "torchrun"):
@@ -172,6 +180,12 @@ def commands(snip: Snippet) -> Iterator[Command]:
                 yield Command(snip, tuple(toks[1:]), cwd + toks[0])
             elif prog == "make" and len(toks) > 1:
                 yield Command(snip, tuple(toks[1:]), "make")
+
+
+def _bbb_subcommands() -> set[str]:
+    from bbb.cli import build_parser
+
+    return set(_subparsers(build_parser()))
 
 
 def all_commands(program: str | None = None) -> list[Command]:
@@ -476,6 +490,10 @@ def test_the_option_check_catches_what_it_is_for() -> None:
     assert [p for c in commands(fine) for p in bbb_problems(c)] == []
     ok = Snippet("x.md", 1, "sh", "bbb prune RUN_DIR --fraction F --export FILE\n")
     assert [p for c in commands(ok) for p in bbb_problems(c)] == []
+    quoted = Snippet("x.md", 1, "inline", "evaluate --num-sample 0")
+    assert [p for c in commands(quoted) for p in bbb_problems(c)] == [
+        "bbb evaluate: no option --num-sample"
+    ]
     # a transcript: the `$ ` lines are commands, the others its output
     transcript = Snippet("x.md", 1, "", "$ bbb demo --quiet\nbbb demo --bogus\n")
     assert [" ".join(c.argv) for c in commands(transcript)] == ["demo --quiet"]
