@@ -463,3 +463,38 @@ def test_bbb_native_disable_zero_does_not_disable(
     monkeypatch.setenv("BBB_NATIVE_DISABLE", value)
     assert (N.load() is None) == disabled
     assert ("BBB_NATIVE_DISABLE" in (N.error() or "")) == disabled
+
+
+# ----------------------------------------------------------------------------- torch.func
+def test_torch_func_transforms_run_eagerly_under_the_native_backend() -> None:
+    """torch.func.grad / vmap over a Bayesian layer raised under "native" (RuntimeError: an
+    autograd.Function without setup_context) where eager works; inside a transform the
+    native backend now defers to the eager kernels and torch.randn: the same numbers as the
+    eager backend, and vmap's randomness modes hold (the native noise was one plain draw)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(4, 3, prior=bbb.GaussianPrior(1.0))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    stacked = {k: torch.stack([v, v]) for k, v in params.items()}
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (functional_call(layer, p, (x,)) ** 2).sum()
+
+    out = {}
+    for backend in ("eager", "native"):
+        K.set_kernels(backend)
+        torch.manual_seed(2)
+        g = grad(loss)(params)
+        y = vmap(lambda p: functional_call(layer, p, (x,)), randomness="different")(stacked)
+        with pytest.raises(RuntimeError, match="randomness"):
+            vmap(lambda p: functional_call(layer, p, (x,)))(stacked)  # default: "error"
+        out[backend] = [*g.values(), y]
+    assert not torch.equal(out["native"][-1][0], out["native"][-1][1])  # one draw per member
+    for a, b in zip(out["eager"], out["native"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # outside a transform the native node runs again
+    K.set_kernels("native")
+    layer(x)
+    assert layer._record is not None and layer._record.kl_w is not None

@@ -148,8 +148,14 @@ def failures() -> dict[str, str]:
     return out  # type: ignore[return-value]
 
 
+def _functorch_active() -> bool:
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def native_ready() -> bool:
-    """Whether the ``"native"`` backend is selected and its library is usable.
+    """Whether the ``"native"`` backend is selected and its library is usable (False inside
+    ``torch.func`` transforms, where the eager kernels run).
 
     Builds the library on first call; a failure is reported once as a ``RuntimeWarning``
     (:func:`failures` keeps the message) and the eager kernels are used from then on.
@@ -158,7 +164,12 @@ def native_ready() -> bool:
     if _backend != "native":
         return False
     if _native.available():
-        return True
+        # not inside torch.func transforms (vmap, grad, jacrev, functional per-sample
+        # gradients): the native node cannot run there (RuntimeError: an autograd.Function
+        # without setup_context) and the native noise would be one plain draw for a whole
+        # vmap batch (randomness="different" silently ignored, "error" bypassed); eager
+        # kernels and torch.randn do what the transform asks
+        return not _functorch_active()
     if not _native_warned:
         _native_warned = True
         warnings.warn(
