@@ -826,3 +826,66 @@ def test_option_sets_in_the_examples_readme_apply_to_the_scripts_they_are_given_
             assert script_problems(c) == [], f"{doc}:{s.line}: {s.text} for {name}"
         checked += 1
     assert checked >= 1
+
+
+def _bbb_definitions() -> dict[str, object]:
+    """Every public class or function the bbb package defines, by name."""
+    import importlib
+    import pkgutil
+
+    import bbb
+
+    found: dict[str, object] = {}
+    for info in pkgutil.walk_packages(bbb.__path__, "bbb."):
+        if info.name.endswith("__main__"):
+            continue
+        for name, obj in vars(importlib.import_module(info.name)).items():
+            if (
+                not name.startswith("_")
+                and (isinstance(obj, type) or callable(obj))
+                and getattr(obj, "__module__", "").startswith("bbb")
+            ):
+                found.setdefault(name, obj)
+    return found
+
+
+def test_every_bbb_class_or_function_the_readme_names_can_be_found() -> None:
+    """A class or function of bbb that the README names (`TrainConfig.unused_settings()`,
+    `StopTraining`, `train_run(...)`) is in `bbb.__all__`, or the README says where it lives:
+    written in full (`bbb.config.TrainConfig`) somewhere, or in a row of its table of the
+    pieces whose last column names the module (`Trainer` | `bbb/train/`)."""
+    import importlib
+
+    import torch
+
+    import bbb
+
+    doc = "README.md"
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    defined = _bbb_definitions()
+    # "where" of the table of the pieces: `Name` ... | `bbb/train/` -> bbb.train
+    table_homes: dict[str, list[str]] = {}
+    for row in text.splitlines():
+        cells = row.strip().strip("|").split(" | ")
+        if row.startswith("|") and len(cells) == 2:
+            homes = [
+                p.strip("/").removesuffix(".py").replace("/", ".")
+                for p in re.findall(r"`(bbb/[\w/.]+)`", cells[1])
+            ]
+            for name in re.findall(r"`(\w+)", cells[0]):
+                table_homes.setdefault(name, []).extend(homes)
+    unlocated = []
+    for s in snippets(doc):
+        m = re.fullmatch(r"([A-Za-z_]\w*)((?:\.\w+)*)(\(.*\))?", s.text)
+        if s.lang != "inline" or not m or not (m[1][0].isupper() or m[2] or m[3]):
+            continue
+        name = m[1]
+        if name not in defined or name in bbb.__all__:
+            continue
+        if any(hasattr(mod, name) for mod in (torch, torch.nn, torch.optim, torch.utils.data)):
+            continue  # PyTorch's (`Adam(fused=True)`)
+        written = [w for w in re.findall(rf"\b(bbb(?:\.\w+)+)\.{name}\b", text) if resolve_name(w)]
+        homes = [h for h in table_homes.get(name, []) if hasattr(importlib.import_module(h), name)]
+        if not written and not homes:
+            unlocated.append(f"{doc}:{s.line}: {s.text} ({defined[name].__module__})")
+    assert unlocated == []
