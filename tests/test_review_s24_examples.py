@@ -267,3 +267,186 @@ def test_mnist_driver_figure3_shows_the_widest_network_of_each_method(
     (ax,) = fig3.axes  # type: ignore[attr-defined]
     labels = ax.get_legend_handles_labels()[1]
     assert sorted(labels) == ["bbb-scale_mixture (bbb-mixture-8-s0)", "sgd (sgd-16-s0)"]
+
+
+# --- experiments/bandit (#6) ----------------------------------------------------------------
+
+BANDIT = EXPERIMENTS / "bandit"
+
+
+@pytest.fixture(scope="module")
+def bandit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bbb bandit run (4 steps, one seed, 8 hidden units) reading the shared data."""
+    if not (SHARED / "mushroom").is_dir():
+        pytest.skip("shared mushroom data absent")
+    from bbb.bandit import BanditConfig, run_bandit
+
+    run = tmp_path_factory.mktemp("bandit") / "run"
+    cfg = BanditConfig(
+        agents=["bbb-thompson", "greedy-0"],
+        steps=4,
+        seeds=[0],
+        updates_per_step=1,
+        batch_size=4,
+        buffer_size=8,
+        hidden=8,
+        checkpoint_every=2,
+        data_dir=str(SHARED),
+    )
+    run_bandit(cfg, run, progress=False, log=None)
+    return run
+
+
+def _diagnose() -> dict[str, object]:
+    return runpy.run_path(str(BANDIT / "diagnose.py"), run_name="s24_diagnose")
+
+
+@needs_mushroom
+def test_diagnose_draws_below_two_is_a_usage_line(
+    bandit_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--draws 0 was a traceback (torch.stack of an empty list) after loading the data and the
+    checkpoint; --draws 1 printed sd(eat) = nan with a torch warning (a standard deviation over
+    one draw)."""
+    main = _diagnose()["main"]
+    for draws in ("0", "1"):
+        with pytest.raises(SystemExit) as exc:
+            main([str(bandit_run), "--draws", draws])  # type: ignore[operator]
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            f"error: --draws must be at least 2 (sd(eat) is a spread over them), got {draws}" in err
+        )
+
+
+@needs_mushroom
+def test_diagnose_reads_a_moved_run_with_data_dir(
+    bandit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose saved data_dir no longer exists (made on another machine, or relative to
+    another directory) could not be diagnosed: the error said "Pass --data-dir DIR or set
+    BBB_DATA_DIR", but diagnose.py had no --data-dir and ignored BBB_DATA_DIR for a run that
+    saved a data_dir. Now --data-dir points it at the data."""
+    main = _diagnose()["main"]
+    moved = tmp_path / "moved"
+    shutil.copytree(bandit_run, moved)
+    saved = json.loads((moved / "config.json").read_text())
+    saved["data_dir"] = str(tmp_path / "old-machine" / "data")
+    (moved / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as exc:
+        main([str(moved), "--draws", "2"])  # type: ignore[operator]
+    assert exc.value.code == 1 and "Data directory" in capsys.readouterr().err
+    main([str(moved), "--draws", "2", "--data-dir", str(SHARED)])  # type: ignore[operator]
+    out = capsys.readouterr().out
+    main([str(bandit_run), "--draws", "2"])  # type: ignore[operator]
+    assert out == capsys.readouterr().out  # the same numbers as the run in place
+    assert "bbb-thompson/seed0" in out and "greedy-0/seed0" in out
+
+
+@needs_mushroom
+def test_diagnose_is_seeded(bandit_run: Path) -> None:
+    """The Thompson-decision regret and sd(eat) came from unseeded weight draws: the same
+    command printed other numbers each time (measured on a 4-step run: 6.91 then 2.85 for
+    the Thompson column). They are drawn from --seed (default 0) now, without touching the
+    caller's random state."""
+    diagnose = _diagnose()["diagnose"]
+    torch.manual_seed(123)
+    first = json.dumps(diagnose(bandit_run, 2))  # (json: nan == nan)
+    after = torch.rand(3)
+    torch.manual_seed(456)
+    assert json.dumps(diagnose(bandit_run, 2)) == first  # type: ignore[operator]
+    assert json.dumps(diagnose(bandit_run, 2, seed=1)) != first  # type: ignore[operator]
+    torch.manual_seed(123)
+    diagnose(bandit_run, 2)  # type: ignore[operator]
+    assert torch.equal(torch.rand(3), after)  # the caller's stream is where it was
+
+
+@needs_mushroom
+def test_diagnose_reads_a_run_saved_before_later_settings_and_names_a_bad_one(
+    bandit_run: Path, tmp_path: Path
+) -> None:
+    """A config.json with a key this version does not know was a TypeError traceback; a
+    missing --step said "checkpoint ... does not exist" without the steps there are. A
+    config.json written before kl_data_size / kernels / adam_eps / prior_update existed is
+    read with the values such runs used (bbb.bandit's legacy settings, as --resume does; today
+    these equal the defaults, so this part guards a future change of a default)."""
+    from bbb.bandit.config import _LEGACY_SETTINGS
+
+    d = _diagnose()
+    old = tmp_path / "old"
+    shutil.copytree(bandit_run, old)
+    saved = json.loads((old / "config.json").read_text())
+    for key in _LEGACY_SETTINGS:
+        saved.pop(key)
+    (old / "config.json").write_text(json.dumps(saved))
+    rows_old = d["diagnose"](old, 2)  # type: ignore[operator]
+    rows = d["diagnose"](bandit_run, 2)  # type: ignore[operator]
+    assert json.dumps(rows_old) == json.dumps(rows)
+    saved["hiden"] = 8
+    (old / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json is not a bandit config .* 'hiden'"):
+        d["diagnose"](old, 2)  # type: ignore[operator]
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 \(steps: 2, 4\)"):
+        d["diagnose"](bandit_run, 2, 3)  # type: ignore[operator]
+
+
+@needs_mushroom
+def test_interim_on_a_directory_without_checkpoints_is_one_line(
+    bandit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """interim.py on a mistyped run directory, or on a merged run (which keeps no
+    checkpoints), was a CheckpointError traceback."""
+    main = runpy.run_path(str(BANDIT / "interim.py"), run_name="s24_interim")["main"]
+    for bad, what in (
+        (tmp_path / "typo", "does not exist"),
+        (bandit_run / "checkpoints", "holds no"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([str(bandit_run), str(bad)])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"interim.py: error: {bad} {what}") and err.count("\n") == 1
+        assert "give the runs that were merged" in err
+    assert main([str(bandit_run)]) == 0
+    assert "cumulative regret at 4" in capsys.readouterr().out
+
+
+def test_short_runs_script_continues_after_an_interruption(tmp_path: Path) -> None:
+    """experiments/bandit/short_runs.sh (14 runs of about a minute, set -e) could not be
+    continued: run again after an interruption or a failed run, its first `bbb bandit` refused
+    the finished directory ("already holds a bandit run") and the script stopped there. Now a
+    finished run (metrics.json) is skipped and one with a checkpoint resumes.
+
+    `python` is a stand-in here (first on PATH) that records its arguments and writes the
+    run's metrics.json, failing once on the fourth run after writing a checkpoint."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    stub = bin_dir / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'out=""; prev=""\n'
+        'for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done\n'
+        f'echo "$*" >> "{log}"\n'
+        'mkdir -p "$out/checkpoints"\n'
+        f'if [[ $out == */mixture-s1e-2 && ! -e "{tmp_path}/failed" ]]; then\n'
+        f'  touch "{tmp_path}/failed" "$out/checkpoints/checkpoint-00700.pt"; exit 1\n'
+        "fi\n"
+        'echo "{}" > "$out/metrics.json"\n'
+    )
+    stub.chmod(0o755)
+    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "o o")}
+    script = BANDIT / "short_runs.sh"
+    first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert first.returncode == 1  # the failed run stops the script (set -e)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4 and all(c.startswith("-m bbb bandit --steps 1500") for c in calls)
+    second = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    calls = log.read_text().splitlines()[4:]
+    assert len(calls) == 14 - 3  # the three finished runs are not run again
+    assert calls[0].endswith(f"--out {tmp_path}/o o/mixture-s1e-2 --resume")
+    assert not any(c.endswith("--resume") for c in calls[1:])
+    assert second.stdout.count("[done] ") == 3
+    runs = sorted(p.name for p in (tmp_path / "o o").iterdir())
+    assert len(runs) == 14 and all((tmp_path / "o o" / r / "metrics.json").is_file() for r in runs)

@@ -17,8 +17,10 @@ For every member network of ``RUN_DIR`` (written by ``bbb bandit``) this evaluat
 - per hidden layer, the number of units at least 90% of whose incoming weights are that wide:
   units whose input is mostly prior noise (the rest carry the reward model).
 
-Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32] [--step T]`` (``--step``:
-the checkpoint of step T, to compare runs at one step; default the newest)
+Usage: ``python experiments/bandit/diagnose.py RUN_DIR [--draws 32] [--step T] [--data-dir DIR]
+[--seed S]`` (``--step``: the checkpoint of step T, to compare runs at one step; default the
+newest; ``--data-dir``: where the mushroom data is now, if not where the run read it;
+``--seed``: of the Thompson draws, default 0: the same command prints the same numbers)
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ from pathlib import Path
 import torch
 
 from bbb.bandit import EAT, PASS, BanditConfig, _Population, _with_action, expected_regret
+from bbb.bandit.config import _LEGACY_SETTINGS
 from bbb.data.mushroom import load_mushroom
 from bbb.nn.module import resample, sampling, vectorized_samples
 from bbb.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
 @torch.no_grad()
-def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[str, object]]:
-    """One row of statistics per member network (see the module docstring)."""
+def diagnose(
+    run_dir: Path, draws: int, step: int | None = None, data_dir: str | None = None, seed: int = 0
+) -> list[dict[str, object]]:
+    """One row of statistics per member network (see the module docstring); ``data_dir``
+    (default: the run's own) holds the mushroom data; ``seed`` seeds the Thompson draws (the
+    caller's random state is left as it was)."""
+    if draws < 2:  # sd(eat) is a standard deviation over the draws
+        raise ValueError(f"draws must be at least 2 (sd(eat) is a spread over them), got {draws}")
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a bandit run directory (no config.json)")
     ckpts = run_dir / "checkpoints"
@@ -46,11 +55,21 @@ def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[st
             f"{run_dir} holds no checkpoints (a run merged with `bbb bandit --merge` keeps "
             "none): point diagnose.py at one of the runs that were merged"
         )
-    cfg = BanditConfig(**json.loads((run_dir / "config.json").read_text()))
-    data = load_mushroom(cfg.data_dir)
+    # a run made before a setting existed ran with its legacy value (as bbb bandit --resume)
+    saved = {**_LEGACY_SETTINGS, **json.loads((run_dir / "config.json").read_text())}
+    try:
+        cfg = BanditConfig(**saved)
+    except TypeError as e:  # a key this version does not know
+        raise ValueError(
+            f"{run_dir / 'config.json'} is not a bandit config this version reads: {e}"
+        ) from None
+    data = load_mushroom(data_dir if data_dir is not None else cfg.data_dir)
     x, edible = data.contexts, data.edible
     no_odor = x[:, data.feature_names.index("odor=n")] > 0
     n, dim = x.shape
+    if step is not None and not (ckpts / f"checkpoint-{step:05d}.pt").is_file():
+        steps = ", ".join(str(int(p.stem.split("-")[-1])) for p in list_checkpoints(ckpts))
+        raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step} (steps: {steps})")
     state, _ = load_checkpoint(ckpts if step is None else ckpts / f"checkpoint-{step:05d}.pt")
     n_seeds = len(cfg.seeds)
     rows: list[dict[str, object]] = []
@@ -84,12 +103,15 @@ def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[st
             s = cfg.thompson_samples
             total = torch.zeros(k)
             values = []
-            for _ in range(draws):
-                resample(pop.model)
-                with sampling(pop.model, "frozen"), vectorized_samples(pop.model, s):
-                    v = pop.model(both.expand(k, -1, -1).repeat(s, 1, 1)).reshape(s, k, n, 2)
-                values.append(v[0, :, :, 1])
-                total += expected_regret(edible.expand(k, n), v.mean(0).argmax(-1)).mean(1)
+            with torch.random.fork_rng(devices=[]):  # the same command, the same numbers
+                torch.manual_seed(seed)
+                for _ in range(draws):
+                    resample(pop.model)
+                    with sampling(pop.model, "frozen"), vectorized_samples(pop.model, s):
+                        v = pop.model(both.expand(k, -1, -1).repeat(s, 1, 1))
+                    v = v.reshape(s, k, n, 2)
+                    values.append(v[0, :, :, 1])
+                    total += expected_regret(edible.expand(k, n), v.mean(0).argmax(-1)).mean(1)
             ts_regret = total / draws
             sd_eat = torch.stack(values).std(0).median(1).values
             for j, layer in enumerate(pop.layers):
@@ -118,15 +140,28 @@ def diagnose(run_dir: Path, draws: int, step: int | None = None) -> list[dict[st
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--draws", type=int, default=32, help="Thompson decisions per mushroom")
+    parser.add_argument(
+        "--draws", type=int, default=32, help="Thompson decisions per mushroom (at least 2)"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root holding mushroom/ (default: the run's own data_dir, else $BBB_DATA_DIR, "
+        "then ../shared/data)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Thompson draws")
+    args = parser.parse_args(argv)
+    if args.draws < 2:
+        parser.error(
+            f"--draws must be at least 2 (sd(eat) is a spread over them), got {args.draws}"
+        )
     try:
-        rows = diagnose(args.run_dir, args.draws, args.step)
-    except (OSError, CheckpointError) as e:
+        rows = diagnose(args.run_dir, args.draws, args.step, args.data_dir, args.seed)
+    except (OSError, ValueError, CheckpointError) as e:
         parser.exit(1, f"diagnose.py: error: {e}\n")
     print(
         f"{'member':28s} {'mean-policy':>11s} {'thompson':>9s} {'sd(eat)':>8s}  "

@@ -21,10 +21,17 @@ from pathlib import Path
 
 import torch
 
-from bbb.train import load_checkpoint
+from bbb.train import CheckpointError, load_checkpoint
+from bbb.train.checkpoint import list_checkpoints
 
 
 def _newest(run_dir: Path) -> dict:
+    if not list_checkpoints(run_dir / "checkpoints"):
+        what = "does not exist" if not run_dir.exists() else "holds no checkpoints/"
+        raise CheckpointError(
+            f"{run_dir} {what}: give bbb bandit run directories (a run merged with "
+            "`bbb bandit --merge` keeps none: give the runs that were merged)"
+        )
     state, _ = load_checkpoint(run_dir / "checkpoints")
     return state
 
@@ -43,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--window must be at least 1, got {args.window}")
     if args.blocks is not None and args.blocks < 1:
         p.error(f"--blocks must be at least 1, got {args.blocks}")
-    states = {rd: _newest(rd) for rd in args.runs}
+    try:
+        states = {rd: _newest(rd) for rd in args.runs}
+    except (CheckpointError, OSError) as e:  # one line, not a traceback
+        p.exit(1, f"interim.py: error: {e}\n")
     common = min(int(s["step"]) for s in states.values())
     step = common if args.step is None else args.step
     if not 0 < step <= common:
