@@ -524,8 +524,29 @@ def sample_and_kl(
         raise ValueError(f"unknown kind {kind!r}; accepted values: {', '.join(ESTIMATOR_OUTPUTS)}")
     s, loc = prior._value("sigma"), prior._value("mean")
     const = mu.numel() * (math.log(s) - 0.5)
+    if _functorch_active():
+        # inside torch.func transforms (vmap, grad): the fused node has no setup_context
+        # (RuntimeError); the same formulas as plain operations, which the transforms take
+        return _sample_and_kl_ops(kind, mu, rho, eps, loc, 1.0 / (s * s), const)
     out: tuple[Tensor, Tensor] = _SampleKL.apply(mu, rho, eps, kind, loc, 1.0 / (s * s), const)
     return out
+
+
+def _sample_and_kl_ops(
+    kind: str, mu: Tensor, rho: Tensor, eps: Tensor | None, loc: float, inv_var: float,
+    const: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`sample_and_kl` without the fused node (autograd through each operation)."""
+    from .kl import softplus_and_log  # bbb.kl imports this module
+
+    sigma, log_sigma = softplus_and_log(rho)
+    d = mu - loc
+    kl = ((sigma * sigma + d * d) * (0.5 * inv_var) - log_sigma).sum() + const
+    if kind == "local":
+        return sigma * sigma, kl
+    assert eps is not None
+    t = sigma * eps.view(mu.shape)
+    return (mu + t if kind == "reparam" else t), kl
 
 
 # ----------------------------------------------------------------------------- native
