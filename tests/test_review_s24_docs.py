@@ -663,6 +663,17 @@ def test_the_readme_quickstart_runs_and_gives_what_it_says(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    """A toy-curve run of 2 epochs at ``runs/r1`` under a fresh directory (no data files)."""
+    from bbb.cli import main
+
+    root = tmp_path_factory.mktemp("docs-toy")
+    argv = ["train", "--dataset", "toy", "--hidden", "8", "--epochs", "2"]
+    assert main([*argv, "--out", str(root / "runs/r1"), "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
 def uci_run(tmp_path_factory) -> Path:
     """A bostonHousing run of 2 epochs (`bbb train --dataset uci`), at ``runs/r1`` under a
     fresh directory."""
@@ -779,12 +790,12 @@ EXIT_CODES = [
     EXIT_CODES,
     ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v),
 )
-def test_the_readmes_exit_codes(argv, code, uci_run, capsys) -> None:
+def test_the_readmes_exit_codes(argv, code, toy_run, capsys) -> None:
     from bbb.cli import main
 
-    run = str(uci_run / "runs/r1")
-    out = str(uci_run / "never-written")
-    argv = [{"RUN": run, "OUT": out, "ROOT": str(uci_run)}.get(a, a) for a in argv]
+    run = str(toy_run / "runs/r1")
+    out = str(toy_run / "never-written")
+    argv = [{"RUN": run, "OUT": out, "ROOT": str(toy_run)}.get(a, a) for a in argv]
     assert main(argv) == code
     err = capsys.readouterr().err
     assert err.startswith("bbb: error: ") and err.count("\n") == 1
