@@ -450,3 +450,66 @@ def test_short_runs_script_continues_after_an_interruption(tmp_path: Path) -> No
     assert second.stdout.count("[done] ") == 3
     runs = sorted(p.name for p in (tmp_path / "o o").iterdir())
     assert len(runs) == 14 and all((tmp_path / "o o" / r / "metrics.json").is_file() for r in runs)
+
+
+# --- experiments/uci (#7): the shipped files, as the README uses them -------------------------
+
+UCI = EXPERIMENTS / "uci"
+
+
+def test_uci_shipped_configs_search_and_space_load() -> None:
+    """Every configs/<name>.toml is a valid `bbb uci` config for a data set the README's
+    --all finds, search.toml is the built-in default it says it is, and space.toml is a
+    valid `bbb sweep` space (a typo in any of them is refused naming the key)."""
+    from bbb.sweep.space import load_space
+    from bbb.uci import DEFAULT_SEARCH, SearchSpace, load_uci_config_file, uci_table
+
+    configs = sorted(UCI.glob("configs/*.toml"))
+    assert [p.stem for p in configs] == [
+        "bostonHousing",
+        "concrete",
+        "energy",
+        "kin8nm",
+        "power-plant",
+        "wine-quality-red",
+    ]
+    for path in configs:
+        cfg = load_uci_config_file(path)
+        assert cfg.dataset == "uci" and cfg.epochs >= 300, path
+        assert uci_table(path) == {}  # no [uci] table: every split
+        if (SHARED / "uci").is_dir():
+            assert (SHARED / "uci" / path.stem / "data.txt").is_file(), path
+    shipped = SearchSpace.load(UCI / "search.toml")
+    assert shipped == SearchSpace.from_dict(json.loads(json.dumps(DEFAULT_SEARCH)), "default")
+    space = load_space(UCI / "space.toml")
+    assert space is not None
+
+
+@pytest.mark.skipif(not (SHARED / "uci").is_dir(), reason="shared UCI data absent")
+def test_uci_readme_command_runs_on_tiny_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's first command (config + --tune + search.toml), cut to 40 epochs, one
+    split and 10 test samples, run from the repository root as written; then --resume
+    reuses the finished split and the search."""
+    from bbb.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("BBB_DATA_DIR", str(SHARED))
+    out = tmp_path / "bostonHousing"
+    argv = ["uci", "bostonHousing", "--config", "experiments/uci/configs/bostonHousing.toml"]
+    argv += ["--tune", "--search", "experiments/uci/search.toml", "--out", str(out)]
+    argv += ["--epochs", "40", "--splits", "1", "--test-samples", "10", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+        first = json.loads((out / "metrics.json").read_text())
+        assert main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again.pop("wall_seconds_this_call") < first.pop("wall_seconds_this_call")
+    assert again == first  # nothing retrained: the same numbers
+    assert (out / "tune.json").is_file()
+    assert "bostonHousing" in capsys.readouterr().out
