@@ -330,6 +330,10 @@ def test_fused_kernels_same_with_three_threads_and_several_samples() -> None:
             gm, gr = N.sample_kl_bwd("flipout", mu, rho, sigma, eps, up, 0.3, prior, g_mu=mu)
             tl, kll, _, _ = N.sample_kl_fwd("local", mu, rho, G)
             out.append((tt, torch.tensor(kl), eps, gm, gr, tl, torch.tensor(kll)))
+        for t in (1, 2, 3):  # the plain noise too (tiles shared among the threads)
+            torch.set_num_threads(t)
+            torch.manual_seed(4)
+            out[t - 1] += (N.normal((n,)),)
     finally:
         torch.set_num_threads(threads)
     assert not torch.equal(out[0][2][0], out[0][2][1])  # the samples' noise differs
@@ -542,3 +546,47 @@ def test_torch_func_transforms_under_the_compile_backend(estimator: str) -> None
         (t.sum() + kl).backward()
         torch.testing.assert_close(fused[0], mu_.grad, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fused[1], rho_.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 511, 32768, 32769])
+def test_fused_kernel_at_block_and_tile_edges_matches_float64(n: int) -> None:
+    """One element, one short of a tile, exactly one 32768-element block, one past it; rho
+    at the exp's and the log-switch's edges (-95, -87.5, -87.2, -20 +- 1e-3, 0, 50, 88) and
+    over -100..20: t, KL and both gradients against the float64 formulas with autograd, per
+    element within 2e-6 of the sum of the absolute values of the terms that make it up
+    (cancellation between the KL's and the data's gradient terms is the formulas', not
+    rounding; measured 3e-7)."""
+    g = torch.Generator().manual_seed(n)
+    mu = torch.randn(n, generator=g)
+    rho = torch.rand(n, generator=g) * 120 - 100
+    edge = torch.tensor([-95.0, -87.5, -87.2, -20.001, -19.999, 0.0, 50.0, 88.0])
+    rho[: min(n, 8)] = edge[: min(n, 8)]
+    up = torch.randn(n, generator=g)
+    loc, inv_var, g_kl = 0.1, 2.0, 0.3
+    for kind in ("reparam", "flipout", "local"):
+        torch.manual_seed(0)
+        t, kl, sigma, eps = N.sample_kl_fwd(kind, mu, rho, ("gaussian", loc, inv_var))
+        gm, gr = N.sample_kl_bwd(kind, mu, rho, sigma, eps, up, g_kl, ("gaussian", loc, inv_var))
+        r, m, u = rho.double(), mu.double(), up.double()
+        s = torch.nn.functional.softplus(r)
+        sig = torch.sigmoid(r)
+        log_s = torch.where(r < -20, r, torch.log(s))
+        dlog = torch.where(r < -20, torch.ones_like(r), sig / s)
+        e = None if eps is None else eps.double()
+        terms = (s * s + (m - loc) ** 2) * (0.5 * inv_var) - log_s
+        want_kl = float(terms.sum())
+        if kind == "local":
+            want_t, dt = s * s, 2 * s
+        else:
+            assert e is not None
+            want_t, dt = (m + s * e if kind == "reparam" else s * e), e
+        # (mu - loc: loc rounds to float32 in the kernel, as in eager float32 arithmetic)
+        gm_terms = [g_kl * m * inv_var, torch.full_like(m, -g_kl * loc * inv_var)]
+        gm_terms += [u if kind == "reparam" else torch.zeros_like(u)]
+        gr_terms = [g_kl * s * inv_var * sig, -g_kl * dlog, u * dt * sig]
+        size = want_t.abs() if kind != "reparam" else m.abs() + (want_t - m).abs()
+        assert bool(((t.double() - want_t).abs() <= 2e-6 * size + 1e-30).all()), kind
+        assert abs(kl - want_kl) <= 2e-6 * float(terms.abs().sum())
+        for got, parts in ((gm, gm_terms), (gr, gr_terms)):
+            err = (got.double() - sum(parts)).abs()
+            assert bool((err <= 2e-6 * sum(p.abs() for p in parts) + 1e-30).all()), kind
