@@ -42,10 +42,14 @@ from bbb.models import bayes_mlp
 from bbb.train import Trainer
 from bbb.train import distributed as D
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(),
-    reason="torch.distributed with the gloo backend is not available",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
+    # the mean and frozen cases train without fresh noise, on purpose (exact comparisons)
+    pytest.mark.filterwarnings("ignore:ELBO. a training step:RuntimeWarning"),
+]
 
 WORLD = 2
 N = 40  # the global data-set size the ELBO is told

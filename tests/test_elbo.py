@@ -27,7 +27,11 @@ from bbb import (
     linear_annealing,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),  # see conftest.single_thread
+    # the formulas are checked on the mean network (no noise), on purpose
+    pytest.mark.filterwarnings("ignore:ELBO. a training step:RuntimeWarning"),
+]
 
 DT = torch.float64
 LOG_2PI = math.log(2 * math.pi)

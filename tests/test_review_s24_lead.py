@@ -316,3 +316,22 @@ def test_a_per_weight_prior_is_not_broadcast_against_the_bias(kl: str, out_featu
         assert free.kl().item() == pytest.approx(0.0, abs=1e-4)
     else:
         assert torch.isfinite(free.kl())
+
+
+@pytest.mark.parametrize("mode", ["mean", "frozen"])
+def test_an_elbo_training_step_outside_sample_mode_warns(mode: str) -> None:
+    torch.manual_seed(0)
+    model = bbb.models.bayes_mlp(2, [4], 1)
+    elbo = bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), 10)
+    x, y = torch.randn(5, 2), torch.randn(5, 1)
+    with bbb.sampling(model, mode), pytest.warns(RuntimeWarning, match=rf"sampling mode '{mode}'"):
+        elbo(model, x, y).loss.backward()
+    # in sample mode, and for evaluation (no grad, or eval mode) under any mode: nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        elbo(model, x, y)
+        with bbb.sampling(model, mode):
+            with torch.no_grad():
+                elbo(model, x, y)
+            model.eval()
+            elbo(model, x, y)

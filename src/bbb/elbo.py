@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Likelihood
-from .nn.module import kl_divergence, vectorized_samples
+from .nn.module import bayes_modules, kl_divergence, vectorized_samples
 from .nn.stacking import repeat_samples
 from .predictive import _model_output
 
@@ -121,6 +122,25 @@ class ELBOResult:
     kl: Tensor  # scalar, KL(q || p) of the whole network (nats)
     kl_weight: float  # beta * pi_i / B
     output: Tensor  # (S, B, ...) model outputs
+
+
+def _warn_not_sampling(model: nn.Module) -> None:
+    """Warn when a training step runs with Bayesian layers in the "mean" or "frozen" mode (left
+    over from an evaluation or a Thompson-sampling decision): the likelihood then sees the mean
+    network, or the same weight sample at every step, and only the KL moves sigma; it trained
+    so, silently."""
+    modes = {m.mode for m in bayes_modules(model)} - {"sample"}
+    if modes:
+        warnings.warn(
+            f"ELBO: a training step with Bayesian layers in sampling mode "
+            f"{' and '.join(repr(m) for m in sorted(modes))}: the likelihood sees "
+            + ("the mean network" if modes == {"mean"} else "fixed weights")
+            + ", not fresh weight samples, so the result is no posterior; train in the "
+            "default 'sample' mode (bbb.set_sampling(model, 'sample'), or leave the "
+            "bbb.sampling(...) block)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class ELBO(nn.Module):
@@ -342,6 +362,8 @@ class ELBO(nn.Module):
         loss = nll + weight * kl
         if self.training and torch.is_grad_enabled():
             self.step += 1
+            if model.training:
+                _warn_not_sampling(model)
         return ELBOResult(loss=loss, nll=nll.detach(), kl=kl.detach(), kl_weight=weight, output=out)
 
     def extra_repr(self) -> str:
