@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# the index torch comes from: empty = pip's configured one (here a local CPU wheel); from PyPI
+# on Linux that is the CUDA build, so there use TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-all lint clean bench
@@ -11,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -30,7 +33,7 @@ test: $(STAMP) $(SWEEP_STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(SWEEP_STAMP)
 	$(PY) -m pytest -q
 
 # Issue 8: install the peer libraries (--no-deps: no torchvision / CUDA torch) and run the
