@@ -590,3 +590,32 @@ def test_fused_kernel_at_block_and_tile_edges_matches_float64(n: int) -> None:
         for got, parts in ((gm, gm_terms), (gr, gr_terms)):
             err = (got.double() - sum(parts)).abs()
             assert bool((err <= 2e-6 * sum(p.abs() for p in parts) + 1e-30).all()), kind
+
+
+def test_a_hanging_compiler_is_killed_and_not_retried(tmp_path: Path) -> None:
+    """A compiler that never answers (a stuck ccache or license server; here a child process
+    of the compiler that holds its pipes) blocked the first use for 300 s per flag set, and
+    killing the compiler alone left its child holding the pipes; now the whole process group
+    is killed after the build timeout, once."""
+    log = tmp_path / "cc.log"
+    script = tmp_path / "stuck.sh"
+    # answers --version, then hangs in a child that keeps stdout and stderr open
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> "{log}"\n'
+        'case "$1" in --version) echo stuck 1.0; exit 0;; esac\nsleep 60 & wait\n'
+    )
+    code = (
+        "import sys, time; from bbb import _native as N; N._BUILD_TIMEOUT = 1.0; "
+        f"t = time.monotonic(); cc = ['sh', {str(script)!r}]\n"
+        "try:\n    N._build(cc)\nexcept RuntimeError as e:\n    print(e)\n"
+        "print(round(time.monotonic() - t))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=40,
+        env={**os.environ, "BBB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert "no answer after 1 s, killed" in lines[0]
+    assert int(lines[-1]) <= 10
+    assert len(log.read_text().splitlines()) == 2  # --version, one compile: no second try

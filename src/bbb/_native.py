@@ -34,6 +34,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -164,9 +165,34 @@ def _cached(out_dir: Path, tag: str) -> Path | None:
     return None
 
 
+#: seconds a compiler command may take (a build takes a few): past it the compiler and every
+#: process it started are killed and the eager kernels used
+_BUILD_TIMEOUT = 120.0
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> tuple[int, str, str]:
+    """(returncode, stdout, stderr) of ``cmd`` in a session of its own; a command still
+    running after :data:`_BUILD_TIMEOUT` is killed with all its children (gcc's cc1, as, ld:
+    killing gcc alone left them holding the output pipes, and the wait went on) and raises."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=_BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(
+                f"{' '.join(cmd)}: no answer after {_BUILD_TIMEOUT:g} s, killed"
+            ) from None
+    return proc.returncode, out, err
+
+
 def _build(cc: list[str]) -> Path:
     src = _source()
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = _run([*cc, "--version"])[1]
     errors = []
     out_dir = _cache_dir()  # once: its fallback may be a fresh temporary directory
     for flags in _flag_sets():
@@ -184,9 +210,9 @@ def _build(cc: list[str]) -> Path:
             # compiled where it lies, by a relative name: the same bytes from every build
             cmd = [*cc, *flags, "bbb_native.c", "-o", str(partial), "-lm"]
             try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp)
-                if res.returncode != 0:
-                    errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+                returncode, _, stderr = _run(cmd, cwd=tmp)  # a hang raises: no second try
+                if returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {stderr.strip()[-500:]}")
                     continue
                 target = out_dir / f"bbb_native-{tag}-{_digest(partial)}.so"
                 os.replace(partial, target)  # atomic: a concurrent loader sees all or nothing
