@@ -335,3 +335,14 @@ def test_an_elbo_training_step_outside_sample_mode_warns(mode: str) -> None:
                 elbo(model, x, y)
             model.eval()
             elbo(model, x, y)
+
+
+def test_an_unknown_option_points_at_the_subcommands_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bbb.cli import main
+
+    assert main(["train", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus (see `bbb train --help`)" in capsys.readouterr().err
+    assert main(["--bogus"]) == 2
+    assert "(see `bbb --help`)" in capsys.readouterr().err

@@ -428,8 +428,9 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         if changed:
             allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE_CHANGES)
             raise UsageError(
-                f"{', '.join(changed)} cannot change when resuming (the restored optimiser and "
-                f"schedule would override it); only {allowed} can"
+                f"{', '.join(changed)} cannot change when resuming (the run continues with the "
+                f"settings its weights, optimiser and schedule were made with); only {allowed} "
+                "can"
             )
     elif args.config:
         from_file = load_config_file(args.config)
@@ -581,7 +582,12 @@ def _print_table(result: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # unknown options are reported by the top-level parser, which pointed at `bbb --help`
+        # instead of the subcommand's own options
+        prog = f"bbb {args.command}" if args.command else "bbb"
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)")
     if args.command is None:
         parser.print_help()
         return 2
