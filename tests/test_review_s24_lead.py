@@ -346,3 +346,25 @@ def test_an_unknown_option_points_at_the_subcommands_help(
     assert "unrecognized arguments: --bogus (see `bbb train --help`)" in capsys.readouterr().err
     assert main(["--bogus"]) == 2
     assert "(see `bbb --help`)" in capsys.readouterr().err
+
+
+def test_a_uci_config_files_typos_are_refused_naming_the_file(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo'd [uci] key passed when --splits was given (the table was not read), and an
+    unknown [train] key was reported as 'uci settings: ...' without the file."""
+    from bbb.cli import main
+
+    out = tmp_path / "run"
+    typo = tmp_path / "t.toml"
+    typo.write_text("[train]\nepochs = 2\n[uci]\nsplit = [0]\n")
+    assert (
+        main(["uci", "bostonHousing", "--config", str(typo), "--splits", "1", "--out", str(out)])
+        == 1
+    )
+    assert f"{typo}: unknown key(s) in [uci]: split" in capsys.readouterr().err
+    table = tmp_path / "t2.toml"
+    table.write_text("[trian]\nepochs = 2\n")
+    assert main(["uci", "bostonHousing", "--config", str(table), "--out", str(out)]) == 1
+    assert f"{table}: uci settings: unknown key(s) trian" in capsys.readouterr().err
+    assert not out.exists()

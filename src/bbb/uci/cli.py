@@ -154,7 +154,8 @@ def main_uci(args: Any) -> int:
         def settings_for(name: str) -> UCIRunSettings:
             st = _settings(args)
             file = None if config_dir is None else config_dir / f"{name}.toml"
-            spec = args.splits if args.splits is not None else uci_table(file).get("splits")
+            table = uci_table(file)  # read (checked: a typo'd key) even when --splits rules
+            spec = args.splits if args.splits is not None else table.get("splits")
             if spec is not None:
                 n = split_counts[name]
                 if (isinstance(spec, int) and not isinstance(spec, bool)) or (
@@ -195,6 +196,7 @@ def main_uci(args: Any) -> int:
     if args.path is None:
         raise ConfigError("bbb uci needs a data-set PATH (or --all [ROOT])")
     cfg = load_uci_config_file(args.config, **flags)
+    table = uci_table(args.config)  # read (checked: a typo'd key) even when --splits rules
     dataset = UCIDataset(args.path, data_dir=args.data_dir, verify=verify)
     out = Path(args.out or f"runs/uci/{dataset.name}")
     metrics = run_uci(
@@ -202,7 +204,7 @@ def main_uci(args: Any) -> int:
         out,
         config=cfg,
         settings=_settings(args),
-        splits=args.splits if args.splits is not None else uci_table(args.config).get("splits"),
+        splits=args.splits if args.splits is not None else table.get("splits"),
         resume=args.resume,
         verify=verify,
         log=log,

@@ -290,7 +290,16 @@ def load_uci_config_file(path: PathLike | None, **flags: Any) -> TrainConfig:
         data = load_config_file(path)
         data.pop("uci", None)
         values.update(data)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = uci_config(**values).validate()
+    given = {k: v for k, v in flags.items() if v is not None}
+    values.update(given)
+    try:
+        cfg = uci_config(**values).validate()
+    except ConfigError as e:
+        # a key or value read from the file is named with the file (was "uci settings:
+        # unknown key(s) trian" with no word of where it came from)
+        key = str(e).split(" ", 1)[0]
+        if path is not None and (str(e).startswith("uci settings: unknown") or key not in given):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
     check_uci_settings(cfg)  # before any worker starts
     return cfg
