@@ -1,10 +1,16 @@
 /* bbb native kernels (issue 8): counter-based normal noise and the fused weight sample + KL.
  *
- * Built on first use by bbb/_native.py with the system C compiler (-O3 -fopenmp; -mavx2 -mfma
- * where the CPU has them) and loaded with ctypes. The loops are written so that the compiler
- * vectorizes them, with the math inlined (below). Work is shared among OpenMP threads (the
- * process's libgomp, the one PyTorch loaded, so the same thread pool) in fixed blocks, so that
- * results do not depend on the number of threads.
+ * Built on first use by bbb/_native.py with the system C compiler (-O3 -fopenmp; -mavx512f
+ * -mavx512vl -mavx512bw -mavx512dq where torch reports AVX512, else -mavx2 -mfma where the CPU
+ * has them) and loaded with ctypes. The loops are written so that the compiler vectorizes
+ * them, with the math inlined (below). Work is shared among OpenMP threads (the process's
+ * libgomp, the one PyTorch loaded, so the same thread pool) in fixed blocks, so that results
+ * do not depend on the number of threads.
+ *
+ * SIMD_REDUCTIONS: the loops that sum the KL's terms keep 8 float lanes (simdlen(8)) whatever
+ * the vector width, so the sums are added in the order of an AVX2 build and an AVX-512 build
+ * gives the same bits (the elementwise loops use all 16 lanes: their results do not depend on
+ * the width). Without it, the KL of an AVX-512 build differed in its last digits.
  *
  * Noise: element e of the stream with key (k0, k1) is a function of (k0, k1, e) alone.
  * Elements are grouped in tiles of 2 * BM_PAIRS; pair j of tile t uses the 64-bit counter
@@ -284,7 +290,7 @@ static inline float sigma_tile(const int prior, const float *restrict mu,
                                float a0, float a1) {
     float sum = 0.0f;
     int positive = 0;
-#pragma omp simd reduction(+ : sum, positive)
+#pragma omp simd simdlen(8) reduction(+ : sum, positive) /* see SIMD_REDUCTIONS */
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
         float ls;
@@ -308,7 +314,7 @@ static inline float sample_tile(const int kind, const int prior, const float *re
                                 float *restrict t_out, int64_t m, float a0, float a1, float a2,
                                 float a3) {
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd simdlen(8) reduction(+ : sum) /* see SIMD_REDUCTIONS */
     for (int64_t j = 0; j < m; ++j) {
         float s = s_in[j];
         float ej = e[j];
@@ -330,7 +336,7 @@ static inline float fwd_tile1(const int kind, const int prior, const float *rest
                              float a1, float a2, float a3) {
     float sum = 0.0f;
     int positive = 0;
-#pragma omp simd reduction(+ : sum, positive)
+#pragma omp simd simdlen(8) reduction(+ : sum, positive) /* see SIMD_REDUCTIONS */
     for (int64_t j = 0; j < m; ++j) {
         float r = rho[j];
         float ls;
