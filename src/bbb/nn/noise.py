@@ -12,8 +12,13 @@ from the native library (:mod:`bbb._native`: Threefry-2x32-20 and Box-Muller in 
   ``torch.Generator``, seeded from the global generator (one ``torch.randint`` call on the
   calling thread, so the result is a deterministic function of the global seed). The fills run
   concurrently (ATen releases the GIL). The values differ from a single ``torch.randn`` call
-  with the same seed, not their distribution: i.i.d. N(0, 1) within and across chunks (distinct
-  Mersenne-Twister streams).
+  with the same seed, not their distribution: N(0, 1) within and across chunks. (Each chunk's
+  seed is drawn from [0, 2^62), but a CPU ``torch.Generator`` keeps only the seed's low 32 bits,
+  so there are 2^32 distinct chunk streams: two chunks of one run repeat a stream by chance
+  with probability ~50% after ~77000 chunk seeds, i.e. a few thousand steps of a large network.
+  A repeat makes two noise chunks equal, not non-normal; it is kept because changing the seeds
+  would change every documented result of the eager multi-threaded path. The native kernels'
+  Threefry counters do not repeat.)
 - :func:`rademacher`: ``torch.randint(0, 2, ...)`` costs one generator call (~10 ns) per sign.
   We draw 63 random bits per ``int64`` word (``random_()`` on int64 gives uniform integers in
   [0, 2^63)) and unpack them with shifts: 63 times fewer generator calls, each bit a fair coin.
