@@ -368,3 +368,40 @@ def test_a_uci_config_files_typos_are_refused_naming_the_file(
     assert main(["uci", "bostonHousing", "--config", str(table), "--out", str(out)]) == 1
     assert f"{table}: uci settings: unknown key(s) trian" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_bandit_merge_reads_an_old_runs_config_as_resume_does(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--merge built each part's settings from today's defaults where its config.json lacked a
+    key added later, while --resume fills those with the values the old runs used: a default
+    changed later would have let runs made with different settings merge. An unknown key was a
+    TypeError traceback."""
+    import json
+    from pathlib import Path
+
+    from bbb.bandit import BanditConfig, merge_runs, run_bandit
+    from bbb.bandit import config as bandit_config
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data / "mushroom").is_dir():
+        pytest.skip("the mushroom data set is not in ../shared/data")
+    base = dict(steps=4, seeds=[0], updates_per_step=1, batch_size=4, buffer_size=8, hidden=4,
+                checkpoint_every=4, data_dir=str(data))  # fmt: skip
+    old, new = tmp_path / "old", tmp_path / "new"
+    run_bandit(BanditConfig(agents=["greedy-0"], **base), old, progress=False, log=None)
+    run_bandit(BanditConfig(agents=["greedy-0.01"], **base), new, progress=False, log=None)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["adam_eps"]  # a run made before the setting existed
+    (old / "config.json").write_text(json.dumps(cfg))
+    merge_runs([old, new], tmp_path / "m1")  # the old runs' value is today's default: merges
+    # had the default changed since, the old run's own value (the legacy one) would differ
+    monkeypatch.setitem(bandit_config._LEGACY_SETTINGS, "adam_eps", 1e-6)
+    with pytest.raises(ValueError, match=r"settings differ in \['adam_eps'\]"):
+        merge_runs([old, new], tmp_path / "m2")
+    cfg["some_future_setting"] = 1
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=r"old/config\.json: unknown setting\(s\) some_future_setting"
+    ):
+        merge_runs([old, new], tmp_path / "m3")

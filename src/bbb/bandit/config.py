@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import changed_settings
@@ -188,6 +188,26 @@ _LEGACY_SETTINGS = {
     "adam_eps": 1e-8,
     "prior_update": 0,
 }
+
+
+def read_saved_config(path: Path) -> BanditConfig:
+    """The :class:`BanditConfig` a run saved in ``path`` (its ``config.json``), with the
+    settings added since filled in as the runs before them used them (``_LEGACY_SETTINGS``,
+    as ``--resume`` reads it); a key this version does not know is a ValueError naming the
+    file."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a bandit run's settings (not a JSON object)")
+    known = {f.name for f in fields(BanditConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown setting(s) {', '.join(unknown)} (a run of another bbb version?)"
+        )
+    return BanditConfig(**{**_LEGACY_SETTINGS, **saved})
 
 
 def _check_same_config(path: Path, cfg: BanditConfig) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..train.checkpoint import atomic_write_text, list_checkpoints, strict_json
-from .config import BAYES_ONLY_SETTINGS, BanditConfig
+from .config import BAYES_ONLY_SETTINGS, BanditConfig, read_saved_config
 from .env import AGENTS, BAYES_AGENT, LATE_WINDOW
 
 
@@ -120,7 +120,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         for name in ("config.json", "regret.csv", "metrics.json"):
             if not (d / name).is_file():
                 raise ValueError(f"cannot merge {d}: {d / name} does not exist")
-        cfgs.append(BanditConfig(**json.loads((d / "config.json").read_text())))
+        # the settings added since a run was made read as it used them (as --resume reads
+        # them), not as today's defaults; an unknown key is named with its file
+        cfgs.append(read_saved_config(d / "config.json"))
         parts.append(_read_regret_csv(d / "regret.csv"))
     # the Bayesian agent's settings are taken from the run that has it: the greedy agents
     # never read them (a test checks their runs do not change with them)
