@@ -244,4 +244,22 @@ class Gaussian(Likelihood):
         return lp.sum(-1)
 
     def extra_repr(self) -> str:
-        return f"noise={self.noise!r}, output_dim={self.output_dim}"
+        # the noise model's values, as the constructor takes them: sigma (the current one of a
+        # learned noise) for fixed/learned noise, the variance floor for heteroscedastic noise
+        if self.noise == "heteroscedastic":
+            value = f"min_variance={self.min_variance:g}"
+        else:
+            value = f"sigma={_format_values(self.log_sigma)}"
+        return f"noise={self.noise!r}, {value}, output_dim={self.output_dim}"
+
+
+def _format_values(log_sigma: Tensor, shown: int = 4) -> str:
+    """exp(log_sigma) for a repr: one number when all are equal, else a (shortened) list."""
+    if log_sigma.is_meta:  # no values to show (deferred initialisation)
+        return "?"
+    values = log_sigma.detach().exp().cpu().tolist()
+    if len(set(values)) == 1:
+        return f"{values[0]:.4g}"
+    text = ", ".join(f"{v:.4g}" for v in values[:shown])
+    more = f", ... ({len(values)} values)" if len(values) > shown else ""
+    return f"[{text}{more}]"

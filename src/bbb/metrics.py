@@ -25,9 +25,13 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .predictive import ClassificationPrediction, RegressionPrediction
 
 __all__ = [
     "PROB_SUM_ATOL",
@@ -64,10 +68,34 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
+# what to pass instead of a prediction object given where a tensor is expected
+_PREDICTION_HINTS = {
+    "ClassificationPrediction": (
+        "pass its .probs (or the whole prediction to classification_report(pred, labels))"
+    ),
+    "RegressionPrediction": (
+        "pass its .sample_means and .sample_variances (or .mean for a point prediction), or "
+        "the whole prediction to regression_report(pred, target)"
+    ),
+}
+
+
 def _require_tensor(x: object, name: str) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        kind = type(x).__name__
+        hint = _PREDICTION_HINTS.get(kind) if _is_prediction(x) else None
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {kind}" + (f": {hint}" if hint else "")
+        )
     return x
+
+
+def _is_prediction(x: object) -> bool:
+    """Whether ``x`` is a :class:`bbb.ClassificationPrediction` or
+    :class:`bbb.RegressionPrediction` (imported here: this module holds no model code)."""
+    from .predictive import ClassificationPrediction, RegressionPrediction
+
+    return isinstance(x, (ClassificationPrediction, RegressionPrediction))
 
 
 def _require_finite(t: Tensor, name: str) -> None:
@@ -553,13 +581,23 @@ def mixture_gaussian_log_likelihood(
 
 
 def regression_report(
-    means: Tensor, vars: Tensor, target: Tensor, y_scale: float = 1.0
+    means: Tensor | RegressionPrediction,
+    vars: Tensor | None = None,
+    target: Tensor | None = None,
+    y_scale: float = 1.0,
 ) -> dict[str, float]:
     """RMSE of the mixture mean and mixture test log-likelihood.
 
+    Two call forms: ``regression_report(means, vars, target, y_scale=1.0)`` with tensors, or
+    ``regression_report(pred, target, y_scale=1.0)`` with the
+    :class:`bbb.RegressionPrediction` that :func:`bbb.predict` returns (its
+    ``sample_means`` and ``sample_variances`` are the means and vars; the same numbers).
+
     Args:
-        means: per-sample predictive means, shape ``(S, B, D)`` (or ``(S, B)``).
-        vars: per-sample predictive variances, same shape, strictly positive.
+        means: per-sample predictive means, shape ``(S, B, D)`` (or ``(S, B)``); or a
+            :class:`bbb.RegressionPrediction`.
+        vars: per-sample predictive variances, same shape, strictly positive (with a
+            prediction: the target, when given positionally).
         target: targets, shape ``(B, D)`` or ``(B,)``.
         y_scale: normalisation scale of the targets (see
             :func:`mixture_gaussian_log_likelihood`); inputs in normalised units.
@@ -571,12 +609,42 @@ def regression_report(
         ``mixture_gaussian_log_likelihood(means, vars, target, y_scale)`` (nats/example,
         original units).
     """
+    means, vars, target = _report_inputs(means, vars, target)
     _check_y_scale(y_scale)
     mu, var, y = _check_mixture(means, vars, target)
     return {
         "rmse": rmse(mu.mean(dim=0), y) * y_scale,
         "log_likelihood": mixture_gaussian_log_likelihood(mu, var, y, y_scale=y_scale),
     }
+
+
+def _report_inputs(means: object, vars: object, target: object) -> tuple[object, object, object]:
+    """(means, vars, target) of :func:`regression_report`'s either call form."""
+    from .predictive import ClassificationPrediction, RegressionPrediction
+
+    if isinstance(means, ClassificationPrediction):
+        raise TypeError(
+            "regression_report got a ClassificationPrediction: use "
+            "classification_report(pred, labels) for a classifier's predictions"
+        )
+    if isinstance(means, RegressionPrediction):
+        if vars is not None and target is not None:
+            raise TypeError(
+                "regression_report(pred, target, y_scale=...): with a RegressionPrediction the "
+                "variances come from pred.sample_variances; pass the target once and y_scale "
+                "by keyword"
+            )
+        y = target if vars is None else vars
+        if y is None:
+            raise TypeError("regression_report(pred, target) needs the targets")
+        return means.sample_means, means.sample_variances, y
+    missing = [name for name, v in (("vars", vars), ("target", target)) if v is None]
+    if missing:
+        raise TypeError(
+            f"regression_report(means, vars, target) is missing {' and '.join(missing)} (or "
+            "pass the RegressionPrediction of bbb.predict: regression_report(pred, target))"
+        )
+    return means, vars, target
 
 
 # --------------------------------------------------------------------------------------
@@ -639,23 +707,51 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
 
 
 def classification_report(
-    probs: Tensor, labels: Tensor, n_bins: int = 15, log_probs: Tensor | None = None
+    probs: Tensor | ClassificationPrediction,
+    labels: Tensor,
+    n_bins: int = 15,
+    log_probs: Tensor | None = None,
 ) -> dict[str, float]:
     """All classification metrics at once.
 
+    Two call forms: ``classification_report(probs, labels, ...)`` with tensors, or
+    ``classification_report(pred, labels, ...)`` with the
+    :class:`bbb.ClassificationPrediction` that :func:`bbb.predict` returns (its ``probs``,
+    and its ``log_probs`` for the exact NLL when it has them).
+
     Args:
-        probs: predictive probabilities, shape ``(B, C)``.
+        probs: predictive probabilities, shape ``(B, C)``; or a
+            :class:`bbb.ClassificationPrediction`.
         labels: integer class labels, shape ``(B,)``.
         n_bins: number of ECE bins.
         log_probs: optional ``(B, C)`` log predictive probabilities computed without
             underflow (``bbb.predict(...).log_probs``, a log-sum-exp over the weight
             samples): the NLL is then exact, where :func:`nll` of ``probs`` clamps each
-            probability at 1e-12 (at most 27.6 nats per example).
+            probability at 1e-12 (at most 27.6 nats per example). They must be the log of
+            ``probs`` (``exp(log_probs)`` within :data:`PROB_SUM_ATOL` of ``probs``; -inf
+            where a probability is 0): logits or the log-probabilities of other examples
+            are a ``ValueError``.
 
     Returns:
         ``{"error", "accuracy", "nll", "ece", "brier"}`` as floats; error, accuracy and ece
         are fractions in ``[0, 1]``, nll is in nats per example, brier as in :func:`brier`.
     """
+    from .predictive import ClassificationPrediction, RegressionPrediction
+
+    if isinstance(probs, RegressionPrediction):
+        raise TypeError(
+            "classification_report got a RegressionPrediction: use "
+            "regression_report(pred, target) for a regression model's predictions"
+        )
+    if isinstance(probs, ClassificationPrediction):
+        if log_probs is not None and probs.log_probs is not None:
+            raise TypeError(
+                "classification_report(pred, labels): the prediction holds its log_probs "
+                "already; do not pass log_probs too"
+            )
+        if log_probs is None:
+            log_probs = probs.log_probs
+        probs = probs.probs
     _check_n_bins(n_bins)
     _check_classification(probs, labels)
     # each metric gets the original probabilities: their dtype sets the tolerance on the row
@@ -664,12 +760,8 @@ def classification_report(
     if log_probs is None:
         nll_value = nll(probs, labels)
     else:
-        if log_probs.shape != probs.shape:
-            raise ValueError(
-                f"log_probs must have the shape of probs {tuple(probs.shape)}, got "
-                f"{tuple(log_probs.shape)}"
-            )
-        picked = log_probs.double().gather(1, labels.long().view(-1, 1).to(log_probs.device))
+        lp = _check_log_probs(log_probs, probs)
+        picked = lp.gather(1, labels.long().view(-1, 1).to(lp.device))
         nll_value = -float(picked.mean())
     return {
         "error": 1.0 - acc,
@@ -678,3 +770,34 @@ def classification_report(
         "ece": expected_calibration_error(probs, labels, n_bins=n_bins),
         "brier": brier(probs, labels),
     }
+
+
+def _check_log_probs(log_probs: object, probs: Tensor) -> Tensor:
+    """``log_probs`` as float64, checked to be the log of ``probs`` (validated already)."""
+    lp = _require_tensor(log_probs, "log_probs")
+    if lp.shape != probs.shape:
+        raise ValueError(
+            f"log_probs must have the shape of probs {tuple(probs.shape)}, got {tuple(lp.shape)}"
+        )
+    if not lp.dtype.is_floating_point:
+        raise TypeError(f"log_probs must be a floating-point tensor, got dtype {lp.dtype}")
+    lp = lp.detach().to(torch.float64)
+    if torch.isnan(lp).any():
+        raise ValueError("log_probs contains NaN values")
+    # -inf is the log of a zero probability; anything above 0 is no log-probability
+    p = probs.detach().to(device=lp.device, dtype=torch.float64)
+    atol = PROB_SUM_ATOL
+    for t in (probs, log_probs):
+        if t.dtype.is_floating_point:  # type: ignore[union-attr]
+            atol = max(atol, torch.finfo(t.dtype).eps)  # type: ignore[union-attr]
+    gap = (lp.exp() - p).abs()
+    if (gap > atol).any() or (lp > atol).any():
+        i = int(gap.amax(dim=1).argmax())
+        raise ValueError(
+            f"log_probs must be the log of probs (exp(log_probs) within {atol:g} of probs), "
+            f"but row {i} of exp(log_probs) differs from it by up to "
+            f"{gap[i].max().item():.6g} (log_probs in [{lp.min().item():.6g}, "
+            f"{lp.max().item():.6g}]). Pass log predictive probabilities (e.g. "
+            "bbb.predict(...).log_probs) of the same examples, not logits"
+        )
+    return lp
