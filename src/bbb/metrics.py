@@ -1,7 +1,9 @@
 """Evaluation metrics for predictive distributions.
 
 All functions here are pure functions on :class:`torch.Tensor` inputs; they hold no model
-code and never modify their arguments. Scalar metrics are returned as Python ``float``.
+code and never modify their arguments. The two reports also take the prediction objects of
+:func:`bbb.predict`: ``classification_report(pred, labels)`` and
+``regression_report(pred, target)``. Scalar metrics are returned as Python ``float``.
 Internally everything is computed in ``float64`` (on the inputs' device), so results do not
 depend on the precision the model was run in.
 

@@ -344,6 +344,17 @@ class Trainer:
             process; raise :class:`StopTraining` from it to end training there (e.g. a pruned
             hyper-parameter trial). Under ``torch.distributed`` a stop raised on any rank
             stops every rank after that epoch.
+
+    ``metrics.jsonl`` (and ``trainer.history``) holds one row per epoch: ``epoch``; the
+    epoch's training means over its examples (each minibatch weighted by its size) ``loss``
+    (the minimised negative ELBO per example), ``nll``, ``kl`` (the whole network's KL, nats)
+    and ``kl_weight`` (the weight the ELBO gave the KL, ``beta * pi_i / B`` per minibatch:
+    ``kl_scale / dataset_size`` with uniform weighting, whose epoch mean the blundell
+    weighting has too; an annealed ``kl_scale`` changes it step by step), ``weighted_kl``
+    (the mean of ``kl_weight * kl``: ``loss = nll + weighted_kl`` up to rounding, and
+    ``nll + kl_weight * kl`` where the weight is constant over the epoch),
+    ``train_seconds``; the validation report's keys prefixed ``val_`` (with a
+    ``val_loader``); ``lr`` (the learning rate the epoch trained with).
     """
 
     def __init__(
@@ -674,7 +685,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training data; returns mean loss, nll, kl and timing.
+        """One pass over the training data; returns mean loss, nll, kl, kl_weight, weighted_kl
+        and timing (see the class docstring's ``metrics.jsonl``).
 
         The ELBO's ``replicas`` is this run's for the epoch (the world size under
         ``torch.distributed``, else 1), then restored: an ELBO used before by a distributed
@@ -722,7 +734,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         num_batches = len(self.train_loader)
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "kl_weight": 0.0, "weighted_kl": 0.0}
         n_seen = 0
         bar = tqdm(
             total=num_batches,
@@ -778,6 +790,10 @@ class Trainer:
             sums["loss"] += loss_value * b
             sums["nll"] += float(result.nll) * b
             sums["kl"] += float(result.kl) * b
+            # the weight the ELBO gave this minibatch's KL (beta * pi_i / B, annealed or
+            # blundell-weighted), and the KL term it added to the loss
+            sums["kl_weight"] += float(result.kl_weight) * b
+            sums["weighted_kl"] += float(result.kl_weight) * float(result.kl) * b
             bar.update(1)
             if self.progress:
                 bar.set_postfix(
@@ -881,6 +897,13 @@ class Trainer:
 
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Train until ``epochs`` (or early stopping); returns a summary dictionary.
+
+        The summary: ``epochs_trained``, ``best_epoch``, ``best_val`` (the best value of
+        ``val_metric``; None without validation), ``val_metric``, ``stopped_early``,
+        ``stopped_by_callback``, ``train_seconds`` (all epochs') and the last epoch's training
+        means ``final_loss``, ``final_nll``, ``final_kl`` and ``final_kl_weight`` (its
+        ``metrics.jsonl`` row's ``loss``, ``nll``, ``kl``, ``kl_weight``; None where the
+        run's history has no such row).
 
         With ``resume=True`` and a run directory holding checkpoints, training continues from
         the newest readable one (a corrupt newest one is skipped with a warning); a run that
@@ -1075,6 +1098,7 @@ class Trainer:
                     self.log(f"early stopping: no improvement for {self.patience} epochs")
                 break
         self._fit_returned = True
+        last = self.history[-1] if self.history else {}
         return {
             "epochs_trained": self.epoch,
             "best_epoch": self.best_epoch,
@@ -1083,6 +1107,9 @@ class Trainer:
             "stopped_early": self.stopped == _EARLY,
             "stopped_by_callback": stopped_by_callback,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+            # the last epoch's training means (a row of metrics.jsonl; a resumed run's rows
+            # written by an older version lack kl_weight: None)
+            **{f"final_{k}": last.get(k) for k in ("loss", "nll", "kl", "kl_weight")},
         }
 
     def _collective_errors(self, what: str) -> contextlib.AbstractContextManager[None]:
