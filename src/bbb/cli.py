@@ -14,7 +14,9 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
@@ -122,6 +124,70 @@ def _show_progress(quiet: bool) -> bool:
 
 class _Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``bbb train``: carries the one line that says how to continue."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a long-running command, raised by :func:`_sigterm_as_interrupt`'s
+    handler: the Ctrl-C path stops the work (exit code 143, 128 + SIGTERM, not 130)."""
+
+
+class _TermState:
+    """Whether :func:`_sigterm_as_interrupt`'s handler has fired."""
+
+    fired = False
+
+
+# the commands that stop on SIGTERM as on Ctrl-C: the long-running, resumable ones
+_TERM_COMMANDS = ("train", "uci", "bandit", "sweep")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool = True) -> typing.Iterator[_TermState]:
+    """SIGTERM (what cluster schedulers, Kubernetes and torchrun send to stop a process)
+    stops the block like Ctrl-C: the handler raises :class:`_Terminated`, a KeyboardInterrupt,
+    in the main thread. Before, the process died at once (exit -15) with no word of how to
+    continue the run. Installed by :func:`main` for the long-running commands only (never at
+    import), and the previous handler is restored on the way out.
+
+    Only the first SIGTERM raises: a second one (torchrun forwards the scheduler's SIGTERM
+    that each rank also got; a scheduler repeats it) arrives while the stop is under way and is
+    ignored, so it cannot break into the clean-up. The child processes of a ``--jobs`` pool
+    (``bbb uci``) get the signal too: without it the pool's shutdown waited for every queued
+    split to be trained."""
+    state = _TermState()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.fired:
+            return
+        state.fired = True
+        _terminate_children()
+        raise _Terminated("terminated")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not settable here (an embedded interpreter)
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_children() -> None:
+    """SIGTERM to this process's multiprocessing children (a ``--jobs`` pool's workers)."""
+    import multiprocessing
+
+    try:
+        children = multiprocessing.active_children()
+    except Exception:  # noqa: BLE001 - best effort from a signal handler
+        return
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.terminate()
 
 
 def _resume_hint(out: Path) -> str:
@@ -672,6 +738,31 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of a ``bbb`` command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _sweep_hint(argv: Sequence[str]) -> str:
+    """What an interrupted ``bbb sweep SPACE --out DIR`` says: the same command continues
+    the study (the interrupted trial was queued again). ``show`` / ``best`` and the worker
+    processes a sweep starts (``--worker-id``) have nothing to continue."""
+    import shlex
+
+    from .sweep.storage import _masked
+
+    words = list(argv)
+    if words[:1] in (["show"], ["best"]) or any(w.startswith("--worker-id") for w in words):
+        return "interrupted"
+    # a storage URL's password is not printed (the user gives it again)
+    for i, w in enumerate(words):
+        if w.startswith("--storage="):
+            words[i] = "--storage=" + _masked(w.split("=", 1)[1])
+        elif w == "--storage" and i + 1 < len(words):
+            words[i + 1] = _masked(words[i + 1])
+    return f"interrupted; continue the sweep with: {shlex.join(['bbb', 'sweep', *words])}"
+
+
 def _lenient_stdout() -> io.TextIOWrapper | None:
     """Let stdout print any path: a directory name with bytes that are not UTF-8 (decoded by
     Python to surrogates) under a UTF-8 locale, or a non-ASCII name under an ASCII one, made
@@ -719,19 +810,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         warnings.formatwarning = _format_warning
     strict_stdout = _lenient_stdout()
+    term = _TermState()
     try:
-        if argv[:1] == ["bench"]:  # the benchmark parses its own options
-            from .bench import main as bench_main
+        # SIGTERM stops the long-running commands as Ctrl-C does (see _sigterm_as_interrupt)
+        with _sigterm_as_interrupt(_command_of(argv) in _TERM_COMMANDS) as term:
+            if argv[:1] == ["bench"]:  # the benchmark parses its own options
+                from .bench import main as bench_main
 
-            return bench_main(argv[1:])
-        if argv[:1] == ["sweep"]:  # the sweep parses its own options (show, best, run)
-            from .sweep import main as sweep_main
+                return bench_main(argv[1:])
+            if argv[:1] == ["sweep"]:  # the sweep parses its own options (show, best, run)
+                from .sweep import main as sweep_main
 
-            return sweep_main(argv[1:])
-        return run(argv)
+                try:
+                    return sweep_main(argv[1:])
+                except KeyboardInterrupt:
+                    raise _Interrupted(_sweep_hint(argv[1:])) from None
+            return run(argv)
     except KeyboardInterrupt as e:
-        print(f"bbb: {e if isinstance(e, _Interrupted) else 'interrupted'}", file=sys.stderr)
-        return 130
+        text = str(e) if isinstance(e, _Interrupted) else "interrupted"
+        if term.fired:  # the same line, saying what stopped the command
+            text = "terminated (SIGTERM)" + text.removeprefix("interrupted")
+        print(f"bbb: {text}", file=sys.stderr)
+        return 143 if term.fired else 130
     except BrokenPipeError:
         # the reader of stdout went away (`bbb ... | head`): nothing more to say to it; point
         # stdout at /dev/null so the interpreter's final flush does not fail again, and exit

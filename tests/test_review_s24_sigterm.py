@@ -1,0 +1,369 @@
+"""SIGTERM stops ``bbb train``, ``bbb bandit``, ``bbb uci`` and ``bbb sweep`` like Ctrl-C.
+
+Cluster schedulers (SLURM, Kubernetes) and torchrun stop a process with SIGTERM. The commands
+died at once (exit -15) with no word of how to continue; now they stop cleanly, print the
+Ctrl-C line ("continue ... with: ..."), exit 143 (128 + SIGTERM), and the run resumes with
+``--resume`` to the result of an uninterrupted run.
+
+Each command runs on tiny settings in a subprocess (one thread); the signal is sent once its
+first checkpoint (or finished split, or trial) is on disk, found by polling the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bbb.cli import _sigterm_as_interrupt, _Terminated, main
+from bbb.data.checksums import resolve_data_dir
+
+TOY = [
+    "--dataset", "toy", "--toy-n", "400", "--hidden", "16", "--batch-size", "8",
+    "--val-samples", "2", "--seed", "7", "--quiet",
+]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    # the in-process reference runs use this many threads: the same numbers
+    e["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    e["MPLBACKEND"] = "Agg"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def terminate_when(
+    argv: list[str],
+    ready: Callable[[], bool],
+    cwd: Path,
+    timeout: float = 120,
+    started: Callable[[int], None] | None = None,
+    stop_timeout: float = 120,
+) -> tuple[int, str]:
+    """Run ``bbb ARGV``; SIGTERM it as soon as ``ready()``; its exit code and stderr (a
+    failure when it takes more than ``stop_timeout`` seconds to exit after the signal)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bbb", *argv],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a signal to it alone, as a scheduler's kill PID
+    )
+    if started is not None:
+        started(proc.pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"bbb exited ({proc.returncode}) too early: {proc.communicate()[1]}")
+            if time.monotonic() > deadline:
+                pytest.fail("bbb did not reach its first checkpoint in time")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"bbb did not stop within {stop_timeout} s of SIGTERM")
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
+
+
+def no_partial_files(root: Path) -> None:
+    """No temporary file of an atomic write is left anywhere under ``root``."""
+    left = [p for p in root.rglob("*") if p.name.endswith((".tmp", ".probe"))]
+    assert not left, left
+
+
+def stub_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bbb.plots
+
+    monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
+    monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+
+
+def rows(run: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append({k: v for k, v in row.items() if "seconds" not in k})
+    return out
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def test_the_handler_is_installed_by_the_command_only_and_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process: SIGTERM to this process during `bbb train` stops it like Ctrl-C (exit 143,
+    the resume line), and the handler this process had before is back afterwards."""
+    stub_plots(monkeypatch)
+    import bbb.runs
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert before == signal.SIG_DFL  # importing bbb installed nothing
+    seen: list[Any] = []
+    original = bbb.runs.train_run
+
+    def terminated(*args: Any, **kwargs: Any) -> Any:
+        def kill(epoch: int, row: dict[str, Any]) -> None:
+            seen.append(signal.getsignal(signal.SIGTERM))
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return original(*args, **kwargs, epoch_callback=kill)
+
+    monkeypatch.setattr(bbb.runs, "train_run", terminated)
+    run = tmp_path / "run"
+    argv = ["train", *TOY, "--toy-n", "64", "--batch-size", "16", "--epochs", "4"]
+    assert main([*argv, "--out", str(run)]) == 143
+    assert capsys.readouterr().err == (
+        f"bbb: terminated (SIGTERM); continue the run with: bbb train --resume {run}\n"
+    )
+    assert seen and seen[0] is not before  # the command's own handler while it ran
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    monkeypatch.setattr(bbb.runs, "train_run", original)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3, 4]
+
+
+def test_only_the_first_sigterm_breaks_in() -> None:
+    """A second SIGTERM (torchrun forwarding the scheduler's, a repeated kill) arrives while
+    the stop is under way: ignored, so it cannot break into the clean-up."""
+    cleaned = False
+    with _sigterm_as_interrupt() as state:
+        with pytest.raises(_Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises first
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # give the handler every chance to run
+                time.sleep(0.001)
+        finally:
+            cleaned = True
+    assert cleaned and state.fired
+
+
+def test_other_commands_and_threads_keep_the_default_handler(tmp_path: Path) -> None:
+    """`bbb evaluate` (short, nothing to resume) keeps the process's handler; so does a call
+    from another thread, where Python cannot install one."""
+    import threading
+
+    with _sigterm_as_interrupt(False) as state:
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert not state.fired
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(_sigterm_as_interrupt().__enter__()))
+    t.start()
+    t.join()
+    assert got and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# --------------------------------------------------------------------------- bbb train
+
+
+def test_sigterm_during_train_exits_143_and_the_resumed_run_equals_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["train", *TOY, "--epochs", "20"]
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    code, err = terminate_when(
+        [*argv, "--out", str(run)], lambda: any(ckpts.glob("checkpoint-*.pt")), tmp_path
+    )
+    assert code == 143, err
+    assert err == f"bbb: terminated (SIGTERM); continue the run with: bbb train --resume {run}\n"
+    no_partial_files(run)
+    done = sorted(ckpts.glob("checkpoint-*.pt"))
+    assert 1 <= len(done) < 20 and not (run / "metrics.json").exists()
+    for path in done:  # every checkpoint left is whole
+        torch.load(path, weights_only=True)
+
+    stub_plots(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    ref = tmp_path / "reference"
+    assert main([*argv, "--out", str(ref)]) == 0
+    assert rows(run) == rows(ref)
+    last = "checkpoint-00020.pt"
+    a = torch.load(ckpts / last, weights_only=True)["model"]
+    b = torch.load(ref / "checkpoints" / last, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- bbb bandit
+
+DATA = resolve_data_dir(None)
+
+
+@pytest.mark.skipif(not (DATA / "mushroom").is_dir(), reason="no Mushroom data")
+def test_sigterm_during_bandit_exits_143_and_resumes_to_the_uninterrupted_regret(
+    tmp_path: Path,
+) -> None:
+    argv = [
+        "bandit", "--agents", "bbb-thompson", "greedy-0", "--steps", "300", "--seeds", "0",
+        "--updates-per-step", "1", "--batch-size", "8", "--buffer-size", "16", "--hidden", "8",
+        "--checkpoint-every", "10", "--quiet", "--data-dir", str(DATA),
+    ]  # fmt: skip
+    out = tmp_path / "b"
+    ckpts = out / "checkpoints"
+    code, err = terminate_when(
+        [*argv, "--out", str(out)],
+        lambda: ckpts.is_dir() and any(p.suffix == ".pt" for p in ckpts.iterdir()),
+        tmp_path,
+    )
+    assert code == 143, err
+    assert err.startswith("bbb: terminated (SIGTERM); continue (from its last checkpoint) with: ")
+    assert err.rstrip().endswith(f"--out {out} --resume"), err
+    assert not (out / "metrics.json").exists()
+    no_partial_files(out)
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+    assert (out / "regret.csv").read_text() == (ref / "regret.csv").read_text()
+
+
+# --------------------------------------------------------------------------- bbb uci
+
+
+def _uci(tmp_path: Path, n_splits: int) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_uci import _write_uci_dir
+    finally:
+        sys.path.pop(0)
+    return _write_uci_dir(tmp_path / "data", n_splits=n_splits)
+
+
+def test_sigterm_during_uci_exits_143_and_resumes_to_the_uninterrupted_splits(
+    tmp_path: Path,
+) -> None:
+    tiny = _uci(tmp_path, 6)
+    argv = ["uci", str(tiny), "--epochs", "40", "--num-samples", "2", "--passes", "5", "--quiet"]
+    out = tmp_path / "u"
+    code, err = terminate_when(
+        [*argv, "--out", str(out)], lambda: any((out / "splits").glob("split_*.json")), tmp_path
+    )
+    assert code == 143, err
+    assert err.startswith("bbb: terminated (SIGTERM); continue (finished splits are kept) with:")
+    assert not (out / "metrics.json").exists()
+    no_partial_files(out)
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+
+    def splits(d: Path) -> list[dict[str, Any]]:
+        rows = json.loads((d / "metrics.json").read_text())["splits"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert len(splits(out)) == 6 and splits(out) == splits(ref)
+
+
+def spawned_children(pid: int) -> int:
+    """How many multiprocessing workers (spawned) process ``pid`` has."""
+    n = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        n += ppid == pid and b"spawn_main" in cmd
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigterm_to_a_uci_jobs_run_stops_its_pool_instead_of_finishing_every_split(
+    tmp_path: Path,
+) -> None:
+    """With --jobs the splits train in a process pool, and the scheduler's SIGTERM may reach
+    the command alone: leaving the pool then waited for every queued split (8 splits of 2000
+    epochs here, minutes) before the command exited; its workers are now stopped with it."""
+    tiny = _uci(tmp_path, 8)
+    argv = ["uci", str(tiny), "--epochs", "2000", "--num-samples", "2", "--passes", "5"]
+    out = tmp_path / "u"
+    pid: list[int] = []
+    code, err = terminate_when(
+        [*argv, "--jobs", "2", "--quiet", "--out", str(out)],
+        lambda: spawned_children(pid[0]) >= 2,
+        tmp_path,
+        started=pid.append,
+        stop_timeout=30,  # the queued splits take minutes: a stop after them times out
+    )
+    assert code == 143, err
+    assert "continue (finished splits are kept) with:" in err
+    assert not list((out / "splits").glob("split_*.json"))
+    no_partial_files(out)
+
+
+# --------------------------------------------------------------------------- bbb sweep
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="bbb sweep needs Optuna")
+def test_sigterm_during_sweep_requeues_the_trial_and_the_rerun_finishes_the_grid(
+    tmp_path: Path,
+) -> None:
+    import optuna
+
+    space = tmp_path / "space.toml"
+    space.write_text(
+        '[sweep]\ncommand = "train"\n\n[train]\ndataset = "toy"\ntoy_n = 400\nhidden = [16]\n'
+        "epochs = 6\nbatch_size = 8\nval_samples = 2\n\n[search]\nlr = [0.03, 0.01]\n"
+    )
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(space), "--out", str(out), "--no-trial-plots"]
+    first = out / "trials" / "trial-0000" / "checkpoints"
+    code, err = terminate_when(argv, lambda: any(first.glob("checkpoint-*.pt")), tmp_path)
+    assert code == 143, err
+    assert err.splitlines()[-1] == (
+        f"bbb: terminated (SIGTERM); continue the sweep with: bbb sweep {space} --out {out} "
+        "--no-trial-plots"
+    )
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = f"sqlite:///{(out / 'study.db').resolve()}"
+    states = [t.state for t in optuna.load_study(study_name="bbb-sweep", storage=url).get_trials()]
+    S = optuna.trial.TrialState
+    # the stopped trial is failed and queued again at once (not RUNNING until stale)
+    assert states == [S.FAIL, S.WAITING], states
+    no_partial_files(out)
+    r = subprocess.run(
+        [sys.executable, "-m", "bbb", *argv],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="bbb-sweep", storage=url)
+    done = [t for t in study.get_trials() if t.state == S.COMPLETE]
+    assert sorted(t.params["lr"] for t in done) == [0.01, 0.03]
