@@ -783,15 +783,15 @@ def _check_log_probs(log_probs: object, probs: Tensor) -> Tensor:
         )
     if not lp.dtype.is_floating_point:
         raise TypeError(f"log_probs must be a floating-point tensor, got dtype {lp.dtype}")
+    # the tolerance of the row sums of probs (see _check_classification), or log_probs' epsilon
+    atol = max(PROB_SUM_ATOL, torch.finfo(lp.dtype).eps)
+    if probs.dtype.is_floating_point:
+        atol = max(atol, torch.finfo(probs.dtype).eps)
     lp = lp.detach().to(torch.float64)
     if torch.isnan(lp).any():
         raise ValueError("log_probs contains NaN values")
     # -inf is the log of a zero probability; anything above 0 is no log-probability
     p = probs.detach().to(device=lp.device, dtype=torch.float64)
-    atol = PROB_SUM_ATOL
-    for t in (probs, log_probs):
-        if t.dtype.is_floating_point:  # type: ignore[union-attr]
-            atol = max(atol, torch.finfo(t.dtype).eps)  # type: ignore[union-attr]
     gap = (lp.exp() - p).abs()
     if (gap > atol).any() or (lp > atol).any():
         i = int(gap.amax(dim=1).argmax())
