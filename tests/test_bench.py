@@ -95,9 +95,12 @@ def test_cli_forwards_bench_arguments(capsys) -> None:
 
 
 def test_unknown_estimator_is_rejected() -> None:
-    # a SystemExit with the message as its code (exit status 1), not --help's or a success's
+    # a refused value (bbb prints it as one `bbb: error:` line, exit status 1)
     with pytest.raises(
-        SystemExit, match=re.escape("bbb bench: unknown estimator 'nope' (reparam, local, flipout)")
+        bench.BenchError,
+        match=re.escape(
+            "--estimators: unknown estimator 'nope'; accepted values: reparam, local, flipout"
+        ),
     ):
         bench.main(["--quick", "--no-peers", "--estimators", "nope"])
 
@@ -240,10 +243,10 @@ def test_time_to_accuracy_script_runs(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_device_option_is_checked_and_recorded(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="not a torch device"):
+    with pytest.raises(bench.BenchError, match="not a torch device"):
         bench.resolve_device("gpu0")
     if not __import__("torch").cuda.is_available():
-        with pytest.raises(SystemExit, match="CUDA is not available"):
+        with pytest.raises(bench.BenchError, match="CUDA is not available"):
             bench.resolve_device("cuda")
     out = tmp_path / "bench.json"
     args = ["--quick", "--no-peers", "--nets", "mlp", "--samples", "1", "--repeats", "1"]

@@ -32,36 +32,40 @@ def _load_tta(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        (["--samples", "0"], "argument --samples: values must be positive integers, got 0"),
-        (["--samples", ""], "argument --samples: expected at least one positive integer"),
-        (["--sizes", "x"], "argument --sizes: expected comma-separated positive integers"),
-        (["--sizes", "-5"], "argument --sizes: values must be positive integers, got -5"),
-        (["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
-        (["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
-        (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
-        (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
-        (["--inference-inputs", "0"], "argument --inference-inputs: must be an integer >= 1"),
-        (["--variance-draws", "1"], "argument --variance-draws: must be an integer >= 2, got 1"),
+        (["--samples", "0"], 1, "--samples: values must be positive integers, got 0"),
+        (["--samples", ""], 1, "--samples is empty: give comma-separated positive integers"),
+        (["--sizes", "x"], 2, "argument --sizes: expected comma-separated positive integers"),
+        (["--sizes", "-5"], 1, "--sizes: values must be positive integers, got -5"),
+        (["--batch", "0"], 1, "--batch must be an integer >= 1, got 0"),
+        (["--repeats", "0"], 1, "--repeats must be an integer >= 1, got 0"),
+        (["--warmup", "-1"], 1, "--warmup must be an integer >= 0, got -1"),
+        (["--threads", "0"], 1, "--threads must be an integer >= 1, got 0"),
+        (["--inference-inputs", "0"], 1, "--inference-inputs must be an integer >= 1, got 0"),
+        (["--variance-draws", "1"], 1, "--variance-draws must be an integer >= 2, got 1"),
     ],
 )
 def test_bench_cli_names_a_bad_number(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    args: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad number is a usage error naming the option (it used to give a table without the
-    Bayesian rows, a traceback, or a NaN variance)."""
-    with pytest.raises(SystemExit) as exc:
-        bench.build_parser().parse_args(args)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    """A bad number is refused naming the option (it used to give a table without the
+    Bayesian rows, a traceback, or a NaN variance): a value out of range with exit code 1,
+    one that is not a number with 2 (a usage error), as the README's "Exit codes" say."""
+    from bbb.cli import main as cli_main
+
+    assert cli_main(["bench", "--no-peers", *args]) == code
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"bbb: error: {message}") and captured.out == ""
 
 
 def test_bench_rejects_an_unknown_net() -> None:
     """--nets cnn used to print an empty table and exit 0."""
-    with pytest.raises(SystemExit, match=r"bbb bench: unknown net 'cnn' \(mlp, conv\)"):
+    with pytest.raises(
+        bench.BenchError, match=r"--nets: unknown net 'cnn'; accepted values: mlp, conv"
+    ):
         bench.main(["--quick", "--no-peers", "--nets", "cnn"])
-    with pytest.raises(SystemExit, match="bbb bench: --priors is empty"):
+    with pytest.raises(bench.BenchError, match="--priors is empty"):
         bench.main(["--quick", "--no-peers", "--priors", ","])
 
 

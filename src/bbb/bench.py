@@ -64,7 +64,15 @@ from .predictive import predict
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .train.checkpoint import atomic_write_text, strict_json
 
-__all__ = ["StepResult", "build_parser", "main", "run_benchmark", "format_table"]
+__all__ = [
+    "BenchError",
+    "StepResult",
+    "build_parser",
+    "check_options",
+    "main",
+    "run_benchmark",
+    "format_table",
+]
 
 BATCH = 128
 DATASET_SIZE = 60_000
@@ -128,18 +136,30 @@ def make_data(
     return x.to(device), y.to(device)
 
 
+class BenchError(ValueError):
+    """A refused option value of ``bbb bench``: out of range, an unknown name, an empty list,
+    a device this machine lacks, a ``--json`` file that cannot be written. ``bbb`` prints it
+    as one ``bbb: error:`` line with exit code 1, like every refused value (a malformed option,
+    ``--sizes abc``, is a usage error: exit code 2)."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``--device`` checked: a torch device string whose backend is usable here."""
+    """``--device`` checked: a torch device string whose backend (and index) is usable here."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise SystemExit(f"bbb bench: --device {name!r} is not a torch device ({err})") from None
+        raise BenchError(f"--device {name!r} is not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"bbb bench: --device {name} but CUDA is not available to torch {torch.__version__}"
-        )
+        raise BenchError(f"--device {name} but CUDA is not available to torch {torch.__version__}")
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"bbb bench: --device {name}: only cpu and cuda are supported")
+        raise BenchError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:  # failed at the first step, after the peers were imported
+            raise BenchError(
+                f"--device {name}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
     return device
 
 
@@ -605,39 +625,95 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- CLI
 def _int_list(text: str) -> list[int]:
-    """A comma-separated list of positive integers (``--sizes``, ``--samples``); argparse turns
-    the ArgumentTypeError into a usage error naming the option and the bad value."""
+    """A comma-separated list of integers (``--sizes``, ``--samples``). A word that is not an
+    integer is a usage error naming the option (exit code 2); the values' range and an empty
+    list are checked by :func:`check_options` (exit code 1, like every refused value)."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive integers, got {text!r}"
         ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one positive integer, got {text!r}")
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise argparse.ArgumentTypeError(f"values must be positive integers, got {bad[0]}")
-    return values
 
 
 def _str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (the error names the bound and the value)."""
+def _int(text: str) -> int:
+    """An argparse type: an integer (its range is checked by :func:`check_options`)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
 
-    return parse
+# the least value of each integer option (--threads may also be left out: torch's default)
+_MINIMUMS = {
+    "batch": 1,
+    "repeats": 1,
+    "warmup": 0,
+    "threads": 1,
+    "inference_inputs": 1,
+    "variance_draws": 2,  # the variance is the unbiased one
+}
+
+
+def _check_json_path(path: Path) -> None:
+    """``--json`` can be written: not a directory, in a directory that exists (or is made)
+    and takes a new file. Checked before anything is measured: a failed write used to end
+    the run after its step-time part, minutes of measurements lost."""
+    import tempfile
+
+    if path.is_dir():
+        raise BenchError(f"--json {path} is a directory: give the name of the file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except (FileExistsError, NotADirectoryError):  # a file where a directory should be
+        blocker = next((p for p in path.parents if p.exists()), path.parent)
+        raise BenchError(
+            f"--json {path}: {blocker} is a file, not a directory; nothing was measured"
+        ) from None
+    except OSError as e:
+        raise BenchError(
+            f"--json {path}: cannot write into {path.parent} ({e.strerror or e}); nothing was "
+            "measured"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_options(args: argparse.Namespace) -> torch.device:
+    """Refuse a bad option value of the benchmark with a :class:`BenchError` naming it, before
+    anything is imported, tuned or measured; returns the ``--device`` to run on."""
+    for option, names, accepted in (
+        ("--nets", args.nets, NETS),
+        ("--estimators", args.estimators, tuple(ESTIMATORS)),
+        ("--priors", args.priors, PRIORS),
+    ):
+        listed = ", ".join(accepted)
+        if not names:
+            raise BenchError(f"{option} is empty; accepted values: {listed}")
+        for name in names:
+            if name not in accepted:
+                what = option[2:-1]  # net, estimator, prior
+                raise BenchError(f"{option}: unknown {what} {name!r}; accepted values: {listed}")
+    for option, values in (("--sizes", args.sizes), ("--samples", args.samples)):
+        if not values:
+            raise BenchError(f"{option} is empty: give comma-separated positive integers")
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise BenchError(f"{option}: values must be positive integers, got {bad[0]}")
+    for dest, minimum in _MINIMUMS.items():
+        value = getattr(args, dest)
+        if value is not None and value < minimum:
+            option = "--" + dest.replace("_", "-")
+            raise BenchError(f"{option} must be an integer >= {minimum}, got {value}")
+    device = resolve_device(getattr(args, "device", "cpu"))
+    if args.json is not None:
+        _check_json_path(Path(args.json))
+    return device
 
 
 def build_parser(
@@ -686,16 +762,10 @@ def build_parser(
         default=list(PRIORS),
         help=f"priors, comma-separated, from {', '.join(PRIORS)} (default: {csv(PRIORS)})",
     )
-    p.add_argument("--batch", type=_int_at_least(1), default=BATCH, help="minibatch size")
-    p.add_argument(
-        "--repeats", type=_int_at_least(1), default=15, help="interleaved rounds (median)"
-    )
-    p.add_argument(
-        "--warmup", type=_int_at_least(0), default=3, help="warm-up steps per configuration"
-    )
-    p.add_argument(
-        "--threads", type=_int_at_least(1), default=None, help="torch threads (default: torch's)"
-    )
+    p.add_argument("--batch", type=_int, default=BATCH, help="minibatch size")
+    p.add_argument("--repeats", type=_int, default=15, help="interleaved rounds (median)")
+    p.add_argument("--warmup", type=_int, default=3, help="warm-up steps per configuration")
+    p.add_argument("--threads", type=_int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--device",
         default="cpu",
@@ -765,13 +835,13 @@ def build_parser(
     )
     p.add_argument(
         "--inference-inputs",
-        type=_int_at_least(1),
+        type=_int,
         default=10_000,
         help="inputs predicted in the inference part",
     )
     p.add_argument(
         "--variance-draws",
-        type=_int_at_least(2),
+        type=_int,
         default=50,
         help="gradient draws per estimator in the gradient-variance part (at least 2: the "
         "variance is the unbiased one)",
@@ -785,24 +855,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     The results' ``command`` is ``args.command`` (set by `main` to the program and the options
     it parsed), or this process's ``sys.argv`` for a namespace built elsewhere.
     """
+    device = check_options(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name in args.estimators:
-        if name not in ESTIMATORS:
-            raise SystemExit(f"bbb bench: unknown estimator {name!r} ({', '.join(ESTIMATORS)})")
-    for name in args.priors:
-        if name not in PRIORS:
-            raise SystemExit(f"bbb bench: unknown prior {name!r} ({', '.join(PRIORS)})")
-    for name in args.nets:
-        if name not in NETS:
-            raise SystemExit(f"bbb bench: unknown net {name!r} ({', '.join(NETS)})")
-    for option, values in (
-        ("--nets", args.nets),
-        ("--estimators", args.estimators),
-        ("--priors", args.priors),
-    ):
-        if not values:
-            raise SystemExit(f"bbb bench: {option} is empty")
     sizes = args.sizes
     repeats, warmup, batch = args.repeats, args.warmup, args.batch
     inputs, draws, train_steps = args.inference_inputs, args.variance_draws, 200
@@ -817,7 +872,6 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         nets.append(("conv", 0))
     peers = bench_peers.available_peers() if args.peers else []
     tuned = tune_allocator() if getattr(args, "tune_allocator", True) else False
-    device = resolve_device(getattr(args, "device", "cpu"))
     info = machine_info(device)
     info["allocator_tuned"] = tuned
     if info["gpu"]:
@@ -907,17 +961,45 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bbb bench") -> int:
-    """Entry point of ``bbb bench`` and ``benchmarks/step_time.py``."""
+    """Entry point of ``bbb bench`` (``bbb.cli.main`` prints its errors) and, through
+    :func:`script_main`, of ``benchmarks/step_time.py``.
+
+    A malformed command line raises :class:`bbb.cli.UsageError` (exit code 2), a refused value
+    :class:`BenchError` (exit code 1).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     from .cli import _Parser
 
-    # as a subcommand of bbb, its one-line usage errors (exit 2); a script keeps argparse's
-    parser = build_parser(prog, parser_class=_Parser if prog == "bbb bench" else None)
-    args = parser.parse_args(argv)
+    args = build_parser(prog, parser_class=_Parser).parse_args(argv)
     args.command = shlex.join([*shlex.split(prog), *argv])  # recorded in the JSON
     run_benchmark(args)
     return 0
 
 
+def script_main(argv: Sequence[str] | None = None, prog: str = "benchmarks/step_time.py") -> int:
+    """Entry point of the benchmark run as a script: ``bbb bench``'s errors and exit codes
+    under the script's name. An error is one line (``PROG: error: ...``; ``--debug`` shows
+    the traceback): exit code 2 for a malformed command line, 1 for a refused value or a
+    failure, 130 when interrupted (the ``--json`` file keeps the parts measured)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from .cli import UsageError
+
+    try:
+        return main(argv, prog=prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, as bbb prints it, unless --debug
+        if debug:
+            raise
+        print(f"{prog}: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(script_main(prog="python -m bbb.bench"))
