@@ -165,10 +165,49 @@ def test_the_step_time_script_runs_script_main() -> None:
     )
 
 
+# --------------------------------------------------------------------------- bbb sweep (#10)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        # a value out of range: 1; --top 0 was 2, unlike --trials 0
+        (["show", "{dir}", "--top", "0"], 1, "--top must be >= 1, got 0"),
+        (["show", "{dir}", "--top", "-1"], 1, "--top must be >= 1, got -1"),
+        # reported before the space file is read (a missing one was named instead)
+        (["{space}", "--out", "{dir}", "--trials", "0"], 1, "--trials must be >= 1, got 0"),
+        (["{space}", "--out", "{dir}", "--workers", "0"], 1, "--workers must be >= 1, got 0"),
+        (
+            ["{space}", "--out", "{dir}", "--heartbeat", "0"],
+            1,
+            "--heartbeat must be >= 1 second, got 0",
+        ),
+        # malformed: 2
+        (["show", "{dir}", "--top", "ten"], 2, "argument --top: invalid int value: 'ten'"),
+        (["{space}", "--out", "{dir}", "--trials", "x"], 2, "argument --trials: invalid int"),
+        (["{space}", "--out", "{dir}", "--sampler", "nope"], 2, "argument --sampler: invalid"),
+        (["{space}"], 2, "the following arguments are required: --out"),
+        (["show"], 2, "the following arguments are required: sweep_dir"),
+        (["best", "{dir}", "--top", "3"], 2, "unrecognized arguments: --top 3"),
+    ],
+)
+def test_sweep_refusals_are_one_bbb_error_line_with_the_readme_exit_code(
+    args: list[str], code: int, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep_dir, space = tmp_path / "sweep", tmp_path / "missing.toml"
+    argv = [a.format(dir=sweep_dir, space=space) for a in args]
+    assert cli_main(["sweep", *argv]) == code
+    assert _one_error_line(capsys).startswith(message)
+    assert not sweep_dir.exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "usage"),
     [
         (["bench", "--help"], "usage: bbb bench"),
+        (["sweep", "--help"], "usage: bbb sweep"),
+        (["sweep", "show", "--help"], "usage: bbb sweep show"),
+        (["sweep", "best", "--help"], "usage: bbb sweep best"),
     ],
 )
 def test_help_of_bench_and_sweep_exits_0(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .results import best_config_toml, show_sweep
 from .run import SweepOptions, run_sweep
-from .space import PRUNERS, SAMPLERS
+from .space import PRUNERS, SAMPLERS, SweepError
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -82,7 +82,9 @@ def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["show"]:
         a = show.parse_args(argv[1:])
         if a.top < 1:  # 0 printed "no finished trial yet", -1 dropped the last row
-            show.error(f"--top must be >= 1, got {a.top}")
+            # a refused value: exit code 1, like --trials 0 (a usage error's 2 is for a
+            # malformed command line, --top abc)
+            raise SweepError(f"--top must be >= 1, got {a.top}")
         print(
             show_sweep(
                 Path(a.sweep_dir),
@@ -101,6 +103,16 @@ def main(argv: Sequence[str]) -> int:
         print(text, end="")
         return 0
     a = run.parse_args(argv)
+    # the options' values first, as bbb train does: before Optuna is imported or the space
+    # file read (run_sweep checks them again for a caller of the library)
+    for option, value, minimum in (
+        ("--trials", a.trials, 1),
+        ("--workers", a.workers, 1),
+        ("--heartbeat", a.heartbeat, 1),
+    ):
+        if value is not None and value < minimum:
+            unit = " second" if option == "--heartbeat" else ""
+            raise SweepError(f"{option} must be >= {minimum}{unit}, got {value}")
     opts = SweepOptions(
         space=Path(a.space),
         out=Path(a.out),
