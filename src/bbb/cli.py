@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import types
 import typing
 import warnings
@@ -132,9 +133,14 @@ class _Terminated(KeyboardInterrupt):
 
 
 class _TermState:
-    """Whether :func:`_sigterm_as_interrupt`'s handler has fired."""
+    """Whether (and when) :func:`_sigterm_as_interrupt`'s handler has fired."""
 
     fired = False
+    when = 0.0
+
+
+# a SIGTERM this soon after the first is the same stop, delivered twice (see below)
+_REPEAT_SECONDS = 5.0
 
 
 # the commands that stop on SIGTERM as on Ctrl-C: the long-running, resumable ones
@@ -149,11 +155,12 @@ def _sigterm_as_interrupt(enabled: bool = True) -> typing.Iterator[_TermState]:
     continue the run. Installed by :func:`main` for the long-running commands only (never at
     import), and the previous handler is restored on the way out.
 
-    Only the first SIGTERM raises: a second one (torchrun forwards the scheduler's SIGTERM
-    that each rank also got; a scheduler repeats it) arrives while the stop is under way and is
-    ignored, so it cannot break into the clean-up. The child processes of a ``--jobs`` pool
-    (``bbb uci``) get the signal too: without it the pool's shutdown waited for every queued
-    split to be trained."""
+    Only the first SIGTERM raises. Another within :data:`_REPEAT_SECONDS` is a copy of the
+    same stop (under SLURM each rank gets the scheduler's SIGTERM and torchrun's forwarded one)
+    and is ignored, so it cannot break into the clean-up (a lock's release, a temporary file's
+    removal); a later one kills the process at once, as SIGTERM did before (a stop that hangs
+    needs no ``kill -9``). The child processes of a ``--jobs`` pool (``bbb uci``) get the
+    signal too: without it the pool's shutdown waited for every queued split to be trained."""
     state = _TermState()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield state
@@ -161,8 +168,13 @@ def _sigterm_as_interrupt(enabled: bool = True) -> typing.Iterator[_TermState]:
 
     def handler(signum: int, frame: Any) -> None:
         if state.fired:
+            if time.monotonic() - state.when < _REPEAT_SECONDS:
+                return
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         state.fired = True
+        state.when = time.monotonic()
         _terminate_children()
         raise _Terminated("terminated")
 
