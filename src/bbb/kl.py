@@ -29,6 +29,7 @@ from torch import Tensor
 from torch import distributions as D
 
 from . import kernels as _kernels
+from . import priors as _priors
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior
 
 _SCALAR_PRIORS = (GaussianPrior, LaplacePrior, ScaleMixturePrior)
@@ -76,6 +77,11 @@ def _cheap_host_read(t: Tensor) -> bool:
 
 def _requires_grad(*tensors: object) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _transformed(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` is a torch.func transform's (batched or grad-tracked)."""
+    return any(_priors._transformed(t) for t in tensors)
 
 
 # (mu, sigma, log_sigma, prior_distribution) -> elementwise KL, shaped like mu.
@@ -182,7 +188,10 @@ def has_closed_form(prior: Prior) -> bool:
         if t in _REGISTRY:
             _CLOSED_FORM_CACHE[t] = True
         else:
-            q = D.Normal(torch.zeros(()), torch.ones(()), validate_args=False)
+            # on the CPU (0-d: they meet a prior's tensors on any device), not on the
+            # default device, which may be "meta" (no values) or a GPU
+            zero, one = torch.zeros((), device="cpu"), torch.ones((), device="cpu")
+            q = D.Normal(zero, one, validate_args=False)
             try:
                 D.kl_divergence(q, p)
                 _CLOSED_FORM_CACHE[t] = True
@@ -387,6 +396,17 @@ def _gaussian_kl_grads2(
     return tuple(next(got) if need else None for need in needs)  # type: ignore[return-value]
 
 
+def _gaussian_kl_ops(
+    mu: Tensor, rho: Tensor, mask: Tensor | None, loc: float, scale: float
+) -> Tensor:
+    """:class:`_GaussianKLSum`'s value as plain differentiable operations (its guarded
+    formula: the same terms, with log(sigma) from :func:`log_softplus`), for torch.func."""
+    sigma, log_sigma = softplus_and_log(rho)
+    d = mu - loc
+    term = (sigma * sigma + d * d) * (0.5 / (scale * scale)) - log_sigma + (math.log(scale) - 0.5)
+    return (term if mask is None else term * mask).sum()
+
+
 def closed_form_kl_sum(
     mu: Tensor,
     rho: Tensor,
@@ -423,7 +443,10 @@ def closed_form_kl_sum(
         mu, rho, sigma = mu.float(), rho.float(), None  # sigma recomputed in float32
     p = None
     loc_scale: tuple[float, float] | None = None
-    if type(prior) is GaussianPrior and not prior._parameters:
+    # inside torch.func transforms, hyper-parameters that are the transform's tensors (vmap
+    # over an ensemble's stacked buffers) have no float value: the elementwise formula
+    held = _kernels._functorch_active() and prior._hyper_transformed()
+    if type(prior) is GaussianPrior and not prior._parameters and not held:
         # the built-in Gaussian prior's fixed values as floats: no distribution object and
         # no read of its buffers (a device sync per layer and step on a GPU)
         loc_scale = prior._value("mean"), prior._value("sigma")
@@ -436,11 +459,18 @@ def closed_form_kl_sum(
             # learnable hyper-parameters: the fused function would convert them to Python
             # floats and drop their gradients
             and not _requires_grad(p.loc, p.scale)
+            and not (_kernels._functorch_active() and _transformed(p.loc, p.scale))
         ):
             loc_scale = float(p.loc), float(p.scale)
     if loc_scale is not None:
-        s = None if sigma is None else sigma.detach()
         m = None if mask is None else mask.to(mu.dtype)
+        if _kernels._functorch_active():
+            # inside torch.func transforms (grad, vmap, jacrev, jacfwd, hessian): the fused
+            # function has no setup_context (RuntimeError) and reads rho's minimum back (data-
+            # dependent control flow, which vmap refuses); the elementwise formula it fuses,
+            # as plain operations, which every transform takes (derivatives of any order)
+            return _gaussian_kl_ops(mu, rho, m, *loc_scale)
+        s = None if sigma is None else sigma.detach()
         return _GaussianKLSum.apply(mu, rho, s, m, *loc_scale)
     assert p is not None
     _check_prior_shape(p, prior, mu.shape)
@@ -644,8 +674,11 @@ def mc_kl_sum(
         # forward's sample w is kept (upcast), sigma is recomputed in float32
         mu, rho, eps, sigma = mu.float(), rho.float(), eps.float(), None
         w = None if w is None else w.float()
-    sigma = torch.nn.functional.softplus(rho.detach()) if sigma is None else sigma.detach()
     m = None if mask is None else mask.to(mu.dtype)
+    if _kernels._functorch_active():
+        # inside torch.func transforms: plain operations (see closed_form_kl_sum)
+        return _mc_kl_ops(mu, rho, eps, prior, w, m)
+    sigma = torch.nn.functional.softplus(rho.detach()) if sigma is None else sigma.detach()
     if w is None:
         with torch.no_grad():
             if m is None:
@@ -661,3 +694,26 @@ def mc_kl_sum(
     else:
         log_p = (prior.log_prob(w).sum(0) * m).sum() / num_samples
     return _MCKLSum.apply(mu, rho, sigma, eps, w, m, prior, log_p)
+
+
+def _mc_kl_ops(
+    mu: Tensor, rho: Tensor, eps: Tensor, prior: Prior, w: Tensor | None, mask: Tensor | None
+) -> Tensor:
+    """:class:`_MCKLSum`'s value as plain differentiable operations, for torch.func.
+
+    The sample's gradient is the pathwise one, through ``mu + sigma * eps`` (the layer's
+    ``w``, if given, keeps its value: the path's value is added and taken off again, so the
+    estimate is the one at the forward pass's sample), and the log-density is the prior's
+    ``log_prob``, so that derivatives of any order exist and learnable hyper-parameters get
+    theirs."""
+    sigma, log_sigma = softplus_and_log(rho)
+    if mask is None:
+        path = torch.addcmul(mu, sigma, eps)
+    else:
+        path = torch.addcmul(mu * mask, sigma * mask, eps)
+    if w is not None:
+        path = w.detach() + (path - path.detach())
+    terms = gaussian_log_q(eps, log_sigma) - prior.log_prob(path)
+    if mask is not None:
+        terms = terms * mask
+    return terms.sum() / eps.shape[0]

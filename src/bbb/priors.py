@@ -57,6 +57,20 @@ def _like(hyper: Tensor, w: Tensor) -> Tensor:
     return hyper.to(w.dtype)
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, computed on the CPU: under ``torch.device("meta")``
+    or ``torch.set_default_device("meta")`` a tensor without an explicit device had no value
+    (a CPU layer's forward raised 'Tensor.item() cannot be called on meta tensors'), and on
+    a GPU default device each call was a transfer and a sync."""
+    return float(torch.tensor(value, dtype=dtype, device="cpu"))
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (batched by ``vmap``, tracked by
+    ``grad``): its value cannot be read back as a Python float there."""
+    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t)
+
+
 #: per prior, the load in progress (its error list, the object torch shares among one
 #: load_state_dict's calls) and the values it gave, by name: (value, key prefix)
 _LOADS: weakref.WeakKeyDictionary[Prior, tuple[list[str], dict[str, tuple[float, str]]]] = (
@@ -117,6 +131,19 @@ class Prior(nn.Module):
         self._exact[name] = float(value)
         self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()))
 
+    def _hyper_transformed(self) -> bool:
+        """Whether a hyper-parameter buffer is a ``torch.func`` transform's tensor: an ensemble
+        of layers stacked by ``torch.func.stack_module_state`` and run under ``vmap`` (one
+        prior value per member), or a buffer differentiated by ``torch.func.grad``. The fast
+        paths that read the values as Python floats (:meth:`_value`) cannot be used then
+        (vmap raised on ``.item()``); the tensors are used instead."""
+        if torch._C._functorch.peek_interpreter_stack() is None:  # no transform running
+            return False
+        return any(
+            buf is not None and _transformed(buf)
+            for buf in (self._buffers.get(n) for n in getattr(self, "_exact", {}))
+        )
+
     def _value(self, name: str) -> float:
         """A hyper-parameter as a Python float: the exact value given to the constructor while
         the buffer still holds it (rounded to the buffer's dtype), else the buffer's value.
@@ -152,7 +179,7 @@ class Prior(nn.Module):
         if mark is not None and mark[0] is buf and mark[1] == version >= 0:
             return
         current = float(buf)
-        if current != float(torch.tensor(self._exact[name], dtype=buf.dtype)):
+        if current != _rounded(self._exact[name], buf.dtype):
             self._exact[name] = current
         seen[name] = (buf, version)
 
@@ -183,7 +210,7 @@ class Prior(nn.Module):
             value = state_dict.get(prefix + name)
             if value is None:
                 continue
-            if float(value) != float(torch.tensor(exact, dtype=value.dtype)):
+            if float(value) != _rounded(exact, value.dtype):
                 self._exact[name] = float(value)
             buf = self._buffers.get(name)
             if (
@@ -377,6 +404,16 @@ class ScaleMixturePrior(Prior):
 
     def _components(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The two weighted component log-densities log(pi N1(w)) and log((1-pi) N2(w))."""
+        if self._hyper_transformed():
+            # inside a torch.func transform that holds the buffers (vmap over an ensemble's
+            # stacked priors): the same constants from the tensors, out of place
+            pi, s1, s2 = (_like(t, w) for t in (self.pi, self.sigma1, self.sigma2))
+            half_log_2pi = 0.5 * math.log(2 * math.pi)
+            w2 = w * w
+            return (
+                w2 * (-0.5 / (s1 * s1)) + (torch.log(pi) - torch.log(s1) - half_log_2pi),
+                w2 * (-0.5 / (s2 * s2)) + (torch.log1p(-pi) - torch.log(s2) - half_log_2pi),
+            )
         c1, c2, p1, p2 = self._constants()
         w2 = w * w
         return (w2 * (-0.5 * p1)).add_(c1), (w2 * (-0.5 * p2)).add_(c2)
