@@ -287,3 +287,35 @@ def test_a_cpu_layer_runs_under_a_meta_default_device(prior_key: str, how: str) 
     assert torch.get_default_device().type != "meta"
     torch.testing.assert_close(((y**2).sum() + kl).detach(), want, rtol=0, atol=0)
     assert model.net[0].weight_rho.grad is not None
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make", [bbb.GaussianPrior, bbb.LaplacePrior])
+def test_a_low_precision_prior_s_log_density_uses_its_exact_hyper_parameters(
+    make: Callable[[float], bbb.Prior], low: torch.dtype
+) -> None:
+    """A float16/bfloat16 prior's log_prob at float32/float64 weights (the Monte Carlo KL of
+    a low-precision layer is summed in float32) used its rounded buffers (sigma = 0.1 as
+    0.10009765625 in bfloat16: up to 0.1 nats per weight) while its gradients used the exact
+    value; now the float64 prior's log-density."""
+    w = torch.linspace(-1.0, 1.0, 9, dtype=F64)
+    want = make(0.1).double().log_prob(w)
+    torch.testing.assert_close(make(0.1).to(low).log_prob(w), want, rtol=1e-15, atol=0)
+    w32 = w.float()
+    got32 = make(0.1).to(low).log_prob(w32)
+    torch.testing.assert_close(got32, make(0.1).log_prob(w32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_the_laplace_closed_form_kl_of_a_low_precision_layer(low: torch.dtype) -> None:
+    """The Laplace closed form of float16/bfloat16 parameters (terms and sum in float32) used
+    the prior's rounded scale: +3.4 nats over these 6000 weights in bfloat16 (~0.04%); now
+    the float64 KL of the same parameters to float32's summation error (relative 2e-6 here,
+    checked at 2e-5, below a twentieth of that bias)."""
+    torch.manual_seed(6)
+    mu = (torch.randn(60, 100) * 0.05).to(low)
+    rho = torch.full((60, 100), -4.0).to(low)
+    got = K.closed_form_kl_sum(mu, rho, bbb.LaplacePrior(0.1).to(low))
+    want = K.closed_form_kl_sum(mu.double(), rho.double(), bbb.LaplacePrior(0.1).double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=0)
