@@ -246,13 +246,18 @@ DATA = resolve_data_dir(None)
 
 
 @pytest.mark.skipif(not (DATA / "mushroom").is_dir(), reason="no Mushroom data")
-def test_sigterm_during_bandit_exits_143_and_resumes_to_the_uninterrupted_regret(
+def test_sigterm_during_bandit_checkpoints_the_step_reached_and_resumes_to_the_same_regret(
     tmp_path: Path,
 ) -> None:
+    """SIGTERM stops `bbb bandit` after the step under way, which is checkpointed (as with
+    --max-minutes; breaking in mid-step lost up to --checkpoint-every steps), exit 143 with
+    the resume line; the resumed run's regret is that of an uninterrupted run."""
+    from bbb.train.checkpoint import list_checkpoints
+
     argv = [
-        "bandit", "--agents", "bbb-thompson", "greedy-0", "--steps", "300", "--seeds", "0",
+        "bandit", "--agents", "bbb-thompson", "greedy-0", "--steps", "400", "--seeds", "0",
         "--updates-per-step", "1", "--batch-size", "8", "--buffer-size", "16", "--hidden", "8",
-        "--checkpoint-every", "10", "--quiet", "--data-dir", str(DATA),
+        "--checkpoint-every", "150", "--quiet", "--data-dir", str(DATA),
     ]  # fmt: skip
     out = tmp_path / "b"
     ckpts = out / "checkpoints"
@@ -264,8 +269,12 @@ def test_sigterm_during_bandit_exits_143_and_resumes_to_the_uninterrupted_regret
     assert code == 143, err
     assert err.startswith("bbb: terminated (SIGTERM); continue (from its last checkpoint) with: ")
     assert err.rstrip().endswith(f"--out {out} --resume"), err
-    assert not (out / "metrics.json").exists()
     no_partial_files(out)
+    # the step reached is checkpointed: the newest checkpoint is at the results' last step
+    steps_done = len((out / "regret.csv").read_text().splitlines()) - 1
+    newest = list_checkpoints(ckpts)[-1]
+    assert 150 < steps_done < 400 and newest.name == f"checkpoint-{steps_done:05d}.pt"
+    assert json.loads((out / "metrics.json").read_text())["steps_done"] == steps_done
     assert main([*argv, "--out", str(out), "--resume"]) == 0
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref)]) == 0

@@ -133,10 +133,17 @@ class _Terminated(KeyboardInterrupt):
 
 
 class _TermState:
-    """Whether (and when) :func:`_sigterm_as_interrupt`'s handler has fired."""
+    """Whether (and when) :func:`_sigterm_as_interrupt`'s handler has fired. With ``defer``
+    set the handler only records the signal: the command stops at its next safe point (the
+    bandit: after the step under way, which it checkpoints first)."""
 
     fired = False
     when = 0.0
+    defer = False
+
+
+# the state of the handler installed by the running command (None: none installed)
+_ACTIVE_TERM: _TermState | None = None
 
 
 # a SIGTERM this soon after the first is the same stop, delivered twice (see below)
@@ -175,17 +182,22 @@ def _sigterm_as_interrupt(enabled: bool = True) -> typing.Iterator[_TermState]:
             return
         state.fired = True
         state.when = time.monotonic()
+        if state.defer:
+            return
         _terminate_children()
         raise _Terminated("terminated")
 
+    global _ACTIVE_TERM
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError):  # not settable here (an embedded interpreter)
         yield state
         return
+    _ACTIVE_TERM = state
     try:
         yield state
     finally:
+        _ACTIVE_TERM = None
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -742,10 +754,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         # its --quiet only turns the progress bar off: no bar into a log either (see _QUIET_HELP)
         args.quiet = not _show_progress(args.quiet)
 
+        # SIGTERM stops the bandit after the step under way, checkpointed (as --max-minutes
+        # does): up to checkpoint_every steps of work were lost when it broke in mid-step
+        term = _ACTIVE_TERM
+        if term is not None:
+            term.defer = True
         try:
-            return main_bandit(args)
+            return main_bandit(args)  # which reads term.fired after every step
         except KeyboardInterrupt:
             raise _Interrupted(_rerun_hint(argv, "from its last checkpoint")) from None
+        finally:
+            if term is not None:
+                term.defer = False
     parser.error(f"unknown command {args.command!r}")
     return 2
 

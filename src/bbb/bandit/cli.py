@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..nn.estimators import ESTIMATORS
@@ -136,8 +137,18 @@ def add_parser(sub: Any) -> None:
     )
 
 
-def main_bandit(args: Any) -> int:
-    """Run ``bbb bandit`` from parsed arguments."""
+def main_bandit(args: Any, should_stop: Callable[[], bool] | None = None) -> int:
+    """Run ``bbb bandit`` from parsed arguments.
+
+    ``should_stop`` is checked after every step: once true, the step reached is checkpointed
+    and ``KeyboardInterrupt`` is raised (the CLI then names the command that continues the
+    run). None: the ``bbb`` command's SIGTERM flag, when its handler defers to this check."""
+    if should_stop is None:
+        from .. import cli
+
+        term = cli._ACTIVE_TERM
+        if term is not None and term.defer:
+            should_stop = lambda: term.fired  # noqa: E731
     from dataclasses import fields
 
     # every BanditConfig field has a flag of the same name (argparse dest)
@@ -159,7 +170,10 @@ def main_bandit(args: Any) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             max_seconds=max_seconds,
+            should_stop=should_stop,
         )
+        if summary.get("stopped_by") == "request":
+            raise KeyboardInterrupt
     window = summary.get("per_step_regret_window", LATE_WINDOW)
     for agent, v in summary["agents"].items():
         # a standard deviation over one seed is not 0 but undefined: not printed

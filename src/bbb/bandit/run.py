@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,14 @@ def run_bandit(
     progress: bool = True,
     log: Any = print,
     max_seconds: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the bandit; writes regret CSV, metrics.json, the plot and checkpoints.
 
     ``max_seconds`` stops cleanly when the time is up (checked after every step; the step
-    reached is checkpointed), so a long run can span sessions with ``resume=True``. A
+    reached is checkpointed), so a long run can span sessions with ``resume=True``; so does
+    ``should_stop`` returning True (a stop requested from outside, e.g. a signal handler's
+    flag; the summary's ``stopped_by`` is then ``"request"``, else ``"time"``). A
     directory that already holds a run is an error unless ``resume`` (continue it) or
     ``overwrite`` (delete its checkpoints and results first). The run uses the kernels
     backend ``cfg.kernels`` (restored afterwards).
@@ -57,6 +61,7 @@ def run_bandit(
             progress=progress,
             log=log,
             max_seconds=max_seconds,
+            should_stop=should_stop,
             held=held,
         )
 
@@ -70,6 +75,7 @@ def _run_bandit(
     progress: bool,
     log: Any,
     max_seconds: float | None,
+    should_stop: Callable[[], bool] | None = None,
     held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """The run itself; ``held`` keeps the run directory's lock until :func:`run_bandit` returns."""
@@ -192,7 +198,7 @@ def _run_bandit(
         total=steps, initial=start_step, disable=not progress, desc="bandit", dynamic_ncols=True
     )
     step = start_step
-    stopped = False
+    stopped: str | None = None
     while step < steps:
         idx, lucky = environment_step(env_gens, n_rows)
         col = 0
@@ -229,10 +235,12 @@ def _run_bandit(
         out_of_time = (
             max_seconds is not None and step < steps and time.perf_counter() - t0 >= max_seconds
         )
-        if step % cfg.checkpoint_every == 0 or step == steps or out_of_time:
+        # a requested stop (SIGTERM in bbb bandit) likewise, after the step under way
+        requested = should_stop is not None and step < steps and should_stop()
+        if step % cfg.checkpoint_every == 0 or step == steps or out_of_time or requested:
             checkpoint(step)
-        if out_of_time:
-            stopped = True
+        if out_of_time or requested:
+            stopped = "request" if requested else "time"
             break
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -240,7 +248,9 @@ def _run_bandit(
     summary = _write_results(
         out, cfg, columns, regret[:done], realized[:done], done, elapsed, start_step
     )
-    summary["complete"] = not stopped and done == steps
+    summary["complete"] = stopped is None and done == steps
+    if stopped is not None:
+        summary["stopped_by"] = stopped
     if log:
         rate = (done - start_step) / max(elapsed, 1e-9)
         log(
