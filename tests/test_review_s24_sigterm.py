@@ -148,6 +148,9 @@ def test_the_handler_is_installed_by_the_command_only_and_restored(
     )
     assert seen and seen[0] is not before  # the command's own handler while it ran
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+    import bbb.cli
+
+    assert bbb.cli._ACTIVE_TERM is None  # nothing of the command's state is left behind
     monkeypatch.setattr(bbb.runs, "train_run", original)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3, 4]

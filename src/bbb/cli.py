@@ -193,11 +193,11 @@ def _sigterm_as_interrupt(enabled: bool = True) -> typing.Iterator[_TermState]:
     except (ValueError, OSError):  # not settable here (an embedded interpreter)
         yield state
         return
-    _ACTIVE_TERM = state
+    outer, _ACTIVE_TERM = _ACTIVE_TERM, state
     try:
         yield state
     finally:
-        _ACTIVE_TERM = None
+        _ACTIVE_TERM = outer  # main() called again inside a command: the outer one's
         signal.signal(signal.SIGTERM, previous)
 
 
