@@ -405,3 +405,48 @@ def test_bandit_merge_reads_an_old_runs_config_as_resume_does(
         ValueError, match=r"old/config\.json: unknown setting\(s\) some_future_setting"
     ):
         merge_runs([old, new], tmp_path / "m3")
+
+
+def test_an_interrupted_uci_pool_drops_its_queued_splits(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bbb uci --jobs 2` stopped by Ctrl-C/SIGTERM: leaving the process pool waited for every
+    queued split to train; the queued ones are now cancelled."""
+    import bbb.uci.run as uci_run
+    from bbb.cli import main
+
+    d = tmp_path / "tiny"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    rows = torch.cat([x, (x @ torch.tensor([1.0, -1.0]) + 3.0)[:, None]], 1).tolist()
+    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
+    (d / "index_features.txt").write_text("0\n1\n")
+    (d / "index_target.txt").write_text("2\n")
+    for split in range(3):
+        test = set(range(8 * split, 8 * split + 8))
+        (d / f"index_train_{split}.txt").write_text(
+            "".join(f"{i}\n" for i in range(40) if i not in test)
+        )
+        (d / f"index_test_{split}.txt").write_text("".join(f"{i}\n" for i in sorted(test)))
+    (d / "n_splits.txt").write_text("3\n")
+    shutdowns: list[bool] = []
+
+    class _Pool:
+        def __init__(self, *a: object, **k: object) -> None:
+            pass
+
+        def submit(self, *a: object, **k: object) -> object:
+            return object()
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            shutdowns.append(cancel_futures)
+
+    def interrupted(futures: object, finish: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uci_run, "ProcessPoolExecutor", _Pool)
+    monkeypatch.setattr(uci_run, "_results_of", interrupted)
+    code = main(["uci", str(d), "--jobs", "2", "--epochs", "1", "--out", str(tmp_path / "o")])
+    assert code == 130, capsys.readouterr().err
+    assert shutdowns == [True]

@@ -197,14 +197,21 @@ def _run_uci_body(
     if st.jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=min(st.jobs, len(todo)), mp_context=mp.get_context("spawn")
-        ) as pool:
+        )
+        try:
             futures = [
                 pool.submit(run_split, dataset.path, s, cfg, threads=st.threads, **kwargs)
                 for s in todo
             ]
             _results_of(futures, finish)  # a failed split keeps the others' results
+        except BaseException:
+            # Ctrl-C / SIGTERM: the queued splits are dropped (leaving a `with` block waited
+            # for every one of them to train); the finished ones are on disk for --resume
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     else:
         for s in todo:
             finish(run_split(dataset.path, s, cfg, **kwargs))  # type: ignore[arg-type]
