@@ -450,3 +450,25 @@ def test_an_interrupted_uci_pool_drops_its_queued_splits(
     code = main(["uci", str(d), "--jobs", "2", "--epochs", "1", "--out", str(tmp_path / "o")])
     assert code == 130, capsys.readouterr().err
     assert shutdowns == [True]
+
+
+def test_sweep_best_prints_the_toml_even_when_its_output_file_cannot_be_written(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optuna")
+    from bbb.cli import main
+
+    space = tmp_path / "space.toml"
+    space.write_text(
+        '[sweep]\ncommand = "train"\n[train]\ndataset = "toy"\ntoy_n = 32\nhidden = [4]\n'
+        "epochs = 1\nbatch_size = 16\nval_samples = 2\n[search]\nlr = { grid = [0.01] }\n"
+    )
+    assert main(["sweep", str(space), "--out", str(tmp_path / "sw"), "--no-trial-plots"]) == 0
+    capsys.readouterr()
+    code = main(["sweep", "best", str(tmp_path / "sw"), "-o", str(tmp_path / "nodir" / "b.toml")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "lr = 0.01" in out  # the TOML is not lost with the error
+    assert "cannot write" in err and "nodir" in err and len(err.strip().splitlines()) == 1
+    assert main(["sweep", "best", str(tmp_path / "sw"), "-o", str(tmp_path / "b.toml")]) == 0
+    assert (tmp_path / "b.toml").read_text() == capsys.readouterr().out

@@ -98,9 +98,18 @@ def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["best"]:
         a = best.parse_args(argv[1:])
         text = best_config_toml(Path(a.sweep_dir), storage=a.storage, study_name=a.study_name)
+        # printed first: a file that cannot be written loses nothing (it was lost with the
+        # error); written atomically (a crash never leaves half a TOML under the name)
+        print(text, end="", flush=True)
         if a.output:
-            Path(a.output).write_text(text, encoding="utf-8")
-        print(text, end="")
+            from ..train.checkpoint import atomic_write_text
+
+            try:
+                atomic_write_text(a.output, text)
+            except OSError as e:
+                raise SweepError(
+                    f"cannot write {a.output} ({e.strerror or e}); the TOML is printed above"
+                ) from None
         return 0
     a = run.parse_args(argv)
     # the options' values first, as bbb train does: before Optuna is imported or the space
