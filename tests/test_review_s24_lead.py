@@ -472,3 +472,12 @@ def test_sweep_best_prints_the_toml_even_when_its_output_file_cannot_be_written(
     assert "cannot write" in err and "nodir" in err and len(err.strip().splitlines()) == 1
     assert main(["sweep", "best", str(tmp_path / "sw"), "-o", str(tmp_path / "b.toml")]) == 0
     assert (tmp_path / "b.toml").read_text() == capsys.readouterr().out
+
+
+def test_a_point_prediction_given_to_regression_report_says_how_to_pass_it() -> None:
+    from bbb.metrics import regression_report
+
+    with pytest.raises(ValueError, match=r"read as \(S, B\).*means\.unsqueeze\(0\)"):
+        regression_report(torch.zeros(5, 1), torch.ones(5, 1), torch.zeros(5))
+    report = regression_report(torch.zeros(1, 5, 1), torch.ones(1, 5, 1), torch.zeros(5))
+    assert report["rmse"] == 0.0

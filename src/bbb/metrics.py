@@ -511,7 +511,8 @@ def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor,
     mu = _as_float64(means, "means")
     var = _as_float64(vars, "vars")
     y = _as_float64(target, "target")
-    if mu.dim() == 2:  # (S, B) with scalar outputs
+    two_d = mu.dim() == 2
+    if two_d:  # (S, B) with scalar outputs
         mu = mu.unsqueeze(2)
     if var.dim() == 2:
         var = var.unsqueeze(2)
@@ -530,6 +531,13 @@ def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor,
             f"target must have shape ({B}, {D})"
             + (f" or ({B},)" if D == 1 else "")
             + f" to match means of shape {_shape(mu)}, got shape {_shape(y)}"
+            + (
+                " (a 2-D means is read as (S, B): S weight samples of B scalar outputs; for"
+                " one prediction per example, of shape (B, D), pass means.unsqueeze(0) and"
+                " vars.unsqueeze(0))"
+                if two_d
+                else ""
+            )
         )
     _require_positive(var, "vars")
     return mu, var, y2
