@@ -75,6 +75,24 @@ def test_a_bad_value_in_a_config_file_names_the_file(
     assert str(cfg) not in err
 
 
+def _tiny_uci(d, splits: int):
+    """A 40-row, 2-feature data set in the UCI split format; split s tests rows 8s..8s+7."""
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    rows = torch.cat([x, (x @ torch.tensor([1.0, -1.0]) + 3.0)[:, None]], 1).tolist()
+    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
+    (d / "index_features.txt").write_text("0\n1\n")
+    (d / "index_target.txt").write_text("2\n")
+    for split in range(splits):
+        test = set(range(8 * split, 8 * split + 8))
+        train = "".join(f"{i}\n" for i in range(40) if i not in test)
+        (d / f"index_train_{split}.txt").write_text(train)
+        (d / f"index_test_{split}.txt").write_text("".join(f"{i}\n" for i in sorted(test)))
+    (d / "n_splits.txt").write_text(f"{splits}\n")
+    return d
+
+
 def test_sweep_best_gives_an_absolute_uci_path_for_a_relative_one(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,16 +104,7 @@ def test_sweep_best_gives_an_absolute_uci_path_for_a_relative_one(
 
     from bbb.cli import main
 
-    d = tmp_path / "sets" / "tiny"
-    d.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 2, generator=g)
-    rows = torch.cat([x, (x @ torch.tensor([1.0, -1.0]) + 3.0)[:, None]], 1).tolist()
-    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
-    (d / "index_features.txt").write_text("0\n1\n")
-    (d / "index_target.txt").write_text("2\n")
-    (d / "index_train_0.txt").write_text("".join(f"{i}\n" for i in range(8, 40)))
-    (d / "index_test_0.txt").write_text("".join(f"{i}\n" for i in range(8)))
+    _tiny_uci(tmp_path / "sets" / "tiny", splits=1)
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "space.toml"
     space.write_text(
@@ -415,21 +424,7 @@ def test_an_interrupted_uci_pool_drops_its_queued_splits(
     import bbb.uci.run as uci_run
     from bbb.cli import main
 
-    d = tmp_path / "tiny"
-    d.mkdir()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 2, generator=g)
-    rows = torch.cat([x, (x @ torch.tensor([1.0, -1.0]) + 3.0)[:, None]], 1).tolist()
-    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
-    (d / "index_features.txt").write_text("0\n1\n")
-    (d / "index_target.txt").write_text("2\n")
-    for split in range(3):
-        test = set(range(8 * split, 8 * split + 8))
-        (d / f"index_train_{split}.txt").write_text(
-            "".join(f"{i}\n" for i in range(40) if i not in test)
-        )
-        (d / f"index_test_{split}.txt").write_text("".join(f"{i}\n" for i in sorted(test)))
-    (d / "n_splits.txt").write_text("3\n")
+    d = _tiny_uci(tmp_path / "tiny", splits=3)
     shutdowns: list[bool] = []
 
     class _Pool:
