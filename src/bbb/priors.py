@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch import distributions as D
 
 __all__ = ["Prior", "GaussianPrior", "ScaleMixturePrior", "LaplacePrior", "make_prior"]
+
+_P = TypeVar("_P", bound="Prior")
 
 
 def _number(name: str, value: object, what: str) -> float:
@@ -114,6 +118,10 @@ class Prior(nn.Module):
         needs it. This default differentiates :meth:`log_prob` with autograd; the built-in
         priors override it with their closed forms.
         """
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # inside a torch.func transform (vmap over stacked priors, grad), which refuses
+            # requires_grad_ and autograd.grad: its own derivative of the same sum
+            return torch.func.grad(lambda x: self.log_prob(x).sum())(w)
         with torch.enable_grad():
             x = w.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.log_prob(x).sum(), x)
@@ -211,8 +219,15 @@ class Prior(nn.Module):
             return getattr(self, "_exact", {}).get(name, math.nan)
         return t.item()
 
-    def _load_from_state_dict(  # type: ignore[no-untyped-def, override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         bad = self._invalid_hyper_parameters(state_dict, prefix)
         bad += self._conflicting_shared_values(state_dict, prefix, error_msgs)
@@ -300,7 +315,7 @@ class Prior(nn.Module):
                 bad.append(f"{type(self).__name__} {prefix}{name} must lie in (0, 1), got {v!r}")
         return bad
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
+    def _apply(self: _P, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _P:
         names = [n for n in getattr(self, "_exact", {}) if n not in self._parameters]
         was_meta = set()
         for name in names:  # an edited buffer's value, not the stale exact one, is converted
@@ -351,6 +366,12 @@ class GaussianPrior(Prior):
         return -0.5 * z * z - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
+        if self._hyper_transformed():
+            # inside a torch.func transform that holds the buffers (vmap over stacked priors):
+            # their values are no Python floats there (float() raised); the tensors, out of
+            # place (an in-place op on an unbatched tensor cannot take a batched operand)
+            t_mean, t_sigma = _like(self.mean, w), _like(self.sigma, w)
+            return (w - t_mean) * (-1.0 / (t_sigma * t_sigma))
         mean, sigma = self._value("mean"), self._value("sigma")
         return (w - mean).mul_(-1.0 / (sigma * sigma))
 
@@ -457,12 +478,28 @@ class ScaleMixturePrior(Prior):
         # +-mixture_clamp(p1, p2) (80 for every sigma2 / sigma1 above e^-20): beyond it the
         # smaller responsibility changes nothing, while exp(-|u|) in the denormal range would
         # make the sigmoids ~100x slower on x86 (3x the whole bandit update, issue 6).
+        if self._hyper_transformed():
+            return self._grad_log_prob_tensors(w)
         c1, c2, p1, p2 = self._constants()
         bound = mixture_clamp(p1, p2)
         u = (w * w).mul_(0.5 * (p2 - p1)).add_(c1 - c2).clamp_(-bound, bound)
         r1 = torch.sigmoid(u)
         r2 = torch.sigmoid(u.neg_())
         return r1.mul_(p1).add_(r2, alpha=p2).mul_(w).neg_()
+
+    def _grad_log_prob_tensors(self, w: Tensor) -> Tensor:
+        """:meth:`grad_log_prob` from the hyper-parameter tensors, out of place: inside a
+        ``torch.func`` transform that holds the buffers (vmap over stacked priors), where
+        their values are no Python floats (:meth:`_constants` raised)."""
+        pi, s1, s2 = (_like(t, w) for t in (self.pi, self.sigma1, self.sigma2))
+        p1, p2 = 1.0 / (s1 * s1), 1.0 / (s2 * s2)
+        log_s1, log_s2 = torch.log(s1), torch.log(s2)
+        # c1 - c2 of _constants (its log(sqrt(2 pi)) terms cancel) and mixture_clamp's bound
+        dc = torch.log(pi) - log_s1 - torch.log1p(-pi) + log_s2
+        bound = (40.0 + 2.0 * (log_s1 - log_s2).abs()).clamp_min(80.0)
+        u = w * w * (0.5 * (p2 - p1)) + dc
+        u = torch.minimum(torch.maximum(u, -bound), bound)
+        return -(torch.sigmoid(u) * p1 + torch.sigmoid(-u) * p2) * w
 
     def extra_repr(self) -> str:
         return (
@@ -496,6 +533,9 @@ class LaplacePrior(Prior):
         return -(w - loc).abs() / scale - torch.log(2 * scale)
 
     def grad_log_prob(self, w: Tensor) -> Tensor:
+        if self._hyper_transformed():
+            # the tensors inside a torch.func transform (see GaussianPrior.grad_log_prob)
+            return torch.sign(w - _like(self.loc, w)) * (-1.0 / _like(self.scale, w))
         return torch.sign(w - self._value("loc")).mul_(-1.0 / self._value("scale"))
 
     def extra_repr(self) -> str:
