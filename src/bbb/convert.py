@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,12 +62,15 @@ def _bayes_for(
     if not _convertible(module):
         return None
     w = getattr(module, "weight", None)
-    factory = {"device": w.device, "dtype": w.dtype} if isinstance(w, torch.Tensor) else {}
-    kwargs = {**kwargs, "prior": prior_for(factory.get("dtype"))}
-    new: nn.Module | None = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    if isinstance(w, torch.Tensor):
+        device, dtype = w.device, w.dtype
+    kwargs = {**kwargs, "prior": prior_for(dtype), "device": device, "dtype": dtype}
+    new: BayesLinear | _BayesConvNd | None = None
     if type(module) is nn.Linear:
         new = BayesLinear(
-            module.in_features, module.out_features, module.bias is not None, **kwargs, **factory
+            module.in_features, module.out_features, module.bias is not None, **kwargs
         )
     else:
         for torch_cls, bayes_cls in _CONV_PAIRS:
@@ -78,24 +81,24 @@ def _bayes_for(
                 new = bayes_cls(
                     module.in_channels,
                     module.out_channels,
-                    module.kernel_size,  # type: ignore[arg-type]
-                    stride=module.stride,  # type: ignore[arg-type]
-                    padding=module.padding,  # type: ignore[arg-type]
-                    dilation=module.dilation,  # type: ignore[arg-type]
+                    module.kernel_size,
+                    stride=module.stride,
+                    padding=module.padding,
+                    dilation=module.dilation,
                     groups=module.groups,
                     bias=module.bias is not None,
                     padding_mode=module.padding_mode,
                     **kwargs,
-                    **factory,
                 )
     if new is None:
         return None
     if init_from_weights:
-        assert isinstance(new, (BayesLinear, _BayesConvNd))
+        # only these exact types reach here (_convertible)
+        assert isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
         with torch.no_grad():
-            new.weight_mu.copy_(module.weight)  # type: ignore[arg-type]
-            if module.bias is not None and new.bias_mu is not None:  # type: ignore[union-attr]
-                new.bias_mu.copy_(module.bias)  # type: ignore[arg-type]
+            new.weight_mu.copy_(module.weight)
+            if module.bias is not None and new.bias_mu is not None:
+                new.bias_mu.copy_(module.bias)
     _carry_over(
         module, new, {"weight": ("weight_mu", "weight_rho"), "bias": ("bias_mu", "bias_rho")}
     )
@@ -295,7 +298,9 @@ def _left_deterministic(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(m, (BayesModule, Likelihood)):
             skip.update(id(x) for x in m.modules())
         elif parametrize.is_parametrized(m):
-            skip.update(id(x) for x in m.parametrizations.modules())
+            held = m.parametrizations
+            assert isinstance(held, nn.Module)  # a ModuleDict on every parametrized module
+            skip.update(id(x) for x in held.modules())
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -341,7 +346,9 @@ def _copy(model: nn.Module, caller: str) -> nn.Module:
         ) from e
 
 
-def _warn_lost(hooked: list[str], tied: list[str], caller: str, buffers: list[str] = ()) -> None:  # type: ignore[assignment]
+def _warn_lost(
+    hooked: list[str], tied: list[str], caller: str, buffers: Sequence[str] = ()
+) -> None:
     """Warn that the hooks of the replaced layers ``hooked``, the ties ``tied`` and the
     buffers ``buffers`` registered on replaced layers are lost."""
     import warnings
@@ -435,12 +442,18 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
     if module.weight_mask is not None:
         w = w * module.weight_mask
     factory = {"device": w.device, "dtype": w.dtype}
-    bias = module.bias_mu is not None
-    new: nn.Module
+    bias_mu = module.bias_mu
+    bias = bias_mu is not None
+    new: nn.Linear | nn.modules.conv._ConvNd
     if isinstance(module, BayesLinear):
         new = nn.Linear(module.in_features, module.out_features, bias, **factory)
     else:
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[module._dim]
+        # the layer's sizes are tuples of _dim ints, as that class takes them
+        cls: Callable[..., nn.modules.conv._ConvNd] = {
+            1: nn.Conv1d,
+            2: nn.Conv2d,
+            3: nn.Conv3d,
+        }[module._dim]
         new = cls(
             module.in_channels,
             module.out_channels,
@@ -454,9 +467,10 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
             **factory,
         )
     with torch.no_grad():
-        new.weight.copy_(w)  # type: ignore[operator]
-        if bias:
-            new.bias.copy_(module.bias_mu)  # type: ignore[union-attr,operator]
+        new.weight.copy_(w)
+        if bias_mu is not None:
+            assert new.bias is not None  # built with bias=True
+            new.bias.copy_(bias_mu)
     _carry_over(module, new, {"weight_mu": ("weight",), "bias_mu": ("bias",)})
     return new
 

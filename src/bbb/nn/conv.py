@@ -13,8 +13,9 @@ approximation (a popular and effective one); ``"reparam"`` and ``"flipout"`` are
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,11 @@ class _BayesConvNd(BayesModule):
             values = tuple(value)
         else:
             raise ValueError(f"{name} {arg} must be {accepted}, got {value!r}")
-        if not all(_is_int(v) and int(v) >= minimum for v in values):  # type: ignore[call-overload]
+        # (_is_int checks the type, which mypy cannot see: the casts)
+        if not all(_is_int(v) and int(cast(numbers.Integral, v)) >= minimum for v in values):
             kind = "positive" if minimum == 1 else "non-negative"
             raise ValueError(f"{name} {arg} must be {kind} integers, got {value!r}")
-        return tuple(int(v) for v in values)  # type: ignore[call-overload]
+        return tuple(int(cast(numbers.Integral, v)) for v in values)
 
     def _check_input(self, x: Tensor) -> None:
         d, c = self._dim, self.in_channels

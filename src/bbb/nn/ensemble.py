@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule, positive_int
+from .module import BayesModule, _Record, positive_int
 
 __all__ = ["BayesLinearEnsemble"]
 
@@ -84,7 +84,7 @@ class BayesLinearEnsemble(BayesModule):
             )
             self.reset_parameters()  # the constructor's mu_init and rho_init
 
-    def _noise(self, num_samples: int, like: Tensor):  # type: ignore[override]
+    def _noise(self, num_samples: int, like: Tensor) -> _Record:
         record = super()._noise(num_samples, like)
         if self.bias_mu is not None:
             record.eps_b = torch.randn(

@@ -29,8 +29,9 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ _UNSEEN = itertools.count(-2, -1)
 # BayesModule._param_versions inside a compiled region: a key that is never current
 _UNKNOWN_VERSIONS: tuple[int, ...] = (-1,)
 MU_INITS = ("paper", "fan_in")
+_M = TypeVar("_M", bound="BayesModule")
 
 
 def _is_int(value: object) -> bool:
@@ -76,10 +78,11 @@ def positive_int(owner: str, name: str, value: object) -> int:
     """``value`` as an ``int`` if it is a positive integer, else a ``ValueError`` naming
     ``owner`` (the layer) and the argument ``name``. Bools are rejected (``True`` would
     otherwise pass as 1)."""
-    if not _is_int(value) or int(value) < 1:  # type: ignore[call-overload]
+    # (_is_int has checked the type, which mypy cannot see: the casts)
+    if not _is_int(value) or int(cast(numbers.Integral, value)) < 1:
         hint = " (a bool is not accepted)" if isinstance(value, bool) else ""
         raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}{hint}")
-    return int(value)  # type: ignore[call-overload]
+    return int(cast(numbers.Integral, value))
 
 
 def _range(name: str, value: object, accepted: str) -> tuple[float, float]:
@@ -126,7 +129,7 @@ def rho_init_range(rho_init: object) -> tuple[float, float]:
     """The uniform range ``(low, high)`` of a ``rho_init`` option (a constant ``c`` gives
     ``(c, c)``); a ValueError naming ``rho_init`` if it is invalid."""
     if _is_real(rho_init):
-        value = float(rho_init)  # type: ignore[arg-type]
+        value = float(cast(numbers.Real, rho_init))
         if not math.isfinite(value):
             raise ValueError(f"rho_init must be finite, got {rho_init!r}")
         return value, value
@@ -245,13 +248,12 @@ class BayesModule(nn.Module):
         self.mode = "sample"
         self.num_samples = 1
         self._fan_in = fan_in
-        factory = {"device": device, "dtype": dtype}
         out = weight_shape[0]
-        self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory))
-        self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory))
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
+        self.weight_rho = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
         if bias:
-            self.bias_mu = nn.Parameter(torch.empty(out, **factory))
-            self.bias_rho = nn.Parameter(torch.empty(out, **factory))
+            self.bias_mu = nn.Parameter(torch.empty(out, device=device, dtype=dtype))
+            self.bias_rho = nn.Parameter(torch.empty(out, device=device, dtype=dtype))
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
@@ -260,7 +262,8 @@ class BayesModule(nn.Module):
         self._frozen: _Record | None = None
         # the constructor's initialisation, re-applied by reset_parameters() without arguments
         self._mu_init = mu_init if isinstance(mu_init, str) else tuple(mu_init)
-        rho = rho_init if _is_real(rho_init) else tuple(rho_init)  # type: ignore[arg-type]
+        # a number, else (checked by rho_init_range) a sequence of two numbers
+        rho = rho_init if _is_real(rho_init) else tuple(cast("Sequence[float]", rho_init))
         self._rho_init = rho
         self.reset_parameters()
 
@@ -297,7 +300,7 @@ class BayesModule(nn.Module):
             rho.uniform_(r_low, r_high)
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        pairs = [(self.weight_mu, self.weight_rho)]
+        pairs: list[tuple[Tensor, Tensor]] = [(self.weight_mu, self.weight_rho)]
         if self.bias_mu is not None and self.bias_rho is not None:
             pairs.append((self.bias_mu, self.bias_rho))
         return pairs
@@ -382,7 +385,8 @@ class BayesModule(nn.Module):
     def _posterior_and_sigmas(self) -> tuple[est.Posterior, Tensor, Tensor | None]:
         """The (masked) posterior and the unmasked ``softplus(rho)`` of weight and bias."""
         sigma_w = F.softplus(self.weight_rho)
-        w_mu, w_sigma = self.weight_mu, sigma_w
+        w_mu: Tensor = self.weight_mu
+        w_sigma = sigma_w
         if self.weight_mask is not None:
             w_mu = w_mu * self.weight_mask
             w_sigma = w_sigma * self.weight_mask
@@ -473,7 +477,7 @@ class BayesModule(nn.Module):
         mode = self.mode
         if mode == "mean":
             # no softplus: the mean network does not need sigma
-            w_mu = self.weight_mu
+            w_mu: Tensor = self.weight_mu
             if self.weight_mask is not None:
                 w_mu = w_mu * self.weight_mask
             self._record = _Record()
@@ -751,7 +755,7 @@ class BayesModule(nn.Module):
                 )
             mode = _kl.resolve_kl_mode(self._kl_request, value)
             super().__setattr__(name, value)
-            super().__setattr__("kl_mode", mode)
+            super().__setattr__("kl_mode", mode)  # type: ignore[arg-type]  # torch's hint
             return
         if "_kl_request" in self.__dict__:
             # the options a forward pass dispatches on, set after construction: validated as
@@ -771,10 +775,12 @@ class BayesModule(nn.Module):
                     raise ValueError(
                         f"unknown kl mode {value!r}; accepted values: {', '.join(_kl.KL_MODES)}"
                     )
-                super().__setattr__("_kl_request", value)
+                super().__setattr__("_kl_request", value)  # type: ignore[arg-type]  # as below
                 if value == "auto":
                     value = _kl.resolve_kl_mode("auto", self.prior)
-        super().__setattr__(name, value)
+        # torch's hint says Tensor | Module; nn.Module.__setattr__ stores any other value as
+        # a plain attribute
+        super().__setattr__(name, value)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- modes
     def resample(self) -> None:
@@ -790,11 +796,11 @@ class BayesModule(nn.Module):
         self.mode = mode
 
     # ----------------------------------------------------------------- state dict
-    def _load_from_state_dict(  # type: ignore[override]
+    def _load_from_state_dict(
         self,
         state_dict: dict[str, Tensor],
         prefix: str,
-        local_metadata: dict,
+        local_metadata: dict[str, Any],
         strict: bool,
         missing_keys: list[str],
         unexpected_keys: list[str],
@@ -825,7 +831,7 @@ class BayesModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self: _M, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _M:
         # .to(device/dtype), .double(), .half(), .cuda(), .cpu(), to_empty(): what the latest
         # forward left for kl() is on the old device and dtype and is not seen as stale (the
         # parameters keep their identity and version counter). Its noise is kept, moved like
@@ -1012,7 +1018,7 @@ def vectorized_samples(
     once per example: :mod:`bbb.nn.stacking`). A model without Bayesian layers gets a
     warning (its S copies would be identical), except from bbb's own callers.
     """
-    if not _is_int(num_samples) or num_samples < 1:  # type: ignore[operator]
+    if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not _has_bayes(model):
         _warn_no_layers(model, f"vectorized_samples(model, {num_samples!r})")
