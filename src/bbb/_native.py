@@ -42,6 +42,7 @@ import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,6 +65,8 @@ KINDS = {"reparam": 0, "flipout": 1, "local": 2}
 #: ("gaussian", loc, inv_var) with the closed-form KL; ("mixture", c1, c2, p1, p2) with the
 #: single-sample Monte Carlo KL, c_k = log(pi_k / s_k / sqrt(2 pi)), p_k = 1 / s_k^2
 PRIORS = {"gaussian": (0, 2), "mixture": (1, 4)}
+# a prior as the kernels take it: ("gaussian", loc, inv_var) or ("mixture", c1, c2, p1, p2)
+NativePrior = tuple[str | float, ...]
 _ABI = 9
 _CHUNK = 1 << 15  # elements per block: the unit of threading and of the KL's partial sums
 
@@ -251,13 +254,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bbb_threefry2x32.restype = None
     # fwd: mu, rho, t, eps, sigma, start, stride, n, chunk, k0, k1, prior, a0..a3, kind,
     # samples, partial, threads
-    lib.bbb_sample_kl_fwd.argtypes = [vp] * 5 + [i64] * 4 + [u32] * 2 + [c_int] + [f32] * 4
-    lib.bbb_sample_kl_fwd.argtypes += [c_int, c_int, vp, c_int]
+    fwd: list[type[ctypes._SimpleCData[Any]]] = [vp] * 5 + [i64] * 4 + [u32] * 2 + [c_int]
+    lib.bbb_sample_kl_fwd.argtypes = fwd + [f32] * 4 + [c_int, c_int, vp, c_int]
     lib.bbb_sample_kl_fwd.restype = None
     # bwd: mu, rho, sigma, eps, g_t, g_mu, g_kl, grad_mu, grad_rho, n, chunk, prior, a0..a3,
     # kind, samples, threads
-    lib.bbb_sample_kl_bwd.argtypes = [vp] * 6 + [f32, vp, vp, i64, i64, c_int] + [f32] * 4
-    lib.bbb_sample_kl_bwd.argtypes += [c_int, c_int, c_int]
+    bwd: list[type[ctypes._SimpleCData[Any]]] = [vp] * 6 + [f32, vp, vp, i64, i64, c_int]
+    lib.bbb_sample_kl_bwd.argtypes = bwd + [f32] * 4 + [c_int, c_int, c_int]
     lib.bbb_sample_kl_bwd.restype = None
 
 
@@ -355,21 +358,22 @@ def normal(shape: tuple[int, ...] | torch.Size) -> Tensor:
     return out
 
 
-def _prior(prior: tuple[object, ...]) -> tuple[int, list[float], bool]:
+def _prior(prior: NativePrior) -> tuple[int, list[float], bool]:
     """(code, four constants, whether every kind draws noise) of a prior tuple (PRIORS)."""
     name = prior[0]
-    if name not in PRIORS or len(prior) != 1 + PRIORS[name][1]:  # type: ignore[index]
+    spec = PRIORS.get(name) if isinstance(name, str) else None
+    if spec is None or len(prior) != 1 + spec[1]:
         raise ValueError(
             f"bbb native kernels: prior must be ('gaussian', loc, inv_var) or ('mixture', c1, "
             f"c2, p1, p2), got {prior!r}"
         )
-    code = PRIORS[name][0]  # type: ignore[index]
-    consts = [float(v) for v in prior[1:]]  # type: ignore[arg-type]
+    code = spec[0]
+    consts = [float(v) for v in prior[1:]]
     return code, consts + [0.0] * (4 - len(consts)), code != 0
 
 
 def sample_kl_fwd(
-    kind: str, mu: Tensor, rho: Tensor, prior: tuple[object, ...], samples: int = 1
+    kind: str, mu: Tensor, rho: Tensor, prior: NativePrior, samples: int = 1
 ) -> tuple[Tensor, float, Tensor, Tensor | None]:
     """``(t, KL sum, sigma, eps)`` for flat contiguous float32 ``mu``, ``rho`` (n elements).
 
@@ -424,7 +428,7 @@ def sample_kl_bwd(
     eps: Tensor | None,
     g_t: Tensor,
     g_kl: float,
-    prior: tuple[object, ...],
+    prior: NativePrior,
     g_mu: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``g_kl * KL + sum <g_t, t> + <g_mu, mu>`` w.r.t. mu and rho (flat float32

@@ -11,9 +11,11 @@ Backends (a process-wide setting, :func:`set_kernels`; ``bbb train --kernels com
 
 - ``"eager"`` (default): plain PyTorch operations, no compilation.
 - ``"compile"``: each kernel is compiled on first use (a few seconds per kernel and weight
-  shape, once per process) and reused. Where compilation is not available (no C++ compiler,
-  an unsupported platform or dtype), the first failure is reported once as a warning and the
-  eager kernel is used from then on: training never stops because of the backend.
+  shape, once per process) and reused. Where compilation fails (no C++ compiler, an
+  unsupported platform, dtype or device), a warning says so once per kernel and argument
+  types (dtypes, devices, ranks), naming them and why, and the eager kernel runs for those
+  argument types from then on, the compiled one for the others (where ``torch.compile``
+  itself raises, for all): training never stops because of the backend.
 - ``"native"``: a small C library (:mod:`bbb._native`, built once with the system C compiler,
   under a second, and cached) draws the weight noise (Threefry-2x32-20 counters and the
   Box-Muller transform, vectorized: 2-5x faster than ``torch.randn`` on CPU) for every Bayesian
@@ -34,10 +36,11 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from . import _native
 from .priors import GaussianPrior, LaplacePrior, Prior, ScaleMixturePrior, mixture_clamp
@@ -106,30 +109,88 @@ def use_kernels(name: str) -> Iterator[None]:
         set_kernels(previous)
 
 
+_Signature = tuple[object, ...]
+
+
+def _signature(args: tuple[Any, ...]) -> _Signature:
+    """What a compiled kernel is specialized on, as far as a compilation failure can depend on
+    it: each tensor's dtype, device and number of dimensions (sizes are dynamic), each bool's
+    value (a branch), each other argument's type."""
+    return tuple(
+        (a.dtype, a.device, a.dim()) if isinstance(a, Tensor) else a if isinstance(a, bool)
+        else type(a)
+        for a in args
+    )  # fmt: skip
+
+
+def _describe(sig: _Signature) -> str:
+    def one(x: object) -> str:
+        if isinstance(x, tuple):
+            dtype, device, dim = x
+            return f"{str(dtype).removeprefix('torch.')} {dim}-d on {device}"
+        return repr(x) if isinstance(x, bool) else getattr(x, "__name__", str(x))
+
+    return ", ".join(one(x) for x in sig)
+
+
 class _Kernel:
-    """An eager function and its compiled twin, compiled lazily, eager after a failure."""
+    """An eager function and its compiled twin, compiled lazily.
+
+    A failure to compile for one argument signature (:func:`_signature`: dtypes, devices,
+    ranks, flags) makes that signature run eagerly, with one warning that names it and why;
+    the other signatures stay compiled. Only where ``torch.compile`` itself is unavailable
+    (it raises before compiling anything) does every signature run eagerly."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._compiled: Callable[..., Any] | None = None
-        self.failed: str | None = None
+        self._failed: dict[_Signature, str] = {}  # signature -> why it failed
+        self._broken: str | None = None  # torch.compile unavailable: why
         _ALL.append(self)
+
+    @property
+    def failed(self) -> str | None:
+        """Why compiling failed so far ("; " between signatures), or None."""
+        whys = ([] if self._broken is None else [self._broken]) + list(self._failed.values())
+        return "; ".join(whys) or None
+
+    @failed.setter
+    def failed(self, value: str | None) -> None:
+        # None forgets every failure (compiling is tried again); a message marks the kernel
+        # failed for every signature
+        self._failed = {}
+        self._broken = value
 
     def __call__(self, *args: Any) -> Any:
         # compiled only under "compile": the "native" backend is no licence to run
         # torch.compile (seconds per kernel, or a warning without a C++ compiler)
-        if _backend != "compile" or self.failed is not None:
+        if _backend != "compile":
             return self.fn(*args)
-        try:
-            if self._compiled is None:
+        if self._broken is not None or (self._failed and _signature(args) in self._failed):
+            return self.fn(*args)
+        if self._compiled is None:
+            try:
                 # dynamic: one compiled loop serves every weight count (inputs are flattened)
                 self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            except Exception as err:  # noqa: BLE001 - no torch.compile here: eager, say so once
+                self._broken = f"{type(err).__name__}: {err}"[:300]
+                warnings.warn(
+                    f"bbb kernels: torch.compile failed for {self.fn.__name__} "
+                    f"({self._broken}); using the eager kernel from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return self.fn(*args)
+        try:
             return self._compiled(*args)
         except Exception as err:  # noqa: BLE001 - any backend failure: fall back, say so once
-            self.failed = f"{type(err).__name__}: {err}"[:300]
+            sig = _signature(args)
+            why = f"{type(err).__name__}: {err}"[:300]
+            self._failed[sig] = f"({_describe(sig)}) {why}"
             warnings.warn(
-                f"bbb kernels: torch.compile failed for {self.fn.__name__} ({self.failed}); "
-                "using the eager kernel from now on",
+                f"bbb kernels: torch.compile failed for {self.fn.__name__} with arguments "
+                f"({_describe(sig)}): {why}; using the eager kernel for these argument types "
+                "(dtypes, devices, ranks) from now on, the compiled one for the others",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -141,11 +202,13 @@ _native_warned = False
 
 
 def failures() -> dict[str, str]:
-    """Kernels that failed to build in this process (name -> error), now run eagerly."""
-    out = {k.fn.__name__.lstrip("_"): k.failed for k in _ALL if k.failed is not None}
-    if _native.error() is not None:
-        out["native"] = _native.error()  # type: ignore[assignment]
-    return out  # type: ignore[return-value]
+    """Kernels that failed to build in this process (name -> error, with the argument types
+    it failed for), which run eagerly (for those argument types)."""
+    out = {k.fn.__name__.lstrip("_"): why for k in _ALL if (why := k.failed) is not None}
+    native = _native.error()
+    if native is not None:
+        out["native"] = native
+    return out
 
 
 def _functorch_active() -> bool:
@@ -182,19 +245,44 @@ def native_ready() -> bool:
 
 
 # ----------------------------------------------------------------------------- second order
+class _Ctx(FunctionCtx):
+    """The ``ctx`` of an autograd.Function as it is at runtime, for the type checker only
+    (never instantiated): what torch's ``FunctionCtx`` stub leaves out, and, in subclasses,
+    the attributes each Function stores on it."""
+
+    saved_tensors: tuple[Any, ...]  # a Tensor each, or None where None was saved
+    needs_input_grad: tuple[bool, ...]
+
+    if TYPE_CHECKING:  # torch saves None too; its stub takes Tensors only
+
+        def save_for_backward(self, *tensors: Tensor | None) -> None: ...
+
+
+class _FirstOrderCtx(_Ctx):
+    message: str
+
+
 class _FirstOrderOnly(torch.autograd.Function):
     """Passes gradients through; differentiating them raises ``message`` (see
-    :func:`first_order_only`)."""
+    :func:`first_order_only`).
+
+    A new-style Function (forward without ctx, :meth:`setup_context`) with a generated vmap
+    rule: it runs inside ``torch.func`` transforms, e.g. a backward batched by vmap
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``),
+    where an old-style one raised a RuntimeError that it needs ``setup_context``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, message: str, sources: int, *tensors: Tensor
-    ) -> tuple[Tensor, ...]:
-        ctx.message = message
+    def forward(message: str, sources: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(g.view_as(g) for g in tensors[sources:])
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, *_: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+    def setup_context(ctx: _FirstOrderCtx, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx: _FirstOrderCtx, *_: Tensor) -> tuple[None, ...]:
         raise RuntimeError(ctx.message)
 
 
@@ -438,12 +526,19 @@ _K_BWD_EPS = _Kernel(_bwd_eps)
 _K_BWD_VAR = _Kernel(_bwd_var)
 
 
+class _SampleKLCtx(_Ctx):
+    kind: str
+    loc: float
+    inv_var: float
+    shape: torch.Size
+
+
 class _SampleKL(torch.autograd.Function):
     """(t, KL) from (mu, rho); see :func:`sample_and_kl`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: _SampleKLCtx,
         mu: Tensor,
         rho: Tensor,
         eps: Tensor | None,
@@ -462,9 +557,7 @@ class _SampleKL(torch.autograd.Function):
         return t.view(shape), kl + const
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g_t: Tensor, g_kl: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: _SampleKLCtx, g_t: Tensor, g_kl: Tensor) -> tuple[Tensor | None, ...]:
         mf, rf, sigma, ef, mu, rho = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that have a graph
             gm2, gr2 = _sample_kl_grads2(ctx, mu, rho, ef, g_t, g_kl)
@@ -479,7 +572,7 @@ class _SampleKL(torch.autograd.Function):
 
 
 def _sample_kl_grads2(
-    ctx: Any, mu: Tensor, rho: Tensor, ef: Tensor | None, g_t: Tensor, g_kl: Tensor
+    ctx: _SampleKLCtx, mu: Tensor, rho: Tensor, ef: Tensor | None, g_t: Tensor, g_kl: Tensor
 ) -> tuple[Tensor | None, Tensor | None]:
     """:class:`_SampleKL`'s gradients with ``create_graph=True``: the same formulas written
     with autograd from mu and rho, so that their own derivatives (a double backward) exist."""
@@ -501,7 +594,9 @@ def _sample_kl_grads2(
                 (t, kl), wrt, (g_t.view(ctx.shape), g_kl), create_graph=True, allow_unused=True
             )
         )
-    return tuple(next(got) if need else None for need in ctx.needs_input_grad[:2])  # type: ignore[return-value]
+    needs = ctx.needs_input_grad
+    grad_mu = next(got) if needs[0] else None
+    return grad_mu, next(got) if needs[1] else None
 
 
 def sample_and_kl(
@@ -558,6 +653,13 @@ _NATIVE_FIRST_ORDER = (
 )
 
 
+class _NativeCtx(_Ctx):
+    kind: str
+    prior: _native.NativePrior
+    used: list[bool]
+    shapes: list[torch.Size]
+
+
 class _NativeSampleKL(torch.autograd.Function):
     """A layer's native node: from the weights' (mu, rho) and optionally the bias's, the
     estimator's tensors, one KL (weights' plus bias's), the noise and the mean-path aliases;
@@ -574,14 +676,14 @@ class _NativeSampleKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: _NativeCtx,
         mu: Tensor,
         rho: Tensor,
         mu_b: Tensor | None,
         rho_b: Tensor | None,
         kind: str,
-        prior: tuple[object, ...],
+        prior: _native.NativePrior,
         const: float,
         used: list[bool],
         samples: int,
@@ -619,8 +721,8 @@ class _NativeSampleKL(torch.autograd.Function):
         return t, tb, kl_t, eps_w, eps_b, mu_w, mu_b_out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def backward(
+        ctx: _NativeCtx,
         g_t: Tensor | None,
         g_tb: Tensor | None,
         g_kl: Tensor | None,
@@ -637,7 +739,7 @@ class _NativeSampleKL(torch.autograd.Function):
 
     @staticmethod
     def _grads(
-        ctx: Any,
+        ctx: _NativeCtx,
         g_t: Tensor | None,
         g_tb: Tensor | None,
         g_kl: Tensor | None,
@@ -662,7 +764,7 @@ class _NativeSampleKL(torch.autograd.Function):
         return tuple(grads)
 
 
-def native_prior(prior: Prior, kl_mode: str) -> tuple[tuple[object, ...], float] | None:
+def native_prior(prior: Prior, kl_mode: str) -> tuple[_native.NativePrior, float] | None:
     """The native kernels' description of ``prior`` with ``kl_mode`` and the KL's constant
     (added to their sum per weight), or None where they have no kernel for it.
 

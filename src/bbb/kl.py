@@ -292,6 +292,12 @@ def log_softplus(rho: Tensor, sigma: Tensor) -> Tensor:
     return torch.where(rho < _LOG_SIGMA_SWITCH, rho, torch.log(sigma.clamp_min(tiny)))
 
 
+class _GaussianKLCtx(_kernels._Ctx):
+    fast: bool
+    loc: float
+    inv_var: float
+
+
 class _GaussianKLSum(torch.autograd.Function):
     """sum_j mask_j KL(N(mu_j, sigma_j^2) || N(loc, scale^2)), sigma = softplus(rho), fused.
 
@@ -309,8 +315,8 @@ class _GaussianKLSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: _GaussianKLCtx,
         mu: Tensor,
         rho: Tensor,
         sigma: Tensor | None,
@@ -339,8 +345,8 @@ class _GaussianKLSum(torch.autograd.Function):
         return kl
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g: Tensor
+    def backward(
+        ctx: _GaussianKLCtx, g: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         mu, rho, sigma, mask = ctx.saved_tensors
         inv_var: float = ctx.inv_var
@@ -378,7 +384,7 @@ class _GaussianKLSum(torch.autograd.Function):
 
 
 def _gaussian_kl_grads2(
-    ctx: torch.autograd.function.FunctionCtx,
+    ctx: _GaussianKLCtx,
     mu: Tensor,
     rho: Tensor,
     mask: Tensor | None,
@@ -389,11 +395,12 @@ def _gaussian_kl_grads2(
     wrt = [t for t, need in zip((mu, rho), needs, strict=True) if need]
     with torch.enable_grad():
         sigma, log_sigma = softplus_and_log(rho)
-        d = mu - ctx.loc  # type: ignore[attr-defined]
-        term = (sigma * sigma + d * d) * (0.5 * ctx.inv_var) - log_sigma  # type: ignore[attr-defined]
+        d = mu - ctx.loc
+        term = (sigma * sigma + d * d) * (0.5 * ctx.inv_var) - log_sigma
         kl = (term if mask is None else term * mask).sum()
         got = iter(torch.autograd.grad(kl, wrt, g, create_graph=True, allow_unused=True))
-    return tuple(next(got) if need else None for need in needs)  # type: ignore[return-value]
+    grad_mu = next(got) if needs[0] else None
+    return grad_mu, next(got) if needs[1] else None
 
 
 def _gaussian_kl_ops(
@@ -513,6 +520,11 @@ _MC_FIRST_ORDER = (
 )
 
 
+class _MCKLCtx(_kernels._Ctx):
+    prior: Prior
+    fast: bool
+
+
 class _MCKLSum(torch.autograd.Function):
     """(1/S) sum_{s,j} mask_j [log q(w_sj) - log p(w_sj)] at ``w = mu + sigma * eps``, fused.
 
@@ -535,8 +547,8 @@ class _MCKLSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: _MCKLCtx,
         mu: Tensor,
         rho: Tensor,
         sigma: Tensor,
@@ -567,9 +579,7 @@ class _MCKLSum(torch.autograd.Function):
         return log_q - log_p
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: _MCKLCtx, g: Tensor) -> tuple[Tensor | None, ...]:
         rho, sigma, eps, w, mask, mu = ctx.saved_tensors
         grad_log_p = -g if ctx.needs_input_grad[7] else None
         with torch.no_grad():  # closed-form gradients: no graph
@@ -582,7 +592,7 @@ class _MCKLSum(torch.autograd.Function):
 
     @staticmethod
     def _grads(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: _MCKLCtx,
         rho: Tensor,
         sigma: Tensor,
         eps: Tensor,
@@ -592,7 +602,7 @@ class _MCKLSum(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None]:
         if ctx.fast and _kernels.get_kernels() == "compile":
             # score, both gradients and the sample mean in one fused loop (bbb.kernels)
-            return _kernels.mc_kl_grads(ctx.prior, w, eps, rho, sigma, g)  # type: ignore[attr-defined]
+            return _kernels.mc_kl_grads(ctx.prior, w, eps, rho, sigma, g)
         num_samples = eps.shape[0]
         score = ctx.prior.grad_log_prob(w).neg_()  # (S, *W): d(-log p)/dw
         grad_mu = grad_rho = None
