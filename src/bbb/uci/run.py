@@ -193,7 +193,6 @@ def _run_uci_body(
         )
 
     (out / "splits").mkdir(exist_ok=True)
-    kwargs = {"test_samples": st.test_samples, "passes": st.passes, "verify": verify}
     if st.jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
 
@@ -202,7 +201,16 @@ def _run_uci_body(
         )
         try:
             futures = [
-                pool.submit(run_split, dataset.path, s, cfg, threads=st.threads, **kwargs)
+                pool.submit(
+                    run_split,
+                    dataset.path,
+                    s,
+                    cfg,
+                    test_samples=st.test_samples,
+                    passes=st.passes,
+                    threads=st.threads,
+                    verify=verify,
+                )
                 for s in todo
             ]
             _results_of(futures, finish)  # a failed split keeps the others' results
@@ -214,7 +222,16 @@ def _run_uci_body(
         pool.shutdown(wait=True)
     else:
         for s in todo:
-            finish(run_split(dataset.path, s, cfg, **kwargs))  # type: ignore[arg-type]
+            finish(
+                run_split(
+                    dataset.path,
+                    s,
+                    cfg,
+                    test_samples=st.test_samples,
+                    passes=st.passes,
+                    verify=verify,
+                )
+            )
     rows = [records[s] for s in chosen_splits]
     _write_csv(out / "splits.csv", rows, extra_keys)
     metrics = {

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -29,6 +29,24 @@ def _smoothed_argmax(values: list[float], window: int) -> tuple[int, float]:
 
 
 Curves = tuple[list[float], list[float]]
+
+
+class TunePoint(TypedDict, total=False):
+    """One grid point of :func:`tune`'s ``"points"`` (a plain dict in the JSON result).
+
+    A diverged point has ``overrides``, ``val_ll`` (None), ``diverged_on_splits`` and
+    ``diverged_because``; a finite one ``overrides``, ``val_ll`` and the ``val_rmse``,
+    ``epochs`` and ``curve_*`` keys."""
+
+    overrides: dict[str, Any]
+    val_ll: float | None
+    diverged_on_splits: list[int]
+    diverged_because: list[str | None]
+    val_rmse: float
+    epochs: int
+    curve_epochs: list[int]
+    curve_ll: list[float]
+    curve_rmse: list[float]
 
 
 def _tune_curve(
@@ -127,7 +145,9 @@ def tune(
     else:
         for i, s in tasks:
             record(_tune_curve(i, dataset.path, cfgs[i], s, frac, passes, verify))
-    points = []
+    points: list[TunePoint] = []
+    # (smoothed validation LL, point) of the points that did not diverge, in grid order
+    finite: list[tuple[float, TunePoint]] = []
     for i, overrides in enumerate(overrides_list):
         per_block = _block(cfgs[i], passes)
         diverged = [s for s in space.splits if curves[(i, s)] is None]
@@ -144,12 +164,14 @@ def tune(
             if log:
                 log(f"  tune {overrides}: diverged (splits {diverged}): {reasons[0]}")
             continue
-        lls = [curves[(i, s)][0] for s in space.splits]  # type: ignore[index]
-        rmses = [curves[(i, s)][1] for s in space.splits]  # type: ignore[index]
+        # no split diverged: every split's curves, in space.splits order
+        done = [c for c in (curves[(i, s)] for s in space.splits) if c is not None]
+        lls = [c[0] for c in done]
+        rmses = [c[1] for c in done]
         ll = [sum(c[k] for c in lls) / len(lls) for k in range(len(lls[0]))]
         rmse = [sum(c[k] for c in rmses) / len(rmses) for k in range(len(ll))]
         k, score = _smoothed_argmax(ll, space.smooth)
-        point = {
+        point: TunePoint = {
             "overrides": overrides,
             "val_ll": score,
             "val_rmse": rmse[k],
@@ -159,12 +181,12 @@ def tune(
             "curve_rmse": rmse,
         }
         points.append(point)
+        finite.append((score, point))
         if log:
             log(
                 f"  tune {overrides}: val ll {score:.4f} rmse {rmse[k]:.4g} "
                 f"at epoch {point['epochs']}"
             )
-    finite = [p for p in points if p["val_ll"] is not None]
     if not finite:
         first = points[0]
         raise TrainingDivergedError(
@@ -172,7 +194,7 @@ def tune(
             f"{first['overrides']}, on split {first['diverged_on_splits'][0]}: "
             f"{first['diverged_because'][0]}): lower the learning rate"
         )
-    best = max(finite, key=lambda p: p["val_ll"])
+    best = max(finite, key=lambda sp: sp[0])[1]  # the first of equal scores, as before
     return {
         "metric": "validation log-likelihood (original units), smoothed",
         "validation_fraction": space.validation_fraction,

@@ -19,7 +19,8 @@ from ..config import ConfigError, TrainConfig, load_config_file
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    # tomli: Python 3.10's TOML reader (a dependency there), absent where mypy runs
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 
 PathLike = str | os.PathLike[str]
@@ -287,7 +288,7 @@ def load_uci_config_file(path: PathLike | None, **flags: Any) -> TrainConfig:
     """
     values: dict[str, Any] = {}
     if path is not None:
-        data = load_config_file(path)
+        data = load_config_file(Path(path))
         data.pop("uci", None)
         values.update(data)
     given = {k: v for k, v in flags.items() if v is not None}

@@ -168,7 +168,7 @@ def run_split(
         report = evaluate(
             trainer.model,
             DataLoader(data_split.test, batch_size=len(data_split.test)),
-            likelihood,  # type: ignore[arg-type]
+            likelihood,
             num_samples=test_samples,
             device=cfg.device,
             y_scale=data.y_std,
