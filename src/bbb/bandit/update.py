@@ -65,7 +65,9 @@ def fused_update(
     r = rs[0] if len(rs) == 1 else torch.cat(rs)
     scale = scales[0] if len(scales) == 1 else torch.cat(scales)
     kb = 0 if bayes is None else len(bayes.names)
-    n_layers = len((bayes or greedy).layers)  # type: ignore[union-attr]
+    first = bayes if bayes is not None else greedy
+    assert first is not None  # no population: torch.cat([]) above raised already
+    n_layers = len(first.layers)
 
     # --- weights of every member: Bayesian samples (all layers in one flat pass), then means
     w_views: list[tuple[Tensor, Tensor]] = []
@@ -115,6 +117,8 @@ def fused_update(
             parts_b.append(w_views[i][1])
         if greedy is not None:
             layer = greedy.layers[i]
+            # the bandit's ensembles have biases (ensemble_mlp)
+            assert layer.bias_mu is not None
             parts_w.append(layer.weight_mu)
             parts_b.append(layer.bias_mu)
         weights.append(parts_w[0] if len(parts_w) == 1 else torch.cat(parts_w))
@@ -178,6 +182,7 @@ def fused_update(
             g_rho.copy_(g_mu).mul_(eps_all).add_(kl_sigma, alpha=inv_n)
             g_mu.add_(mu_all if m == 0.0 else mu_all - m, alpha=inv_n / s2)
         else:  # Monte Carlo KL at the same sample: dKL/dw = -p'(w) / p(w)
+            assert prior is not None  # a Bayesian population's prior (make_prior_from)
             g_mu.add_(prior.grad_log_prob(w_all), alpha=-inv_n)
             g_rho.copy_(g_mu).mul_(eps_all).sub_(torch.reciprocal(sig_all), alpha=inv_n)
         g_rho.mul_(torch.sigmoid(rho_all))
