@@ -75,12 +75,52 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     return run, show, best
 
 
+SUBCOMMANDS = ("show", "best")
+
+
+def split_subcommand(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``("show" | "best" | "run", the arguments without the subcommand word)``.
+
+    The subcommand is the first word that is neither an option nor an option's value, so
+    options may come before it (``bbb sweep --storage URL show DIR``, the form of
+    ``bbb sweep SPACE --storage URL``): only the first word was looked at, and ``show`` was then
+    read as the run's space file. Without ``show`` / ``best`` the words are the run's.
+    """
+    parsers = _parsers()
+    # every option string of the three parsers, and those that take a value
+    options: dict[str, bool] = {}
+    for parser in parsers:
+        for action in parser._actions:
+            for opt in action.option_strings:
+                options[opt] = options.get(opt, False) or action.nargs != 0
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--":  # what follows is positional: a space file, whatever its name
+            return "run", words
+        if not w.startswith("-") or w == "-":  # the first positional word
+            if w in SUBCOMMANDS:
+                return w, words[:i] + words[i + 1 :]
+            return "run", words
+        if w.startswith("--") and "=" in w:  # --option=value: one word
+            i += 1
+            continue
+        name = w
+        if w.startswith("--") and w not in options:
+            # argparse's unambiguous abbreviation of a long option (--stor URL)
+            full = [o for o in options if o.startswith(w)]
+            name = full[0] if len(full) == 1 else w
+        i += 2 if options.get(name, False) else 1  # the option's value is the next word
+    return "run", words
+
+
 def main(argv: Sequence[str]) -> int:
     """``bbb sweep ...`` (called by :func:`bbb.cli.main`, which prints errors as one line)."""
     run, show, best = _parsers()
-    argv = list(argv)
-    if argv[:1] == ["show"]:
-        a = show.parse_args(argv[1:])
+    command, argv = split_subcommand(argv)
+    if command == "show":
+        a = show.parse_args(argv)
         if a.top < 1:  # 0 printed "no finished trial yet", -1 dropped the last row
             # a refused value: exit code 1, like --trials 0 (a usage error's 2 is for a
             # malformed command line, --top abc)
@@ -95,8 +135,8 @@ def main(argv: Sequence[str]) -> int:
             )
         )
         return 0
-    if argv[:1] == ["best"]:
-        a = best.parse_args(argv[1:])
+    if command == "best":
+        a = best.parse_args(argv)
         text = best_config_toml(Path(a.sweep_dir), storage=a.storage, study_name=a.study_name)
         # printed first: a file that cannot be written loses nothing (it was lost with the
         # error); written atomically (a crash never leaves half a TOML under the name)

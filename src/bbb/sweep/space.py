@@ -17,7 +17,8 @@ from ..config import ConfigError, TrainConfig
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    # tomli: Python 3.10's TOML reader (a dependency there), absent where mypy runs
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna

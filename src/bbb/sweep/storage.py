@@ -116,7 +116,9 @@ def _make_sampler(name: str, space: Space) -> Any:
                 f"{', '.join(ranges)}"
             )
 
-        class _SweepGridSampler(optuna.samplers.GridSampler):  # type: ignore[misc,name-defined]
+        # optuna is the lazily imported module, a local variable (Any) that mypy cannot use
+        # as a base class
+        class _SweepGridSampler(optuna.samplers.GridSampler):  # type: ignore[name-defined]
             """GridSampler; the worker loop, not ``after_trial``, decides when to stop."""
 
             def after_trial(self, *args: Any, **kwargs: Any) -> None:
@@ -126,6 +128,11 @@ def _make_sampler(name: str, space: Space) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler()
     return optuna.samplers.TPESampler()
+
+
+#: Epochs of a trial that the median pruner never stops after (a slow first epoch is not a bad
+#: setting).
+WARMUP_EPOCHS = 1
 
 
 def _make_pruner(name: str, space: Space) -> Any:
@@ -138,7 +145,11 @@ def _make_pruner(name: str, space: Space) -> Any:
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource="auto" if searched else int(epochs)
         )
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    # A trial reports its validation metric as step = epoch, from 1 (the worker's
+    # trial.report(value, epoch)), and Optuna prunes at any step >= n_warmup_steps, counting
+    # from 0: n_warmup_steps=1 was the default's behaviour, pruning on the first, noisiest
+    # epoch. The first WARMUP_EPOCHS epochs are never pruned.
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=WARMUP_EPOCHS + 1)
 
 
 def _resolve_sampler(name: str, space: Space) -> str:
