@@ -110,6 +110,9 @@ class Gaussian(Likelihood):
     """
 
     log_sigma: Tensor
+    noise: str
+    output_dim: int
+    min_variance: float
 
     def __init__(
         self,

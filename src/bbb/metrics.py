@@ -100,20 +100,21 @@ def _is_prediction(x: object) -> bool:
     return isinstance(x, (ClassificationPrediction, RegressionPrediction))
 
 
-def _require_finite(t: Tensor, name: str) -> None:
+def _require_finite(t: Tensor, name: str, *, allow_inf: bool = False) -> None:
     if torch.isnan(t).any():
         raise ValueError(f"{name} contains NaN values")
-    if torch.isinf(t).any():
+    if not allow_inf and torch.isinf(t).any():
         raise ValueError(f"{name} contains infinite values")
 
 
-def _as_float64(x: object, name: str) -> Tensor:
-    """Check ``x`` is a real, finite tensor and return it as ``float64``."""
+def _as_float64(x: object, name: str, *, allow_inf: bool = False) -> Tensor:
+    """Check ``x`` is a real, finite tensor (``allow_inf``: +-inf allowed, NaN not) and
+    return it as ``float64``."""
     t = _require_tensor(x, name)
     if t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must have a real numeric dtype, got {t.dtype}")
     t = t.detach().to(torch.float64)
-    _require_finite(t, name)
+    _require_finite(t, name, allow_inf=allow_inf)
     return t
 
 
@@ -619,9 +620,9 @@ def regression_report(
         ``mixture_gaussian_log_likelihood(means, vars, target, y_scale)`` (nats/example,
         original units).
     """
-    means, vars, target = _report_inputs(means, vars, target)
+    means_in, vars_in, target_in = _report_inputs(means, vars, target)
     _check_y_scale(y_scale)
-    mu, var, y = _check_mixture(means, vars, target)
+    mu, var, y = _check_mixture(means_in, vars_in, target_in)
     return {
         "rmse": rmse(mu.mean(dim=0), y) * y_scale,
         "log_likelihood": mixture_gaussian_log_likelihood(mu, var, y, y_scale=y_scale),
@@ -681,6 +682,10 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
 
     over all pairs, i.e. ties count as 1/2. Hence ``auroc(a, b) == 1 - auroc(b, a)``.
 
+    Scores may be +-inf (e.g. an entropy or a log-variance that overflowed): they rank above
+    (below) every finite score, and equal infinities are ties like any equal scores. NaN
+    scores have no rank and are refused.
+
     Args:
         scores_negative: scores of the negative set, shape ``(N_neg,)``, N_neg >= 1.
         scores_positive: scores of the positive set, shape ``(N_pos,)``, N_pos >= 1.
@@ -688,8 +693,9 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
     Returns:
         AUROC in ``[0, 1]``: 1 for perfect separation, 0.5 for chance/identical sets.
     """
-    neg = _as_float64(scores_negative, "scores_negative")
-    pos = _as_float64(scores_positive, "scores_positive")
+    # +-inf is ranked like any score (was refused as "contains infinite values")
+    neg = _as_float64(scores_negative, "scores_negative", allow_inf=True)
+    pos = _as_float64(scores_positive, "scores_positive", allow_inf=True)
     for name, t in (("scores_negative", neg), ("scores_positive", pos)):
         if t.dim() != 1:
             raise ValueError(f"{name} must have shape (N,), got shape {_shape(t)}")

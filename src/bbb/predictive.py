@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -209,7 +210,9 @@ class RegressionPrediction:
                 )
             q = q.tolist()
         single = _is_real(q)
-        values = [q] if single else list(q)  # type: ignore[arg-type]
+        # a real number (checked by _is_real, which mypy cannot see), else a sequence whose
+        # items are checked next
+        values = [cast(float, q)] if single else list(cast("Sequence[float]", q))
         if not values or not all(_is_real(p) and 0.0 <= p <= 1.0 for p in values):
             raise ValueError(f"quantiles: q must be probabilities in [0, 1], got {q!r}")
         if include_noise and (not _is_int(num_draws) or num_draws < 1):

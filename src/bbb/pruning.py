@@ -121,7 +121,10 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             per_layer_frac[name] = int((m == 0).sum()) / n
             start += n
     total = sum(layer.weight_mu.numel() for _, layer in layers)
-    removed = sum(int((layer.weight_mask == 0).sum()) for _, layer in layers)  # type: ignore[union-attr]
+    removed = 0
+    for _, layer in layers:
+        assert layer.weight_mask is not None  # both branches above set every layer's mask
+        removed += int((layer.weight_mask == 0).sum())
     return PruneResult(removed / total, threshold, removed, total, per_layer_frac)
 
 
