@@ -139,3 +139,23 @@ def test_bayesianize_and_back_keeps_weights_and_bias(make: Callable[[], nn.Modul
     assert (back.bias is None) == (layer.bias is None)
     for name, p in layer.named_parameters():
         assert torch.equal(getattr(back, name), p)
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_functional_call_with_swapped_prior_buffer_keeps_exact_value(read_first: bool) -> None:
+    # functional_call swaps the given tensor in for the prior's buffer and restores it after.
+    # Before, the swapped-in value replaced the exact one, and the restored float32 buffer
+    # then gave its rounded value for good: 0.1 became 0.10000000149011612 (.double() no
+    # longer restored 0.1, and the float fast paths used the rounded value).
+    prior = GaussianPrior(0.1)
+    module = _Score(prior)
+    w = torch.ones(3)
+    if read_first:
+        prior.grad_log_prob(w)
+    swapped = functional_call(module, {"prior.sigma": torch.tensor(2.0)}, (w,))
+    torch.testing.assert_close(swapped, torch.full((3,), -1.0 / 4.0))  # the swapped value used
+    assert prior._value("sigma") == 0.1
+    assert float(prior.double().sigma) == 0.1
+    # an in-place edit of the restored buffer is still read
+    prior.sigma.fill_(0.5)
+    assert prior._value("sigma") == 0.5

@@ -137,7 +137,12 @@ class Prior(nn.Module):
         if not hasattr(self, "_exact"):
             self._exact: dict[str, float] = {}
         self._exact[name] = float(value)
-        self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()))
+        buf = torch.tensor(value, dtype=torch.get_default_dtype())
+        self.register_buffer(name, buf)
+        # seen as it is (the exact value rounded): a first read while another tensor is
+        # swapped in (functional_call) is then remembered as a swap (see _refresh)
+        if not buf.is_inference():  # (whose version is not tracked: read every time)
+            self.__dict__.setdefault("_seen", {})[name] = (buf, buf._version)
 
     def _hyper_transformed(self) -> bool:
         """Whether a hyper-parameter buffer is a ``torch.func`` transform's tensor: an ensemble
@@ -195,7 +200,14 @@ class Prior(nn.Module):
         """Re-read buffer ``name`` if it changed since last seen: an in-place edit
         (``prior.sigma.fill_(0.5)``) or a new tensor replaces the exact value, unless the buffer
         holds that value rounded to its dtype. (An edit through ``.data`` is not seen: it does
-        not move the version counter.)"""
+        not move the version counter.)
+
+        The buffer seen before the latest one is remembered with its exact value: a buffer
+        put back unchanged (``torch.func.functional_call`` swaps in the tensors it is given
+        and restores the prior's afterwards) regains it. Before, the swapped-in value replaced
+        the exact one, and the restored buffer then gave its rounded value (a float32
+        prior's 0.1 became 0.10000000149011612 for good: ``.double()`` no longer gave 0.1).
+        """
         buf = self._buffers[name]
         assert buf is not None
         if buf.is_meta:  # no value to read (shapes only): the exact value stands
@@ -206,9 +218,16 @@ class Prior(nn.Module):
         mark = seen.get(name)
         if mark is not None and mark[0] is buf and mark[1] == version >= 0:
             return
-        current = float(buf)
-        if current != _rounded(self._exact[name], buf.dtype):
-            self._exact[name] = current
+        left: dict[str, tuple[Tensor, int, float]] = self.__dict__.setdefault("_left", {})
+        back = left.get(name)
+        if mark is not None:
+            left[name] = (mark[0], mark[1], self._exact[name])
+        if back is not None and back[0] is buf and back[1] == version >= 0:
+            self._exact[name] = back[2]
+        else:
+            current = float(buf)
+            if current != _rounded(self._exact[name], buf.dtype):
+                self._exact[name] = current
         seen[name] = (buf, version)
 
     def _shown(self, name: str) -> float:
