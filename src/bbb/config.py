@@ -32,7 +32,9 @@ from .priors import PRIOR_NAMES
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    # tomli is installed (a dependency) on Python < 3.11 alone: mypy, which checks as 3.10
+    # (pyproject), reaches this line whether it is installed here or not
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = ["TrainConfig", "load_config_file", "DATASETS", "OPTIMIZERS", "ConfigError"]
 

@@ -277,7 +277,7 @@ class ELBO(nn.Module):
                 # words without naming kl_scale; a bool is refused as elsewhere
                 if isinstance(given, (str, bytes, bool)):
                     raise TypeError
-                value = float(given)  # type: ignore[arg-type]
+                value = float(given)
             except (TypeError, ValueError):
                 value = math.nan
             if not math.isfinite(value) or value < 0:

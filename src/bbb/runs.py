@@ -404,7 +404,7 @@ def _train_run(
             data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
         )
     else:  # each rank: its shard (reshuffled by epoch from the seed), batch_size / world rows
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
             data.train, num_replicas=world, rank=_dist.rank(), shuffle=True, seed=cfg.seed
         )
         train_loader = DataLoader(
@@ -515,7 +515,7 @@ def finish_run(
             likelihood,
             num_samples=samples,
             device=cfg.device,
-            y_scale=data.y_std,  # type: ignore[arg-type]
+            y_scale=data.y_std,
         )
     # strict JSON: a non-finite metric or summary value is null (NaN is not JSON)
     atomic_write_text(out / "metrics.json", strict_json(result, indent=2) + "\n")

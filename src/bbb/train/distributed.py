@@ -33,7 +33,10 @@ import datetime
 import gc
 import inspect
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -44,6 +47,8 @@ from ..elbo import ELBO, ELBOResult
 
 __all__ = [
     "DistributedError",
+    "DistributedInterrupt",
+    "DeferredStop",
     "ELBOStep",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -69,6 +74,14 @@ T = TypeVar("T")
 
 class DistributedError(RuntimeError):
     """Another rank failed (the message names it and repeats its error), or a bad launch."""
+
+
+class DistributedInterrupt(KeyboardInterrupt):
+    """Another rank was stopped (Ctrl-C, or SIGTERM under ``bbb``): this rank stops with it.
+
+    A ``KeyboardInterrupt``, so that every rank takes the path of an interrupted run (the
+    ``bbb`` command's "continue the run with ..." line), not that of a failure.
+    """
 
 
 def _env_int(name: str, default: int) -> int:
@@ -208,7 +221,10 @@ def collective_errors(what: str) -> Iterator[None]:
 
     Without this, a rank that fails (e.g. rank 0 cannot write a checkpoint) leaves the others
     blocked in their next collective until the timeout. The failing rank re-raises its own
-    exception; the others raise :class:`DistributedError` naming the rank and its message.
+    exception; the others raise :class:`DistributedError` naming the rank and its message, or,
+    where that rank was stopped (a ``KeyboardInterrupt``: Ctrl-C, or SIGTERM under ``bbb``),
+    :class:`DistributedInterrupt`: they stop too. Any ``BaseException`` is told (a stop or a
+    ``SystemExit`` used to leave the others waiting).
     """
     if not is_distributed():
         yield
@@ -216,16 +232,90 @@ def collective_errors(what: str) -> Iterator[None]:
     error: BaseException | None = None
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = e
-    messages: list[str | None] = [None] * dist.get_world_size()
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    messages: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+    mine = (
+        None
+        if error is None
+        else (isinstance(error, KeyboardInterrupt), f"{type(error).__name__}: {error}")
+    )
     dist.all_gather_object(messages, mine)
     if error is not None:
         raise error
     for r, msg in enumerate(messages):
         if msg is not None:
-            raise DistributedError(f"rank {r} failed while {what}: {msg}")
+            stopped, text = msg
+            if stopped:
+                raise DistributedInterrupt(f"rank {r} was interrupted while {what} ({text})")
+            raise DistributedError(f"rank {r} failed while {what}: {text}")
+
+
+class DeferredStop:
+    """Holds this rank's Ctrl-C / SIGTERM stop until every rank can take it at once.
+
+    Under ``torch.distributed`` a rank that stops on its own, wherever the signal caught it,
+    leaves the others in their next collective (a gradient all-reduce) until the backend's
+    timeout (NCCL: 10-30 min; gloo fails at once when that process exits, with a "connection
+    closed by peer" error). Inside ``with DeferredStop() as stop:`` (in the main thread) the
+    SIGINT and SIGTERM handlers that are Python functions (``KeyboardInterrupt`` for Ctrl-C,
+    the ``bbb`` command's SIGTERM handler) still run when the signal arrives, but the exception
+    they raise is held; the caller exchanges :attr:`pending` with the other ranks in a
+    collective it makes anyway and calls :meth:`stop` on every rank when any rank's is set:
+    the stopped rank raises its own exception, the others :class:`DistributedInterrupt`. A
+    signal that finds one held already raises at once (a second Ctrl-C: the way out of a
+    run that does not reach its next exchange). A handler that raises nothing (``SIG_DFL``,
+    ``SIG_IGN``, the ``bbb`` command's ignored repeat of one SIGTERM) is left as it is, as is
+    everything outside the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.held: BaseException | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether a stop of this rank is held."""
+        return self.held is not None
+
+    def __enter__(self) -> DeferredStop:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                try:
+                    signal.signal(signum, self._handler)
+                except (ValueError, OSError):  # not settable here (an embedded interpreter)
+                    continue
+                self._previous[signum] = previous
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            self._previous[signum](signum, frame)
+        except BaseException as e:
+            if self.held is not None:
+                raise  # a second stop: at once
+            self.held = e
+
+    def stop(self, what: str) -> None:
+        """Raise the held stop, or (another rank's) :class:`DistributedInterrupt`."""
+        held, self.held = self.held, None
+        if held is not None:
+            raise held
+        raise DistributedInterrupt(f"another rank was interrupted: every rank stops {what}")
+
+    def exchange(self, device: torch.device | str, what: str) -> None:
+        """One all-reduce of the ranks' :attr:`pending`; :meth:`stop` if any is set."""
+        flag = torch.tensor([1.0 if self.pending else 0.0], device=device)
+        if float(all_reduce_sum(flag)) > 0:
+            self.stop(what)
 
 
 def on_main(fn: Callable[[], T], what: str) -> T:
@@ -316,17 +406,18 @@ def wrap_elbo(
     if dev.type == "cuda":
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
     ddp = nn.parallel.DistributedDataParallel
-    # ``forward_sync_buffers`` replaces ``broadcast_buffers`` in recent torch releases
-    no_sync: dict[str, bool] = (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in inspect.signature(ddp).parameters
-        else {"broadcast_buffers": False}
-    )
+    step = ELBOStep(model, elbo)
+    # ``forward_sync_buffers`` replaces ``broadcast_buffers`` in recent torch releases (2.13);
+    # each is passed by name, so that it reaches its own parameter
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        return ddp(
+            step,
+            device_ids=ids,
+            find_unused_parameters=find_unused_parameters,
+            forward_sync_buffers=False,
+        )
     return ddp(
-        ELBOStep(model, elbo),
-        device_ids=ids,
-        find_unused_parameters=find_unused_parameters,
-        **no_sync,
+        step, device_ids=ids, find_unused_parameters=find_unused_parameters, broadcast_buffers=False
     )
 
 

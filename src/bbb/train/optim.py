@@ -40,7 +40,7 @@ class Adam(torch.optim.Adam):
     unchanged.
     """
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One Adam update of every parameter with a gradient; see the class docstring."""
         if closure is None and self._lean_step():
             return None

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from .. import metrics as M
 from ..elbo import ELBO
-from ..likelihoods import Categorical, Gaussian
+from ..likelihoods import Categorical, Gaussian, Likelihood
 from ..predictive import ClassificationPrediction, predict
 from . import distributed as _dist
 from .checkpoint import (
@@ -243,11 +243,22 @@ def _check_predictions(*predictions: Tensor) -> None:
         )
 
 
+def _check_evaluable(likelihood: Likelihood, who: str, hint: str = "") -> None:
+    """A ``TypeError`` unless :func:`evaluate` has metrics for ``likelihood``."""
+    if not isinstance(likelihood, (Categorical, Gaussian)):
+        name = likelihood.__name__ if isinstance(likelihood, type) else type(likelihood).__name__
+        raise TypeError(
+            f"{who} supports Categorical and Gaussian likelihoods (and their subclasses), got "
+            f"{name}: its predictive metrics are those of a classifier or a Gaussian "
+            f"regression{hint}"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: Categorical | Gaussian,
+    likelihood: Likelihood,
     *,
     num_samples: int = 10,
     device: torch.device | str = "cpu",
@@ -262,7 +273,12 @@ def evaluate(
     ``rmse`` and ``log_likelihood`` (of the Gaussian mixture predictive, noise included; in
     original units when ``y_scale`` is the target's normalisation scale) and ``nll`` =
     -log_likelihood.
+
+    ``likelihood`` must be a :class:`bbb.Categorical` or :class:`bbb.Gaussian` (or a subclass
+    of either): the metrics are theirs. Any other is a ``TypeError``, raised before the model
+    runs.
     """
+    _check_evaluable(likelihood, "evaluate")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -354,7 +370,8 @@ class Trainer:
     (the mean of ``kl_weight * kl``: ``loss = nll + weighted_kl`` up to rounding, and
     ``nll + kl_weight * kl`` where the weight is constant over the epoch),
     ``train_seconds``; the validation report's keys prefixed ``val_`` (with a
-    ``val_loader``); ``lr`` (the learning rate the epoch trained with).
+    ``val_loader``); ``lr`` (the learning rate the epoch trained with: parameter group 0's)
+    and, with several parameter groups, ``lrs`` (every group's, in order).
     """
 
     def __init__(
@@ -387,6 +404,13 @@ class Trainer:
             raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
         if patience is not None and val_loader is None:
             raise ValueError("patience needs a val_loader: early stopping watches validation")
+        if val_loader is not None:
+            # refused here, not after the first epoch's training (a bare AssertionError)
+            _check_evaluable(
+                elbo.likelihood,
+                "validation (val_loader)",
+                "; train without a val_loader (an epoch_callback can evaluate it your own way)",
+            )
         if isinstance(val_samples, bool) or not isinstance(val_samples, int):
             raise ValueError(
                 f"val_samples must be an integer (the number of weight samples), got "
@@ -472,6 +496,8 @@ class Trainer:
         # rank 0 (or the only process) writes files, logs and shows progress
         self.is_writer = not self.distributed or _dist.is_main()
         self._ddp: nn.Module | None = None
+        # a distributed fit()'s held Ctrl-C / SIGTERM (see _fit); None outside one
+        self._stop: _dist.DeferredStop | None = None
         # the ELBO's replicas during this Trainer's training epochs (see train_epoch)
         self._replicas = 1
         # None: fit() has not run; False: the last fit() raised; True: it returned
@@ -744,14 +770,27 @@ class Trainer:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
+        stop = self._stop
+        flags: tuple[Tensor, Tensor] | None = None  # (0, 1) in the loss's dtype and device
         for i, (x, y) in enumerate(_batches(self.train_loader, self.device)):
             if self._ddp is None:
                 result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
                 loss_value = float(result.loss.detach())
             else:
                 result = self._ddp(x, y, batch_index=i, num_batches=num_batches)
-                # the mean over ranks: non-finite on every rank when it is on any one
-                loss_value = float(_dist.all_reduce_mean(result.loss.detach().clone()))
+                # the mean over ranks: non-finite on every rank when it is on any one; with it,
+                # whether a rank holds a stop (Ctrl-C, SIGTERM): every rank takes it here, at
+                # the same step, instead of one leaving the others in their next all-reduce
+                loss = result.loss.detach().reshape(1)
+                if flags is None:
+                    flags = (loss.new_zeros(1), loss.new_ones(1))
+                pending = stop is not None and stop.pending
+                both = _dist.all_reduce_mean(torch.cat((loss, flags[pending])))
+                loss_value, stopping = both.tolist()
+                if stopping > 0 and stop is not None:
+                    stop.stop(
+                        f"at step {i + 1} of epoch {self.epoch + 1} (that epoch is not saved)"
+                    )
             if not math.isfinite(loss_value):
                 where = self._last_good_checkpoint(first_step=i == 0)
                 bad_data = [
@@ -874,21 +913,21 @@ class Trainer:
         """Validation report (empty when there is no validation loader)."""
         if self.val_loader is None:
             return {}
+        loader = self.val_loader
         if not self.distributed:
-            return self._validate_local()
+            return self._validate_local(loader)
         # rank 0 evaluates; its report and RNG state (validation draws weight samples) are
         # shared, so every rank takes the same best-model and early-stopping decisions.
         report, rng = _dist.on_main(
-            lambda: (self._validate_local(), torch.get_rng_state()), "validating"
+            lambda: (self._validate_local(loader), torch.get_rng_state()), "validating"
         )
         torch.set_rng_state(rng)
         return report
 
-    def _validate_local(self) -> dict[str, float]:
-        assert isinstance(self.elbo.likelihood, (Categorical, Gaussian))
+    def _validate_local(self, loader: Iterable[Any]) -> dict[str, float]:
         return evaluate(
             self.model,
-            self.val_loader,
+            loader,
             self.elbo.likelihood,
             num_samples=self.val_samples,
             device=self.device,
@@ -1034,15 +1073,27 @@ class Trainer:
             self._start_checkpoint = path
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
-        stopped_by_callback = False
         if self.stopped is not None and self.log:
             self.log(f"the run had stopped at epoch {self.epoch} ({self.stopped}): not training on")
+        if not self.distributed:
+            return self._fit_loop()
+        # a Ctrl-C / SIGTERM on one rank is held until every rank takes it (at a training
+        # step's loss all-reduce, or after an epoch's files): see DeferredStop
+        with _dist.DeferredStop() as self._stop:
+            try:
+                return self._fit_loop()
+            finally:
+                self._stop = None
+
+    def _fit_loop(self) -> dict[str, Any]:
+        stopped_by_callback = False
         while self.epoch < self.epochs and self.stopped is None:
             train_stats = self.train_epoch()
             self._check_finite_parameters()  # identical on every rank: no exchange needed
             val = self.validate()
             self.epoch += 1
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+            # the rates this epoch trained with, one per parameter group
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 # the monitored quantity: the selection metric, or the training loss without
                 # validation data (the same on every rank: both are shared/reduced)
@@ -1061,7 +1112,9 @@ class Trainer:
                 self.best_epoch, improved = self.epoch, True
             row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
             row.update({f"val_{k}": v for k, v in val.items()})
-            row["lr"] = lr
+            row["lr"] = lrs[0]
+            if len(lrs) > 1:  # each group's (e.g. mu and rho at different rates)
+                row["lrs"] = lrs
             with self._collective_errors(f"writing epoch {self.epoch}'s files"):
                 self._write_epoch(row, improved)
             if self.log:
@@ -1092,11 +1145,15 @@ class Trainer:
                     if self.log:
                         self.log(f"stopped after epoch {self.epoch}: {why}")
                     break
+            if self._stop is not None:  # one held since the epoch's last step: stop here
+                self._stop.exchange(self.device, f"after epoch {self.epoch} (saved)")
             if self._patience_ran_out():
                 self.stopped = _EARLY
                 if self.log:
                     self.log(f"early stopping: no improvement for {self.patience} epochs")
                 break
+        if self._stop is not None:  # held since the last exchange (a break above skipped it)
+            self._stop.exchange(self.device, f"after epoch {self.epoch} (saved)")
         self._fit_returned = True
         last = self.history[-1] if self.history else {}
         return {
