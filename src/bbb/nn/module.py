@@ -755,7 +755,8 @@ class BayesModule(nn.Module):
                 )
             mode = _kl.resolve_kl_mode(self._kl_request, value)
             super().__setattr__(name, value)
-            super().__setattr__("kl_mode", mode)  # type: ignore[arg-type]  # torch's hint
+            # (torch hints Tensor | Module; nn.Module.__setattr__ stores any value)
+            super().__setattr__("kl_mode", mode)  # type: ignore[arg-type]
             return
         if "_kl_request" in self.__dict__:
             # the options a forward pass dispatches on, set after construction: validated as
@@ -775,7 +776,8 @@ class BayesModule(nn.Module):
                     raise ValueError(
                         f"unknown kl mode {value!r}; accepted values: {', '.join(_kl.KL_MODES)}"
                     )
-                super().__setattr__("_kl_request", value)  # type: ignore[arg-type]  # as below
+                # (torch hints Tensor | Module; nn.Module.__setattr__ stores any value)
+                super().__setattr__("_kl_request", value)  # type: ignore[arg-type]
                 if value == "auto":
                     value = _kl.resolve_kl_mode("auto", self.prior)
         # torch's hint says Tensor | Module; nn.Module.__setattr__ stores any other value as
