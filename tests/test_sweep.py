@@ -299,7 +299,10 @@ def test_two_workers_on_a_postgresql_study(
     assert r.returncode == 0, r.stdout + r.stderr
     study = load_study(postgres_url)
     check_grid_once(study, 4)
-    assert len(study.get_trials()) == 4
+    # as in the SQLite two-worker test: a worker that loses the race for a grid point records
+    # a duplicate trial and trains nothing (the test counted them and failed now and then)
+    extra = [t for t in study.get_trials() if "bbb_duplicate_of" in t.user_attrs]
+    assert len(study.get_trials()) == 4 + len(extra)
     assert not (out / "study.db").exists()
     # show and best find the study through the URL the sweep directory recorded
     capsys.readouterr()

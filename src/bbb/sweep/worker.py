@@ -22,6 +22,15 @@ def _is_duplicate(t: Any) -> bool:
     return _DUPLICATE in t.user_attrs
 
 
+def _prune_due(trial: Any, epoch: int, epochs: int) -> bool:
+    """Whether the pruner stops ``trial`` after ``epoch`` (1-based) of ``epochs``.
+
+    Never after the last epoch: the training is done by then, and pruning it would only turn a
+    finished trial into a PRUNED one that ``show`` and ``best`` leave out.
+    """
+    return epoch < epochs and bool(trial.should_prune())
+
+
 def _retried_numbers(trials: Sequence[Any]) -> set[int]:
     """Numbers of failed trials that a retry (a later trial) stands in for."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -180,7 +189,7 @@ class _Worker:
                 if math.isfinite(value) and sign * value < best["value"]:
                     best.update(value=sign * value, epoch=epoch)
                 trial.report(value, epoch)
-                if trial.should_prune():
+                if _prune_due(trial, epoch, cfg.epochs):
                     raise StopTraining("pruned by the sweep")
 
             log = (lambda s: self.say(f"trial {trial.number}: {s}")) if self.verbose else None

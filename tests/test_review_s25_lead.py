@@ -1,0 +1,42 @@
+"""Session 25, the lead's own fixes: the sweep never prunes a trial after its last epoch."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+
+needs_optuna = pytest.mark.skipif(
+    importlib.util.find_spec("optuna") is None,
+    reason="bbb sweep needs Optuna: pip install -e '.[sweep]'",
+)
+
+
+@needs_optuna
+def test_a_trial_worse_than_the_median_is_not_pruned_after_its_last_epoch() -> None:
+    """The worker asked the pruner after every epoch, the last one too: a trial that had
+    trained all its epochs but was worse than the median there ended PRUNED, and `bbb sweep
+    show` / `best` left it out although it was finished."""
+    import optuna
+
+    from bbb.sweep.worker import _prune_due
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(
+        direction="minimize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    )
+    for _ in range(5):  # finished trials, all far better than the one below
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.05, intermediate_values={1: 0.1, 2: 0.05}, params={}, distributions={}
+            )
+        )
+    trial: Any = study.ask()
+    trial.report(1.0, 1)
+    assert _prune_due(trial, 1, 2)  # mid-training: the pruner stops it
+    trial.report(1.0, 2)
+    assert trial.should_prune()  # what the pruner says after the last epoch ...
+    assert not _prune_due(trial, 2, 2)  # ... and the worker no longer acts on it
+    assert _prune_due(trial, 2, 3)
