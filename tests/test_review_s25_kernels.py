@@ -21,7 +21,7 @@ import torch
 
 import bbb
 from bbb import kernels as K
-from bbb.kl import mc_kl_sum
+from bbb.kl import closed_form_kl_sum, mc_kl_sum
 
 
 @pytest.fixture(autouse=True)
@@ -157,3 +157,72 @@ def test_resetting_a_kernel_forgets_its_failures(monkeypatch: pytest.MonkeyPatch
     with bbb.use_kernels("compile"), warnings.catch_warnings():
         warnings.simplefilter("error")
         _grads(torch.float64)
+
+
+# ------------------------------------------- 3. the fused KLs' backward batched by vmap
+def _kl_case(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl, mu, rho) through the fused KL functions, float64: the Monte Carlo KL or the
+    closed form, on their fast path ("..."), or with a pruning mask and a rho below -20
+    ("...-masked", the guarded path)."""
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    rho = torch.full((6,), -3.0, dtype=torch.float64)
+    mask = None
+    if kind.endswith("-masked"):
+        rho[1] = -25.0
+        mask = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.float64)
+    rho.requires_grad_()
+    if kind.startswith("mc"):
+        eps = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        prior: bbb.Prior = bbb.ScaleMixturePrior(0.5, 1.0, 0.1)
+        return mc_kl_sum(mu, rho, eps, prior, mask=mask), mu, rho
+    return closed_form_kl_sum(mu, rho, bbb.GaussianPrior(0.5), mask=mask), mu, rho
+
+
+KL_CASES = ["mc", "mc-masked", "closed_form", "closed_form-masked"]
+
+
+@pytest.mark.parametrize("kind", KL_CASES)
+def test_kl_gradients_batched_by_is_grads_batched(kind: str) -> None:
+    # before: RuntimeError "vmap: aten::mul_(self, *extra_args) is not possible ..." (the
+    # backward multiplied unbatched tensors in place by the batched upstream gradient)
+    kl, mu, rho = _kl_case(kind)
+    plain = torch.autograd.grad(kl, (mu, rho), retain_graph=True)
+    v = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)  # exact scalings
+    rows = torch.autograd.grad(kl, (mu, rho), v, retain_graph=True, is_grads_batched=True)
+    for got, want in zip(rows, plain, strict=True):
+        torch.testing.assert_close(got, v[:, None] * want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mc", "mc-masked"])
+def test_kl_gradients_by_func_vmap_on_the_eager_backend(kind: str) -> None:
+    # before: RuntimeError (in-place product with the batched gradient, then setup_context)
+    kl, mu, rho = _kl_case(kind)
+    plain = torch.autograd.grad(kl, (mu, rho), retain_graph=True)
+    v = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+
+    def vjp(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(kl, (mu, rho), u, retain_graph=True, create_graph=True)
+
+    rows = torch.func.vmap(vjp)(v)
+    for got, want in zip(rows, plain, strict=True):
+        torch.testing.assert_close(got, v[:, None] * want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        rows[0].sum().backward()
+
+
+def test_is_grads_batched_with_create_graph_refuses_the_monte_carlo_kl() -> None:
+    """is_grads_batched's vmap drops the refusing node's graph: the gradients would come back
+    without one (a penalty built from them silently adding nothing), so they are refused."""
+    kl, mu, rho = _kl_case("mc")
+    v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    # before: the vmap in-place RuntimeError, not this message
+    with pytest.raises(RuntimeError, match="first-order only.*is_grads_batched"):
+        torch.autograd.grad(kl, mu, v, is_grads_batched=True, create_graph=True)
+    # the closed form's gradients have a graph there (written with autograd): exact second
+    # derivatives, d/dmu of v * (mu - 0) / 0.5^2 summed = 4 v per weight
+    kl, mu, rho = _kl_case("closed_form")
+    (rows,) = torch.autograd.grad(kl, mu, v, is_grads_batched=True, create_graph=True)
+    assert rows.requires_grad
+    (second,) = torch.autograd.grad(rows.sum(), mu)
+    torch.testing.assert_close(second, torch.full_like(mu, 4.0 * 3.0), rtol=1e-12, atol=0)

@@ -370,8 +370,10 @@ class _GaussianKLSum(torch.autograd.Function):
             sig = torch.sigmoid(rho)
             if ctx.fast:
                 # (1/sigma - sigma/scale^2) * sigmoid(rho) * (-g): 4 passes
-                t = torch.reciprocal(sigma).add_(sigma, alpha=-inv_var)
-                grad_rho = t.mul_(sig).mul_(-g)
+                t = torch.reciprocal(sigma).add_(sigma, alpha=-inv_var).mul_(sig)
+                # a backward batched by vmap (bbb.kernels._batched): g has a batch dimension
+                # that t lacks, so t cannot take the product in place
+                grad_rho = t * (-g) if _kernels._batched(g) else t.mul_(-g)
             else:
                 tiny = torch.finfo(rho.dtype).tiny
                 dlog = torch.where(
@@ -607,8 +609,11 @@ class _MCKLSum(torch.autograd.Function):
         score = ctx.prior.grad_log_prob(w).neg_()  # (S, *W): d(-log p)/dw
         grad_mu = grad_rho = None
         scale = g / num_samples
+        # a backward batched by vmap (bbb.kernels._batched): g, so scale, has a batch
+        # dimension that the sums lack; they cannot take the product in place
+        batched = _kernels._batched(g)
         if ctx.needs_input_grad[0]:
-            grad_mu = score.sum(0).mul_(scale)
+            grad_mu = score.sum(0) * scale if batched else score.sum(0).mul_(scale)
             if mask is not None:
                 grad_mu.mul_(mask)
         if ctx.needs_input_grad[1]:
@@ -620,7 +625,8 @@ class _MCKLSum(torch.autograd.Function):
                 dlog = torch.where(
                     rho < _LOG_SIGMA_SWITCH, 1.0, sig / sigma.clamp_min(tiny) * (sigma > tiny)
                 )
-            grad_rho = score.mul_(eps).sum(0).mul_(scale).mul_(sig).sub_(dlog * g)
+            sums = score.mul_(eps).sum(0)
+            grad_rho = (sums * scale if batched else sums.mul_(scale)).mul_(sig).sub_(dlog * g)
             if mask is not None:
                 grad_rho.mul_(mask)
         return grad_mu, grad_rho
