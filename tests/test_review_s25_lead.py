@@ -40,3 +40,22 @@ def test_a_trial_worse_than_the_median_is_not_pruned_after_its_last_epoch() -> N
     assert trial.should_prune()  # what the pruner says after the last epoch ...
     assert not _prune_due(trial, 2, 2)  # ... and the worker no longer acts on it
     assert _prune_due(trial, 2, 3)
+
+
+def test_a_number_given_as_the_gaussian_noise_model_names_sigma() -> None:
+    """``bbb.Gaussian(0.1)`` (the sd given positionally) said only "unknown noise 0.1"."""
+    import bbb
+
+    with pytest.raises(ValueError, match=r"unknown noise 0\.1; .*Gaussian\(sigma=0\.1\)"):
+        bbb.Gaussian(0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown noise 'fixd'; accepted values: fixed, "):
+        bbb.Gaussian("fixd")
+
+
+def test_the_public_types_module_runs() -> None:
+    """tests/typing/public_api.py is type-checked by `make test` (mypy); its code must also
+    run, so that the calls it type-checks are real ones."""
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).parent / "typing" / "public_api.py"), run_name="__main__")

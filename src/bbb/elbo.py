@@ -180,6 +180,9 @@ class ELBO(nn.Module):
     """
 
     step: Tensor
+    # for type checkers only (no attribute is set): nn.Module's __call__ returns Any, and
+    # ``elbo(model, x, y)`` runs :meth:`forward`, which returns an ELBOResult
+    __call__: Callable[..., ELBOResult]
 
     def __init__(
         self,

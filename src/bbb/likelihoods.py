@@ -123,7 +123,14 @@ class Gaussian(Likelihood):
     ) -> None:
         super().__init__()
         if noise not in NOISE_MODELS:
-            raise ValueError(f"unknown noise {noise!r}; accepted values: {', '.join(NOISE_MODELS)}")
+            hint = (
+                f" (the noise sd is sigma: Gaussian(sigma={noise!r}))"
+                if isinstance(noise, (int, float)) and not isinstance(noise, bool)
+                else ""
+            )
+            raise ValueError(
+                f"unknown noise {noise!r}; accepted values: {', '.join(NOISE_MODELS)}{hint}"
+            )
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"Gaussian sigma must be a finite positive number, got {sigma!r}")

@@ -21,7 +21,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -313,6 +313,41 @@ def _warn_overflowed_variances(outputs: Tensor, var: Tensor) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# The return type follows the likelihood, for type checkers: Gaussian gives a
+# RegressionPrediction, Categorical (the default) a ClassificationPrediction.
+@overload
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    likelihood: Gaussian,
+    num_samples: int = 100,
+    max_rows: int | None = None,
+) -> RegressionPrediction: ...
+
+
+@overload
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    likelihood: Categorical | None = None,
+    num_samples: int = 100,
+    max_rows: int | None = None,
+) -> ClassificationPrediction: ...
+
+
+@overload
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    likelihood: Likelihood | None = None,
+    num_samples: int = 100,
+    max_rows: int | None = None,
+) -> ClassificationPrediction | RegressionPrediction: ...
 
 
 def predict(

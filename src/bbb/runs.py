@@ -529,7 +529,7 @@ def finish_run(
 
         x, y = data.val.tensors
         pred = predict(model, x[:5000].to(cfg.device), num_samples=samples)
-        plot_reliability_diagram(pred.probs.cpu(), y[:5000], out / "reliability.png")  # type: ignore[union-attr]
+        plot_reliability_diagram(pred.probs.cpu(), y[:5000], out / "reliability.png")
     if not data.classification and data.in_features == 1:
         plots.regression_band(model, likelihood, data.train, out / "regression_band.png")
 

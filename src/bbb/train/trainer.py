@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from .. import metrics as M
 from ..elbo import ELBO
 from ..likelihoods import Categorical, Gaussian, Likelihood
-from ..predictive import ClassificationPrediction, predict
+from ..predictive import predict
 from . import distributed as _dist
 from .checkpoint import (
     CheckpointError,
@@ -288,7 +288,6 @@ def evaluate(
             log_probs: list[Tensor | None] = []
             for x, y in _batches(loader, device):
                 pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
-                assert isinstance(pred, ClassificationPrediction)
                 probs.append(pred.probs.cpu())
                 labels.append(y.cpu())
                 log_probs.append(None if pred.log_probs is None else pred.log_probs.cpu())
@@ -301,11 +300,12 @@ def evaluate(
             # (at most 27.6 nats per example)
             exact = None if any(lp is None for lp in log_probs) else torch.cat(log_probs)  # type: ignore[arg-type]
             return M.classification_report(all_probs, all_labels, n_bins=n_bins, log_probs=exact)
+        assert isinstance(likelihood, Gaussian)  # _check_evaluable: Categorical or Gaussian
         means, variances, targets = [], [], []
         for x, y in _batches(loader, device):
-            pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
-            means.append(pred.sample_means.cpu())  # type: ignore[union-attr]
-            variances.append(pred.sample_variances.cpu())  # type: ignore[union-attr]
+            rpred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+            means.append(rpred.sample_means.cpu())
+            variances.append(rpred.sample_variances.cpu())
             targets.append(y.cpu())
         if not means:
             raise ValueError("evaluate: the data loader is empty")
