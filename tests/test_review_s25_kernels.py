@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import bbb
+from bbb import _native
 from bbb import kernels as K
 from bbb.kl import closed_form_kl_sum, mc_kl_sum
 
@@ -226,3 +227,21 @@ def test_is_grads_batched_with_create_graph_refuses_the_monte_carlo_kl() -> None
     assert rows.requires_grad
     (second,) = torch.autograd.grad(rows.sum(), mu)
     torch.testing.assert_close(second, torch.full_like(mu, 4.0 * 3.0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not _native.available(), reason="native library not available")
+@pytest.mark.parametrize("how", ["is_grads_batched", "func.vmap"])
+def test_native_backward_batched_by_vmap_is_a_clear_error(how: str) -> None:
+    # before: RuntimeError "Batching rule not implemented for aten::item ..."
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(4, 3)
+    x = torch.randn(5, 4)
+    v = torch.ones(2)
+    with bbb.use_kernels("native"):
+        loss = layer(x).sum() + bbb.kl_divergence(layer)
+    params = list(layer.parameters())
+    with pytest.raises(RuntimeError, match="cannot run batched by vmap"):
+        if how == "is_grads_batched":
+            torch.autograd.grad(loss, params, v, is_grads_batched=True)
+        else:
+            torch.func.vmap(lambda u: torch.autograd.grad(loss, params, u, retain_graph=True))(v)

@@ -679,6 +679,14 @@ _NATIVE_FIRST_ORDER = (
 )
 
 
+_NATIVE_BATCHED = (
+    "bbb native kernels: their backward is C code, which cannot run batched by vmap "
+    "(torch.autograd.grad(..., is_grads_batched=True), jacobian or hessian with "
+    "vectorize=True, torch.func.vmap over torch.autograd.grad); batched gradients need "
+    "bbb.set_kernels('eager')"
+)
+
+
 class _NativeCtx(_Ctx):
     kind: str
     prior: _native.NativePrior
@@ -757,8 +765,14 @@ class _NativeSampleKL(torch.autograd.Function):
         g_mu: Tensor | None,
         g_mu_b: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        with torch.no_grad():  # C gradients: no graph (a second order is refused below)
-            grads = _NativeSampleKL._grads(ctx, g_t, g_tb, g_kl, g_mu, g_mu_b)
+        try:
+            with torch.no_grad():  # C gradients: no graph (a second order is refused below)
+                grads = _NativeSampleKL._grads(ctx, g_t, g_tb, g_kl, g_mu, g_mu_b)
+        except RuntimeError as err:  # checked only on failure: no cost in a training step
+            upstream = [g for g in (g_t, g_tb, g_kl, g_mu, g_mu_b) if g is not None]
+            if upstream and _batched(upstream[0]):
+                raise RuntimeError(_NATIVE_BATCHED) from err
+            raise
         inputs = ctx.saved_tensors[4 * len(ctx.shapes) :]
         grads = first_order_only(_NATIVE_FIRST_ORDER, grads, inputs)
         return (*grads, None, None, None, None, None, None)
