@@ -85,7 +85,8 @@ def _blitz(n: int) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
-    return out[0] if isinstance(out, tuple) else out
+    logits: Tensor = out[0] if isinstance(out, tuple) else out  # bayesian-torch: (out, kl)
+    return logits
 
 
 @torch.no_grad()
@@ -158,30 +159,43 @@ def run(library: str, args: argparse.Namespace, data: tuple[Tensor, ...]) -> dic
     }
 
 
-def _check_args(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, libraries: list[str]
-) -> None:
+class RefusedValueError(ValueError):
+    """An option value out of range, an unknown name or a peer not installed: exit code 1
+    (``bbb``'s and ``bbb bench``'s code for a refused value; 2 is a command line that cannot
+    be parsed, argparse's own errors)."""
+
+
+def _check_args(args: argparse.Namespace, libraries: list[str]) -> None:
     """Refuse, naming the option, what would otherwise run the wrong thing or fail late: an
-    unknown or missing library (or a peer not installed), a subset smaller than one batch, a
-    target error outside (0, 1], a non-positive evaluation period, sample count or time
-    budget."""
+    unknown or missing library (or a peer not installed), an unknown bbb estimator, a subset
+    smaller than one batch, a target error outside (0, 1], a non-positive evaluation period,
+    sample count or time budget. Raises :class:`RefusedValueError`."""
     import importlib.util
 
     if not libraries:
-        parser.error(f"--libraries is empty (accepted values: {', '.join(LIBRARIES)})")
+        raise RefusedValueError(f"--libraries is empty (accepted values: {', '.join(LIBRARIES)})")
     for lib in libraries:
         if lib not in LIBRARIES:
-            parser.error(
+            raise RefusedValueError(
                 f"--libraries: unknown library {lib!r} (accepted values: {', '.join(LIBRARIES)})"
             )
         module = {"bayesian-torch": "bayesian_torch", "blitz": "blitz"}.get(lib)
         if module is not None and importlib.util.find_spec(module) is None:
-            parser.error(f"--libraries: {lib} is not installed (make bench installs the peers)")
+            raise RefusedValueError(
+                f"--libraries: {lib} is not installed (make bench installs the peers)"
+            )
+    if "bbb" in libraries and args.estimator not in bbb.ESTIMATORS:  # was a traceback, late
+        raise RefusedValueError(
+            f"--estimator: unknown estimator {args.estimator!r} (accepted values: "
+            f"{', '.join(bbb.ESTIMATORS)})"
+        )
     if args.subset is not None and args.subset < BATCH:
         # fewer examples than one minibatch: no step was ever taken and the loop spun forever
-        parser.error(f"--subset must be at least the batch size {BATCH}, got {args.subset}")
+        raise RefusedValueError(
+            f"--subset must be at least the batch size {BATCH}, got {args.subset}"
+        )
     if not 0.0 < args.target <= 1.0:
-        parser.error(f"--target must be a validation error in (0, 1], got {args.target}")
+        raise RefusedValueError(f"--target must be a validation error in (0, 1], got {args.target}")
     for option, value in (
         ("--eval-every", args.eval_every),
         ("--eval-samples", args.eval_samples),
@@ -189,11 +203,13 @@ def _check_args(
         ("--lr", args.lr),
     ):
         if not value > 0:
-            parser.error(f"{option} must be positive, got {value}")
+            raise RefusedValueError(f"{option} must be positive, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point; returns the exit code. A command line argparse cannot parse exits with 2
+    (argparse's ``SystemExit``); a refused value is one line, ``PROG: error: ...``, and exit
+    code 1, as ``bbb bench`` gives for the same kind of value (the README's exit codes)."""
     p = argparse.ArgumentParser(prog="benchmarks/time_to_accuracy.py", description=__doc__)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--target", type=float, default=0.03, help="validation error to reach")
@@ -221,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     libraries = [lib.strip() for lib in args.libraries.split(",") if lib.strip()]
-    _check_args(p, args, libraries)
+    try:
+        _check_args(args, libraries)
+    except RefusedValueError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
     tuned = bbb.tune_allocator() if args.tune_allocator else False
     train = load_mnist(args.data_dir, split="train", subset=args.subset)
     val = load_mnist(args.data_dir, split="val")

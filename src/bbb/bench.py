@@ -241,9 +241,9 @@ def _kernels_step(step: Step, backend: str = "compile") -> Step | None:
     """
     import warnings
 
-    def run() -> None:
+    def run() -> float:
         with _kernels.use_kernels(backend):
-            step()
+            return step()  # the loss: it waits for the device, so a timed call is the whole step
 
     run()
     failed = {
@@ -548,7 +548,7 @@ def run_grad_variance(
     for _ in range(train_steps):
         step()
     state = base.state_dict()
-    rows = []
+    measured: list[tuple[str, float, float]] = []  # (estimator, var_grad_mu, var_grad_rho)
     for est in estimators:
         model = make_bbb_model("mlp", hidden, est, "gaussian").to(x.device)
         model.load_state_dict(state)
@@ -562,13 +562,22 @@ def run_grad_variance(
             g_rho.append(torch.cat([p.grad.reshape(-1) for p in rhos]))  # type: ignore[union-attr]
         var_mu = torch.stack(g_mu).double().var(0).mean().item()
         var_rho = torch.stack(g_rho).double().var(0).mean().item()
-        rows.append({"estimator": est, "var_grad_mu": var_mu, "var_grad_rho": var_rho})
-    best_mu = min(r["var_grad_mu"] for r in rows)
-    best_rho = min(r["var_grad_rho"] for r in rows)
-    for r in rows:
-        r["rel_mu"] = round(r["var_grad_mu"] / best_mu, 3) if best_mu > 0 else None
-        r["rel_rho"] = round(r["var_grad_rho"] / best_rho, 3) if best_rho > 0 else None
-    return [{"hidden": hidden, "draws": draws, "train_steps": train_steps, **r} for r in rows]
+        measured.append((est, var_mu, var_rho))
+    best_mu = min(mu for _, mu, _ in measured)
+    best_rho = min(rho for _, _, rho in measured)
+    return [
+        {
+            "hidden": hidden,
+            "draws": draws,
+            "train_steps": train_steps,
+            "estimator": est,
+            "var_grad_mu": var_mu,
+            "var_grad_rho": var_rho,
+            "rel_mu": round(var_mu / best_mu, 3) if best_mu > 0 else None,
+            "rel_rho": round(var_rho / best_rho, 3) if best_rho > 0 else None,
+        }
+        for est, var_mu, var_rho in measured
+    ]
 
 
 # ----------------------------------------------------------------------------- output
@@ -705,6 +714,22 @@ def check_options(args: argparse.Namespace) -> torch.device:
         bad = [v for v in values if v < 1]
         if bad:
             raise BenchError(f"{option}: values must be positive integers, got {bad[0]}")
+    # a value listed twice is a slip, refused like any other: --sizes 400,400 measured the
+    # network twice (two identical-looking rows), a repeated estimator, prior or sample count
+    # built its configuration twice and timed it once (run_step_times, the library function,
+    # takes repeats as given)
+    for option, values in (
+        ("--sizes", args.sizes),
+        ("--nets", args.nets),
+        ("--estimators", args.estimators),
+        ("--priors", args.priors),
+        ("--samples", args.samples),
+    ):
+        seen: set[object] = set()
+        for value in values:
+            if value in seen:
+                raise BenchError(f"{option} lists {value} twice: give each value once")
+            seen.add(value)
     for dest, minimum in _MINIMUMS.items():
         value = getattr(args, dest)
         if value is not None and value < minimum:

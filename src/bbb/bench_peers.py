@@ -313,7 +313,7 @@ def build_peer_step(
 
         def loss_tb() -> Tensor:
             nll = sum(F.cross_entropy(mt(x), y) for _ in range(s)) / s
-            return nll + kl_loss(mt) / dataset_size  # type: ignore[operator]
+            return nll + kl_loss(mt) / dataset_size
 
         return _optimizer_step(mt, loss_tb, lr, x.device)
     if peer == "pyro":
