@@ -139,7 +139,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def mean_network_outputs(model: nn.Module, x: Tensor) -> Tensor:
     model.eval()
     with bbb.sampling(model, "mean"):
-        return model(x)
+        out: Tensor = model(x)
+    return out
 
 
 def fit(
@@ -268,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     groups = {
         "test digits": pred.epistemic,
         "misclassified digits": pred.epistemic[wrong],
-        "shuffled-pixel digits": bbb.predict(bayes, shuffled, num_samples=args.samples).epistemic,  # type: ignore[union-attr]
-        "uniform noise": bbb.predict(bayes, noise, num_samples=args.samples).epistemic,  # type: ignore[union-attr]
+        "shuffled-pixel digits": bbb.predict(bayes, shuffled, num_samples=args.samples).epistemic,
+        "uniform noise": bbb.predict(bayes, noise, num_samples=args.samples).epistemic,
     }
     plot_epistemic(groups, out / "epistemic.png")
     epistemic = {k: float(v.mean()) if v.numel() else None for k, v in groups.items()}

@@ -137,6 +137,10 @@ def test_heteroscedastic_regression(tmp_path: Path) -> None:
     assert all(v > 0 and math.isfinite(v) for v in noise["learned_noise_std"])
     # the true noise grows with x
     assert noise["true_noise_std"] == sorted(noise["true_noise_std"])
+    # "val" is the best epoch's validation metrics (it held the whole history row: training
+    # loss, KL, timings, learning rate); nll is -log_likelihood by definition
+    assert set(noise["val"]) == {"rmse", "log_likelihood", "nll"}
+    assert noise["val"]["nll"] == -noise["val"]["log_likelihood"] and noise["val"]["rmse"] > 0
 
 
 def test_example_writes_under_runs_examples_by_default(tmp_path: Path) -> None:

@@ -125,6 +125,18 @@ def run_dir(out: Path, method: str, width: int, seed: int) -> Path:
     return out / f"{method}-{width}-s{seed}"
 
 
+def _show_progress(quiet: bool) -> bool:
+    """Progress bars as ``bbb train`` draws them: not with ``--quiet`` and only on a terminal
+    (a bar redrawn with carriage returns into a log file, ``2> log`` or nohup, leaves partial
+    lines; the per-epoch lines, printed either way, say the same there)."""
+    if quiet:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 def table1(args: argparse.Namespace) -> None:
     from bbb.runs import train_run
 
@@ -177,7 +189,7 @@ def table1(args: argparse.Namespace) -> None:
     for _, _, _, epochs, rd, cfg, _ in rows:
         resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())
         print(f"[{'resume' if resume else 'train'}] {rd} ({epochs} epochs)", flush=True)
-        train_run(cfg, rd, resume=resume, progress=not args.quiet)
+        train_run(cfg, rd, resume=resume, progress=_show_progress(args.quiet))
 
 
 def _train_in_parallel(args: argparse.Namespace, rows: list[tuple[Any, ...]]) -> None:
@@ -565,7 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     t1.add_argument("--subset", type=int, help="first N training images (smoke tests)")
     t1.add_argument("--data-dir")
     t1.add_argument("--device", default="cpu")
-    t1.add_argument("--quiet", action="store_true")
+    t1.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, as bbb train --quiet (bars are drawn only when stderr is a "
+        "terminal; the per-epoch lines are printed either way)",
+    )
     t1.add_argument(
         "--jobs",
         type=int,

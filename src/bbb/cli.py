@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from .allocator import tune_allocator_by_default
-from .config import ConfigError, TrainConfig, anchored_uci_path, load_config_file
+
+if typing.TYPE_CHECKING:
+    from .config import TrainConfig
+
+# nothing here imports torch (bbb.config does): imported inside main's error handling, a Ctrl-C
+# during the second or two that torch takes is the one-line "bbb: interrupted" (exit 130), not a
+# traceback -- as long as `import bbb` itself does not import torch first (see bbb/__init__.py)
 
 __all__ = ["main", "build_parser", "HelpFormatter"]
 
@@ -88,6 +94,8 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -484,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    from .config import ConfigError, TrainConfig, anchored_uci_path, load_config_file
     from .runs import RESUMABLE_CHANGES
 
     values: dict[str, Any] = {}
@@ -561,6 +570,8 @@ def _evaluate(
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
+    from .config import ConfigError
+    from .likelihoods import Categorical, Gaussian
     from .predictive import ClassificationPrediction, predict
     from .pruning import dense_state_bytes, load_compact, prune_by_snr, save_compact
     from .runs import load_run
@@ -628,11 +639,13 @@ def _evaluate(
             result["pruned"]["export_bytes"] = save_compact(model, export)
             result["pruned"]["dense_state_bytes"] = dense_state_bytes(model)
     samples = num_samples if cfg.method == "bbb" else 1
+    # load_run builds the likelihood from the run's data (build_likelihood): one of these two
+    assert isinstance(likelihood, (Categorical, Gaussian)), type(likelihood)
     report = evaluate(
         model,
         DataLoader(ds, batch_size=1000),
         likelihood,
-        num_samples=samples,  # type: ignore[arg-type]
+        num_samples=samples,
         device=cfg.device,
         y_scale=data.y_std,
     )
