@@ -261,5 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _entry() -> int:
+    """``main`` as a command: missing data or a value the library refuses is one line (exit
+    code 1), Ctrl-C is ``interrupted`` (exit code 130), as ``bbb bench`` gives them."""
+    prog = "benchmarks/time_to_accuracy.py"
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:
+        print(f"{prog}: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())

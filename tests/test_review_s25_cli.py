@@ -158,6 +158,25 @@ def test_time_to_accuracy_keeps_2_for_what_cannot_be_parsed(
     assert "argument --target: invalid float value: 'abc'" in capsys.readouterr().err
 
 
+def test_time_to_accuracy_missing_data_is_one_line(tmp_path: Path) -> None:
+    """A wrong --data-dir was a MissingDataError traceback (the examples and `bbb` say it in
+    one line, exit code 1)."""
+    absent = tmp_path / "absent"
+    script = ROOT / "benchmarks" / "time_to_accuracy.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--libraries", "bbb", "--data-dir", str(absent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"benchmarks/time_to_accuracy.py: error: Data directory {absent}"
+    ), proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
 # --- experiments/mnist/run.py (#4) ------------------------------------------------------------
 
 
