@@ -10,7 +10,6 @@ import importlib.util
 import runpy
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,47 +17,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- Ctrl-C while torch is being imported (#4) ------------------------------------------------
-
-# A Ctrl-C at the moment torch is imported, made deterministic: an import hook raises
-# KeyboardInterrupt for "torch" (what the signal does at a random point of that second or two).
-_INTERRUPT_TORCH = textwrap.dedent(
-    """
-    import runpy, sys
-
-    class InterruptTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise KeyboardInterrupt
-            return None
-
-    sys.meta_path.insert(0, InterruptTorch())
-    sys.argv = ["bbb", "train", "--help"]
-    if HOW == "console":  # what the bbb console script does (pyproject: bbb.cli:main)
-        from bbb.cli import main
-        sys.exit(main())
-    runpy.run_module("bbb", run_name="__main__", alter_sys=True)  # python -m bbb
-    """
-)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs `import bbb` not to import torch (bbb/__init__.py, outside the CLI's files: "
-    "a lazy __init__ was proposed to the lead); bbb.cli itself now imports torch inside main",
-)
-@pytest.mark.parametrize("how", ["console", "python -m bbb"])
-def test_ctrl_c_while_torch_is_imported_is_one_line(how: str) -> None:
-    """Ctrl-C in the first second or two of any bbb command (torch being imported) printed a
-    Python traceback instead of the one line and exit code 130 of a later Ctrl-C."""
-    code = f"HOW = {how!r}\n" + _INTERRUPT_TORCH
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert proc.stderr == "bbb: interrupted\n", proc.stderr
-    assert proc.returncode == 130
 
 
 # --- bbb bench (#8) ---------------------------------------------------------------------------
