@@ -31,6 +31,7 @@ $(SWEEP_STAMP): $(STAMP)
 
 test: $(STAMP) $(SWEEP_STAMP)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP) $(SWEEP_STAMP)
@@ -45,6 +46,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -59,3 +59,33 @@ def test_the_public_types_module_runs() -> None:
     from pathlib import Path
 
     runpy.run_path(str(Path(__file__).parent / "typing" / "public_api.py"), run_name="__main__")
+
+
+def test_only_rank_0_says_how_to_resume_an_interrupted_run(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun every rank printed "continue the run with: bbb train --resume R"."""
+    from bbb.cli import _resume_hint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-00001.pt").write_bytes(b"")
+    monkeypatch.setenv("RANK", "0")
+    assert "continue the run with: bbb train --resume" in _resume_hint(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    assert _resume_hint(tmp_path) == "interrupted (rank 1; rank 0 says how to continue)"
+    monkeypatch.delenv("RANK")
+    assert "continue the run with: bbb train --resume" in _resume_hint(tmp_path)
+
+
+@needs_optuna
+def test_an_interrupted_show_with_the_storage_first_has_nothing_to_continue() -> None:
+    """`bbb sweep --storage URL show DIR` interrupted said "continue the sweep with: bbb sweep
+    --storage URL show DIR" (show was only recognised as the first word)."""
+    from bbb.cli import _sweep_hint
+
+    assert _sweep_hint(["--storage", "sqlite:///x.db", "show", "DIR"]) == "interrupted"
+    assert _sweep_hint(["--storage=sqlite:///x.db", "best", "DIR"]) == "interrupted"
+    assert _sweep_hint(["space.toml", "--out", "DIR"]).startswith(
+        "interrupted; continue the sweep with: bbb sweep space.toml --out DIR"
+    )

@@ -223,9 +223,16 @@ def _terminate_children() -> None:
 
 
 def _resume_hint(out: Path) -> str:
-    """What ``bbb train`` says when interrupted: how to continue the run in ``out``."""
+    """What ``bbb train`` says when interrupted: how to continue the run in ``out``.
+
+    Under ``torchrun`` every rank is interrupted and prints; only rank 0 (``RANK``, read from
+    the environment: the process group is gone by now) gives the command, once.
+    """
     import shlex
 
+    rank = os.environ.get("RANK", "0")
+    if rank.isdigit() and int(rank) > 0:
+        return f"interrupted (rank {int(rank)}; rank 0 says how to continue)"
     if not (out / "config.json").is_file():
         return "interrupted before the run was set up; nothing to resume"
     where = shlex.quote(str(out))
@@ -794,10 +801,12 @@ def _sweep_hint(argv: Sequence[str]) -> str:
     processes a sweep starts (``--worker-id``) have nothing to continue."""
     import shlex
 
+    from .sweep.cli import split_subcommand
     from .sweep.storage import _masked
 
     words = list(argv)
-    if words[:1] in (["show"], ["best"]) or any(w.startswith("--worker-id") for w in words):
+    # options may come before show/best (`bbb sweep --storage URL show DIR`)
+    if split_subcommand(words)[0] != "run" or any(w.startswith("--worker-id") for w in words):
         return "interrupted"
     # a storage URL's password is not printed (the user gives it again)
     for i, w in enumerate(words):
