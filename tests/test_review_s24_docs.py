@@ -607,7 +607,7 @@ def test_the_reliability_tables_cases_are_real_test_ids() -> None:
         text=True,
         check=True,
     ).stdout
-    collected = set(out.split())
+    collected = {line.strip() for line in out.splitlines()}  # one id a line; ids hold spaces
     assert sorted(wanted - collected) == []
 
 
