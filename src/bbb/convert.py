@@ -427,7 +427,39 @@ def _replace_layers(
             _replace_layers(child, make, memo)
 
 
+# the layers to_deterministic replaces, each with the class whose forward it reproduces
+_DETERMINISTIC_BASES: tuple[type[BayesModule], ...] = (
+    BayesLinear,
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+)
+
+
+def _overrides(module: BayesModule) -> str | None:
+    """``"op() of BayesLinear"``: the method (``forward``, ``op``) by which ``module``'s
+    class, a subclass of a layer :func:`to_deterministic` converts, computes another function
+    than that layer; ``None`` when it computes the same (a subclass that only sets defaults
+    or adds attributes)."""
+    base = next((b for b in _DETERMINISTIC_BASES if isinstance(module, b)), None)
+    if base is None:
+        return None
+    cls = type(module)
+    for name in ("forward", "op"):
+        if getattr(cls, name) is not getattr(base, name):
+            return f"{name}() of {base.__name__}"
+    return None
+
+
 def _deterministic_for(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, BayesModule) and (changed := _overrides(module)) is not None:
+        # a user's subclass with a forward or op of its own (an output scale, a residual):
+        # the plain layer would compute the parent's function, silently other numbers
+        raise TypeError(
+            f"to_deterministic cannot convert {type(module).__name__}: it overrides "
+            f"{changed}, which a plain torch layer would not reproduce; use "
+            "bbb.sampling(model, 'mean') for its mean network"
+        )
     if not isinstance(module, (BayesLinear, _BayesConvNd)):
         if isinstance(module, BayesModule):
             # e.g. BayesLinearEnsemble: no plain PyTorch layer computes it; leaving it in
@@ -483,7 +515,19 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     keeps the Bayesian layer's train/eval mode, and a frozen ``weight_mu`` (``bias_mu``) gives a
     frozen ``weight`` (``bias``); hooks registered on a replaced layer are named in a warning
     (the new modules do not carry them).
+
+    A ``torch.compile``d model gives its network uncompiled (state dict keys without
+    ``_orig_mod.``, ready for ``torch.export`` or TorchScript; compile the copy again if
+    wanted). A subclass of a Bayesian layer that overrides ``forward`` or ``op`` is a
+    ``TypeError`` (a plain layer would compute another function), as are the Bayesian layers
+    no plain layer computes (``BayesLinearEnsemble``).
     """
+    from .train.trainer import _plain_module
+
+    # a torch.compile wrapper: its network (as save_compact does). A copy of the wrapper
+    # was a compiled module that torch.jit.script refuses ("... got Sequential") and whose
+    # state dict keys start with "_orig_mod." (not loadable into the plain architecture).
+    model = _plain_module(model)
     hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
     top = _deterministic_for(model)
     if top is None:
