@@ -24,7 +24,9 @@ def time_phases(nets: dict, opts: dict, rounds: int = 40, warmup: int = 8) -> No
     import statistics
     import time
 
-    times = {k: {"f": [], "b": [], "a": [], "all": []} for k in nets}
+    times: dict[str, dict[str, list[float]]] = {
+        k: {"f": [], "b": [], "a": [], "all": []} for k in nets
+    }
     for it in range(rounds):
         for k, (_m, fn) in nets.items():
             o = opts[k]

@@ -12,9 +12,11 @@ Run with nothing else on the machine (pause background jobs).
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 torch.manual_seed(0)
 B, S, D, H = 455, 5, 13, 50
@@ -22,7 +24,7 @@ x = torch.randn(B, D)
 y = torch.randn(B, 1)
 
 
-def param(*s):
+def param(*s: int) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(*s) * 0.1)
 
 
@@ -42,9 +44,9 @@ logs = torch.nn.Parameter(torch.tensor(0.0))
 allp = params + [logs]
 
 
-def loss_fn(x, y):
+def loss_fn(x: Tensor, y: Tensor) -> Tensor:
     h = x.repeat(S, 1)
-    kl = 0.0
+    kl: Tensor | float = 0.0
     for i in range(2):
         wm, bm, wr, br = params[4 * i : 4 * i + 4]
         ws, bs = F.softplus(wr), F.softplus(br)
@@ -65,7 +67,7 @@ def loss_fn(x, y):
 opt = torch.optim.Adam(allp, 1e-3, fused=True)
 
 
-def step(f):
+def step(f: Callable[[Tensor, Tensor], Tensor]) -> None:
     opt.zero_grad(set_to_none=True)
     f(x, y).backward()
     opt.step()

@@ -4,8 +4,10 @@ The measurement script behind numbers in docs/RESULTS.md; run with the backgroun
 """
 
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 import bbb.bench as B
 
@@ -20,7 +22,7 @@ for _ in range(10):
 tiny = torch.finfo(torch.float32).tiny
 
 
-def tm(f, t, n=5):
+def tm(f: Callable[[Tensor], Tensor], t: Tensor, n: int = 5) -> float:
     ts = []
     for _ in range(n):
         a = time.perf_counter()
@@ -38,5 +40,6 @@ for name, p in m.named_parameters():
         print(
             f"{name:25s} {k:11s} numel {v.numel():8d} denorm {dn:8d} zero {int((a == 0).sum()):8d} sqrt {tm(torch.sqrt, v):.2f} ms  ref {tm(torch.sqrt, torch.rand_like(v)):.2f} ms"
         )
+    assert p.grad is not None  # every parameter takes part in the loss
     g = p.grad.abs()
     print(f"{name:25s} grad denorm {int(((g > 0) & (g < tiny)).sum())} zero {int((g == 0).sum())}")

@@ -10,13 +10,19 @@ Adam for all three; forward, backward and Adam timed separately (median of 32).
 Run with the background jobs paused.
 """
 
+from typing import TYPE_CHECKING
+
 import torch
-from _pair import pair, time_phases
 from torch import nn
 from torch.nn import functional as F
 
 import bbb
 from bbb.nn.noise import rademacher, randn
+
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes._pair import pair, time_phases
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from _pair import pair, time_phases
 
 bbb.set_kernels("native")
 x, y, det, bay, elbo = pair("flipout")

@@ -12,12 +12,17 @@ The measurement script behind numbers in docs/RESULTS.md; run with the backgroun
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from _pair import pair
 from torch.nn import functional as F
 
 import bbb.nn.module as module
+
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes._pair import pair
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from _pair import pair
 
 estimator = sys.argv[1] if len(sys.argv) > 1 else "reparam"
 x, y, det, bay, elbo = pair(estimator)

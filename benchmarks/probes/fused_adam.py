@@ -5,9 +5,11 @@ The measurement script behind numbers in docs/RESULTS.md; run with the backgroun
 
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 import bbb.bench as B
 
@@ -15,22 +17,23 @@ x, y = B.make_data("mlp")
 est = sys.argv[1]
 
 
-def mk(kind, fused):
+def mk(kind: str, fused: bool) -> Callable[[], None]:
+    m: nn.Module
     if kind == "det":
         m = B.mlp(784, [1200, 1200], 10)
 
-        def lf():
+        def lf() -> Tensor:
             return F.cross_entropy(m(x), y)
     else:
         m = B.make_bbb_model("mlp", 1200, est, "gaussian")
         e = B.ELBO(B.Categorical(), B.DATASET_SIZE)
 
-        def lf():
+        def lf() -> Tensor:
             return e(m, x, y).loss
 
     opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused, foreach=None if fused else False)
 
-    def step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         l = lf()
         l.backward()
@@ -44,7 +47,7 @@ for s in steps.values():
     for _ in range(5):
         s()
 for _r in range(2):
-    ts = {k: [] for k in steps}
+    ts: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(10):
         for k, s in steps.items():
             t = time.perf_counter()

@@ -24,38 +24,51 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import bbb
 from bbb import kernels as K
 from bbb.bench import _interleaved
+from bbb.likelihoods import Likelihood
+from bbb.priors import Prior
 
 _one = K.native_layer_sample_and_kl
 
 
 def _two(
-    kind, mu, rho, mu_b, rho_b, prior, kl_mode="closed_form", used=None, samples=1, mean_path=False
-):  # type: ignore[no-untyped-def]  # noqa: E501
+    kind: str,
+    mu: Tensor,
+    rho: Tensor,
+    mu_b: Tensor | None,
+    rho_b: Tensor | None,
+    prior: Prior,
+    kl_mode: str = "closed_form",
+    used: list[bool] | None = None,
+    samples: int = 1,
+    mean_path: bool = False,
+) -> K.NativeLayerOutputs:
     w = _one(kind, mu, rho, None, None, prior, kl_mode, used, samples, mean_path)
-    if mu_b is None:
+    if mu_b is None and rho_b is None:
         return w
+    assert mu_b is not None and rho_b is not None, "give both mu_b and rho_b, or neither"
     b = _one(kind, mu_b, rho_b, None, None, prior, kl_mode, used, samples, mean_path)
     return K.NativeLayerOutputs(w.t, b.t, w.kl + b.kl, w.eps, b.eps, w.mu, b.mu)
 
 
 def _with(one: bool, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        K.native_layer_sample_and_kl = _one if one else _two  # type: ignore[assignment]
+        K.native_layer_sample_and_kl = _one if one else _two
         try:
             step()
         finally:
-            K.native_layer_sample_and_kl = _one  # type: ignore[assignment]
+            K.native_layer_sample_and_kl = _one
 
     return run
 
 
 def _step(config: str, estimator: str) -> Callable[[], None]:
     torch.manual_seed(0)
+    likelihood: Likelihood
     if config == "uci":
         sizes, n, likelihood = [13, 50, 1], 455, bbb.Gaussian("learned")
         x, y = torch.randn(n, 13), torch.randn(n, 1)

@@ -42,7 +42,10 @@ def main() -> None:
             def step(layer: bbb.BayesLinear = layer) -> None:
                 (layer(x).sum() + layer.kl()).backward()
 
-            fwd = us(lambda layer=layer: layer(x))
+            def forward(layer: bbb.BayesLinear = layer) -> torch.Tensor:
+                return layer(x)
+
+            fwd = us(forward)
             print(f"BayesLinear {backend:6s} {est:8s}: forward {fwd:7.1f}  "
                   f"forward + KL + backward {us(step):7.1f}")  # fmt: skip
     bbb.set_kernels("native")

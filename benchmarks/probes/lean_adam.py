@@ -14,16 +14,21 @@ Run with nothing else on the machine (pause background jobs).
 import argparse
 import statistics
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from trainer_optimizer import _config
 
 import bbb
 from bbb import runs
 from bbb.bench import _interleaved
 from bbb.train.optim import Adam
 
-SETS = {
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes.trainer_optimizer import _config
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from trainer_optimizer import _config
+
+SETS: dict[str, list[tuple[int, ...]]] = {
     "bandit flat parameter (222010)": [(222010,)],
     "UCI 13-50-1 (mu and rho)": [(50, 13), (50,), (1, 50), (1,)] * 2,
     "MNIST 784-400-400-10 (mu and rho)": [(400, 784), (400,), (400, 400), (400,), (10, 400), (10,)]

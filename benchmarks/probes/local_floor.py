@@ -14,27 +14,32 @@ Run with the background jobs paused.
 """
 
 import sys
+from typing import TYPE_CHECKING
 
 import torch
-from _pair import pair, time_phases
 from torch import nn
 from torch.nn import functional as F
 
 import bbb
+
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes._pair import pair, time_phases
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from _pair import pair, time_phases
 
 bbb.set_kernels("native")
 x, y, det, bay, elbo = pair("local")
 
 
 class Two(nn.Module):
-    def __init__(self, i, o):
+    def __init__(self, i: int, o: int) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(o, i) * i**-0.5)
         self.b = nn.Parameter(torch.zeros(o))
         self.v = nn.Parameter(torch.rand(o, i) * 1e-4 + 1e-5)
         self.c = nn.Parameter(torch.rand(o) * 1e-4 + 1e-5)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = F.linear(x, self.w, self.b)
         v = F.linear(x * x, self.v, self.c)
         return torch.addcmul(m, v.sqrt(), torch.randn_like(m))

@@ -12,25 +12,33 @@ import resource
 import statistics
 import sys
 import time
-
-from _pair import pair
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import bbb
 from bbb import _native
 from bbb.train.optim import adam
 
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes._pair import pair
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from _pair import pair
+
 bbb.set_kernels("native")
 estimator = sys.argv[1] if len(sys.argv) > 1 else "local"
 x, y, det, bay, elbo = pair(estimator)
 opt = adam(bay.parameters(), lr=1e-4)
-calls: list[tuple[str, int, float, int, tuple]] = []
-originals = {"fwd": _native.sample_kl_fwd, "bwd": _native.sample_kl_bwd}
+calls: list[tuple[str, int, float, int, tuple[Any, ...]]] = []
+originals: dict[str, Callable[..., Any]] = {
+    "fwd": _native.sample_kl_fwd,
+    "bwd": _native.sample_kl_bwd,
+}
 
 
-def timed(tag: str):
+def timed(tag: str) -> Callable[..., Any]:
     fn = originals[tag]
 
-    def call(*args, **kwargs):
+    def call(*args: Any, **kwargs: Any) -> Any:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -53,7 +61,7 @@ for it in range(30):
     opt.step()
     steps.append(time.perf_counter() - t0)
     if it >= 10:
-        for tag, n, dt, faults, _ in calls:
+        for tag, n, dt, faults, _args in calls:
             if n > 100_000:  # the two large layers' weights
                 in_step.setdefault((tag, n), []).append((dt, faults))
 print(f"step {1e3 * statistics.median(steps[10:]):.2f} ms (median of 20)")
@@ -63,7 +71,7 @@ for key, v in in_step.items():
     total += ms
     print(f"{key}: in the step {ms:.3f} ms, minor faults {statistics.median(f for _, f in v)}")
 print(f"native calls of the two large layers in the step: {total:.2f} ms")
-last = {(tag, n): args for tag, n, _, _, args in calls if n > 100_000}
+last = {(tag, n): args for tag, n, _dt, _faults, args in calls if n > 100_000}
 for (tag, n), args in last.items():
     times = []
     for _ in range(25):

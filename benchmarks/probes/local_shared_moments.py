@@ -84,13 +84,13 @@ def main() -> None:
         for name, (fn, inner, unit) in cases.items():
             times: dict[str, list[float]] = {"off": [], "on": []}
             for variant in times:  # warm-up
-                estimators.identical_blocks = _on if variant == "on" else _off  # type: ignore[assignment]
+                estimators.identical_blocks = _on if variant == "on" else _off
                 fn()
             for _ in range(args.repeats):
                 for variant in times:
-                    estimators.identical_blocks = _on if variant == "on" else _off  # type: ignore[assignment]
+                    estimators.identical_blocks = _on if variant == "on" else _off
                     times[variant].append(_timed(fn, inner) * unit)
-            estimators.identical_blocks = _on  # type: ignore[assignment]
+            estimators.identical_blocks = _on
             off, on = statistics.median(times["off"]), statistics.median(times["on"])
             print(
                 f"{name}: before {off:.3f}, shared moments {on:.3f}, before / after {off / on:.2f}"

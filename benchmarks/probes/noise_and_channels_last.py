@@ -5,17 +5,19 @@ The measurement script behind numbers in docs/RESULTS.md; run with the backgroun
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor, nn
 
 import bbb.bench as B
 from bbb.nn import noise
 
 
-def med(f, n=30, warm=5):
+def med(f: Callable[[], object], n: int = 30, warm: int = 5) -> float:
     for _ in range(warm):
         f()
-    ts = []
+    ts: list[float] = []
     for _ in range(n):
         t = time.perf_counter()
         f()
@@ -37,19 +39,24 @@ for _r in range(2):
 x, y = B.make_data("conv")
 for est in ("reparam", "local", "flipout"):
     for S in (1, 10):
-        steps = {}
+        steps: dict[str, B.Step] = {}
         for fmt in ("contiguous", "channels_last"):
-            m = B.make_bbb_model("conv", 0, est, "gaussian")
+            m: nn.Module = B.make_bbb_model("conv", 0, est, "gaussian")
             xx = x
             if fmt == "channels_last":
-                m = m.to(memory_format=torch.channels_last)
+                # Module.to takes memory_format (documented); torch's type hints leave it out
+                m = m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
                 xx = x.contiguous(memory_format=torch.channels_last)
             e = B.ELBO(B.Categorical(), B.DATASET_SIZE, num_samples=S)
-            steps[fmt] = B._adam_step(m, (lambda m=m, xx=xx, e=e: e(m, xx, y).loss), x.device)
+
+            def loss(m: nn.Module = m, xx: Tensor = xx, e: B.ELBO = e) -> Tensor:
+                return e(m, xx, y).loss
+
+            steps[fmt] = B._adam_step(m, loss, x.device)
         for s in steps.values():
             for _ in range(3):
                 s()
-        ts = {k: [] for k in steps}
+        ts: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(12 if S == 1 else 5):
             for k, s in steps.items():
                 t = time.perf_counter()

@@ -13,14 +13,15 @@ from bbb.allocator import tune_allocator
 if sys.argv[1] == "tune":
     print("tuned", tune_allocator())
 x, y = B.make_data("mlp")
-steps = {
-    k: B.build_step(*k, x, y)
-    for k in [
-        ("deterministic", "mlp", 1200, "-", "-", 1),
-        ("bbb", "mlp", 1200, "reparam", "gaussian", 10),
-        ("bayesian-torch", "mlp", 1200, "reparam", "gaussian", 10),
-    ]
-}
+steps: dict[tuple[str, str, int, str, str, int], B.Step] = {}
+for k in [
+    ("deterministic", "mlp", 1200, "-", "-", 1),
+    ("bbb", "mlp", 1200, "reparam", "gaussian", 10),
+    ("bayesian-torch", "mlp", 1200, "reparam", "gaussian", 10),
+]:
+    step = B.build_step(*k, x, y)
+    assert step is not None, f"{k}: not offered"
+    steps[k] = step
 for s in steps.values():
     for _ in range(2):
         s()

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 
-from bbb.bench import build_step, make_data
+from bbb.bench import Step, build_step, make_data
 
 mode = sys.argv[1]
 if mode != "none":
@@ -22,11 +22,15 @@ if mode != "none":
         "trim", libc.mallopt(M_TRIM_THRESHOLD, 1 << 30), "toppad", libc.mallopt(M_TOP_PAD, 64 << 20)
     )
 x, y = make_data("mlp")
-steps = {
-    "det": build_step("deterministic", "mlp", 1200, "reparam", "gaussian", 1, x, y),
-    "bbb": build_step("bbb", "mlp", 1200, "reparam", "gaussian", 1, x, y),
-    "bbb10": build_step("bbb", "mlp", 1200, "reparam", "gaussian", 10, x, y),
-}
+steps: dict[str, Step] = {}
+for name, library, samples in (
+    ("det", "deterministic", 1),
+    ("bbb", "bbb", 1),
+    ("bbb10", "bbb", 10),
+):
+    step = build_step(library, "mlp", 1200, "reparam", "gaussian", samples, x, y)
+    assert step is not None  # the library's own configurations are always offered
+    steps[name] = step
 for s in steps.values():
     for _ in range(3):
         s()

@@ -10,11 +10,16 @@ The measurement script behind numbers in docs/RESULTS.md; run with the backgroun
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from _pair import pair
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:  # mypy runs from the repository root
+    from benchmarks.probes._pair import pair
+else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
+    from _pair import pair
 
 library = sys.argv[1] if len(sys.argv) > 1 else "bbb"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
@@ -61,6 +66,7 @@ for name, p in model.named_parameters():
             f"min|v|>0 {float(v.abs()[v != 0].min()) if zero < v.numel() else 0:.3g}"
         )
     sub = int(((p != 0) & (p.abs() < tiny)).sum())
+    assert p.grad is not None  # every parameter takes part in the loss
     print(
         f"  {name:22s} param: subnormal {sub}; grad subnormal "
         f"{int(((p.grad != 0) & (p.grad.abs() < tiny)).sum())}"
