@@ -4,6 +4,7 @@ type-checking them brought to light."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -77,3 +78,20 @@ def test_mean_path_probe_unrouted_step_takes_no_mean_path(
     # the same function either way: only the pass summing mu's two gradients differs
     for off, on in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(off, on)
+
+
+def test_mnist_driver_runs_on_python_3_10(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the project supports Python 3.10 (requires-python >= 3.10; tomli is its dependency there),
+    # where the standard library has no tomllib: experiments/mnist/run.py imported tomllib
+    # unconditionally, so every command of the driver died with ModuleNotFoundError on 3.10
+    import runpy
+    import tomllib
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # tomli: the same parser, by name
+    d = runpy.run_path(str(ROOT / "experiments" / "mnist" / "run.py"), run_name="mnist_driver")
+    # --set KEY=VALUE reads VALUE as TOML: the parser and its error both come from tomli
+    assert d["_parse_set"]('lr_schedule="cosine"') == ("lr_schedule", "cosine")
+    with pytest.raises(SystemExit, match="is not a TOML value"):
+        d["_parse_set"]("lr_schedule=cosine")

@@ -25,10 +25,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-import tomllib
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (supported): tomli, a dependency there, is the same parser
+    import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("sgd", "dropout", "bbb-gaussian", "bbb-mixture")
@@ -41,7 +45,14 @@ PAPER_TABLE1 = {
 }
 # Blundell et al. 2015, Table 2 (2x1200 BBB, scale mixture; pruned at the end of training).
 PAPER_TABLE2 = {0.0: 1.24, 0.5: 1.24, 0.75: 1.24, 0.95: 1.29, 0.98: 1.39}
-BUDGETS = {
+
+
+class Budget(TypedDict):
+    widths: list[int]  # the hidden widths trained
+    epochs: dict[str, int]  # per method
+
+
+BUDGETS: dict[str, Budget] = {
     "cpu": {
         "widths": [1200],
         "epochs": {"sgd": 20, "dropout": 20, "bbb-gaussian": 25, "bbb-mixture": 100},
@@ -363,7 +374,7 @@ def table2(args: argparse.Namespace) -> None:
             report = evaluate(
                 model,
                 DataLoader(data.test, batch_size=1000),
-                likelihood,  # type: ignore[arg-type]
+                likelihood,
                 num_samples=args.num_samples,
                 device=cfg.device,
             )
@@ -394,6 +405,7 @@ def table2(args: argparse.Namespace) -> None:
 def extras(args: argparse.Namespace) -> None:
     """Test NLL/ECE of every run, OOD AUROC by predictive entropy, Figures 3 and 4."""
     from bbb.metrics import auroc
+    from bbb.nn.module import BayesModule
     from bbb.plots import figure
     from bbb.predictive import predict
     from bbb.pruning import snr
@@ -420,9 +432,9 @@ def extras(args: argparse.Namespace) -> None:
         img = x.reshape(-1, 28, 28)
         rotated = torch.rot90(img, 1, dims=(1, 2)).reshape(len(x), -1)
         noise = (torch.rand(x.shape, generator=gen) * (255.0 / 126.0)).to(x)
-        ent_in = pred.entropy  # type: ignore[union-attr]
-        ent_rot = predict(model, rotated, num_samples=samples).entropy  # type: ignore[union-attr]
-        ent_noise = predict(model, noise, num_samples=samples).entropy  # type: ignore[union-attr]
+        ent_in = pred.entropy
+        ent_rot = predict(model, rotated, num_samples=samples).entropy
+        ent_noise = predict(model, noise, num_samples=samples).entropy
         metrics = json.loads((rd / "metrics.json").read_text()).get("test", {})
         out[rd.name] = {
             **{f"test_{k}": v for k, v in metrics.items()},
@@ -437,7 +449,7 @@ def extras(args: argparse.Namespace) -> None:
                     .detach()
                     .flatten()
                     for m in model.modules()
-                    if hasattr(m, "weight_mu")
+                    if isinstance(m, BayesModule)
                 ]
             )
             s = torch.cat([v.flatten() for v in snr(model).values()]).cpu()
