@@ -4,6 +4,7 @@ type-checking them brought to light."""
 from __future__ import annotations
 
 import importlib.util
+import runpy
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -84,9 +85,7 @@ def test_mnist_driver_runs_on_python_3_10(monkeypatch: pytest.MonkeyPatch) -> No
     # the project supports Python 3.10 (requires-python >= 3.10; tomli is its dependency there),
     # where the standard library has no tomllib: experiments/mnist/run.py imported tomllib
     # unconditionally, so every command of the driver died with ModuleNotFoundError on 3.10
-    import runpy
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # the parser tomli is on 3.10 (on 3.11+: here)
     monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
     monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on 3.10
     monkeypatch.setitem(sys.modules, "tomli", tomllib)  # tomli: the same parser, by name
