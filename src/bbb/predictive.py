@@ -54,6 +54,49 @@ class ClassificationPrediction:
     # underflows to 0 (a logit gap beyond ~100 in float32); None: log_prob uses log(probs)
     log_probs: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # A prediction built by hand (an MC-dropout or ensemble baseline's samples) with the
+        # samples second, (B, S, C), gave entropy (B,) but aleatoric and epistemic of shape
+        # (S,), averaged over the wrong axis (silently wrong numbers when B == S), and logits
+        # passed for probabilities gave NaN uncertainties: refused here, naming the fix.
+        for name in ("probs", "sample_probs", "log_probs"):
+            value = getattr(self, name)
+            if not (value is None and name == "log_probs") and not isinstance(value, Tensor):
+                raise TypeError(
+                    f"ClassificationPrediction: {name} must be a tensor, got {type(value).__name__}"
+                )
+        probs, sample = self.probs, self.sample_probs
+        if probs.dim() != 2 or sample.dim() != 3 or sample.shape[1:] != probs.shape:
+            hint = ""
+            if (
+                probs.dim() == 2
+                and sample.dim() == 3
+                and (sample.shape[0], sample.shape[2]) == tuple(probs.shape)
+            ):
+                hint = (
+                    "; sample_probs looks batch-first (B, S, C): put the samples first, "
+                    "torch.stack(per_sample_probs, dim=0) or sample_probs.transpose(0, 1)"
+                )
+            raise ValueError(
+                "ClassificationPrediction: probs must be (B, C) and sample_probs (S, B, C), "
+                "the S samples first (probs = sample_probs.mean(0)); got probs "
+                f"{tuple(probs.shape)} and sample_probs {tuple(sample.shape)}{hint}"
+            )
+        if self.log_probs is not None and self.log_probs.shape != probs.shape:
+            raise ValueError(
+                f"ClassificationPrediction: log_probs must have the shape of probs "
+                f"{tuple(probs.shape)}, got {tuple(self.log_probs.shape)}"
+            )
+        if not sample.is_meta and sample.is_floating_point():
+            # NaN passes (a diverged model's predictions, which bbb.train.evaluate reports)
+            outside = (sample < 0) | (sample > 1.0 + 1e-3)
+            if bool(outside.any()):
+                raise ValueError(
+                    "ClassificationPrediction: sample_probs must be probabilities in [0, 1], "
+                    f"got {float(sample[outside][0]):g}; for logits pass "
+                    "torch.softmax(logits, dim=-1) (or use bbb.predict)"
+                )
+
     @property
     def entropy(self) -> Tensor:
         """Total predictive entropy H[p(y|x)] (B,), nats."""
