@@ -3,13 +3,16 @@ plain network, compact export and reloading)."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import bbb
+from bbb.config import ConfigError
 
 
 def _mlp() -> nn.Sequential:
@@ -82,3 +85,112 @@ def test_to_deterministic_converts_a_subclass_that_keeps_the_function() -> None:
     assert type(det[0]) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(det(x), _mean_output(model, x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- load_run without data
+def _train_cli(*args: object) -> None:
+    from bbb.cli import main
+
+    common = ["--epochs", "1", "--hidden", "4", "--val-samples", "2", "--batch-size", "8"]
+    common.append("--quiet")
+    assert main(["train", *map(str, args), *common]) == 0
+
+
+def _tiny_uci(d: Path, n_rows: int = 40) -> Path:
+    """A tiny data set in the UCI split format (2 features, one split of 8 test rows)."""
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, 2, generator=g) * 3 + 1
+    y = x @ torch.tensor([1.0, -1.0]) + 3.0
+    rows = torch.cat([x, y[:, None]], 1).tolist()
+    (d / "data.txt").write_text("".join(" ".join(f"{v:.6f}" for v in r) + "\n" for r in rows))
+    (d / "index_features.txt").write_text("0\n1\n")
+    (d / "index_target.txt").write_text("2\n")
+    (d / "index_train_0.txt").write_text("".join(f"{i}\n" for i in range(8, n_rows)))
+    (d / "index_test_0.txt").write_text("".join(f"{i}\n" for i in range(8)))
+    return d
+
+
+def _run_of(dataset: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A one-epoch ``bbb train`` run of ``dataset`` and the data directory it read."""
+    run = tmp_path / "run"
+    if dataset == "mnist":
+        from bbb.data.checksums import MissingDataError
+
+        try:
+            bbb.data.load_mnist(split="test", subset=8)
+        except MissingDataError as e:
+            pytest.skip(f"no MNIST data: {e}")
+        _train_cli("--dataset", "mnist", "--subset", "64", "--out", run)
+        return run, tmp_path  # (the shared data: left alone)
+    if dataset == "toy":
+        _train_cli("--dataset", "toy", "--toy-n", "30", "--out", run)
+        return run, tmp_path
+    data = tmp_path / "data"
+    _tiny_uci(data / "uci" / "tiny")
+    _train_cli("--dataset", "uci", "--data-dir", data, "--uci-path", "tiny", "--out", run)
+    return run, data
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("dataset", ["mnist", "toy", "uci"])
+def test_load_run_without_its_data_serves_the_same_predictions(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment machine holds the run directory, not the training data: load_run read
+    the data set anyway (MissingDataError). ``load_data=False`` rebuilds the model and
+    likelihood from the run alone (a UCI run's statistics from its normalization.json)."""
+    monkeypatch.delenv("BBB_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run, data_dir = _run_of(dataset, tmp_path)
+    cfg, model, lik, data = bbb.load_run(run)
+    x = data.train.tensors[0][:6]
+    torch.manual_seed(0)
+    expected = bbb.predict(model, x, likelihood=lik, num_samples=4)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    if dataset == "uci":
+        import shutil
+
+        shutil.rmtree(data_dir)  # the data set is gone (uci_path is a bare name)
+    cfg2, model2, lik2, data2 = bbb.load_run(run, data_dir=empty, load_data=False)
+    assert not model2.training and cfg2.device == cfg.device
+    torch.manual_seed(0)
+    got = bbb.predict(model2, x, likelihood=lik2, num_samples=4)
+    for name in ("probs", "mean", "variance"):
+        if hasattr(expected, name):
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+    assert (data2.in_features, data2.out_features) == (data.in_features, data.out_features)
+    assert data2.classification == data.classification
+    assert (data2.y_mean, data2.y_std) == (data.y_mean, data.y_std)
+    assert data2.normalization == data.normalization
+    assert len(data2.train) == 0 and data2.val is None and data2.test is None
+    assert data2.train.tensors[0].shape[1:] == data.train.tensors[0].shape[1:]
+    if dataset == "uci":
+        # the default still reads the data set, and says it is missing
+        from bbb.data.checksums import MissingDataError
+
+        with pytest.raises(MissingDataError):
+            bbb.load_run(run)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_load_run_without_data_names_a_missing_or_damaged_normalization_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BBB_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run, _ = _run_of("uci", tmp_path)
+    norm = run / "normalization.json"
+    saved = json.loads(norm.read_text())
+    for content, why in (
+        (None, "it is missing"),
+        ("{", "it cannot be read"),
+        (json.dumps({**saved, "x_mean": []}), "it does not hold the lists x_mean"),
+        (json.dumps({**saved, "y_std": [None]}), "it does not hold the lists x_mean"),
+    ):
+        norm.unlink(missing_ok=True)
+        if content is not None:
+            norm.write_text(content)
+        with pytest.raises(ConfigError, match=re.escape(f"{norm}, and {why}")):
+            bbb.load_run(run, load_data=False)

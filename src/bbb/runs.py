@@ -583,12 +583,64 @@ def _check_uci_path(cfg: TrainConfig, cfg_path: Path) -> None:
     )
 
 
+def _data_without_examples(cfg: TrainConfig, run: Path) -> RunData:
+    """The :class:`RunData` of a run without its examples (``load_run(..., load_data=False)``):
+    the sizes the model is built from and, for UCI, the training split's statistics from
+    the run's ``normalization.json``; ``train`` is empty (0 rows), ``val`` and ``test`` None."""
+    import json
+
+    def empty(in_features: int, classification: bool) -> TensorDataset:
+        y = torch.empty(0, dtype=torch.long) if classification else torch.empty(0, 1)
+        return TensorDataset(torch.empty(0, in_features), y)
+
+    if cfg.dataset == "mnist":
+        return RunData(empty(784, True), None, None, 784, 10, True)
+    if cfg.dataset == "toy":
+        return RunData(empty(1, False), None, None, 1, 1, False)
+    path = run / "normalization.json"
+    why = None
+    norm: Any = None
+    try:
+        norm = json.loads(path.read_text())
+    except FileNotFoundError:
+        why = "it is missing"
+    except (OSError, ValueError) as e:
+        why = f"it cannot be read ({type(e).__name__})"
+    if why is None:
+        ok = isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list)
+            and norm[k]
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in norm[k])
+            for k in ("x_mean", "x_std", "y_mean", "y_std")
+        )
+        if not ok:
+            why = "it does not hold the lists x_mean, x_std, y_mean and y_std"
+    if why is not None:
+        raise ConfigError(
+            f"load_run(..., load_data=False) reads the sizes and statistics of a UCI run from "
+            f"{path}, and {why}: load the run with its data (load_data=True)"
+        )
+    n = len(norm["x_mean"])
+    return RunData(
+        empty(n, False),
+        None,
+        None,
+        n,
+        1,
+        False,
+        float(norm["y_mean"][0]),
+        float(norm["y_std"][0]),
+        norm,
+    )
+
+
 def load_run(
     run_dir: str | Path,
     which: str = "best",
     device: str | torch.device | None = None,
     *,
     data_dir: str | Path | None = None,
+    load_data: bool = True,
 ) -> tuple[TrainConfig, nn.Module, Likelihood, RunData]:
     """Rebuild a saved run: its config, model, likelihood and data.
 
@@ -610,6 +662,11 @@ def load_run(
     The data set is loaded too (the run's splits, as training saw them): regression targets
     are normalised with the training split's statistics (``RunData.y_mean``, ``y_std``; UCI),
     and so are the model's predictions.
+
+    ``load_data=False``: the model and likelihood alone, for inference where the training
+    data is not (a deployment machine): the data set is not read, and the returned
+    ``RunData`` has its sizes and (UCI) statistics, read from the run's
+    ``normalization.json``, with an empty ``train`` (0 rows) and no ``val`` or ``test``.
     """
     from .train.checkpoint import load_checkpoint
 
@@ -636,7 +693,8 @@ def load_run(
     cfg = TrainConfig.from_dict(raw, source=str(cfg_path)).validate(check_applicable=False)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
-    _check_uci_path(cfg, cfg_path)
+    if load_data:
+        _check_uci_path(cfg, cfg_path)
     if device is None:
         target = check_device(
             cfg.device,
@@ -659,7 +717,7 @@ def load_run(
             raise CheckpointError(f"{path} is missing ({why})")
     else:
         path = run / "checkpoints"
-    data = build_data(cfg)
+    data = build_data(cfg) if load_data else _data_without_examples(cfg, run)
     model = build_model(cfg, data).to(target)
     likelihood = build_likelihood(cfg, data).to(target)
     # a .pt file without them (not written by bbb train) is a CheckpointError naming it
