@@ -194,3 +194,40 @@ def test_load_run_without_data_names_a_missing_or_damaged_normalization_file(
             norm.write_text(content)
         with pytest.raises(ConfigError, match=re.escape(f"{norm}, and {why}")):
             bbb.load_run(run, load_data=False)
+
+
+# --------------------------------------------------------------------- compact export
+class _Versioned(nn.Module):
+    """A module with extra state (``get_extra_state``), as a user's preprocessing keeps it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.version = version
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"version": self.version}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.version = state["version"]
+
+
+def test_compact_export_keeps_a_modules_extra_state(tmp_path: Path) -> None:
+    def build(version: int) -> nn.Sequential:
+        return nn.Sequential(
+            bbb.BayesLinear(4, 8, bias=False), _Versioned(version), nn.ReLU(), bbb.BayesLinear(8, 3)
+        )
+
+    torch.manual_seed(0)
+    model = build(3)
+    bbb.prune_by_snr(model, 0.5)
+    path = tmp_path / "model.bbbc"
+    # was: AttributeError: 'dict' object has no attribute 'detach'
+    bbb.save_compact(model, path)
+    loaded = build(1)
+    bbb.load_compact(loaded, path)
+    assert loaded[1].version == 3
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(_mean_output(loaded, x), _mean_output(model, x), rtol=0, atol=0)

@@ -186,7 +186,13 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     # loads into the uncompiled network, as the Trainer's checkpoints do)
     model = _plain_module(model)
     repeated = _repeated_keys(model)  # load_compact fills them in from their first key
-    state = {k: v.detach() for k, v in model.state_dict().items() if k not in repeated}
+    # a module's extra state (get_extra_state: any object torch.save stores) is kept as it is
+    # (was: AttributeError: 'dict' object has no attribute 'detach')
+    state = {
+        k: v.detach() if isinstance(v, Tensor) else v
+        for k, v in model.state_dict().items()
+        if k not in repeated
+    }
     layers: dict[str, dict[str, object]] = {}
     for name, layer in _named_layers(model):  # a layer used in several places: its first name
         mask = layer.weight_mask
@@ -205,7 +211,7 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
         for key in ("weight_mu", "weight_rho", "weight_mask"):
             state.pop(p + key, None)  # absent where another module's entry holds the tensor
     # clone: a view saved by torch.save would carry its whole storage
-    rest = {k: v.cpu().clone() for k, v in state.items()}
+    rest = {k: v.cpu().clone() if isinstance(v, Tensor) else v for k, v in state.items()}
     buf = io.BytesIO()
     # the sharing is recorded: a model built without it (its own prior per layer, a layer
     # that the saved model used twice built as two) loads the file as well (was: missing keys)
