@@ -25,14 +25,20 @@ def _mean_output(model: nn.Module, x: Tensor) -> Tensor:
         return model(x)
 
 
-def test_to_deterministic_of_a_compiled_model_is_the_plain_network() -> None:
+@pytest.mark.parametrize("where", ["model", "submodule"])
+def test_to_deterministic_of_a_compiled_model_is_the_plain_network(where: str) -> None:
     model = _mlp()
     x = torch.randn(5, 4)
-    compiled = torch.compile(model)
+    if where == "model":
+        compiled: nn.Module = torch.compile(model)
+    else:
+        compiled = nn.Sequential(torch.compile(model[:2]), model[2])
     det = bbb.to_deterministic(compiled)
     # the plain network (was: a copy of the torch.compile wrapper)
-    assert isinstance(det, nn.Sequential)
-    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert all("OptimizedModule" not in type(m).__name__ for m in det.modules())
+    plain: nn.Module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    if where == "submodule":
+        plain = nn.Sequential(plain[:2], plain[2])
     # its keys are the plain architecture's (were "_orig_mod.0.weight", ...: a RuntimeError)
     plain.load_state_dict(det.state_dict())
     with torch.no_grad():

@@ -516,9 +516,9 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     frozen ``weight`` (``bias``); hooks registered on a replaced layer are named in a warning
     (the new modules do not carry them).
 
-    A ``torch.compile``d model gives its network uncompiled (state dict keys without
-    ``_orig_mod.``, ready for ``torch.export`` or TorchScript; compile the copy again if
-    wanted). A subclass of a Bayesian layer that overrides ``forward`` or ``op`` is a
+    A ``torch.compile``d model (or submodule) gives its network uncompiled (state dict keys
+    without ``_orig_mod.``, ready for ``torch.export`` or TorchScript; compile the copy again
+    if wanted). A subclass of a Bayesian layer that overrides ``forward`` or ``op`` is a
     ``TypeError`` (a plain layer would compute another function), as are the Bayesian layers
     no plain layer computes (``BayesLinearEnsemble``).
     """
@@ -529,9 +529,20 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     # state dict keys start with "_orig_mod." (not loadable into the plain architecture).
     model = _plain_module(model)
     hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
+
+    def make(module: nn.Module) -> nn.Module | None:
+        inner = _plain_module(module)
+        if inner is module:
+            return _deterministic_for(module)
+        # a compiled submodule (model.body = torch.compile(body)): its converted network
+        new = _deterministic_for(inner)
+        if new is None:
+            _replace_layers(inner, make)
+        return inner if new is None else new
+
     top = _deterministic_for(model)
     if top is None:
         top = _copy(model, "to_deterministic")
-        _replace_layers(top, _deterministic_for)
+        _replace_layers(top, make)
     _warn_lost(hooked, [], "to_deterministic")
     return top
