@@ -3,6 +3,7 @@ plain network, compact export and reloading)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -237,3 +238,41 @@ def test_compact_export_keeps_a_modules_extra_state(tmp_path: Path) -> None:
     assert loaded[1].version == 3
     x = torch.randn(5, 4)
     torch.testing.assert_close(_mean_output(loaded, x), _mean_output(model, x), rtol=0, atol=0)
+
+
+@dataclasses.dataclass
+class _Info:
+    version: int
+
+
+class _WithInfo(nn.Module):
+    """A module whose extra state is an object of its own class."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.info = _Info(version)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def get_extra_state(self) -> _Info:
+        return self.info
+
+    def set_extra_state(self, state: _Info) -> None:
+        self.info = state
+
+
+def test_load_compact_names_a_class_the_weights_only_load_refuses(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(bbb.BayesLinear(4, 8), _WithInfo(3))
+    bbb.prune_by_snr(model, 0.5)
+    path = tmp_path / "model.bbbc"
+    bbb.save_compact(model, path)
+    loaded = nn.Sequential(bbb.BayesLinear(4, 8), _WithInfo(1))
+    # was: "... is not a compact export (torch.load could not read it: UnpicklingError)"
+    name = f"{__name__}._Info"
+    with pytest.raises(ValueError, match=re.escape(f"add_safe_globals([{name}])")):
+        bbb.load_compact(loaded, path)
+    with torch.serialization.safe_globals([_Info]):
+        bbb.load_compact(loaded, path)
+    assert loaded[1].info == _Info(3)

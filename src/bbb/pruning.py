@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -256,6 +257,16 @@ def load_compact(model: nn.Module, path: str | os.PathLike[str]) -> None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, ...
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is not None:
+            # a class the weights-only load does not know (a module's extra state, saved by
+            # save_compact as it is): was reported as "not a compact export"
+            name = refused.group(1)
+            raise ValueError(
+                f"{path} holds an object of class {name} (a module's extra state?), which "
+                "torch.load(weights_only=True) does not load; if you trust the file, allow "
+                f"the class with torch.serialization.add_safe_globals([{name}]) and load again"
+            ) from None
         raise ValueError(
             f"{path} is not a compact export (torch.load could not read it: {type(e).__name__})"
         ) from None
