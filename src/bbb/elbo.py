@@ -30,15 +30,18 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.utils._pytree as _pytree
 from torch import Tensor, nn
 
 from .likelihoods import Likelihood
-from .nn.module import bayes_modules, kl_divergence, vectorized_samples
+from .nn.module import BayesModule, bayes_modules, kl_divergence, vectorized_samples
 from .nn.stacking import repeat_samples
 from .predictive import _model_output
 
@@ -99,6 +102,73 @@ def _uses_batch_statistics(model: nn.Module) -> bool:
     )
 
 
+def _sharded_bayes_layer(model: nn.Module) -> str | None:
+    """The name of a Bayesian layer of ``model`` whose parameters are held sharded by FSDP
+    now (``"<model>"`` for ``model`` itself), or None.
+
+    FSDP2 (``fully_shard``) gives a layer its gathered parameters for its forward and, by
+    default, puts its shards (``DTensor`` parameters) back after it; FSDP1
+    (``FullyShardedDataParallel``, ``FULL_SHARD``) frees the gathered flat parameter. Costs
+    nothing unless torch's FSDP or DTensor modules have been imported.
+    """
+    dtensor_mod = sys.modules.get("torch.distributed.tensor")
+    fsdp_mod = sys.modules.get("torch.distributed.fsdp")
+    if dtensor_mod is None and fsdp_mod is None:
+        return None
+    dtensor = getattr(dtensor_mod, "DTensor", None)
+    fsdp1 = getattr(fsdp_mod, "FullyShardedDataParallel", None)
+
+    def name(layer: nn.Module) -> str:
+        return next((n for n, m in model.named_modules() if m is layer and n), "<model>")
+
+    if dtensor is not None:
+        for m in bayes_modules(model):
+            if any(isinstance(p, dtensor) for p in m.parameters(recurse=False)):
+                return name(m)
+    if fsdp1 is not None:
+        for unit in model.modules():
+            if not isinstance(unit, fsdp1):
+                continue
+            handle: Any = getattr(unit, "_handle", None)
+            if handle is None:
+                continue
+            try:
+                resharded = handle.needs_unshard()
+                owners = [info.module for info in handle.flat_param._param_infos]
+            except (AttributeError, RuntimeError):  # another torch release's internals
+                continue
+            if not resharded:
+                continue
+            for m in owners:
+                if isinstance(m, BayesModule):
+                    return name(m)
+    return None
+
+
+def _check_unsharded(model: nn.Module) -> None:
+    """Refuse a KL that would be computed on FSDP shards (see :func:`_sharded_bayes_layer`).
+
+    Before, the KL of a layer wrapped by ``fully_shard`` (default ``reshard_after_forward``)
+    failed in DTensor's words ("Cannot flatten unevenly sharded tensor", "got mixed
+    torch.Tensor and DTensor"), and that of a ``FullyShardedDataParallel`` unit failed on
+    a parameter fragment or read freed memory (a segmentation fault).
+    """
+    name = _sharded_bayes_layer(model)
+    if name is None:
+        return
+    from .train.distributed import DistributedError
+
+    raise DistributedError(
+        f"ELBO: the Bayesian layer {name!r} holds only this rank's FSDP shard of its "
+        "parameters after the model's forward pass, and its KL needs them whole (the ELBO "
+        "computes the KL after the forward). Shard the Bayesian layers so that they stay "
+        "gathered until the backward pass - fully_shard(layer, reshard_after_forward=False) "
+        "(FSDP1: sharding_strategy=ShardingStrategy.SHARD_GRAD_OP) - or apply fully_shard "
+        "to the root alone, which keeps its parameters gathered: "
+        "fully_shard(bbb.train.distributed.ELBOStep(model, elbo))"
+    )
+
+
 def _positive_int(name: str, value: object) -> int:
     """``value`` as a Python int if it is a positive integer of any integer type (Python,
     NumPy, 0-d integer tensor); bools and everything else are refused, naming ``name``."""
@@ -122,6 +192,14 @@ class ELBOResult:
     kl: Tensor  # scalar, KL(q || p) of the whole network (nats)
     kl_weight: float  # beta * pi_i / B
     output: Tensor  # (S, B, ...) model outputs
+
+
+# A pytree node (its fields the children), so that torch's tree utilities see the tensors
+# inside it. DistributedDataParallel(static_graph=True) routes a forward's output tensors,
+# found with torch.utils._pytree, through the autograd node that launches the first
+# iteration's gradient all-reduce: an ELBOResult was one opaque leaf, that all-reduce never
+# ran, and the ranks' parameters diverged after the first step, silently.
+_pytree.register_dataclass(ELBOResult, serialized_type_name="bbb.elbo.ELBOResult")
 
 
 def _warn_not_sampling(model: nn.Module) -> None:
@@ -349,9 +427,11 @@ class ELBO(nn.Module):
             # samples of a vectorized pass (S * B rows): one pass per sample instead, each
             # normalised by its own statistics, as S separate forward passes would be
             outs, kls = [], []
-            for _ in range(s):
+            for i in range(s):
                 with vectorized_samples(model, 1):
                     outs.append(_model_output(model(x), b))
+                    if i == 0:
+                        _check_unsharded(model)
                     kls.append(kl_divergence(model))
             out = torch.stack(outs)
             kl = torch.stack(kls).mean()
@@ -359,6 +439,7 @@ class ELBO(nn.Module):
             with vectorized_samples(model, s):
                 out = _model_output(model(repeat_samples(x, s)), s * b)
                 out = out.reshape(s, b, *out.shape[1:])
+                _check_unsharded(model)
                 kl = kl_divergence(model)
         nll = -self.likelihood.log_prob(out, y).mean()
         weight = self.kl_weight(b, batch_index, num_batches)

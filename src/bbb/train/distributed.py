@@ -34,6 +34,7 @@ import gc
 import inspect
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -57,6 +58,7 @@ __all__ = [
     "cleanup",
     "collective_errors",
     "env_world_size",
+    "fsdp_sharded",
     "gather_object",
     "init_from_env",
     "is_distributed",
@@ -64,6 +66,7 @@ __all__ = [
     "on_main",
     "rank",
     "rank_seed",
+    "refuse_fsdp",
     "unwrap",
     "world_size",
     "wrap_elbo",
@@ -379,6 +382,44 @@ class ELBOStep(nn.Module):
         return self.elbo(self.model, x, y, batch_index=batch_index, num_batches=num_batches)
 
 
+def fsdp_sharded(module: nn.Module) -> str | None:
+    """The name of a submodule of ``module`` that FSDP shards (``fully_shard``,
+    ``FullyShardedDataParallel``) or that holds ``DTensor`` parameters; ``"<root>"`` for
+    ``module`` itself; None when there is none (nothing is imported to find out)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    kinds = tuple(
+        k
+        for k in (
+            getattr(fsdp, "FSDPModule", None),
+            getattr(fsdp, "FullyShardedDataParallel", None),
+        )
+        if isinstance(k, type)
+    )
+    if not kinds and dtensor is None:
+        return None
+    for name, m in module.named_modules():
+        if (kinds and isinstance(m, kinds)) or (
+            dtensor is not None and any(isinstance(p, dtensor) for p in m.parameters(recurse=False))
+        ):
+            return name or "<root>"
+    return None
+
+
+def refuse_fsdp(module: nn.Module, who: str) -> None:
+    """A :class:`DistributedError` if ``module`` is sharded by FSDP (see :func:`fsdp_sharded`):
+    ``who`` (the Trainer, :func:`wrap_elbo`) trains with DDP, which replicates the model."""
+    name = fsdp_sharded(module)
+    if name is not None:
+        raise DistributedError(
+            f"{who} trains a replicated model (DistributedDataParallel), but {name!r} is sharded "
+            "by FSDP (fully_shard / FullyShardedDataParallel): DDP cannot wrap it, and its "
+            "checkpoints would hold one rank's shards. Give it the model before sharding, or "
+            "train the sharded model in a loop of your own, with the ELBO inside the FSDP "
+            "root: fully_shard(bbb.train.distributed.ELBOStep(model, elbo))"
+        )
+
+
 def wrap_elbo(
     model: nn.Module,
     elbo: ELBO,
@@ -400,6 +441,8 @@ def wrap_elbo(
             "wrap_elbo needs an initialised torch.distributed process group with more than one "
             "process (launch with torchrun)"
         )
+    refuse_fsdp(model, "wrap_elbo")
+    refuse_fsdp(elbo, "wrap_elbo")
     elbo.replicas = dist.get_world_size()
     dev = torch.device(device)
     ids = None

@@ -441,6 +441,10 @@ class Trainer:
                 "distributed=True needs an initialised torch.distributed process group with more "
                 "than one process (launch with torchrun)"
             )
+        # an FSDP-sharded model: DDP failed on it in DTensor's words, and without DDP each
+        # rank's checkpoint held its shards only
+        _dist.refuse_fsdp(model, "the Trainer")
+        _dist.refuse_fsdp(elbo, "the Trainer")
         self.model = model
         self.elbo = elbo
         self.optimizer = optimizer
