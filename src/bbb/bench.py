@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +276,7 @@ def _probe(key: str, *config: Any) -> Step | None:
 
 
 def _interleaved(
-    steps: dict[str, Step], warmup: int, repeats: int, inner: int = 1
+    steps: Mapping[str, Callable[[], object]], warmup: int, repeats: int, inner: int = 1
 ) -> dict[str, list[float]]:
     """Round-robin timing: ``repeats`` rounds, ``inner`` steps of every configuration per round
     (more than one for steps too short to time alone); ms per step, one entry per round."""
