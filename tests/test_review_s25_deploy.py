@@ -276,3 +276,14 @@ def test_load_compact_names_a_class_the_weights_only_load_refuses(tmp_path: Path
     with torch.serialization.safe_globals([_Info]):
         bbb.load_compact(loaded, path)
     assert loaded[1].info == _Info(3)
+
+
+def test_a_layer_used_inside_and_outside_a_compiled_submodule_stays_one_layer() -> None:
+    torch.manual_seed(0)
+    shared = bbb.BayesLinear(4, 4)
+    model = nn.Sequential(torch.compile(nn.Sequential(shared, nn.ReLU())), shared)
+    det = bbb.to_deterministic(model)
+    assert det[0][0] is det[1] and type(det[1]) is nn.Linear
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(det(x), _mean_output(model, x), rtol=0, atol=0)

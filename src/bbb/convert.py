@@ -529,6 +529,9 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     # state dict keys start with "_orig_mod." (not loadable into the plain architecture).
     model = _plain_module(model)
     hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
+    # one memo for the whole model: a layer used inside and outside a compiled submodule
+    # stays one layer
+    memo: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def make(module: nn.Module) -> nn.Module | None:
         inner = _plain_module(module)
@@ -537,12 +540,12 @@ def to_deterministic(model: nn.Module) -> nn.Module:
         # a compiled submodule (model.body = torch.compile(body)): its converted network
         new = _deterministic_for(inner)
         if new is None:
-            _replace_layers(inner, make)
+            _replace_layers(inner, make, memo)
         return inner if new is None else new
 
     top = _deterministic_for(model)
     if top is None:
         top = _copy(model, "to_deterministic")
-        _replace_layers(top, make)
+        _replace_layers(top, make, memo)
     _warn_lost(hooked, [], "to_deterministic")
     return top
