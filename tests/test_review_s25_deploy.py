@@ -287,3 +287,26 @@ def test_a_layer_used_inside_and_outside_a_compiled_submodule_stays_one_layer() 
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(det(x), _mean_output(model, x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- pruning in low precision
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_pruning_a_float16_layer_ranks_by_snr_not_position(per_layer: bool) -> None:
+    """In float16, sigma = softplus(rho) underflows to 0 below rho ~ -17: every SNR was inf,
+    so pruning removed the first weights by position (not the smallest |mu|), and snr()
+    gave NaN (inf * 0) for the pruned ones."""
+    dtype = torch.float16
+    torch.manual_seed(0)
+    layer = bbb.BayesLinear(10, 10, dtype=dtype)
+    with torch.no_grad():
+        layer.weight_rho.fill_(-20.0)  # one sigma for all: the SNR order is |mu|'s
+    result = bbb.prune_by_snr(layer, 0.5, per_layer=per_layer)
+    assert result.removed == 50
+    mask = layer.weight_mask
+    assert mask is not None and mask.dtype == dtype
+    mu = layer.weight_mu.detach().abs().float()
+    assert mu[mask == 1].min() >= mu[mask == 0].max()
+    snr = bbb.snr(layer)[""]
+    assert not snr.isnan().any() and bool((snr[mask == 0] == 0).all())
+    assert bool((snr[mask == 1] > 0).all()) and bool(torch.isfinite(snr).all())
+    layer(torch.randn(2, 10, dtype=dtype))  # the mask's dtype is the layer's

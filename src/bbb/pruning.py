@@ -34,21 +34,29 @@ def snr(model: nn.Module) -> dict[str, Tensor]:
 
     Biases are not included. Pruned weights have SNR 0, and so has a weight with mu = 0 whose
     sigma underflowed to 0 (rho below ~-100 in float32: always exactly zero, 0/0 otherwise NaN,
-    which :func:`prune_by_snr` would rank above every other weight).
+    which :func:`prune_by_snr` would rank above every other weight). Float16 and bfloat16
+    layers' SNRs are computed and returned in float32 (in float16, sigma underflows to 0 below
+    rho ~ -17, which made every such weight's SNR inf, ranked by position alone).
     """
     out: dict[str, Tensor] = {}
     for name, layer in _named_layers(model):
         value = _unmasked_snr(layer)
         if layer.weight_mask is not None:
-            value = value * layer.weight_mask
+            # (not value * mask: an inf SNR times 0 was NaN)
+            value = torch.where(layer.weight_mask == 0, 0.0, value)
         out[name] = value
     return out
 
 
 def _unmasked_snr(layer: BayesModule) -> Tensor:
-    """|mu| / sigma of the layer's weights (shape W), 0 where mu = 0 (also when sigma is 0)."""
-    mu = layer.weight_mu.abs()
-    return torch.where(mu == 0, 0.0, mu / layer.weight_sigma)
+    """|mu| / sigma of the layer's weights (shape W), 0 where mu = 0 (also when sigma is 0);
+    in float32 for float16/bfloat16 layers."""
+    mu: Tensor = layer.weight_mu
+    rho: Tensor = layer.weight_rho
+    if mu.dtype in (torch.float16, torch.bfloat16):
+        mu, rho = mu.float(), rho.float()
+    mu = mu.abs()
+    return torch.where(mu == 0, 0.0, mu / torch.nn.functional.softplus(rho))
 
 
 @dataclass
@@ -100,7 +108,8 @@ def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) 
             mask = torch.ones_like(s)
             if k:
                 mask[torch.argsort(s, stable=True)[:k]] = 0
-            layer.weight_mask = mask.reshape(layer.weight_mu.shape)
+            w = layer.weight_mu
+            layer.weight_mask = mask.reshape(w.shape).to(w.dtype)
             per_layer_frac[name] = k / s.numel()
     else:
         # one threshold over all layers: the scores meet on the first layer's device (a
