@@ -26,7 +26,12 @@ needs_mnist = pytest.mark.skipif(
     reason=f"shared MNIST data absent ({SHARED.resolve() / 'mnist'})",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NAMES = ("mnist_uncertainty", "heteroscedastic_regression", "bayesianize_existing_model")
+NAMES = (
+    "mnist_uncertainty",
+    "heteroscedastic_regression",
+    "bayesianize_existing_model",
+    "active_learning",
+)
 
 
 def run_example(

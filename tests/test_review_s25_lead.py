@@ -89,3 +89,19 @@ def test_an_interrupted_show_with_the_storage_first_has_nothing_to_continue() ->
     assert _sweep_hint(["space.toml", "--out", "DIR"]).startswith(
         "interrupted; continue the sweep with: bbb sweep space.toml --out DIR"
     )
+
+
+def test_seed_everything_takes_a_numpy_integer() -> None:
+    """A loop over ``np.arange(5)`` seeds failed: "seed must be a non-negative integer, got
+    np.int64(3)" (the ELBO's dataset_size took NumPy integers already)."""
+    import numpy as np
+    import torch
+
+    from bbb.train.trainer import seed_everything
+
+    g = seed_everything(np.int64(3))
+    a = torch.rand(3, generator=g)
+    assert torch.equal(a, torch.rand(3, generator=seed_everything(3)))
+    for bad in (True, -1, 2.0, np.float64(3.0)):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            seed_everything(bad)  # type: ignore[arg-type]

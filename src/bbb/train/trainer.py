@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -104,8 +105,10 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed torch and Python's ``random``; return a generator for data-loader shuffling."""
     import random
 
-    if not isinstance(seed, int) or seed < 0:
+    # any integer type (a NumPy integer from np.arange too), not a bool
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
     if seed >= 2**64:  # torch.manual_seed's limit (its own message: "Overflow when unpacking")
         raise ValueError(f"seed must be below 2**64 (a 64-bit generator seed), got {seed!r}")
     torch.manual_seed(seed)
