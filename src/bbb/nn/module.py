@@ -523,6 +523,16 @@ class BayesModule(nn.Module):
             ):
                 # drawn under torch.inference_mode: the same sample, usable by autograd
                 noise = self._frozen = _outside_inference(noise)
+            elif torch.compiler.is_compiling() and torch.is_grad_enabled():
+                assert noise.eps_w is not None
+                # in a compiled region, where is_inference cannot be asked: a copy of the
+                # sample for this pass (a sample drawn under torch.inference_mode, by the
+                # compiled model or not, failed the next compiled pass with autograd:
+                # 'Inference tensors cannot be saved for backward')
+                noise = _Record(
+                    eps_w=noise.eps_w.clone(),
+                    eps_b=None if noise.eps_b is None else noise.eps_b.clone(),
+                )
             assert noise.eps_w is not None
             y, w, b = est.reparam(self, x, post, noise.eps_w, noise.eps_b)
             self._record = _Record(noise.eps_w, noise.eps_b, w, b, s_w, s_b, versions)
@@ -548,6 +558,12 @@ class BayesModule(nn.Module):
         no pruning mask; compiled kernels take one weight sample per pass (any number for
         local), native kernels any number."""
         backend = _kernels.get_kernels()
+        if backend == "eager" or torch.compiler.is_compiling():
+            # Inside the user's torch.compile(model): the layer's plain formulas, which that
+            # compilation fuses anyway. The fused nodes broke the graph there (the native
+            # library's ctypes calls, the prior's version checks: 10-15 graph breaks for two
+            # layers, and torch.compile(model, fullgraph=True) failed)
+            return False
         if backend == "compile":
             ok = (
                 self.kl_mode == "closed_form"
@@ -687,7 +703,14 @@ class BayesModule(nn.Module):
         """
         total = self.weight_mu.new_zeros((), dtype=_kl.kl_dtype(self.weight_mu.dtype))
         mask = self.weight_mask
-        if self._record is not None and not torch.is_inference_mode_enabled():
+        if (
+            self._record is not None
+            # in a compiled region (a kl() inside a compiled training step) the closed form
+            # reads nothing of the record (it is never current there, _current), and dynamo
+            # cannot trace these checks: they broke the graph once per layer
+            and not (torch.compiler.is_compiling() and self.kl_mode == "closed_form")
+            and not torch.is_inference_mode_enabled()
+        ):
             # a forward pass under torch.inference_mode left inference tensors, which autograd
             # cannot save: the same values as ordinary tensors (once; the record keeps them)
             self._record = _outside_inference(self._record)

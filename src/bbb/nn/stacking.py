@@ -43,7 +43,9 @@ def repeat_samples(x: Tensor, num_samples: int) -> Tensor:
         raise ValueError("repeat_samples needs a tensor with a batch dimension, got a 0-d one")
     b = x.shape[0]
     rep = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * b, *x.shape[1:])
-    if not rep.is_inference():
+    # not in a compiled region (a compiled training step or predict): there identical_blocks
+    # says 1 anyway, and dynamo cannot trace is_inference (a graph break at every call)
+    if not torch.compiler.is_compiling() and not rep.is_inference():
         setattr(rep, _MARK, (num_samples, rep._version))
     return rep
 
