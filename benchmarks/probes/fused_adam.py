@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bbb
 import bbb.bench as B
 
+if len(sys.argv) != 2 or sys.argv[1] not in bbb.ESTIMATORS:
+    sys.exit(f"usage: python {sys.argv[0]} ESTIMATOR (one of {', '.join(bbb.ESTIMATORS)})")
 x, y = B.make_data("mlp")
 est = sys.argv[1]
 

@@ -10,6 +10,8 @@ import time
 import bbb.bench as B
 from bbb.allocator import tune_allocator
 
+if len(sys.argv) != 2 or sys.argv[1] not in ("plain", "tune"):
+    sys.exit(f"usage: python {sys.argv[0]} plain|tune")
 if sys.argv[1] == "tune":
     print("tuned", tune_allocator())
 x, y = B.make_data("mlp")

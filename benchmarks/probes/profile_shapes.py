@@ -7,8 +7,11 @@ import sys
 
 from torch.profiler import ProfilerActivity, profile
 
+from bbb import ESTIMATORS
 from bbb.bench import build_step, make_data
 
+if len(sys.argv) != 2 or sys.argv[1] not in ESTIMATORS:
+    sys.exit(f"usage: python {sys.argv[0]} ESTIMATOR (one of {', '.join(ESTIMATORS)})")
 x, y = make_data("mlp")
 s = build_step("bbb", "mlp", 1200, sys.argv[1], "gaussian", 1, x, y)
 assert s is not None  # the library's own configurations are always offered

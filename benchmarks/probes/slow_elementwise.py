@@ -22,6 +22,8 @@ else:  # `python benchmarks/probes/THIS.py` finds the file beside this one
     from _pair import pair
 
 library = sys.argv[1] if len(sys.argv) > 1 else "bbb"
+if library not in ("deterministic", "bbb"):
+    sys.exit(f"usage: python {sys.argv[0]} [deterministic|bbb] [steps]")
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 x, y, det, bay, elbo = pair("reparam")
 model: nn.Module = bay if library == "bbb" else det
