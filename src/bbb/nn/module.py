@@ -64,6 +64,13 @@ MU_INITS = ("paper", "fan_in")
 _M = TypeVar("_M", bound="BayesModule")
 
 
+def _exporting_or_tracing() -> bool:
+    """Whether the forward runs under torch.export or torch.jit.trace (not torch.compile,
+    whose side effects on the module are applied: a frozen sample drawn there is kept)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(exporting is not None and exporting()) or torch.jit.is_tracing()
+
+
 def _is_int(value: object) -> bool:
     """An integer (Python or NumPy), not a bool (``True`` is an ``int`` subclass)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -489,6 +496,17 @@ class BayesModule(nn.Module):
         if mode == "frozen":
             noise = self._frozen
             if noise is None or noise.eps_w is None:
+                if _exporting_or_tracing():
+                    # drawn inside the trace, the sample would be a random node of the
+                    # exported/traced graph, not kept by it: a new sample at every call
+                    raise RuntimeError(
+                        f"{type(self).__name__} is in 'frozen' mode without a frozen sample "
+                        "while being exported or traced (torch.export, torch.jit.trace, "
+                        "torch.onnx.export): the sample would be drawn anew at every call "
+                        "of the exported model. Call the model once in frozen mode before "
+                        "exporting (model(x)), which draws the sample that the export then "
+                        "keeps as a constant; bbb.resample(model) only forgets the sample"
+                    )
                 noise = self._noise(num_samples, self.weight_mu)
                 self._frozen = noise
             elif noise.eps_w.shape[0] != num_samples:
@@ -558,11 +576,14 @@ class BayesModule(nn.Module):
         no pruning mask; compiled kernels take one weight sample per pass (any number for
         local), native kernels any number."""
         backend = _kernels.get_kernels()
-        if backend == "eager" or torch.compiler.is_compiling():
+        if backend == "eager" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             # Inside the user's torch.compile(model): the layer's plain formulas, which that
             # compilation fuses anyway. The fused nodes broke the graph there (the native
             # library's ctypes calls, the prior's version checks: 10-15 graph breaks for two
-            # layers, and torch.compile(model, fullgraph=True) failed)
+            # layers, and torch.compile(model, fullgraph=True) failed). Under torch.jit.trace
+            # the fused autograd nodes were recorded as Python calls, which torch.jit.save
+            # (and the legacy torch.onnx.export) refused: "Could not export Python function
+            # call '_NativeSampleKL'"
             return False
         if backend == "compile":
             ok = (
@@ -865,8 +886,21 @@ class BayesModule(nn.Module):
         # (a device-mismatch error after model.cpu() of a CUDA-trained model).
         result = super()._apply(fn, recurse)
         rec = self.__dict__.get("_record")
-        if rec is not None:
-            like = self.weight_mu
+        like = self.weight_mu
+        frozen = self.__dict__.get("_frozen")
+        if (
+            frozen is not None
+            and frozen.eps_w is not None
+            and frozen.eps_w.is_meta
+            and not like.is_meta
+        ):
+            # a sample drawn on "meta" has no values: the next frozen pass draws one
+            self._frozen = None
+        if rec is not None and rec.eps_w is not None and rec.eps_w.is_meta and not like.is_meta:
+            # a forward on "meta" (deferred initialisation) left noise without values, which
+            # to_empty() failed to copy ("Cannot copy out of meta tensor"): kl() draws anew
+            self._record = None
+        elif rec is not None:
             self._record = _Record(
                 eps_w=None if rec.eps_w is None else rec.eps_w.to(like),
                 eps_b=None if rec.eps_b is None else rec.eps_b.to(like),
