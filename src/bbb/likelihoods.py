@@ -42,7 +42,13 @@ class Likelihood(nn.Module):
 
 
 class Categorical(Likelihood):
-    """Softmax classification: ``output`` are logits (S, B, C); targets (B,) in [0, C)."""
+    """Softmax classification: ``output`` are logits (S, B, C); targets (B,) in [0, C).
+
+    Targets outside [0, C) are refused with a ValueError, except in a ``torch.compile``d
+    region (a compiled training step), where that data-dependent check is skipped: there
+    such a target reaches ``cross_entropy``, which raises its own error on the CPU and a
+    device-side assertion on a GPU. The shape and dtype checks are made everywhere.
+    """
 
     def check_target(self, output: Tensor, target: Tensor) -> None:
         if output.dim() != 3:
@@ -68,9 +74,12 @@ class Categorical(Likelihood):
                 "two classes output 2 logits"
             )
         # one read of the device (a host sync on a GPU) per minibatch; min and max on failure;
-        # none for a meta tensor, which holds no values ("cannot be called on meta tensors")
+        # none for a meta tensor, which holds no values ("cannot be called on meta tensors"),
+        # nor in a torch.compile'd region, where the data-dependent test broke the graph
+        # (and torch.compile(step, fullgraph=True) failed); see the class docstring
         if (
-            target.numel()
+            not torch.compiler.is_compiling()
+            and target.numel()
             and not target.is_meta
             and bool(((target < 0) | (target >= num_classes)).any())
         ):

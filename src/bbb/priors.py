@@ -71,7 +71,11 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 def _transformed(t: Tensor) -> bool:
     """Whether ``t`` is a tensor of a ``torch.func`` transform (batched by ``vmap``, tracked by
-    ``grad``): its value cannot be read back as a Python float there."""
+    ``grad``): its value cannot be read back as a Python float there. True for any tensor
+    in a ``torch.compile``d region, where reading a float breaks the graph (and dynamo
+    cannot trace these two tests)."""
+    if torch.compiler.is_compiling():
+        return True
     return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t)
 
 
@@ -149,7 +153,17 @@ class Prior(nn.Module):
         of layers stacked by ``torch.func.stack_module_state`` and run under ``vmap`` (one
         prior value per member), or a buffer differentiated by ``torch.func.grad``. The fast
         paths that read the values as Python floats (:meth:`_value`) cannot be used then
-        (vmap raised on ``.item()``); the tensors are used instead."""
+        (vmap raised on ``.item()``); the tensors are used instead.
+
+        Also true in a ``torch.compile``d region (a compiled training step): the tensors
+        are then read by the graph, so an in-place edit of a buffer between steps is seen
+        without a recompilation, and the checks that decide whether a buffer changed
+        (:meth:`_refresh`: its version counter and ``is_inference``) and whether it is a
+        transform's tensor, which dynamo cannot trace, are skipped (they broke the graph
+        several times per layer and step). There a float16/bfloat16 prior's hyper-parameters
+        enter the KL at their values rounded to that dtype, not at their exact values."""
+        if torch.compiler.is_compiling():
+            return True
         if torch._C._functorch.peek_interpreter_stack() is None:  # no transform running
             return False
         return any(

@@ -728,7 +728,9 @@ class BayesModule(nn.Module):
             self._record is not None
             # in a compiled region (a kl() inside a compiled training step) the closed form
             # reads nothing of the record (it is never current there, _current), and dynamo
-            # cannot trace these checks: they broke the graph once per layer
+            # cannot trace these checks: they broke the graph once per layer. (The Monte
+            # Carlo KL keeps them, a graph break per layer: a copy of the noise made in the
+            # graph did not help, AOT autograd saved the inference tensor it was made from.)
             and not (torch.compiler.is_compiling() and self.kl_mode == "closed_form")
             and not torch.is_inference_mode_enabled()
         ):
