@@ -105,3 +105,37 @@ def test_seed_everything_takes_a_numpy_integer() -> None:
     for bad in (True, -1, 2.0, np.float64(3.0)):
         with pytest.raises(ValueError, match="seed must be a non-negative integer"):
             seed_everything(bad)  # type: ignore[arg-type]
+
+
+def test_kl_and_snr_on_fsdp_shards_are_refused_with_the_remedy(tmp_path: Any) -> None:
+    """Outside an FSDP module's forward its parameters are shards (DTensors):
+    ``bbb.kl_divergence`` returned a DTensor (one rank) or failed with "Cannot flatten
+    unevenly sharded tensor" (several), and ``prune_by_snr`` ranked a rank's shard. Both are
+    refused, naming ``unshard()``; between ``unshard()`` and ``reshard()`` they work. One
+    gloo process (world size 1): its parameters are DTensors all the same."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import bbb
+    from bbb.train.distributed import ELBOStep
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(bbb.BayesLinear(4, 5), nn.ReLU(), bbb.BayesLinear(5, 2))
+        plain_kl = float(bbb.kl_divergence(model))  # before any forward: the KL at init
+        step = ELBOStep(model, bbb.ELBO(bbb.Categorical(), dataset_size=10))
+        fsdp.fully_shard(step)
+        step(torch.randn(3, 4), torch.tensor([0, 1, 0])).loss.backward()
+        with pytest.raises(RuntimeError, match=r"kl_divergence: .*FSDP-sharded.*unshard\(\)"):
+            bbb.kl_divergence(model)
+        with pytest.raises(RuntimeError, match=r"prune_by_snr.*layer 0 holds FSDP-sharded"):
+            bbb.prune_by_snr(model, 0.5)
+        step.unshard()
+        assert float(bbb.kl_divergence(model)) == pytest.approx(plain_kl, rel=1e-6)
+        assert bbb.prune_by_snr(model, 0.5).removed == 15
+        step.reshard()
+    finally:
+        dist.destroy_process_group()

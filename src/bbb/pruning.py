@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .nn.module import BayesModule
+from .nn.module import BayesModule, refuse_sharded
 
 __all__ = ["snr", "prune_by_snr", "remove_pruning", "PruneResult", "save_compact", "load_compact"]
 
 
 def _named_layers(model: nn.Module) -> list[tuple[str, BayesModule]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesModule)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BayesModule)]
+    for n, m in layers:  # FSDP shards: a rank's part of each layer (see refuse_sharded)
+        refuse_sharded(m, n, "snr / prune_by_snr / save_compact")
+    return layers
 
 
 @torch.no_grad()

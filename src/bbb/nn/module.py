@@ -938,15 +938,38 @@ def bayes_modules(model: nn.Module) -> Iterator[BayesModule]:
             yield m
 
 
+def refuse_sharded(layer: nn.Module, name: str, who: str) -> None:
+    """A RuntimeError if ``layer`` holds FSDP-sharded (``DTensor``) parameters.
+
+    Outside an FSDP module's forward its parameters are shards: a KL, an SNR or a compact
+    export computed from them is a rank's part (a DTensor, or "Cannot flatten unevenly
+    sharded tensor"). Free unless ``torch.distributed.tensor`` has been imported.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or torch.compiler.is_compiling():
+        return
+    if any(isinstance(p, dtensor) for p in layer.parameters(recurse=False)):
+        raise RuntimeError(
+            f"{who}: {f'layer {name}' if name else 'a Bayesian layer'} holds FSDP-sharded "
+            "parameters (this rank's "
+            "shards, outside the FSDP module's forward); gather them first: "
+            "root.unshard(), then the call, then root.reshard() (root: the module "
+            "fully_shard wrapped)"
+        )
+
+
 def kl_divergence(model: nn.Module) -> Tensor:
     """Summed KL(q || p) (nats) of all Bayesian layers for the latest forward pass.
 
     A scalar tensor that backpropagates to every ``mu`` and ``rho`` (float32 for
     float16/bfloat16 layers, see :meth:`BayesModule.kl`). Zero (a tensor) for a model without
-    Bayesian layers.
+    Bayesian layers. Under FSDP, call it inside the sharded module's forward (as
+    :class:`bbb.ELBO` does) or between its ``unshard()`` and ``reshard()``: on shards it is a
+    RuntimeError.
     """
     total: Tensor | None = None
     for m in bayes_modules(model):
+        refuse_sharded(m, "", "kl_divergence")
         k = m.kl()
         total = k if total is None else total + k
     if total is None:
