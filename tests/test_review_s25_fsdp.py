@@ -149,12 +149,17 @@ def _checkpoint_resume(r: int, path: str) -> dict[str, Any]:
     return {"straight": straight, "resumed": resumed, "keys": sorted(saved["model"])}
 
 
-def _ddp_static_graph(r: int) -> dict[str, Any]:
-    """Two steps of DDP(ELBOStep, static_graph=True): the first step's parameters and the
-    largest difference of the parameters between the ranks after the second."""
+def _ddp_static_graph(r: int, wrap: bool = False) -> dict[str, Any]:
+    """Two steps of DDP(ELBOStep, static_graph=True) (``wrap``: built by ``wrap_elbo(...,
+    static_graph=True)``, session 26): the first step's parameters and the largest difference
+    of the parameters between the ranks after the second."""
     model, elbo, _ = build("mean-closed-form")
-    elbo.replicas = WORLD
-    ddp = nn.parallel.DistributedDataParallel(D.ELBOStep(model, elbo), static_graph=True)
+    if wrap:
+        ddp = D.wrap_elbo(model, elbo, static_graph=True)
+        assert ddp.static_graph  # the option reached DDP
+    else:
+        elbo.replicas = WORLD
+        ddp = nn.parallel.DistributedDataParallel(D.ELBOStep(model, elbo), static_graph=True)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     x, y = global_batch()
     lo, hi = r * GLOBAL_BATCH // WORLD, (r + 1) * GLOBAL_BATCH // WORLD
@@ -263,6 +268,7 @@ def _worker(r: int, port: int, out: str) -> None:
             results[f"layers/{scenario}"] = _fsdp_step(r, scenario, per_layer=True)
         results["checkpoint"] = _checkpoint_resume(r, str(Path(out).parent / "full.pt"))
         results["static"] = _ddp_static_graph(r)
+        results["static-wrap"] = _ddp_static_graph(r, wrap=True)
         results["accumulation"] = _ddp_accumulation(r)
         errors = _refusals(r)
         every: list[Any] = [None] * WORLD
@@ -331,8 +337,9 @@ def test_the_trainer_and_wrap_elbo_refuse_an_fsdp_model(results: dict[str, Any])
 
 
 @pytest.mark.usefixtures("float64_default")
-def test_ddp_static_graph_keeps_the_ranks_in_step(results: dict[str, Any]) -> None:
-    got = results["static"]
+@pytest.mark.parametrize("how", ["static", "static-wrap"])
+def test_ddp_static_graph_keeps_the_ranks_in_step(results: dict[str, Any], how: str) -> None:
+    got = results[how]
     expected = reference_step("mean-closed-form")["params"]
     del expected["elbo.likelihood.log_sigma"]
     _assert_params(got["first"], expected)

@@ -420,22 +420,40 @@ def refuse_fsdp(module: nn.Module, who: str) -> None:
         )
 
 
+#: the DistributedDataParallel arguments :func:`wrap_elbo` sets itself
+_WRAP_ELBO_OWNS = frozenset(
+    {"module", "device_ids", "output_device", "broadcast_buffers", "forward_sync_buffers"}
+)
+
+
 def wrap_elbo(
     model: nn.Module,
     elbo: ELBO,
     device: torch.device | str = "cpu",
     *,
     find_unused_parameters: bool = False,
+    **ddp_options: Any,
 ) -> nn.parallel.DistributedDataParallel:
     """``DistributedDataParallel(ELBOStep(model, elbo))`` for this rank's ``device``.
 
     Buffers are not broadcast at each step (``broadcast_buffers=False``): the ELBO's step
     counter, pruning masks and input statistics evolve identically on every rank.
 
+    ``ddp_options`` go to ``DistributedDataParallel`` as they are, e.g. ``static_graph=True``,
+    ``gradient_as_bucket_view=True`` or ``bucket_cap_mb=...``; the options this function sets
+    itself (the module, ``device_ids``, ``output_device`` and the buffer broadcast) are refused
+    with a ``TypeError`` naming them.
+
     Sets ``elbo.replicas`` to the world size: DDP averages the ranks' gradients, so the
     ``"blundell"`` KL weight must divide by the global batch, ``replicas * B`` (the uniform
     weight, ``KL / N``, does not depend on it).
     """
+    owned = sorted(set(ddp_options) & _WRAP_ELBO_OWNS)
+    if owned:
+        raise TypeError(
+            f"wrap_elbo sets {', '.join(owned)} itself (device_ids from device=, no buffer "
+            "broadcast); pass the other DistributedDataParallel options only"
+        )
     if not is_distributed():
         raise DistributedError(
             "wrap_elbo needs an initialised torch.distributed process group with more than one "
@@ -458,9 +476,14 @@ def wrap_elbo(
             device_ids=ids,
             find_unused_parameters=find_unused_parameters,
             forward_sync_buffers=False,
+            **ddp_options,
         )
     return ddp(
-        step, device_ids=ids, find_unused_parameters=find_unused_parameters, broadcast_buffers=False
+        step,
+        device_ids=ids,
+        find_unused_parameters=find_unused_parameters,
+        broadcast_buffers=False,
+        **ddp_options,
     )
 
 
