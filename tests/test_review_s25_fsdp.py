@@ -73,7 +73,9 @@ def reference_step(scenario: str) -> dict[str, Any]:
     opt.step()
     params = {f"model.{k}": v.detach().clone() for k, v in model.named_parameters()}
     params["elbo.likelihood.log_sigma"] = elbo.likelihood.log_sigma.detach().clone()
-    return {"params": params, "kl": float(result.kl), "nll": float(result.nll)}
+    with bbb.sampling(model, "mean"):
+        mean = bbb.predict(model, x, likelihood=elbo.likelihood, num_samples=2).mean
+    return {"params": params, "kl": float(result.kl), "nll": float(result.nll), "predicted": mean}
 
 
 def _fsdp_step(r: int, scenario: str, per_layer: bool) -> dict[str, Any]:
@@ -95,10 +97,18 @@ def _fsdp_step(r: int, scenario: str, per_layer: bool) -> dict[str, Any]:
     opt.zero_grad()
     result.loss.backward()
     opt.step()
+    sharded = type(model[0].weight_mu).__name__
+    # predictions of the inner model between unshard and reshard (the README's recipe); the
+    # mean network, so that they equal one process's without sharing its weight noise
+    step.unshard()
+    with bbb.sampling(model, "mean"):
+        mean = bbb.predict(model, x, likelihood=elbo.likelihood, num_samples=2).mean
+    step.reshard()
     return {
         "params": {k: _full(p) for k, p in step.named_parameters()},
         "kl": float(result.kl),
-        "sharded": type(model[0].weight_mu).__name__,
+        "sharded": sharded,
+        "predicted": mean.detach().clone(),
     }
 
 
@@ -305,6 +315,8 @@ def test_one_fsdp_step_equals_one_step_on_the_global_batch(
     # the KL of the whole network (not of a rank's shard), counted once in the gradient
     assert got["kl"] == pytest.approx(expected["kl"], rel=1e-12)
     _assert_params(got["params"], expected["params"])
+    # bbb.predict on the inner model between step.unshard() and step.reshard() (session 26)
+    torch.testing.assert_close(got["predicted"], expected["predicted"], rtol=RTOL, atol=ATOL)
 
 
 def test_fsdp_full_state_dict_resumes_exactly(results: dict[str, Any]) -> None:
