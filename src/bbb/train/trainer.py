@@ -84,9 +84,14 @@ __all__ = [
     "evaluate",
     "seed_everything",
     "LOWER_IS_BETTER",
+    "SCHEDULER_INTERVALS",
 ]
 
 LOWER_IS_BETTER = ("error", "nll", "ece", "brier", "rmse", "loss")
+#: when the Trainer steps its learning-rate scheduler: ``"epoch"`` (once after each epoch's
+#: validation) or ``"step"`` (after every optimizer step: OneCycleLR, a warm-up over the first
+#: K steps, cosine with warm-up laid out in steps)
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -132,6 +137,30 @@ def _check_plateau_mode(scheduler: Any, val_metric: str, has_val: bool) -> None:
             f"steps it with {monitored}, for which higher is "
             f"{'better' if mode == 'max' else 'worse'}: create it with mode={mode!r}"
         )
+
+
+def _check_scheduler_interval(value: object) -> str:
+    """``value`` if it is one of :data:`SCHEDULER_INTERVALS`, else a ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in SCHEDULER_INTERVALS:
+        raise ValueError(
+            f"unknown scheduler_interval {value!r}; accepted values: "
+            f"{', '.join(map(repr, SCHEDULER_INTERVALS))}"
+        )
+    return value
+
+
+def _check_steps_per_epoch(value: object) -> int | None:
+    """``value`` if it is None or a positive integer, else a ``ValueError``."""
+    if value is not None and not _is_positive_int(value):
+        raise ValueError(
+            f"steps_per_epoch must be a positive integer (optimizer steps per epoch) or None "
+            f"(one pass over train_loader), got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _is_plateau(scheduler: Any) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 def _warn_dataset_size(train_loader: Iterable[Any], elbo: ELBO) -> None:
@@ -219,6 +248,17 @@ def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
         if callable(getattr(candidate, "set_epoch", None)):
             return candidate
     return None
+
+
+def _unshuffled(loader: Iterable[Any]) -> bool:
+    """Whether ``loader`` gives its minibatches in the same order every pass (a
+    ``SequentialSampler``, directly or inside its batch sampler)."""
+    from torch.utils.data import SequentialSampler
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else None
+    sampler = inner if inner is not None else getattr(loader, "sampler", None)
+    return isinstance(sampler, SequentialSampler)
 
 
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
@@ -334,12 +374,39 @@ class Trainer:
         optimizer: any ``torch.optim`` optimizer.
         train_loader: a ``DataLoader`` yielding ``(x, y)``.
         val_loader: optional validation loader; the best-on-validation model is kept.
-        scheduler: optional LR scheduler, stepped once per epoch. A
-            ``torch.optim.lr_scheduler.ReduceLROnPlateau`` is stepped with the epoch's value of
+        scheduler: optional LR scheduler, stepped as ``scheduler_interval`` says. A
+            ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (per epoch only) is stepped with the
+            epoch's value of
             ``val_metric`` (the validation metric the best epoch is chosen on) when there is a
             ``val_loader``, else with the epoch's mean training loss; its ``mode`` must match
             (``"max"`` for ``accuracy`` and ``log_likelihood``, else ``"min"``). Its state,
-            like any scheduler's, is saved in the checkpoints and restored on resume.
+            like any scheduler's, is saved in the checkpoints and restored on resume. A
+            ``OneCycleLR`` whose ``total_steps`` are fewer than the run would step it is refused
+            (torch raised at the step past its end, mid-epoch); one stepped per epoch with
+            ``total_steps > epochs`` (laid out in optimizer steps) is a ``UserWarning``.
+        scheduler_interval: ``"epoch"`` (default: ``scheduler.step()`` once after each
+            epoch's validation) or ``"step"`` (after every optimizer step, for schedules laid
+            out in steps: ``OneCycleLR(total_steps=epochs * steps)``, a linear warm-up over
+            the first K steps with ``LambdaLR``, cosine with warm-up). Under
+            ``torch.distributed`` every rank takes the same steps, so every rank's rate is the
+            same. ``ReduceLROnPlateau`` is refused with ``"step"`` (its metric exists once per
+            epoch). Saved in the checkpoints: a resume with another value is refused.
+        steps_per_epoch: optimizer steps per epoch (None, the default: one pass over
+            ``train_loader``, ``len(train_loader)`` steps). For a tiny labelled set (20 points
+            and batch 128: one step per pass) an epoch of ``steps_per_epoch`` steps makes
+            validation, checkpoints, ``epochs``, ``patience`` and the metrics rows count
+            useful units. Each epoch iterates the loader again and again (a new shuffle per
+            pass; a ``DistributedSampler`` gets ``set_epoch(epoch * passes + pass)``) and cuts
+            the last pass at ``steps_per_epoch``. The ELBO's ``batch_index``/``num_batches``
+            stay those of the minibatch within its pass, so the blundell KL weights sum to 1
+            per pass over the data (the KL counts once per pass, as the paper's objective
+            wants); with ``kl_weighting="blundell"`` it must therefore be a multiple of
+            ``len(train_loader)``. Fewer steps than ``len(train_loader)`` (shorter epochs on a
+            large set) need a shuffling loader. Saved in the checkpoints: a resume with
+            another value is refused. (The alternative recipe, ``DataLoader(...,
+            sampler=RandomSampler(ds, replacement=True, num_samples=K * B))``, makes an epoch
+            of K steps too, but the blundell weights then run over the K steps: the KL counts
+            once per K * B / N passes.)
         epochs: total number of epochs (a resumed run continues up to it; it must be at least
             the number of epochs the run has already done).
         out_dir: run directory for ``metrics.jsonl``, checkpoints, ``best.pt``; None: in memory.
@@ -373,8 +440,10 @@ class Trainer:
     (the mean of ``kl_weight * kl``: ``loss = nll + weighted_kl`` up to rounding, and
     ``nll + kl_weight * kl`` where the weight is constant over the epoch),
     ``train_seconds``; the validation report's keys prefixed ``val_`` (with a
-    ``val_loader``); ``lr`` (the learning rate the epoch trained with: parameter group 0's)
-    and, with several parameter groups, ``lrs`` (every group's, in order).
+    ``val_loader``); ``lr`` (the learning rate of the epoch's first step: parameter group
+    0's; with ``scheduler_interval="epoch"`` the rate of every step of the epoch), with
+    ``scheduler_interval="step"`` ``lr_last`` (group 0's rate at the epoch's last step) and,
+    with several parameter groups, ``lrs`` (every group's, first step, in order).
     """
 
     def __init__(
@@ -386,6 +455,8 @@ class Trainer:
         *,
         val_loader: Iterable[Any] | None = None,
         scheduler: Any | None = None,
+        scheduler_interval: str = "epoch",
+        steps_per_epoch: int | None = None,
         epochs: int = 10,
         out_dir: str | Path | None = None,
         val_metric: str | None = None,
@@ -429,6 +500,8 @@ class Trainer:
             raise ValueError(f"y_scale must be a finite positive number, got {y_scale!r}")
         if len(train_loader) == 0:
             raise ValueError("the training data loader is empty")
+        self._scheduler_interval = _check_scheduler_interval(scheduler_interval)
+        self._steps_per_epoch = _check_steps_per_epoch(steps_per_epoch)
         if grad_clip is not None and (
             isinstance(grad_clip, bool)
             or not isinstance(grad_clip, (int, float))
@@ -453,7 +526,7 @@ class Trainer:
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.scheduler = scheduler
+        self._scheduler: Any | None = None
         self.epochs = epochs
         self.out_dir = None if out_dir is None else Path(out_dir)
         classification = isinstance(elbo.likelihood, Categorical)
@@ -467,8 +540,7 @@ class Trainer:
             raise ValueError(
                 f"unknown val_metric {self.val_metric!r}; accepted values: {', '.join(valid)}"
             )
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            _check_plateau_mode(scheduler, self.val_metric, val_loader is not None)
+        self.scheduler = scheduler  # validated: see the property
         if getattr(elbo, "accumulation_steps", 1) != 1:
             raise ValueError(
                 f"the ELBO has accumulation_steps={elbo.accumulation_steps}, but the Trainer "
@@ -477,6 +549,9 @@ class Trainer:
             )
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
+        self.epoch = 0
+        self._check_epoch_plan()
+        self._warn_one_cycle_per_epoch()
         self._run_lock: RunLock | None = None
         # the checkpoint holding the parameters the current epoch started from (the one
         # resumed from, or the last one written); None before the first
@@ -489,7 +564,6 @@ class Trainer:
         self.y_scale = y_scale
         self.grad_clip = grad_clip
         self.device = torch.device(device)
-        self.epoch = 0
         self.best_metric = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
@@ -507,6 +581,10 @@ class Trainer:
         self._stop: _dist.DeferredStop | None = None
         # the ELBO's replicas during this Trainer's training epochs (see train_epoch)
         self._replicas = 1
+        # (train_loader, elbo.dataset_size) when the last fit() returned (see _check_new_round)
+        self._fitted_data: tuple[Any, int] = (train_loader, elbo.dataset_size)
+        # group 0's learning rate at the last optimizer step taken (metrics' lr_last)
+        self._lr_last: float = float(optimizer.param_groups[0]["lr"])
         # None: fit() has not run; False: the last fit() raised; True: it returned
         self._fit_returned: bool | None = None
         self.epoch_callback = epoch_callback
@@ -568,6 +646,123 @@ class Trainer:
             raise ValueError("patience needs a val_loader: early stopping watches validation")
         self._patience = value
 
+    @property
+    def scheduler(self) -> Any | None:
+        """The learning-rate scheduler (None: a constant rate), stepped as
+        :attr:`scheduler_interval` says. May be replaced between ``fit()`` calls (a new
+        schedule for an active-learning round); a new one is validated as in the constructor."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: Any | None) -> None:
+        if value is not None and not callable(getattr(value, "step", None)):
+            raise TypeError(
+                f"scheduler must be a torch.optim.lr_scheduler scheduler (with a step() method) "
+                f"or None, got {type(value).__name__}"
+            )
+        if _is_plateau(value):
+            self._refuse_plateau_per_step(self._scheduler_interval)
+            _check_plateau_mode(value, self.val_metric, self.val_loader is not None)
+        self._scheduler = value
+
+    @property
+    def scheduler_interval(self) -> str:
+        """``"epoch"``: the scheduler steps once after each epoch (its validation);
+        ``"step"``: after every optimizer step (see :data:`SCHEDULER_INTERVALS`)."""
+        return self._scheduler_interval
+
+    @scheduler_interval.setter
+    def scheduler_interval(self, value: str) -> None:
+        value = _check_scheduler_interval(value)
+        if _is_plateau(self._scheduler):
+            self._refuse_plateau_per_step(value)
+        self._scheduler_interval = value
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps per epoch (None: one pass over ``train_loader``, ``len(train_loader)``
+        steps); see the class docstring."""
+        return self._steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int | None) -> None:
+        self._steps_per_epoch = _check_steps_per_epoch(value)
+
+    @staticmethod
+    def _refuse_plateau_per_step(interval: str) -> None:
+        if interval == "step":
+            raise ValueError(
+                "a ReduceLROnPlateau scheduler cannot be stepped per optimizer step "
+                "(scheduler_interval='step'): it needs a metric, which the Trainer has once per "
+                "epoch (the validation metric, or the epoch's training loss); use "
+                "scheduler_interval='epoch' (or steps_per_epoch to validate more often)"
+            )
+
+    def _epoch_steps(self) -> int:
+        """Optimizer steps in one epoch: ``steps_per_epoch``, else ``len(train_loader)``."""
+        return self._steps_per_epoch or len(self.train_loader)
+
+    def _check_epoch_plan(self) -> None:
+        """Refuse, before any training, an epoch layout that would train wrongly or fail
+        midway: ``steps_per_epoch`` that breaks the blundell KL weighting or never reaches
+        part of an unshuffled loader, and a ``OneCycleLR`` that runs out of steps."""
+        passes = len(self.train_loader)
+        k = self._steps_per_epoch
+        if k is not None and self.elbo.kl_weighting == "blundell" and k % passes:
+            raise ValueError(
+                f"steps_per_epoch={k} with the ELBO's kl_weighting='blundell': the blundell "
+                f"weights pi_i run over the {passes} minibatches of one pass over train_loader "
+                "(they sum to 1 per pass, so the KL counts once per pass over the data), so an "
+                f"epoch must be whole passes: steps_per_epoch must be a multiple of "
+                f"len(train_loader)={passes} (e.g. {passes}, {2 * passes}, {4 * passes}), or "
+                "use kl_weighting='uniform'"
+            )
+        if k is not None and k < passes and _unshuffled(self.train_loader):
+            raise ValueError(
+                f"steps_per_epoch={k} is less than len(train_loader)={passes}, and the loader "
+                "does not shuffle (a SequentialSampler): every epoch starts a new pass and "
+                f"would take the same first {k} minibatches, the others never; shuffle the "
+                f"loader (DataLoader(..., shuffle=True)) or use steps_per_epoch >= {passes}"
+            )
+        sched = self._scheduler
+        if isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
+            per_epoch = self._epoch_steps() if self._scheduler_interval == "step" else 1
+            needed = (self.epochs - self.epoch) * per_epoch
+            left = sched.total_steps - sched.last_epoch
+            if needed > left:
+                unit = (
+                    f"{per_epoch} per epoch (scheduler_interval='step')"
+                    if self._scheduler_interval == "step"
+                    else "one per epoch (scheduler_interval='epoch')"
+                )
+                raise ValueError(
+                    f"the OneCycleLR scheduler has {left} of its total_steps="
+                    f"{sched.total_steps} steps left, but the run would step it {needed} times "
+                    f"({self.epochs - self.epoch} epochs to train, {unit}); torch raises at "
+                    f"the step past its end. Create it with total_steps="
+                    f"{sched.last_epoch + needed} (or lower epochs)"
+                )
+
+    def _warn_one_cycle_per_epoch(self) -> None:
+        """Warn when a ``OneCycleLR`` stepped per epoch would not reach the end of its cycle
+        (laid out in optimizer steps but given ``scheduler_interval='epoch'``)."""
+        sched = self._scheduler
+        if (
+            isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
+            and self._scheduler_interval == "epoch"
+            and sched.total_steps > self.epochs
+        ):
+            import warnings
+
+            warnings.warn(
+                f"the OneCycleLR scheduler has total_steps={sched.total_steps}, but with "
+                f"scheduler_interval='epoch' it steps once per epoch, {self.epochs} times: "
+                "the cycle would stop early. For a cycle over optimizer steps pass "
+                "scheduler_interval='step'",
+                UserWarning,
+                stacklevel=3,
+            )
+
     # ------------------------------------------------------------------ helpers
     def _score(self, report: dict[str, float]) -> float:
         v = report[self.val_metric]
@@ -582,6 +777,9 @@ class Trainer:
             "model": _plain_module(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            # how the run is laid out: a resume with another layout is refused (_check_layout)
+            "scheduler_interval": self._scheduler_interval,
+            "steps_per_epoch": self._steps_per_epoch,
             "elbo": self.elbo.state_dict(),
             "rng": rng_state(),
             "loader_generator": None
@@ -736,8 +934,10 @@ class Trainer:
         self.model.train()
         self.elbo.train()
         sampler = _epoch_sampler(self.train_loader)
-        if sampler is not None:
-            sampler.set_epoch(self.epoch)  # a DistributedSampler's shuffle for this epoch
+        if sampler is not None and self._steps_per_epoch is None:
+            # a DistributedSampler's shuffle for this epoch (with steps_per_epoch: for each
+            # pass, see _epoch_batches)
+            sampler.set_epoch(self.epoch)
         if not self.distributed:
             return self._train_epoch()
         # Every rank must take the same number of steps: DDP all-reduces gradients at each
@@ -766,7 +966,9 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        num_batches = len(self.train_loader)
+        num_batches = self._epoch_steps()
+        # stepped after every optimizer step (scheduler_interval="step")
+        step_scheduler = self._scheduler if self._scheduler_interval == "step" else None
         sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "kl_weight": 0.0, "weighted_kl": 0.0}
         n_seen = 0
         bar = tqdm(
@@ -779,12 +981,12 @@ class Trainer:
         start = time.perf_counter()
         stop = self._stop
         flags: tuple[Tensor, Tensor] | None = None  # (0, 1) in the loss's dtype and device
-        for i, (x, y) in enumerate(_batches(self.train_loader, self.device)):
+        for i, index, per_pass, x, y in self._epoch_batches():
             if self._ddp is None:
-                result = self.elbo(self.model, x, y, batch_index=i, num_batches=num_batches)
+                result = self.elbo(self.model, x, y, batch_index=index, num_batches=per_pass)
                 loss_value = float(result.loss.detach())
             else:
-                result = self._ddp(x, y, batch_index=i, num_batches=num_batches)
+                result = self._ddp(x, y, batch_index=index, num_batches=per_pass)
                 # the mean over ranks: non-finite on every rank when it is on any one; with it,
                 # whether a rank holds a stop (Ctrl-C, SIGTERM): every rank takes it here, at
                 # the same step, instead of one leaving the others in their next all-reduce
@@ -830,7 +1032,10 @@ class Trainer:
             if self.grad_clip is not None:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self._lr_last = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
+            if step_scheduler is not None:
+                step_scheduler.step()  # the rate of the next step
             b = x.shape[0]
             n_seen += b
             sums["loss"] += loss_value * b
@@ -859,6 +1064,45 @@ class Trainer:
         out = {k: v / max(n_seen, 1) for k, v in sums.items()}
         out["train_seconds"] = time.perf_counter() - start
         return out
+
+    def _epoch_batches(self) -> Iterable[tuple[int, int, int, Tensor, Tensor]]:
+        """The epoch's minibatches as ``(step, batch_index, num_batches, x, y)``: ``step``
+        counts the epoch's optimizer steps; ``batch_index`` of ``num_batches`` is the
+        minibatch's place in its pass over ``train_loader`` (what the blundell KL weight
+        reads: the weights sum to 1 over each pass).
+
+        Without ``steps_per_epoch``: one pass (step == batch_index). With it: passes over the
+        loader, each a new iteration (a new shuffle), until ``steps_per_epoch`` steps; the
+        last pass is cut there (a new epoch starts a new pass). A sampler with ``set_epoch``
+        (a ``DistributedSampler``) is set to ``epoch * passes + pass`` for each pass, so every
+        pass of every epoch has its own shuffle, the same on every rank and on resume.
+        """
+        per_pass = len(self.train_loader)
+        k = self._steps_per_epoch
+        if k is None:
+            for i, (x, y) in enumerate(_batches(self.train_loader, self.device)):
+                yield i, i, per_pass, x, y
+            return
+        sampler = _epoch_sampler(self.train_loader)
+        passes = -(-k // per_pass)
+        step, p = 0, 0
+        while step < k:
+            if sampler is not None:
+                sampler.set_epoch(self.epoch * passes + p)
+            given = 0
+            for j, (x, y) in enumerate(_batches(self.train_loader, self.device)):
+                given += 1
+                yield step, j, per_pass, x, y
+                step += 1
+                if step == k:
+                    break
+            if given == 0:
+                raise ValueError(
+                    f"the training loader gave no minibatch in pass {p + 1} of epoch "
+                    f"{self.epoch + 1} (len(train_loader) is {per_pass}): steps_per_epoch "
+                    "needs a loader that can be iterated again and again"
+                )
+            p += 1
 
     def _last_good_checkpoint(self, first_step: bool = False) -> str:
         """``"; the last good checkpoint ... is intact"`` (or how it is not good) for a
@@ -941,7 +1185,9 @@ class Trainer:
             y_scale=self.y_scale,
         )
 
-    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    def fit(
+        self, resume: bool = False, overwrite: bool = False, *, new_round: bool | None = None
+    ) -> dict[str, Any]:
         """Train until ``epochs`` (or early stopping); returns a summary dictionary.
 
         The summary: ``epochs_trained``, ``best_epoch``, ``best_val`` (the best value of
@@ -963,16 +1209,43 @@ class Trainer:
         directory, which it appends to): ``epochs`` counts every epoch, those already done
         included, so raise it first (``trainer.epochs += 5``); for an active-learning round
         on a larger training set, also set ``trainer.train_loader`` and
-        ``trainer.elbo.dataset_size``. With nothing left to train (``epochs`` reached, or
+        ``trainer.elbo.dataset_size`` and say ``new_round`` (below). With nothing left to train (``epochs`` reached, or
         the patience run out: raise ``trainer.patience``) that call is a ``RuntimeError``
         saying so (it used to return the previous summary without training), as is
         ``overwrite=True`` (it would delete the files of the training the model holds). A
         fresh run (a round trained from scratch) needs a new Trainer, model and optimizer.
+
+        ``new_round`` (for such a second ``fit()`` only): ``True`` starts a new selection
+        round: the best model, its metric, the patience count and an early stop are reset, so
+        the best model (``load_best()``, ``best.pt``) is the best of the coming epochs alone
+        (without it, the earlier round's best stays the best until beaten: with a harder or
+        different validation set, or a model that improves slowly on its new data, the new
+        round's weights were never saved as the best); ``False`` keeps the best of every epoch
+        so far. When the training data changed since the last ``fit()`` (another
+        ``train_loader`` object or ``elbo.dataset_size``), leaving it unset is a
+        ``RuntimeError`` asking for one or the other. A round's reset is saved from its first
+        epoch's checkpoint on (a resume from an older checkpoint resumes the earlier round).
+        The scheduler is not reset: assign a new one (``trainer.scheduler = ...``) for a new
+        schedule; a ``OneCycleLR`` without the steps the coming epochs need is refused.
         """
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir")
         continuing = not resume and self._fit_returned is True
+        if new_round is not None:
+            if not isinstance(new_round, bool):
+                raise TypeError(f"new_round must be True, False or None, got {new_round!r}")
+            if not continuing:
+                raise ValueError(
+                    "new_round applies to a second fit() of a Trainer whose last fit() returned "
+                    "(an active-learning round trained on from the previous one); "
+                    + (
+                        "a resumed run continues its checkpoint's round"
+                        if resume
+                        else "this Trainer has not trained yet"
+                    )
+                )
         if continuing:
+            self._check_new_round(new_round)
             self._check_continuation(overwrite)
             # the loader or the ELBO's dataset_size may have changed since (a new round)
             _warn_dataset_size(self.train_loader, self.elbo)
@@ -989,6 +1262,29 @@ class Trainer:
             if self._run_lock is not None:
                 self._run_lock.release()
                 self._run_lock = None
+
+    def _check_new_round(self, new_round: bool | None) -> None:
+        """Start a new selection round (``new_round=True``), or refuse an unsaid choice when
+        the training data changed since the last ``fit()`` (see :meth:`fit`)."""
+        loader, size = self._fitted_data
+        changes = []
+        if self.train_loader is not loader:
+            changes.append("trainer.train_loader was replaced")
+        if self.elbo.dataset_size != size:
+            changes.append(f"elbo.dataset_size {size} -> {self.elbo.dataset_size}")
+        if changes and new_round is None:
+            raise RuntimeError(
+                f"the training data changed since the last fit() ({'; '.join(changes)}): say "
+                "whether this is a new round. fit(new_round=True) chooses the best model among "
+                "the coming epochs alone (best metric, best epoch and patience restart; "
+                "load_best() then gives this round's best); fit(new_round=False) keeps the "
+                f"best of all epochs so far (epoch {self.best_epoch}'s weights stay the best "
+                "until beaten)"
+            )
+        if new_round:
+            self.best_metric, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+            self.best_state = self.best_elbo_state = None
+            self.stopped = None
 
     def _check_continuation(self, overwrite: bool) -> None:
         """Refuse a ``fit()`` (no resume) of a Trainer that has already trained when it would
@@ -1009,14 +1305,35 @@ class Trainer:
                 "fit() would train nothing: epochs counts every epoch, those already done "
                 "included. To "
                 f"train on from here, raise it (e.g. trainer.epochs = {self.epochs + 5}) and "
-                "call fit() again (also set trainer.train_loader and trainer.elbo.dataset_size "
-                f"for a new active-learning round); to train from scratch, build a new Trainer{new}"
+                "call fit() again (for a new active-learning round also set "
+                "trainer.train_loader and trainer.elbo.dataset_size, and call "
+                f"fit(new_round=True)); to train from scratch, build a new Trainer{new}"
             )
         if self.stopped is not None:
             raise RuntimeError(
                 f"this Trainer's run stopped early after epoch {self.epoch} (no improvement "
                 f"for patience={self.patience} epochs), so fit() would train nothing: raise "
                 f"trainer.patience to train on, or build a new Trainer{new}"
+            )
+
+    def _check_layout(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse to resume a checkpoint written with another ``scheduler_interval`` or
+        ``steps_per_epoch`` (a checkpoint without them was written with the defaults, by a
+        version without these options): the resumed run would not be the one started."""
+        saved = {
+            "scheduler_interval": state.get("scheduler_interval", "epoch"),
+            "steps_per_epoch": state.get("steps_per_epoch"),
+        }
+        now = {
+            "scheduler_interval": self._scheduler_interval,
+            "steps_per_epoch": self._steps_per_epoch,
+        }
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now[k]]
+        if diff:
+            raise CheckpointError(
+                f"{path} was written by a run with other settings ({'; '.join(diff)}): a "
+                "resumed run must step its schedule and lay out its epochs as the run it "
+                "continues; give the Trainer the checkpoint's values"
             )
 
     def _restore_best(self, best: dict[str, Any] | None, path: Path) -> None:
@@ -1069,6 +1386,7 @@ class Trainer:
                     f"{path}: checkpoint format {state.get('format')!r}, but this version of "
                     f"bbb reads {_FORMAT!r}"
                 )
+            self._check_layout(state, path)
             try:
                 self._restore(state)
             except (RuntimeError, ValueError, KeyError) as e:  # another architecture, ...
@@ -1082,6 +1400,10 @@ class Trainer:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
         if self.stopped is not None and self.log:
             self.log(f"the run had stopped at epoch {self.epoch} ({self.stopped}): not training on")
+        if self.stopped is None and self.epoch < self.epochs:
+            # the settings may have changed since the constructor (a new round's loader or
+            # scheduler, more epochs): refused before any training
+            self._check_epoch_plan()
         if not self.distributed:
             return self._fit_loop()
         # a Ctrl-C / SIGTERM on one rank is held until every rank takes it (at a training
@@ -1094,14 +1416,18 @@ class Trainer:
 
     def _fit_loop(self) -> dict[str, Any]:
         stopped_by_callback = False
+        per_step = self._scheduler_interval == "step"
         while self.epoch < self.epochs and self.stopped is None:
+            # the rates of the epoch's first step, one per parameter group (per epoch: the
+            # rates of every step of the epoch)
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
             train_stats = self.train_epoch()
             self._check_finite_parameters()  # identical on every rank: no exchange needed
             val = self.validate()
             self.epoch += 1
-            # the rates this epoch trained with, one per parameter group
-            lrs = [group["lr"] for group in self.optimizer.param_groups]
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if per_step:
+                pass  # stepped after every optimizer step (_train_epoch)
+            elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 # the monitored quantity: the selection metric, or the training loss without
                 # validation data (the same on every rank: both are shared/reduced)
                 self.scheduler.step(val[self.val_metric] if val else train_stats["loss"])
@@ -1120,6 +1446,8 @@ class Trainer:
             row: dict[str, Any] = {"epoch": self.epoch, **train_stats}
             row.update({f"val_{k}": v for k, v in val.items()})
             row["lr"] = lrs[0]
+            if per_step:  # the rate of the epoch's last step (group 0's)
+                row["lr_last"] = self._lr_last
             if len(lrs) > 1:  # each group's (e.g. mu and rho at different rates)
                 row["lrs"] = lrs
             with self._collective_errors(f"writing epoch {self.epoch}'s files"):
@@ -1162,6 +1490,8 @@ class Trainer:
         if self._stop is not None:  # held since the last exchange (a break above skipped it)
             self._stop.exchange(self.device, f"after epoch {self.epoch} (saved)")
         self._fit_returned = True
+        # what this fit() trained on: a later fit() on other data must say new_round
+        self._fitted_data = (self.train_loader, self.elbo.dataset_size)
         last = self.history[-1] if self.history else {}
         return {
             "epochs_trained": self.epoch,
