@@ -448,3 +448,70 @@ def test_a_spent_one_cycle_is_refused_in_the_next_round_and_a_new_one_trains() -
     seen = step_lrs(t)
     assert t.fit()["epochs_trained"] == 2
     assert seen == one_cycle_rates(4)
+
+
+# --------------------------------------------------------------------- 4. torch.distributed
+
+WORLD = 2
+
+
+def _per_step_worker(r: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from bbb.train import distributed as D
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=r,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.manual_seed(0)
+        ds = toy_data()
+        model = bayes_mlp(1, [8], 1, mu_init="fan_in")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        sampler = DistributedSampler(ds, num_replicas=WORLD, rank=r, seed=3)
+        t = Trainer(
+            model,
+            bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), N, kl_weighting="blundell"),
+            opt,
+            DataLoader(ds, batch_size=5, sampler=sampler),  # 2 minibatches per rank and pass
+            scheduler=one_cycle(8)(opt),
+            scheduler_interval="step",
+            steps_per_epoch=4,
+            epochs=2,
+            out_dir=Path(out).parent / "run" if r == 0 else None,
+            progress=False,
+            log=None,
+            distributed=True,
+        )
+        seen = step_lrs(t)
+        t.fit()
+        everything = [None] * WORLD
+        dist.all_gather_object(everything, (seen, state(t), t.history))
+        if r == 0:
+            torch.save(everything, out)
+    finally:
+        D.cleanup()
+
+
+@pytest.mark.slow  # two spawned processes (~25 s on a loaded 2-core machine); the fast tests above
+# cover the same code (set_epoch per pass, the per-step scheduler)
+def test_every_rank_steps_a_per_step_schedule_the_same(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from conftest import free_port, spawn_ranks
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "ranks.pt"
+    res: Any = spawn_ranks(_per_step_worker, (free_port(), str(out)), WORLD, out, 120)
+    (lrs0, params0, hist0), (lrs1, params1, hist1) = res
+    assert lrs0 == lrs1 == one_cycle_rates(8)
+    assert_same(params0, params1)
+    assert [r["lr_last"] for r in hist0] == [lrs0[3], lrs0[7]]
+    assert rows(tmp_path / "run")[1]["lr"] == lrs0[4]
