@@ -1,25 +1,39 @@
 """Convert between ordinary and Bayesian networks.
 
 - :func:`bayesianize`: replace ``nn.Linear`` / ``nn.Conv1d/2d/3d`` inside a model by their
-  Bayesian counterparts, optionally starting mu at the trained weights.
+  Bayesian counterparts, optionally starting mu at the trained weights (and sigma in
+  proportion to them: ``rho_init="moped"``); ``include`` / ``exclude`` convert only some
+  layers (a Bayesian last layer on a pretrained feature extractor).
 - :func:`to_deterministic`: export the mean network (mu, pruning applied) as plain ``torch.nn``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from .nn.conv import BayesConv1d, BayesConv2d, BayesConv3d, _BayesConvNd
 from .nn.linear import BayesLinear
-from .nn.module import BayesModule
+from .nn.module import BayesModule, rho_init_range
 from .priors import Prior
 
-__all__ = ["bayesianize", "to_deterministic"]
+__all__ = ["LayerSelector", "bayesianize", "convertible_layers", "to_deterministic"]
+
+LayerSelector: TypeAlias = "str | Sequence[str] | Callable[[str, nn.Module], bool]"
+"""What ``bayesianize``'s ``include`` and ``exclude`` take: one module-name pattern, a list of
+them, or a predicate ``(qualified_name, module) -> bool`` (see :func:`bayesianize`)."""
+
+# rho_init="moped": sigma = delta * |w|, at least this (a weight of exactly 0, a bias left at
+# its initial 0, would otherwise get sigma = 0 and rho = -inf); softplus^-1(1e-8) = -18.4
+MOPED_MIN_SIGMA = 1e-8
+MOPED_DEFAULT_DELTA = 0.1
 
 _CONV_PAIRS: tuple[tuple[type[nn.Module], type[_BayesConvNd]], ...] = (
     (nn.Conv1d, BayesConv1d),
@@ -58,7 +72,11 @@ def _bayes_for(
     kwargs: dict[str, Any],
     init_from_weights: bool,
     prior_for: _PriorPerDtype,
+    moped_delta: float | None = None,
 ) -> nn.Module | None:
+    """The Bayesian layer replacing ``module``, or None if it is not convertible. With
+    ``moped_delta`` (``rho_init="moped"``, needs ``init_from_weights``) rho is set so that
+    sigma = ``moped_delta * |w|`` (at least :data:`MOPED_MIN_SIGMA`) for weight and bias."""
     if not _convertible(module):
         return None
     w = getattr(module, "weight", None)
@@ -99,10 +117,251 @@ def _bayes_for(
             new.weight_mu.copy_(module.weight)
             if module.bias is not None and new.bias_mu is not None:
                 new.bias_mu.copy_(module.bias)
+            if moped_delta is not None:
+                new.weight_rho.copy_(moped_rho(module.weight, moped_delta))
+                if module.bias is not None and new.bias_rho is not None:
+                    new.bias_rho.copy_(moped_rho(module.bias, moped_delta))
     _carry_over(
         module, new, {"weight": ("weight_mu", "weight_rho"), "bias": ("bias_mu", "bias_rho")}
     )
     return new
+
+
+def moped_rho(w: torch.Tensor, delta: float) -> torch.Tensor:
+    """rho with ``softplus(rho) = max(delta * |w|, MOPED_MIN_SIGMA)``, elementwise.
+
+    The MOPED initialisation (Krishnan et al., AAAI 2020) of a posterior whose mean starts
+    at trained weights ``w`` (any shape; the result has ``w``'s shape, dtype and device):
+    each weight's standard deviation is a fraction ``delta`` of its magnitude. Computed in
+    float64 (the inverse softplus ``s + log(-expm1(-s))``, exact for small and large ``s``)
+    and rounded once to ``w``'s dtype.
+    """
+    sigma = (w.detach().to(torch.float64).abs() * delta).clamp_min(MOPED_MIN_SIGMA)
+    return (sigma + torch.log(-torch.expm1(-sigma))).to(w.dtype)
+
+
+def _check_moped_delta(rho_init: object, moped_delta: object) -> float | None:
+    """The MOPED fraction to use (None unless ``rho_init="moped"``), or a ValueError."""
+    if rho_init != "moped" or not isinstance(rho_init, str):
+        if moped_delta is not None:
+            raise ValueError(
+                f"moped_delta={moped_delta!r} is only used with rho_init='moped' (sigma = "
+                f"moped_delta * |w|), got rho_init={rho_init!r}"
+            )
+        return None
+    if moped_delta is None:
+        return MOPED_DEFAULT_DELTA
+    if (
+        isinstance(moped_delta, bool)
+        or not isinstance(moped_delta, numbers.Real)
+        or not math.isfinite(float(moped_delta))
+        or float(moped_delta) <= 0
+    ):
+        raise ValueError(
+            f"moped_delta must be a finite number above 0 (sigma = moped_delta * |w|; "
+            f"{MOPED_DEFAULT_DELTA} when None), got {moped_delta!r}"
+        )
+    return float(moped_delta)
+
+
+def _check_rho_init(rho_init: object) -> None:
+    """A ValueError listing every accepted value if ``rho_init`` is not one of them."""
+    accepted = (
+        "accepted values: a finite number, a (low, high) tuple of two finite numbers, or "
+        "'moped' (sigma = moped_delta * |w|, with init_from_weights=True)"
+    )
+    if isinstance(rho_init, str):
+        if rho_init != "moped":
+            raise ValueError(f"unknown rho_init {rho_init!r}; {accepted}")
+        return
+    try:
+        rho_init_range(rho_init)
+    except ValueError as e:
+        raise ValueError(f"{e}; {accepted}") from None
+
+
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]`` (``""``, the model itself: ``[""]``)."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _covered(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a pattern matches ``name`` or the name of a module that contains it."""
+    return any(fnmatchcase(a, p) for a in _ancestors(name) for p in patterns)
+
+
+def _patterns_or_predicate(
+    kind: str, value: object
+) -> list[str] | Callable[[str, nn.Module], object] | None:
+    """``include``/``exclude`` (``kind``) checked: None, a list of patterns, or a predicate."""
+    if value is None:
+        return None
+    accepted = (
+        f"{kind} must be None, a module-name pattern (str, fnmatch syntax), a list or tuple "
+        "of patterns, or a callable (name, module) -> bool"
+    )
+    if isinstance(value, str):
+        value = [value]
+    elif callable(value) and not isinstance(value, nn.Module):
+        return value
+    if isinstance(value, (bytes, nn.Module)) or not isinstance(value, Sequence):
+        raise TypeError(f"{accepted}, got {type(value).__name__}")
+    patterns = list(value)
+    if not patterns:
+        raise ValueError(
+            f"{kind} is empty: it selects no layer (pass None "
+            + ("to convert every layer)" if kind == "include" else "to exclude none)")
+        )
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{accepted}; the list holds {p!r} ({type(p).__name__})")
+        if not p:
+            raise ValueError(
+                f"{kind} holds an empty pattern, which matches only the model itself; use "
+                "'*' for every layer"
+            )
+    return patterns
+
+
+def _named(module: nn.Module, name: str) -> str:
+    return f"{name or '<model>'} ({type(module).__name__})"
+
+
+def _listing(items: Sequence[str], limit: int = 40) -> str:
+    if not items:
+        return "none"
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class _Selection:
+    """Which layers :func:`bayesianize` converts, given its ``include`` and ``exclude``.
+
+    A layer is converted when it is convertible (exactly ``nn.Linear`` or ``nn.Conv1d/2d/3d``),
+    ``include`` selects it (always, when ``include`` is None) and ``exclude`` does not:
+    exclude wins. A pattern selects a layer when it matches (``fnmatch.fnmatchcase``) the
+    layer's qualified name or that of a module containing it; a predicate is called as
+    ``predicate(name, layer)`` on each convertible layer. A layer used in several places has
+    several names: it is included if any of them is, excluded if any of them is.
+    """
+
+    def __init__(self, model: nn.Module, include: object, exclude: object) -> None:
+        self.include = _patterns_or_predicate("include", include)
+        self.exclude = _patterns_or_predicate("exclude", exclude)
+        self._kept: list[str] | None = None  # _names_kept's cache
+        self._layers: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            if _convertible(m):
+                self._layers.setdefault(id(m), (m, []))[1].append(name)
+        self._candidates = [_named(m, names[0]) for m, names in self._layers.values()]
+        everything = set(self._layers)
+        included = everything if self.include is None else self._select(model, "include")
+        excluded = set() if self.exclude is None else self._select(model, "exclude")
+        chosen = included - excluded
+        if not chosen and (self.include is not None or self.exclude is not None):
+            what = (
+                "every layer bayesianize can convert"
+                if self.include is None
+                else f"every layer include={self._shown(self.include)} selects"
+            )
+            raise ValueError(
+                f"bayesianize: exclude={self._shown(self.exclude)} removes {what} "
+                f"({_listing([self._candidates[i] for i, k in enumerate(self._layers) if k in included])}): "
+                "nothing would be made Bayesian"
+            )
+        self.names = {n for k in chosen for n in self._layers[k][1]}
+        self.ids = chosen
+
+    @staticmethod
+    def _shown(selector: object) -> str:
+        if callable(selector):
+            return str(getattr(selector, "__qualname__", type(selector).__name__))
+        return repr(selector[0] if isinstance(selector, list) and len(selector) == 1 else selector)
+
+    def _select(self, model: nn.Module, kind: str) -> set[int]:
+        selector = self.include if kind == "include" else self.exclude
+        assert selector is not None
+        if callable(selector):
+            chosen = set()
+            for key, (m, names) in self._layers.items():
+                for name in names:
+                    verdict = selector(name, m)
+                    if not _is_bool(verdict):
+                        raise TypeError(
+                            f"bayesianize: the {kind} predicate must return True or False, "
+                            f"got {verdict!r} for layer {name or '<model>'!r}"
+                        )
+                    if verdict:
+                        chosen.add(key)
+            if not chosen:
+                raise ValueError(
+                    f"bayesianize: the {kind} predicate {self._shown(selector)} returned False "
+                    f"for every layer it can convert ({_listing(self._candidates)})"
+                    + (": nothing would be made Bayesian" if kind == "include" else "")
+                )
+            return chosen
+        chosen = set()
+        for pattern in selector:
+            hits = {
+                key
+                for key, (_, names) in self._layers.items()
+                if any(_covered(n, [pattern]) for n in names)
+            }
+            if not hits and not (kind == "exclude" and self._names_kept(model, pattern)):
+                raise ValueError(self._no_match(model, kind, pattern))
+            chosen |= hits
+        return chosen
+
+    def _names_kept(self, model: nn.Module, pattern: str) -> bool:
+        """Whether ``pattern`` covers a weight layer bayesianize cannot convert (an
+        ``nn.Embedding``): excluding it on purpose silences the warning that names it."""
+        if self._kept is None:
+            self._kept = [name for name, _ in _left_deterministic(model)]
+        return any(_covered(name, [pattern]) for name in self._kept)
+
+    def _no_match(self, model: nn.Module, kind: str, pattern: str) -> str:
+        matched = [
+            f"{name or '<model>'} ({type(m).__name__}"
+            + (", already Bayesian)" if isinstance(m, BayesModule) else ")")
+            for name, m in model.named_modules()
+            if fnmatchcase(name, pattern)
+        ]
+        found = (
+            f"; it matches {_listing(matched, 10)}, which is not, and holds no, nn.Linear or "
+            "nn.Conv1d/2d/3d"
+            if matched
+            else f"; it matches no module of {type(model).__name__}"
+        )
+        return (
+            f"bayesianize: {kind} pattern {pattern!r} matches no layer bayesianize converts"
+            f"{found}. The layers it can convert: {_listing(self._candidates)} (patterns are "
+            "fnmatch patterns on the names model.named_modules() gives; a module's name "
+            "selects every layer inside it)"
+        )
+
+    def in_scope(self, name: str) -> bool:
+        """Whether a module that is not convertible, named ``name``, lies where the user
+        asked for Bayesian layers (so that leaving it deterministic deserves a warning)."""
+        if self.include is not None and (
+            callable(self.include) or not _covered(name, self.include)
+        ):
+            return False
+        return not (
+            self.exclude is not None and not callable(self.exclude) and _covered(name, self.exclude)
+        )
+
+    def in_model(self, model: nn.Module) -> Callable[[nn.Module], bool]:
+        """The selection as a test on the modules of ``model`` (the given model, or its deep
+        copy: the same names)."""
+        ids = {id(m) for n, m in model.named_modules(remove_duplicate=False) if n in self.names}
+        return lambda m: id(m) in ids and _convertible(m)
+
+
+def _is_bool(value: object) -> bool:
+    """A Python or NumPy bool (a predicate's answer)."""
+    t = type(value)
+    return t is bool or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
 
 
 def _carry_over(old: nn.Module, new: nn.Module, params: dict[str, tuple[str, ...]]) -> None:
@@ -152,7 +411,7 @@ def _convertible(module: nn.Module) -> bool:
     )
 
 
-def _tied(model: nn.Module) -> list[str]:
+def _tied(model: nn.Module, replaced: Callable[[nn.Module], bool] = _convertible) -> list[str]:
     """``"a.weight = b.weight"`` for each parameter of a layer :func:`bayesianize` converts
     that is also a parameter of another module (weights tied between two modules: each new
     layer gets its own posterior, so the tie is lost)."""
@@ -162,7 +421,7 @@ def _tied(model: nn.Module) -> list[str]:
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     ties = []
     for m in model.modules():
-        if not _convertible(m):
+        if not replaced(m):
             continue
         for p in m.parameters(recurse=False):
             names = owners.get(id(p), [])
@@ -175,59 +434,113 @@ def _tied(model: nn.Module) -> list[str]:
 def bayesianize(
     model: nn.Module,
     *,
+    include: LayerSelector | None = None,
+    exclude: LayerSelector | None = None,
     prior: Prior | None = None,
     estimator: str = "reparam",
     kl: str = "auto",
     init_from_weights: bool = False,
     mu_init: str | tuple[float, float] = "fan_in",
-    rho_init: float | tuple[float, float] = (-5.0, -4.0),
+    rho_init: float | tuple[float, float] | str = (-5.0, -4.0),
+    moped_delta: float | None = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in ``model`` by a Bayesian layer.
+    """Replace the ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers of ``model`` (every one, or
+    those ``include`` / ``exclude`` choose) by Bayesian layers.
 
     Args:
         model: any ``nn.Module`` (the module itself may be a Linear/Conv).
-        prior, estimator, kl, rho_init: passed to every new layer. One prior object is shared
-            by all layers of one dtype (priors hold no trainable state) and converted to it;
-            layers of another dtype (a model with float64 and float16 layers) share a copy of
-            the prior as given, converted to theirs.
+        include: the layers to convert (default: every convertible layer). One module-name
+            pattern or a list of them, matched with ``fnmatch.fnmatchcase`` against the
+            qualified names ``model.named_modules()`` gives (``"head"``, ``"features.0"``,
+            ``"blocks.*.fc"``, ``"[0-2]"``); a pattern matching a module selects every
+            layer inside it (``"head"`` selects ``head.0`` and ``head.2`` of a head
+            ``nn.Sequential``). Or a predicate ``include(name, layer) -> bool``, called on
+            each convertible layer (``lambda name, m: m.out_features == 10``).
+        exclude: the layers to leave deterministic, in the same forms. Exclude wins: a layer
+            is converted when include selects it and exclude does not (``include="blocks",
+            exclude="blocks.0.*"``). A layer used in several places (several names) is
+            included if any of its names is, excluded if any is.
+            Every pattern, and each predicate, must select at least one convertible layer,
+            and together they must leave at least one: otherwise a ``ValueError`` lists the
+            layers that can be converted (a misspelt name must not give a deterministic
+            network, or a fully Bayesian one), and names what a pattern matched instead (an
+            ``nn.Embedding``, a layer already Bayesian). A non-bool predicate answer (a
+            forgotten ``return``) is a ``TypeError``.
+        prior, estimator, kl: passed to every new layer. One prior object is shared by all
+            layers of one dtype (priors hold no trainable state) and converted to it; layers
+            of another dtype (a model with float64 and float16 layers) share a copy of the
+            prior as given, converted to theirs.
         init_from_weights: start mu at the existing weights and biases (fine-tuning a trained
             network); otherwise mu is initialised by ``mu_init`` (default fan-in scaled).
+        rho_init: the posterior's initial rho (sigma = softplus(rho)): a constant, a
+            ``(low, high)`` uniform range (default (-5, -4): sigma of 0.007-0.018), or
+            ``"moped"`` (needs ``init_from_weights=True``): each weight's and bias's sigma is
+            ``moped_delta * |w|`` of its trained value ``w`` (at least
+            :data:`MOPED_MIN_SIGMA` = 1e-8, so that a zero weight gets a finite rho), the
+            MOPED initialisation of Krishnan et al. (AAAI 2020) for fine-tuning a pretrained
+            network. A layer's ``reset_parameters()`` re-draws from the constructor default
+            (-5, -4), as it re-draws mu at random.
+        moped_delta: the fraction of ``rho_init="moped"``, a finite number above 0 (None:
+            0.1, the paper's choice); given with another ``rho_init`` it is a ``ValueError``.
+            (A prior centred on the pretrained weights is not offered: bbb's priors have one
+            scalar location for all weights of a layer.)
         inplace: modify ``model`` instead of a deep copy.
 
     Returns the converted model. Other modules (activations, norms, transposed convs) are kept;
     a warning names every weight layer left deterministic (subclasses of ``nn.Linear`` /
     ``nn.ConvNd`` such as parametrized or lazy layers and attention projections, transposed
-    convolutions, ``nn.Bilinear``, embeddings): their weights get no posterior and no KL. A
-    model with no layer to convert (and none already Bayesian) is an error.
+    convolutions, ``nn.Bilinear``, embeddings) among those ``include`` patterns cover and
+    ``exclude`` patterns do not (none with an ``include`` predicate): their weights get no
+    posterior and no KL. A model with no layer to convert (and none already Bayesian) is an
+    error.
 
     Each new layer keeps the replaced layer's device, dtype and train/eval mode, and a frozen
     weight (or bias) stays frozen: its ``mu`` and ``rho`` get ``requires_grad=False`` (with
-    ``init_from_weights=False`` a warning says its mu then stays at random values). A module
-    used in several places becomes one Bayesian layer used in all of them. What a new module
-    cannot keep is named in a warning: forward/backward hooks registered on a replaced layer
-    (or its parameters), and a weight tied between two modules (each layer gets its own
-    posterior, so they are no longer tied).
+    ``init_from_weights=False`` a warning says its mu then stays at random values). Layers
+    left deterministic keep their parameters, frozen or not (freeze a pretrained body with
+    ``p.requires_grad_(False)`` before or after: the ELBO, ``Trainer``, ``predict``,
+    ``prune_by_snr``, ``save_compact`` and ``to_deterministic`` work on such a partly
+    Bayesian network). A module used in several places becomes one Bayesian layer used in
+    all of them. What a new module cannot keep is named in a warning: forward/backward hooks
+    registered on a replaced layer (or its parameters), and a weight tied between two
+    modules (each layer gets its own posterior, so they are no longer tied).
     """
+    _check_rho_init(rho_init)
+    delta = _check_moped_delta(rho_init, moped_delta)
+    if delta is not None and not init_from_weights:
+        raise ValueError(
+            "rho_init='moped' sets sigma = moped_delta * |w| from the trained weights w and "
+            "needs init_from_weights=True (mu starts at those weights)"
+        )
+    selection = _Selection(model, include, exclude)
+    chosen = selection.in_model(model)
     # before the copy: copy.deepcopy drops the hooks of parameters
-    hooked = _hooked(model, _convertible)
-    tied = _tied(model)
-    buffers = _own_buffers(model, _convertible)
+    hooked = _hooked(model, chosen)
+    tied = _tied(model, chosen)
+    buffers = _own_buffers(model, chosen)
     frozen = [
         name or "<model>"
         for name, m in model.named_modules()
-        if _convertible(m) and not all(p.requires_grad for p in m.parameters(recurse=False))
+        if chosen(m) and not all(p.requires_grad for p in m.parameters(recurse=False))
     ]
     if not inplace:
         model = _copy(model, "bayesianize")
+        chosen = selection.in_model(model)
     kwargs: dict[str, Any] = {
         "estimator": estimator,
         "kl": kl,
         "mu_init": mu_init,
-        "rho_init": rho_init,
+        # moped: drawn from the default range, then replaced (a valid constructor value)
+        "rho_init": (-5.0, -4.0) if delta is not None else rho_init,
     }
-    model = _convert(model, kwargs, init_from_weights, _PriorPerDtype(prior))
-    kept = [_describe(name, m) for name, m in _left_deterministic(model)]
+    model = _convert(model, kwargs, init_from_weights, _PriorPerDtype(prior), chosen, delta)
+    # (a convertible layer left deterministic was left so by include/exclude: on purpose)
+    kept = [
+        _describe(name, m)
+        for name, m in _left_deterministic(model)
+        if not _convertible(m) and selection.in_scope(name)
+    ]
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
         raise ValueError(
@@ -242,7 +555,12 @@ def bayesianize(
             "converts exactly nn.Linear and nn.Conv1d/2d/3d (not their subclasses, transposed "
             "or parametrized versions, recurrent layers, attention's own projections or "
             "parameters of other modules; normalisation layers are kept on purpose); these "
-            "weights get no posterior and no KL",
+            "weights get no posterior and no KL"
+            + (
+                " (exclude= silences this for the layers you leave deterministic on purpose)"
+                if selection.include is None
+                else ""
+            ),
             UserWarning,
             stacklevel=2,
         )
@@ -258,6 +576,15 @@ def bayesianize(
             stacklevel=2,
         )
     return model
+
+
+def convertible_layers(model: nn.Module) -> list[str]:
+    """The qualified names (as ``model.named_modules()`` gives them; ``""`` for the model
+    itself) of the layers :func:`bayesianize` can convert, in registration order: what its
+    ``include`` / ``exclude`` choose among. The last one is often the output layer
+    (``bayesianize(model, include=convertible_layers(model)[-1])`` for a Bayesian last
+    layer), but registration order need not be the order of the forward pass: check it."""
+    return [name for name, m in model.named_modules() if _convertible(m)]
 
 
 def _own_buffers(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str]:
@@ -394,12 +721,21 @@ def _convert(
     kwargs: dict[str, Any],
     init_from_weights: bool,
     prior_for: _PriorPerDtype,
+    chosen: Callable[[nn.Module], bool] = _convertible,
+    moped_delta: float | None = None,
 ) -> nn.Module:
-    """``model`` with its convertible layers replaced (``model`` itself when it is one)."""
-    top = _bayes_for(model, kwargs, init_from_weights, prior_for)
+    """``model`` with its layers that ``chosen`` selects replaced (``model`` itself when it
+    is one)."""
+
+    def make(m: nn.Module) -> nn.Module | None:
+        if not chosen(m):
+            return None
+        return _bayes_for(m, kwargs, init_from_weights, prior_for, moped_delta)
+
+    top = make(model)
     if top is not None:
         return top
-    _replace_layers(model, lambda m: _bayes_for(m, kwargs, init_from_weights, prior_for))
+    _replace_layers(model, make)
     return model
 
 
