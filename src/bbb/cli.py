@@ -675,8 +675,28 @@ def _evaluate(
             "mean_total_variance": float(pred.variance.mean()) * s2,
             "mean_aleatoric_variance": float(pred.aleatoric.mean()) * s2,
             "mean_epistemic_variance": float(pred.epistemic.mean()) * s2,
+            # calibration of the same predictions against their targets (the split's first
+            # examples too): coverage of the central intervals, calibration error, CRPS
+            **_regression_calibration(pred, ds.tensors[1][: x.shape[0]], data.y_std),
         }
     return result
+
+
+def _regression_calibration(pred: Any, target: Any, y_scale: float) -> dict[str, float]:
+    """:func:`bbb.metrics.regression_calibration_report` of a regression run's predictions
+    (normalised units) and targets: coverage of the central 50/80/90/95/99% predictive
+    intervals, mean absolute and root-mean-square deviation of the calibration curve (all
+    fractions) and the CRPS in the targets' original units (``y_scale``). NaN for each (null
+    in the result file) where a prediction is not finite (an overflowed noise variance)."""
+    import torch
+
+    from .metrics import DEFAULT_COVERAGE_LEVELS, regression_calibration_report
+
+    means, variances = pred.sample_means, pred.sample_variances
+    if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
+        keys = [f"coverage_{100 * a:g}" for a in DEFAULT_COVERAGE_LEVELS]
+        return dict.fromkeys([*keys, "calibration_error", "calibration_rmse", "crps"], math.nan)
+    return regression_calibration_report(means, variances, target.to(means.device), y_scale=y_scale)
 
 
 _UNCERTAINTY_EXAMPLES = 2000
