@@ -104,6 +104,16 @@ def test_convertible_layers_lists_the_names_include_takes() -> None:
     assert bayesian_names(quiet_bayesianize(model, include=last)) == ["3"]
 
 
+def test_inplace_and_a_model_that_is_itself_a_layer() -> None:
+    model = mlp()
+    body0 = model.body[0]
+    out = quiet_bayesianize(model, include="head", inplace=True)
+    assert out is model and isinstance(model.head, bbb.BayesLinear) and model.body[0] is body0
+    assert isinstance(quiet_bayesianize(nn.Linear(2, 2), include="*"), bbb.BayesLinear)
+    with pytest.raises(ValueError, match=r"can convert: <model> \(Linear\)"):
+        bbb.bayesianize(nn.Linear(2, 2), include="head")
+
+
 def test_a_layer_used_in_two_places_is_selected_by_either_name() -> None:
     shared = nn.Linear(3, 3)
     model = nn.Sequential(OrderedDict(a=shared, act=nn.ReLU(), b=shared, out=nn.Linear(3, 2)))
@@ -270,7 +280,7 @@ def test_elbo_kl_and_sampling_checks_on_a_frozen_partial_model() -> None:
     assert isinstance(head, bbb.BayesModule)
     # the network's KL is the head's (the body has none)
     assert torch.equal(bbb.kl_divergence(model), head.kl())
-    assert float(result.kl) == pytest.approx(float(head.kl()), rel=1e-6)
+    assert float(result.kl.detach()) == pytest.approx(float(head.kl().detach()), rel=1e-6)
     with bbb.sampling(model, "mean"), pytest.warns(RuntimeWarning, match="sampling mode 'mean'"):
         bbb.ELBO(bbb.Categorical(), len(x))(model, x, y)
 
