@@ -19,8 +19,8 @@ with every number printed, and ``finetune/`` (the Trainer run directory).
 
 Usage::
 
-    python examples/bayesian_last_layer.py                       # MNIST if found, ~20 s
-    python examples/bayesian_last_layer.py --data synthetic      # ~5 s
+    python examples/bayesian_last_layer.py                       # MNIST if found, ~15 s
+    python examples/bayesian_last_layer.py --data synthetic      # ~10 s
     python examples/bayesian_last_layer.py --data synthetic --n-train 500 --pretrain-epochs 5 \\
         --finetune-epochs 2 --samples 5 --out /tmp/bll
 """
