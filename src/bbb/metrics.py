@@ -708,12 +708,11 @@ def _regression_inputs(
     call form (tensors, or a :class:`bbb.RegressionPrediction` and the targets)."""
     means_in, vars_in, target_in = _report_inputs(means, vars, target, fn=fn)
     mu, var, y = _check_mixture(means_in, vars_in, target_in)
-    if y.device != mu.device or var.device != mu.device:
-        raise ValueError(
-            f"{fn}: means, vars and target must be on one device, got {mu.device}, "
-            f"{var.device} and {y.device}"
-        )
-    return mu, var, y
+    if var.device != mu.device:
+        raise ValueError(f"{fn}: vars is on {var.device} but means is on {mu.device}")
+    # targets on the CPU, predictions on the model's device: moved, as
+    # RegressionPrediction.log_prob does
+    return mu, var, y.to(mu.device)
 
 
 def _check_probability_levels(levels: object, name: str, *, sort: bool) -> Tensor:
