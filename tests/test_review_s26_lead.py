@@ -1,5 +1,8 @@
 """Session 26, the lead's own fixes (issue 4).
 
+- ``evaluate`` (and so the Trainer's validation) restores each submodule's own train/eval mode,
+  and ``Trainer.fit`` keeps in eval mode the submodules the user put there (a frozen body's
+  BatchNorm) while training the rest; a model wholly in eval mode still trains in training mode.
 - ``wrap_elbo`` passes DistributedDataParallel's options through (``static_graph=True`` and the
   like; the two-rank check that it reaches DDP and keeps the ranks in step is
   ``test_review_s25_fsdp.py::test_ddp_static_graph_keeps_the_ranks_in_step[static-wrap]``) and
@@ -9,9 +12,12 @@
 from __future__ import annotations
 
 import pytest
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bbb
+from bbb.train import Trainer, evaluate
 from bbb.train import distributed as D
 
 
@@ -23,3 +29,65 @@ def test_wrap_elbo_refuses_the_ddp_options_it_sets_itself(option: str) -> None:
     elbo = bbb.ELBO(bbb.Categorical(), dataset_size=10)
     with pytest.raises(TypeError, match=f"wrap_elbo sets {option} itself"):
         D.wrap_elbo(model, elbo, **{option: None})
+
+
+# --- the Trainer and evaluate() keep the eval mode of submodules the user set -------------
+
+
+def _bn_body_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), bbb.BayesLinear(8, 3))
+
+
+def _loader() -> DataLoader[tuple[Tensor, ...]]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 4, generator=g) * 3 + 1  # far from BatchNorm's initial statistics
+    y = torch.randint(0, 3, (32,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_evaluate_restores_each_submodules_own_mode() -> None:
+    model = _bn_body_model()
+    model[1].eval()  # the user's choice: a frozen BatchNorm
+    evaluate(model, _loader(), bbb.Categorical(), num_samples=2)
+    # before: model.train(was_training) put the BatchNorm back in training mode
+    assert model.training and not model[1].training and model[3].training
+
+
+@pytest.mark.parametrize("body_eval", [True, False])
+def test_a_body_put_in_eval_mode_stays_there_while_the_trainer_trains(body_eval: bool) -> None:
+    model = _bn_body_model()
+    for p in [*model[0].parameters(), *model[1].parameters()]:
+        p.requires_grad_(False)
+    if body_eval:
+        model[1].eval()
+    before = model[1].running_mean.clone()
+    loader = _loader()
+    head = [p for p in model.parameters() if p.requires_grad]
+    elbo = bbb.ELBO(bbb.Categorical(), dataset_size=len(loader.dataset))  # type: ignore[arg-type]
+    opt = torch.optim.Adam(head, lr=1e-2)
+    mu_before = model[3].weight_mu.detach().clone()
+    trainer = Trainer(
+        model, elbo, opt, loader, val_loader=loader, epochs=2, log=None, progress=False
+    )
+    trainer.fit()
+    assert not torch.equal(model[3].weight_mu, mu_before)  # the head trained
+    if body_eval:
+        # before: fit() called model.train() every epoch, and the frozen body's running
+        # statistics moved towards the training batches'
+        assert torch.equal(model[1].running_mean, before)
+        assert not model[1].training and model.training
+    else:  # a model left in training mode throughout trains its BatchNorm, as before
+        assert not torch.equal(model[1].running_mean, before)
+        assert model[1].training
+
+
+def test_a_model_wholly_in_eval_mode_still_trains_in_training_mode() -> None:
+    model = _bn_body_model()
+    model.eval()  # e.g. left so by a prediction before training
+    before = model[1].running_mean.clone()
+    loader = _loader()
+    elbo = bbb.ELBO(bbb.Categorical(), dataset_size=len(loader.dataset))  # type: ignore[arg-type]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    Trainer(model, elbo, opt, loader, epochs=1, log=None, progress=False).fit()
+    assert not torch.equal(model[1].running_mean, before)

@@ -297,6 +297,18 @@ def _check_evaluable(likelihood: Likelihood, who: str, hint: str = "") -> None:
         )
 
 
+def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every submodule's train/eval flag (``model`` included)."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
+    """Set each module's flag back as :func:`_training_modes` read it: ``model.train(flag)``
+    would give every submodule the root's, undoing a ``body.eval()`` of the user's."""
+    for module, training in modes.items():
+        module.training = training
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -323,7 +335,7 @@ def evaluate(
     """
     _check_evaluable(likelihood, "evaluate")
     device = torch.device(device)
-    was_training = model.training
+    modes = _training_modes(model)
     model.eval()
     try:
         if isinstance(likelihood, Categorical):
@@ -359,7 +371,8 @@ def evaluate(
         report["nll"] = -report["log_likelihood"]
         return report
     finally:
-        model.train(was_training)
+        # each submodule's own mode: a frozen body the user put in eval mode stays in it
+        _restore_training_modes(modes)
 
 
 class Trainer:
@@ -430,6 +443,11 @@ class Trainer:
             process; raise :class:`StopTraining` from it to end training there (e.g. a pruned
             hyper-parameter trial). Under ``torch.distributed`` a stop raised on any rank
             stops every rank after that epoch.
+
+    Train/eval modes: each epoch puts the model in training mode, except the submodules that
+    were in eval mode when ``fit()`` was called on a model in training mode (a frozen body's
+    BatchNorm or a Dropout the user switched off: ``model.body.eval()`` before ``fit()``), which
+    stay in eval mode; validation restores each submodule's own mode afterwards.
 
     ``metrics.jsonl`` (and ``trainer.history``) holds one row per epoch: ``epoch``; the
     epoch's training means over its examples (each minibatch weighted by its size) ``loss``
@@ -550,6 +568,8 @@ class Trainer:
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self.epoch = 0
+        # submodules kept in eval mode during training (set by fit())
+        self._kept_in_eval: list[nn.Module] = []
         self._check_epoch_plan()
         self._warn_one_cycle_per_epoch()
         self._run_lock: RunLock | None = None
@@ -932,6 +952,8 @@ class Trainer:
 
     def _train_epoch_scoped(self) -> dict[str, float]:
         self.model.train()
+        for module in self._kept_in_eval:  # see fit(): put in eval mode by the user
+            module.eval()
         self.elbo.train()
         sampler = _epoch_sampler(self.train_loader)
         if sampler is not None and self._steps_per_epoch is None:
@@ -1249,6 +1271,12 @@ class Trainer:
             self._check_continuation(overwrite)
             # the loader or the ELBO's dataset_size may have changed since (a new round)
             _warn_dataset_size(self.train_loader, self.elbo)
+        # A model in training mode whose submodules the user put in eval mode (a frozen
+        # body's BatchNorm, a Dropout switched off) keeps them there in every epoch; a model
+        # wholly in eval mode (left so by a prediction) trains in training mode, as before.
+        self._kept_in_eval = (
+            [m for m in self.model.modules() if not m.training] if self.model.training else []
+        )
         try:
             if self.distributed:  # rank 0 reads the run directory; every rank gets its content
                 loaded = _dist.on_main(
