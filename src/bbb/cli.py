@@ -690,11 +690,11 @@ def _regression_calibration(pred: Any, target: Any, y_scale: float) -> dict[str,
     in the result file) where a prediction is not finite (an overflowed noise variance)."""
     import torch
 
-    from .metrics import DEFAULT_COVERAGE_LEVELS, regression_calibration_report
+    from .metrics import DEFAULT_COVERAGE_LEVELS, _level_key, regression_calibration_report
 
     means, variances = pred.sample_means, pred.sample_variances
     if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
-        keys = [f"coverage_{100 * a:g}" for a in DEFAULT_COVERAGE_LEVELS]
+        keys = [_level_key("coverage", a) for a in DEFAULT_COVERAGE_LEVELS]
         return dict.fromkeys([*keys, "calibration_error", "calibration_rmse", "crps"], math.nan)
     return regression_calibration_report(means, variances, target.to(means.device), y_scale=y_scale)
 

@@ -968,7 +968,8 @@ def interval_coverage(
     """Coverage of the central predictive intervals at the nominal ``levels``.
 
     Uses the exact quantiles of the mixture predictive (:meth:`bbb.RegressionPrediction.
-    quantiles` with ``method="exact"``), not Monte-Carlo draws. Multi-output targets: every
+    quantiles` with ``method="exact"``), not Monte-Carlo draws: O(S B D) work per level and
+    root-finding iteration (5 levels, S = 100, B = 2000, D = 1: under 2 s on one CPU core). Multi-output targets: every
     output dimension has its own marginal interval; ``coverage`` pools the ``B * D``
     (example, output) pairs and ``coverage_per_output`` keeps them apart. For a calibrated
     predictive ``coverage_per_output[l, d]`` is within a few :meth:`IntervalCoverage.
@@ -1162,7 +1163,7 @@ def crps(
 
     ``A(m, v) = E|N(m, v)|``. The pair term costs O(S^2 B D) time; the examples are processed
     in chunks so that memory stays at about 2^22 float64 values per work array whatever
-    B (S = 100 and B = 10^4 take about a second on one CPU core). Lower is better; for S = 1
+    B (S = 100, B = 2000, D = 1: about 1 s on one CPU core; the time grows as S^2 B D). Lower is better; for S = 1
     it is the Gaussian CRPS ``sd (z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi))``.
 
     Two call forms, as :func:`regression_report`.
