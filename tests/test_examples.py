@@ -31,6 +31,7 @@ NAMES = (
     "heteroscedastic_regression",
     "bayesianize_existing_model",
     "active_learning",
+    "bayesian_last_layer",
 )
 
 

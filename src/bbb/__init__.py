@@ -7,7 +7,7 @@ minibatch ELBO, and predictive uncertainty tools. Everything public is re-export
 
 from . import data, metrics, train
 from .allocator import tune_allocator
-from .convert import bayesianize, to_deterministic
+from .convert import bayesianize, convertible_layers, to_deterministic
 from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
 from .kernels import KERNEL_BACKENDS, get_kernels, set_kernels, use_kernels
 from .kl import KL_MODES, closed_form_kl, has_closed_form
@@ -74,6 +74,7 @@ __all__ = [
     "bayesianize",
     "blundell_weight",
     "closed_form_kl",
+    "convertible_layers",
     "data",
     "get_kernels",
     "has_closed_form",
