@@ -91,3 +91,72 @@ def test_a_model_wholly_in_eval_mode_still_trains_in_training_mode() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     Trainer(model, elbo, opt, loader, epochs=1, log=None, progress=False).fit()
     assert not torch.equal(model[1].running_mean, before)
+
+
+# --- ELBO(shared_prefix=True): the layers before the first Bayesian layer run once ---------
+
+
+class _CountRows(nn.Module):
+    """Identity that records the rows of every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows.append(x.shape[0])
+        return x
+
+
+def _head_model(estimator: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), _CountRows(), bbb.BayesLinear(16, 3, estimator=estimator)
+    )
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_shared_prefix_gives_the_same_loss_and_gradients_with_the_body_run_once(
+    estimator: str,
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+    results = []
+    for shared in (False, True):
+        model = _head_model(estimator)
+        elbo = bbb.ELBO(bbb.Categorical(), dataset_size=60, num_samples=4, shared_prefix=shared)
+        torch.manual_seed(1)  # the same weight noise: its shapes do not depend on the option
+        out = elbo(model, x, y)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+        results.append((out.loss.detach(), grads, model[2].rows))
+    (loss0, grads0, rows0), (loss1, grads1, rows1) = results
+    assert rows0 == [24] and rows1 == [6]  # the body saw S * B rows before, B now
+    # the same arithmetic on the same values but for the body's matrix products on 6 rows
+    # instead of 24 copies (float32 rounding of a different blocking at most)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prefix_refuses_a_model_that_reshapes_its_rows() -> None:
+    class Flatten(nn.Module):  # (B, T, d) -> (B * T, d): a sequence flattened into rows
+        def forward(self, x: Tensor) -> Tensor:
+            return x.reshape(-1, x.shape[-1])
+
+    model = nn.Sequential(Flatten(), bbb.BayesLinear(4, 2))
+    x = torch.randn(3, 5, 4)
+    with (
+        pytest.raises(ValueError, match=r"received 15 rows .* expected 3 .* or 6"),
+        bbb.vectorized_samples(model, 2, batch_size=3),
+    ):
+        model(x)
+    # the layers' state is restored after the error: an ordinary pass works
+    assert model[1]._prefix_rows is None and model[1].num_samples == 1
+    assert model(x).shape == (15, 2)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_shared_prefix_must_be_a_bool(bad: object) -> None:
+    with pytest.raises(TypeError, match="shared_prefix must be True or False"):
+        bbb.ELBO(bbb.Categorical(), dataset_size=10, shared_prefix=bad)  # type: ignore[arg-type]

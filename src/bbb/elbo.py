@@ -248,6 +248,15 @@ class ELBO(nn.Module):
             faster (the same as ``linear_annealing(warmup * k)`` with k = 1). Either way,
             divide each minibatch's loss by k before ``backward()`` so that the accumulated
             gradient is that of the mean loss.
+        shared_prefix: with S > 1, call the model on the B inputs themselves and let each
+            Bayesian layer make the S copies of what it receives
+            (``vectorized_samples(..., batch_size=B)``): the deterministic layers before the
+            first Bayesian layer (a frozen feature extractor under a Bayesian head) then run
+            once per example, not S times. The loss is the same up to rounding, as long as
+            nothing before the first Bayesian layer is random (dropout in training mode is then
+            shared by the S samples) and no skip connection goes around it (a shape error).
+            Off by default (the copies are made at the input, as before). Not used on the path
+            that runs one pass per sample (batch-norm layers in training mode).
 
     Call ``elbo(model, x, y, batch_index=i, num_batches=M)``; ``batch_index``/``num_batches``
     are required for ``"blundell"`` only. The inputs ``x`` are not scanned for NaN or Inf (a
@@ -271,6 +280,7 @@ class ELBO(nn.Module):
         kl_weighting: str = "uniform",
         kl_scale: float | Callable[[int], float] = 1.0,
         accumulation_steps: int = 1,
+        shared_prefix: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(likelihood, Likelihood):
@@ -284,6 +294,7 @@ class ELBO(nn.Module):
         self.accumulation_steps = accumulation_steps
         self.kl_weighting = kl_weighting
         self.kl_scale = kl_scale
+        self.shared_prefix = shared_prefix
         # Data-parallel replicas whose gradients are averaged (set by
         # bbb.train.distributed.wrap_elbo; a Trainer sets it for the duration of each of its
         # training epochs, and restores it after): the "blundell" weight divides by the
@@ -318,6 +329,18 @@ class ELBO(nn.Module):
     @num_samples.setter
     def num_samples(self, value: int) -> None:
         self._num_samples = _positive_int("num_samples", value)
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether the layers before the first Bayesian layer run once per example (see the
+        class docstring)."""
+        return self._shared_prefix
+
+    @shared_prefix.setter
+    def shared_prefix(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"shared_prefix must be True or False, got {value!r}")
+        self._shared_prefix = value
 
     @property
     def accumulation_steps(self) -> int:
@@ -436,8 +459,9 @@ class ELBO(nn.Module):
             out = torch.stack(outs)
             kl = torch.stack(kls).mean()
         else:
-            with vectorized_samples(model, s):
-                out = _model_output(model(repeat_samples(x, s)), s * b)
+            shared = self._shared_prefix and s > 1
+            with vectorized_samples(model, s, batch_size=b if shared else None):
+                out = _model_output(model(x if shared else repeat_samples(x, s)), s * b)
                 out = out.reshape(s, b, *out.shape[1:])
                 _check_unsharded(model)
                 kl = kl_divergence(model)
@@ -456,6 +480,8 @@ class ELBO(nn.Module):
             if self.accumulation_steps == 1
             else f", accumulation_steps={self.accumulation_steps}"
         )
+        if self._shared_prefix:
+            acc += ", shared_prefix=True"
         return (
             f"dataset_size={self.dataset_size}, num_samples={self.num_samples}, "
             f"kl_weighting={self.kl_weighting!r}{acc}"

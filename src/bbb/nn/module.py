@@ -42,6 +42,7 @@ from .. import kl as _kl
 from ..priors import GaussianPrior, Prior
 from . import estimators as est
 from . import noise as _rand
+from .stacking import repeat_samples
 
 __all__ = [
     "BayesModule",
@@ -210,6 +211,9 @@ class BayesModule(nn.Module):
     bias_rho: nn.Parameter | None
     weight_mask: Tensor | None
     prior: Prior
+    # inside vectorized_samples(model, S, batch_size=B): the B of the model's input, whose
+    # rows a layer receiving exactly B of them repeats S times itself (see forward)
+    _prefix_rows: int | None = None
 
     def _init_posterior(
         self,
@@ -475,6 +479,20 @@ class BayesModule(nn.Module):
                 "the model (model.to(dtype))"
             )
         num_samples = self.num_samples
+        rows = self._prefix_rows
+        if rows is not None and num_samples > 1 and x.shape[0] != rows * num_samples:
+            # vectorized_samples(..., batch_size=B): the model was called on the B inputs
+            # themselves, so the layers before this one ran once per example; the S copies
+            # start here (marked identical: local/flipout compute their shared part once)
+            if x.shape[0] != rows:
+                raise ValueError(
+                    f"{type(self).__name__}: received {x.shape[0]} rows inside "
+                    f"vectorized_samples(..., batch_size={rows}) with num_samples={num_samples}: "
+                    f"expected {rows} (the batch, repeated here) or {rows * num_samples} (its "
+                    "copies); a model that reshapes its rows (sequences flattened into the "
+                    "batch) needs the copies from its input: leave shared_prefix off"
+                )
+            x = repeat_samples(x, num_samples)
         if num_samples > 1 and x.shape[0] % num_samples != 0:
             raise ValueError(
                 f"{type(self).__name__}: batch of {x.shape[0]} rows is not a multiple of "
@@ -1089,7 +1107,7 @@ def _shared_weight_samples(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def vectorized_samples(
-    model: nn.Module, num_samples: int
+    model: nn.Module, num_samples: int, *, batch_size: int | None = None
 ) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: Bayesian layers treat their input as ``num_samples`` stacked copies.
 
@@ -1101,22 +1119,39 @@ def vectorized_samples(
     input (a local or flipout layer that receives it then computes what all samples share
     once per example: :mod:`bbb.nn.stacking`). A model without Bayesian layers gets a
     warning (its S copies would be identical), except from bbb's own callers.
+
+    ``batch_size=B`` allows calling the model on the B inputs themselves, (B, ...): a
+    Bayesian layer that receives exactly B rows repeats them S times (as
+    ``repeat_samples``), so the deterministic layers before the first Bayesian layer run once
+    per example instead of once per weight sample (a frozen feature extractor under a
+    Bayesian head: S times less work there). The model must not combine a tensor from before
+    a Bayesian layer with one from after it (a skip connection around the first Bayesian
+    layer: a shape error for B > 1), and randomness before it (dropout in training mode) is
+    shared by the S samples. A Bayesian layer receiving neither B nor S * B rows is an error.
     """
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if not _has_bayes(model):
         _warn_no_layers(model, f"vectorized_samples(model, {num_samples!r})")
-    return _vectorized_samples(model, int(num_samples))
+    return _vectorized_samples(
+        model, int(num_samples), None if batch_size is None else int(batch_size)
+    )
 
 
 @contextlib.contextmanager
-def _vectorized_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
+def _vectorized_samples(
+    model: nn.Module, num_samples: int, batch_size: int | None = None
+) -> Iterator[nn.Module]:
     layers = list(bayes_modules(model))
-    previous = [m.num_samples for m in layers]
+    previous = [(m.num_samples, m._prefix_rows) for m in layers]
     try:
         for m in layers:
             m.num_samples = num_samples
+            m._prefix_rows = batch_size
         yield model
     finally:
-        for m, p in zip(layers, previous, strict=True):
-            m.num_samples = p
+        for m, (n, rows) in zip(layers, previous, strict=True):
+            m.num_samples = n
+            m._prefix_rows = rows
