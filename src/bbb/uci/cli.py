@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import ConfigError, TrainConfig
 from ..data.uci import UCIDataset, count_splits, dataset_name, find_uci_datasets
-from .published import format_table
+from .published import format_calibration_table, format_table
 from .run import resolve_uci_root, run_all, run_uci
 from .settings import (
     SearchSpace,
@@ -191,6 +191,8 @@ def main_uci(args: Any) -> int:
             log=log,
         )
         print(format_table(results), end="")
+        print()
+        print(format_calibration_table(results), end="")
         print(f"written: {out / 'table.md'}")
         return 0
     if args.path is None:
@@ -210,5 +212,7 @@ def main_uci(args: Any) -> int:
         log=log,
     )
     print(format_table([metrics]), end="")
+    print()
+    print(format_calibration_table([metrics]), end="")
     print(f"run directory: {out}")
     return 0

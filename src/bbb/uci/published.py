@@ -110,3 +110,72 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: Columns of :func:`format_calibration_table`: (header, key in a data set's
+#: ``metrics["calibration"]`` without ``_mean``/``_se``, formatting).
+CALIBRATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("50% coverage", "coverage_50", "fraction"),
+    ("90% coverage", "coverage_90", "fraction"),
+    ("95% coverage", "coverage_95", "fraction"),
+    ("95% width", "width_95", "units"),
+    ("calibration error", "calibration_error", "fraction"),
+    ("CRPS", "crps", "units"),
+)
+
+
+def _pm_significant(mean: float | None, se: float | None, kind: str) -> str:
+    """``mean ± se``: fractions with 3 decimals; quantities in original units with 3
+    significant digits of the mean and the same decimals for the SE; ``-`` for no value."""
+    if mean is None:
+        return "-"
+    if kind == "fraction" or not math.isfinite(mean) or mean == 0.0:
+        digits = 3
+    else:
+        digits = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
+    text = f"{mean:.{digits}f}"
+    return text if se is None else f"{text} ± {se:.{digits}f}"
+
+
+def format_calibration_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the test predictive's calibration per data set (mean ± SE over splits).
+
+    Columns: the test coverage of the central 50%, 90% and 95% predictive intervals (a
+    calibrated predictive gives 0.50, 0.90, 0.95; below: over-confident, too narrow), the
+    mean width of the 95% interval and the CRPS (original units of the target), and the
+    calibration error (mean absolute deviation of the Kuleshov calibration curve from the
+    diagonal). ``results`` are `run_uci` metrics; their ``calibration`` entry is
+    `bbb.uci.report.summarize_calibration`'s. The splits column reads ``k of n`` when only k
+    of the n splits have calibration records (a run resumed from splits recorded before they
+    existed), and a note under the table names the others; a result without a
+    ``calibration`` entry (an older ``metrics.json``) gets ``-`` throughout.
+    """
+    head = ["data set", "splits", *(h for h, _, _ in CALIBRATION_COLUMNS)]
+    lines = [
+        "Calibration of the test predictive (mean ± SE over splits; 95% width and CRPS in "
+        "original units):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+    ]
+    notes = []
+    for m in results:
+        cal = m.get("calibration") or {}
+        n_total = m["n_splits"]
+        n_cal = int(cal.get("n_splits", 0))
+        splits = str(n_total) if n_cal == n_total else f"{n_cal} of {n_total}"
+        cols = [
+            _pm_significant(cal.get(f"{key}_mean"), cal.get(f"{key}_se"), kind)
+            for _, key, kind in CALIBRATION_COLUMNS
+        ]
+        lines.append("| " + " | ".join([m["dataset"], splits, *cols]) + " |")
+        if not cal:
+            notes.append(f"{m['dataset']}: no calibration metrics (results of an older version)")
+        elif cal.get("missing_splits"):
+            notes.append(
+                f"{m['dataset']}: splits {cal['missing_splits']} were recorded before the "
+                "calibration metrics existed (not counted)"
+            )
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,34 @@ from .published import published_row, standard_error
 
 SPLIT_FIELDS = ("split", "rmse", "ll", "epochs", "seconds")
 
+#: Nominal levels of the central predictive intervals whose test coverage and mean width each
+#: split records (`bbb.metrics.DEFAULT_COVERAGE_LEVELS`).
+CALIBRATION_LEVELS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def coverage_key(level: float) -> str:
+    """Record key of the test coverage at nominal ``level``: ``coverage_95`` for 0.95."""
+    return f"coverage_{round(100.0 * level, 6):g}"
+
+
+def width_key(level: float) -> str:
+    """Record key of the mean central-interval width at ``level`` (original units):
+    ``width_95`` for 0.95."""
+    return f"width_{round(100.0 * level, 6):g}"
+
+
+#: A split record's calibration fields (`bbb.uci.train.calibration_metrics`), in CSV order:
+#: coverage fractions, mean interval widths (original units), the calibration curve's mean
+#: absolute and root-mean-square deviation (fractions), CRPS (original units). A record
+#: written before these existed lacks them (None in ``metrics.json``, blank in the CSV).
+CALIBRATION_FIELDS: tuple[str, ...] = (
+    *(coverage_key(a) for a in CALIBRATION_LEVELS),
+    *(width_key(a) for a in CALIBRATION_LEVELS),
+    "calibration_error",
+    "calibration_rmse",
+    "crps",
+)
+
 
 def _split_path(out: Path, split: int) -> Path:
     return out / "splits" / f"split_{split}.json"
@@ -44,6 +72,9 @@ def _load_records(out: Path) -> dict[int, dict[str, Any]]:
                 for key in ("rmse", "ll"):
                     if key in rec and rec[key] is None:
                         rec[key] = math.nan
+                for key in CALIBRATION_FIELDS:
+                    if key in rec and rec[key] is None:
+                        rec[key] = math.nan  # present but non-finite, unlike a missing key
             problem = _record_problem(rec, int(name.group(1)))
             if problem is not None:
                 raise ConfigError(
@@ -75,7 +106,17 @@ def _record_problem(rec: Any, index: int) -> str | None:
         return f"epochs is {rec['epochs']!r}, not an integer"
     if not isinstance(rec["settings"], dict):
         return f"settings is {rec['settings']!r}, not an object"
+    for key in CALIBRATION_FIELDS:  # optional: records written before they existed lack them
+        value = rec.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is {value!r}, not a number"
     return None
+
+
+def has_calibration(rec: dict[str, Any]) -> bool:
+    """Whether a split record holds every calibration field (one written before they
+    existed, by an earlier version of the engine, holds none)."""
+    return all(k in rec for k in CALIBRATION_FIELDS)
 
 
 def _comparable(value: Any, key: str) -> Any:
@@ -95,9 +136,12 @@ def _chosen(cfg: TrainConfig, keys: Sequence[str]) -> dict[str, Any]:
 def _write_csv(path: Path, rows: list[dict[str, Any]], extra: Sequence[str]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*SPLIT_FIELDS, "noise_std", *extra])
+    # the calibration columns come last: the earlier columns keep their positions
+    writer.writerow([*SPLIT_FIELDS, "noise_std", *extra, *CALIBRATION_FIELDS])
     for r in rows:
         noise = "" if r.get("noise_std") is None else f"{r['noise_std']:.6g}"
+        # blank: a split recorded before the calibration fields existed
+        calibration = ["" if r.get(k) is None else f"{r[k]:.6g}" for k in CALIBRATION_FIELDS]
         writer.writerow(
             [
                 r["split"],
@@ -107,6 +151,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], extra: Sequence[str]) -> 
                 f"{r['seconds']:.2f}",
                 noise,
                 *(r["settings"].get(k, "") for k in extra),
+                *calibration,
             ]
         )
     atomic_write_text(path, buf.getvalue())
@@ -168,3 +213,33 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ll_mean": sum(ll) / n,
         "ll_se": standard_error(ll),
     }
+
+
+def summarize_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and standard errors over splits of every calibration field.
+
+    Only the splits whose records hold the calibration fields count (a run resumed from
+    splits written by an earlier engine version lacks them for those splits): ``n_splits``
+    says how many, ``missing_splits`` lists the others. For each field ``f`` of
+    :data:`CALIBRATION_FIELDS`: ``f_mean`` and ``f_se`` (``std / sqrt(n)``, ddof=1; None for
+    fewer than 2 splits; both None when no split has the field). ``levels``: the nominal
+    interval levels; ``units``: what each field measures.
+    """
+    have = [r for r in rows if has_calibration(r)]
+    out: dict[str, Any] = {
+        "n_splits": len(have),
+        "missing_splits": [r["split"] for r in rows if not has_calibration(r)],
+        "levels": list(CALIBRATION_LEVELS),
+    }
+    for key in CALIBRATION_FIELDS:
+        values = [float(r[key]) for r in have]
+        out[f"{key}_mean"] = sum(values) / len(values) if values else None
+        out[f"{key}_se"] = standard_error(values)
+    out["units"] = (
+        "coverage_<100a>: fraction of test targets inside the central a-interval of the "
+        "mixture predictive (exact quantiles); width_<100a>: its mean width, original units; "
+        "calibration_error / calibration_rmse: mean absolute / root-mean-square deviation of "
+        "the calibration curve (Kuleshov et al. 2018; 99-point grid) from the diagonal, "
+        "fractions; crps: mean CRPS, original units; se = sample std (ddof=1) / sqrt(n_splits)"
+    )
+    return out

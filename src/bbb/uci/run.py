@@ -17,8 +17,9 @@ from ..data.checksums import MissingDataError, resolve_data_dir
 from ..data.uci import UCIDataset, dataset_name, find_uci_datasets
 from ..runs import check_device
 from ..train.checkpoint import atomic_write_text, strict_json
-from .published import format_table, published_row
+from .published import format_calibration_table, format_table, published_row
 from .report import (
+    CALIBRATION_FIELDS,
     SPLIT_FIELDS,
     _chosen,
     _comparable,
@@ -28,6 +29,7 @@ from .report import (
     _split_path,
     _write_csv,
     summarize,
+    summarize_calibration,
 )
 from .search import tune
 from .settings import (
@@ -189,7 +191,7 @@ def _run_uci_body(
         records[rec["split"]] = rec
         log(
             f"{info.name} split {rec['split']}: rmse {rec['rmse']:.4g} ll {rec['ll']:.4g} "
-            f"({rec['seconds']:.1f}s)"
+            f"coverage95 {rec['coverage_95']:.3f} ({rec['seconds']:.1f}s)"
         )
 
     (out / "splits").mkdir(exist_ok=True)
@@ -234,10 +236,25 @@ def _run_uci_body(
             )
     rows = [records[s] for s in chosen_splits]
     _write_csv(out / "splits.csv", rows, extra_keys)
+    calibration = summarize_calibration(rows)
+    if calibration["missing_splits"]:
+        log(
+            f"{info.name}: split(s) {calibration['missing_splits']} were recorded before the "
+            "calibration metrics existed: their coverage, widths, calibration error and CRPS "
+            "are blank (the calibration summary is over the other "
+            f"{calibration['n_splits']} split(s)); run them again in a fresh --out to get them"
+        )
     metrics = {
         "dataset": info.name,
         **summarize(rows),
-        "splits": [{k: r[k] for k in (*SPLIT_FIELDS, "noise_std")} for r in rows],
+        "calibration": calibration,
+        "splits": [
+            {
+                **{k: r[k] for k in (*SPLIT_FIELDS, "noise_std")},
+                **{k: r.get(k) for k in CALIBRATION_FIELDS},  # None: recorded before them
+            }
+            for r in rows
+        ],
         "split_seconds_total": sum(r["seconds"] for r in rows),
         "split_cpu_seconds_total": (
             sum(r["cpu_seconds"] for r in rows) if all("cpu_seconds" in r for r in rows) else None
@@ -253,7 +270,7 @@ def _run_uci_body(
             "chosen": _chosen(cfg, report_keys),
         },
         "units": "rmse and ll (nats per test point) in original target units; "
-        "se = sample std (ddof=1) / sqrt(n_splits)",
+        "se = sample std (ddof=1) / sqrt(n_splits); calibration: see calibration.units",
         "published": published_row(info.name),
     }
     atomic_write_text(out / "metrics.json", strict_json(metrics, indent=2) + "\n")
@@ -310,7 +327,8 @@ def run_all(
                 log=log,
             )
         )
-    table = format_table(results)
+    # the RMSE/LL table unchanged, then the calibration table after a blank line
+    table = format_table(results) + "\n" + format_calibration_table(results)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "summary.json", strict_json(results, indent=2) + "\n")

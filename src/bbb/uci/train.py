@@ -9,19 +9,26 @@ from concurrent.futures import as_completed
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from .. import metrics as M
 from ..config import TrainConfig
 from ..data.uci import UCIDataset, UCISplit
 from ..kernels import use_kernels
+from ..likelihoods import Gaussian
+from ..predictive import predict
 from ..runs import RunData, build_likelihood, build_model, build_objective
 from ..train.trainer import (
     NonFinitePredictionError,
     Trainer,
     TrainingDivergedError,
-    evaluate,
+    _check_predictions,
+    _restore_training_modes,
+    _training_modes,
     seed_everything,
 )
+from .report import CALIBRATION_LEVELS, coverage_key, width_key
 from .settings import PathLike, check_uci_settings
 
 
@@ -135,6 +142,76 @@ def _noise_std(likelihood: Any, y_std: float) -> float | None:
     return float(likelihood.sigma.detach()[0]) * y_std
 
 
+@torch.no_grad()
+def _test_predictive(
+    model: nn.Module,
+    test: TensorDataset,
+    likelihood: Gaussian,
+    *,
+    num_samples: int,
+    device: torch.device | str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The test set's mixture predictive: exactly the predictions :func:`bbb.train.evaluate`
+    scores (one batch of the whole test set, ``num_samples`` weight samples, the model in eval
+    mode and each submodule's mode restored afterwards, the same random draws).
+
+    Returns ``(means, variances, targets)`` on the CPU in normalised units: means and
+    variances ``(S, B, 1)`` (S = ``num_samples`` weight samples, B test rows; variances
+    include the observation noise), targets ``(B, 1)``. Raises
+    :class:`NonFinitePredictionError` when a prediction is NaN or Inf (as ``evaluate``).
+    """
+    device = torch.device(device)
+    modes = _training_modes(model)
+    model.eval()
+    try:
+        means, variances, targets = [], [], []
+        for x, y in DataLoader(test, batch_size=len(test)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+            means.append(pred.sample_means.cpu())
+            variances.append(pred.sample_variances.cpu())
+            targets.append(y.cpu())
+        all_means, all_variances = torch.cat(means, 1), torch.cat(variances, 1)
+        _check_predictions(all_means.transpose(0, 1), all_variances.transpose(0, 1))
+        return all_means, all_variances, torch.cat(targets)
+    finally:
+        _restore_training_modes(modes)
+
+
+def calibration_metrics(
+    means: Tensor, variances: Tensor, targets: Tensor, y_scale: float
+) -> dict[str, float]:
+    """Calibration of a test set's mixture predictive (`bbb.metrics`), no random draws.
+
+    Args:
+        means: per-weight-sample predictive means ``(S, B, 1)``, normalised units.
+        variances: per-sample predictive variances ``(S, B, 1)`` (noise included), > 0,
+            normalised units squared.
+        targets: test targets ``(B, 1)``, normalised units.
+        y_scale: the target's normalisation scale (training std, > 0): widths and CRPS are
+            returned in original units.
+
+    Returns:
+        ``coverage_<100 a>`` (fraction of test targets inside the central ``a`` predictive
+        interval, exact mixture quantiles) and ``width_<100 a>`` (its mean width, original
+        units) for each ``a`` in :data:`CALIBRATION_LEVELS`; ``calibration_error`` and
+        ``calibration_rmse`` (mean absolute and root-mean-square deviation of the Kuleshov
+        calibration curve from the diagonal, 99-point grid 0.01..0.99; fractions);
+        ``crps`` (mean continuous ranked probability score, original units).
+    """
+    cov = M.interval_coverage(means, variances, targets, levels=CALIBRATION_LEVELS, y_scale=y_scale)
+    out: dict[str, float] = {}
+    for a, c in zip(CALIBRATION_LEVELS, cov.coverage.tolist(), strict=True):
+        out[coverage_key(a)] = float(c)
+    for a, w in zip(CALIBRATION_LEVELS, cov.mean_width.tolist(), strict=True):
+        out[width_key(a)] = float(w)
+    curve = M.regression_calibration_data(means, variances, targets, levels=99)
+    out["calibration_error"] = curve.calibration_error("mean_absolute")
+    out["calibration_rmse"] = curve.calibration_error("root_mean_square")
+    out["crps"] = M.crps(means, variances, targets, y_scale=y_scale)
+    return out
+
+
 def run_split(
     path: PathLike,
     split: int,
@@ -150,8 +227,12 @@ def run_split(
     Returns a record: ``split``, ``rmse`` and ``ll`` (test, original units), ``epochs``,
     ``seconds`` (training + evaluation wall time), ``cpu_seconds`` (CPU time of the process
     over the same span), ``noise_std`` (original units, learned
-    homoscedastic noise), ``n_train``, ``n_test`` and ``settings`` (the TrainConfig values
-    that vary in a search).
+    homoscedastic noise), ``n_train``, ``n_test``, and the test set's calibration
+    (:func:`calibration_metrics`: ``coverage_50`` ... ``coverage_99``, ``width_50`` ...
+    ``width_99`` in original units, ``calibration_error``, ``calibration_rmse``, ``crps`` in
+    original units), computed from the same ``test_samples`` predictions as ``rmse`` and
+    ``ll`` (no further random draws: the RMSE and LL are those of :func:`bbb.train.evaluate`).
+    `run_uci` adds ``settings`` (the TrainConfig values that vary in a search).
 
     Raises :class:`TrainingDivergedError` naming the data set, the split and the learning
     rate when training diverged: a non-finite loss or parameters, or non-finite test
@@ -165,18 +246,20 @@ def run_split(
     data = _run_data(data_split, data_split.train, None)
     try:
         trainer, likelihood = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split)
-        report = evaluate(
+        # the predictions bbb.train.evaluate would score, kept for the calibration metrics
+        means, variances, targets = _test_predictive(
             trainer.model,
-            DataLoader(data_split.test, batch_size=len(data_split.test)),
+            data_split.test,
             likelihood,
             num_samples=test_samples,
             device=cfg.device,
-            y_scale=data.y_std,
         )
     except (TrainingDivergedError, NonFinitePredictionError) as e:
         # which split, with which rate (a NonFinitePredictionError from the test evaluation is
         # the same failure: finite parameters whose predictions overflow)
         raise TrainingDivergedError(f"{ds.name} split {split} diverged (lr={cfg.lr:g}): {e}") from e
+    report = M.regression_report(means, variances, targets, y_scale=data.y_std)
+    calibration = calibration_metrics(means, variances, targets, data.y_std)
     return {
         "split": split,
         "rmse": report["rmse"],
@@ -187,6 +270,7 @@ def run_split(
         "noise_std": _noise_std(likelihood, data.y_std),
         "n_train": len(data_split.train),
         "n_test": len(data_split.test),
+        **calibration,
     }
 
 
