@@ -11,6 +11,7 @@ deterministic and a failure means a real discrepancy.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
+
+# Under pytest-xdist (`make test` runs `pytest -n auto`), each worker process runs one test at
+# a time with one intra-op thread, it and the processes its tests start: with one worker per
+# core, torch's default of one thread per core would put cores x cores threads on the machine,
+# and OpenMP's per-op synchronisation made small-tensor tests many times slower (see
+# single_thread). An OMP_NUM_THREADS the caller set is kept. Results do not depend on the
+# thread count: the tests that compare a child process with this one pass the same count
+# (torch.get_num_threads()), and those of a multi-threaded code path set their own count.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 Z = 5.0  # standard errors allowed by the statistical checks (see the module docstring)
 
