@@ -66,7 +66,15 @@ _HELP = {
     "num_samples": "Monte Carlo weight samples per training step",
     "optimizer": "adam or sgd",
     "lr": "learning rate",
-    "lr_schedule": "constant, or cosine (decays to 0 over --epochs, stepped per epoch)",
+    "lr_schedule": "constant, or cosine (decays to 0 over --epochs, stepped per epoch; with "
+    "--lr-warmup-steps over the optimizer steps after the warm-up)",
+    "lr_warmup_steps": "linear learning-rate warm-up from lr/N to lr over the first N optimizer "
+    "steps, then --lr-schedule laid out in optimizer steps; N must be below the run's total "
+    "steps (epochs x steps per epoch). 0 = none: --lr-schedule stepped per epoch",
+    "steps_per_epoch": "optimizer steps per epoch: several passes over a tiny training set per "
+    "epoch (validation, checkpoints, --epochs and --patience count these epochs), or fewer "
+    "steps than one pass; with --kl-weighting blundell a multiple of the steps per pass, "
+    "ceil(N / batch size) (default: one pass over the training set)",
     "momentum": "SGD momentum",
     "weight_decay": "weight decay (deterministic baselines)",
     "batch_size": "minibatch size",
@@ -683,31 +691,47 @@ def _evaluate(
 
 
 def _regression_calibration(pred: Any, target: Any, y_scale: float) -> dict[str, float]:
-    """:func:`bbb.metrics.regression_calibration_report` of a regression run's predictions
-    (normalised units) and targets: coverage of the central 50/80/90/95/99% predictive
-    intervals, mean absolute and root-mean-square deviation of the calibration curve (all
-    fractions) and the CRPS in the targets' original units (``y_scale``). NaN for each (null
-    in the result file) where a prediction is not finite (an overflowed noise variance)."""
-    import torch
+    """:func:`bbb.runs.regression_calibration` (``bbb train`` writes the same numbers of the
+    whole validation and test splits into ``metrics.json``)."""
+    from .runs import regression_calibration
 
-    from .metrics import DEFAULT_COVERAGE_LEVELS, _level_key, regression_calibration_report
+    return regression_calibration(pred, target, y_scale)
 
-    means, variances = pred.sample_means, pred.sample_variances
-    if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
-        keys = [_level_key("coverage", a) for a in DEFAULT_COVERAGE_LEVELS]
-        return dict.fromkeys([*keys, "calibration_error", "calibration_rmse", "crps"], math.nan)
-    return regression_calibration_report(means, variances, target.to(means.device), y_scale=y_scale)
+
+#: the keys of a regression result's ``uncertainty`` section that ``bbb evaluate`` prints
+#: in a ``calibration:`` section of their own (the result file keeps them in ``uncertainty``)
+_CALIBRATION_KEYS = ("calibration_error", "calibration_rmse", "crps")
+
+
+def _is_calibration_key(key: str) -> bool:
+    return key.startswith("coverage_") or key in _CALIBRATION_KEYS
 
 
 _UNCERTAINTY_EXAMPLES = 2000
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    for section in ("pruned", "metrics", "uncertainty"):
+    """Print a ``bbb evaluate`` / ``bbb prune`` result: ``pruned:``, ``metrics:`` and
+    ``uncertainty:``, and for a regression run ``calibration:`` (central-interval coverage,
+    calibration error, CRPS of the same first examples as ``uncertainty``), which the result
+    file holds in its ``uncertainty`` section."""
+
+    def rows(items: dict[str, Any]) -> None:
+        for k, v in items.items():
+            print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+
+    for section in ("pruned", "metrics"):
         if section in result:
             print(f"{section}:")
-            for k, v in result[section].items():
-                print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+            rows(result[section])
+    if "uncertainty" in result:
+        u = result["uncertainty"]
+        calibration = {k: v for k, v in u.items() if _is_calibration_key(k)}
+        print("uncertainty:")
+        rows({k: v for k, v in u.items() if k not in calibration})
+        if calibration:
+            print("calibration:")
+            rows({"n_examples": u.get("n_examples"), **calibration})
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -756,6 +780,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             if split in metrics:
                 text = ", ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics[split].items())
                 print(f"{split}: {text}")
+        for split, report in metrics.get("calibration", {}).items():
+            keys = ("coverage_50", "coverage_90", "calibration_error", "crps")
+            text = ", ".join(f"{k}={_fmt_metric(report.get(k))}" for k in keys)
+            print(f"{split} calibration: {text}")
         return 0
     if args.command in ("evaluate", "prune"):
         fraction = args.fraction if args.command == "prune" else None

@@ -41,7 +41,10 @@ __all__ = ["TrainConfig", "load_config_file", "DATASETS", "OPTIMIZERS", "ConfigE
 DATASETS = ("mnist", "toy", "uci")
 OPTIMIZERS = ("adam", "sgd")
 #: learning-rate schedules: ``constant``; ``cosine``: lr * (1 + cos(pi * epoch / epochs)) / 2,
-#: stepped once per epoch (torch.optim.lr_scheduler.CosineAnnealingLR, down to 0 at the end)
+#: stepped once per epoch (torch.optim.lr_scheduler.CosineAnnealingLR, down to 0 at the end).
+#: With ``lr_warmup_steps`` N > 0 both are laid out in optimizer steps instead: a linear
+#: warm-up over the first N steps, then the constant rate, or the cosine decay over the
+#: remaining steps (see :func:`bbb.runs.warmup_multiplier`)
 LR_SCHEDULES = ("constant", "cosine")
 MU_INITS = ("paper", "fan_in")
 #: the largest ``seed`` a TrainConfig accepts (see :meth:`TrainConfig.validate`)
@@ -104,10 +107,18 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine (over `epochs`, stepped per epoch)
+    # linear learning-rate warm-up over the first N optimizer steps, then lr_schedule laid
+    # out in optimizer steps (0: none, lr_schedule stepped per epoch as before); N must be
+    # smaller than the run's total steps (epochs x steps per epoch)
+    lr_warmup_steps: int = 0
     momentum: float = 0.9
     weight_decay: float = 0.0  # for the deterministic baselines
     batch_size: int = 128
     epochs: int = 10
+    # optimizer steps per epoch (None: one pass over the training set, ceil(N / batch_size)
+    # steps); more steps than one pass train several passes per epoch (a tiny data set),
+    # fewer cut the epoch short. With kl_weighting blundell: a multiple of the steps per pass
+    steps_per_epoch: int | None = None
     patience: int | None = None
     grad_clip: float | None = None
     seed: int = 0
@@ -155,7 +166,7 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-        for key in ("subset", "patience"):
+        for key in ("subset", "patience", "steps_per_epoch"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{key} must be a positive integer or unset, got {v!r}")
@@ -169,6 +180,11 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(
+                "lr_warmup_steps must be a non-negative integer (optimizer steps of the linear "
+                f"warm-up; 0: none), got {self.lr_warmup_steps!r}"
+            )
         for key in ("kl_scale", "kl_anneal_steps", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")

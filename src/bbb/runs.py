@@ -9,7 +9,8 @@ The command line and the experiments call these functions; the training loop its
     checkpoints/         checkpoint-<epoch>.pt, the last two (atomic)
     best.pt              the best-on-validation model
     metrics.json         final summary (validation and test metrics of the best model)
-    *.png                learning curves; reliability diagram or regression band
+    *.png                learning curves; reliability diagram, or regression calibration
+                         (calibration.png) and band
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`train_run` joins the process
 group, shards the training set with a ``DistributedSampler`` (``batch_size`` is the *global*
@@ -20,6 +21,7 @@ alone write the run directory (see :mod:`bbb.train.distributed`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -63,6 +65,9 @@ __all__ = [
     "train_run",
     "load_run",
     "check_device",
+    "check_step_plan",
+    "warmup_multiplier",
+    "scheduler_interval",
 ]
 
 
@@ -172,15 +177,81 @@ def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def warmup_multiplier(
+    warmup_steps: int, total_steps: int, schedule: str = "constant"
+) -> Callable[[int], float]:
+    """The learning-rate multiplier of optimizer step ``s`` (0-based) of a run with a linear
+    warm-up, for ``torch.optim.lr_scheduler.LambdaLR`` stepped after every optimizer step.
+
+    Steps ``0 .. warmup_steps - 1`` use ``(s + 1) / warmup_steps`` of the rate (``lr / N`` at
+    the first step, the full ``lr`` at step ``N - 1``); then ``schedule`` ``"constant"``
+    keeps 1, and ``"cosine"`` decays as ``(1 + cos(pi * (s - N) / (T - N))) / 2`` over the
+    remaining ``T - N`` steps (``T = total_steps``): the full rate at step ``N``, 0 after the
+    last step, the per-step counterpart of the per-epoch ``CosineAnnealingLR``.
+
+    Args:
+        warmup_steps: N >= 1, the warm-up's optimizer steps.
+        total_steps: T > N, the run's optimizer steps (epochs x steps per epoch).
+        schedule: ``"constant"`` or ``"cosine"`` (:data:`bbb.config.LR_SCHEDULES`).
+    """
+    from .config import LR_SCHEDULES
+
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"unknown schedule {schedule!r}; accepted values: {', '.join(LR_SCHEDULES)}"
+        )
+    for name, v in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if warmup_steps >= total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be smaller than total_steps={total_steps}"
+        )
+    n, decay = warmup_steps, total_steps - warmup_steps
+    cosine = schedule == "cosine"
+
+    def multiplier(step: int) -> float:
+        if step < n:
+            return (step + 1) / n
+        if not cosine:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - n, decay) / decay))
+
+    return multiplier
+
+
+def scheduler_interval(cfg: TrainConfig) -> str:
+    """How the :class:`~bbb.train.Trainer` steps the schedule of ``cfg``: ``"step"`` (after
+    every optimizer step) with a learning-rate warm-up, else ``"epoch"`` (as before)."""
+    return "step" if cfg.lr_warmup_steps > 0 else "epoch"
+
+
 def build_objective(
     cfg: TrainConfig,
     model: nn.Module,
     likelihood: Likelihood,
     dataset_size: int,
     trainer_epochs: int,
+    *,
+    epoch_steps: int | None = None,
 ) -> tuple[ELBO, torch.optim.Optimizer, Any]:
     """The ELBO (KL weighting, annealing; no KL for the deterministic baselines), optimizer
-    and learning-rate schedule of ``cfg`` (cosine over ``trainer_epochs`` scheduler steps)."""
+    and learning-rate schedule of ``cfg`` (cosine over ``trainer_epochs`` scheduler steps).
+
+    ``epoch_steps``: the run's optimizer steps per trainer epoch, needed (and read) only with
+    ``cfg.lr_warmup_steps`` > 0: the schedule is then a ``LambdaLR`` of
+    :func:`warmup_multiplier` over ``trainer_epochs * epoch_steps`` optimizer steps, to be
+    stepped per optimizer step (:func:`scheduler_interval`). A caller that lays out its own
+    epochs without it (``bbb uci``) gets a :class:`~bbb.config.ConfigError` for
+    ``lr_warmup_steps`` and ``steps_per_epoch``, which it could not honour.
+    """
+    if epoch_steps is None and (cfg.lr_warmup_steps > 0 or cfg.steps_per_epoch is not None):
+        raise ConfigError(
+            "lr_warmup_steps and steps_per_epoch are settings of `bbb train` (bbb.runs."
+            "train_run), which lays out the optimizer steps of its epochs; this run lays out "
+            f"its own (lr_warmup_steps={cfg.lr_warmup_steps!r}, steps_per_epoch="
+            f"{cfg.steps_per_epoch!r}): leave them at 0 and unset"
+        )
     kl_scale: Any = cfg.kl_scale
     if cfg.kl_anneal_steps > 0:
         kl_scale = linear_annealing(cfg.kl_anneal_steps, end=cfg.kl_scale)
@@ -195,12 +266,54 @@ def build_objective(
             kl_scale=kl_scale,
         )
     optimizer = _optimizer(cfg, [*model.parameters(), *likelihood.parameters()])
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_epochs)
-        if cfg.lr_schedule == "cosine"
-        else None
-    )
+    scheduler: Any = None
+    if cfg.lr_warmup_steps > 0:
+        assert epoch_steps is not None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            warmup_multiplier(cfg.lr_warmup_steps, trainer_epochs * epoch_steps, cfg.lr_schedule),
+        )
+    elif cfg.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_epochs)
     return elbo, optimizer, scheduler
+
+
+def check_step_plan(
+    cfg: TrainConfig, n_train: int, batches_per_pass: int, kl_weighting: str
+) -> int:
+    """Refuse, before any file is written, an epoch layout the run cannot train; return the
+    optimizer steps per epoch.
+
+    ``n_train``: training examples; ``batches_per_pass``: minibatches of one pass over them
+    (``len(train_loader)``: per process under ``torch.distributed``); ``kl_weighting``: the
+    ELBO's (``"uniform"`` for the deterministic baselines). Refused with a
+    :class:`~bbb.config.ConfigError` that gives the numbers: ``steps_per_epoch`` that is not
+    a multiple of the batches per pass under the blundell weighting (whose weights run over
+    one pass), and ``lr_warmup_steps`` not smaller than the run's total optimizer steps.
+    """
+    k = cfg.steps_per_epoch
+    per_pass = (
+        f"the {n_train} training examples in minibatches of {cfg.batch_size} make "
+        f"{batches_per_pass} optimizer step(s) per pass"
+    )
+    if k is not None and kl_weighting == "blundell" and k % batches_per_pass:
+        multiples = ", ".join(str(m * batches_per_pass) for m in (1, 2, 4))
+        raise ConfigError(
+            f"steps_per_epoch={k} with kl_weighting 'blundell': {per_pass}, and the blundell KL "
+            "weights run over the minibatches of one pass (the KL counts once per pass), so an "
+            f"epoch must be whole passes: steps_per_epoch must be a multiple of "
+            f"{batches_per_pass} (e.g. {multiples}), or use kl_weighting 'uniform'"
+        )
+    epoch_steps = k if k is not None else batches_per_pass
+    total = cfg.epochs * epoch_steps
+    if cfg.lr_warmup_steps >= total:
+        how = f"steps_per_epoch={k}" if k is not None else per_pass
+        raise ConfigError(
+            f"lr_warmup_steps={cfg.lr_warmup_steps} must be smaller than the run's "
+            f"{total} optimizer steps (epochs={cfg.epochs} x {epoch_steps} per epoch; {how}), "
+            "or the warm-up would never end: lower it, or raise epochs or steps_per_epoch"
+        )
+    return epoch_steps
 
 
 def _check_data(name: str, ds: TensorDataset | None) -> None:
@@ -220,7 +333,7 @@ RESUMABLE_CHANGES = ("epochs", "patience", "device", "kernels", "data_dir")
 
 
 #: the plots :func:`finish_run` may write in a run directory (which ones depends on the run)
-RUN_PLOTS = ("learning_curves.png", "reliability.png", "regression_band.png")
+RUN_PLOTS = ("learning_curves.png", "reliability.png", "regression_band.png", "calibration.png")
 
 
 #: result files of ``bbb evaluate`` / ``bbb prune`` in a run directory: they describe the
@@ -281,10 +394,13 @@ def _check_resumable(cfg: TrainConfig, saved: Path) -> bool:
             f"{done} epochs ({path.name}); epochs must be >= {done} (nothing was changed)"
         )
     if cfg.lr_schedule == "cosine" and old["epochs"] != new["epochs"]:
+        # per epoch (CosineAnnealingLR over epochs) or, with lr_warmup_steps, per optimizer
+        # step (over epochs x steps per epoch): either way its length is the run's
+        unit = "optimizer steps" if cfg.lr_warmup_steps > 0 else "epochs"
         raise ConfigError(
             f"cannot resume {saved.parent} with epochs {old['epochs']} -> {new['epochs']}: its "
-            "cosine learning-rate schedule was laid out for the original length; start a new "
-            "run instead"
+            f"cosine learning-rate schedule was laid out over the original length (in {unit}); "
+            "start a new run instead"
         )
     return cfg.epochs > done and not (cfg.patience is not None and bad_epochs >= cfg.patience)
 
@@ -396,9 +512,6 @@ def _train_run(
         )
     model = build_model(cfg, data).to(device)
     likelihood = build_likelihood(cfg, data).to(device)
-    elbo, optimizer, scheduler = build_objective(
-        cfg, model, likelihood, len(data.train), cfg.epochs
-    )
     if world == 1:
         train_loader = DataLoader(
             data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
@@ -412,6 +525,13 @@ def _train_run(
         )
     eval_bs = max(cfg.batch_size, 1000)
     val_loader = None if data.val is None else DataLoader(data.val, batch_size=eval_bs)
+    # the baselines' ELBO weighs the KL (zero) uniformly whatever cfg.kl_weighting says
+    weighting = cfg.kl_weighting if cfg.method == "bbb" else "uniform"
+    # refused here, before setup() writes anything, with the data's numbers
+    epoch_steps = check_step_plan(cfg, len(data.train), len(train_loader), weighting)
+    elbo, optimizer, scheduler = build_objective(
+        cfg, model, likelihood, len(data.train), cfg.epochs, epoch_steps=epoch_steps
+    )
 
     def setup() -> None:
         check_writable(out)  # a clear error before anything is written or trained
@@ -449,6 +569,8 @@ def _train_run(
         train_loader,
         val_loader=val_loader,
         scheduler=scheduler,
+        scheduler_interval=scheduler_interval(cfg),
+        steps_per_epoch=cfg.steps_per_epoch,
         epochs=cfg.epochs,
         out_dir=out,
         val_samples=val_samples,
@@ -517,10 +639,26 @@ def finish_run(
             device=cfg.device,
             y_scale=data.y_std,
         )
+    calibration_preds: dict[str, tuple[Any, torch.Tensor]] = {}
+    if not data.classification:
+        assert isinstance(likelihood, Gaussian), type(likelihood)
+        result["calibration"] = {}
+        for name, ds in (("val", data.val), ("test", data.test)):
+            if ds is None:
+                continue
+            pred, target = _split_predictive(model, likelihood, ds, samples, cfg)
+            calibration_preds[name] = (pred, target)
+            result["calibration"][name] = {
+                "n_examples": int(target.shape[0]),
+                "num_samples": samples,
+                **regression_calibration(pred, target, data.y_std),
+            }
     # strict JSON: a non-finite metric or summary value is null (NaN is not JSON)
     atomic_write_text(out / "metrics.json", strict_json(result, indent=2) + "\n")
     if not write_plots:
         return
+    if calibration_preds:
+        _plot_calibration(calibration_preds, out / "calibration.png")
     if history:
         plots.learning_curves(history, out / "learning_curves.png")
     if data.classification and data.val is not None:
@@ -532,6 +670,77 @@ def finish_run(
         plot_reliability_diagram(pred.probs.cpu(), y[:5000], out / "reliability.png")
     if not data.classification and data.in_features == 1:
         plots.regression_band(model, likelihood, data.train, out / "regression_band.png")
+
+
+def regression_calibration(pred: Any, target: torch.Tensor, y_scale: float) -> dict[str, float]:
+    """:func:`bbb.metrics.regression_calibration_report` of a regression run's predictions.
+
+    Args:
+        pred: a :class:`bbb.RegressionPrediction` in normalised units (``sample_means`` and
+            ``sample_variances`` (S, B, D), S weight samples of B examples, D outputs).
+        target: the targets (B, D), normalised units (moved to the predictions' device).
+        y_scale: the training split's target standard deviation (original units per
+            normalised unit; 1 where targets are not normalised).
+
+    Returns:
+        ``coverage_50``, ``coverage_80``, ``coverage_90``, ``coverage_95``, ``coverage_99``
+        (share of targets inside the central predictive interval of that level), the mean
+        absolute and root-mean-square deviation of the calibration curve
+        (``calibration_error``, ``calibration_rmse``; fractions in [0, 1]) and ``crps``
+        (original units). NaN for each (null in a result file) where a prediction is not
+        finite (an overflowed noise variance).
+    """
+    from .metrics import DEFAULT_COVERAGE_LEVELS, _level_key, regression_calibration_report
+
+    means, variances = pred.sample_means, pred.sample_variances
+    if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
+        keys = [_level_key("coverage", a) for a in DEFAULT_COVERAGE_LEVELS]
+        return dict.fromkeys([*keys, "calibration_error", "calibration_rmse", "crps"], math.nan)
+    return regression_calibration_report(means, variances, target.to(means.device), y_scale=y_scale)
+
+
+def _split_predictive(
+    model: nn.Module, likelihood: Gaussian, ds: TensorDataset, samples: int, cfg: TrainConfig
+) -> tuple[Any, torch.Tensor]:
+    """The predictive of ``model`` on every example of ``ds`` (``samples`` weight samples)
+    and its targets (B, D), for :func:`finish_run`'s calibration.
+
+    The weight samples come from a stream of their own seeded with ``cfg.seed`` (the same
+    numbers on every call), and the global random state is left as it was: the plots drawn
+    after it are those of a run without this step."""
+    from .predictive import predict
+
+    x, y = ds.tensors[0], ds.tensors[1]
+    device = torch.device(cfg.device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type):
+        torch.manual_seed(cfg.seed)
+        pred = predict(
+            model, x.to(device), likelihood=likelihood, num_samples=samples, max_rows=65536
+        )
+    return pred, y.reshape(y.shape[0], -1)
+
+
+def _plot_calibration(preds: dict[str, tuple[Any, torch.Tensor]], path: Path) -> None:
+    """``calibration.png``: the calibration curve and PIT histogram of the test split's
+    predictive (the validation split's when the data set has no test split)."""
+    from .metrics import plot_regression_calibration
+
+    split = "test" if "test" in preds else "val"
+    pred, target = preds[split]
+    if not (
+        bool(torch.isfinite(pred.sample_means).all())
+        and bool(torch.isfinite(pred.sample_variances).all())
+    ):
+        return  # nothing to draw (metrics.json holds nulls)
+    plot_regression_calibration(
+        pred.sample_means,
+        pred.sample_variances,
+        target.to(pred.sample_means.device),
+        path=path,
+        title=f"{split} split: {target.shape[0]} examples, {pred.sample_means.shape[0]} "
+        "weight samples",
+    )
 
 
 def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'") -> torch.device:
