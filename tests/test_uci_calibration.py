@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import bbb.uci as U
 from bbb import metrics as M
 from bbb.cli import main
-from bbb.config import ConfigError
+from bbb.config import ConfigError, TrainConfig
 from bbb.data.uci import UCIDataset
 from bbb.predictive import predict
 from bbb.train.trainer import evaluate
@@ -56,10 +56,10 @@ def tiny(tmp_path: Path) -> Path:
     return _write_uci_dir(tmp_path / "data")
 
 
-def _config(**kw: object) -> object:
+def _config(**kw: object) -> TrainConfig:
     values: dict[str, object] = {"epochs": 10, "num_samples": 2}
     values.update(kw)
-    return U.uci_config(**values)  # type: ignore[arg-type]
+    return U.uci_config(**values)
 
 
 def _settings() -> U.UCIRunSettings:
@@ -82,11 +82,11 @@ def test_split_rmse_ll_are_evaluates_and_calibration_comes_from_the_same_predict
     bbb.train.evaluate from the same random state): the calibration adds no random draw
     before them. Its calibration fields equal bbb.metrics on the same predictive."""
     cfg = _config()
-    rec = U.run_split(tiny, 1, cfg, test_samples=10, passes=5)  # type: ignore[arg-type]
+    rec = U.run_split(tiny, 1, cfg, test_samples=10, passes=5)
     ds = UCIDataset(tiny)
     split = ds.split(1)
     data = _run_data(split, split.train, None)
-    trainer, likelihood = _train(cfg, data, passes=5, seed=cfg.seed * 10007 + 1)  # type: ignore[attr-defined,arg-type]
+    trainer, likelihood = _train(cfg, data, passes=5, seed=cfg.seed * 10007 + 1)
     state = torch.get_rng_state()
     report = evaluate(
         trainer.model,
@@ -186,7 +186,7 @@ def test_resume_over_splits_recorded_without_calibration(
     """Split records written before the calibration fields existed are kept: blank in the
     CSV, None in metrics.json, left out of the calibration summary, and said so."""
     out = tmp_path / "run"
-    first = U.run_uci(tiny, out, config=_config(), settings=_settings(), splits="0-1", log=None)  # type: ignore[arg-type]
+    first = U.run_uci(tiny, out, config=_config(), settings=_settings(), splits="0-1", log=None)
     path = out / "splits" / "split_0.json"
     old = json.loads(path.read_text())
     for key in U.CALIBRATION_FIELDS:
@@ -196,7 +196,7 @@ def test_resume_over_splits_recorded_without_calibration(
     m = U.run_uci(
         tiny,
         out,
-        config=_config(),  # type: ignore[arg-type]
+        config=_config(),
         settings=_settings(),
         resume=True,
         log=lines.append,
@@ -223,17 +223,17 @@ def test_resume_over_splits_recorded_without_calibration(
 
 def test_a_calibration_field_that_is_not_a_number_is_refused(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    U.run_uci(tiny, out, config=_config(), settings=_settings(), splits=[0], log=None)  # type: ignore[arg-type]
+    U.run_uci(tiny, out, config=_config(), settings=_settings(), splits=[0], log=None)
     path = out / "splits" / "split_0.json"
     rec = json.loads(path.read_text())
     rec["coverage_95"] = "0.9"
     path.write_text(json.dumps(rec))
     with pytest.raises(ConfigError, match=r"split_0\.json is not a split record \(coverage_95"):
-        U.run_uci(tiny, out, config=_config(), settings=_settings(), resume=True, log=None)  # type: ignore[arg-type]
+        U.run_uci(tiny, out, config=_config(), settings=_settings(), resume=True, log=None)
     # a non-finite value is written as null: read back as NaN, not as a missing field
     rec["coverage_95"] = None
     path.write_text(json.dumps(rec))
     m = U.run_uci(
         tiny, out, config=_config(), settings=_settings(), splits=[0], resume=True, log=None
-    )  # type: ignore[arg-type]
+    )
     assert m["calibration"]["n_splits"] == 1 and math.isnan(m["splits"][0]["coverage_95"])
