@@ -607,6 +607,8 @@ class Trainer:
         self._lr_last: float = float(optimizer.param_groups[0]["lr"])
         # None: fit() has not run; False: the last fit() raised; True: it returned
         self._fit_returned: bool | None = None
+        # fit(new_round=True) checked and about to train (see _fit)
+        self._round_reset_pending = False
         self.epoch_callback = epoch_callback
         if self.distributed:
             if not self.is_writer:
@@ -1266,9 +1268,13 @@ class Trainer:
                         else "this Trainer has not trained yet"
                     )
                 )
+        # a new round's reset waits until every check has passed (see _fit): a refused call
+        # must not lose the earlier round's best model
+        self._round_reset_pending = False
         if continuing:
-            self._check_new_round(new_round)
-            self._check_continuation(overwrite)
+            reset = self._check_new_round(new_round)
+            self._check_continuation(overwrite, new_round=reset)
+            self._round_reset_pending = reset
             # the loader or the ELBO's dataset_size may have changed since (a new round)
             _warn_dataset_size(self.train_loader, self.elbo)
         # A model in training mode whose submodules the user put in eval mode (a frozen
@@ -1291,9 +1297,11 @@ class Trainer:
                 self._run_lock.release()
                 self._run_lock = None
 
-    def _check_new_round(self, new_round: bool | None) -> None:
-        """Start a new selection round (``new_round=True``), or refuse an unsaid choice when
-        the training data changed since the last ``fit()`` (see :meth:`fit`)."""
+    def _check_new_round(self, new_round: bool | None) -> bool:
+        """Whether this ``fit()`` starts a new selection round (``new_round=True``); refuse an
+        unsaid choice when the training data changed since the last ``fit()`` (see
+        :meth:`fit`). Changes nothing: :meth:`_start_new_round` resets, once every check of
+        the call has passed."""
         loader, size = self._fitted_data
         changes = []
         if self.train_loader is not loader:
@@ -1309,14 +1317,19 @@ class Trainer:
                 f"best of all epochs so far (epoch {self.best_epoch}'s weights stay the best "
                 "until beaten)"
             )
-        if new_round:
-            self.best_metric, self.best_epoch, self.bad_epochs = math.inf, 0, 0
-            self.best_state = self.best_elbo_state = None
-            self.stopped = None
+        return new_round is True
 
-    def _check_continuation(self, overwrite: bool) -> None:
+    def _start_new_round(self) -> None:
+        """Forget the best model, its metric, the patience count and an early stop: the
+        coming epochs choose the round's own best (``fit(new_round=True)``)."""
+        self.best_metric, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+        self.best_state = self.best_elbo_state = None
+        self.stopped = None
+
+    def _check_continuation(self, overwrite: bool, *, new_round: bool = False) -> None:
         """Refuse a ``fit()`` (no resume) of a Trainer that has already trained when it would
-        train nothing or delete its run (see :meth:`fit`)."""
+        train nothing or delete its run (see :meth:`fit`); ``new_round``: the call starts a
+        new round, whose reset patience count lets a run stopped early train on."""
         if overwrite:
             raise RuntimeError(
                 f"fit(overwrite=True) on a Trainer that has already trained {self.epoch} epochs: "
@@ -1324,8 +1337,11 @@ class Trainer:
                 "that training. To start over, build a new Trainer with a freshly initialised "
                 "model and optimizer; to train on, raise trainer.epochs and call fit()"
             )
-        # derived as on resume: a larger patience set since lets the run train on
-        self.stopped = self._patience_ran_out()
+        # derived as on resume: a larger patience set since (or a new round) lets the run
+        # train on
+        stopped = None if new_round else self._patience_ran_out()
+        if not new_round:
+            self.stopped = stopped
         new = " (with another out_dir)" if self.out_dir is not None else ""
         if self.epoch >= self.epochs:
             raise RuntimeError(
@@ -1337,7 +1353,7 @@ class Trainer:
                 "trainer.train_loader and trainer.elbo.dataset_size, and call "
                 f"fit(new_round=True)); to train from scratch, build a new Trainer{new}"
             )
-        if self.stopped is not None:
+        if stopped is not None:
             raise RuntimeError(
                 f"this Trainer's run stopped early after epoch {self.epoch} (no improvement "
                 f"for patience={self.patience} epochs), so fit() would train nothing: raise "
@@ -1406,8 +1422,8 @@ class Trainer:
         self.best_metric, self.best_epoch = math.inf, 0
 
     def _fit(self, loaded: Any) -> dict[str, Any]:
-        self._fit_returned = False
         if loaded is not None:
+            self._fit_returned = False
             state, path, self.history, best = loaded
             if state.get("format") != _FORMAT:
                 raise CheckpointError(
@@ -1426,12 +1442,18 @@ class Trainer:
             self._start_checkpoint = path
             if self.log:
                 self.log(f"resumed from {path} (epoch {self.epoch})")
-        if self.stopped is not None and self.log:
+        if self.stopped is not None and not self._round_reset_pending and self.log:
             self.log(f"the run had stopped at epoch {self.epoch} ({self.stopped}): not training on")
-        if self.stopped is None and self.epoch < self.epochs:
+        if (self.stopped is None or self._round_reset_pending) and self.epoch < self.epochs:
             # the settings may have changed since the constructor (a new round's loader or
-            # scheduler, more epochs): refused before any training
+            # scheduler, more epochs): refused before any training (and before the Trainer
+            # stops counting as one whose last fit() returned: a continued run refused here
+            # is continued by the next fit(), once the setting is fixed)
             self._check_epoch_plan()
+        self._fit_returned = False
+        if self._round_reset_pending:  # every check passed: the new round starts
+            self._round_reset_pending = False
+            self._start_new_round()
         if not self.distributed:
             return self._fit_loop()
         # a Ctrl-C / SIGTERM on one rank is held until every rank takes it (at a training
