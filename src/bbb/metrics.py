@@ -789,10 +789,13 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
     interpolation where it is safe, bisection otherwise; superlinear, never leaves the
     bracket). The bracket is ``[min_s, max_s] (mu_s + sd_s * Phi^-1(q))``: at the smallest
     component quantile every component CDF, hence the mixture's, is <= q, at the largest
-    >= q. Each iteration costs O(S) per (level, example, output); about 10 reach float64
-    resolution (at most 100). ``q = 0`` and ``q = 1`` give -inf and +inf. Where the mixture
-    has no density over an interval of x (well-separated components) any root in it may be
-    returned. Processed in chunks of examples bounding each work array to about
+    >= q. The first point tried in it is the quantile of the moment-matched Gaussian (close
+    to the root for a near-Gaussian mixture, where the iterations are fewest). Each
+    iteration costs O(S) per (level, example, output) still unsolved (solved ones leave the
+    work arrays); about 10 reach float64 resolution (at most 100). ``q = 0`` and ``q = 1``
+    give -inf and +inf. Where the mixture has no density over an interval of x
+    (well-separated components) any root in it may be returned. The (level, example,
+    output) problems are processed in chunks bounding each work array to about
     :data:`_CHUNK_ELEMENTS` values.
     """
     mu = mu.to(torch.float64)
@@ -808,69 +811,91 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
         return out
     qi = q[inner]
     Qi = qi.numel()
-    # sign +1: the lower tail (the CDF); -1: the upper tail (the survival function)
-    sign = torch.where(qi > 0.5, -1.0, 1.0).to(torch.float64).view(Qi, 1, 1, 1)
-    log_t = torch.minimum(qi, 1.0 - qi).log().view(Qi, 1, 1)
-    z = torch.special.ndtri(qi).view(Qi, 1, 1, 1)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, S * Qi * D))
+    n_cols = B * D
+    # (B D, S): each mixture's components contiguous, so that every reduction over them
+    # runs in the same order whatever the other problems solved with it (a quantile does not
+    # depend on the other levels asked for)
+    mu_f = mu.reshape(S, n_cols).T.contiguous()
+    sd_f = sd.reshape(S, n_cols).T.contiguous()
+    # the moment-matched Gaussian of each mixture: its mean and standard deviation
+    mean = mu_f.mean(1)
+    spread = (sd_f.pow(2).mean(1) + mu_f.var(1, correction=0)).sqrt()
+    # per level: +1 the lower tail (the CDF), -1 the upper tail (the survival function)
+    level_sign = torch.where(qi > 0.5, -1.0, 1.0).to(torch.float64)
+    level_log_t = torch.minimum(qi, 1.0 - qi).log()
+    level_z = torch.special.ndtri(qi)
     eps = torch.finfo(torch.float64).eps
     log_s = math.log(S)
-    results = []
-    for start in range(0, B, rows):
-        m = mu[:, start : start + rows].unsqueeze(0)  # (1, S, b, D)
-        s = sd[:, start : start + rows].unsqueeze(0)
+    solved = torch.empty(Qi * n_cols, dtype=torch.float64, device=mu.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, S))
+    for start in range(0, Qi * n_cols, chunk):
+        # problem p: level p // n_cols, column (example, output) p % n_cols
+        pid = torch.arange(
+            start, min(start + chunk, Qi * n_cols), device=mu.device, dtype=torch.long
+        )
+        lvl, col = pid // n_cols, pid % n_cols
+        sign, log_t, z = level_sign[lvl], level_log_t[lvl], level_z[lvl]
 
-        def f(x: Tensor, m: Tensor = m, s: Tensor = s) -> Tensor:
+        def f(x: Tensor, col: Tensor, sign: Tensor, log_t: Tensor) -> Tensor:
             # sign * (log T(x) - log t): increasing in x, zero at the quantile
-            u = sign * (x.unsqueeze(1) - m) / s
+            u = sign.unsqueeze(1) * (x.unsqueeze(1) - mu_f[col]) / sd_f[col]
             log_tail = torch.logsumexp(torch.special.log_ndtr(u), dim=1) - log_s
-            return sign[:, 0] * (log_tail - log_t)
+            return sign * (log_tail - log_t)
 
-        comp = m + s * z  # (Qi, S, b, D): each component's own quantile
-        b_, a_ = comp.amin(1), comp.amax(1)  # bracket ends (Qi, b, D)
-        fb, fa = f(b_), f(a_)
-        c_, fc = a_.clone(), fa.clone()
-        t = torch.full_like(a_, 0.5)
+        comp = mu_f[col] + sd_f[col] * z.unsqueeze(1)  # (n, S): each component's quantile
+        lo, hi = comp.amin(1), comp.amax(1)
+        flo = f(lo, col, sign, log_t)
+        fhi = f(hi, col, sign, log_t)
+        # Chandrupatla's a (the newest point), b (the other end of the bracket), c (the
+        # point before); the first point tried is the moment-matched Gaussian's quantile
+        a, fa, b, fb = hi, fhi, lo, flo
+        guess = torch.minimum(hi, torch.maximum(lo, mean[col] + spread[col] * z))
+        t = torch.nan_to_num((guess - a) / (b - a), nan=0.5)
+        best_a = fa.abs() < fb.abs()
+        x = torch.where(best_a, a, b)
         # x is known to about eps / density: eps times the components' spread near 0
-        atol = 2 * eps * s.mean(1)
-        x = torch.where(fa.abs() < fb.abs(), a_, b_)
-        active = (b_ != a_) & (fa != 0) & (fb != 0)
+        atol = 2 * eps * sd_f[col].mean(1)
+        done = (a == b) | (fa == 0) | (fb == 0)
+        local = pid - start  # where each unsolved problem's answer goes in this chunk
+        result = torch.empty_like(x)
+        result[local[done]] = x[done]
+        keep = ~done
+        a, fa, b, fb, x, atol = a[keep], fa[keep], b[keep], fb[keep], x[keep], atol[keep]
+        c, fc = a.clone(), fa.clone()
+        col, sign, log_t, local, t = col[keep], sign[keep], log_t[keep], local[keep], t[keep]
         for _ in range(100):
-            if not bool(active.any()):
+            if local.numel() == 0:
                 break
-            xt = a_ + t * (b_ - a_)
-            ft = f(xt)
+            xt = a + t * (b - a)
+            ft = f(xt, col, sign, log_t)
             same = torch.sign(ft) == torch.sign(fa)
             # same side as a: c <- a; else c <- b, b <- a; then a <- xt
-            c_new = torch.where(same, a_, b_)
-            fc_new = torch.where(same, fa, fb)
-            b_new = torch.where(same, b_, a_)
-            fb_new = torch.where(same, fb, fa)
-            c_ = torch.where(active, c_new, c_)
-            fc = torch.where(active, fc_new, fc)
-            b_ = torch.where(active, b_new, b_)
-            fb = torch.where(active, fb_new, fb)
-            a_ = torch.where(active, xt, a_)
-            fa = torch.where(active, ft, fa)
+            c, fc = torch.where(same, a, b), torch.where(same, fa, fb)
+            b, fb = torch.where(same, b, a), torch.where(same, fb, fa)
+            a, fa = xt, ft
             better_a = fa.abs() < fb.abs()
-            xm = torch.where(better_a, a_, b_)
+            x = torch.where(better_a, a, b)
             fm = torch.where(better_a, fa, fb)
-            x = torch.where(active, xm, x)
-            tol = 2 * eps * xm.abs() + atol
-            tlim = tol / (b_ - c_).abs()
-            active = active & (fm != 0) & (tlim <= 0.5)
-            with torch.no_grad():
-                xi = (a_ - b_) / (c_ - b_)
-                phi = (fa - fb) / (fc - fb)
-                iqi = (phi * phi < xi) & ((1 - phi) * (1 - phi) < 1 - xi)
-                t_iqi = fa / (fb - fa) * fc / (fb - fc) + (c_ - a_) / (b_ - a_) * fa / (
-                    fc - fa
-                ) * fb / (fc - fb)
-                t = torch.where(iqi, t_iqi, 0.5)
-                t = torch.minimum(1 - tlim, torch.maximum(tlim, t))
-                t = torch.nan_to_num(t, nan=0.5)
-        results.append(x)
-    out[inner] = torch.cat(results, dim=1)
+            tlim = (2 * eps * x.abs() + atol) / (b - c).abs()
+            done = (fm == 0) | (tlim > 0.5)
+            if bool(done.any()):
+                result[local[done]] = x[done]
+                keep = ~done
+                a, fa, b, fb, c, fc = a[keep], fa[keep], b[keep], fb[keep], c[keep], fc[keep]
+                x, atol, tlim = x[keep], atol[keep], tlim[keep]
+                col, sign, log_t, local = col[keep], sign[keep], log_t[keep], local[keep]
+            xi = (a - b) / (c - b)
+            phi = (fa - fb) / (fc - fb)
+            iqi = (phi * phi < xi) & ((1 - phi) * (1 - phi) < 1 - xi)
+            t_iqi = fa / (fb - fa) * fc / (fb - fc) + (c - a) / (b - a) * fa / (fc - fa) * fb / (
+                fc - fb
+            )
+            t = torch.where(iqi, t_iqi, 0.5)
+            t = torch.minimum(1 - tlim, torch.maximum(tlim, t))
+            t = torch.nan_to_num(t, nan=0.5)
+        result[local] = x  # not converged in 100 iterations: the best point found
+        solved[start : start + result.numel()] = result
+    out[inner] = solved.view(Qi, B, D)
     return out
 
 
@@ -969,7 +994,9 @@ def interval_coverage(
 
     Uses the exact quantiles of the mixture predictive (:meth:`bbb.RegressionPrediction.
     quantiles` with ``method="exact"``), not Monte-Carlo draws: O(S B D) work per level and
-    root-finding iteration (5 levels, S = 100, B = 2000, D = 1: under 2 s on one CPU core). Multi-output targets: every
+    root-finding iteration for each (level, example, output) still unsolved (5 levels,
+    S = 100, D = 1: about 0.75 s of one CPU core for B = 2000, 6 s for B = 10000; D = 3
+    triples it). Multi-output targets: every
     output dimension has its own marginal interval; ``coverage`` pools the ``B * D``
     (example, output) pairs and ``coverage_per_output`` keeps them apart. For a calibrated
     predictive ``coverage_per_output[l, d]`` is within a few :meth:`IntervalCoverage.
@@ -1138,12 +1165,14 @@ def regression_calibration_error(
 
 
 def _gaussian_abs_moment(m: Tensor, v: Tensor) -> Tensor:
-    """``E|X|`` for ``X ~ N(m, v)``: ``m (2 Phi(m / sd) - 1) + 2 sd phi(m / sd)``."""
+    """``E|X|`` for ``X ~ N(m, v)`` (elementwise, broadcasting; ``v > 0``):
+    ``m (2 Phi(m / sd) - 1) + 2 sd phi(m / sd) = m erf(w) + sqrt(2 / pi) sd exp(-w^2)`` with
+    ``w = m / (sd sqrt(2))`` (the erf form: one special function, about 4x faster than
+    ``ndtr``; the inputs are not modified)."""
     sd = v.sqrt()
-    z = m / sd
-    return m * (2.0 * torch.special.ndtr(z) - 1.0) + 2.0 * sd * torch.exp(-0.5 * z * z) / math.sqrt(
-        2.0 * math.pi
-    )
+    w = (m / sd).mul_(1.0 / math.sqrt(2.0))
+    out = torch.erf(w).mul_(m)
+    return out.add_(w.square_().neg_().exp_().mul_(sd).mul_(math.sqrt(2.0 / math.pi)))
 
 
 def crps(
@@ -1163,7 +1192,8 @@ def crps(
 
     ``A(m, v) = E|N(m, v)|``. The pair term costs O(S^2 B D) time; the examples are processed
     in chunks so that memory stays at about 2^22 float64 values per work array whatever
-    B (S = 100, B = 2000, D = 1: about 1 s on one CPU core; the time grows as S^2 B D). Lower is better; for S = 1
+    B (S = 100, D = 1: about 0.4 s of one CPU core for B = 2000, 2 s for B = 10000; the time
+    grows as S^2 B D). Lower is better; for S = 1
     it is the Gaussian CRPS ``sd (z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi))``.
 
     Two call forms, as :func:`regression_report`.
