@@ -66,6 +66,10 @@ def same_state(a: Path, b: Path) -> None:
     sb = torch.load(latest_checkpoint(b / "checkpoints"), weights_only=False)
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
+    for i, st in sa["optimizer"]["state"].items():  # Adam's moments and step counts
+        for k, v in st.items():
+            assert torch.equal(v, sb["optimizer"]["state"][i][k]), (i, k)
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
     assert sa["scheduler"] == sb["scheduler"]
     assert sa["epoch"] == sb["epoch"]
     assert rows(a) == rows(b)
