@@ -636,13 +636,20 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
 
+    # a Bayesian variant (PARTS, EXTRA) to merge with the greedy parts of the full run
+    # (MERGE_WITH), and other seeds: a run of its own (a merge needs the same seeds). All five
+    # parts start at once (they are independent processes), so the test waits for one round.
+    variant = {"OUT": str(tmp_path / "variant"), "PARTS": "bbb", "EXTRA": "--noise-sigma 0.3"}
+    other = {"OUT": str(tmp_path / "other"), "PARTS": "greedy-b", "SEEDS": "7 8"}
     assert sh("start").count("started") == 3
+    assert sh("start", **other).count("started") == 1
+    assert sh("start", **variant).count("started") == 1
     deadline = time.monotonic() + 300
     parts = [tmp_path / "full" / p / "metrics.json" for p in ("bbb", "greedy-a", "greedy-b")]
     # results are written after the last checkpoint, metrics.json last
     while sh("status").count("checkpoint-00002.pt") < 3 or not all(p.exists() for p in parts):
         assert time.monotonic() < deadline, sh("status")
-        time.sleep(1)
+        time.sleep(0.2)
     sh("merge")
     metrics = json.loads((tmp_path / "full" / "merged" / "metrics.json").read_text())
     assert set(metrics["agents"]) == {"bbb-thompson", "greedy-0", "greedy-0.01", "greedy-0.05"}
@@ -665,16 +672,10 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(agent + " "))
         assert f"cumulative regret at 2: {v['cumulative_regret_mean']:.0f} +- " in line, line
 
-    # a Bayesian variant (PARTS, EXTRA) merged with the greedy parts above (MERGE_WITH)
-    variant = {"OUT": str(tmp_path / "variant"), "PARTS": "bbb", "EXTRA": "--noise-sigma 0.3"}
-    # other seeds: a run of its own (the merge below needs the same seeds, so it is not merged)
-    other = {"OUT": str(tmp_path / "other"), "PARTS": "greedy-b", "SEEDS": "7 8"}
-    assert sh("start", **other).count("started") == 1
-    assert sh("start", **variant).count("started") == 1
     done = tmp_path / "variant" / "bbb" / "metrics.json"
     while not done.exists():
         assert time.monotonic() < deadline, sh("status", **variant)
-        time.sleep(1)
+        time.sleep(0.2)
     greedy = " ".join(str(tmp_path / "full" / p) for p in ("greedy-a", "greedy-b"))
     sh("merge", **variant, MERGE_WITH=greedy)
     merged = tmp_path / "variant" / "merged"
@@ -685,7 +686,7 @@ def test_full_run_script_starts_three_parts_and_merges(tmp_path: Path) -> None:
     other_metrics = tmp_path / "other" / "greedy-b" / "metrics.json"
     while not other_metrics.exists():
         assert time.monotonic() < deadline, sh("status", **other)
-        time.sleep(1)
+        time.sleep(0.2)
     other_run = json.loads(other_metrics.read_text())["agents"]["greedy-0.05"]
     assert len(other_run["cumulative_regret_per_seed"]) == 2
     other_cfg = json.loads((tmp_path / "other" / "greedy-b" / "config.json").read_text())
