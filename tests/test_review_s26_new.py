@@ -147,3 +147,70 @@ def test_exact_quantiles_do_not_depend_on_the_other_levels_or_the_chunking(
     normal = torch.distributions.Normal(torch.tensor(0.5, dtype=torch.float64), math.sqrt(2.0))
     torch.testing.assert_close(together[:, 3], normal.icdf(q.view(-1, 1)).expand(-1, 2))
     torch.testing.assert_close(cdf[:, 1:], q.expand(-1, 5, 2), rtol=0, atol=1e-9)
+
+
+def _plain_trainer(loader: Any, **kw: Any) -> Trainer:
+    model = bayes_mlp(1, [4], 1)
+    elbo = bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), 20, kl_weighting="uniform")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    return Trainer(model, elbo, opt, loader, epochs=1, progress=False, log=None, **kw)
+
+
+def test_short_epochs_over_a_loader_in_a_fixed_order_are_refused() -> None:
+    # before: only a DataLoader with a SequentialSampler was refused; a list of minibatches
+    # and a DistributedSampler(shuffle=False) trained every epoch on the same first
+    # steps_per_epoch minibatches and never on the others, silently
+    from torch.utils.data import DistributedSampler
+
+    ds = _toy()
+    x, y = ds.tensors
+    batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 20, 5)]
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
+    fixed = {
+        "a list of minibatches": batches,
+        "a tuple of minibatches": tuple(batches),
+        "a DistributedSampler with shuffle=False": DataLoader(ds, batch_size=5, sampler=sampler),
+    }
+    for what, loader in fixed.items():
+        with pytest.raises(ValueError, match=rf"steps_per_epoch=2 is less .*\({what}\)"):
+            _plain_trainer(loader, steps_per_epoch=2)
+        _plain_trainer(loader, steps_per_epoch=4)  # whole passes: every minibatch is used
+    shuffled = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True)
+    _plain_trainer(DataLoader(ds, batch_size=5, sampler=shuffled), steps_per_epoch=2)
+
+
+def test_a_training_loader_without_a_length_is_refused_saying_why() -> None:
+    # before: "TypeError: object of type 'Stream' has no len()", from inside the constructor
+    from torch.utils.data import IterableDataset
+
+    x, y = _toy().tensors
+
+    class Stream(IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(zip(x, y, strict=True))
+
+    with pytest.raises(TypeError, match=r"training loader \(DataLoader\) has no len\(\).*__len__"):
+        _plain_trainer(DataLoader(Stream(), batch_size=5), steps_per_epoch=4)
+
+
+def test_every_coverage_level_keeps_its_own_report_key() -> None:
+    # before: the keys had 6 significant digits, so 0.9 and 0.9000001 (and 0.12345678 and
+    # 0.12345679) shared one: as_dict() and regression_calibration_report silently kept one
+    # of each pair
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 40, 1, generator=g, dtype=torch.float64)
+    v = torch.ones(3, 40, 1, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    levels = [0.9, 0.9000001, 0.12345678, 0.12345679, 0.995]
+    cov = bbb.metrics.interval_coverage(m, v, y, levels=levels)
+    assert list(cov.as_dict()) == [
+        "coverage_90",
+        "coverage_90.00001",
+        "coverage_12.345678",
+        "coverage_12.345679",
+        "coverage_99.5",
+    ]
+    report = bbb.metrics.regression_calibration_report(m, v, y, levels=levels)
+    assert [k for k in report if k.startswith("coverage_")] == list(cov.as_dict())
+    with pytest.raises(ValueError, match=r"levels 0.9 and 0.9000000000000001 differ by less"):
+        bbb.metrics.interval_coverage(m, v, y, levels=[0.9, 0.9 + 1e-16])

@@ -250,15 +250,23 @@ def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
     return None
 
 
-def _unshuffled(loader: Iterable[Any]) -> bool:
-    """Whether ``loader`` gives its minibatches in the same order every pass (a
-    ``SequentialSampler``, directly or inside its batch sampler)."""
+def _unshuffled(loader: Iterable[Any]) -> str | None:
+    """How ``loader`` gives its minibatches in the same order every pass, or None when it
+    shuffles or cannot tell: a list or tuple of minibatches, a ``SequentialSampler``
+    (directly or inside its batch sampler), a sampler with ``shuffle=False`` (a
+    ``DistributedSampler(..., shuffle=False)``)."""
     from torch.utils.data import SequentialSampler
 
+    if isinstance(loader, (list, tuple)):
+        return f"a {type(loader).__name__} of minibatches"
     batch_sampler = getattr(loader, "batch_sampler", None)
     inner = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else None
     sampler = inner if inner is not None else getattr(loader, "sampler", None)
-    return isinstance(sampler, SequentialSampler)
+    if isinstance(sampler, SequentialSampler):
+        return "a SequentialSampler"
+    if getattr(sampler, "shuffle", None) is False:
+        return f"a {type(sampler).__name__} with shuffle=False"
+    return None
 
 
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
@@ -516,7 +524,18 @@ class Trainer:
             or not (math.isfinite(y_scale) and y_scale > 0)
         ):
             raise ValueError(f"y_scale must be a finite positive number, got {y_scale!r}")
-        if len(train_loader) == 0:
+        try:
+            n_batches = len(train_loader)
+        except TypeError:
+            # a DataLoader over an IterableDataset without __len__ (a stream)
+            raise TypeError(
+                f"the training loader ({type(train_loader).__name__}) has no len(): the "
+                "Trainer needs its number of minibatches per pass (the blundell KL weights, "
+                "steps_per_epoch's passes, the progress bar); give the IterableDataset a "
+                "__len__ (the DataLoader's length is then len(dataset) / batch_size) or use "
+                "a map-style Dataset"
+            ) from None
+        if n_batches == 0:
             raise ValueError("the training data loader is empty")
         self._scheduler_interval = _check_scheduler_interval(scheduler_interval)
         self._steps_per_epoch = _check_steps_per_epoch(steps_per_epoch)
@@ -739,12 +758,14 @@ class Trainer:
                 f"len(train_loader)={passes} (e.g. {passes}, {2 * passes}, {4 * passes}), or "
                 "use kl_weighting='uniform'"
             )
-        if k is not None and k < passes and _unshuffled(self.train_loader):
+        fixed_order = _unshuffled(self.train_loader) if k is not None and k < passes else None
+        if fixed_order is not None:
             raise ValueError(
                 f"steps_per_epoch={k} is less than len(train_loader)={passes}, and the loader "
-                "does not shuffle (a SequentialSampler): every epoch starts a new pass and "
+                f"does not shuffle ({fixed_order}): every epoch starts a new pass and "
                 f"would take the same first {k} minibatches, the others never; shuffle the "
-                f"loader (DataLoader(..., shuffle=True)) or use steps_per_epoch >= {passes}"
+                "loader (DataLoader(..., shuffle=True), DistributedSampler(..., "
+                f"shuffle=True)) or use steps_per_epoch >= {passes}"
             )
         sched = self._scheduler
         if isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
