@@ -980,7 +980,10 @@ class IntervalCoverage:
 
 
 def _level_key(prefix: str, level: float) -> str:
-    return f"{prefix}_{round(100.0 * level, 6):g}"
+    """``"<prefix>_<100 level>"``: ``coverage_90`` for 0.9, ``coverage_99.5`` for 0.995,
+    ``coverage_12.345678`` for 0.12345678 (every digit to 1e-10 percent: distinct levels give
+    distinct keys; ``:g``'s 6 significant digits gave 0.9 and 0.9000001 one key)."""
+    return f"{prefix}_{round(100.0 * level, 10):.15g}"
 
 
 def interval_coverage(
@@ -1022,6 +1025,14 @@ def interval_coverage(
     """
     mu, var, y = _regression_inputs(means, vars, target, "interval_coverage")
     lv = _check_probability_levels(levels, "levels", sort=False)
+    keys: dict[str, float] = {}
+    for a in lv.tolist():
+        other = keys.setdefault(_level_key("coverage", a), a)
+        if other != a:
+            raise ValueError(
+                f"levels {other!r} and {a!r} differ by less than 1e-12: they are one level "
+                f"(one report key, {_level_key('coverage', a)!r}); pass it once"
+            )
     _check_y_scale(y_scale)
     pit = _mixture_cdf(mu, var.sqrt(), y.unsqueeze(0)).cpu()  # (B, D)
     lo_p, hi_p = (1.0 - lv) / 2.0, (1.0 + lv) / 2.0
