@@ -836,16 +836,23 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
         lvl, col = pid // n_cols, pid % n_cols
         sign, log_t, z = level_sign[lvl], level_log_t[lvl], level_z[lvl]
 
-        def f(x: Tensor, col: Tensor, sign: Tensor, log_t: Tensor) -> Tensor:
+        # each unsolved problem's components (n, S), and sign / sd: the tail's argument is
+        # (x - m) * w (kept alongside the state, compacted with it, not gathered per step)
+        m_c = mu_f[col]
+        sd_c = sd_f[col]
+        w_c = sign.unsqueeze(1) / sd_c
+
+        def f(x: Tensor, m_c: Tensor, w_c: Tensor, sign: Tensor, log_t: Tensor) -> Tensor:
             # sign * (log T(x) - log t): increasing in x, zero at the quantile
-            u = sign.unsqueeze(1) * (x.unsqueeze(1) - mu_f[col]) / sd_f[col]
+            u = (x.unsqueeze(1) - m_c).mul_(w_c)
             log_tail = torch.logsumexp(torch.special.log_ndtr(u), dim=1) - log_s
             return sign * (log_tail - log_t)
 
-        comp = mu_f[col] + sd_f[col] * z.unsqueeze(1)  # (n, S): each component's quantile
+        comp = m_c + sd_c * z.unsqueeze(1)  # (n, S): each component's own quantile
         lo, hi = comp.amin(1), comp.amax(1)
-        flo = f(lo, col, sign, log_t)
-        fhi = f(hi, col, sign, log_t)
+        del comp
+        flo = f(lo, m_c, w_c, sign, log_t)
+        fhi = f(hi, m_c, w_c, sign, log_t)
         # Chandrupatla's a (the newest point), b (the other end of the bracket), c (the
         # point before); the first point tried is the moment-matched Gaussian's quantile
         a, fa, b, fb = hi, fhi, lo, flo
@@ -854,7 +861,8 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
         best_a = fa.abs() < fb.abs()
         x = torch.where(best_a, a, b)
         # x is known to about eps / density: eps times the components' spread near 0
-        atol = 2 * eps * sd_f[col].mean(1)
+        atol = 2 * eps * sd_c.mean(1)
+        del sd_c
         done = (a == b) | (fa == 0) | (fb == 0)
         local = pid - start  # where each unsolved problem's answer goes in this chunk
         result = torch.empty_like(x)
@@ -862,12 +870,13 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
         keep = ~done
         a, fa, b, fb, x, atol = a[keep], fa[keep], b[keep], fb[keep], x[keep], atol[keep]
         c, fc = a.clone(), fa.clone()
-        col, sign, log_t, local, t = col[keep], sign[keep], log_t[keep], local[keep], t[keep]
+        m_c, w_c, sign, log_t = m_c[keep], w_c[keep], sign[keep], log_t[keep]
+        local, t = local[keep], t[keep]
         for _ in range(100):
             if local.numel() == 0:
                 break
             xt = a + t * (b - a)
-            ft = f(xt, col, sign, log_t)
+            ft = f(xt, m_c, w_c, sign, log_t)
             same = torch.sign(ft) == torch.sign(fa)
             # same side as a: c <- a; else c <- b, b <- a; then a <- xt
             c, fc = torch.where(same, a, b), torch.where(same, fa, fb)
@@ -883,7 +892,8 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
                 keep = ~done
                 a, fa, b, fb, c, fc = a[keep], fa[keep], b[keep], fb[keep], c[keep], fc[keep]
                 x, atol, tlim = x[keep], atol[keep], tlim[keep]
-                col, sign, log_t, local = col[keep], sign[keep], log_t[keep], local[keep]
+                m_c, w_c, sign, log_t = m_c[keep], w_c[keep], sign[keep], log_t[keep]
+                local = local[keep]
             xi = (a - b) / (c - b)
             phi = (fa - fb) / (fc - fb)
             iqi = (phi * phi < xi) & ((1 - phi) * (1 - phi) < 1 - xi)
