@@ -214,3 +214,23 @@ def test_every_coverage_level_keeps_its_own_report_key() -> None:
     assert [k for k in report if k.startswith("coverage_")] == list(cov.as_dict())
     with pytest.raises(ValueError, match=r"levels 0.9 and 0.9000000000000001 differ by less"):
         bbb.metrics.interval_coverage(m, v, y, levels=[0.9, 0.9 + 1e-16])
+
+
+def test_a_one_cycle_assigned_between_fits_and_stepped_per_epoch_warns() -> None:
+    # before: only the constructor's scheduler was checked; a OneCycleLR laid out in
+    # optimizer steps (2 per epoch here) assigned for a second fit() without
+    # scheduler_interval="step" stepped once per epoch and stopped mid-cycle, silently
+    import warnings
+
+    t = _trainer(None, 1)
+    t.fit()
+    t.epochs = 3
+    t.scheduler = torch.optim.lr_scheduler.OneCycleLR(t.optimizer, max_lr=0.05, total_steps=4)
+    with pytest.warns(UserWarning, match=r"4 of its total_steps=4 steps left.*once per epoch, 2 "):
+        t.fit()
+    # one per epoch on purpose (as many steps as epochs left): no warning
+    t.epochs = 5
+    t.scheduler = torch.optim.lr_scheduler.OneCycleLR(t.optimizer, max_lr=0.05, total_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.fit()

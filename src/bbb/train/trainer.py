@@ -590,6 +590,8 @@ class Trainer:
         # submodules kept in eval mode during training (set by fit())
         self._kept_in_eval: list[nn.Module] = []
         self._check_epoch_plan()
+        # the (scheduler, scheduler_interval) last checked for a cycle that would stop early
+        self._schedule_checked: tuple[Any, str] = (None, "epoch")
         self._warn_one_cycle_per_epoch()
         self._run_lock: RunLock | None = None
         # the checkpoint holding the parameters the current epoch started from (the one
@@ -786,24 +788,28 @@ class Trainer:
                     f"{sched.last_epoch + needed} (or lower epochs)"
                 )
 
-    def _warn_one_cycle_per_epoch(self) -> None:
+    def _warn_one_cycle_per_epoch(self, stacklevel: int = 3) -> None:
         """Warn when a ``OneCycleLR`` stepped per epoch would not reach the end of its cycle
-        (laid out in optimizer steps but given ``scheduler_interval='epoch'``)."""
+        (laid out in optimizer steps but given ``scheduler_interval='epoch'``): it has more
+        steps left than the run has epochs left. Checked for each (scheduler,
+        scheduler_interval) the Trainer is given: at construction, and by ``fit()`` for one
+        assigned since (a new round's schedule)."""
         sched = self._scheduler
-        if (
-            isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
-            and self._scheduler_interval == "epoch"
-            and sched.total_steps > self.epochs
-        ):
+        self._schedule_checked = (sched, self._scheduler_interval)
+        if not isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
+            return
+        left = sched.total_steps - sched.last_epoch
+        epochs_left = self.epochs - self.epoch
+        if self._scheduler_interval == "epoch" and left > epochs_left:
             import warnings
 
             warnings.warn(
-                f"the OneCycleLR scheduler has total_steps={sched.total_steps}, but with "
-                f"scheduler_interval='epoch' it steps once per epoch, {self.epochs} times: "
-                "the cycle would stop early. For a cycle over optimizer steps pass "
-                "scheduler_interval='step'",
+                f"the OneCycleLR scheduler has {left} of its total_steps={sched.total_steps} "
+                f"steps left, but with scheduler_interval='epoch' it steps once per epoch, "
+                f"{epochs_left} times: the cycle would stop early. For a cycle over optimizer "
+                "steps pass scheduler_interval='step'",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     # ------------------------------------------------------------------ helpers
@@ -1471,6 +1477,9 @@ class Trainer:
             # stops counting as one whose last fit() returned: a continued run refused here
             # is continued by the next fit(), once the setting is fixed)
             self._check_epoch_plan()
+            if self._schedule_checked != (self._scheduler, self._scheduler_interval):
+                # a scheduler (or interval) assigned since the constructor or the last fit()
+                self._warn_one_cycle_per_epoch(stacklevel=4)
         self._fit_returned = False
         if self._round_reset_pending:  # every check passed: the new round starts
             self._round_reset_pending = False
