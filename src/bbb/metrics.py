@@ -798,8 +798,6 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
     output) problems are processed in chunks bounding each work array to about
     :data:`_CHUNK_ELEMENTS` values.
     """
-    mu = mu.to(torch.float64)
-    sd = var.to(torch.float64).sqrt()
     q = q.to(device=mu.device, dtype=torch.float64)
     S, B, D = mu.shape
     Q = q.numel()
@@ -814,9 +812,11 @@ def _mixture_quantiles(mu: Tensor, var: Tensor, q: Tensor) -> Tensor:
     n_cols = B * D
     # (B D, S): each mixture's components contiguous, so that every reduction over them
     # runs in the same order whatever the other problems solved with it (a quantile does not
-    # depend on the other levels asked for)
-    mu_f = mu.reshape(S, n_cols).T.contiguous()
-    sd_f = sd.reshape(S, n_cols).T.contiguous()
+    # depend on the other levels asked for); one float64 copy of each input
+    mu_f = torch.empty((n_cols, S), dtype=torch.float64, device=mu.device)
+    mu_f.copy_(mu.reshape(S, n_cols).T)
+    sd_f = torch.empty((n_cols, S), dtype=torch.float64, device=mu.device)
+    sd_f.copy_(var.reshape(S, n_cols).T).sqrt_()
     # the moment-matched Gaussian of each mixture: its mean and standard deviation
     mean = mu_f.mean(1)
     spread = (sd_f.pow(2).mean(1) + mu_f.var(1, correction=0)).sqrt()
