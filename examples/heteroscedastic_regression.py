@@ -14,7 +14,10 @@ Outputs under ``--out`` (default ``runs/examples/heteroscedastic_regression``):
 
     regression.png   data, predictive mean, aleatoric and epistemic bands; learned vs true noise
     noise.json       learned and true noise at a few x, epistemic std inside/outside the data,
-                     and the best epoch's validation metrics ("val": rmse, log_likelihood, nll)
+                     the best epoch's validation metrics ("val": rmse, log_likelihood, nll),
+                     and the coverage of the central 50/90/95% predictive intervals on fresh
+                     data ("test_coverage", on each half of the x range, with the learned
+                     noise and with one noise level for every x)
     run/             the Trainer's run directory (metrics.jsonl, checkpoints, best.pt)
 
 Usage::
@@ -84,6 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", default="runs/examples/heteroscedastic_regression", help="output directory"
     )
     p.add_argument("--n-train", type=positive_int, default=4000, help="training points")
+    p.add_argument(
+        "--n-test", type=positive_int, default=2000, help="fresh points for the coverage check"
+    )
     p.add_argument("--hidden", type=positive_int, default=50, help="units per hidden layer")
     p.add_argument("--epochs", type=positive_int, default=60, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=200, help="minibatch size")
@@ -165,6 +171,37 @@ def plot(train: TensorDataset, grid: Tensor, pred: bbb.RegressionPrediction, pat
     fig.savefig(path, dpi=110)
 
 
+COVERAGE_LEVELS = (0.5, 0.9, 0.95)
+COVERAGE_KEYS = ("50", "90", "95")
+
+
+def interval_coverage_by_region(
+    model: nn.Module,
+    likelihood: bbb.Gaussian,
+    args: argparse.Namespace,
+    generator: torch.Generator,
+) -> dict[str, dict[str, float]]:
+    """Coverage of the central 50/90/95% predictive intervals on fresh data (``--n-test``
+    points, drawn after the training and validation sets), on the low-noise half (x < 0)
+    and the high-noise half (x >= 0): with the learned noise, and with the same predictions
+    given one noise variance for every x (their mean: what a homoscedastic model would
+    give), which covers too much where the noise is small and too little where it is large."""
+    x, y = make_data(args.n_test, generator).tensors
+    pred = bbb.predict(model, x, likelihood=likelihood, num_samples=args.samples)
+    assert isinstance(pred, bbb.RegressionPrediction)
+    flat = bbb.RegressionPrediction(
+        pred.sample_means,
+        pred.sample_variances.mean(dim=1, keepdim=True).expand_as(pred.sample_variances),
+    )
+    out: dict[str, dict[str, float]] = {}
+    for noise, p in (("learned noise", pred), ("one noise level", flat)):
+        for region, rows in (("x < 0", x[:, 0] < 0), ("x >= 0", x[:, 0] >= 0)):
+            part = bbb.RegressionPrediction(p.sample_means[:, rows], p.sample_variances[:, rows])
+            cov = bbb.metrics.interval_coverage(part, y[rows], levels=COVERAGE_LEVELS)
+            out[f"{noise}, {region}"] = dict(zip(COVERAGE_KEYS, cov.coverage.tolist(), strict=True))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     out = Path(args.out)
@@ -207,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     truth = true_noise_std(probe)[:, 0]
     inside = (grid[:, 0] >= X_LOW) & (grid[:, 0] <= X_HIGH)
     epi_std = pred.epistemic[:, 0].sqrt()
+    coverage = interval_coverage_by_region(model, likelihood, args, data_generator)
     # the validation numbers of the best epoch (its history row's val_* keys, without the
     # prefix), not the training loss, KL and timings that the row also holds
     best_row = trainer.history[summary["best_epoch"] - 1]
@@ -221,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "epistemic_std_outside_data": float(epi_std[~inside].mean()),
         "best_epoch": summary["best_epoch"],
         "val": val_metrics,
+        "test_coverage": coverage,
         "threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - start,
     }
@@ -234,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         f"epistemic std: {result['epistemic_std_inside_data']:.3f} inside the data range, "
         f"{result['epistemic_std_outside_data']:.3f} outside it"
     )
+    print("coverage of the central predictive intervals on fresh data (50% / 90% / 95%):")
+    for name, row in coverage.items():
+        print(f"  {name:26s} " + " / ".join(f"{100 * row[k]:.1f}%" for k in COVERAGE_KEYS))
     val_nll = val_metrics.get("nll")
     if isinstance(val_nll, float) and math.isfinite(val_nll):
         print(f"validation NLL {val_nll:.3f} nats per point")
