@@ -29,10 +29,14 @@ $(SWEEP_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[dev,sweep]'
 	touch $(SWEEP_STAMP)
 
+# The tests run in parallel, one pytest-xdist worker per CPU core (tests/conftest.py gives each
+# worker one torch thread); TEST_WORKERS=0 runs them one at a time in this process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP) $(SWEEP_STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 test-all: $(STAMP) $(SWEEP_STAMP)
 	$(PY) -m pytest -q
