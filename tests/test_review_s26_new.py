@@ -234,3 +234,26 @@ def test_a_one_cycle_assigned_between_fits_and_stepped_per_epoch_warns() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         t.fit()
+
+
+def test_a_resume_with_another_kind_of_scheduler_is_refused(tmp_path: Path) -> None:
+    # before: the checkpoint's LambdaLR state was loaded into the new OneCycleLR
+    # (torch's load_state_dict updates any scheduler's attributes), a silent mix of the two
+    from bbb.train import CheckpointError
+
+    def warmup(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+
+    def cycle(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
+
+    def run(make_scheduler: Any, epochs: int) -> Trainer:
+        t = _trainer(tmp_path, epochs, scheduler_interval="step")
+        t.scheduler = make_scheduler(t.optimizer)
+        return t
+
+    run(warmup, 1).fit()
+    with pytest.raises(CheckpointError, match=r"scheduler: torch\.optim\.lr_scheduler\.LambdaLR "
+                       r"-> torch\.optim\.lr_scheduler\.OneCycleLR"):  # fmt: skip
+        run(cycle, 2).fit(resume=True)
+    assert run(warmup, 2).fit(resume=True)["epochs_trained"] == 2  # the same kind resumes

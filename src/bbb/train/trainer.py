@@ -159,6 +159,12 @@ def _check_steps_per_epoch(value: object) -> int | None:
     return value  # type: ignore[return-value]
 
 
+def _type_name(obj: object) -> str:
+    """``module.QualifiedName`` of ``obj``'s class (a checkpoint's record of its scheduler)."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _is_plateau(scheduler: Any) -> bool:
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
@@ -826,6 +832,8 @@ class Trainer:
             "model": _plain_module(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            # its class: a resume with another kind of scheduler is refused (_check_layout)
+            "scheduler_type": None if self.scheduler is None else _type_name(self.scheduler),
             # how the run is laid out: a resume with another layout is refused (_check_layout)
             "scheduler_interval": self._scheduler_interval,
             "steps_per_epoch": self._steps_per_epoch,
@@ -1388,9 +1396,10 @@ class Trainer:
             )
 
     def _check_layout(self, state: dict[str, Any], path: Path) -> None:
-        """Refuse to resume a checkpoint written with another ``scheduler_interval`` or
-        ``steps_per_epoch`` (a checkpoint without them was written with the defaults, by a
-        version without these options): the resumed run would not be the one started."""
+        """Refuse to resume a checkpoint written with another ``scheduler_interval``,
+        ``steps_per_epoch`` or kind (class) of scheduler (a checkpoint without them was
+        written with the defaults, by a version without these options): the resumed run
+        would not be the one started."""
         saved = {
             "scheduler_interval": state.get("scheduler_interval", "epoch"),
             "steps_per_epoch": state.get("steps_per_epoch"),
@@ -1400,6 +1409,16 @@ class Trainer:
             "steps_per_epoch": self._steps_per_epoch,
         }
         diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now[k]]
+        # torch's load_state_dict updates any scheduler's attributes with any other's (a
+        # LambdaLR's state in a OneCycleLR gave a mix of the two, silently)
+        saved_type = state.get("scheduler_type")  # absent: written before it was saved
+        if (
+            saved_type is not None
+            and self.scheduler is not None
+            and state.get("scheduler") is not None
+            and saved_type != _type_name(self.scheduler)
+        ):
+            diff.append(f"scheduler: {saved_type} -> {_type_name(self.scheduler)}")
         if diff:
             raise CheckpointError(
                 f"{path} was written by a run with other settings ({'; '.join(diff)}): a "
