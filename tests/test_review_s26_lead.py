@@ -160,3 +160,19 @@ def test_shared_prefix_refuses_a_model_that_reshapes_its_rows() -> None:
 def test_shared_prefix_must_be_a_bool(bad: object) -> None:
     with pytest.raises(TypeError, match="shared_prefix must be True or False"):
         bbb.ELBO(bbb.Categorical(), dataset_size=10, shared_prefix=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_predict_with_shared_prefix_runs_the_body_once_per_input(estimator: str) -> None:
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(4))
+    preds, rows = [], []
+    for shared in (False, True):
+        model = _head_model(estimator)
+        torch.manual_seed(2)
+        # max_rows 12: chunks of 3, 3 and 1 inputs (the last one smaller)
+        preds.append(bbb.predict(model, x, num_samples=4, max_rows=12, shared_prefix=shared))
+        rows.append(model[2].rows)
+    assert rows[0] == [12, 12, 4] and rows[1] == [3, 3, 1]
+    torch.testing.assert_close(preds[1].sample_probs, preds[0].sample_probs, rtol=1e-5, atol=1e-6)
+    # the layers are left as they were
+    assert model[3].num_samples == 1 and model[3]._prefix_rows is None

@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Categorical, Gaussian, Likelihood
-from .nn.module import _is_int, _is_real, shared_weight_samples, vectorized_samples
+from .nn.module import (
+    _is_int,
+    _is_real,
+    _vectorized_samples,
+    shared_weight_samples,
+    vectorized_samples,
+)
 from .nn.stacking import repeat_samples
 
 __all__ = [
@@ -357,7 +363,12 @@ _DEFAULT_MAX_ROWS = 65536
 
 
 def sample_outputs(
-    model: nn.Module, x: Tensor, num_samples: int, *, max_rows: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    *,
+    max_rows: int | None = None,
+    shared_prefix: bool = False,
 ) -> Tensor:
     """Model outputs for ``num_samples`` weight samples, (S, B, ...), without gradients.
 
@@ -368,7 +379,14 @@ def sample_outputs(
     network for all B inputs, across chunks too (:func:`bbb.nn.module.shared_weight_samples`);
     ``local`` and ``flipout`` draw their noise per row, so only per-input summaries (the
     predictive distribution of each input) are meaningful for them.
+
+    ``shared_prefix=True``: each chunk's inputs are given to the model as they are and the
+    first Bayesian layer makes the S copies (``vectorized_samples(..., batch_size=chunk)``),
+    so the deterministic layers before it run once per input instead of S times (see
+    :class:`bbb.ELBO`'s ``shared_prefix`` for what the model must allow).
     """
+    if not isinstance(shared_prefix, bool):
+        raise TypeError(f"shared_prefix must be True or False, got {shared_prefix!r}")
     # any integer type (Python, NumPy), not a bool
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -396,7 +414,12 @@ def sample_outputs(
         for start in range(0, x.shape[0], chunk):
             xb = x[start : start + chunk]
             b = xb.shape[0]
-            out = _model_output(model(repeat_samples(xb, num_samples)), num_samples * b)
+            if shared_prefix and num_samples > 1:
+                with _vectorized_samples(model, num_samples, b):
+                    out = model(xb)
+            else:
+                out = model(repeat_samples(xb, num_samples))
+            out = _model_output(out, num_samples * b)
             outs.append(out.reshape(num_samples, b, *out.shape[1:]))
     return torch.cat(outs, dim=1)
 
@@ -428,6 +451,7 @@ def predict(
     likelihood: Gaussian,
     num_samples: int = 100,
     max_rows: int | None = None,
+    shared_prefix: bool = False,
 ) -> RegressionPrediction: ...
 
 
@@ -439,6 +463,7 @@ def predict(
     likelihood: Categorical | None = None,
     num_samples: int = 100,
     max_rows: int | None = None,
+    shared_prefix: bool = False,
 ) -> ClassificationPrediction: ...
 
 
@@ -450,6 +475,7 @@ def predict(
     likelihood: Likelihood | None = None,
     num_samples: int = 100,
     max_rows: int | None = None,
+    shared_prefix: bool = False,
 ) -> ClassificationPrediction | RegressionPrediction: ...
 
 
@@ -460,6 +486,7 @@ def predict(
     likelihood: Likelihood | None = None,
     num_samples: int = 100,
     max_rows: int | None = None,
+    shared_prefix: bool = False,
 ) -> ClassificationPrediction | RegressionPrediction:
     """Predictive distribution of ``model`` at inputs ``x`` (B, ...), averaged over samples.
 
@@ -482,6 +509,9 @@ def predict(
         max_rows: bound on S * chunk rows per forward pass (memory); at least S (one input's
             samples run in one pass), else a ValueError. ``None``: 65536, or S where S is
             larger.
+        shared_prefix: run the deterministic layers before the first Bayesian layer once per
+            input instead of S times (a frozen feature extractor under a Bayesian head); see
+            :func:`sample_outputs`.
     """
     if likelihood is None:
         likelihood = Categorical()
@@ -502,7 +532,7 @@ def predict(
         raise TypeError(f"predict needs the inputs as one tensor (B, ...), got {type(x).__name__}")
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError("predict: inputs contain NaN or Inf values")
-    outputs = sample_outputs(model, x, num_samples, max_rows=max_rows)
+    outputs = sample_outputs(model, x, num_samples, max_rows=max_rows, shared_prefix=shared_prefix)
     if isinstance(likelihood, Categorical):
         if outputs.dim() != 3:
             raise ValueError(
