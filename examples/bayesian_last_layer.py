@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     head_params = [p for p in bayes.parameters() if p.requires_grad]
     trainer = Trainer(
         bayes,
-        bbb.ELBO(bbb.Categorical(), len(train), num_samples=4),
+        # the frozen body runs once per example, not once per weight sample
+        bbb.ELBO(bbb.Categorical(), len(train), num_samples=4, shared_prefix=True),
         torch.optim.Adam(head_params, lr=args.lr),
         DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator),
         epochs=args.finetune_epochs,
@@ -244,9 +245,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     )
 
     # 4. Compare.
-    pred = bbb.predict(bayes, x_test, num_samples=args.samples)
+    pred = bbb.predict(bayes, x_test, num_samples=args.samples, shared_prefix=True)
     assert isinstance(pred, bbb.ClassificationPrediction)
-    pred_ood = {k: bbb.predict(bayes, v, num_samples=args.samples) for k, v in ood.items()}
+    pred_ood = {
+        k: bbb.predict(bayes, v, num_samples=args.samples, shared_prefix=True)
+        for k, v in ood.items()
+    }
     report: dict[str, object] = {
         "data": data,
         "converted_layers": converted,
