@@ -237,3 +237,21 @@ def test_a_calibration_field_that_is_not_a_number_is_refused(tiny: Path, tmp_pat
         tiny, out, config=_config(), settings=_settings(), splits=[0], resume=True, log=None
     )
     assert m["calibration"]["n_splits"] == 1 and math.isnan(m["splits"][0]["coverage_95"])
+
+
+def test_calibration_table_digits() -> None:
+    """Fractions with 3 decimals; widths and CRPS with 3 significant digits and at least one
+    of the SE (an SE of 0.04 on a width of 15.9 is not printed as 0.0)."""
+    cal: dict[str, object] = {"n_splits": 20, "missing_splits": []}
+    for key, mean, se in (
+        ("coverage_50", 0.5271, 0.0041),
+        ("coverage_90", 0.9, 0.002),
+        ("coverage_95", 0.95, None),
+        ("width_95", 15.8812, 0.0412),
+        ("calibration_error", 0.0183, 0.0021),
+        ("crps", 0.04413, 0.00031),
+    ):
+        cal[f"{key}_mean"], cal[f"{key}_se"] = mean, se
+    table = U.format_calibration_table([{"dataset": "power", "n_splits": 20, "calibration": cal}])
+    row = "| power | 20 | 0.527 ± 0.004 | 0.900 ± 0.002 | 0.950 | 15.88 ± 0.04 | 0.018 ± 0.002 "
+    assert row + "| 0.0441 ± 0.0003 |" in table

@@ -125,14 +125,18 @@ CALIBRATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def _pm_significant(mean: float | None, se: float | None, kind: str) -> str:
-    """``mean ± se``: fractions with 3 decimals; quantities in original units with 3
-    significant digits of the mean and the same decimals for the SE; ``-`` for no value."""
+    """``mean ± se``: fractions with 3 decimals; quantities in original units with at least
+    3 significant digits of the mean and 1 of the SE (``15.88 ± 0.04``, not ``15.9 ± 0.0``;
+    at most 6 decimals), both with the same decimals; ``-`` for no value."""
     if mean is None:
         return "-"
     if kind == "fraction" or not math.isfinite(mean) or mean == 0.0:
         digits = 3
     else:
-        digits = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
+        digits = max(0, 2 - math.floor(math.log10(abs(mean))))
+        if se is not None and math.isfinite(se) and se > 0.0:
+            digits = max(digits, -math.floor(math.log10(se)))
+        digits = min(6, digits)
     text = f"{mean:.{digits}f}"
     return text if se is None else f"{text} ± {se:.{digits}f}"
 
