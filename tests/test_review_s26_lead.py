@@ -176,3 +176,11 @@ def test_predict_with_shared_prefix_runs_the_body_once_per_input(estimator: str)
     torch.testing.assert_close(preds[1].sample_probs, preds[0].sample_probs, rtol=1e-5, atol=1e-6)
     # the layers are left as they were
     assert model[3].num_samples == 1 and model[3]._prefix_rows is None
+
+
+def test_brier_of_a_confident_wrong_float32_softmax_stays_within_its_bound() -> None:
+    # a float32 softmax sums to 1 only up to rounding: this one scored 2.000000000000001
+    # (found by the property test test_metrics.py::test_ece_in_unit_interval in one run)
+    g = torch.Generator().manual_seed(8388609)
+    p = torch.softmax(9 * torch.randn(1, 6, generator=g), dim=1)
+    assert bbb.metrics.brier(p, torch.tensor([2])) == 2.0

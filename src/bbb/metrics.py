@@ -297,7 +297,9 @@ def brier(probs: Tensor, labels: Tensor) -> float:
     """
     p, y = _check_classification(probs, labels)
     onehot = torch.nn.functional.one_hot(y, num_classes=p.shape[1]).to(p.dtype)
-    return (p - onehot).pow(2).sum(dim=1).mean().item()
+    # at most 2 for probabilities that sum to 1; float32 ones sum to 1 only up to rounding
+    # (a confident wrong softmax scored 2.000000000000001), so the bound is applied here
+    return min((p - onehot).pow(2).sum(dim=1).mean().item(), 2.0)
 
 
 @dataclass(frozen=True)
