@@ -83,6 +83,7 @@ def _stub_plots(mp: pytest.MonkeyPatch) -> None:
 
     mp.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     mp.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    mp.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
     mp.setattr(bbb.metrics, "plot_reliability_diagram", lambda *a, **k: None)
 
 

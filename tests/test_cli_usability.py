@@ -44,6 +44,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # no PNGs: no test here looks at them
     monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    monkeypatch.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
 
 
 def cli(*args: object) -> int:

@@ -364,6 +364,7 @@ def check_two_rank_run_and_resume_on_one(run: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    monkeypatch.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

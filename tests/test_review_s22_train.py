@@ -41,6 +41,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("BBB_DATA_DIR", raising=False)
     monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: None)
+    monkeypatch.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
     monkeypatch.setattr(bbb.metrics, "plot_reliability_diagram", lambda *a, **k: None)
     monkeypatch.chdir(tmp_path)
 

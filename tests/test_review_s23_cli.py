@@ -33,6 +33,7 @@ def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    monkeypatch.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
     monkeypatch.setattr(bbb.metrics, "plot_reliability_diagram", lambda *a, **k: None)
 
 

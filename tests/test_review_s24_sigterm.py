@@ -105,6 +105,7 @@ def stub_plots(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(bbb.plots, "learning_curves", lambda *a, **k: None)
     monkeypatch.setattr(bbb.plots, "regression_band", lambda *a, **k: {})
+    monkeypatch.setattr(bbb.metrics, "plot_regression_calibration", lambda *a, **k: None)
 
 
 def rows(run: Path) -> list[dict[str, Any]]:
