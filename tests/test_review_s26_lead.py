@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -184,3 +186,25 @@ def test_brier_of_a_confident_wrong_float32_softmax_stays_within_its_bound() -> 
     g = torch.Generator().manual_seed(8388609)
     p = torch.softmax(9 * torch.randn(1, 6, generator=g), dim=1)
     assert bbb.metrics.brier(p, torch.tensor([2])) == 2.0
+
+
+# --- bbb uci refuses the per-step settings before writing anything -----------------------
+
+
+@pytest.mark.parametrize("line", ["lr_warmup_steps = 3", "steps_per_epoch = 2"])
+def test_bbb_uci_refuses_per_step_settings_before_writing_anything(
+    tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_uci_calibration import _write_uci_dir
+
+    from bbb.cli import main
+
+    data = _write_uci_dir(tmp_path / "data")
+    config = tmp_path / "u.toml"
+    config.write_text(line + "\n")
+    out = tmp_path / "run"
+    code = main(["uci", str(data), "--splits", "0-0", "--config", str(config), "--out", str(out)])
+    err = capsys.readouterr().err
+    # before: refused by build_objective after config.json, uci.json and splits/ were written
+    assert code == 1 and f"{line.split(' =')[0]} = " in err and "not used there" in err
+    assert not out.exists()

@@ -249,6 +249,21 @@ def check_uci_settings(cfg: TrainConfig, *, tuning: bool = False) -> None:
             "the UCI engine trains every split for a fixed number of epochs (chosen by --tune "
             "on validation curves); patience is not used there, leave it unset"
         )
+    # the UCI engine builds its own epochs and schedule per split (build_objective refuses
+    # these when not given the epoch plan, but only after config.json, uci.json and splits/
+    # were written): refused here, before anything is written
+    per_step = [
+        f"{key} = {getattr(cfg, key)!r}"
+        for key in ("lr_warmup_steps", "steps_per_epoch")
+        if getattr(cfg, key) not in (None, 0)
+    ]
+    if per_step:
+        raise ConfigError(
+            f"the UCI engine trains every split by whole passes with a per-epoch schedule; "
+            f"{' and '.join(per_step)} is not used there: leave "
+            + ("them" if len(per_step) > 1 else "it")
+            + " unset"
+        )
     if tuning and cfg.lr_schedule == "cosine":
         raise ConfigError(
             "--tune picks the epoch count E from validation curves trained with the cosine "
