@@ -214,6 +214,10 @@ class BayesModule(nn.Module):
     # inside vectorized_samples(model, S, batch_size=B): the B of the model's input, whose
     # rows a layer receiving exactly B of them repeats S times itself (see forward)
     _prefix_rows: int | None = None
+    # ... and whether a Bayesian layer has made the S copies since the context was entered
+    # (one flag shared by the model's layers): a layer that receives S * B rows before that
+    # did not get them from a Bayesian layer's copies
+    _prefix_copied: list[bool] | None = None
 
     def _init_posterior(
         self,
@@ -468,7 +472,41 @@ class BayesModule(nn.Module):
         return _Record(eps_w=eps_w, eps_b=eps_b)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply the layer to ``x``; inside :func:`vectorized_samples`, ``x`` is (S * B, ...)."""
+        """Apply the layer to ``x``; inside :func:`vectorized_samples`, ``x`` is (S * B, ...)
+        (or (B, ...) with its ``batch_size=B``: the S copies are made here)."""
+        num_samples = self.num_samples
+        rows = self._prefix_rows
+        if rows is not None and num_samples > 1 and x.dim() >= 1:
+            # vectorized_samples(..., batch_size=B): the model was called on the B inputs
+            # themselves, so the layers before this one ran once per example; the S copies
+            # start here (marked identical: local/flipout compute their shared part once).
+            # Before the input checks, which see (S * B, ...) as on every other path: a
+            # BayesLinearEnsemble's (K, N, in) was refused here for lacking its S * K rows
+            copied = self._prefix_copied
+            if x.shape[0] == rows:
+                x = repeat_samples(x, num_samples)
+                if copied is not None:
+                    copied[0] = True
+            elif x.shape[0] != rows * num_samples:
+                raise ValueError(
+                    f"{type(self).__name__}: received {x.shape[0]} rows inside "
+                    f"vectorized_samples(..., batch_size={rows}) with num_samples={num_samples}: "
+                    f"expected {rows} (the batch, repeated here) or {rows * num_samples} (its "
+                    "copies); a model that reshapes its rows (sequences flattened into the "
+                    "batch) needs the copies from its input: leave shared_prefix off"
+                )
+            elif copied is not None and not copied[0]:
+                # S * B rows before any Bayesian layer made the copies: the model made them
+                # from its B inputs (a sequence of length S flattened into the batch), and
+                # taking them for the S copies mixed the rows of different examples silently
+                raise ValueError(
+                    f"{type(self).__name__}: received {x.shape[0]} = {num_samples} x {rows} rows "
+                    f"inside vectorized_samples(..., batch_size={rows}) before any Bayesian "
+                    f"layer made the {num_samples} copies of the batch: the model made these "
+                    "rows itself (a sequence of length num_samples flattened into the batch?) "
+                    "and they would be taken for the copies; a model that reshapes its rows "
+                    "needs the copies from its input: leave shared_prefix off"
+                )
         self._check_input(x)
         if x.dtype != self.weight_mu.dtype and not (
             x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
@@ -478,21 +516,6 @@ class BayesModule(nn.Module):
                 f"parameters), got {x.dtype}; convert the input (x.to({self.weight_mu.dtype})) or "
                 "the model (model.to(dtype))"
             )
-        num_samples = self.num_samples
-        rows = self._prefix_rows
-        if rows is not None and num_samples > 1 and x.shape[0] != rows * num_samples:
-            # vectorized_samples(..., batch_size=B): the model was called on the B inputs
-            # themselves, so the layers before this one ran once per example; the S copies
-            # start here (marked identical: local/flipout compute their shared part once)
-            if x.shape[0] != rows:
-                raise ValueError(
-                    f"{type(self).__name__}: received {x.shape[0]} rows inside "
-                    f"vectorized_samples(..., batch_size={rows}) with num_samples={num_samples}: "
-                    f"expected {rows} (the batch, repeated here) or {rows * num_samples} (its "
-                    "copies); a model that reshapes its rows (sequences flattened into the "
-                    "batch) needs the copies from its input: leave shared_prefix off"
-                )
-            x = repeat_samples(x, num_samples)
         if num_samples > 1 and x.shape[0] % num_samples != 0:
             raise ValueError(
                 f"{type(self).__name__}: batch of {x.shape[0]} rows is not a multiple of "
@@ -1126,8 +1149,15 @@ def vectorized_samples(
     per example instead of once per weight sample (a frozen feature extractor under a
     Bayesian head: S times less work there). The model must not combine a tensor from before
     a Bayesian layer with one from after it (a skip connection around the first Bayesian
-    layer: a shape error for B > 1), and randomness before it (dropout in training mode) is
-    shared by the S samples. A Bayesian layer receiving neither B nor S * B rows is an error.
+    layer: a shape error for B > 1; for B = 1 the one row broadcasts against the S rows,
+    which is the right result, since it is the same for every sample), and randomness
+    before it (dropout in training mode) is shared by the S samples. A Bayesian layer
+    receiving neither B nor S * B rows is an error, and so is one receiving S * B rows before
+    any Bayesian layer has made the copies since the context was entered (rows the model made
+    itself, e.g. a sequence of length S flattened into the batch: they would be taken for the
+    copies). :class:`bbb.ELBO` and :func:`bbb.predict` enter the context once per forward
+    pass, so that check covers each of their passes; in a context of your own it covers the
+    first pass only.
     """
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -1145,13 +1175,16 @@ def _vectorized_samples(
     model: nn.Module, num_samples: int, batch_size: int | None = None
 ) -> Iterator[nn.Module]:
     layers = list(bayes_modules(model))
-    previous = [(m.num_samples, m._prefix_rows) for m in layers]
+    previous = [(m.num_samples, m._prefix_rows, m._prefix_copied) for m in layers]
+    copied = None if batch_size is None else [False]
     try:
         for m in layers:
             m.num_samples = num_samples
             m._prefix_rows = batch_size
+            m._prefix_copied = copied
         yield model
     finally:
-        for m, (n, rows) in zip(layers, previous, strict=True):
+        for m, (n, rows, was_copied) in zip(layers, previous, strict=True):
             m.num_samples = n
             m._prefix_rows = rows
+            m._prefix_copied = was_copied
