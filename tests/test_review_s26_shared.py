@@ -124,3 +124,55 @@ def test_layers_after_the_copies_and_parallel_branches(estimator: str) -> None:
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _elbo_pass(model: nn.Module, x: Tensor, y: Tensor, shared: bool) -> tuple[Tensor, list[Tensor]]:
+    elbo = bbb.ELBO(bbb.Categorical(), dataset_size=40, num_samples=3, shared_prefix=shared)
+    torch.manual_seed(1)
+    out = elbo(model, x, y)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    model.zero_grad()
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_a_model_whose_first_layer_is_bayesian_is_unchanged_bit_for_bit(estimator: str) -> None:
+    # nothing to share: the first layer makes the copies the ELBO made before, marked as
+    # identical blocks in the same way, so the same floating-point operations run
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        bbb.BayesLinear(4, 6, estimator=estimator), nn.Tanh(), bbb.BayesLinear(6, 3)
+    )
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(3))
+    (l0, g0), (l1, g1) = (_elbo_pass(model, x, y, s) for s in (False, True))
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+class _Skip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.head = bbb.BayesLinear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        return self.head(h) + h  # a skip connection around the first Bayesian layer
+
+
+def test_a_skip_around_the_first_bayesian_layer_at_one_example() -> None:
+    # B = 1: the body's one row broadcasts against the head's S rows instead of failing;
+    # it is the same row for every sample, so the loss and gradients are those of the copies
+    torch.manual_seed(0)
+    model = _Skip()
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([2])
+    (l0, g0), (l1, g1) = (_elbo_pass(model, x, y, s) for s in (False, True))
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # B > 1: a shape error (documented), not a wrong result
+    with pytest.raises(RuntimeError, match="must match the size"):
+        _elbo_pass(model, torch.randn(2, 4), torch.tensor([0, 1]), True)
