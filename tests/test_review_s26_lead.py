@@ -208,3 +208,20 @@ def test_bbb_uci_refuses_per_step_settings_before_writing_anything(
     # before: refused by build_objective after config.json, uci.json and splits/ were written
     assert code == 1 and f"{line.split(' =')[0]} = " in err and "not used there" in err
     assert not out.exists()
+
+
+def test_the_trainer_validates_with_its_elbos_shared_prefix() -> None:
+    model = _head_model("local")
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))
+    elbo = bbb.ELBO(bbb.Categorical(), dataset_size=8, num_samples=3, shared_prefix=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    val = DataLoader(data, batch_size=8)
+    trainer = Trainer(
+        model, elbo, opt, DataLoader(data, batch_size=8), val_loader=val, val_samples=4,
+        epochs=1, log=None, progress=False,
+    )  # fmt: skip
+    trainer.fit()
+    # one training pass (8 rows) and one validation pass (8 rows, not 4 x 8 = 32: before,
+    # validation ran the body once per weight sample)
+    assert model[2].rows == [8, 8]

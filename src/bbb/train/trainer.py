@@ -333,8 +333,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     y_scale: float = 1.0,
     n_bins: int = 15,
+    shared_prefix: bool = False,
 ) -> dict[str, float]:
     """Predictive metrics of ``model`` over ``loader`` with ``num_samples`` weight samples.
+
+    ``shared_prefix``: passed to :func:`bbb.predict` (the layers before the first Bayesian
+    layer run once per example); the :class:`Trainer` passes its ELBO's setting.
 
     Classification: ``error``, ``accuracy``, ``nll`` (predictive, nats per example: the
     exact ``-log p(y|x)`` from :attr:`ClassificationPrediction.log_probs`, by log-sum-exp, not
@@ -356,7 +360,13 @@ def evaluate(
             probs, labels = [], []
             log_probs: list[Tensor | None] = []
             for x, y in _batches(loader, device):
-                pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+                pred = predict(
+                    model,
+                    x,
+                    likelihood=likelihood,
+                    num_samples=num_samples,
+                    shared_prefix=shared_prefix,
+                )
                 probs.append(pred.probs.cpu())
                 labels.append(y.cpu())
                 log_probs.append(None if pred.log_probs is None else pred.log_probs.cpu())
@@ -372,7 +382,13 @@ def evaluate(
         assert isinstance(likelihood, Gaussian)  # _check_evaluable: Categorical or Gaussian
         means, variances, targets = [], [], []
         for x, y in _batches(loader, device):
-            rpred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
+            rpred = predict(
+                model,
+                x,
+                likelihood=likelihood,
+                num_samples=num_samples,
+                shared_prefix=shared_prefix,
+            )
             means.append(rpred.sample_means.cpu())
             variances.append(rpred.sample_variances.cpu())
             targets.append(y.cpu())
@@ -1242,6 +1258,7 @@ class Trainer:
             num_samples=self.val_samples,
             device=self.device,
             y_scale=self.y_scale,
+            shared_prefix=self.elbo.shared_prefix,
         )
 
     def fit(
