@@ -204,22 +204,20 @@ class RegressionPrediction:
         """Total predictive standard deviation (B, D)."""
         return self.variance.sqrt()
 
-    def log_prob(self, target: Tensor) -> Tensor:
-        """Log-density (B,) of targets (B, D) or (B,) under the S-component mixture, nats.
-
-        The joint density of the D outputs: log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd).
-        """
-        m, v = self.sample_means, self.sample_variances
+    def _checked_target(self, target: object, who: str) -> Tensor:
+        """``target`` (B, D) or (B,) as (B, D), refused when it is not a tensor of the
+        predictions' shape or holds NaN/Inf (a NaN target made its example's value NaN,
+        silently)."""
         if not isinstance(target, Tensor):
-            raise TypeError(f"log_prob: targets must be a tensor, got {type(target).__name__}")
+            raise TypeError(f"{who}: targets must be a tensor, got {type(target).__name__}")
         given = tuple(target.shape)
         if target.dim() == 1:
             target = target.unsqueeze(-1)
-        if target.shape != m.shape[1:]:
-            b, d = m.shape[1:]
+        if target.shape != self.sample_means.shape[1:]:
+            b, d = self.sample_means.shape[1:]
             read = f" (given as {given})" if len(given) == 1 else ""
             raise ValueError(
-                f"log_prob: targets of shape {tuple(target.shape)}{read} do not match the "
+                f"{who}: targets of shape {tuple(target.shape)}{read} do not match the "
                 f"predictions' (B, D) = {(b, d)}; pass targets of shape {(b, d)}"
                 + (f" or ({b},)" if d == 1 else "")
             )
@@ -228,12 +226,19 @@ class RegressionPrediction:
             and not target.is_meta
             and not bool(torch.isfinite(target).all())
         ):
-            # a NaN target made that example's log-density NaN, silently
-            raise ValueError("log_prob: targets contain NaN or Inf values")
+            raise ValueError(f"{who}: targets contain NaN or Inf values")
+        return target
+
+    def log_prob(self, target: Tensor) -> Tensor:
+        """Log-density (B,) of targets (B, D) or (B,) under the S-component mixture, nats.
+
+        The joint density of the D outputs: log (1/S) sum_s prod_d N(y_d; mu_sd, var_sd).
+        """
+        m, v = self.sample_means, self.sample_variances
         # targets on the CPU, predictions on the model's device: moved, as
         # ClassificationPrediction.log_prob does (was "Expected all tensors to be on the same
         # device")
-        target = target.to(m.device)
+        target = self._checked_target(target, "log_prob").to(m.device)
         lp = -0.5 * (math.log(2 * math.pi) + v.log() + (target - m) ** 2 / v)
         s = m.shape[0]
         return torch.logsumexp(lp.sum(-1), dim=0) - math.log(s)
@@ -243,26 +248,8 @@ class RegressionPrediction:
         ``(1/S) sum_s Phi((y_d - mu_sd) / sd_sd)``, exactly (the PIT values of the targets;
         see :func:`bbb.metrics.pit_values`). Computed in float64, returned in the dtype of
         the sample means, on their device (targets elsewhere are moved)."""
-        if not isinstance(target, Tensor):
-            raise TypeError(f"cdf: targets must be a tensor, got {type(target).__name__}")
         m = self.sample_means
-        given = tuple(target.shape)
-        if target.dim() == 1:
-            target = target.unsqueeze(-1)
-        if target.shape != m.shape[1:]:
-            b, d = m.shape[1:]
-            read = f" (given as {given})" if len(given) == 1 else ""
-            raise ValueError(
-                f"cdf: targets of shape {tuple(target.shape)}{read} do not match the "
-                f"predictions' (B, D) = {(b, d)}; pass targets of shape {(b, d)}"
-                + (f" or ({b},)" if d == 1 else "")
-            )
-        if (
-            target.is_floating_point()
-            and not target.is_meta
-            and not bool(torch.isfinite(target).all())
-        ):
-            raise ValueError("cdf: targets contain NaN or Inf values")
+        target = self._checked_target(target, "cdf")
         from .metrics import _mixture_cdf
 
         y = target.to(device=m.device, dtype=torch.float64)
