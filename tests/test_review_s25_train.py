@@ -228,6 +228,10 @@ def _collective_errors(r: int, error: type[BaseException]) -> str:
 
 def _worker(r: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    # Ctrl-C as KeyboardInterrupt even where the test runner was started with SIGINT ignored
+    # (a background job of a shell without job control: Python then keeps SIG_IGN, and the
+    # SIGINT scenario trained on without a stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
