@@ -14,21 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import bbb
-
-
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:
@@ -62,8 +52,10 @@ def main() -> None:
             fn(shared)
         for _ in range(args.repeats):  # interleaved
             for shared in (False, True):
-                times.setdefault(f"{name} shared_prefix={shared}", []).extend(
-                    _time(lambda shared=shared: fn(shared), 1)  # type: ignore[misc]
+                t0 = time.perf_counter()
+                fn(shared)
+                times.setdefault(f"{name} shared_prefix={shared}", []).append(
+                    time.perf_counter() - t0
                 )
     print(f"S = {s}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for key, ts in times.items():
