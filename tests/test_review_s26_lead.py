@@ -225,3 +225,16 @@ def test_the_trainer_validates_with_its_elbos_shared_prefix() -> None:
     # one training pass (8 rows) and one validation pass (8 rows, not 4 x 8 = 32: before,
     # validation ran the body once per weight sample)
     assert model[2].rows == [8, 8]
+
+
+def test_a_direct_train_epoch_keeps_the_modes_of_its_moment() -> None:
+    model = _bn_body_model()
+    loader = _loader()
+    elbo = bbb.ELBO(bbb.Categorical(), dataset_size=len(loader.dataset))  # type: ignore[arg-type]
+    trainer = Trainer(model, elbo, torch.optim.Adam(model.parameters()), loader, log=None)
+    trainer.fit()  # every module in training mode
+    model[1].eval()  # then the user freezes the BatchNorm and trains one more epoch by hand
+    before = model[1].running_mean.clone()
+    trainer.train_epoch()
+    # before: the list of modules kept in eval mode was the one fit() had read (none)
+    assert not model[1].training and torch.equal(model[1].running_mean, before)

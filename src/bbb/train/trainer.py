@@ -475,9 +475,11 @@ class Trainer:
             stops every rank after that epoch.
 
     Train/eval modes: each epoch puts the model in training mode, except the submodules that
-    were in eval mode when ``fit()`` was called on a model in training mode (a frozen body's
-    BatchNorm or a Dropout the user switched off: ``model.body.eval()`` before ``fit()``), which
-    stay in eval mode; validation restores each submodule's own mode afterwards.
+    are in eval mode in a model that is in training mode when the epoch starts (a frozen
+    body's BatchNorm or a Dropout the user switched off: ``model.body.eval()`` before
+    ``fit()``), which stay in eval mode; validation restores each submodule's own mode
+    afterwards. A model wholly in eval mode (left so by a prediction) trains wholly in
+    training mode.
 
     ``metrics.jsonl`` (and ``trainer.history``) holds one row per epoch: ``epoch``; the
     epoch's training means over its examples (each minibatch weighted by its size) ``loss``
@@ -609,8 +611,6 @@ class Trainer:
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self.epoch = 0
-        # submodules kept in eval mode during training (set by fit())
-        self._kept_in_eval: list[nn.Module] = []
         self._check_epoch_plan()
         # the (scheduler, scheduler_interval) last checked for a cycle that would stop early
         self._schedule_checked: tuple[Any, str] = (None, "epoch")
@@ -1004,8 +1004,14 @@ class Trainer:
             self.elbo.replicas = previous
 
     def _train_epoch_scoped(self) -> dict[str, float]:
+        # A model in training mode whose submodules the user put in eval mode (a frozen
+        # body's BatchNorm, a Dropout switched off) keeps them there; a model wholly in eval
+        # mode (left so by a prediction) trains in training mode, as before. Read at every
+        # epoch (the previous epoch and the validation leave the same modes), so a direct
+        # train_epoch() call sees the modes of its moment.
+        kept = [m for m in self.model.modules() if not m.training] if self.model.training else []
         self.model.train()
-        for module in self._kept_in_eval:  # see fit(): put in eval mode by the user
+        for module in kept:
             module.eval()
         self.elbo.train()
         sampler = _epoch_sampler(self.train_loader)
@@ -1329,12 +1335,6 @@ class Trainer:
             self._round_reset_pending = reset
             # the loader or the ELBO's dataset_size may have changed since (a new round)
             _warn_dataset_size(self.train_loader, self.elbo)
-        # A model in training mode whose submodules the user put in eval mode (a frozen
-        # body's BatchNorm, a Dropout switched off) keeps them there in every epoch; a model
-        # wholly in eval mode (left so by a prediction) trains in training mode, as before.
-        self._kept_in_eval = (
-            [m for m in self.model.modules() if not m.training] if self.model.training else []
-        )
         try:
             if self.distributed:  # rank 0 reads the run directory; every rank gets its content
                 loaded = _dist.on_main(
