@@ -82,6 +82,7 @@ __all__ = [
     "NonFinitePredictionError",
     "StopTraining",
     "evaluate",
+    "regression_predictive",
     "seed_everything",
     "LOWER_IS_BETTER",
     "SCHEDULER_INTERVALS",
@@ -323,6 +324,58 @@ def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
         module.training = training
 
 
+def _regression_outputs(
+    model: nn.Module,
+    loader: Iterable[Any],
+    likelihood: Gaussian,
+    num_samples: int,
+    device: torch.device,
+    shared_prefix: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The mixture predictive over ``loader``, on the CPU: means and variances (S, B, D),
+    targets as the loader gives them; refused when empty or not finite."""
+    means, variances, targets = [], [], []
+    for x, y in _batches(loader, device):
+        rpred = predict(
+            model, x, likelihood=likelihood, num_samples=num_samples, shared_prefix=shared_prefix
+        )
+        means.append(rpred.sample_means.cpu())
+        variances.append(rpred.sample_variances.cpu())
+        targets.append(y.cpu())
+    if not means:
+        raise ValueError("evaluate: the data loader is empty")
+    all_means, all_variances = torch.cat(means, 1), torch.cat(variances, 1)
+    # (samples, examples, ...): one row per example
+    _check_predictions(all_means.transpose(0, 1), all_variances.transpose(0, 1))
+    return all_means, all_variances, torch.cat(targets)
+
+
+@torch.no_grad()
+def regression_predictive(
+    model: nn.Module,
+    loader: Iterable[Any],
+    likelihood: Gaussian,
+    *,
+    num_samples: int = 10,
+    device: torch.device | str = "cpu",
+    shared_prefix: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The predictions :func:`evaluate` scores for a regression model, for other metrics
+    (calibration): ``(means, variances, targets)`` on the CPU, means and variances
+    ``(S, B, D)`` per weight sample (variances with the observation noise), targets as the
+    loader gives them; the model in eval mode meanwhile, each submodule's mode restored
+    after. The same random draws as :func:`evaluate` on the same loader."""
+    _check_evaluable(likelihood, "regression_predictive")
+    modes = _training_modes(model)
+    model.eval()
+    try:
+        return _regression_outputs(
+            model, loader, likelihood, num_samples, torch.device(device), shared_prefix
+        )
+    finally:
+        _restore_training_modes(modes)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -380,24 +433,10 @@ def evaluate(
             exact = None if any(lp is None for lp in log_probs) else torch.cat(log_probs)  # type: ignore[arg-type]
             return M.classification_report(all_probs, all_labels, n_bins=n_bins, log_probs=exact)
         assert isinstance(likelihood, Gaussian)  # _check_evaluable: Categorical or Gaussian
-        means, variances, targets = [], [], []
-        for x, y in _batches(loader, device):
-            rpred = predict(
-                model,
-                x,
-                likelihood=likelihood,
-                num_samples=num_samples,
-                shared_prefix=shared_prefix,
-            )
-            means.append(rpred.sample_means.cpu())
-            variances.append(rpred.sample_variances.cpu())
-            targets.append(y.cpu())
-        if not means:
-            raise ValueError("evaluate: the data loader is empty")
-        all_means, all_variances = torch.cat(means, 1), torch.cat(variances, 1)
-        # (samples, examples, ...): one row per example
-        _check_predictions(all_means.transpose(0, 1), all_variances.transpose(0, 1))
-        report = M.regression_report(all_means, all_variances, torch.cat(targets), y_scale=y_scale)
+        all_means, all_variances, targets = _regression_outputs(
+            model, loader, likelihood, num_samples, device, shared_prefix
+        )
+        report = M.regression_report(all_means, all_variances, targets, y_scale=y_scale)
         report["nll"] = -report["log_likelihood"]
         return report
     finally:

@@ -9,23 +9,19 @@ from concurrent.futures import as_completed
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from .. import metrics as M
 from ..config import TrainConfig
 from ..data.uci import UCIDataset, UCISplit
 from ..kernels import use_kernels
-from ..likelihoods import Gaussian
-from ..predictive import predict
 from ..runs import RunData, build_likelihood, build_model, build_objective
 from ..train.trainer import (
     NonFinitePredictionError,
     Trainer,
     TrainingDivergedError,
-    _check_predictions,
-    _restore_training_modes,
-    _training_modes,
+    regression_predictive,
     seed_everything,
 )
 from .report import CALIBRATION_LEVELS, coverage_key, width_key
@@ -142,42 +138,6 @@ def _noise_std(likelihood: Any, y_std: float) -> float | None:
     return float(likelihood.sigma.detach()[0]) * y_std
 
 
-@torch.no_grad()
-def _test_predictive(
-    model: nn.Module,
-    test: TensorDataset,
-    likelihood: Gaussian,
-    *,
-    num_samples: int,
-    device: torch.device | str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The test set's mixture predictive: exactly the predictions :func:`bbb.train.evaluate`
-    scores (one batch of the whole test set, ``num_samples`` weight samples, the model in eval
-    mode and each submodule's mode restored afterwards, the same random draws).
-
-    Returns ``(means, variances, targets)`` on the CPU in normalised units: means and
-    variances ``(S, B, 1)`` (S = ``num_samples`` weight samples, B test rows; variances
-    include the observation noise), targets ``(B, 1)``. Raises
-    :class:`NonFinitePredictionError` when a prediction is NaN or Inf (as ``evaluate``).
-    """
-    device = torch.device(device)
-    modes = _training_modes(model)
-    model.eval()
-    try:
-        means, variances, targets = [], [], []
-        for x, y in DataLoader(test, batch_size=len(test)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            pred = predict(model, x, likelihood=likelihood, num_samples=num_samples)
-            means.append(pred.sample_means.cpu())
-            variances.append(pred.sample_variances.cpu())
-            targets.append(y.cpu())
-        all_means, all_variances = torch.cat(means, 1), torch.cat(variances, 1)
-        _check_predictions(all_means.transpose(0, 1), all_variances.transpose(0, 1))
-        return all_means, all_variances, torch.cat(targets)
-    finally:
-        _restore_training_modes(modes)
-
-
 def calibration_metrics(
     means: Tensor, variances: Tensor, targets: Tensor, y_scale: float
 ) -> dict[str, float]:
@@ -247,9 +207,9 @@ def run_split(
     try:
         trainer, likelihood = _train(cfg, data, passes=passes, seed=cfg.seed * 10007 + split)
         # the predictions bbb.train.evaluate would score, kept for the calibration metrics
-        means, variances, targets = _test_predictive(
+        means, variances, targets = regression_predictive(
             trainer.model,
-            data_split.test,
+            DataLoader(data_split.test, batch_size=len(data_split.test)),
             likelihood,
             num_samples=test_samples,
             device=cfg.device,
