@@ -5,7 +5,16 @@ three gradient estimators, priors with closed-form or Monte Carlo KL, a correctl
 minibatch ELBO, and predictive uncertainty tools. Everything public is re-exported here.
 """
 
-from . import data, metrics, train
+from . import acquisition, data, metrics, train
+from .acquisition import (
+    ACQUISITION_FUNCTIONS,
+    Acquisition,
+    BatchBALD,
+    acquire,
+    acquisition_scores,
+    batch_bald,
+    joint_mutual_information,
+)
 from .allocator import tune_allocator
 from .convert import bayesianize, convertible_layers, to_deterministic
 from .elbo import ELBO, KL_WEIGHTINGS, ELBOResult, blundell_weight, linear_annealing
@@ -44,6 +53,14 @@ from .runs import load_run
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACQUISITION_FUNCTIONS",
+    "Acquisition",
+    "BatchBALD",
+    "acquire",
+    "acquisition",
+    "acquisition_scores",
+    "batch_bald",
+    "joint_mutual_information",
     "ELBO",
     "ESTIMATORS",
     "KERNEL_BACKENDS",
