@@ -11,6 +11,11 @@ network), its test error is measured, and ``--acquire`` more pool images are lab
   2017): the digits on which weight samples disagree, whose label says most about the weights;
 * ``random``: images drawn uniformly from the pool (the baseline).
 
+``--strategy`` puts another of the library's acquisition functions (``bbb.acquire``) in
+BALD's place against random: ``entropy`` (max predictive entropy), ``variation_ratios``,
+``margin``, ``mean_std`` or ``batch_bald`` (BatchBALD, Kirsch et al. 2019: each round's
+images chosen jointly, so that near-duplicates of one informative digit are not all taken).
+
 Both strategies start from the same labelled set, and in each round both networks start from
 the same initial weights and see the same training randomness, so the gap between the two
 curves is the acquisition's doing. After every round the results so far are written (an
@@ -63,7 +68,13 @@ from bbb.data import load_mnist
 from bbb.plots import figure
 from bbb.train import Trainer, seed_everything
 
-STRATEGIES = ("bald", "random")
+# the acquisition functions --strategy can put against random (bald, the default, included)
+ACQUISITIONS = ("bald", "entropy", "variation_ratios", "margin", "mean_std", "batch_bald")
+# the JSON key of the acquired images' scores, per strategy
+SCORE_KEYS = {
+    "bald": "acquired_mutual_information",
+    "batch_bald": "acquired_joint_mutual_information",
+}
 NUM_CLASSES = 10
 
 
@@ -164,6 +175,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=20,
         help="weight samples for the BALD scores and the test predictions",
     )
+    p.add_argument(
+        "--strategy",
+        choices=ACQUISITIONS,
+        default="bald",
+        help="the acquisition function compared against random (bbb.acquire; batch_bald: "
+        "BatchBALD, the batch's joint mutual information)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     p.add_argument(
         "--threads",
@@ -256,9 +274,9 @@ def train_round(
     return model
 
 
-def bald_scores(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
-    """The mutual information I[y; w | x] (nats) of each input: BALD's acquisition score."""
-    return bbb.predict(model, x, num_samples=num_samples).epistemic
+def strategies(args: argparse.Namespace) -> tuple[str, str]:
+    """The two strategies compared: ``--strategy`` (``bald`` by default) and ``random``."""
+    return (args.strategy, "random")
 
 
 def acquire(
@@ -271,25 +289,45 @@ def acquire(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """``count`` pool indices (of the ``unlabelled`` ones) to label next, and their scores (the
-    mutual information for BALD; NaN for random)."""
+    mutual information for BALD, the joint one after each pick for BatchBALD, the acquisition
+    function's score for the others; NaN for random). Every strategy but random is
+    :func:`bbb.acquire` on the unlabelled images (highest score first, ties to the lowest
+    index; BatchBALD's configurations drawn from ``generator``)."""
     if strategy == "random":
         pick = torch.randperm(unlabelled.numel(), generator=generator)[:count]
         return unlabelled[pick], torch.full((pick.numel(),), math.nan)
-    scores = bald_scores(model, pool_x[unlabelled], num_samples)
-    top = torch.topk(scores, count).indices
-    return unlabelled[top], scores[top]
+    chosen = bbb.acquire(
+        model,
+        pool_x[unlabelled],
+        count,
+        method=strategy,
+        num_samples=num_samples,
+        generator=generator,
+    )
+    return unlabelled[chosen.indices], chosen.scores
+
+
+LABELS = {
+    "bald": "BALD (mutual information)",
+    "batch_bald": "BatchBALD (joint mutual information)",
+    "entropy": "max entropy",
+    "variation_ratios": "variation ratios",
+    "margin": "margin",
+    "mean_std": "mean std",
+    "random": "random",
+}
 
 
 def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path, test_size: int) -> None:
     fig = figure(figsize=(6, 4))
     ax = fig.subplots()
-    for strategy, style in zip(STRATEGIES, ("o-", "s--"), strict=True):
+    for strategy, style in zip(results, ("o-", "s--"), strict=True):
         rows = results[strategy]
         ax.plot(
             [r["labelled"] for r in rows],
             [100 * r["test_error"] for r in rows],
             style,
-            label="BALD (mutual information)" if strategy == "bald" else "random",
+            label=LABELS[strategy],
         )
     ax.set_xlabel("labelled training images")
     ax.set_ylabel(f"test error (%, {test_size} images)")
@@ -324,8 +362,11 @@ RUN_SETTINGS = (
     "prior_sigma",
     "kl_scale",
     "samples",
+    "strategy",
     "seed",
 )
+# the value of a setting in a report written before the setting existed
+LEGACY_SETTINGS = {"strategy": "bald"}
 
 
 def derived_seed(*parts: int) -> int:
@@ -342,20 +383,26 @@ def load_previous(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         report = json.loads(path.read_text())
         settings, results = report["settings"], report["results"]
-        done = [len(results[s]) for s in STRATEGIES]
+        # the settings first: a run of another --strategy holds no rounds of this one
+        written = settings.get("strategy", LEGACY_SETTINGS["strategy"])
+        done = [len(results[s]) for s in (written, "random")]
     except FileNotFoundError:
         raise UsageError(f"--resume: no {path} to continue (run without --resume)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"--resume: {path} is not a readable report ({exc!r})") from None
     if report.get("finished"):
         raise UsageError(f"--resume: the run in {path.parent} is finished; nothing to continue")
-    changed = [k for k in RUN_SETTINGS if settings.get(k) != getattr(args, k)]
+    changed = [
+        k for k in RUN_SETTINGS if settings.get(k, LEGACY_SETTINGS.get(k)) != getattr(args, k)
+    ]
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {settings.get(k)}" for k in changed)
+        was = ", ".join(
+            f"--{k.replace('_', '-')} {settings.get(k, LEGACY_SETTINGS.get(k))}" for k in changed
+        )
         raise UsageError(f"--resume: the run in {path.parent} was started with {was}")
     if len(set(done)) != 1:
         raise UsageError(f"--resume: {path} holds unequal rounds per strategy {done}")
-    for s in STRATEGIES:  # every round before the last holds the pool indices it acquired
+    for s in strategies(args):  # every round before the last holds the pool indices acquired
         for row in results[s]:
             acquired = row.get("acquired", []) if isinstance(row, dict) else None
             if not (isinstance(acquired, list) and all(type(i) is int for i in acquired)):
@@ -383,9 +430,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{len(test)} test images"
     )
 
+    compared = strategies(args)
     draw = torch.Generator().manual_seed(derived_seed(args.seed, 0, 0))
     start_set = initial_indices(pool_y, args.initial_per_class, draw)
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in compared}
     report: dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("quiet", "resume")},
         "initial_indices": start_set.tolist(),
@@ -393,19 +441,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "finished": False,
         "wall_seconds": 0.0,
     }
-    labelled = {s: start_set.clone() for s in STRATEGIES}
+    labelled = {s: start_set.clone() for s in compared}
     if previous is not None:  # the finished rounds, and the labelled sets they reached
         results.update(previous["results"])
         report["wall_seconds"] = previous.get("wall_seconds", 0.0)
-        for s in STRATEGIES:
+        for s in compared:
             acquired = [i for row in results[s] for i in row.get("acquired", [])]
             labelled[s] = torch.cat([start_set, torch.tensor(acquired, dtype=torch.long)])
-        say(f"resuming after round {len(results['bald']) - 1} ({path})")
+        say(f"resuming after round {len(results[args.strategy]) - 1} ({path})")
     elapsed = report["wall_seconds"]
-    first = len(results["bald"])
+    first = len(results[args.strategy])
     for round_ in range(first, args.rounds + 1):
         line = [f"round {round_:2d}"]
-        for strategy in STRATEGIES:
+        for strategy in compared:
             idx = labelled[strategy]
             model = train_round(
                 args, pool_x[idx], pool_y[idx], val, derived_seed(args.seed, round_, 1)
@@ -429,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 labelled[strategy] = torch.cat([idx, new])
                 row["acquired"] = new.tolist()
                 row["acquired_labels"] = pool_y[new].tolist()
-                if strategy == "bald":
-                    row["acquired_mutual_information"] = scores.tolist()
+                if strategy != "random":
+                    row[SCORE_KEYS.get(strategy, "acquired_scores")] = scores.tolist()
             results[strategy].append(row)
             line.append(f"{strategy} {row['labelled']:4d} labelled: error {row['test_error']:.2%}")
         say(", ".join(line))
@@ -442,10 +490,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["threads"] = torch.get_num_threads()
     report["wall_seconds"] = elapsed + time.perf_counter() - start
     write_json(path, report)
-    print("labelled  " + "  ".join(f"{s:>8}" for s in STRATEGIES))
-    for rows in zip(*(results[s] for s in STRATEGIES), strict=True):
-        print(f"{rows[0]['labelled']:8d}  " + "  ".join(f"{r['test_error']:8.2%}" for r in rows))
-    for strategy in STRATEGIES:  # BALD's choices are not class-balanced: worth a look
+    widths = [max(8, len(s)) for s in compared]
+    print("labelled  " + "  ".join(f"{s:>{w}}" for s, w in zip(compared, widths, strict=True)))
+    for rows in zip(*(results[s] for s in compared), strict=True):
+        print(
+            f"{rows[0]['labelled']:8d}  "
+            + "  ".join(f"{r['test_error']:{w}.2%}" for r, w in zip(rows, widths, strict=True))
+        )
+    for strategy in compared:  # BALD's choices are not class-balanced: worth a look
         print(
             f"{strategy}: labelled images per class {results[strategy][-1]['labelled_per_class']}"
         )

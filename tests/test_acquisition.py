@@ -7,6 +7,7 @@ against its Monte-Carlo estimate, and the duplicates it avoids where top-k BALD 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -200,6 +201,24 @@ def test_batch_bald_k1_is_bald_s_top_pick_and_matches_joint_mutual_information()
         assert bbb.joint_mutual_information(sp, [*prefix, i]) <= best + 1e-10
     # the joint MI never exceeds the sum of the BALD scores (I is subadditive here)
     assert float(chosen.mutual_information[-1]) <= float(bald[chosen.indices].sum()) + 1e-10
+
+
+def test_exact_joint_mutual_information_equals_a_brute_force_sum() -> None:
+    """H[y_A] - sum_j E_w H[y_j | w] by enumerating the C^n configurations directly; and the
+    joint MI of many inputs is bounded by H[w] = log S (S equally likely weight samples)."""
+    sp = _random_probs(7, 5, 3, 11)
+    idx = [3, 0, 4]
+    joint = 0.0
+    for labels in itertools.product(range(3), repeat=3):
+        p = torch.ones(7, dtype=torch.float64)
+        for i, y in zip(idx, labels, strict=True):
+            p = p * sp[:, i, y]
+        joint -= float(p.mean()) * math.log(float(p.mean()))
+    cond = sum(float(-torch.special.xlogy(sp[:, i], sp[:, i]).sum(-1).mean()) for i in idx)
+    assert bbb.joint_mutual_information(sp, idx) == pytest.approx(joint - cond, abs=1e-12)
+    many = bbb.batch_bald(_random_probs(4, 40, 5, 12, scale=4.0), 12)
+    assert float(many.mutual_information[-1]) <= math.log(4) + 1e-9
+    assert not bool(many.exact.all())  # 5^5 > 1000 configurations: sampled at the end
 
 
 def test_monte_carlo_joint_mutual_information_agrees_with_the_exact_sum() -> None:
