@@ -7,11 +7,18 @@ against its Monte-Carlo estimate, and the duplicates it avoids where top-k BALD 
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import itertools
+import json
 import math
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -221,6 +228,32 @@ def test_exact_joint_mutual_information_equals_a_brute_force_sum() -> None:
     assert not bool(many.exact.all())  # 5^5 > 1000 configurations: sampled at the end
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    s=st.integers(1, 6),
+    b=st.integers(1, 7),
+    c=st.integers(2, 4),
+    seed=st.integers(0, 2**31 - 1),
+    limit=st.sampled_from([1, 4, 1000]),
+)
+def test_batch_bald_properties(s: int, b: int, c: int, seed: int, limit: int) -> None:
+    """Any predictions, any threshold: distinct picks, BALD's top pick first, a joint MI that
+    is non-decreasing; exact, at most the sum of the picks' BALD scores and H[w] = log S."""
+    sp = _random_probs(s, b, c, seed, scale=3.0)
+    k = b
+    res = bbb.batch_bald(sp, k, num_configurations=limit, generator=torch.Generator())
+    bald = bbb.acquisition_scores(_pred(sp), "bald")
+    assert sorted(res.indices.tolist()) == list(range(b))
+    assert float(bald[res.indices[0]]) == pytest.approx(float(bald.max()), abs=1e-12)
+    mi = res.mutual_information
+    assert bool((mi.diff() >= -1e-12).all()) and float(mi[0]) >= 0
+    if bool(res.exact.all()):
+        # exact: at most H[w], and subadditive (the labels are independent given w); a
+        # Monte-Carlo estimate (from one sampled configuration, say) may exceed either
+        assert float(mi[-1]) <= math.log(s) + 1e-9
+        assert float(mi[-1]) <= float(bald.sum()) + 1e-9
+
+
 def test_monte_carlo_joint_mutual_information_agrees_with_the_exact_sum() -> None:
     sp = _random_probs(12, 6, 3, 7, scale=1.5)
     idx = [0, 1, 2, 3, 4, 5]
@@ -388,3 +421,52 @@ def test_acquire_refuses_bad_inputs_before_running_the_model() -> None:
         next(model.parameters()).fill_(math.nan)
     with pytest.raises(ValueError, match="scores are NaN"):
         bbb.acquire(model, pool, 2, num_samples=2)
+
+
+# ------------------------------------------------------------- the example's --strategy
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "active_learning.py"
+
+
+def _example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_active_learning_acq", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_acquires_with_each_library_strategy() -> None:
+    module = _example()
+    torch.manual_seed(0)
+    model = module.bayesian_mlp(8, bbb.GaussianPrior(1.0)).eval()
+    for layer in bbb.bayes_modules(model):
+        layer.weight_rho.data.fill_(0.0)
+    pool = torch.randn(30, 784, generator=torch.Generator().manual_seed(1))
+    unlabelled = torch.arange(0, 30, 3)
+    for strategy in module.ACQUISITIONS:
+        torch.manual_seed(5)
+        chosen, scores = module.acquire(
+            strategy, model, pool, unlabelled, 3, 6, torch.Generator().manual_seed(0)
+        )
+        assert set(chosen.tolist()) <= set(unlabelled.tolist()) and len(set(chosen.tolist())) == 3
+        assert scores.shape == (3,) and not bool(torch.isnan(scores).any())
+        if strategy == "batch_bald":  # the joint MI after each pick grows
+            assert bool((scores.diff() >= 0).all())
+        else:  # the others: highest score first
+            assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+
+
+def test_the_example_resumes_a_report_written_before_strategy_existed(tmp_path: Path) -> None:
+    module = _example()
+    args = module.parse_args(["--rounds", "2", "--pool-subset", "500"])
+    settings = {k: getattr(args, k) for k in module.RUN_SETTINGS if k != "strategy"}
+    rows = [{"round": 0, "acquired": [1, 2]}]
+    report = {"settings": settings, "results": {"bald": rows, "random": rows}, "finished": False}
+    path = tmp_path / "active_learning.json"
+    path.write_text(json.dumps(report))
+    assert module.load_previous(path, args)["results"]["bald"] == rows
+    other = module.parse_args(["--rounds", "2", "--pool-subset", "500", "--strategy", "margin"])
+    with pytest.raises(module.UsageError, match="was started with --strategy bald"):
+        module.load_previous(path, other)
+    assert isinstance(args, argparse.Namespace)

@@ -548,7 +548,7 @@ def acquire(
     chunk's scores are kept, its predictions dropped, so memory is bounded by the chunk), and
     :func:`select` picks the k largest scores (ties to the lowest pool index; NaN scores, from
     a diverged model, are refused). ``"batch_bald"`` keeps every input's sample
-    probabilities (S * N * C float32 values) and picks with :func:`batch_bald`; for it every
+    probabilities (S * N * C values, in the predictions' dtype) and picks with :func:`batch_bald`; for it every
     Bayesian layer draws weight-space samples held fixed across the chunks (one network per
     sample, whatever its estimator), and dropout in training mode is refused.
 
@@ -654,7 +654,7 @@ def acquire(
             )
             if joint:
                 assert isinstance(pred, ClassificationPrediction)
-                probs.append(pred.sample_probs.float())
+                probs.append(pred.sample_probs)
             else:
                 scores.append(acquisition_scores(pred, method, generator=generator).cpu())
     if joint:
