@@ -478,8 +478,10 @@ class Trainer:
             and batch 128: one step per pass) an epoch of ``steps_per_epoch`` steps makes
             validation, checkpoints, ``epochs``, ``patience`` and the metrics rows count
             useful units. Each epoch iterates the loader again and again (a new shuffle per
-            pass; a ``DistributedSampler`` gets ``set_epoch(epoch * passes + pass)``) and cuts
-            the last pass at ``steps_per_epoch``. The ELBO's ``batch_index``/``num_batches``
+            pass; a ``DistributedSampler`` gets ``set_epoch(epoch * passes + pass)``, moved
+            past every value an earlier ``fit()`` of this Trainer gave it when
+            ``steps_per_epoch`` was lowered between the two, so no pass repeats an earlier
+            pass's shuffle) and cuts the last pass at ``steps_per_epoch``. The ELBO's ``batch_index``/``num_batches``
             stay those of the minibatch within its pass, so the blundell KL weights sum to 1
             per pass over the data (the KL counts once per pass, as the paper's objective
             wants); with ``kl_weighting="blundell"`` it must therefore be a multiple of
@@ -650,6 +652,9 @@ class Trainer:
         _warn_dataset_size(train_loader, elbo)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self.epoch = 0
+        # one more than the largest value given to the training sampler's set_epoch (0: none
+        # yet); saved in the checkpoints. See _sampler_epochs.
+        self._sampler_epochs_used = 0
         self._check_epoch_plan()
         # the (scheduler, scheduler_interval) last checked for a cycle that would stop early
         self._schedule_checked: tuple[Any, str] = (None, "epoch")
@@ -900,6 +905,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "sampler_epochs_used": self._sampler_epochs_used,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -915,6 +921,9 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+        # absent (a checkpoint of an earlier version): its run gave epoch * passes + pass,
+        # which start at epoch * passes, the value the next epoch computes anyway
+        self._sampler_epochs_used = int(state.get("sampler_epochs_used", 0))
         # derived, not saved: a larger patience given on resume lets the run train on, and the
         # same epoch stopped by the callback and by patience still counts as stopped early
         self.stopped = self._patience_ran_out()
@@ -1057,7 +1066,7 @@ class Trainer:
         if sampler is not None and self._steps_per_epoch is None:
             # a DistributedSampler's shuffle for this epoch (with steps_per_epoch: for each
             # pass, see _epoch_batches)
-            sampler.set_epoch(self.epoch)
+            sampler.set_epoch(self._sampler_epochs(1)[0])
         if not self.distributed:
             return self._train_epoch()
         # Every rank must take the same number of steps: DDP all-reduces gradients at each
@@ -1205,10 +1214,11 @@ class Trainer:
             return
         sampler = _epoch_sampler(self.train_loader)
         passes = -(-k // per_pass)
+        seeds = self._sampler_epochs(passes) if sampler is not None else []
         step, p = 0, 0
         while step < k:
             if sampler is not None:
-                sampler.set_epoch(self.epoch * passes + p)
+                sampler.set_epoch(seeds[p])
             given = 0
             for j, (x, y) in enumerate(_batches(self.train_loader, self.device)):
                 given += 1
@@ -1223,6 +1233,21 @@ class Trainer:
                     "needs a loader that can be iterated again and again"
                 )
             p += 1
+
+    def _sampler_epochs(self, passes: int) -> list[int]:
+        """The ``set_epoch`` values of this epoch's ``passes`` passes over the training
+        loader: ``epoch * passes + pass``, moved up (by the same amount for every pass) to
+        start past every value already given (``_sampler_epochs_used``), and recorded as given.
+
+        One ``fit()`` (and its resume, which restores ``_sampler_epochs_used`` from the
+        checkpoint) is never moved: its values are ``epoch * passes + pass`` as documented.
+        A later ``fit()`` with fewer passes per epoch (``steps_per_epoch`` lowered, or set back
+        to None) would reuse values of the earlier one, and with them the earlier passes'
+        shuffles; it continues after them instead. Every rank computes the same values.
+        """
+        first = max(self.epoch * passes, self._sampler_epochs_used)
+        self._sampler_epochs_used = first + passes
+        return list(range(first, first + passes))
 
     def _last_good_checkpoint(self, first_step: bool = False) -> str:
         """``"; the last good checkpoint ... is intact"`` (or how it is not good) for a
