@@ -109,6 +109,11 @@ def run_sweep(opts: SweepOptions) -> int:
         )
     if n_trials is not None and n_trials < 1:
         raise SweepError(f"--trials must be >= 1, got {n_trials}")
+    notes: list[str] = []
+    if opts.worker_id is None:
+        # refused before anything is written or any trial starts (the processes --workers
+        # starts were checked by this one)
+        notes = space.check_step_plans()
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     info = _saved_info(out)
@@ -141,6 +146,8 @@ def run_sweep(opts: SweepOptions) -> int:
             f"{pruner}, objective val_{space.metric} ({space.direction})",
             flush=True,
         )
+        for note in notes:
+            print(f"note: {note}", flush=True)
     procs: list[subprocess.Popen[bytes]] = []
     worker_id = opts.worker_id
     if opts.workers > 1 and worker_id is None:  # this process is worker 0, the others start

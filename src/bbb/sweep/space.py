@@ -191,6 +191,103 @@ class Space:
             raise SweepError(_NO_VALIDATION)
         return cfg
 
+    def check_step_plans(self) -> list[str]:
+        """Check, before any trial starts, the epoch layouts the space can give against the
+        data (:func:`bbb.runs.check_step_plan`, the check ``bbb train`` makes: a
+        ``lr_warmup_steps`` not below the run's total optimizer steps, and a
+        ``steps_per_epoch`` that is not a multiple of the steps per pass under
+        ``kl_weighting = "blundell"``); return notes on values that cannot train.
+
+        The options that set the layout (``lr_warmup_steps``, ``steps_per_epoch``,
+        ``epochs``, ``batch_size``, ``kl_weighting``, ``method`` and those that size the
+        training set: ``dataset``, ``data_dir``, ``uci_path``, ``uci_split``, ``subset``,
+        ``val_fraction``, ``toy_n``) are checked at every combination of their candidate
+        values: every value of a grid or list, the two ends of a range (the highest value
+        the range's ``step`` reaches); the other searched options at their first value.
+
+        * No combination can train (a fixed ``lr_warmup_steps = 100`` with 4 optimizer
+          steps in all; a range whose lowest warm-up is already too long): refused with a
+          :class:`SweepError` that gives the setting, its value and the limit.
+        * Some can (a warm-up range ``[10, 500]`` over 100 steps): the sweep runs; a
+          trial given an impossible value fails at its start, before it trains or writes
+          anything, with the same message as its error (``bbb sweep show``'s error
+          column); the notes returned say which values will fail.
+
+        The warm-up check is exact on a range's ends: the limit only grows with ``epochs``,
+        ``steps_per_epoch``, the training set and a smaller ``batch_size``. The blundell
+        multiple is not (a range may hold a multiple between two ends that are not), so it
+        is checked here only when ``steps_per_epoch``, ``batch_size`` and the data options
+        are fixed or lists; under a range it is left to each trial. Data that cannot be
+        loaded here (its combinations are not counted) and a space of more than
+        :data:`_PLAN_COMBINATIONS` combinations of these options are left to the trials
+        too. Nothing is loaded when no candidate sets a warm-up or a blundell
+        ``steps_per_epoch``.
+        """
+        from ..runs import build_data, check_step_plan
+
+        by_name = {p.name: p for p in self.params}
+        relevant = [p for p in self.params if p.name in _PLAN_KEYS]
+        ends = {p.name: _plan_candidates(p) for p in relevant}
+        first = {p.name: p.as_suggested(p.candidates()[0]) for p in self.params}
+        inexact = any(
+            not by_name[k].finite
+            for k in ("steps_per_epoch", "batch_size", *_DATA_KEYS)
+            if k in by_name
+        )
+        if math.prod(len(v) for v in ends.values()) > _PLAN_COMBINATIONS:
+            return []  # left to the trials (see above)
+        configs: list[tuple[dict[str, Any], TrainConfig]] = []
+        for combo in itertools.product(*ends.values()):
+            at = dict(zip(ends, combo, strict=True))
+            try:
+                cfg = self.config({**first, **at})
+            except (ConfigError, SweepError):
+                continue  # a combination the trials refuse anyway (each value passed alone)
+            configs.append((at, cfg))
+        if not any(
+            cfg.lr_warmup_steps > 0
+            or (cfg.steps_per_epoch is not None and cfg.kl_weighting == "blundell" and not inexact)
+            for _, cfg in configs
+        ):
+            return []
+        sizes: dict[tuple[Any, ...], int | None] = {}
+        failed: list[tuple[dict[str, Any], str]] = []
+        checked = 0
+        for at, cfg in configs:
+            key = tuple(json.dumps(getattr(cfg, k)) for k in _DATA_KEYS)
+            if key not in sizes:
+                try:
+                    sizes[key] = len(build_data(cfg).train)
+                except Exception:  # noqa: BLE001 - reported by each trial, as before
+                    sizes[key] = None
+            n_train = sizes[key]
+            if n_train is None:
+                continue
+            checked += 1
+            # bbb.runs.train_run's weighting: the baselines' KL (zero) is weighed uniformly
+            weighting = cfg.kl_weighting if cfg.method == "bbb" and not inexact else "uniform"
+            try:
+                check_step_plan(cfg, n_train, -(-n_train // cfg.batch_size), weighting)
+            except ConfigError as e:
+                failed.append((at, str(e)))
+        if not failed:
+            return []
+        at, reason = failed[0]
+        shown = ", ".join(f"{k} = {v!r}" for k, v in at.items())
+        if len(failed) == checked:
+            if not at:
+                raise SweepError(f"{self.source}: no trial can train: {reason}")
+            raise SweepError(
+                f"{self.source}: no trial can train: every combination of the searched "
+                f"{', '.join(at)} ({checked} checked, ranges at both ends) fails, e.g. "
+                f"{shown}: {reason}"
+            )
+        return [
+            f"{len(failed)} of {checked} combinations of the searched {', '.join(at)} "
+            f"checked (ranges at both ends) cannot train, e.g. {shown}: {reason}; a trial "
+            "given such values fails at its start with this reason"
+        ]
+
     def digest(self) -> dict[str, Any]:
         """What identifies the study's space (JSON-normalised, stored in the study)."""
         d = {
@@ -200,6 +297,36 @@ class Space:
             "metric": self.metric,
         }
         return json.loads(json.dumps(d, sort_keys=True))
+
+
+#: options that size the training set (with the batch size: the optimizer steps per pass)
+_DATA_KEYS = ("dataset", "data_dir", "uci_path", "uci_split", "subset", "val_fraction", "toy_n")
+#: the most combinations of _PLAN_KEYS values Space.check_step_plans checks (each is a
+#: TrainConfig validated: about 0.1 ms)
+_PLAN_COMBINATIONS = 10_000
+#: options that set a run's epoch layout (see Space.check_step_plans)
+_PLAN_KEYS = (
+    "lr_warmup_steps",
+    "steps_per_epoch",
+    "epochs",
+    "batch_size",
+    "kl_weighting",
+    "method",
+    *_DATA_KEYS,
+)
+
+
+def _plan_candidates(p: Param) -> list[Any]:
+    """``p``'s values for the step-plan check, typed as suggested: a grid's or list's values,
+    a range's two ends (its high end lowered to the last value its ``step`` reaches, as
+    Optuna does)."""
+    if p.finite or p.step is None:
+        return [p.as_suggested(v) for v in p.candidates()]
+    assert p.low is not None and p.high is not None
+    top = p.low + math.floor((p.high - p.low) / p.step + 1e-9) * p.step
+    if p.kind == "int":
+        top = int(top)
+    return [p.as_suggested(p.low), p.as_suggested(top)]
 
 
 def _parse_param(name: str, spec: Any, where: str) -> Param:
