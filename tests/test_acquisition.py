@@ -412,6 +412,10 @@ def test_acquire_refuses_bad_inputs_before_running_the_model() -> None:
         bbb.acquire(model, DataLoader(TensorDataset(pool), batch_size=4, shuffle=True), 2)
     with pytest.raises(ValueError, match="k = 11 exceeds the pool size 10"):
         bbb.acquire(model, DataLoader(TensorDataset(pool), batch_size=4), 11)
+    with pytest.raises(ValueError, match="k = 9 exceeds the pool size 8"):  # 2 dropped
+        bbb.acquire(model, DataLoader(TensorDataset(pool), batch_size=4, drop_last=True), 9)
+    with pytest.raises(ValueError, match="batch_size=None, so it yields single inputs"):
+        bbb.acquire(model, DataLoader(TensorDataset(pool), batch_size=None), 2)
     with pytest.raises(ValueError, match="empty"):
         bbb.acquire(model, pool[:0], 1)
     dropout = nn.Sequential(bbb.BayesLinear(4, 3), nn.Dropout(0.5)).train()

@@ -40,7 +40,14 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from .likelihoods import Categorical, Gaussian
 from .nn.module import _is_int, bayes_modules, shared_weight_samples
@@ -625,9 +632,20 @@ def acquire(
     elif isinstance(pool, DataLoader):
         if isinstance(pool.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
             raise ValueError(
-                "acquire: the DataLoader shuffles (a RandomSampler), so pool indices would not "
-                "name its inputs; pass shuffle=False (or the pool tensor)"
+                f"acquire: the DataLoader draws its inputs at random ({type(pool.sampler).__name__}"
+                "), so pool indices would not name them; pass shuffle=False (or the pool tensor)"
             )
+        if pool.batch_size is None and pool.batch_sampler is None:
+            raise ValueError(
+                "acquire: the DataLoader has batch_size=None, so it yields single inputs "
+                "without their batch dimension; give it a batch_size (e.g. 256)"
+            )
+        batches = pool.batch_sampler
+        every_input = batches is None or (
+            type(batches) is BatchSampler and batches.sampler is pool.sampler
+        )
+        if every_input and not pool.drop_last and type(pool.sampler) is SequentialSampler:
+            _check_k(k, len(pool.sampler), "acquire")  # before the model runs on the pool
     elif not isinstance(pool, Iterable):
         raise TypeError(
             f"acquire: pool must be a tensor (N, ...) or a DataLoader, got {type(pool).__name__}"
