@@ -375,17 +375,23 @@ def batch_bald(
     Kirsch, van Amersfoort and Gal (NeurIPS 2019). Pick n adds the input i maximising
     I[y_A, y_i; w] = H[y_A, y_i] - sum_{j in A + i} E_w H[y_j | w] over the inputs A picked
     before it (the labels are independent given the weights, so the second term is a sum of
-    per-input expected entropies). Pick 1 is BALD's top input; later picks avoid inputs whose
-    information the batch already holds (a duplicate of a chosen input gains at most what is
-    left, often nearly nothing), where the k top BALD scores would pick every copy.
+    per-input expected entropies). Pick 1 is BALD's top input; later picks discount what the
+    batch already says about w: a copy of a chosen input gains only I[y'; w | y], nothing
+    where each sample's prediction is certain, where the k top BALD scores would take every
+    copy. (Where the samples' own predictions are soft, a large expected entropy, one label
+    says little about w and a second label of the same input is worth nearly as much: the
+    joint MI is then almost additive and BatchBALD may rightly take copies.)
 
-    Joint entropy: the C^n label configurations y_A of the picked set A are enumerated while
-    C^n <= ``num_configurations`` (exact, up to float64 rounding); beyond that,
+    Joint entropy: the C^n label configurations y_A of the n picked inputs A are enumerated
+    while their number (C^n, less those of probability 0) is at most ``num_configurations``
+    (exact, up to float64 rounding); beyond that, from then on,
     ``num_configurations`` configurations y^1..y^m are sampled from p(y_A) (each extended by
-    a draw of the new label at every pick, an exact sample of the joint) and
-    H[y_A, y_i] - H[y_A] = E_{y_A} H[p(y_i | y_A)] is their average: an unbiased Monte-Carlo
-    estimate (the same configurations score every candidate, so their comparison is less
-    noisy than the estimate itself), whose standard error falls as 1/sqrt(m). Cost per pick:
+    a draw of the new label at every pick, an exact sample of the joint), and a candidate's
+    gain I[y_i; w | y_A] = E_{y_A}[H[p(y_i | y_A)] - E_{w | y_A} H[p(y_i | w)]] is the average
+    of the bracket over them: an unbiased Monte-Carlo estimate for each candidate, whose
+    standard error falls as 1/sqrt(m) (the same configurations score every candidate, so
+    their comparison is less noisy than each estimate; the reported gain of the candidate
+    picked, the largest of several noisy estimates, leans high). Cost per pick:
     O(B * S * M * C) time for M = min(C^n, m) configurations, and O(chunk * M * C) memory
     (chunks of candidates of at most 2^22 float64 values each).
 
