@@ -107,6 +107,12 @@ def test_regression_scores() -> None:
         bbb.acquisition_scores(pred, "variance"), torch.tensor([1.0 + 2.0 + 0.5, 0.2])
     )
     assert bbb.acquisition_scores(pred, "random").shape == (2,)
+    # a hand-built prediction of mismatched shapes (a (B, B) "variance" by broadcasting) or
+    # negative variances (log-variances passed) is refused
+    with pytest.raises(ValueError, match=r"one shape \(S, B, D\), got \(2, 2, 2\) and \(2, 2\)"):
+        bbb.acquisition_scores(bbb.RegressionPrediction(means, variances[..., 0]), "variance")
+    with pytest.raises(ValueError, match="negative values .*log-variances"):
+        bbb.acquisition_scores(bbb.RegressionPrediction(means, -variances), "epistemic")
 
 
 def test_a_method_that_does_not_fit_the_prediction_is_refused_naming_those_that_do() -> None:
