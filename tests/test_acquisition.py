@@ -108,11 +108,13 @@ def test_regression_scores() -> None:
     )
     assert bbb.acquisition_scores(pred, "random").shape == (2,)
     # a hand-built prediction of mismatched shapes (a (B, B) "variance" by broadcasting) or
-    # negative variances (log-variances passed) is refused
-    with pytest.raises(ValueError, match=r"one shape \(S, B, D\), got \(2, 2, 2\) and \(2, 2\)"):
-        bbb.acquisition_scores(bbb.RegressionPrediction(means, variances[..., 0]), "variance")
-    with pytest.raises(ValueError, match="negative values .*log-variances"):
-        bbb.acquisition_scores(bbb.RegressionPrediction(means, -variances), "epistemic")
+    # negative variances (log-variances passed) is refused by its constructor
+    with pytest.raises(ValueError, match=r"both be \(S, B, D\).*got \(2, 2, 2\) and \(2, 2\)"):
+        bbb.RegressionPrediction(means, variances[..., 0])
+    with pytest.raises(ValueError, match="must be variances .*log-variances"):
+        bbb.RegressionPrediction(means, -variances)
+    with pytest.raises(TypeError, match="sample_variances must be a tensor, got list"):
+        bbb.RegressionPrediction(means, [1.0])  # type: ignore[arg-type]
 
 
 def test_a_method_that_does_not_fit_the_prediction_is_refused_naming_those_that_do() -> None:

@@ -173,34 +173,11 @@ def acquisition_scores(
         if method == "mean_std":
             return prediction.sample_probs.std(0, correction=0).mean(-1)
         return _random_scores(probs.shape[0], probs, generator)
-    means, variances = prediction.sample_means, prediction.sample_variances
-    # a hand-built RegressionPrediction is not checked by its constructor: mismatched shapes
-    # broadcast into a (B, B) "variance", negative noise variances lower the total
-    if (
-        not isinstance(means, Tensor)
-        or not isinstance(variances, Tensor)
-        or means.dim() != 3
-        or means.shape != variances.shape
-    ):
-        shapes = [
-            tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            for v in (means, variances)
-        ]
-        raise ValueError(
-            "acquisition_scores: a RegressionPrediction needs sample_means and "
-            f"sample_variances of one shape (S, B, D), got {shapes[0]} and {shapes[1]}"
-        )
-    if bool((variances < 0).any()):
-        raise ValueError(
-            "acquisition_scores: the RegressionPrediction's sample_variances hold negative "
-            f"values (such as {float(variances[variances < 0][0]):g}): variances, not "
-            "log-variances or standard deviations"
-        )
     if method == "variance":
         return prediction.variance.sum(-1)
     if method == "epistemic":
         return prediction.epistemic.sum(-1)
-    return _random_scores(means.shape[1], means, generator)
+    return _random_scores(prediction.sample_means.shape[1], prediction.sample_means, generator)
 
 
 class Selection(NamedTuple):

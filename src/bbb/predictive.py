@@ -179,6 +179,34 @@ class RegressionPrediction:
     sample_means: Tensor  # (S, B, D)
     sample_variances: Tensor  # (S, B, D) noise variance of each sample
 
+    def __post_init__(self) -> None:
+        # A hand-built prediction of mismatched shapes broadcast silently (means (S, B, D) with
+        # variances (S, B) gave a (B, B) "variance"), and log-variances or negative values
+        # passed for variances gave a lower total variance and NaN standard deviations:
+        # refused here, naming the fix. NaN and Inf pass (a diverged model's predictions,
+        # which the metrics report).
+        for name in ("sample_means", "sample_variances"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"RegressionPrediction: {name} must be a tensor, got {type(value).__name__}"
+                )
+        means, variances = self.sample_means, self.sample_variances
+        if means.dim() != 3 or variances.shape != means.shape:
+            raise ValueError(
+                "RegressionPrediction: sample_means and sample_variances must both be "
+                f"(S, B, D), the S samples first; got {tuple(means.shape)} and "
+                f"{tuple(variances.shape)} (for one output per example use (S, B, 1))"
+            )
+        if not variances.is_meta and variances.is_floating_point():
+            negative = variances < 0
+            if bool(negative.any()):
+                raise ValueError(
+                    "RegressionPrediction: sample_variances must be variances (>= 0), got "
+                    f"{float(variances[negative][0]):g}; for log-variances pass their exp(), "
+                    "for standard deviations their square"
+                )
+
     @property
     def mean(self) -> Tensor:
         """Predictive mean (B, D)."""
