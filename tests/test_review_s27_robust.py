@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -262,3 +263,64 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path: Path) -> None
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("bbb: interrupted"), err
     assert time.monotonic() - started < 30
+
+
+# ------------------------------------------------- 4. Trainer settings refused at construction
+def tiny_trainer(**kw: Any) -> Trainer:
+    torch.manual_seed(0)
+    x = torch.rand(N, 1, generator=torch.Generator().manual_seed(0))
+    model = bayes_mlp(1, [4], 1)
+    elbo = bbb.ELBO(bbb.Gaussian("learned"), N)
+    return Trainer(
+        model,
+        elbo,
+        torch.optim.SGD([*model.parameters(), *elbo.parameters()], lr=1e-2),
+        DataLoader(TensorDataset(x, x), batch_size=5),
+        progress=False,
+        log=None,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("empty", [[], DataLoader(TensorDataset(torch.zeros(0, 1)), batch_size=4)])
+def test_an_empty_val_loader_is_refused_at_construction(empty: Any) -> None:
+    # before: accepted; fit() trained a whole epoch, then failed in evaluate() with "the data
+    # loader is empty" (not saying which one)
+    with pytest.raises(ValueError, match=r"validation data loader \(val_loader\) is empty"):
+        tiny_trainer(val_loader=empty)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_an_unavailable_device_is_refused_at_construction() -> None:
+    # before: accepted; fit() failed at its first step with "Torch not compiled with CUDA"
+    with pytest.raises(ValueError, match=r"device 'cuda:0' is not available here: .*CUDA"):
+        tiny_trainer(device="cuda:0")
+    with pytest.raises(ValueError, match=r"device 'gpu0' is not a torch device"):
+        tiny_trainer(device="gpu0")
+
+
+def test_a_model_elsewhere_than_device_is_refused_at_construction() -> None:
+    model = bayes_mlp(1, [4], 1).to("meta")  # a device every build of torch has
+    x = torch.zeros(4, 1)
+    with pytest.raises(ValueError, match=r"device='cpu', but the model's parameters are on meta"):
+        Trainer(
+            model,
+            bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), 4),
+            torch.optim.SGD(model.parameters(), lr=1e-2),
+            DataLoader(TensorDataset(x, x), batch_size=2),
+            progress=False,
+            log=None,
+        )
+    # the ELBO's learned noise scale is a parameter too
+    model = bayes_mlp(1, [4], 1)
+    elbo = bbb.ELBO(bbb.Gaussian("learned"), 4).to("meta")
+    with pytest.raises(ValueError, match=r"the ELBO's parameters are on meta"):
+        Trainer(
+            model,
+            elbo,
+            torch.optim.SGD([*model.parameters(), *elbo.parameters()], lr=1e-2),
+            DataLoader(TensorDataset(x, x), batch_size=2),
+            progress=False,
+            log=None,
+        )
+    tiny_trainer(device="cpu:0")  # an index on the CPU is the same device

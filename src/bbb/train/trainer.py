@@ -242,6 +242,33 @@ def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _check_device(device: torch.device | str, model: nn.Module, elbo: ELBO) -> torch.device:
+    """``device`` as a :class:`torch.device`, or a ``ValueError`` (a
+    :class:`~bbb.config.ConfigError`) when this machine cannot use it, or when none of the
+    model's parameters (or, where it has some, none of the ELBO's: a learned noise scale)
+    lives there: the Trainer sends the minibatches to ``device`` and moves nothing else,
+    so the first step would fail in the middle of ``fit()``."""
+    from ..runs import check_device
+
+    dev = check_device(device, remedy="give the device the model lives on (e.g. device='cpu')")
+
+    def there(d: torch.device) -> bool:
+        # device="cuda" is the current GPU: any index matches (torch resolves it so)
+        return d.type == dev.type and (dev.index is None or d.index in (None, dev.index))
+
+    for what, module in (("model", model), ("ELBO", elbo)):
+        devices = {p.device for p in module.parameters()}
+        if devices and not any(there(d) for d in devices):
+            on = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(
+                f"device={str(device)!r}, but the {what}'s parameters are on {on}: the "
+                f"Trainer sends the minibatches to device and moves nothing else; move the "
+                f"{what} there first ({what.lower()}.to(device), before building the "
+                f"optimizer), or give device={on.split(', ')[0]!r}"
+            )
+    return dev
+
+
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
     """The sampler of ``loader`` that reshuffles by epoch (has ``set_epoch``: a
     ``DistributedSampler``), whether it is the loader's ``sampler`` or sits inside its
@@ -504,7 +531,11 @@ class Trainer:
         loader_generator: the generator that shuffles ``train_loader`` (saved for resume).
         y_scale: target normalisation scale for regression metrics in original units.
         grad_clip: clip the gradient norm to this value (None: no clipping).
-        device: where the model lives.
+        device: where the model lives (and the minibatches are sent): checked at
+            construction, a ``ValueError`` when this machine cannot use it (CUDA or MPS
+            missing, a GPU index beyond the last) or when none of the model's (or the
+            ELBO's) parameters is there (move them first: ``model.to(device)``, before
+            building the optimizer).
         distributed: train with ``DistributedDataParallel`` (None: when a ``torch.distributed``
             process group with more than one process is initialised).
         find_unused_parameters: passed to DDP; only needed for a model with parameters the
@@ -619,6 +650,19 @@ class Trainer:
                 "distributed=True needs an initialised torch.distributed process group with more "
                 "than one process (launch with torchrun)"
             )
+        if val_loader is not None and (not distributed or _dist.is_main()):
+            # refused now, not after the first training epoch (evaluate's "the data loader
+            # is empty"); a loader without len() (a stream) is checked when it is read. Only
+            # rank 0 validates: another rank's val_loader is never read.
+            try:
+                n_val = len(val_loader)  # type: ignore[arg-type]
+            except TypeError:
+                n_val = None
+            if n_val == 0:
+                raise ValueError(
+                    "the validation data loader (val_loader) is empty: give it the validation "
+                    "set, or val_loader=None to train without validation"
+                )
         # an FSDP-sharded model: DDP failed on it in DTensor's words, and without DDP each
         # rank's checkpoint held its shards only
         _dist.refuse_fsdp(model, "the Trainer")
@@ -670,7 +714,7 @@ class Trainer:
         self.loader_generator = loader_generator
         self.y_scale = y_scale
         self.grad_clip = grad_clip
-        self.device = torch.device(device)
+        self.device = _check_device(device, model, elbo)
         self.best_metric = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
