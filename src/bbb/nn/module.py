@@ -232,7 +232,13 @@ class BayesModule(nn.Module):
         fan_in: int,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        bias_size: int | None = None,
     ) -> None:
+        """Create and initialise the posterior parameters (``weight_mu``/``weight_rho`` of
+        ``weight_shape``, ``bias_mu``/``bias_rho`` of shape (``bias_size``,) when ``bias``).
+        ``bias_size`` None: ``weight_shape[0]``, the output dimension of a layer whose weight
+        is (out, ...); a transposed convolution's weight is (in, out / groups, *k) and gives
+        its ``out_channels``."""
         if estimator not in est.ESTIMATORS:
             raise ValueError(
                 f"unknown estimator {estimator!r}; accepted values: {', '.join(est.ESTIMATORS)}"
@@ -263,7 +269,7 @@ class BayesModule(nn.Module):
         self.mode = "sample"
         self.num_samples = 1
         self._fan_in = fan_in
-        out = weight_shape[0]
+        out = weight_shape[0] if bias_size is None else bias_size
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
         if bias:
