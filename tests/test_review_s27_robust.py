@@ -324,3 +324,64 @@ def test_a_model_elsewhere_than_device_is_refused_at_construction() -> None:
             log=None,
         )
     tiny_trainer(device="cpu:0")  # an index on the CPU is the same device
+
+
+# ------------------------------- 5. the loader's own generator is saved without loader_generator
+def shuffled_trainer(out_dir: Path, epochs: int, **kw: Any) -> Trainer:
+    """A loader shuffled by its own generator (``DataLoader(..., generator=g)``), and no
+    ``loader_generator`` unless given."""
+    x = torch.rand(N, 1, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = bayes_mlp(1, [4], 1)
+    g = torch.Generator().manual_seed(5)
+    loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=5, shuffle=True, generator=g)
+    return Trainer(
+        model,
+        bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), N),
+        torch.optim.SGD(model.parameters(), lr=1e-2),
+        loader,
+        epochs=epochs,
+        out_dir=out_dir,
+        progress=False,
+        log=None,
+        **kw,
+    )
+
+
+def test_a_resume_restores_the_loaders_own_generator(tmp_path: Path) -> None:
+    straight = shuffled_trainer(tmp_path / "straight", 3)
+    straight.fit()
+    shuffled_trainer(tmp_path / "resumed", 2).fit()
+    resumed = shuffled_trainer(tmp_path / "resumed", 3)
+    resumed.fit(resume=True)
+    # before: the generator's state was saved only when passed as loader_generator; the
+    # resumed epoch 3 reshuffled as epoch 1 had (a fresh generator), and the weights differed
+    assert torch.equal(
+        torch.nn.utils.parameters_to_vector(resumed.model.parameters()),
+        torch.nn.utils.parameters_to_vector(straight.model.parameters()),
+    )
+
+
+def test_a_loader_generator_that_does_not_shuffle_the_loader_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    with pytest.warns(UserWarning, match="loader_generator is not the generator train_loader"):
+        shuffled_trainer(tmp_path, 1, loader_generator=torch.Generator())
+
+
+def test_a_resume_without_the_checkpoints_generator_is_warned_about(tmp_path: Path) -> None:
+    shuffled_trainer(tmp_path, 1).fit()
+    x = torch.rand(N, 1)
+    model = bayes_mlp(1, [4], 1)
+    plain = Trainer(  # shuffled by the global RNG: no generator to restore the state into
+        model,
+        bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), N),
+        torch.optim.SGD(model.parameters(), lr=1e-2),
+        DataLoader(TensorDataset(x, x), batch_size=5, shuffle=True),
+        epochs=2,
+        out_dir=tmp_path,
+        progress=False,
+        log=None,
+    )
+    with pytest.warns(UserWarning, match="this Trainer's loader has none"):
+        plain.fit(resume=True)

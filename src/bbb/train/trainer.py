@@ -269,6 +269,22 @@ def _check_device(device: torch.device | str, model: nn.Module, elbo: ELBO) -> t
     return dev
 
 
+def _shuffle_generator(loader: Iterable[Any]) -> torch.Generator | None:
+    """The :class:`torch.Generator` ``loader`` shuffles with: its own
+    (``DataLoader(..., generator=g)``) or its sampler's (``RandomSampler(ds, generator=g)``,
+    directly or inside its batch sampler); None when it has none (it shuffles with the
+    global RNG, or not at all)."""
+    for candidate in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        generator = getattr(candidate, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return generator
+    return None
+
+
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
     """The sampler of ``loader`` that reshuffles by epoch (has ``set_epoch``: a
     ``DistributedSampler``), whether it is the loader's ``sampler`` or sits inside its
@@ -528,7 +544,17 @@ class Trainer:
         patience: stop after this many epochs without improvement (None: never).
         progress: show a tqdm progress bar per epoch.
         log: called with one line per epoch (``print`` by default; None for silence).
-        loader_generator: the generator that shuffles ``train_loader`` (saved for resume).
+        loader_generator: the generator that shuffles ``train_loader``: its state is saved in
+            the checkpoints and restored on resume, so the resumed run draws the shuffles the
+            uninterrupted one would. None (the default): the loader's own generator, if it
+            has one (``DataLoader(..., shuffle=True, generator=g)``, or a sampler's:
+            ``RandomSampler(ds, generator=g)``), read at each checkpoint (a ``train_loader``
+            assigned later counts); a loader that shuffles with the global RNG needs none
+            (the checkpoints hold it). Before, None saved nothing, and a resume of such a
+            loader silently repeated the shuffles of the run's first epochs. A
+            ``loader_generator`` that is not the loader's own is warned about (the state of
+            the wrong one would be saved), as is a resume whose checkpoint holds a
+            generator's state and this Trainer none, or the reverse.
         y_scale: target normalisation scale for regression metrics in original units.
         grad_clip: clip the gradient norm to this value (None: no clipping).
         device: where the model lives (and the minibatches are sent): checked at
@@ -712,6 +738,18 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.loader_generator = loader_generator
+        own = _shuffle_generator(train_loader)
+        if loader_generator is not None and own is not None and own is not loader_generator:
+            import warnings
+
+            warnings.warn(
+                "loader_generator is not the generator train_loader shuffles with: the "
+                "checkpoints would hold the state of the one that does not shuffle, and a "
+                "resumed run's shuffles would not be the uninterrupted run's; pass the "
+                "loader's generator (or loader_generator=None: the Trainer then takes it)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.y_scale = y_scale
         self.grad_clip = grad_clip
         self.device = _check_device(device, model, elbo)
@@ -927,7 +965,15 @@ class Trainer:
         v = report[self.val_metric]
         return -v if self.val_metric in ("accuracy", "log_likelihood") else v
 
+    def _resume_generator(self) -> torch.Generator | None:
+        """The generator whose state the checkpoints hold: ``loader_generator``, else the
+        training loader's own (see the constructor)."""
+        if self.loader_generator is not None:
+            return self.loader_generator
+        return _shuffle_generator(self.train_loader)
+
     def _state(self) -> dict[str, Any]:
+        generator = self._resume_generator()
         return {
             "format": _FORMAT,
             "epoch": self.epoch,
@@ -943,9 +989,7 @@ class Trainer:
             "steps_per_epoch": self._steps_per_epoch,
             "elbo": self.elbo.state_dict(),
             "rng": rng_state(),
-            "loader_generator": None
-            if self.loader_generator is None
-            else self.loader_generator.get_state(),
+            "loader_generator": None if generator is None else generator.get_state(),
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -959,8 +1003,25 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.elbo.load_state_dict(state["elbo"])
         set_rng_state(state["rng"])
-        if self.loader_generator is not None and state.get("loader_generator") is not None:
-            self.loader_generator.set_state(state["loader_generator"])
+        generator, saved = self._resume_generator(), state.get("loader_generator")
+        if generator is not None and saved is not None:
+            generator.set_state(saved)
+        elif (generator is None) != (saved is None):
+            import warnings
+
+            warnings.warn(
+                "the checkpoint holds the state of the generator that shuffled the training "
+                "loader, but this Trainer's loader has none (no loader_generator, no "
+                "DataLoader(..., generator=g)): the resumed run's shuffles are not the "
+                "uninterrupted run's; build the loader as the run did"
+                if generator is None
+                else "the checkpoint holds no state of the generator that shuffles the "
+                "training loader (written by a run whose loader had none, or by a version of "
+                "bbb that saved it only with loader_generator): the generator starts afresh, "
+                "so the resumed run's shuffles are not the uninterrupted run's",
+                UserWarning,
+                stacklevel=4,
+            )
         self.epoch = int(state["epoch"])
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
