@@ -1,6 +1,7 @@
 """Bayesian layers and the helpers that act on every Bayesian layer of a model."""
 
 from .conv import BayesConv1d, BayesConv2d, BayesConv3d
+from .conv_transpose import BayesConvTranspose1d, BayesConvTranspose2d, BayesConvTranspose3d
 from .estimators import ESTIMATORS
 from .linear import BayesLinear
 from .module import (
@@ -22,6 +23,9 @@ __all__ = [
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
     "BayesLinear",
     "BayesModule",
     "bayes_modules",
