@@ -1,6 +1,7 @@
 """Convert between ordinary and Bayesian networks.
 
-- :func:`bayesianize`: replace ``nn.Linear`` / ``nn.Conv1d/2d/3d`` inside a model by their
+- :func:`bayesianize`: replace ``nn.Linear`` / ``nn.Conv1d/2d/3d`` /
+  ``nn.ConvTranspose1d/2d/3d`` inside a model by their
   Bayesian counterparts, optionally starting mu at the trained weights (and sigma in
   proportion to them: ``rho_init="moped"``); ``include`` / ``exclude`` convert only some
   layers (a Bayesian last layer on a pretrained feature extractor).
@@ -14,12 +15,18 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch import nn
 
 from .nn.conv import BayesConv1d, BayesConv2d, BayesConv3d, _BayesConvNd
+from .nn.conv_transpose import (
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
+    _BayesConvTransposeNd,
+)
 from .nn.linear import BayesLinear
 from .nn.module import BayesModule, rho_init_range
 from .priors import Prior
@@ -39,6 +46,11 @@ _CONV_PAIRS: tuple[tuple[type[nn.Module], type[_BayesConvNd]], ...] = (
     (nn.Conv1d, BayesConv1d),
     (nn.Conv2d, BayesConv2d),
     (nn.Conv3d, BayesConv3d),
+)
+_CONV_TRANSPOSE_PAIRS: tuple[tuple[type[nn.Module], type[_BayesConvTransposeNd]], ...] = (
+    (nn.ConvTranspose1d, BayesConvTranspose1d),
+    (nn.ConvTranspose2d, BayesConvTranspose2d),
+    (nn.ConvTranspose3d, BayesConvTranspose3d),
 )
 
 
@@ -85,11 +97,29 @@ def _bayes_for(
     if isinstance(w, torch.Tensor):
         device, dtype = w.device, w.dtype
     kwargs = {**kwargs, "prior": prior_for(dtype), "device": device, "dtype": dtype}
-    new: BayesLinear | _BayesConvNd | None = None
+    new: BayesLinear | _BayesConvNd | _BayesConvTransposeNd | None = None
     if type(module) is nn.Linear:
         new = BayesLinear(
             module.in_features, module.out_features, module.bias is not None, **kwargs
         )
+    elif getattr(module, "transposed", False):
+        for torch_cls, bayes_t in _CONV_TRANSPOSE_PAIRS:
+            if type(module) is torch_cls:
+                assert isinstance(module, nn.modules.conv._ConvTransposeNd)
+                # (the layer's sizes are tuples of ints; its padding is never a string)
+                new = bayes_t(
+                    module.in_channels,
+                    module.out_channels,
+                    module.kernel_size,
+                    stride=module.stride,
+                    padding=cast("tuple[int, ...]", module.padding),
+                    output_padding=module.output_padding,
+                    groups=module.groups,
+                    bias=module.bias is not None,
+                    dilation=module.dilation,
+                    padding_mode=module.padding_mode,
+                    **kwargs,
+                )
     else:
         for torch_cls, bayes_cls in _CONV_PAIRS:
             if type(module) is torch_cls:
@@ -238,7 +268,8 @@ def _listing(items: Sequence[str], limit: int = 40) -> str:
 class _Selection:
     """Which layers :func:`bayesianize` converts, given its ``include`` and ``exclude``.
 
-    A layer is converted when it is convertible (exactly ``nn.Linear`` or ``nn.Conv1d/2d/3d``),
+    A layer is converted when it is convertible (exactly ``nn.Linear``, ``nn.Conv1d/2d/3d``
+    or ``nn.ConvTranspose1d/2d/3d``),
     ``include`` selects it (always, when ``include`` is None) and ``exclude`` does not:
     exclude wins. A pattern selects a layer when it matches (``fnmatch.fnmatchcase``) the
     layer's qualified name or that of a module containing it; a predicate is called as
@@ -328,8 +359,8 @@ class _Selection:
             if fnmatchcase(name, pattern)
         ]
         found = (
-            f"; it matches {_listing(matched, 10)}, which is not, and holds no, nn.Linear or "
-            "nn.Conv1d/2d/3d"
+            f"; it matches {_listing(matched, 10)}, which is not, and holds no, nn.Linear, "
+            "nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d"
             if matched
             else f"; it matches no module of {type(model).__name__}"
         )
@@ -403,8 +434,11 @@ def _hooked(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str
 
 
 def _convertible(module: nn.Module) -> bool:
-    """Whether :func:`bayesianize` replaces ``module`` (exact types, no transposed conv)."""
+    """Whether :func:`bayesianize` replaces ``module`` (exact types: ``nn.Linear``,
+    ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``)."""
     if type(module) is nn.Linear:
+        return True
+    if any(type(module) is t for t, _ in _CONV_TRANSPOSE_PAIRS):
         return True
     return any(type(module) is t for t, _ in _CONV_PAIRS) and not getattr(
         module, "transposed", False
@@ -445,8 +479,10 @@ def bayesianize(
     moped_delta: float | None = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers of ``model`` (every one, or
-    those ``include`` / ``exclude`` choose) by Bayesian layers.
+    """Replace the ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` layers
+    of ``model`` (every one, or those ``include`` / ``exclude`` choose) by Bayesian layers
+    (:class:`bbb.BayesLinear`, :class:`bbb.BayesConv2d`, :class:`bbb.BayesConvTranspose2d`,
+    ...: the same sizes, strides, paddings, output paddings, dilations and groups).
 
     Args:
         model: any ``nn.Module`` (the module itself may be a Linear/Conv).
@@ -487,10 +523,10 @@ def bayesianize(
             scalar location for all weights of a layer.)
         inplace: modify ``model`` instead of a deep copy.
 
-    Returns the converted model. Other modules (activations, norms, transposed convs) are kept;
-    a warning names every weight layer left deterministic (subclasses of ``nn.Linear`` /
-    ``nn.ConvNd`` such as parametrized or lazy layers and attention projections, transposed
-    convolutions, ``nn.Bilinear``, embeddings) among those ``include`` patterns cover and
+    Returns the converted model. Other modules (activations, norms) are kept; a warning names
+    every weight layer left deterministic (subclasses of ``nn.Linear`` / ``nn.ConvNd`` /
+    ``nn.ConvTransposeNd`` such as parametrized or lazy layers and attention projections,
+    ``nn.Bilinear``, embeddings) among those ``include`` patterns cover and
     ``exclude`` patterns do not (none with an ``include`` predicate): their weights get no
     posterior and no KL. A model with no layer to convert (and none already Bayesian) is an
     error.
@@ -544,16 +580,17 @@ def bayesianize(
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
         raise ValueError(
-            f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__}: "
-            f"nothing was made Bayesian (it converts those exact types){found}"
+            f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__} "
+            "(nor nn.ConvTranspose1d/2d/3d): nothing was made Bayesian (it converts those "
+            f"exact types){found}"
         )
     if kept:
         import warnings
 
         warnings.warn(
             f"bayesianize left these layers with weights deterministic: {', '.join(kept)}. It "
-            "converts exactly nn.Linear and nn.Conv1d/2d/3d (not their subclasses, transposed "
-            "or parametrized versions, recurrent layers, attention's own projections or "
+            "converts exactly nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d (not "
+            "their subclasses or parametrized versions, recurrent layers, attention's own projections or "
             "parameters of other modules; normalisation layers are kept on purpose); these "
             "weights get no posterior and no KL"
             + (
@@ -769,6 +806,9 @@ _DETERMINISTIC_BASES: tuple[type[BayesModule], ...] = (
     BayesConv1d,
     BayesConv2d,
     BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
 )
 
 
@@ -796,13 +836,14 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
             f"{changed}, which a plain torch layer would not reproduce; use "
             "bbb.sampling(model, 'mean') for its mean network"
         )
-    if not isinstance(module, (BayesLinear, _BayesConvNd)):
+    if not isinstance(module, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd)):
         if isinstance(module, BayesModule):
             # e.g. BayesLinearEnsemble: no plain PyTorch layer computes it; leaving it in
             # place would leave a sampling layer in the "deterministic" copy
             raise TypeError(
                 f"to_deterministic cannot convert {type(module).__name__} (it converts "
-                "BayesLinear and BayesConv1d/2d/3d); use bbb.sampling(model, 'mean') for its "
+                "BayesLinear, BayesConv1d/2d/3d and BayesConvTranspose1d/2d/3d); use "
+                "bbb.sampling(model, 'mean') for its "
                 "mean network"
             )
         return None
@@ -815,6 +856,26 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
     new: nn.Linear | nn.modules.conv._ConvNd
     if isinstance(module, BayesLinear):
         new = nn.Linear(module.in_features, module.out_features, bias, **factory)
+    elif isinstance(module, _BayesConvTransposeNd):
+        # the layer's sizes are tuples of _dim ints, as that class takes them
+        cls_t: Callable[..., nn.modules.conv._ConvTransposeNd] = {
+            1: nn.ConvTranspose1d,
+            2: nn.ConvTranspose2d,
+            3: nn.ConvTranspose3d,
+        }[module._dim]
+        new = cls_t(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            output_padding=module.output_padding,
+            groups=module.groups,
+            bias=bias,
+            dilation=module.dilation,
+            padding_mode=module.padding_mode,
+            **factory,
+        )
     else:
         # the layer's sizes are tuples of _dim ints, as that class takes them
         cls: Callable[..., nn.modules.conv._ConvNd] = {
@@ -864,7 +925,9 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     # was a compiled module that torch.jit.script refuses ("... got Sequential") and whose
     # state dict keys start with "_orig_mod." (not loadable into the plain architecture).
     model = _plain_module(model)
-    hooked = _hooked(model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd)))
+    hooked = _hooked(
+        model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd))
+    )
     # one memo for the whole model: a layer used inside and outside a compiled submodule
     # stays one layer
     memo: dict[int, tuple[nn.Module, nn.Module]] = {}
