@@ -2,6 +2,7 @@
 
 from .conv import BayesConv1d, BayesConv2d, BayesConv3d
 from .conv_transpose import BayesConvTranspose1d, BayesConvTranspose2d, BayesConvTranspose3d
+from .embedding import BayesEmbedding
 from .estimators import ESTIMATORS
 from .linear import BayesLinear
 from .module import (
@@ -26,6 +27,7 @@ __all__ = [
     "BayesConvTranspose1d",
     "BayesConvTranspose2d",
     "BayesConvTranspose3d",
+    "BayesEmbedding",
     "BayesLinear",
     "BayesModule",
     "bayes_modules",
