@@ -351,11 +351,12 @@ def test_a_distributed_sampler_gets_its_own_shuffle_for_every_pass() -> None:
     t.fit()
     assert sampler.epochs_set == [0, 1, 2, 3]  # epoch * passes + pass, passes = 2
     assert [(i, m) for _, i, m in calls] == [(0, 2), (1, 2)] * 4
-    # without steps_per_epoch: set once per epoch, as before
+    # without steps_per_epoch: set once per epoch, continuing after the values used (2 and 3
+    # would repeat the first fit's second-epoch shuffles)
     sampler.epochs_set.clear()
     t.epochs, t.steps_per_epoch = 4, None
     t.fit()
-    assert sampler.epochs_set == [2, 3]
+    assert sampler.epochs_set == [4, 5]
 
 
 # --------------------------------------------------------------------- 3. several rounds
