@@ -27,6 +27,7 @@ from .nn.conv_transpose import (
     BayesConvTranspose3d,
     _BayesConvTransposeNd,
 )
+from .nn.embedding import BayesEmbedding
 from .nn.linear import BayesLinear
 from .nn.module import BayesModule, rho_init_range
 from .priors import Prior
@@ -89,7 +90,7 @@ def _bayes_for(
     """The Bayesian layer replacing ``module``, or None if it is not convertible. With
     ``moped_delta`` (``rho_init="moped"``, needs ``init_from_weights``) rho is set so that
     sigma = ``moped_delta * |w|`` (at least :data:`MOPED_MIN_SIGMA`) for weight and bias."""
-    if not _convertible(module):
+    if not _convertible(module, embeddings=True):
         return None
     w = getattr(module, "weight", None)
     device: torch.device | None = None
@@ -97,6 +98,8 @@ def _bayes_for(
     if isinstance(w, torch.Tensor):
         device, dtype = w.device, w.dtype
     kwargs = {**kwargs, "prior": prior_for(dtype), "device": device, "dtype": dtype}
+    if type(module) is nn.Embedding:
+        return _bayes_embedding_for(module, kwargs, init_from_weights, moped_delta)
     new: BayesLinear | _BayesConvNd | _BayesConvTransposeNd | None = None
     if type(module) is nn.Linear:
         new = BayesLinear(
@@ -154,6 +157,32 @@ def _bayes_for(
     _carry_over(
         module, new, {"weight": ("weight_mu", "weight_rho"), "bias": ("bias_mu", "bias_rho")}
     )
+    return new
+
+
+def _bayes_embedding_for(
+    module: nn.Embedding,
+    kwargs: dict[str, Any],
+    init_from_weights: bool,
+    moped_delta: float | None,
+) -> BayesEmbedding:
+    """The :class:`bbb.BayesEmbedding` replacing ``module`` (its sizes, ``padding_idx`` and
+    ``scale_grad_by_freq``; ``kwargs``: the layer options, prior, device and dtype). With
+    ``init_from_weights`` mu starts at the table (and, with ``moped_delta``, sigma at
+    ``moped_delta * |w|``); the padding row's output stays zero whatever its weights."""
+    new = BayesEmbedding(
+        module.num_embeddings,
+        module.embedding_dim,
+        padding_idx=module.padding_idx,
+        scale_grad_by_freq=module.scale_grad_by_freq,
+        **kwargs,
+    )
+    if init_from_weights:
+        with torch.no_grad():
+            new.weight_mu.copy_(module.weight)
+            if moped_delta is not None:
+                new.weight_rho.copy_(moped_rho(module.weight, moped_delta))
+    _carry_over(module, new, {"weight": ("weight_mu", "weight_rho")})
     return new
 
 
@@ -277,13 +306,16 @@ class _Selection:
     several names: it is included if any of them is, excluded if any of them is.
     """
 
-    def __init__(self, model: nn.Module, include: object, exclude: object) -> None:
+    def __init__(
+        self, model: nn.Module, include: object, exclude: object, embeddings: bool = False
+    ) -> None:
+        self.embeddings = embeddings  # nn.Embedding is convertible (bayesianize's option)
         self.include = _patterns_or_predicate("include", include)
         self.exclude = _patterns_or_predicate("exclude", exclude)
         self._kept: list[str] | None = None  # _names_kept's cache
         self._layers: dict[int, tuple[nn.Module, list[str]]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
-            if _convertible(m):
+            if _convertible(m, embeddings):
                 self._layers.setdefault(id(m), (m, []))[1].append(name)
         self._candidates = [_named(m, names[0]) for m, names in self._layers.values()]
         everything = set(self._layers)
@@ -364,6 +396,12 @@ class _Selection:
             if matched
             else f"; it matches no module of {type(model).__name__}"
         )
+        if not self.embeddings and any(
+            type(m) is nn.Embedding
+            for name, m in model.named_modules()
+            if _covered(name, [pattern])
+        ):
+            found += " (pass embeddings=True to convert nn.Embedding to bbb.BayesEmbedding)"
         return (
             f"bayesianize: {kind} pattern {pattern!r} matches no layer bayesianize converts"
             f"{found}. The layers it can convert: {_listing(self._candidates)} (patterns are "
@@ -386,7 +424,8 @@ class _Selection:
         """The selection as a test on the modules of ``model`` (the given model, or its deep
         copy: the same names)."""
         ids = {id(m) for n, m in model.named_modules(remove_duplicate=False) if n in self.names}
-        return lambda m: id(m) in ids and _convertible(m)
+        embeddings = self.embeddings
+        return lambda m: id(m) in ids and _convertible(m, embeddings)
 
 
 def _is_bool(value: object) -> bool:
@@ -433,9 +472,12 @@ def _hooked(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str
     return names
 
 
-def _convertible(module: nn.Module) -> bool:
+def _convertible(module: nn.Module, embeddings: bool = False) -> bool:
     """Whether :func:`bayesianize` replaces ``module`` (exact types: ``nn.Linear``,
-    ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``)."""
+    ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``; ``nn.Embedding`` with
+    ``embeddings=True``)."""
+    if embeddings and type(module) is nn.Embedding:
+        return True
     if type(module) is nn.Linear:
         return True
     if any(type(module) is t for t, _ in _CONV_TRANSPOSE_PAIRS):
@@ -477,6 +519,7 @@ def bayesianize(
     mu_init: str | tuple[float, float] = "fan_in",
     rho_init: float | tuple[float, float] | str = (-5.0, -4.0),
     moped_delta: float | None = None,
+    embeddings: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace the ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` layers
@@ -521,6 +564,13 @@ def bayesianize(
             0.1, the paper's choice); given with another ``rho_init`` it is a ``ValueError``.
             (A prior centred on the pretrained weights is not offered: bbb's priors have one
             scalar location for all weights of a layer.)
+        embeddings: also convert ``nn.Embedding`` layers (exactly that type) to
+            :class:`bbb.BayesEmbedding` (the same sizes, ``padding_idx`` and
+            ``scale_grad_by_freq``; with ``init_from_weights`` mu starts at the table).
+            ``False`` (default): embeddings stay deterministic and are named in the warning
+            (a pretrained table of a large vocabulary is often kept as it is). An embedding
+            with ``max_norm`` or ``sparse=True``, which ``BayesEmbedding`` refuses, is then a
+            ``ValueError`` naming it (exclude it, or drop those options).
         inplace: modify ``model`` instead of a deep copy.
 
     Returns the converted model. Other modules (activations, norms) are kept; a warning names
@@ -549,8 +599,28 @@ def bayesianize(
             "rho_init='moped' sets sigma = moped_delta * |w| from the trained weights w and "
             "needs init_from_weights=True (mu starts at those weights)"
         )
-    selection = _Selection(model, include, exclude)
+    if not isinstance(embeddings, bool):
+        raise ValueError(f"embeddings must be True or False, got {embeddings!r}")
+    selection = _Selection(model, include, exclude, embeddings)
     chosen = selection.in_model(model)
+    if embeddings:
+        refused = [
+            f"{name or '<model>'} ("
+            + ", ".join(
+                f"{k}={getattr(m, k)!r}"
+                for k, bad in (("max_norm", m.max_norm is not None), ("sparse", m.sparse))
+                if bad
+            )
+            + ")"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and chosen(m) and (m.max_norm is not None or m.sparse)
+        ]
+        if refused:
+            raise ValueError(
+                f"bayesianize(embeddings=True): bbb.BayesEmbedding supports neither max_norm nor "
+                f"sparse=True, which these embeddings use: {', '.join(refused)}; exclude them "
+                "(exclude=[...]) or build them without those options"
+            )
     # before the copy: copy.deepcopy drops the hooks of parameters
     hooked = _hooked(model, chosen)
     tied = _tied(model, chosen)
@@ -575,7 +645,7 @@ def bayesianize(
     kept = [
         _describe(name, m)
         for name, m in _left_deterministic(model)
-        if not _convertible(m) and selection.in_scope(name)
+        if not _convertible(m, embeddings) and selection.in_scope(name)
     ]
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
@@ -597,6 +667,11 @@ def bayesianize(
                 " (exclude= silences this for the layers you leave deterministic on purpose)"
                 if selection.include is None
                 else ""
+            )
+            + (
+                "; embeddings=True converts nn.Embedding to bbb.BayesEmbedding"
+                if not embeddings and any(type(m) is nn.Embedding for m in model.modules())
+                else ""
             ),
             UserWarning,
             stacklevel=2,
@@ -615,13 +690,15 @@ def bayesianize(
     return model
 
 
-def convertible_layers(model: nn.Module) -> list[str]:
+def convertible_layers(model: nn.Module, *, embeddings: bool = False) -> list[str]:
     """The qualified names (as ``model.named_modules()`` gives them; ``""`` for the model
     itself) of the layers :func:`bayesianize` can convert, in registration order: what its
     ``include`` / ``exclude`` choose among. The last one is often the output layer
     (``bayesianize(model, include=convertible_layers(model)[-1])`` for a Bayesian last
-    layer), but registration order need not be the order of the forward pass: check it."""
-    return [name for name, m in model.named_modules() if _convertible(m)]
+    layer), but registration order need not be the order of the forward pass: check it.
+    ``embeddings=True``: ``nn.Embedding`` layers too, as ``bayesianize(..., embeddings=True)``
+    converts them."""
+    return [name for name, m in model.named_modules() if _convertible(m, embeddings)]
 
 
 def _own_buffers(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str]:
@@ -809,6 +886,7 @@ _DETERMINISTIC_BASES: tuple[type[BayesModule], ...] = (
     BayesConvTranspose1d,
     BayesConvTranspose2d,
     BayesConvTranspose3d,
+    BayesEmbedding,
 )
 
 
@@ -836,6 +914,8 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
             f"{changed}, which a plain torch layer would not reproduce; use "
             "bbb.sampling(model, 'mean') for its mean network"
         )
+    if isinstance(module, BayesEmbedding):
+        return _deterministic_embedding(module)
     if not isinstance(module, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd)):
         if isinstance(module, BayesModule):
             # e.g. BayesLinearEnsemble: no plain PyTorch layer computes it; leaving it in
@@ -904,6 +984,28 @@ def _deterministic_for(module: nn.Module) -> nn.Module | None:
     return new
 
 
+def _deterministic_embedding(module: BayesEmbedding) -> nn.Embedding:
+    """The ``nn.Embedding`` of ``module``'s mean table (pruning applied, the padding row
+    zero as the Bayesian layer's output there always is)."""
+    w = module.weight_mu.detach()
+    if module.weight_mask is not None:
+        w = w * module.weight_mask
+    new = nn.Embedding(
+        module.num_embeddings,
+        module.embedding_dim,
+        padding_idx=module.padding_idx,
+        scale_grad_by_freq=module.scale_grad_by_freq,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if module.padding_idx is not None:
+            new.weight[module.padding_idx].zero_()
+    _carry_over(module, new, {"weight_mu": ("weight",)})
+    return new
+
+
 def to_deterministic(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every Bayesian layer replaced by its mean network.
 
@@ -926,7 +1028,8 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     # state dict keys start with "_orig_mod." (not loadable into the plain architecture).
     model = _plain_module(model)
     hooked = _hooked(
-        model, lambda m: isinstance(m, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd))
+        model,
+        lambda m: isinstance(m, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd, BayesEmbedding)),
     )
     # one memo for the whole model: a layer used inside and outside a compiled submodule
     # stays one layer
