@@ -341,3 +341,24 @@ def test_bad_inputs_are_refused_with_the_fix() -> None:
         layer(torch.tensor(3))
     assert layer(torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 3)
     assert layer(torch.zeros(0, 4, dtype=torch.long)).shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_native_fused_kernels_give_the_same_kl_and_gradients(estimator: str) -> None:
+    """float32 on CPU with the native backend: sample and KL from one fused node."""
+    torch.manual_seed(12)
+    x = torch.tensor([[1, 2], [3, 1]])
+    layer = BayesEmbedding(7, 3, estimator=estimator, rho_init=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (no C compiler: eager kernels)
+        with bbb.use_kernels("native"), bbb.vectorized_samples(layer, 2):
+            y = layer(bbb.repeat_samples(x, 2))
+            kl = layer.kl()
+    mu, s = layer.weight_mu.detach(), layer.weight_sigma.detach()
+    expected = (-torch.log(s) + (s**2 + mu**2) / 2 - 0.5).sum()
+    torch.testing.assert_close(kl.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert y.shape == (4, 2, 3)
+    (y.sum() + kl).backward()
+    assert layer.weight_mu.grad is not None and torch.isfinite(layer.weight_mu.grad).all()
+    with bbb.sampling(layer, "mean"):
+        assert torch.equal(layer(x), mu[x])
