@@ -127,8 +127,6 @@ def _bayes_for(
         for torch_cls, bayes_cls in _CONV_PAIRS:
             if type(module) is torch_cls:
                 assert isinstance(module, nn.modules.conv._ConvNd)
-                if module.transposed:
-                    return None
                 new = bayes_cls(
                     module.in_channels,
                     module.out_channels,
