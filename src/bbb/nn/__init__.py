@@ -16,6 +16,7 @@ from .module import (
     shared_weight_samples,
     vectorized_samples,
 )
+from .recurrent import BayesGRU, BayesLSTM, BayesRecurrentWeights
 from .stacking import repeat_samples
 
 __all__ = [
@@ -28,8 +29,11 @@ __all__ = [
     "BayesConvTranspose2d",
     "BayesConvTranspose3d",
     "BayesEmbedding",
+    "BayesGRU",
+    "BayesLSTM",
     "BayesLinear",
     "BayesModule",
+    "BayesRecurrentWeights",
     "bayes_modules",
     "kl_divergence",
     "repeat_samples",
