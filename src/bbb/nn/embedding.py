@@ -297,21 +297,48 @@ class BayesEmbedding(BayesModule):
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The rows of ``w`` (num_embeddings, embedding_dim) at this pass's indices (the
         carrier ``x`` gives their number); ``b`` is always None (no bias)."""
-        return F.embedding(self._lookup(x), w, scale_grad_by_freq=self.scale_grad_by_freq)
+        idx = self._lookup(x)
+        blocks = self._sample_blocks(idx)
+        if blocks > 1:
+            # one table w for several Monte Carlo samples' blocks of rows (the mean path of
+            # local and flipout, or the mean mode, inside vectorized_samples on copies that
+            # are not marked identical): scale_grad_by_freq counts each block's lookups
+            # apart, as op_batched and the one-block path do. F.embedding on all S * B rows
+            # counted a row looked up once per example S times, so that path's data gradient
+            # was S times smaller than on a marked input (repeat_samples) or with reparam.
+            return self._lookup_blocks(idx, w.expand(blocks, *w.shape), blocks)
+        return F.embedding(idx, w, scale_grad_by_freq=self.scale_grad_by_freq)
+
+    def _sample_blocks(self, idx: Tensor) -> int:
+        """How many Monte Carlo samples' blocks of rows ``idx`` (this pass's indices, or their
+        first rows) spans when ``scale_grad_by_freq`` must count them apart; 1 otherwise
+        (no scaling, one sample, or a 0-d input)."""
+        full, s = self._indices, self.num_samples
+        if not self.scale_grad_by_freq or s < 2 or full is None or idx.dim() == 0:
+            return 1
+        rows = full.shape[0] // s  # rows per sample (forward checked that S divides them)
+        if rows == 0 or idx.shape[0] % rows:
+            return 1
+        return idx.shape[0] // rows
+
+    def _lookup_blocks(self, idx: Tensor, w: Tensor, blocks: int) -> Tensor:
+        """Block j of ``idx`` (blocks * B, *) looked up in table ``w[j]`` (w: (blocks,
+        num_embeddings, embedding_dim)), with ``scale_grad_by_freq`` counting each block's
+        lookups: (blocks * B, *, embedding_dim)."""
+        v = self.num_embeddings
+        flat = idx.reshape(blocks, -1)
+        offset = torch.arange(blocks, device=idx.device, dtype=idx.dtype).unsqueeze(1) * v
+        rows = F.embedding(
+            flat + offset,
+            w.reshape(blocks * v, w.shape[-1]),
+            scale_grad_by_freq=self.scale_grad_by_freq,
+        )
+        return rows.reshape(*idx.shape, w.shape[-1])
 
     def op_batched(self, x: Tensor, w: Tensor, b: Tensor | None, num_samples: int) -> Tensor:
         """The S blocks of this pass's indices (S * B, *) looked up in the S tables of ``w``
         (S, num_embeddings, embedding_dim): (S * B, *, embedding_dim)."""
-        idx = self._lookup(x)
-        v = self.num_embeddings
-        flat = idx.reshape(num_samples, -1)
-        offset = torch.arange(num_samples, device=idx.device, dtype=idx.dtype).unsqueeze(1) * v
-        rows = F.embedding(
-            flat + offset,
-            w.reshape(num_samples * v, w.shape[-1]),
-            scale_grad_by_freq=self.scale_grad_by_freq,
-        )
-        return rows.reshape(*idx.shape, w.shape[-1])
+        return self._lookup_blocks(self._lookup(x), w, num_samples)
 
     def sign_shapes(
         self, x: Tensor, y_shape: torch.Size

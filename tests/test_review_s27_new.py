@@ -1,0 +1,42 @@
+"""Session 27 review of this session's new code: BayesEmbedding, BayesConvTranspose*d,
+bbb.acquisition (BatchBALD), the Trainer's resume bookkeeping. Each test here failed before
+the fix it names (or pins a property checked against brute force)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bbb
+from bbb.nn.stacking import repeat_samples
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_embedding_scale_grad_by_freq_counts_per_sample_block_on_plain_copies(
+    estimator: str,
+) -> None:
+    # Inside vectorized_samples(S) the S copies of the batch may reach the layer unmarked
+    # (the model sliced or cast its token tensor, or the caller stacked with torch.cat). Each
+    # block looks row 1 up once, so with scale_grad_by_freq the data gradient of row 1 is
+    # the sum over the S blocks of 1 / 1: S, as on marked copies (repeat_samples). Before,
+    # local's and flipout's mean path counted the lookups over all S * B rows (S of them)
+    # and gave 1.
+    s = 3
+    grads = []
+    for marked in (True, False):
+        torch.manual_seed(0)
+        layer = bbb.BayesEmbedding(
+            4, 2, scale_grad_by_freq=True, estimator=estimator, dtype=torch.float64
+        )
+        idx = torch.tensor([[1, 2]])
+        x = repeat_samples(idx, s) if marked else torch.cat([idx] * s)
+        with bbb.vectorized_samples(layer, s):
+            y = layer(x)
+        # the gradient of sum(y) w.r.t. mu does not depend on the noise (y is mu + noise)
+        y.sum().backward()
+        assert layer.weight_mu.grad is not None
+        grads.append(layer.weight_mu.grad.clone())
+    expected = torch.zeros(4, 2, dtype=torch.float64)
+    expected[1] = expected[2] = float(s)
+    torch.testing.assert_close(grads[0], expected)
+    torch.testing.assert_close(grads[1], expected)
