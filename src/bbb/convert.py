@@ -30,6 +30,7 @@ from .nn.conv_transpose import (
 from .nn.embedding import BayesEmbedding
 from .nn.linear import BayesLinear
 from .nn.module import BayesModule, rho_init_range
+from .nn.recurrent import BayesGRU, BayesLSTM, _BayesRNNBase
 from .priors import Prior
 
 __all__ = ["LayerSelector", "bayesianize", "convertible_layers", "to_deterministic"]
@@ -90,8 +91,10 @@ def _bayes_for(
     """The Bayesian layer replacing ``module``, or None if it is not convertible. With
     ``moped_delta`` (``rho_init="moped"``, needs ``init_from_weights``) rho is set so that
     sigma = ``moped_delta * |w|`` (at least :data:`MOPED_MIN_SIGMA`) for weight and bias."""
-    if not _convertible(module, embeddings=True):
+    if not _convertible(module, embeddings=True, recurrent=True):
         return None
+    if type(module) is nn.LSTM or type(module) is nn.GRU:
+        return _bayes_recurrent_for(module, kwargs, init_from_weights, prior_for, moped_delta)
     w = getattr(module, "weight", None)
     device: torch.device | None = None
     dtype: torch.dtype | None = None
@@ -156,6 +159,28 @@ def _bayes_for(
         module, new, {"weight": ("weight_mu", "weight_rho"), "bias": ("bias_mu", "bias_rho")}
     )
     return new
+
+
+def _bayes_recurrent_for(
+    module: nn.LSTM | nn.GRU,
+    kwargs: dict[str, Any],
+    init_from_weights: bool,
+    prior_for: _PriorPerDtype,
+    moped_delta: float | None,
+) -> nn.Module:
+    """The :class:`bbb.BayesLSTM` / :class:`bbb.BayesGRU` replacing ``module`` (its sizes and
+    options, device, dtype and train/eval mode; see :meth:`bbb.BayesLSTM.from_torch`)."""
+    w = module.weight_ih_l0
+    assert isinstance(w, torch.Tensor)  # (torch types module attributes as Tensor | Module)
+    cls = BayesLSTM if type(module) is nn.LSTM else BayesGRU
+    delta = moped_delta
+    rho = None if delta is None else (lambda t: moped_rho(t, delta))
+    return cls.from_torch(
+        module,
+        init_from_weights=init_from_weights,
+        moped_rho=rho,
+        **{**kwargs, "prior": prior_for(w.dtype), "device": w.device, "dtype": w.dtype},
+    )
 
 
 def _bayes_embedding_for(
@@ -305,15 +330,21 @@ class _Selection:
     """
 
     def __init__(
-        self, model: nn.Module, include: object, exclude: object, embeddings: bool = False
+        self,
+        model: nn.Module,
+        include: object,
+        exclude: object,
+        embeddings: bool = False,
+        recurrent: bool = False,
     ) -> None:
         self.embeddings = embeddings  # nn.Embedding is convertible (bayesianize's option)
+        self.recurrent = recurrent  # nn.LSTM / nn.GRU are convertible (bayesianize's option)
         self.include = _patterns_or_predicate("include", include)
         self.exclude = _patterns_or_predicate("exclude", exclude)
         self._kept: list[str] | None = None  # _names_kept's cache
         self._layers: dict[int, tuple[nn.Module, list[str]]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
-            if _convertible(m, embeddings):
+            if _convertible(m, embeddings, recurrent):
                 self._layers.setdefault(id(m), (m, []))[1].append(name)
         self._candidates = [_named(m, names[0]) for m, names in self._layers.values()]
         everything = set(self._layers)
@@ -422,8 +453,8 @@ class _Selection:
         """The selection as a test on the modules of ``model`` (the given model, or its deep
         copy: the same names)."""
         ids = {id(m) for n, m in model.named_modules(remove_duplicate=False) if n in self.names}
-        embeddings = self.embeddings
-        return lambda m: id(m) in ids and _convertible(m, embeddings)
+        embeddings, recurrent = self.embeddings, self.recurrent
+        return lambda m: id(m) in ids and _convertible(m, embeddings, recurrent)
 
 
 def _is_bool(value: object) -> bool:
@@ -470,11 +501,13 @@ def _hooked(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str
     return names
 
 
-def _convertible(module: nn.Module, embeddings: bool = False) -> bool:
+def _convertible(module: nn.Module, embeddings: bool = False, recurrent: bool = False) -> bool:
     """Whether :func:`bayesianize` replaces ``module`` (exact types: ``nn.Linear``,
     ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``; ``nn.Embedding`` with
-    ``embeddings=True``)."""
+    ``embeddings=True``; ``nn.LSTM`` and ``nn.GRU`` with ``recurrent=True``)."""
     if embeddings and type(module) is nn.Embedding:
+        return True
+    if recurrent and (type(module) is nn.LSTM or type(module) is nn.GRU):
         return True
     if type(module) is nn.Linear:
         return True
@@ -518,6 +551,7 @@ def bayesianize(
     rho_init: float | tuple[float, float] | str = (-5.0, -4.0),
     moped_delta: float | None = None,
     embeddings: bool = False,
+    recurrent: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace the ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` layers
@@ -569,6 +603,13 @@ def bayesianize(
             (a pretrained table of a large vocabulary is often kept as it is). An embedding
             with ``max_norm`` or ``sparse=True``, which ``BayesEmbedding`` refuses, is then a
             ``ValueError`` naming it (exclude it, or drop those options).
+        recurrent: also convert ``nn.LSTM`` and ``nn.GRU`` layers (exactly those types) to
+            :class:`bbb.BayesLSTM` / :class:`bbb.BayesGRU` (the same sizes, ``num_layers``,
+            ``bias``, ``batch_first``, ``dropout`` and ``bidirectional``; with
+            ``init_from_weights`` mu starts at the trained weights). ``estimator="local"``
+            is then a ``ValueError`` (a recurrent layer cannot keep local noise fixed across
+            time steps), as is an ``nn.LSTM`` with ``proj_size``, named. ``False``
+            (default): they stay deterministic and are named in the warning.
         inplace: modify ``model`` instead of a deep copy.
 
     Returns the converted model. Other modules (activations, norms) are kept; a warning names
@@ -599,8 +640,34 @@ def bayesianize(
         )
     if not isinstance(embeddings, bool):
         raise ValueError(f"embeddings must be True or False, got {embeddings!r}")
-    selection = _Selection(model, include, exclude, embeddings)
+    if not isinstance(recurrent, bool):
+        raise ValueError(f"recurrent must be True or False, got {recurrent!r}")
+    selection = _Selection(model, include, exclude, embeddings, recurrent)
     chosen = selection.in_model(model)
+    if recurrent:
+        rnns = [
+            name or "<model>"
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.LSTM, nn.GRU)) and chosen(m)
+        ]
+        if rnns and estimator == "local":
+            raise ValueError(
+                f"bayesianize(recurrent=True, estimator='local'): the recurrent layers "
+                f"{', '.join(rnns)} cannot use local reparameterisation, which samples the "
+                "pre-activations anew at every use of the weights (every time step: a new "
+                "network at each step); accepted estimators for them: 'reparam', 'flipout' "
+                "(or exclude them, or convert them in a second bayesianize call)"
+            )
+        projected = [
+            f"{name or '<model>'} (proj_size={m.proj_size})"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.LSTM) and chosen(m) and m.proj_size
+        ]
+        if projected:
+            raise ValueError(
+                "bayesianize(recurrent=True): bbb.BayesLSTM does not support proj_size, which "
+                f"these LSTMs use: {', '.join(projected)}; exclude them (exclude=[...])"
+            )
     if embeddings:
         refused = [
             f"{name or '<model>'} ("
@@ -643,7 +710,7 @@ def bayesianize(
     kept = [
         _describe(name, m)
         for name, m in _left_deterministic(model)
-        if not _convertible(m, embeddings) and selection.in_scope(name)
+        if not _convertible(m, embeddings, recurrent) and selection.in_scope(name)
     ]
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
@@ -670,6 +737,11 @@ def bayesianize(
                 "; embeddings=True converts nn.Embedding to bbb.BayesEmbedding"
                 if not embeddings and any(type(m) is nn.Embedding for m in model.modules())
                 else ""
+            )
+            + (
+                "; recurrent=True converts nn.LSTM/nn.GRU to bbb.BayesLSTM/bbb.BayesGRU"
+                if not recurrent and any(type(m) in (nn.LSTM, nn.GRU) for m in model.modules())
+                else ""
             ),
             UserWarning,
             stacklevel=2,
@@ -688,15 +760,17 @@ def bayesianize(
     return model
 
 
-def convertible_layers(model: nn.Module, *, embeddings: bool = False) -> list[str]:
+def convertible_layers(
+    model: nn.Module, *, embeddings: bool = False, recurrent: bool = False
+) -> list[str]:
     """The qualified names (as ``model.named_modules()`` gives them; ``""`` for the model
     itself) of the layers :func:`bayesianize` can convert, in registration order: what its
     ``include`` / ``exclude`` choose among. The last one is often the output layer
     (``bayesianize(model, include=convertible_layers(model)[-1])`` for a Bayesian last
     layer), but registration order need not be the order of the forward pass: check it.
     ``embeddings=True``: ``nn.Embedding`` layers too, as ``bayesianize(..., embeddings=True)``
-    converts them."""
-    return [name for name, m in model.named_modules() if _convertible(m, embeddings)]
+    converts them; ``recurrent=True``: ``nn.LSTM`` and ``nn.GRU`` too."""
+    return [name for name, m in model.named_modules() if _convertible(m, embeddings, recurrent)]
 
 
 def _own_buffers(model: nn.Module, replaced: Callable[[nn.Module], bool]) -> list[str]:
@@ -904,6 +978,9 @@ def _overrides(module: BayesModule) -> str | None:
 
 
 def _deterministic_for(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, _BayesRNNBase):
+        # the nn.LSTM / nn.GRU of the mean weights (a subclass overriding forward: TypeError)
+        return module.to_torch()
     if isinstance(module, BayesModule) and (changed := _overrides(module)) is not None:
         # a user's subclass with a forward or op of its own (an output scale, a residual):
         # the plain layer would compute the parent's function, silently other numbers
@@ -1027,7 +1104,9 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     model = _plain_module(model)
     hooked = _hooked(
         model,
-        lambda m: isinstance(m, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd, BayesEmbedding)),
+        lambda m: isinstance(
+            m, (BayesLinear, _BayesConvNd, _BayesConvTransposeNd, BayesEmbedding, _BayesRNNBase)
+        ),
     )
     # one memo for the whole model: a layer used inside and outside a compiled submodule
     # stays one layer
