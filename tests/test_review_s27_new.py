@@ -40,3 +40,16 @@ def test_embedding_scale_grad_by_freq_counts_per_sample_block_on_plain_copies(
     expected[1] = expected[2] = float(s)
     torch.testing.assert_close(grads[0], expected)
     torch.testing.assert_close(grads[1], expected)
+
+
+def test_margin_of_a_one_class_prediction_is_refused_naming_the_need() -> None:
+    # a hand-built prediction of one class (bbb.predict refuses it): before, topk's
+    # "selected index k out of range"
+    sp = torch.ones(3, 4, 1)
+    pred = bbb.ClassificationPrediction(sp.mean(0), sp)
+    with pytest.raises(ValueError, match=r"'margin'.*needs C >= 2"):
+        bbb.acquisition.acquisition_scores(pred, "margin")
+    # the other scores of one class are defined (and zero)
+    for method in ("bald", "entropy", "variation_ratios", "mean_std"):
+        scores = bbb.acquisition.acquisition_scores(pred, method)
+        torch.testing.assert_close(scores, torch.zeros(4))

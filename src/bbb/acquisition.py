@@ -168,6 +168,14 @@ def acquisition_scores(
         if method == "variation_ratios":
             return 1.0 - probs.max(-1).values
         if method == "margin":
+            if probs.shape[-1] < 2:
+                # (bbb.predict refuses one class; a hand-built prediction reached topk's
+                # "selected index k out of range")
+                raise ValueError(
+                    "acquisition_scores: 'margin' is the gap between the two most probable "
+                    f"classes and needs C >= 2 classes, got probs of shape {tuple(probs.shape)}; "
+                    "use 'entropy' or 'bald', or give the prediction its classes"
+                )
             top = probs.topk(2, dim=-1).values
             return top[:, 1] - top[:, 0]
         if method == "mean_std":
