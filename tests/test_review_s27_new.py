@@ -53,3 +53,21 @@ def test_margin_of_a_one_class_prediction_is_refused_naming_the_need() -> None:
     for method in ("bald", "entropy", "variation_ratios", "mean_std"):
         scores = bbb.acquisition.acquisition_scores(pred, method)
         torch.testing.assert_close(scores, torch.zeros(4))
+
+
+def test_conv_transpose_input_too_small_for_its_padding_names_the_smallest_input() -> None:
+    # padding 4 removes more than a length-1 input produces ((1 - 1) * 2 - 8 + 2 + 1 + 1 =
+    # -4): before, torch's RuntimeError "Output size is too small" (no padding, no remedy),
+    # and inside vectorized_samples the same. The smallest input that works is 4, the
+    # first n with (n - 1) * 2 - 8 + 2 + 1 + 1 >= 1, and it does work.
+    layer = bbb.BayesConvTranspose1d(1, 2, 3, stride=2, padding=4, output_padding=1)
+    with pytest.raises(ValueError, match=r"spatial size \(1,\).*at least \(4,\).*padding"):
+        layer(torch.randn(2, 1, 1))
+    # also a RuntimeError, the type of torch's error that code may catch
+    with pytest.raises(RuntimeError, match=r"at least \(4,\)"):
+        layer(torch.randn(2, 1, 1))
+    with pytest.raises(ValueError, match=r"output of size \(0,\).*at least \(4,\)"):
+        layer(torch.randn(2, 1, 3))
+    with bbb.vectorized_samples(layer, 2), pytest.raises(ValueError, match=r"at least \(4,\)"):
+        layer(torch.randn(4, 1, 3))
+    assert layer(torch.randn(2, 1, 4)).shape == (2, 2, 2)  # (4 - 1) * 2 - 8 + 4 = 2

@@ -34,7 +34,12 @@ from torch import Tensor
 from ..priors import Prior
 from .module import BayesModule, _is_int, positive_int
 
-__all__ = ["BayesConvTranspose1d", "BayesConvTranspose2d", "BayesConvTranspose3d"]
+__all__ = [
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
+    "OutputSizeError",
+]
 
 PADDING_MODES = ("zeros",)
 _CONV_T: dict[int, Callable[..., Tensor]] = {
@@ -43,6 +48,13 @@ _CONV_T: dict[int, Callable[..., Tensor]] = {
     3: F.conv_transpose3d,
 }
 _SPATIAL: dict[int, str] = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+class OutputSizeError(ValueError, RuntimeError):
+    """An input too small for a transposed convolution's padding (an output size below 1).
+
+    A ``ValueError`` (bad input) that is also a ``RuntimeError``, the type of the error torch
+    raised for it before the layers checked it (code catching that still catches this)."""
 
 
 class _BayesConvTransposeNd(BayesModule):
@@ -287,15 +299,43 @@ class _BayesConvTransposeNd(BayesModule):
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         pad_out = self._call_output_padding
+        if pad_out is None:
+            pad_out = self.output_padding
+        spatial = tuple(x.shape[2:])
+        out = self.output_shape(spatial, pad_out)
+        if min(out) < 1:
+            self._refuse_empty_output(spatial, out, pad_out)
         return _CONV_T[self._dim](
             x,
             w,
             b,
             stride=self.stride,
             padding=self.padding,
-            output_padding=self.output_padding if pad_out is None else pad_out,
+            output_padding=pad_out,
             groups=groups,
             dilation=self.dilation,
+        )
+
+    def _refuse_empty_output(
+        self, spatial: tuple[int, ...], out: tuple[int, ...], pad_out: tuple[int, ...]
+    ) -> None:
+        """An :class:`OutputSizeError` for an input of spatial size ``spatial`` whose output
+        size ``out``
+        (``output_padding`` ``pad_out``) is below 1 in some dimension: torch's "Output size is
+        too small" named neither the padding nor the input size that works."""
+        need = tuple(
+            1 + max(0, -(-(2 * p - d * (k - 1) - op) // s))
+            for s, p, d, k, op in zip(
+                self.stride, self.padding, self.dilation, self.kernel_size, pad_out, strict=True
+            )
+        )
+        raise OutputSizeError(
+            f"{type(self).__name__}: an input of spatial size {spatial} gives an output of size "
+            f"{out} ((in - 1) * stride - 2 * padding + dilation * (kernel_size - 1) + "
+            f"output_padding + 1 with stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, kernel_size={self.kernel_size}, "
+            f"output_padding={pad_out}): the padding removes more than the layer produces; "
+            f"give an input of spatial size at least {need}, or lower the padding"
         )
 
     def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
