@@ -378,3 +378,5 @@ def test_bayesianize_leaves_recurrent_layers_alone_unless_asked() -> None:
     with pytest.raises(ValueError, match=r"proj_size.*0 \(proj_size=2\)"):
         bbb.bayesianize(nn.Sequential(nn.LSTM(2, 3, proj_size=2)), recurrent=True)
     assert type(bbb.bayesianize(model, recurrent=True)[0]) is BayesGRU
+    with pytest.raises(ValueError, match=r"nothing was made Bayesian.*recurrent=True converts"):
+        bbb.bayesianize(nn.Sequential(nn.LSTM(2, 3)))

@@ -714,6 +714,8 @@ def bayesianize(
     ]
     if not any(isinstance(m, BayesModule) for m in model.modules()):
         found = f"; it has these layers with weights: {', '.join(kept)}" if kept else ""
+        if not recurrent and any(type(m) in (nn.LSTM, nn.GRU) for m in model.modules()):
+            found += " (recurrent=True converts nn.LSTM/nn.GRU to bbb.BayesLSTM/bbb.BayesGRU)"
         raise ValueError(
             f"bayesianize found no nn.Linear or nn.Conv1d/2d/3d in {type(model).__name__} "
             "(nor nn.ConvTranspose1d/2d/3d): nothing was made Bayesian (it converts those "
