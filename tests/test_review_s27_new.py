@@ -4,6 +4,9 @@ the fix it names (or pins a property checked against brute force)."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +74,46 @@ def test_conv_transpose_input_too_small_for_its_padding_names_the_smallest_input
     with bbb.vectorized_samples(layer, 2), pytest.raises(ValueError, match=r"at least \(4,\)"):
         layer(torch.randn(4, 1, 3))
     assert layer(torch.randn(2, 1, 4)).shape == (2, 2, 2)  # (4 - 1) * 2 - 8 + 4 = 2
+
+
+def _fit_two_generator_loader(epochs: int, out: Path, resume: bool = False) -> torch.nn.Module:
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from bbb.train import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(12, 3, generator=g), torch.randint(0, 2, (12,), generator=g))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(bbb.BayesLinear(3, 2))
+    # the loader's own generator (the workers' base seed) and the sampler's (the shuffle)
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(9)),
+        generator=torch.Generator().manual_seed(5),
+    )
+    trainer = Trainer(
+        model,
+        bbb.ELBO(bbb.Categorical(), 12),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        epochs=epochs,
+        out_dir=out,
+        progress=False,
+        log=None,
+    )
+    trainer.fit(resume=resume)
+    return model
+
+
+def test_resume_restores_every_generator_the_training_loader_draws_from(tmp_path: Path) -> None:
+    # DataLoader(generator=g) over RandomSampler(generator=g2): the checkpoints held g's
+    # state only, so the resumed run reshuffled with g2 from its start: epoch 2's order was
+    # epoch 1's, silently (no warning). The resumed fit must equal the uninterrupted one.
+    full = _fit_two_generator_loader(2, tmp_path / "full")
+    _fit_two_generator_loader(1, tmp_path / "cut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the same loader
+        resumed = _fit_two_generator_loader(2, tmp_path / "cut", resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -269,20 +269,23 @@ def _check_device(device: torch.device | str, model: nn.Module, elbo: ELBO) -> t
     return dev
 
 
-def _shuffle_generator(loader: Iterable[Any]) -> torch.Generator | None:
-    """The :class:`torch.Generator` ``loader`` shuffles with: its own
-    (``DataLoader(..., generator=g)``) or its sampler's (``RandomSampler(ds, generator=g)``,
-    directly or inside its batch sampler); None when it has none (it shuffles with the
-    global RNG, or not at all)."""
+def _shuffle_generators(loader: Iterable[Any]) -> list[torch.Generator]:
+    """The :class:`torch.Generator` objects ``loader`` draws from, each once: its own
+    (``DataLoader(..., generator=g)``: the shuffle, and the workers' base seed) and its
+    sampler's (``RandomSampler(ds, generator=g2)``, directly or inside its batch sampler),
+    in that order; empty when it has none (it shuffles with the global RNG, or not at all).
+    A loader and a sampler given different generators draw from both: the shuffle from the
+    sampler's, the base seed from the loader's."""
+    found: list[torch.Generator] = []
     for candidate in (
         loader,
         getattr(loader, "sampler", None),
         getattr(getattr(loader, "batch_sampler", None), "sampler", None),
     ):
         generator = getattr(candidate, "generator", None)
-        if isinstance(generator, torch.Generator):
-            return generator
-    return None
+        if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
+            found.append(generator)
+    return found
 
 
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
@@ -738,8 +741,8 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.loader_generator = loader_generator
-        own = _shuffle_generator(train_loader)
-        if loader_generator is not None and own is not None and own is not loader_generator:
+        own = _shuffle_generators(train_loader)
+        if loader_generator is not None and own and not any(g is loader_generator for g in own):
             import warnings
 
             warnings.warn(
@@ -965,15 +968,18 @@ class Trainer:
         v = report[self.val_metric]
         return -v if self.val_metric in ("accuracy", "log_likelihood") else v
 
-    def _resume_generator(self) -> torch.Generator | None:
-        """The generator whose state the checkpoints hold: ``loader_generator``, else the
-        training loader's own (see the constructor)."""
-        if self.loader_generator is not None:
-            return self.loader_generator
-        return _shuffle_generator(self.train_loader)
+    def _resume_generators(self) -> list[torch.Generator]:
+        """The generators whose states the checkpoints hold: ``loader_generator`` (if given)
+        and every generator the training loader draws from (:func:`_shuffle_generators`),
+        each once, in that order."""
+        found = _shuffle_generators(self.train_loader)
+        g = self.loader_generator
+        if g is None:
+            return found
+        return [g, *(other for other in found if other is not g)]
 
     def _state(self) -> dict[str, Any]:
-        generator = self._resume_generator()
+        generators = self._resume_generators()
         return {
             "format": _FORMAT,
             "epoch": self.epoch,
@@ -989,7 +995,10 @@ class Trainer:
             "steps_per_epoch": self._steps_per_epoch,
             "elbo": self.elbo.state_dict(),
             "rng": rng_state(),
-            "loader_generator": None if generator is None else generator.get_state(),
+            # the first generator's state (what a checkpoint held before) and every one's:
+            # a DataLoader(generator=g) over a RandomSampler(generator=g2) draws from both
+            "loader_generator": generators[0].get_state() if generators else None,
+            "loader_generators": [g.get_state() for g in generators],
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -1003,10 +1012,26 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.elbo.load_state_dict(state["elbo"])
         set_rng_state(state["rng"])
-        generator, saved = self._resume_generator(), state.get("loader_generator")
-        if generator is not None and saved is not None:
-            generator.set_state(saved)
-        elif (generator is None) != (saved is None):
+        generators = self._resume_generators()
+        saved = state.get("loader_generators")
+        if saved is None:  # a checkpoint written before every generator was saved
+            first = state.get("loader_generator")
+            saved = [] if first is None else [first]
+        for g, g_state in zip(generators, saved, strict=False):
+            g.set_state(g_state)
+        if generators and saved and len(generators) != len(saved):
+            import warnings
+
+            warnings.warn(
+                f"the checkpoint holds the states of {len(saved)} generator(s) that the "
+                f"training loader drew from, but this Trainer's loader draws from "
+                f"{len(generators)} (its own DataLoader(generator=...), its sampler's, "
+                "loader_generator): the resumed run's shuffles are not the uninterrupted "
+                "run's; build the loader as the run did",
+                UserWarning,
+                stacklevel=4,
+            )
+        elif bool(generators) != bool(saved):
             import warnings
 
             warnings.warn(
@@ -1014,7 +1039,7 @@ class Trainer:
                 "loader, but this Trainer's loader has none (no loader_generator, no "
                 "DataLoader(..., generator=g)): the resumed run's shuffles are not the "
                 "uninterrupted run's; build the loader as the run did"
-                if generator is None
+                if not generators
                 else "the checkpoint holds no state of the generator that shuffles the "
                 "training loader (written by a run whose loader had none, or by a version of "
                 "bbb that saved it only with loader_generator): the generator starts afresh, "
