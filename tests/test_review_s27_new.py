@@ -117,3 +117,46 @@ def test_resume_restores_every_generator_the_training_loader_draws_from(tmp_path
         resumed = _fit_two_generator_loader(2, tmp_path / "cut", resume=True)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _gradcheck_layer(layer: torch.nn.Module, x: torch.Tensor, num_samples: int) -> None:
+    """torch.autograd.gradcheck of the layer's output and KL w.r.t. all its parameters (and
+    a float input), at fixed noise: every call draws the same numbers (fork_rng + seed)."""
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    inputs: tuple[torch.Tensor, ...] = tuple(params)
+    if x.is_floating_point():
+        inputs = (x.detach().clone().requires_grad_(), *params)
+
+    def f(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xin, ps = (args[0], args[1:]) if x.is_floating_point() else (x, args)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            with bbb.vectorized_samples(layer, num_samples):
+                y = torch.func.functional_call(
+                    layer, dict(zip(names, ps, strict=True)), (repeat_samples(xin, num_samples),)
+                )
+            return y, layer.kl()
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_gradcheck_conv_transpose_with_groups_dilation_output_padding(estimator: str) -> None:
+    # the exact gradient (float64 finite differences) of output and Monte Carlo KL, through
+    # the S = 2 sample folding into channel groups, for every estimator
+    layer = bbb.BayesConvTranspose1d(
+        4, 2, 2, stride=2, padding=1, output_padding=1, groups=2, dilation=2,
+        estimator=estimator, kl="mc", rho_init=(-1.0, 0.0), dtype=torch.float64,
+    )  # fmt: skip
+    _gradcheck_layer(layer, torch.randn(1, 4, 3, dtype=torch.float64), 2)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_gradcheck_embedding_with_a_padding_row(estimator: str) -> None:
+    # the padding row (index 2) gets an exactly zero gradient from output and KL alike
+    layer = bbb.BayesEmbedding(
+        4, 2, padding_idx=2, estimator=estimator, kl="mc", rho_init=(-1.0, 0.0),
+        dtype=torch.float64,
+    )  # fmt: skip
+    _gradcheck_layer(layer, torch.tensor([[0, 2, 3, 3]]), 2)
