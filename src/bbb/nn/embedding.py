@@ -96,7 +96,13 @@ class BayesEmbedding(BayesModule):
     input, another integer dtype, or an index out of range is a ``ValueError`` (checked at
     every call outside ``torch.compile``; a compiled model leaves it to ``F.embedding``).
     Inside :func:`bbb.vectorized_samples` (``bbb.ELBO``, ``bbb.predict``) dim 0 holds the S
-    stacked copies of the batch, so a 0-d input is refused there.
+    stacked copies of the batch, so a 0-d input is refused there. For the same reason a
+    table looked up with indices that are not per example (positions: ``torch.arange(L)``)
+    must be given them per row of the batch it joins, ``torch.arange(L).expand(x.shape[0],
+    L)`` for a batch ``x`` of token indices: a plain (L,) input is read as L rows of S
+    stacked copies (refused when S does not divide L; otherwise every copy gets the same
+    positional rows, so the S samples share them and ``bbb.predict``'s spread omits their
+    uncertainty).
     """
 
     def __init__(
