@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -43,6 +44,19 @@ Z = 5.0  # standard errors allowed by the statistical checks (see the module doc
 # run out of three). No example database: nothing is read from or written to .hypothesis/.
 _hypothesis_settings.register_profile("bbb", derandomize=True, database=None)
 _hypothesis_settings.load_profile("bbb")
+
+
+@pytest.fixture(autouse=True)
+def _global_seed() -> None:
+    """Every test starts with torch's global generator (and Python's) seeded with 0.
+
+    torch seeds its default generator differently in every process, so a test that drew from
+    the global stream without seeding it checked other numbers in every run (and under xdist on
+    every worker): a Monte Carlo bound asserted on such draws failed about one run in eight
+    before its test was seeded. With this fixture a failure reproduces whatever ran before.
+    """
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 class Stats:

@@ -231,9 +231,13 @@ def test_exact_joint_mutual_information_equals_a_brute_force_sum() -> None:
         joint -= float(p.mean()) * math.log(float(p.mean()))
     cond = sum(float(-torch.special.xlogy(sp[:, i], sp[:, i]).sum(-1).mean()) for i in idx)
     assert bbb.joint_mutual_information(sp, idx) == pytest.approx(joint - cond, abs=1e-12)
-    many = bbb.batch_bald(_random_probs(4, 40, 5, 12, scale=4.0), 12)
-    assert float(many.mutual_information[-1]) <= math.log(4) + 1e-9
-    assert not bool(many.exact.all())  # 5^5 > 1000 configurations: sampled at the end
+    # (seeded: the picks past 1000 configurations are Monte Carlo estimates, which may exceed
+    # log S by their error, so the bound is asserted on the exact picks only)
+    many = bbb.batch_bald(
+        _random_probs(4, 40, 5, 12, scale=4.0), 12, generator=torch.Generator().manual_seed(0)
+    )
+    assert bool(many.exact[0]) and not bool(many.exact.all())  # 5^5 > 1000: sampled at the end
+    assert float(many.mutual_information[many.exact].max()) <= math.log(4) + 1e-9
 
 
 @settings(max_examples=25, deadline=None)
