@@ -32,6 +32,28 @@ _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d
 _SPATIAL: dict[int, str] = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
+def spatial_tuple(owner: str, dim: int, arg: str, value: object, minimum: int) -> tuple[int, ...]:
+    """``value`` (an int, or one int per spatial dimension) as a tuple of ``dim`` ints, each
+    >= ``minimum``; a ValueError naming the layer ``owner``, ``arg`` and what is accepted
+    otherwise (the convolutions' and transposed convolutions' size arguments)."""
+    accepted = f"an int or a tuple of {dim} int{'s' if dim > 1 else ''} (one per spatial dimension)"
+    if _is_int(value):
+        values: tuple[object, ...] = (value,) * dim
+    elif isinstance(value, (tuple, list)):
+        if len(value) != dim:
+            raise ValueError(
+                f"{owner} {arg} must be {accepted}, got {value!r} of length {len(value)}"
+            )
+        values = tuple(value)
+    else:
+        raise ValueError(f"{owner} {arg} must be {accepted}, got {value!r}")
+    # (_is_int checks the type, which mypy cannot see: the casts)
+    if not all(_is_int(v) and int(cast(numbers.Integral, v)) >= minimum for v in values):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{owner} {arg} must be {kind} integers, got {value!r}")
+    return tuple(int(cast(numbers.Integral, v)) for v in values)
+
+
 class _BayesConvNd(BayesModule):
     _dim: int = 2
 
@@ -114,25 +136,7 @@ class _BayesConvNd(BayesModule):
         )
 
     def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
-        """``value`` (an int, or one int per spatial dimension) as a tuple of ``_dim`` ints,
-        each >= ``minimum``; a ValueError naming ``arg`` and the expected length otherwise."""
-        name, d = type(self).__name__, self._dim
-        accepted = f"an int or a tuple of {d} int{'s' if d > 1 else ''} (one per spatial dimension)"
-        if _is_int(value):
-            values: tuple[object, ...] = (value,) * d
-        elif isinstance(value, (tuple, list)):
-            if len(value) != d:
-                raise ValueError(
-                    f"{name} {arg} must be {accepted}, got {value!r} of length {len(value)}"
-                )
-            values = tuple(value)
-        else:
-            raise ValueError(f"{name} {arg} must be {accepted}, got {value!r}")
-        # (_is_int checks the type, which mypy cannot see: the casts)
-        if not all(_is_int(v) and int(cast(numbers.Integral, v)) >= minimum for v in values):
-            kind = "positive" if minimum == 1 else "non-negative"
-            raise ValueError(f"{name} {arg} must be {kind} integers, got {value!r}")
-        return tuple(int(cast(numbers.Integral, v)) for v in values)
+        return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
 
     def _check_input(self, x: Tensor) -> None:
         d, c = self._dim, self.in_channels

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..priors import Prior
+from .conv import spatial_tuple
 from .module import BayesModule, _is_int, positive_int
 
 __all__ = [
@@ -173,28 +174,7 @@ class _BayesConvTransposeNd(BayesModule):
         )
 
     def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
-        """``value`` (an int, or one int per spatial dimension) as a tuple of ``_dim`` ints,
-        each >= ``minimum``; a ValueError naming ``arg`` and what is accepted otherwise."""
-        name, d = type(self).__name__, self._dim
-        kind = "positive" if minimum == 1 else "non-negative"
-        accepted = (
-            f"a {kind} int or a tuple of {d} {kind} int{'s' if d > 1 else ''} "
-            "(one per spatial dimension)"
-        )
-        if _is_int(value):
-            values: tuple[object, ...] = (value,) * d
-        elif isinstance(value, (tuple, list)):
-            if len(value) != d:
-                raise ValueError(
-                    f"{name} {arg} must be {accepted}, got {value!r} of length {len(value)}"
-                )
-            values = tuple(value)
-        else:
-            raise ValueError(f"{name} {arg} must be {accepted}, got {value!r}")
-        # (_is_int checks the type, which mypy cannot see: the casts)
-        if not all(_is_int(v) and int(cast(numbers.Integral, v)) >= minimum for v in values):
-            raise ValueError(f"{name} {arg} must be {accepted}, got {value!r}")
-        return tuple(int(cast(numbers.Integral, v)) for v in values)
+        return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
 
     # ----------------------------------------------------------------- input checks
     def _check_input(self, x: Tensor) -> None:
