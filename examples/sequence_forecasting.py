@@ -37,7 +37,26 @@ and its epistemic part (the variance of the predicted means over weight samples;
 deterministic network), with the true noise variance of the targets beside them. The
 epistemic variance should grow on the shifted series: the posterior has seen no such inputs,
 and its weight samples disagree there. Whether that growth is large enough to make the
-Bayesian intervals honest on the shifted series is what the coverage rows show.
+Bayesian intervals honest on the shifted series is what the coverage rows show. The report
+also summarises each Bayesian layer's posterior (median sigma, the fraction of weights left
+near the prior, the fraction with |mu| / sigma > 2).
+
+What to expect at the defaults (seed 0, 40 epochs of 45 steps; commit-time measurement, one
+CPU thread): in distribution both networks forecast alike (RMSE 0.26 against a noise floor of
+0.17: a 24-step window does not pin down two sines of periods up to 40 steps), and the
+Bayesian intervals are the better calibrated ones (90% / 95% coverage 0.904 / 0.954 against
+0.881 / 0.931; log-likelihood -0.001 against -0.041 nats per value). On the shifted series
+both fail (RMSE 1.07), and the Bayesian epistemic variance grows only 1.9x (0.0048 -> 0.0090,
+against an aleatoric 0.07): far too little for an error of that size, so its 95% intervals
+cover 33% of the targets (the deterministic network's 30%); its log-likelihood is less bad
+(-6.2 against -9.9) for that reason alone. The epistemic variance also grows with the step
+ahead (0.0026 -> 0.0070 in distribution). Why so little: the mean-field posterior leaves 71%
+of the LSTM's weights near the prior (the KL switches off the units the data do not need;
+"over-pruning") and the weights that carry the forecast are tight (9% with |mu| / sigma > 2):
+the spread of the forecasts comes from a few well-determined weights, which the shifted
+windows (values in the same range, only faster) do not push far. A factorised Gaussian
+posterior is known to understate epistemic uncertainty away from the data; do not read a
+small epistemic variance as a sign that the input is in distribution.
 
 Outputs under ``--out`` (default ``runs/examples/sequence_forecasting``):
 
@@ -64,8 +83,8 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -86,8 +105,7 @@ COVERAGE_LEVELS = (0.5, 0.9, 0.95)
 SPLITS = ("in_distribution", "shifted")
 
 
-@dataclass(frozen=True)
-class Series:
+class Series(NamedTuple):
     """A batch of synthetic series, all of shape (n, length), in the series' own units.
 
     ``clean``: the noise-free signal s_t; ``noise_std``: sigma_t; ``observed``: s_t + sigma_t
@@ -174,8 +192,13 @@ class Forecaster(nn.Module):
             self.head = nn.Linear(hidden, 2 * horizon)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (B, W) windows of past values -> (B, 2 H) means then log-variances."""
+        if x.dim() != 2:
+            raise ValueError(
+                f"Forecaster expects windows of shape (batch, window), got {tuple(x.shape)}"
+            )
         out, _ = self.rnn(x.unsqueeze(-1))  # (B, W, hidden)
-        return self.head(out[:, -1])  # type: ignore[no-any-return]
+        return self.head(out[:, -1])
 
 
 def positive_int(text: str) -> int:
@@ -325,6 +348,25 @@ def plot(
     fig.savefig(path, dpi=110)
 
 
+@torch.no_grad()
+def posterior_summary(model: nn.Module, prior_std: float) -> dict[str, dict[str, float]]:
+    """Per Bayesian layer (named as in the model): the median posterior std of its weights,
+    the fraction of weights whose posterior std is above half the prior's (left at the prior
+    by the KL: weights the data do not use), and the fraction with signal-to-noise
+    |mu| / sigma above 2 (``bbb.pruning.snr``)."""
+    snrs = bbb.pruning.snr(model)
+    out: dict[str, dict[str, float]] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, bbb.nn.BayesModule):
+            sigma = layer.weight_sigma
+            out[name] = {
+                "median_sigma": float(sigma.median()),
+                "fraction_near_prior": float((sigma > 0.5 * prior_std).float().mean()),
+                "fraction_snr_above_2": float((snrs[name] > 2).float().mean()),
+            }
+    return out
+
+
 def train(
     model: Forecaster,
     likelihood: bbb.Gaussian,
@@ -400,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             row[split], preds[name][split] = evaluate(model, likelihood, x, y, noise_std, samples)
         epi = [float(row[s]["epistemic_var"]) for s in SPLITS]  # type: ignore[index]
         row["epistemic_ratio_shifted_over_in"] = epi[1] / epi[0] if epi[0] > 0 else None
+        if bayesian:
+            row["posterior"] = posterior_summary(model, args.prior_std)
         results[name] = row
 
     # the first window of three series of each kind (the windows are stacked by start offset)
@@ -448,6 +492,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             )
     ratio = results["bayesian"]["epistemic_ratio_shifted_over_in"]
     print(f"Bayesian epistemic variance, shifted / in-distribution: {ratio:.2f}x")
+    for split in SPLITS:
+        m = results["bayesian"][split]
+        assert isinstance(m, dict)
+        steps = " ".join(f"{v:.4f}" for v in m["epistemic_var_by_step"])
+        print(f"  epistemic variance by step ahead, {split}: {steps}")
+    post = results["bayesian"]["posterior"]
+    assert isinstance(post, dict)
+    for name, p in post.items():
+        print(
+            f"  posterior of {name}: median sigma {p['median_sigma']:.3f}, "
+            f"{100 * p['fraction_near_prior']:.0f}% of weights near the prior, "
+            f"{100 * p['fraction_snr_above_2']:.0f}% with |mu|/sigma > 2"
+        )
     print(f"plot: {out / 'forecasts.png'}; numbers: {out / 'report.json'}")
     return report
 
