@@ -56,7 +56,11 @@ of the LSTM's weights near the prior (the KL switches off the units the data do 
 the spread of the forecasts comes from a few well-determined weights, which the shifted
 windows (values in the same range, only faster) do not push far. A factorised Gaussian
 posterior is known to understate epistemic uncertainty away from the data; do not read a
-small epistemic variance as a sign that the input is in distribution.
+small epistemic variance as a sign that the input is in distribution. Seeds 1 and 2 give the
+same picture (epistemic ratio 1.94x and 2.06x; Bayesian 95% coverage in distribution 0.964 and
+0.952 against 0.942 and 0.917). ``--cell gru`` leaves fewer weights at the prior (33%) and its
+epistemic variance grows 3.1x (0.0066 -> 0.0206), with the same RMSE: still 38% coverage of
+the shifted targets by the 95% intervals.
 
 Outputs under ``--out`` (default ``runs/examples/sequence_forecasting``):
 
@@ -231,7 +235,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length", type=positive_int, default=120, help="time steps per series")
     p.add_argument("--stride", type=positive_int, default=4, help="steps between windows")
     p.add_argument(
-        "--n-train-series", type=positive_int, default=120, help="training series (windows: x23)"
+        "--n-train-series",
+        type=positive_int,
+        default=120,
+        help="training series (24 windows each at the defaults)",
     )
     p.add_argument(
         "--n-test-series", type=positive_int, default=30, help="held-out series of each kind"

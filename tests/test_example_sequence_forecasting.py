@@ -135,7 +135,20 @@ def test_bad_flags_are_a_usage_line(
     assert message in capsys.readouterr().err
 
 
-def test_forecaster_refuses_an_unknown_cell() -> None:
+def test_defaults_write_under_runs_examples_with_one_thread() -> None:
+    """As the other examples (tests/test_examples.py): the default output directory is
+    runs/examples/<name>, and one torch thread unless --threads says otherwise."""
+    module = load()
+    args = module.parse_args([])
+    assert args.out == "runs/examples/sequence_forecasting" and args.threads == 1
+    assert module.parse_args(["--threads", "2"]).threads == 2
+
+
+def test_forecaster_refuses_an_unknown_cell_and_a_bad_window_shape() -> None:
     module = load()
     with pytest.raises(ValueError, match="accepted values: lstm, gru"):
         module.Forecaster("rnn", 4, 2, bayesian=True)
+    net = module.Forecaster("gru", 4, 2, bayesian=True)
+    assert net(torch.zeros(3, 7)).shape == (3, 4)  # means and log-variances of 2 steps
+    with pytest.raises(ValueError, match=r"shape \(batch, window\), got \(3, 7, 1\)"):
+        net(torch.zeros(3, 7, 1))
