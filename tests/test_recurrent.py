@@ -108,8 +108,10 @@ def test_vectorized_samples_give_each_block_its_own_weight_sample(cls, batch_fir
     b, t, s = 2, 4, 3
     x = torch.randn((b, t, 2) if batch_first else (t, b, 2), generator=gen)
     hx = _hx(cls, 4, b, 3, gen)
+    # the S copies in blocks of B along the batch dimension (dim 1 for batch_first=False)
+    xs = bbb.repeat_samples(x, s) if batch_first else bbb.repeat_samples(x.transpose(0, 1), s)
     with bbb.vectorized_samples(m, s):
-        y, state = m(bbb.repeat_samples(x, s), hx)
+        y, state = m(xs if batch_first else xs.transpose(0, 1), hx)
     h_n = state[0] if cls is BayesLSTM else state
     assert h_n.shape == (4, s * b, 3)
     for k in range(s):
@@ -120,8 +122,9 @@ def test_vectorized_samples_give_each_block_its_own_weight_sample(cls, batch_fir
             bias = cell.bias_mu + cell.bias_sigma * r.eps_b[k]
             weights[suffix] = (w.detach(), bias.detach())
         want, want_state = _torch_layer(m, weights)(x, hx)
-        rows = slice(k * b, (k + 1) * b) if batch_first else slice(k * t, (k + 1) * t)
-        assert torch.allclose(y[rows], want, atol=1e-6)
+        rows = slice(k * b, (k + 1) * b)
+        got = y[rows] if batch_first else y[:, rows]
+        assert torch.allclose(got, want, atol=1e-6)
         want_h = want_state[0] if cls is BayesLSTM else want_state
         assert torch.allclose(h_n[:, k * b : (k + 1) * b], want_h, atol=1e-6)
 

@@ -154,12 +154,14 @@ def test_lstm_weight_samples_run_torchs_kernel_per_sample_bit_for_bit(bias) -> N
     b, t, s = 2, 4, 3
     x = torch.randn(t, b, 2, generator=gen)
     hx = (torch.randn(4, b, 3, generator=gen), torch.randn(4, b, 3, generator=gen))
+    # batch_first=False: the S copies in blocks of B along dim 1, (T, S * B, in)
+    xs = bbb.repeat_samples(x.transpose(0, 1), s).transpose(0, 1)
     with bbb.vectorized_samples(m, s):
-        y, (h_n, c_n) = m(bbb.repeat_samples(x, s), hx)
-    assert y.shape == (s * t, b, 6) and h_n.shape == c_n.shape == (4, s * b, 3)
+        y, (h_n, c_n) = m(xs, hx)
+    assert y.shape == (t, s * b, 6) and h_n.shape == c_n.shape == (4, s * b, 3)
     for k in range(s):
         want, (want_h, want_c) = _plain(m, _sample_weights(m, k))(x, hx)
-        assert torch.equal(y[k * t : (k + 1) * t], want)
+        assert torch.equal(y[:, k * b : (k + 1) * b], want)
         assert torch.equal(h_n[:, k * b : (k + 1) * b], want_h)
         assert torch.equal(c_n[:, k * b : (k + 1) * b], want_c)
 
@@ -207,8 +209,9 @@ def test_flipout_per_example_weights_in_two_bidirectional_layers(cls, bias, monk
     hx: Tensor | tuple[Tensor, Tensor] = h0
     if cls is BayesLSTM:
         hx = (h0, torch.randn(4, b, 3, generator=gen, dtype=torch.float64))
+    xs = bbb.repeat_samples(x.transpose(0, 1), s).transpose(0, 1)  # (T, S * B, in)
     with bbb.vectorized_samples(m, s):
-        y, state = m(bbb.repeat_samples(x, s), hx)
+        y, state = m(xs, hx)
     h_n = state[0] if cls is BayesLSTM else state
     cells = list(m.cells())
     assert len(signs) == 2 * len(cells)  # (r, s) per cell, drawn once for the sequence
@@ -230,6 +233,75 @@ def test_flipout_per_example_weights_in_two_bidirectional_layers(cls, bias, monk
                 else hx[:, n : n + 1]
             )
             want, want_state = _plain(m, weights)(x[:, n : n + 1], hx_n)
-            assert torch.allclose(y[k * t : (k + 1) * t, n : n + 1], want, atol=1e-12)
+            assert torch.allclose(y[:, row : row + 1], want, atol=1e-12)
             want_h = want_state[0] if cls is BayesLSTM else want_state
             assert torch.allclose(h_n[:, row : row + 1], want_h, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- time-major layers
+class _TimeMajor(nn.Module):
+    """Batch-major data (B, T, in), as bbb.ELBO and bbb.predict hand it, through a
+    batch_first=False layer (the usual x.transpose(0, 1)) and a head on the last step."""
+
+    def __init__(self, cls: type[rec._BayesRNNBase]) -> None:
+        super().__init__()
+        self.rnn = cls(2, 3, num_layers=2, rho_init=-1.0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.transpose(0, 1))
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_time_major_layer_under_the_elbo_runs_each_weight_sample_on_its_examples(cls) -> None:
+    # the ELBO's S * B rows, transposed to (T, S * B, in), were read as S blocks of T / S time
+    # steps (any T divisible by S: silently another sequence, and h_n had 2 * S * B rows);
+    # the copies are now blocks of B along the batch dimension, so block k of the output is
+    # torch's layer with weight sample k on the B examples
+    torch.manual_seed(10)
+    model = _TimeMajor(cls)
+    x = torch.randn(5, 4, 2)  # B = 5, T = 4 (divisible by S = 2)
+    with bbb.sampling(model, "frozen"), bbb.vectorized_samples(model, 2):
+        y = model(bbb.repeat_samples(x, 2))
+        _, h_n = model.rnn(bbb.repeat_samples(x, 2).transpose(0, 1))
+    h_n = h_n[0] if cls is BayesLSTM else h_n
+    assert y.shape == (10, 2) and h_n.shape == (2, 10, 3)
+    for k in range(2):
+        weights = {}
+        for suffix, cell in model.rnn.cells():
+            eps = cell._frozen
+            w = torch.addcmul(cell.weight_mu, cell.weight_sigma, eps.eps_w[k]).detach()
+            b = torch.addcmul(cell.bias_mu, cell.bias_sigma, eps.eps_b[k]).detach()
+            weights[suffix] = (w, b)
+        out, _ = _plain(model.rnn, weights)(x.transpose(0, 1))
+        assert torch.allclose(y[5 * k : 5 * k + 5], model.head(out[-1]), atol=1e-6)
+    # bbb.ELBO and bbb.predict (chunked by max_rows) run it
+    res = bbb.ELBO(bbb.Categorical(), dataset_size=5, num_samples=2)(
+        model, x, torch.tensor([0, 1, 0, 1, 1])
+    )
+    assert torch.isfinite(res.loss)
+    pred = bbb.predict(model, x, likelihood=bbb.Categorical(), num_samples=4, max_rows=8)
+    assert pred.probs.shape == (5, 2)
+
+
+def test_time_major_copies_made_by_the_layer_and_a_batch_not_divisible_by_s() -> None:
+    # vectorized_samples(batch_size=B): given the B inputs (T, B, in), the layer makes the
+    # copies along dim 1 (the same numbers as the copies given); a batch along dim 1 that is
+    # not a multiple of S is refused naming dim 1
+    torch.manual_seed(11)
+    m = BayesGRU(2, 3)
+    x = torch.randn(4, 3, 2)
+    xs = bbb.repeat_samples(x.transpose(0, 1), 2).transpose(0, 1)
+    with bbb.sampling(m, "frozen"):
+        with bbb.vectorized_samples(m, 2):
+            full, h_full = m(xs)
+        with bbb.vectorized_samples(m, 2, batch_size=3):
+            prefixed, h_prefixed = m(x)
+    assert torch.equal(full, prefixed) and torch.equal(h_full, h_prefixed)
+    not_divisible = r"batch of 3 along dim 1.*multiple of num_samples=2"
+    with pytest.raises(ValueError, match=not_divisible), bbb.vectorized_samples(m, 2):
+        m(x)
+    other = r"batch of 5 along dim 1.*expected 3.*or 6"
+    with pytest.raises(ValueError, match=other), bbb.vectorized_samples(m, 2, batch_size=3):
+        m(torch.randn(4, 5, 2))

@@ -451,61 +451,50 @@ class _BayesRNNBase(nn.Module):
 
     def _rows_to_batch_first(self, x: Tensor) -> tuple[Tensor, int, int]:
         """The input as (N, T, in) batch-first rows with N = S * B (the S Monte Carlo copies
-        in blocks of B), and S and B; makes the copies itself inside
-        ``vectorized_samples(..., batch_size=B)`` when given the B inputs."""
+        in blocks of B along the batch dimension: dim 0, or dim 1 for ``batch_first=False``),
+        and S and B; makes the copies itself inside ``vectorized_samples(..., batch_size=B)``
+        when given the B inputs."""
         name = type(self).__name__
         first = self.l0
         assert isinstance(first, BayesRecurrentWeights)
         s = first.num_samples
         prefix = first._prefix_rows
         copied = first._prefix_copied
-        make_copies = False
+        bdim = 0 if self.batch_first else 1
+        where = "dim 0" if self.batch_first else "dim 1 (batch_first=False: (T, B, in))"
+        xb = x if self.batch_first else x.transpose(0, 1)
+        n = xb.shape[0]
         if s > 1 and prefix is not None:
-            if self.batch_first:
-                if x.shape[0] == prefix:
-                    make_copies = True
-                elif x.shape[0] != prefix * s:
-                    raise ValueError(
-                        f"{name}: received {x.shape[0]} rows inside vectorized_samples(..., "
-                        f"batch_size={prefix}) with num_samples={s}: expected {prefix} or "
-                        f"{prefix * s}"
-                    )
-                elif copied is not None and not copied[0]:
-                    raise ValueError(
-                        f"{name}: received {x.shape[0]} = {s} x {prefix} rows inside "
-                        f"vectorized_samples(..., batch_size={prefix}) before any Bayesian "
-                        "layer made the copies of the batch; leave shared_prefix off"
-                    )
-            else:
-                if x.shape[1] != prefix:
-                    raise ValueError(
-                        f"{name} (batch_first=False): input of shape {tuple(x.shape)} inside "
-                        f"vectorized_samples(..., batch_size={prefix}): dim 1 must hold the "
-                        f"batch of {prefix}"
-                    )
-                make_copies = copied is not None and not copied[0]
-            if make_copies and copied is not None:
-                copied[0] = True
-        if make_copies:
-            x = repeat_samples(x, s)
-        if self.batch_first:
-            if x.shape[0] % s != 0:
+            if n == prefix:
+                # the B inputs: the S copies start here
+                xb = repeat_samples(xb, s)
+                if copied is not None:
+                    copied[0] = True
+            elif n != prefix * s:
                 raise ValueError(
-                    f"{name}: batch of {x.shape[0]} rows is not a multiple of num_samples={s} "
-                    "(inside vectorized_samples the S copies of the batch are stacked along "
-                    "dim 0)"
+                    f"{name}: received a batch of {n} along {where} inside "
+                    f"vectorized_samples(..., batch_size={prefix}) with num_samples={s}: "
+                    f"expected {prefix} (the batch, repeated here) or {prefix * s} (its copies)"
                 )
-            return x, s, x.shape[0] // s
-        # (S * T, B, in), the S copies stacked along dim 0 (time): (S * B, T, in)
-        if x.shape[0] % s != 0:
+            elif copied is not None and not copied[0]:
+                raise ValueError(
+                    f"{name}: received a batch of {n} = {s} x {prefix} along {where} inside "
+                    f"vectorized_samples(..., batch_size={prefix}) before any Bayesian layer "
+                    "made the copies of the batch; leave shared_prefix off"
+                )
+        if xb.shape[0] % s != 0:
             raise ValueError(
-                f"{name} (batch_first=False): {x.shape[0]} time steps along dim 0 is not a "
-                f"multiple of num_samples={s} (inside vectorized_samples the S copies of the "
-                "input (T, B, in) are stacked along dim 0)"
+                f"{name}: batch of {xb.shape[0]} along {where} is not a multiple of "
+                f"num_samples={s}: inside vectorized_samples (bbb.ELBO, bbb.predict) the S "
+                "copies of the batch are stacked along the batch dimension"
+                + (
+                    " (the ELBO's (S * B, T, in) rows, transposed to (T, S * B, in) for a "
+                    "batch_first=False layer)"
+                    if bdim
+                    else ""
+                )
             )
-        t, b = x.shape[0] // s, x.shape[1]
-        xb = x.reshape(s, t, b, x.shape[2]).transpose(1, 2).reshape(s * b, t, x.shape[2])
-        return xb, s, b
+        return xb, s, xb.shape[0] // s
 
     def _forward(
         self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None
@@ -632,11 +621,10 @@ class _BayesRNNBase(nn.Module):
         blocks: tuple[int, int] | None,
     ) -> tuple[Tensor, Any]:
         """The output in the caller's layout: ``out`` is in it already (``blocks`` None) or
-        batch-first (N, T, D*H) with N = S * B (``blocks`` = (S, B))."""
+        batch-first (N, T, D*H) with N = S * B (``blocks`` = (S, B)): (T, N, D*H) for
+        ``batch_first=False``, the S copies in blocks of B along the batch dimension."""
         if blocks is not None and not self.batch_first:
-            s, b = blocks
-            t = out.shape[1]
-            out = out.reshape(s, b, t, out.shape[2]).transpose(1, 2).reshape(s * t, b, -1)
+            out = out.transpose(0, 1)
         if not batched:
             out = out.squeeze(0 if self.batch_first else 1)
             hn = hn.squeeze(1)
@@ -803,11 +791,11 @@ _DOC_COMMON = """
     same function as :meth:`to_torch`'s plain layer, bit for bit); ``"frozen"`` keeps one
     sample across calls until :func:`bbb.resample`. Inside :func:`bbb.vectorized_samples`
     (``bbb.ELBO``, ``bbb.predict``) S weight samples run in one vectorized pass: the S copies
-    of the batch are stacked along dim 0 (rows for ``batch_first=True``; with
-    ``batch_first=False`` dim 0 is time and holds the S copies of the whole (T, B, in) input,
-    and the output is stacked the same way; ``bbb.predict``'s ``max_rows`` chunks dim 0, so
-    use ``batch_first=True`` with it). ``h_0`` may then have B or S * B rows; ``h_n`` has
-    S * B, in blocks of B.
+    of the batch are stacked in blocks of B along the batch dimension, dim 0 for
+    ``batch_first=True`` and dim 1, (T, S * B, in), for ``batch_first=False``: what a model
+    that turns the ELBO's (S * B, T, in) rows time-major (``x.transpose(0, 1)``) hands the
+    layer; the output and ``h_n`` are stacked the same way (``out[-1]`` and ``h_n[-1]`` are
+    (S * B, H)). ``h_0`` may then have B or S * B rows; ``h_n`` has S * B, in blocks of B.
 
     Speed: when every layer uses one weight for the whole batch (mean and frozen modes,
     reparam with one sample) the pass is torch's own recurrent kernel; an LSTM with S weight
