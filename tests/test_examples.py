@@ -32,6 +32,7 @@ NAMES = (
     "bayesianize_existing_model",
     "active_learning",
     "bayesian_last_layer",
+    "sequence_forecasting",
 )
 
 
