@@ -305,3 +305,36 @@ def test_time_major_copies_made_by_the_layer_and_a_batch_not_divisible_by_s() ->
     other = r"batch of 5 along dim 1.*expected 3.*or 6"
     with pytest.raises(ValueError, match=other), bbb.vectorized_samples(m, 2, batch_size=3):
         m(torch.randn(4, 5, 2))
+
+
+# --------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize(
+    ("cls", "estimator", "prior"),
+    [
+        (BayesLSTM, "reparam", "scale_mixture"),  # torch's kernel per sample
+        (BayesLSTM, "flipout", "laplace"),  # the loop
+        (BayesGRU, "reparam", "laplace"),  # the loop with S weights
+        (BayesGRU, "flipout", "scale_mixture"),
+    ],
+)
+def test_float64_gradcheck_with_two_samples_and_the_monte_carlo_kl(cls, estimator, prior) -> None:
+    # output and Monte Carlo KL of S = 2 samples (batch_first=False, 2 layers, both
+    # directions) against finite differences in every input, mu and rho
+    torch.manual_seed(12)
+    p = bbb.ScaleMixturePrior(0.5, 1.0, 0.1) if prior == "scale_mixture" else bbb.LaplacePrior(1.0)
+    m = cls(2, 2, num_layers=2, bidirectional=True, estimator=estimator, prior=p, kl="mc",
+            rho_init=-1.0, dtype=torch.float64)  # fmt: skip
+    names = [n for n, _ in m.named_parameters()]
+    params = [q.detach().clone().requires_grad_() for _, q in m.named_parameters()]
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x: Tensor, *ps: Tensor) -> tuple[Tensor, Tensor]:
+        torch.manual_seed(13)  # the same noise at every evaluation
+        xs = bbb.repeat_samples(x.transpose(0, 1), 2).transpose(0, 1)
+        with bbb.vectorized_samples(m, 2):
+            out, _ = torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (xs,))
+            kl = bbb.kl_divergence(m)
+        return out.sum(-1), kl
+
+    # fast_mode: the Jacobian checked along random directions (a full one took 4 s a case)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
