@@ -338,3 +338,21 @@ def test_float64_gradcheck_with_two_samples_and_the_monte_carlo_kl(cls, estimato
 
     # fast_mode: the Jacobian checked along random directions (a full one took 4 s a case)
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+# --------------------------------------------------------------------------- conversion
+def test_a_half_frozen_torch_layer_is_named_when_converted() -> None:
+    # nn.GRU with weight_ih_l1 frozen and weight_hh_l1 trainable: the Bayesian layer holds
+    # both in l1.weight_mu, which is frozen; the trainable weight that stops training is
+    # named (it was silent). Whole frozen pairs convert silently, as before
+    torch.manual_seed(14)
+    plain = nn.GRU(2, 3, num_layers=2)
+    plain.weight_ih_l1.requires_grad_(False)
+    plain.bias_hh_l0.requires_grad_(False)
+    plain.bias_ih_l0.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"weight_ih_l1 is frozen but weight_hh_l1 is not") as w:
+        bayes = bbb.bayesianize(nn.Sequential(plain), recurrent=True, init_from_weights=True)[0]
+    assert len([x for x in w if "is frozen but" in str(x.message)]) == 1  # not the l0 biases
+    assert not bayes.l1.weight_mu.requires_grad and not bayes.l1.weight_rho.requires_grad
+    assert bayes.l0.weight_mu.requires_grad and bayes.l1.bias_mu.requires_grad
+    assert not bayes.l0.bias_mu.requires_grad

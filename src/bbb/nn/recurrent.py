@@ -351,7 +351,7 @@ class _BayesRNNBase(nn.Module):
                 b_ih = getattr(module, f"bias_ih_{suffix}")
                 b_hh = getattr(module, f"bias_hh_{suffix}")
                 parts.append((b_ih, b_hh, cell.bias_mu, cell.bias_rho, g))
-            for ih, hh, mu, rho, split in parts:
+            for (ih, hh, mu, rho, split), kind in zip(parts, ("weight", "bias"), strict=False):
                 with torch.no_grad():
                     if init_from_weights:
                         mu[..., :split].copy_(ih)
@@ -360,6 +360,19 @@ class _BayesRNNBase(nn.Module):
                             rho[..., :split].copy_(moped_rho(ih))
                             rho[..., split:].copy_(moped_rho(hh))
                 if not (ih.requires_grad and hh.requires_grad):
+                    if ih.requires_grad or hh.requires_grad:
+                        # one parameter holds both: it cannot be half frozen
+                        frozen, free = ("ih", "hh") if hh.requires_grad else ("hh", "ih")
+                        warnings.warn(
+                            f"{cls.__name__}.from_torch: {kind}_{frozen}_{suffix} is frozen "
+                            f"but {kind}_{free}_{suffix} is not; {cls.__name__} holds both in "
+                            f"{suffix}.{kind}_mu (and {kind}_rho), which is frozen, so "
+                            f"{kind}_{free}_{suffix} will not train either (unfreeze it with "
+                            f"{suffix}.{kind}_mu.requires_grad_(True) and "
+                            f"{suffix}.{kind}_rho.requires_grad_(True) to train both)",
+                            UserWarning,
+                            stacklevel=2,
+                        )
                     mu.requires_grad_(False)
                     rho.requires_grad_(False)
         return new
