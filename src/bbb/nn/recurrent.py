@@ -817,8 +817,8 @@ _DOC_COMMON = """
     samples, an LSTM inside ``torch.compile``) each layer's input projection for all time
     steps is one (batched) matrix product and only the recurrent part loops over the steps
     in Python. Measured on one CPU thread (B = 32, T = 100, in = 32, H = 64, forward and
-    backward, against torch's layer on the same rows): reparam 1.0-1.1x (S = 1 and S = 4),
-    flipout 2-3x (the loop).
+    backward, against torch's layer on the same rows, a loaded machine): reparam 1.0-1.3x
+    (S = 1 and S = 4), flipout 1.8-4.5x (the loop).
 
     Parameters: one :class:`BayesRecurrentWeights` per layer and direction, named ``l0``,
     ``l0_reverse``, ``l1``, ... (torch's suffixes): ``l0.weight_mu`` is
