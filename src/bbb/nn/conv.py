@@ -54,9 +54,40 @@ def spatial_tuple(owner: str, dim: int, arg: str, value: object, minimum: int) -
     return tuple(int(cast(numbers.Integral, v)) for v in values)
 
 
-class _BayesConvNd(BayesModule):
-    _dim: int = 2
+class _SpatialBayesModule(BayesModule):
+    """What the convolutions and transposed convolutions share: their size arguments read as
+    one int per spatial dimension, and the input check (N, C_in, *spatial) with its advice."""
 
+    _dim: int = 2
+    in_channels: int
+
+    def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
+        return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
+
+    def _check_input(self, x: Tensor) -> None:
+        d, c = self._dim, self.in_channels
+        if x.dim() != d + 2 or x.shape[1] != c:
+            spatial = ", ".join(["..."] * d)
+            if x.dim() != d + 2:
+                problem = f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
+                if x.dim() == d + 1:
+                    problem += f" ({self._missing_dim_advice(x)})"
+            else:
+                problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
+            raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
+
+    def _missing_dim_advice(self, x: Tensor) -> str:
+        """Which dimension a (d + 1)-D input lacks: the batch (one unbatched example, as
+        ``nn.ConvNd`` and ``nn.ConvTransposeNd`` take it) or, for a one-channel layer, the
+        channel (N single-channel inputs: MNIST's (N, 28, 28))."""
+        c, s = self.in_channels, self.num_samples
+        lead = x.shape[0] // s if s > 1 and x.shape[0] % s == 0 else x.shape[0]
+        unbatched = "an unbatched input needs a leading batch dimension: x.unsqueeze(0)"
+        channel = "N inputs of one channel need a channel dimension: x.unsqueeze(1)"
+        return channel if c == 1 and lead != 1 else unbatched
+
+
+class _BayesConvNd(_SpatialBayesModule):
     def __init__(
         self,
         in_channels: int,
@@ -134,31 +165,6 @@ class _BayesConvNd(BayesModule):
             device=device,
             dtype=dtype,
         )
-
-    def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
-        return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
-
-    def _check_input(self, x: Tensor) -> None:
-        d, c = self._dim, self.in_channels
-        if x.dim() != d + 2 or x.shape[1] != c:
-            spatial = ", ".join(["..."] * d)
-            if x.dim() != d + 2:
-                problem = f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
-                if x.dim() == d + 1:
-                    problem += f" ({self._missing_dim_advice(x)})"
-            else:
-                problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
-            raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
-
-    def _missing_dim_advice(self, x: Tensor) -> str:
-        """Which dimension a (d + 1)-D input lacks: the batch (one unbatched example, as
-        ``nn.ConvNd`` takes it) or, for a one-channel layer, the channel (N single-channel
-        inputs: MNIST's (N, 28, 28))."""
-        c, s = self.in_channels, self.num_samples
-        lead = x.shape[0] // s if s > 1 and x.shape[0] % s == 0 else x.shape[0]
-        unbatched = "an unbatched input needs a leading batch dimension: x.unsqueeze(0)"
-        channel = "N inputs of one channel need a channel dimension: x.unsqueeze(1)"
-        return channel if c == 1 and lead != 1 else unbatched
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         conv = _CONV[self._dim]

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..priors import Prior
-from .conv import spatial_tuple
-from .module import BayesModule, _is_int, positive_int
+from .conv import _SpatialBayesModule
+from .module import _is_int, positive_int
 
 __all__ = [
     "BayesConvTranspose1d",
@@ -58,7 +58,7 @@ class OutputSizeError(ValueError, RuntimeError):
     raised for it before the layers checked it (code catching that still catches this)."""
 
 
-class _BayesConvTransposeNd(BayesModule):
+class _BayesConvTransposeNd(_SpatialBayesModule):
     """The shared implementation of :class:`BayesConvTranspose1d`, ``2d`` and ``3d``.
 
     Args:
@@ -172,31 +172,6 @@ class _BayesConvTransposeNd(BayesModule):
             dtype=dtype,
             bias_size=out_channels,
         )
-
-    def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
-        return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
-
-    # ----------------------------------------------------------------- input checks
-    def _check_input(self, x: Tensor) -> None:
-        d, c = self._dim, self.in_channels
-        if x.dim() != d + 2 or x.shape[1] != c:
-            spatial = ", ".join(["..."] * d)
-            if x.dim() != d + 2:
-                problem = f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
-                if x.dim() == d + 1:
-                    problem += f" ({self._missing_dim_advice(x)})"
-            else:
-                problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
-            raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
-
-    def _missing_dim_advice(self, x: Tensor) -> str:
-        """Which dimension a (d + 1)-D input lacks: the batch (one unbatched example, as
-        ``nn.ConvTranspose*d`` takes it) or, for a one-channel layer, the channel."""
-        c, s = self.in_channels, self.num_samples
-        lead = x.shape[0] // s if s > 1 and x.shape[0] % s == 0 else x.shape[0]
-        unbatched = "an unbatched input needs a leading batch dimension: x.unsqueeze(0)"
-        channel = "N inputs of one channel need a channel dimension: x.unsqueeze(1)"
-        return channel if c == 1 and lead != 1 else unbatched
 
     def output_shape(
         self, input_size: Sequence[int], output_padding: Sequence[int] | None = None
