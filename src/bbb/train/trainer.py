@@ -527,8 +527,8 @@ class Trainer:
             pass; a ``DistributedSampler`` gets ``set_epoch(epoch * passes + pass)``, moved
             past every value an earlier ``fit()`` of this Trainer gave it when
             ``steps_per_epoch`` was lowered between the two, so no pass repeats an earlier
-            pass's shuffle) and cuts the last pass at ``steps_per_epoch``. The ELBO's ``batch_index``/``num_batches``
-            stay those of the minibatch within its pass, so the blundell KL weights sum to 1
+            pass's shuffle) and cuts the last pass at ``steps_per_epoch``. The ELBO's
+            ``batch_index``/``num_batches`` stay those of the minibatch within its pass, so the blundell KL weights sum to 1
             per pass over the data (the KL counts once per pass, as the paper's objective
             wants); with ``kl_weighting="blundell"`` it must therefore be a multiple of
             ``len(train_loader)``. Fewer steps than ``len(train_loader)`` (shorter epochs on a
