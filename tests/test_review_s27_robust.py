@@ -385,3 +385,20 @@ def test_a_resume_without_the_checkpoints_generator_is_warned_about(tmp_path: Pa
     )
     with pytest.warns(UserWarning, match="this Trainer's loader has none"):
         plain.fit(resume=True)
+
+
+@pytest.mark.parametrize("out_dir", ["", "  "])
+def test_an_empty_out_dir_is_refused_at_construction(out_dir: str) -> None:
+    # Path("") is the current directory: the run's checkpoints would have landed there
+    model = bbb.BayesLinear(2, 1)
+    loader = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(ValueError, match="out_dir='.*' is empty: give the run directory"):
+        Trainer(
+            model,
+            bbb.ELBO(bbb.Gaussian("fixed", sigma=0.5), 8),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            out_dir=out_dir,
+            progress=False,
+            log=None,
+        )

@@ -703,6 +703,13 @@ class Trainer:
         self.val_loader = val_loader
         self._scheduler: Any | None = None
         self.epochs = epochs
+        if isinstance(out_dir, str) and not out_dir.strip():
+            # Path("") is Path("."): the checkpoints and metrics would land in the current
+            # directory, which the caller almost never meant
+            raise ValueError(
+                f"out_dir={out_dir!r} is empty: give the run directory (e.g. 'runs/mnist'), "
+                "or out_dir=None to keep the run in memory"
+            )
         self.out_dir = None if out_dir is None else Path(out_dir)
         classification = isinstance(elbo.likelihood, Categorical)
         self.val_metric = val_metric or ("error" if classification else "nll")
