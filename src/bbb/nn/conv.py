@@ -61,6 +61,22 @@ class _SpatialBayesModule(BayesModule):
     _dim: int = 2
     in_channels: int
 
+    def _channels(
+        self, in_channels: object, out_channels: object, groups: object
+    ) -> tuple[int, int, int]:
+        """The channel counts and groups as positive ints, both counts divisible by groups;
+        a ValueError naming the layer and the value otherwise."""
+        name = type(self).__name__
+        c_in = positive_int(name, "in_channels", in_channels)
+        c_out = positive_int(name, "out_channels", out_channels)
+        g = positive_int(name, "groups", groups)
+        if c_in % g or c_out % g:
+            raise ValueError(
+                f"{name}: in_channels ({c_in}) and out_channels ({c_out}) must be "
+                f"divisible by groups ({g})"
+            )
+        return c_in, c_out, g
+
     def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
         return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
 
@@ -109,15 +125,7 @@ class _BayesConvNd(_SpatialBayesModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        in_channels = positive_int(name, "in_channels", in_channels)
-        out_channels = positive_int(name, "out_channels", out_channels)
-        groups = positive_int(name, "groups", groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        in_channels, out_channels, groups = self._channels(in_channels, out_channels, groups)
         if padding_mode not in _PADDING_MODES:
             raise ValueError(
                 f"unknown padding_mode {padding_mode!r}; accepted values: {', '.join(_PADDING_MODES)}"

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..priors import Prior
 from .conv import _SpatialBayesModule
-from .module import _is_int, positive_int
+from .module import _is_int
 
 __all__ = [
     "BayesConvTranspose1d",
@@ -113,14 +113,7 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        in_channels = positive_int(name, "in_channels", in_channels)
-        out_channels = positive_int(name, "out_channels", out_channels)
-        groups = positive_int(name, "groups", groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        in_channels, out_channels, groups = self._channels(in_channels, out_channels, groups)
         if not isinstance(bias, bool):
             raise ValueError(f"{name} bias must be True or False, got {bias!r}")
         if padding_mode not in PADDING_MODES:
