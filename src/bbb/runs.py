@@ -743,10 +743,22 @@ def _plot_calibration(preds: dict[str, tuple[Any, torch.Tensor]], path: Path) ->
     )
 
 
-def check_device(device: str | torch.device, *, remedy: str = "use device='cpu'") -> torch.device:
+def check_device(
+    device: str | int | torch.device, *, remedy: str = "use device='cpu'"
+) -> torch.device:
     """``device`` as a :class:`torch.device`, or a :class:`~bbb.config.ConfigError` saying why
     this machine cannot use it (CUDA or MPS missing, a GPU index beyond the last) followed by
-    ``remedy``, before anything is loaded or trained."""
+    ``remedy``, before anything is loaded or trained. An integer is an accelerator's index, as
+    :class:`torch.device` reads it (``0`` is ``cuda:0`` on a CUDA machine)."""
+    if isinstance(device, bool):
+        raise ConfigError(f"device must be a string, an index or a torch.device, got {device!r}")
+    if isinstance(device, int) and not torch.accelerator.is_available():
+        # torch.device(0) raises "Cannot access accelerator device when none is available",
+        # which the except below would report as "not a torch device"
+        raise ConfigError(
+            f"device {device} (an accelerator's index) is not available here: this machine "
+            f"has no accelerator (CUDA, MPS, ...) visible to PyTorch; {remedy}"
+        )
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
