@@ -67,6 +67,18 @@ def _check_estimator(owner: str, estimator: object) -> str:
     return str(estimator)
 
 
+# the methods a recurrent layer's output comes from: a subclass overriding one of them computes
+# a function its plain nn.LSTM / nn.GRU (to_torch) would not reproduce
+_COMPUTING_METHODS = (
+    "forward",
+    "_forward",
+    "_blocks_forward",
+    "_finish",
+    "_torch_forward",
+    "_loop",
+    "_direction",
+)
+
 class _Drawn(NamedTuple):
     """The weights one :class:`BayesRecurrentWeights` gives to one sequence pass.
 
@@ -381,15 +393,17 @@ class _BayesRNNBase(nn.Module):
         """The ``nn.LSTM`` / ``nn.GRU`` of the mean weights (``weight_mu`` times the pruning
         mask, ``bias_mu``): the function of ``bbb.sampling(model, "mean")``, bit for bit on the
         same device (its forward calls the same kernel). Keeps the train/eval mode; a frozen
-        ``weight_mu`` gives frozen weights. A subclass that overrides ``forward`` is a
-        TypeError (the plain layer would compute another function)."""
+        ``weight_mu`` gives frozen weights. A subclass that overrides ``forward`` or one of the
+        methods it computes with is a TypeError (the plain layer would compute another
+        function)."""
         base = BayesLSTM if isinstance(self, BayesLSTM) else BayesGRU
-        if type(self).forward is not base.forward:
-            raise TypeError(
-                f"to_deterministic cannot convert {type(self).__name__}: it overrides forward() "
-                f"of {base.__name__}, which a plain nn.{self._kind} would not reproduce; use "
-                "bbb.sampling(model, 'mean') for its mean network"
-            )
+        for method in _COMPUTING_METHODS:
+            if getattr(type(self), method) is not getattr(base, method):
+                raise TypeError(
+                    f"to_deterministic cannot convert {type(self).__name__}: it overrides "
+                    f"{method}() of {base.__name__}, which a plain nn.{self._kind} would not "
+                    "reproduce; use bbb.sampling(model, 'mean') for its mean network"
+                )
         first = self.l0
         assert isinstance(first, BayesRecurrentWeights)
         w0 = first.weight_mu
