@@ -5,16 +5,22 @@
 2. ``BayesLSTM.to_torch`` / ``to_deterministic`` refused a subclass overriding ``forward`` but
    converted one overriding a method ``forward`` computes with, into a plain layer computing
    another function.
+3. ``bbb bandit --resume`` took every setting not given on the command line from this
+   version's defaults, so a run started with ``--adam-eps 1e-3`` could not be resumed with
+   ``--resume --out R`` alone, and every run would have been refused once a default changed.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import bbb
+from bbb.cli import main
 from bbb.config import ConfigError
 from bbb.runs import check_device
 
@@ -75,3 +81,34 @@ def test_a_recurrent_subclass_computing_another_function_is_not_converted(
     with pytest.raises(TypeError, match=rf"overrides {method}\(\)"):
         bbb.to_deterministic(torch.nn.Sequential(layer))
     assert isinstance(plain.to_torch(), torch.nn.RNNBase)  # the library's own classes convert
+
+
+_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_TINY = [
+    "--agents", "bbb-thompson", "greedy-0", "--seeds", "0", "--updates-per-step", "2",
+    "--batch-size", "8", "--buffer-size", "16", "--hidden", "8", "--checkpoint-every", "2",
+    "--data-dir", str(_DATA), "--quiet",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not (_DATA / "mushroom").is_dir(), reason="the shared Mushroom data is absent")
+def test_bandit_resume_takes_the_settings_not_given_from_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "r")
+    start = ["bandit", *_TINY, "--steps", "4", "--adam-eps", "1e-3", "--noise-sigma", "0.7"]
+    assert main([*start, "--out", out]) == 0
+    # before: refused, "cannot resume ... with other settings (adam_eps: 0.001 -> 1e-08; ...)"
+    assert main(["bandit", "--resume", "--out", out, "--steps", "6", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["steps"], saved["adam_eps"], saved["noise_sigma"]) == (6, 1e-3, 0.7)
+    assert saved["agents"] == ["bbb-thompson", "greedy-0"] and saved["hidden"] == 8
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["steps_done"] == 6
+    # a setting given that differs from the run's is still refused, naming it (exit status 1)
+    capsys.readouterr()
+    assert main(["bandit", "--resume", "--out", out, "--steps", "8", "--noise-sigma", "0.5"]) == 1
+    assert "noise_sigma: 0.7 -> 0.5" in capsys.readouterr().err
+    # given at the run's own value: accepted
+    assert main(["bandit", "--resume", "--out", out, "--steps", "8", "--adam-eps", "1e-3",
+                 "--quiet"]) == 0  # fmt: skip

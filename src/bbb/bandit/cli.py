@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 from ..nn.estimators import ESTIMATORS
-from .config import BANDIT_KERNELS, KL_DATA_SIZES, BanditConfig
+from .config import BANDIT_KERNELS, KL_DATA_SIZES, BanditConfig, read_saved_config
 from .env import AGENTS, LATE_WINDOW
 from .results import merge_runs
 from .run import run_bandit
+
+#: the namespace attribute listing the BanditConfig settings given on the command line
+GIVEN = "_bandit_given"
+
+
+class _Given(argparse.Action):
+    """Stores the option's value (as argparse's ``store``) and records its name in
+    ``namespace._bandit_given``: with ``--resume``, settings not given come from the run's
+    ``config.json`` (not from this version's defaults, which may have changed since)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), self.dest})
 
 
 def add_parser(sub: Any) -> None:
@@ -23,70 +46,66 @@ def add_parser(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     d = BanditConfig()
-    p.add_argument("--agents", nargs="+", default=d.agents, help=f"any of {', '.join(AGENTS)}")
-    p.add_argument("--steps", type=int, default=d.steps, help="environment steps")
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=d.seeds, help="seeds (one data stream each)"
-    )
-    p.add_argument(
+    # every BanditConfig field has a flag of the same name (argparse dest), recorded when given
+    setting = functools.partial(p.add_argument, action=_Given)
+    setting("--agents", nargs="+", default=d.agents, help=f"any of {', '.join(AGENTS)}")
+    setting("--steps", type=int, default=d.steps, help="environment steps")
+    setting("--seeds", type=int, nargs="+", default=d.seeds, help="seeds (one data stream each)")
+    setting(
         "--updates-per-step",
         type=int,
         default=d.updates_per_step,
         help="minibatch updates after each step",
     )
-    p.add_argument("--hidden", type=int, default=d.hidden, help="units in each of 2 hidden layers")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
-    p.add_argument(
+    setting("--hidden", type=int, default=d.hidden, help="units in each of 2 hidden layers")
+    setting("--batch-size", type=int, default=d.batch_size, help="minibatch size")
+    setting(
         "--buffer-size", type=int, default=d.buffer_size, help="replay buffer (last interactions)"
     )
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument(
+    setting("--lr", type=float, default=d.lr, help="Adam learning rate")
+    setting(
         "--adam-eps",
         type=float,
         default=d.adam_eps,
         help="Adam's eps (all agents; larger damps the KL-only drift of data-less weights)",
     )
-    p.add_argument(
+    setting(
         "--thompson-samples",
         type=int,
         default=d.thompson_samples,
         help="weight samples averaged per decision",
     )
-    p.add_argument(
+    setting(
         "--estimator",
         default=d.estimator,
         help=f"BBB training estimator: {', '.join(ESTIMATORS)}",
     )
-    p.add_argument("--prior", default=d.prior, help="BBB prior: gaussian, scale_mixture or laplace")
-    p.add_argument(
-        "--prior-pi", type=float, default=d.prior_pi, help="scale mixture: weight of sigma1"
-    )
-    p.add_argument(
-        "--prior-sigma1", type=float, default=d.prior_sigma1, help="scale mixture: wide sigma"
-    )
-    p.add_argument(
+    setting("--prior", default=d.prior, help="BBB prior: gaussian, scale_mixture or laplace")
+    setting("--prior-pi", type=float, default=d.prior_pi, help="scale mixture: weight of sigma1")
+    setting("--prior-sigma1", type=float, default=d.prior_sigma1, help="scale mixture: wide sigma")
+    setting(
         "--prior-sigma2", type=float, default=d.prior_sigma2, help="scale mixture: narrow sigma"
     )
-    p.add_argument(
+    setting(
         "--prior-sigma", type=float, default=d.prior_sigma, help="gaussian sigma / laplace scale"
     )
-    p.add_argument(
+    setting(
         "--noise-sigma",
         type=float,
         default=d.noise_sigma,
         help="BBB agent's Gaussian reward-noise sd (likelihood)",
     )
-    p.add_argument(
+    setting(
         "--rho-init", type=float, default=d.rho_init, help="initial rho (sigma = softplus(rho))"
     )
-    p.add_argument(
+    setting(
         "--kl-data-size",
         default=d.kl_data_size,
         choices=KL_DATA_SIZES,
         help="BBB ELBO's N: the buffer's current size (the protocol), all interactions seen, "
         "or the buffer's capacity from the first step (the KL never outweighs a near-empty buffer)",
     )
-    p.add_argument(
+    setting(
         "--prior-update",
         type=int,
         default=d.prior_update,
@@ -94,7 +113,7 @@ def add_parser(sub: Any) -> None:
         help="every STEPS steps the BBB agent's prior becomes its current posterior "
         "(variational continual learning; a variant, not the paper's agent; 0: never)",
     )
-    p.add_argument(
+    setting(
         "--kernels",
         default=d.kernels,
         choices=BANDIT_KERNELS,
@@ -102,17 +121,21 @@ def add_parser(sub: Any) -> None:
         "gradients; float32 CPU, Gaussian prior; built on first use, eager with a warning "
         "where it cannot be)",
     )
-    p.add_argument(
+    setting(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
     )
-    p.add_argument(
+    setting(
         "--data-dir",
         default=None,
         help="data root holding mushroom/ (default: $BBB_DATA_DIR, ../shared/data)",
     )
+
     p.add_argument("--out", default="runs/bandit", help="run directory")
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint; settings not given are "
+        "the run's own (its config.json); --steps, --checkpoint-every and --data-dir may change",
     )
     p.add_argument(
         "--overwrite",
@@ -137,6 +160,23 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def config_from_args(args: Any) -> BanditConfig:
+    """The run's settings from parsed ``bbb bandit`` arguments: every flag's value, except
+    with ``--resume`` (not ``--merge``) of a run that has a ``config.json``, where a setting
+    not given on the command line is the run's own (``read_saved_config``). So a run started
+    before a default changed resumes with the command that started it, or with just
+    ``--resume --out RUN_DIR``; a setting given that differs from the run's is refused by
+    ``run_bandit`` (all but ``--steps``, ``--checkpoint-every`` and ``--data-dir``)."""
+    names = [f.name for f in fields(BanditConfig)]
+    values = {name: getattr(args, name) for name in names}
+    saved_path = Path(args.out) / "config.json"
+    if args.resume and not args.merge and saved_path.is_file():
+        given: set[str] = getattr(args, GIVEN, set())
+        saved = asdict(read_saved_config(saved_path))
+        values = {name: values[name] if name in given else saved[name] for name in names}
+    return BanditConfig(**values)
+
+
 def main_bandit(args: Any, should_stop: Callable[[], bool] | None = None) -> int:
     """Run ``bbb bandit`` from parsed arguments.
 
@@ -149,10 +189,7 @@ def main_bandit(args: Any, should_stop: Callable[[], bool] | None = None) -> int
         term = cli._ACTIVE_TERM
         if term is not None and term.defer:
             should_stop = lambda: term.fired  # noqa: E731
-    from dataclasses import fields
-
-    # every BanditConfig field has a flag of the same name (argparse dest)
-    cfg = BanditConfig(**{f.name: getattr(args, f.name) for f in fields(BanditConfig)})
+    cfg = config_from_args(args)
     if args.max_minutes is not None and not (
         math.isfinite(args.max_minutes) and args.max_minutes > 0
     ):
@@ -190,6 +227,6 @@ def main_bandit(args: Any, should_stop: Callable[[], bool] | None = None) -> int
     if summary.get("complete") is False:
         print(
             f"stopped at step {summary['steps_done']} of {summary['steps']} (--max-minutes); "
-            "continue with the same flags and --resume"
+            f"continue with --resume --out {args.out}"
         )
     return 0
