@@ -115,6 +115,39 @@ def _random_scores(n: int, like: Tensor, generator: torch.Generator | None) -> T
     return torch.rand(n, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _at_least_float32(
+    prediction: ClassificationPrediction | RegressionPrediction,
+) -> ClassificationPrediction | RegressionPrediction:
+    """``prediction`` with float16/bfloat16 tensors in float32 (others unchanged).
+
+    As :func:`bbb.predict` computes low-precision models' probabilities: in float16 the
+    entropy's clamp 1e-30 underflows to 0, so a confident (one-hot) input scored 0 * log 0 =
+    NaN, refused by :func:`select` as a diverged model's; and 8 (bfloat16) or 11 (float16)
+    bits of scores tie many inputs (about 1000 distinct bfloat16 values in [0, 1)), which
+    :func:`select` breaks to the lowest index: the top ``"random"`` scores of a large pool
+    were its first inputs among the tied, and the ranks of the others were coarsened.
+    """
+
+    def up(t: Tensor) -> Tensor:
+        return t.float() if t.dtype in _LOW_PRECISION else t
+
+    if isinstance(prediction, ClassificationPrediction):
+        parts = (prediction.probs, prediction.sample_probs)
+        if not any(t.dtype in _LOW_PRECISION for t in parts):
+            return prediction
+        log_probs = prediction.log_probs
+        return ClassificationPrediction(
+            up(parts[0]), up(parts[1]), None if log_probs is None else up(log_probs)
+        )
+    parts = (prediction.sample_means, prediction.sample_variances)
+    if not any(t.dtype in _LOW_PRECISION for t in parts):
+        return prediction
+    return RegressionPrediction(up(parts[0]), up(parts[1]))
+
+
 def acquisition_scores(
     prediction: ClassificationPrediction | RegressionPrediction,
     method: str,
@@ -136,8 +169,10 @@ def acquisition_scores(
         generator: the random numbers of ``"random"`` (others draw nothing).
 
     Returns:
-        scores (B,), in the prediction's dtype and on its device. NaN predictions give NaN
-        scores (a diverged model); :func:`select` refuses them.
+        scores (B,), on the prediction's device, in its dtype, or in float32 for a float16 or
+        bfloat16 prediction (computed there: in half precision a confident input's entropy
+        was NaN, and many scores tied). NaN predictions give NaN scores (a diverged model);
+        :func:`select` refuses them.
     """
     if isinstance(prediction, ClassificationPrediction):
         accepted, kind = CLASSIFICATION_ACQUISITIONS, "classification"
@@ -159,6 +194,7 @@ def acquisition_scores(
             f"acquisition_scores: {method!r} does not apply to a {kind} prediction; accepted "
             f"for {kind}: {', '.join(accepted)}"
         )
+    prediction = _at_least_float32(prediction)
     if isinstance(prediction, ClassificationPrediction):
         probs = prediction.probs
         if method == "bald":
@@ -269,13 +305,22 @@ def _sample_probs(value: object, who: str) -> Tensor:
             f"{who}: sample_probs hold NaN or Inf (a diverged model's predictions); no batch "
             "can be chosen from them"
         )
-    if bool(((sp < 0) | (sp > 1.0 + 1e-3)).any()) or not bool(
-        torch.allclose(sp.sum(-1), torch.ones((), dtype=sp.dtype), atol=1e-3)
+    # rows of float16/bfloat16 probabilities sum to 1 only to within their rounding (a
+    # bfloat16 softmax's by up to ~1e-2; refused before as not probabilities): the tolerance
+    # follows the dtype, and such rows are renormalised in float64
+    tol = max(1e-3, 4 * torch.finfo(value.dtype).eps)
+    sums = sp.sum(-1)
+    if bool(((sp < 0) | (sp > 1.0 + tol)).any()) or not bool(
+        torch.allclose(sums, torch.ones((), dtype=sp.dtype), atol=tol, rtol=0.0)
     ):
         raise ValueError(
             f"{who}: sample_probs must be probabilities in [0, 1] summing to 1 over the last "
-            "(class) dimension; for logits pass torch.softmax(logits, dim=-1)"
+            f"(class) dimension (to within {tol:.2g} in {value.dtype}), got sums from "
+            f"{float(sums.min()):.6g} to {float(sums.max()):.6g}; for logits pass "
+            "torch.softmax(logits, dim=-1)"
         )
+    if value.dtype in _LOW_PRECISION:
+        sp = sp / sums.unsqueeze(-1)
     return sp
 
 
@@ -471,12 +516,17 @@ def joint_mutual_information(
             "joint_mutual_information: indices must be a non-empty 1-D list or tensor of "
             f"integers, got {indices!r}"
         )
-    picked = idx.tolist()
-    if len(set(picked)) != len(picked) or min(picked) < -b or max(picked) >= b:
+    given = idx.tolist()
+    # distinct once the negative ones (counted from the end) are resolved: [0, -B] named
+    # input 0 twice, and was scored as two labels of it
+    picked = [i % b for i in given]
+    in_range = min(given) >= -b and max(given) < b
+    if not in_range or len(set(picked)) != len(picked):
         raise ValueError(
-            f"joint_mutual_information: indices must be distinct and lie in [0, {b}), got {picked}"
+            f"joint_mutual_information: indices must be distinct and lie in [0, {b}) (or "
+            f"[-{b}, 0), counted from the end), got {given}"
+            + (f", inputs {picked}" if in_range and picked != given else "")
         )
-    picked = [i % b for i in picked]
     limit = _check_configurations(num_configurations, "joint_mutual_information")
     sample_entropy = -torch.special.xlogy(sp, sp).sum(-1)
     configs = _Configurations(s, limit, generator).to(sp.device)
@@ -508,6 +558,22 @@ class Acquisition(NamedTuple):
     pool_scores: Tensor
 
 
+def _random_sampler(sampler: object, depth: int = 0) -> str | None:
+    """The name of a sampler drawing at random in ``sampler`` (itself, or a sampler it wraps:
+    a BatchSampler's), None if there is none: a ``DataLoader(batch_sampler=
+    BatchSampler(RandomSampler(...)))`` keeps the default SequentialSampler as its
+    ``sampler``, and a ``DistributedSampler`` shuffles by default (``shuffle=True``); both
+    were taken for a fixed order."""
+    if sampler is None or depth > 8:
+        return None
+    if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+        return type(sampler).__name__
+    if getattr(sampler, "shuffle", False) is True:
+        return f"{type(sampler).__name__}(shuffle=True)"
+    inner = _random_sampler(getattr(sampler, "sampler", None), depth + 1)
+    return None if inner is None else f"{type(sampler).__name__} over {inner}"
+
+
 def _batches(pool: Tensor | Iterable[object], batch_size: int | None) -> Iterator[Tensor]:
     """The pool's inputs in chunks of at most ``batch_size`` rows (one chunk if None)."""
     if isinstance(pool, Tensor):
@@ -520,9 +586,15 @@ def _batches(pool: Tensor | Iterable[object], batch_size: int | None) -> Iterato
     for item in pool:
         x = item[0] if isinstance(item, (tuple, list)) and item else item
         if not isinstance(x, Tensor):
+            hint = (
+                f" with keys {sorted(map(str, x))}: pass (batch[key] for batch in loader) "
+                "to name the inputs"
+                if isinstance(x, dict)
+                else ""
+            )
             raise TypeError(
                 "acquire: a DataLoader pool must yield input tensors, or (inputs, ...) "
-                f"tuples, got {type(x).__name__}"
+                f"tuples, got {type(x).__name__}{hint}"
             )
         if x.dim() < 1:
             raise ValueError(f"acquire: a pool batch must be (b, ...), got shape {tuple(x.shape)}")
@@ -567,10 +639,12 @@ def acquire(
     The pool is run through :func:`bbb.predict` in chunks of ``batch_size`` inputs (each
     chunk's scores are kept, its predictions dropped, so memory is bounded by the chunk), and
     :func:`select` picks the k largest scores (ties to the lowest pool index; NaN scores, from
-    a diverged model, are refused). ``"batch_bald"`` keeps every input's sample
-    probabilities (S * N * C values, in the predictions' dtype) and picks with :func:`batch_bald`; for it every
-    Bayesian layer draws weight-space samples held fixed across the chunks (one network per
-    sample, whatever its estimator), and dropout in training mode is refused.
+    a diverged model, are refused, and so are infinite ones, a variance beyond the dtype's
+    range). ``"batch_bald"`` keeps every input's sample probabilities (S * N * C values, in
+    the predictions' dtype) and picks with :func:`batch_bald`; for it every Bayesian layer
+    draws weight-space samples held fixed across the chunks (one network per sample,
+    whatever its estimator), and dropout or batch normalisation in training mode is refused
+    (masks drawn per row; inputs normalised by their chunk's statistics).
 
     The model runs as it is (call ``model.eval()`` first); weight samples come from torch's
     global random stream, as in :func:`bbb.predict`. With ``reparam`` layers the S weight
@@ -582,7 +656,9 @@ def acquire(
             classification, or what ``likelihood`` reads for regression).
         pool: unlabelled inputs (N, ...), or a DataLoader (or any iterable) yielding input
             tensors or (inputs, ...) tuples, in a fixed order (a shuffling DataLoader is
-            refused: the indices could not name its inputs). Chunks are moved to the device
+            refused: a random sampler, a batch sampler over one, or a ``shuffle=True``
+            sampler such as DistributedSampler's default; the indices could not name its
+            inputs). Chunks are moved to the device
             of the model's parameters. A DataLoader without a ``generator`` of its own draws
             its base seed from torch's global stream as it starts, so its weight samples
             differ from those of the same pool as a tensor (give it ``generator=``).
@@ -627,26 +703,40 @@ def acquire(
         raise ValueError(f"acquire: num_samples must be a positive integer, got {num_samples!r}")
     if method == "batch_bald":
         _check_configurations(num_configurations, "acquire")
-        dropout = [
-            name
+        # dropout draws its masks per row, and batch normalisation in training mode
+        # normalises each input by its chunk's statistics (and updates its running ones with
+        # the pool's): neither is one network per weight sample
+        per_row = [
+            (name, kind)
             for name, m in model.named_modules()
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
+            for kind, cls in (
+                ("dropout", nn.modules.dropout._DropoutNd),
+                ("batch normalisation", nn.modules.batchnorm._BatchNorm),
+            )
+            if isinstance(m, cls) and m.training
         ]
-        if dropout:
+        if per_row:
+            name, kind = per_row[0]
+            what = (
+                "masks drawn per row"
+                if kind == "dropout"
+                else "each input normalised by its chunk's statistics"
+            )
             raise ValueError(
                 f"acquire: 'batch_bald' needs one network per weight sample across the pool, "
-                f"but dropout {dropout[0]!r} is in training mode (masks drawn per row): call "
-                "model.eval() first"
+                f"but {kind} {name!r} is in training mode ({what}): call model.eval() first"
             )
     _check_k(k, math.inf, "acquire")  # its type; the pool's size is checked once known
     if isinstance(pool, Tensor):
         if pool.dim() >= 1 and pool.shape[0] > 0:
             _check_k(k, pool.shape[0], "acquire")
     elif isinstance(pool, DataLoader):
-        if isinstance(pool.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+        shuffler = _random_sampler(pool.sampler) or _random_sampler(pool.batch_sampler)
+        if shuffler is not None:
             raise ValueError(
-                f"acquire: the DataLoader draws its inputs at random ({type(pool.sampler).__name__}"
-                "), so pool indices would not name them; pass shuffle=False (or the pool tensor)"
+                f"acquire: the DataLoader draws its inputs at random ({shuffler}), so pool "
+                "indices would not name them; pass shuffle=False, a sequential sampler (or "
+                "the pool tensor)"
             )
         if pool.batch_size is None and pool.batch_sampler is None:
             raise ValueError(
@@ -703,5 +793,17 @@ def acquire(
         raise ValueError("acquire: the pool is empty")
     pool_scores = torch.cat(scores)
     _check_k(k, pool_scores.shape[0], "acquire")
+    infinite = torch.isinf(pool_scores)
+    if bool(infinite.any()):
+        # an infinite score (a variance beyond the dtype's range: sample means of a model
+        # that is diverging) was ranked first, silently, and equal infinite ones to the
+        # lowest index
+        first = int(torch.nonzero(infinite)[0, 0])
+        raise ValueError(
+            f"acquire: {int(infinite.sum())} of {pool_scores.shape[0]} {method!r} scores are "
+            f"infinite (the first at pool index {first}): the predictions' variance overflows "
+            f"{pool_scores.dtype} there (a diverging model?); fix the model, or run it in "
+            "float64 (model.double() and a float64 pool), before acquiring"
+        )
     chosen = select(pool_scores, k)
     return Acquisition(chosen.indices, chosen.scores, pool_scores)
