@@ -8,6 +8,8 @@
 3. ``bbb bandit --resume`` took every setting not given on the command line from this
    version's defaults, so a run started with ``--adam-eps 1e-3`` could not be resumed with
    ``--resume --out R`` alone, and every run would have been refused once a default changed.
+4. ``ClassificationPrediction.entropy`` / ``.aleatoric`` of a float16 prediction holding a 0
+   were NaN (the clamp at 1e-30 underflowed to 0, and 0 * log 0 is NaN).
 """
 
 from __future__ import annotations
@@ -112,3 +114,22 @@ def test_bandit_resume_takes_the_settings_not_given_from_the_run(
     # given at the run's own value: accepted
     assert main(["bandit", "--resume", "--out", out, "--steps", "8", "--adam-eps", "1e-3",
                  "--quiet"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_prediction_entropies_of_one_hot_and_uniform_rows_in_every_dtype(
+    dtype: torch.dtype,
+) -> None:
+    sample_probs = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.5, 0.5]]], dtype=dtype)
+    pred = bbb.ClassificationPrediction(sample_probs.mean(0), sample_probs)
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64)).item()
+    # before: NaN in float16 (the one-hot samples' 0 * log 0)
+    # predictive (0.5, 0.5) for both inputs; the samples: one-hot (0 nats) and uniform (ln 2);
+    # a few roundings of values below 1 in the dtype: within 4 of its eps
+    tol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        pred.entropy.double(), torch.tensor([ln2, ln2], dtype=torch.float64), atol=tol, rtol=0
+    )
+    torch.testing.assert_close(
+        pred.aleatoric.double(), torch.tensor([0.0, ln2], dtype=torch.float64), atol=tol, rtol=0
+    )

@@ -52,7 +52,9 @@ QUANTILE_METHODS: tuple[str, ...] = ("draws", "exact")
 
 
 def _entropy(p: Tensor) -> Tensor:
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    """Entropy in nats over the last dimension, with 0 log 0 = 0 in every dtype (a clamp at
+    1e-30 underflowed to 0 in float16, making a one-hot row's entropy NaN)."""
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 @dataclass
