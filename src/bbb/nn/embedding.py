@@ -24,6 +24,16 @@ __all__ = ["BayesEmbedding", "INDEX_DTYPES"]
 INDEX_DTYPES = (torch.int64, torch.int32)
 """The index dtypes :class:`BayesEmbedding` accepts (those ``torch.nn.Embedding`` accepts)."""
 
+_functorch = torch._C._functorch
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """``t`` without the wrappers of ``torch.func`` transforms (vmap's batched tensors, grad's
+    wrappers), whose values cannot be read as Python numbers; ``t`` itself otherwise."""
+    while _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
 
 class BayesEmbedding(BayesModule):
     """Bayesian ``nn.Embedding``: ``y = W[input]`` with W ~ N(weight_mu, softplus(weight_rho)^2).
@@ -237,7 +247,10 @@ class BayesEmbedding(BayesModule):
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
         ):
-            low, high = torch.aminmax(input)
+            # under torch.func transforms (vmap) the indices are wrapped, and reading a
+            # number from a wrapped tensor is refused ("calling .item() on a Tensor"): the
+            # check reads the plain tensor underneath, which holds every index of the batch
+            low, high = torch.aminmax(_unwrapped(input))
             lo, hi = int(low), int(high)
             if lo < 0 or hi >= self.num_embeddings:
                 bad = lo if lo < 0 else hi
