@@ -209,6 +209,35 @@ def _bayes_embedding_for(
     return new
 
 
+def _warn_nonzero_padding_rows(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> None:
+    """A UserWarning naming the chosen ``nn.Embedding`` layers of ``model`` whose padding row
+    is not zero (``nn.Embedding.from_pretrained(table, padding_idx=i)`` keeps the table's row
+    i): ``nn.Embedding`` returns that row at the padding positions, :class:`bbb.BayesEmbedding`
+    returns zeros there (as its docstring says), so the converted model computes another
+    function at those positions, and :func:`to_deterministic` gives a zero row back."""
+    import warnings
+
+    found = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.Embedding) and chosen(m) and m.padding_idx is not None):
+            continue
+        row = m.weight[m.padding_idx]
+        if not row.is_meta and bool(row.detach().ne(0).any()):
+            found.append(f"{name or '<model>'!r} (padding_idx={m.padding_idx})")
+    if found:
+        warnings.warn(
+            "bayesianize(embeddings=True, init_from_weights=True): these embeddings have a "
+            f"padding row that is not zero: {', '.join(found)}. nn.Embedding returns that row "
+            "at padding positions; bbb.BayesEmbedding returns zeros there (its padding row is "
+            "left out of the posterior), so the converted model's outputs differ at those "
+            "positions (to_deterministic gives a zero padding row). Zero the row first "
+            "(with torch.no_grad(): emb.weight[emb.padding_idx].zero_()) to silence this, or "
+            "exclude the layer (exclude=[...])",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def moped_rho(w: torch.Tensor, delta: float) -> torch.Tensor:
     """rho with ``softplus(rho) = max(delta * |w|, MOPED_MIN_SIGMA)``, elementwise.
 
@@ -686,6 +715,8 @@ def bayesianize(
                 f"sparse=True, which these embeddings use: {', '.join(refused)}; exclude them "
                 "(exclude=[...]) or build them without those options"
             )
+        if init_from_weights:
+            _warn_nonzero_padding_rows(model, chosen)
     # before the copy: copy.deepcopy drops the hooks of parameters
     hooked = _hooked(model, chosen)
     tied = _tied(model, chosen)
