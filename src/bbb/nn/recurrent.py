@@ -79,6 +79,11 @@ _COMPUTING_METHODS = (
     "_direction",
 )
 
+# the options held by each layer and direction's cell that the recurrent layer sets on all of
+# them (__setattr__): a new prior replaces every cell's (and re-resolves kl="auto" for it)
+_CELL_OPTIONS = ("estimator", "kl_mode", "mode", "prior")
+
+
 class _Drawn(NamedTuple):
     """The weights one :class:`BayesRecurrentWeights` gives to one sequence pass.
 
@@ -297,6 +302,66 @@ class _BayesRNNBase(nn.Module):
                     dtype=dtype,
                 )
                 self.add_module(f"l{layer}" + ("_reverse" if d else ""), cell)
+        # from here on, the per-layer options set on the layer reach every cell (__setattr__)
+        self._cells_built = True
+
+    # ----------------------------------------------------------------- per-layer options
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _CELL_OPTIONS and self.__dict__.get("_cells_built", False):
+            # the options each cell holds (as every Bayesian layer): set on every layer and
+            # direction, validated by the cells (the first refuses a bad value before any
+            # changes). Before, lstm.estimator = "flipout" and lstm.mode = "mean" set unused
+            # attributes silently, and lstm.prior = p registered a stray "prior" submodule
+            # (its keys in the state dict) while every cell kept its own prior.
+            self._set_cell_option(name, value)
+            return
+        # (torch hints Tensor | Module; nn.Module.__setattr__ stores any other value)
+        super().__setattr__(name, value)  # type: ignore[arg-type]
+
+    def _set_cell_option(self, name: str, value: object) -> None:
+        for _, cell in self.cells():
+            setattr(cell, name, value)
+
+    def _cell_option(self, name: str) -> Any:
+        values = [getattr(cell, name) for _, cell in self.cells()]
+        if any(v != values[0] for v in values[1:]):
+            per_cell = ", ".join(f"{s}: {getattr(c, name)!r}" for s, c in self.cells())
+            # (not an AttributeError, which nn.Module.__getattr__ would replace by "has no
+            # attribute")
+            raise ValueError(
+                f"{type(self).__name__}.{name}: its layers differ ({per_cell}); read it per "
+                f"layer (l0.{name}) or set it on the whole layer ({name} = ...)"
+            )
+        return values[0]
+
+    @property
+    def estimator(self) -> str:
+        """The estimator of every layer and direction (``"reparam"`` or ``"flipout"``);
+        setting it sets theirs (validated)."""
+        return cast(str, self._cell_option("estimator"))
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        self._set_cell_option("estimator", value)
+
+    @property
+    def kl_mode(self) -> str:
+        """The KL mode of every layer and direction; setting it sets theirs (validated)."""
+        return cast(str, self._cell_option("kl_mode"))
+
+    @kl_mode.setter
+    def kl_mode(self, value: str) -> None:
+        self._set_cell_option("kl_mode", value)
+
+    @property
+    def mode(self) -> str:
+        """The sampling mode of every layer and direction (``"sample"``, ``"mean"``,
+        ``"frozen"``); setting it sets theirs (as :func:`bbb.set_sampling` does)."""
+        return cast(str, self._cell_option("mode"))
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._set_cell_option("mode", value)
 
     # ----------------------------------------------------------------- structure
     def cells(self) -> Iterator[tuple[str, BayesRecurrentWeights]]:
