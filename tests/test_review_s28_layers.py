@@ -156,3 +156,19 @@ def _leaves(out: object) -> list[torch.Tensor]:
         return [out]
     assert isinstance(out, tuple)
     return [t for part in out for t in _leaves(part)]
+
+
+# --------------------------------------------------------------------------- conv transpose
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, "float32"])
+def test_conv_transpose_refuses_a_dtype_that_is_not_floating_naming_the_accepted_ones(
+    dtype: object,
+) -> None:
+    # complex64 built a posterior with complex sigma = softplus(rho) silently; the others
+    # failed inside nn.Module.to without naming the layer
+    with pytest.raises(ValueError, match=r"BayesConvTranspose2d dtype must be a floating-point"):
+        bbb.BayesConvTranspose2d(2, 3, 3, dtype=dtype)  # type: ignore[arg-type]
+    for ok in (torch.float64, torch.bfloat16):
+        layer = bbb.BayesConvTranspose1d(2, 3, 3, dtype=ok)
+        assert layer.weight_mu.dtype == layer.bias_rho.dtype == ok  # type: ignore[union-attr]
