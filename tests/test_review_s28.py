@@ -10,6 +10,11 @@
    ``--resume --out R`` alone, and every run would have been refused once a default changed.
 4. ``ClassificationPrediction.entropy`` / ``.aleatoric`` of a float16 prediction holding a 0
    were NaN (the clamp at 1e-30 underflowed to 0, and 0 * log 0 is NaN).
+5. ``bbb.to_deterministic`` converted a subclass of a convolution or embedding overriding the
+   method its output is computed with (``_conv``, ``_lookup``) into the plain layer, silently
+   another function (only ``forward`` and ``op`` were looked at).
+6. ``BayesLinear`` / ``BayesConv*d`` accepted a complex dtype silently (a posterior with a
+   complex sigma) and failed on an integer one inside ``nn.Module.to`` without naming the layer.
 """
 
 from __future__ import annotations
@@ -133,3 +138,72 @@ def test_prediction_entropies_of_one_hot_and_uniform_rows_in_every_dtype(
     torch.testing.assert_close(
         pred.aleatoric.double(), torch.tensor([0.0, ln2], dtype=torch.float64), atol=tol, rtol=0
     )
+
+
+class _ScaledConvT(bbb.BayesConvTranspose2d):
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: Any, groups: int) -> torch.Tensor:
+        return 2 * super()._conv(x, w, b, groups)
+
+
+class _ScaledConv(bbb.BayesConv1d):
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: Any, groups: int) -> torch.Tensor:
+        return 2 * super()._conv(x, w, b, groups)
+
+
+class _ShiftedEmbedding(bbb.BayesEmbedding):
+    def _lookup(self, x: torch.Tensor) -> torch.Tensor:
+        return (super()._lookup(x) + 1) % self.num_embeddings  # the next row
+
+
+class _Defaults(bbb.BayesConv1d):  # sets a default only: computes the parent's function
+    def __init__(self) -> None:
+        super().__init__(2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("layer", "x", "method"),
+    [
+        (_ScaledConvT(2, 3, 3), torch.randn(1, 2, 4, 4), "_conv"),
+        (_ScaledConv(2, 3, 3), torch.randn(1, 2, 6), "_conv"),
+        (_ShiftedEmbedding(5, 3), torch.tensor([0, 4]), "_lookup"),
+    ],
+)
+def test_to_deterministic_refuses_a_subclass_overriding_a_computing_helper(
+    layer: torch.nn.Module, x: torch.Tensor, method: str
+) -> None:
+    with bbb.sampling(layer, "mean"):
+        mean = layer(x)
+    parent = type(layer).__mro__[1](*_args(layer))
+    parent.load_state_dict(layer.state_dict())
+    with bbb.sampling(parent, "mean"):
+        assert not torch.allclose(mean, parent(x))  # it computes another function
+    # before: converted into the plain layer, whose output is the parent's
+    with pytest.raises(TypeError, match=rf"overrides {method}\(\) of "):
+        bbb.to_deterministic(torch.nn.Sequential(layer))
+    assert not isinstance(bbb.to_deterministic(parent), bbb.BayesModule)
+
+
+def _args(layer: torch.nn.Module) -> tuple[int, ...]:
+    if isinstance(layer, bbb.BayesEmbedding):
+        return (layer.num_embeddings, layer.embedding_dim)
+    return (layer.in_channels, layer.out_channels, 3)
+
+
+def test_a_subclass_that_only_sets_defaults_still_converts() -> None:
+    layer = _Defaults()
+    x = torch.randn(1, 2, 6)
+    with bbb.sampling(layer, "mean"):
+        mean = layer(x)
+    torch.testing.assert_close(bbb.to_deterministic(layer)(x), mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, "float32"])
+@pytest.mark.parametrize("make", [bbb.BayesLinear, bbb.BayesConv1d, bbb.BayesConv3d])
+def test_linear_and_conv_layers_refuse_a_dtype_that_is_not_floating(make: Any, dtype: Any) -> None:
+    # before: complex64 accepted (sigma = softplus(rho) complex), int64 / "float32" failed in
+    # nn.Module internals without the layer's name
+    args = (2, 3) if make is bbb.BayesLinear else (2, 3, 1)
+    with pytest.raises(ValueError, match=rf"{make.__name__} dtype must be a floating-point "
+                       r"torch.dtype \(torch.float16, torch.bfloat16, torch.float32 or "):  # fmt: skip
+        make(*args, dtype=dtype)
+    assert make(*args, dtype=torch.float64).weight_mu.dtype == torch.float64

@@ -996,18 +996,24 @@ _DETERMINISTIC_BASES: tuple[type[BayesModule], ...] = (
 
 
 def _overrides(module: BayesModule) -> str | None:
-    """``"op() of BayesLinear"``: the method (``forward``, ``op``) by which ``module``'s
-    class, a subclass of a layer :func:`to_deterministic` converts, computes another function
-    than that layer; ``None`` when it computes the same (a subclass that only sets defaults
+    """``"op() of BayesLinear"``: the method (``forward``, ``op``, ``_conv``, ...) by which
+    ``module``'s class, a subclass of a layer :func:`to_deterministic` converts, computes
+    another function than that layer; ``None`` when it computes the same (a subclass that only sets defaults
     or adds attributes)."""
     base = next((b for b in _DETERMINISTIC_BASES if isinstance(module, b)), None)
     if base is None:
         return None
     cls = type(module)
-    for name in ("forward", "op"):
-        if getattr(cls, name) is not getattr(base, name):
+    for name in _COMPUTING_METHODS:
+        if hasattr(base, name) and getattr(cls, name) is not getattr(base, name):
             return f"{name}() of {base.__name__}"
     return None
+
+
+# the methods a converted layer's mean output is computed with (those its class has): a
+# subclass overriding one computes a function the plain torch layer would not reproduce (a
+# subclass scaling the output of _conv was converted silently when only forward and op counted)
+_COMPUTING_METHODS = ("forward", "op", "_conv", "_lookup", "_lookup_blocks", "_output_padding_for")
 
 
 def _deterministic_for(module: nn.Module) -> nn.Module | None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..priors import Prior
 from .conv import _SpatialBayesModule
-from .module import _is_int
+from .module import _is_int, check_float_dtype
 
 __all__ = [
     "BayesConvTranspose1d",
@@ -122,13 +122,7 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
                 f"convolutions with zero padding only); accepted values: "
                 f"{', '.join(PADDING_MODES)}"
             )
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            # (as BayesEmbedding and BayesLSTM/GRU: a complex dtype was accepted silently, a
-            # posterior with complex sigma = softplus(rho); others failed inside nn.Module.to)
-            raise ValueError(
-                f"{name} dtype must be a floating-point torch.dtype (torch.float16, "
-                f"torch.bfloat16, torch.float32 or torch.float64), got {dtype!r}"
-            )
+        check_float_dtype(name, dtype)
         if isinstance(padding, str):
             raise ValueError(
                 f"{name} padding must be a non-negative int or a tuple of {self._dim} of them, "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule, _is_int, _is_real, positive_int
+from .module import BayesModule, _is_int, _is_real, check_float_dtype, positive_int
 from .stacking import identical_blocks, repeat_samples
 
 __all__ = ["BayesEmbedding", "INDEX_DTYPES"]
@@ -173,11 +173,7 @@ class BayesEmbedding(BayesModule):
                 "KL term's gradient reaches every row of weight_mu and weight_rho at every "
                 "step, so the gradients are dense whatever the lookups"
             )
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(
-                f"BayesEmbedding dtype must be a floating-point torch.dtype (the parameters'; "
-                f"the indices are integers), got {dtype!r}"
-            )
+        check_float_dtype("BayesEmbedding", dtype, " (the parameters'; the indices are integers)")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx: int | None = padding_idx

@@ -198,6 +198,19 @@ def _outside_inference(rec: _Record) -> _Record:
     return dataclasses.replace(rec, **changed) if changed else rec
 
 
+def check_float_dtype(name: str, dtype: object, note: str = "") -> None:
+    """A ValueError naming layer ``name`` unless ``dtype`` is None or a floating-point
+    :class:`torch.dtype` (a complex one gave a posterior with a complex sigma = softplus(rho),
+    silently; an integer one or a string failed inside ``nn.Module.to`` without the layer's
+    name). ``note`` is added after "floating-point torch.dtype" (what the dtype is of)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return
+    raise ValueError(
+        f"{name} dtype must be a floating-point torch.dtype{note} (torch.float16, "
+        f"torch.bfloat16, torch.float32 or torch.float64), got {dtype!r}"
+    )
+
+
 class BayesModule(nn.Module):
     """Base class of the Bayesian layers (factorised Gaussian posterior over weight and bias).
 
@@ -239,6 +252,7 @@ class BayesModule(nn.Module):
         ``bias_size`` None: ``weight_shape[0]``, the output dimension of a layer whose weight
         is (out, ...); a transposed convolution's weight is (in, out / groups, *k) and gives
         its ``out_channels``."""
+        check_float_dtype(type(self).__name__, dtype)
         if estimator not in est.ESTIMATORS:
             raise ValueError(
                 f"unknown estimator {estimator!r}; accepted values: {', '.join(est.ESTIMATORS)}"

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..priors import Prior
 from .estimators import rademacher
-from .module import BayesModule, _is_real, _Record, positive_int
+from .module import BayesModule, _is_real, _Record, check_float_dtype, positive_int
 from .stacking import repeat_samples
 
 __all__ = ["BayesLSTM", "BayesGRU", "BayesRecurrentWeights", "RECURRENT_ESTIMATORS"]
@@ -269,8 +269,7 @@ class _BayesRNNBase(nn.Module):
                 f"{name} dropout must be a number in [0, 1] (the probability of zeroing an "
                 f"output of each layer but the last, in training mode), got {dropout!r}"
             )
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"{name} dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(name, dtype)
         _check_estimator(name, estimator)
         self.bias = bias
         self.batch_first = batch_first
