@@ -15,6 +15,9 @@
    another function (only ``forward`` and ``op`` were looked at).
 6. ``BayesLinear`` / ``BayesConv*d`` accepted a complex dtype silently (a posterior with a
    complex sigma) and failed on an integer one inside ``nn.Module.to`` without naming the layer.
+7. ``bbb.acquire(method="batch_bald")`` scored the pool's BALD in float64 over the whole pool
+   at once (three S x N x C float64 temporaries: 400 MB each at S = 100, N = 50000, C = 10);
+   now in chunks of inputs, with the same numbers up to float64 rounding.
 """
 
 from __future__ import annotations
@@ -207,3 +210,25 @@ def test_linear_and_conv_layers_refuse_a_dtype_that_is_not_floating(make: Any, d
                        r"torch.dtype \(torch.float16, torch.bfloat16, torch.float32 or "):  # fmt: skip
         make(*args, dtype=dtype)
     assert make(*args, dtype=torch.float64).weight_mu.dtype == torch.float64
+
+
+def test_pool_bald_in_chunks_gives_the_numbers_of_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bbb.acquisition as acq
+
+    g = torch.Generator().manual_seed(0)
+    sp = torch.softmax(3 * torch.randn(7, 53, 4, generator=g), dim=-1)
+    sp[:, 5] = torch.eye(4)[torch.arange(7) % 4]  # one-hot samples: 0 log 0 terms
+    p = sp.double()
+    mean = p.mean(0)
+    one_pass = (torch.special.xlogy(p, p) - torch.special.xlogy(p, mean)).sum(-1).mean(0)
+    monkeypatch.setattr(acq, "_CHUNK_ELEMENTS", 7 * 4 * 5)  # chunks of 5 inputs, the last of 3
+    chunked = acq._bald64(sp)  # from float32: each chunk converted to float64
+    assert chunked.dtype == torch.float64
+    # a reduction over another layout may sum in another order: float64 rounding of values
+    # below ~2 (log 4), a few ulps, far below any gap that decides a pick
+    torch.testing.assert_close(chunked, one_pass.clamp_min(0.0), rtol=0, atol=1e-14)
+    monkeypatch.setattr(acq, "_CHUNK_ELEMENTS", 1 << 22)
+    assert torch.equal(acq._bald64(sp), one_pass.clamp_min(0.0))  # one chunk: one pass exactly
+    # and the public score agrees with ClassificationPrediction.epistemic
+    pred = bbb.ClassificationPrediction(p.mean(0), p)
+    torch.testing.assert_close(acq.acquisition_scores(pred, "bald").double(), chunked)
