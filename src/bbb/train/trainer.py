@@ -11,7 +11,9 @@ index i), a validation pass (``evaluate``), a line in ``metrics.jsonl``, an atom
 (model, optimizer, scheduler, ELBO state, RNG states, loader generator, epoch) and, when the
 validation metric improved, ``best.pt``. ``fit(resume=True)`` continues from the newest
 readable checkpoint; on CPU the resumed run ends with exactly the parameters of an uninterrupted
-one (all randomness comes from the saved generators).
+one (all randomness comes from the saved generators), except with a loader that keeps its
+workers between epochs (``persistent_workers=True``: their random state cannot be saved; the
+resume warns).
 
 Under ``torch.distributed`` (``torchrun``; see :mod:`bbb.train.distributed`) the same loop
 trains with ``DistributedDataParallel``: give it a loader with a ``DistributedSampler`` (its
@@ -269,19 +271,36 @@ def _check_device(device: torch.device | str, model: nn.Module, elbo: ELBO) -> t
     return dev
 
 
+#: how deep :func:`_sampler_chain` follows samplers wrapped in samplers (``.sampler``)
+_MAX_SAMPLER_DEPTH = 8
+
+
+def _sampler_chain(loader: Iterable[Any]) -> list[Any]:
+    """The samplers ``loader`` draws its indices through, each once, outermost first: its
+    ``sampler`` and every sampler that one wraps (its ``.sampler``: the inner sampler of a
+    ``BatchSampler`` given as ``DataLoader(ds, sampler=BatchSampler(...), batch_size=None)``,
+    or of a wrapper of the user's), then its ``batch_sampler`` and every sampler that one
+    wraps (``BatchSampler(RandomSampler(ds, generator=g), ...)``); empty for a list of
+    minibatches. Followed at most :data:`_MAX_SAMPLER_DEPTH` deep."""
+    found: list[Any] = []
+    for start in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        s, depth = start, 0
+        while s is not None and depth < _MAX_SAMPLER_DEPTH and not any(s is f for f in found):
+            found.append(s)
+            s, depth = getattr(s, "sampler", None), depth + 1
+    return found
+
+
 def _shuffle_generators(loader: Iterable[Any]) -> list[torch.Generator]:
     """The :class:`torch.Generator` objects ``loader`` draws from, each once: its own
-    (``DataLoader(..., generator=g)``: the shuffle, and the workers' base seed) and its
-    sampler's (``RandomSampler(ds, generator=g2)``, directly or inside its batch sampler),
-    in that order; empty when it has none (it shuffles with the global RNG, or not at all).
-    A loader and a sampler given different generators draw from both: the shuffle from the
-    sampler's, the base seed from the loader's."""
+    (``DataLoader(..., generator=g)``: the shuffle, and the workers' base seed) and those of
+    its samplers (:func:`_sampler_chain`: ``RandomSampler(ds, generator=g2)``, directly, inside
+    its batch sampler, or inside a ``BatchSampler`` given as its sampler), in that order;
+    empty when it has none (it shuffles with the global RNG, or not at all). A loader and a
+    sampler given different generators draw from both: the shuffle from the sampler's, the
+    base seed from the loader's."""
     found: list[torch.Generator] = []
-    for candidate in (
-        loader,
-        getattr(loader, "sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ):
+    for candidate in (loader, *_sampler_chain(loader)):
         generator = getattr(candidate, "generator", None)
         if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
             found.append(generator)
@@ -290,14 +309,12 @@ def _shuffle_generators(loader: Iterable[Any]) -> list[torch.Generator]:
 
 def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
     """The sampler of ``loader`` that reshuffles by epoch (has ``set_epoch``: a
-    ``DistributedSampler``), whether it is the loader's ``sampler`` or sits inside its
+    ``DistributedSampler``), whether it is the loader's ``sampler``, sits inside its
     ``batch_sampler`` (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(ds), ...))``,
-    where ``loader.sampler`` is a plain ``SequentialSampler``); None when there is none."""
-    for candidate in (
-        getattr(loader, "sampler", None),
-        getattr(loader, "batch_sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ):
+    where ``loader.sampler`` is a plain ``SequentialSampler``) or inside a ``BatchSampler``
+    given as its sampler (``batch_size=None``): the first of :func:`_sampler_chain` that has
+    one; None when there is none."""
+    for candidate in _sampler_chain(loader):
         if callable(getattr(candidate, "set_epoch", None)):
             return candidate
     return None
@@ -306,20 +323,34 @@ def _epoch_sampler(loader: Iterable[Any]) -> Any | None:
 def _unshuffled(loader: Iterable[Any]) -> str | None:
     """How ``loader`` gives its minibatches in the same order every pass, or None when it
     shuffles or cannot tell: a list or tuple of minibatches, a ``SequentialSampler``
-    (directly or inside its batch sampler), a sampler with ``shuffle=False`` (a
-    ``DistributedSampler(..., shuffle=False)``)."""
-    from torch.utils.data import SequentialSampler
+    (directly or inside its batch sampler, or inside a ``BatchSampler`` given as its
+    sampler), a sampler with ``shuffle=False`` (a ``DistributedSampler(..., shuffle=False)``)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
 
     if isinstance(loader, (list, tuple)):
         return f"a {type(loader).__name__} of minibatches"
     batch_sampler = getattr(loader, "batch_sampler", None)
     inner = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else None
     sampler = inner if inner is not None else getattr(loader, "sampler", None)
+    if type(sampler) is BatchSampler:  # sampler=BatchSampler(...), batch_size=None: its order
+        sampler = sampler.sampler
     if isinstance(sampler, SequentialSampler):
         return "a SequentialSampler"
     if getattr(sampler, "shuffle", None) is False:
         return f"a {type(sampler).__name__} with shuffle=False"
     return None
+
+
+def _persistent_workers(loader: Iterable[Any]) -> bool:
+    """Whether ``loader`` keeps worker processes between its passes
+    (``DataLoader(..., num_workers>0, persistent_workers=True)``): its iterator, created once,
+    draws the workers' base seed once; a resumed run cannot continue it exactly."""
+    workers = getattr(loader, "num_workers", 0)
+    return (
+        bool(getattr(loader, "persistent_workers", False))
+        and isinstance(workers, int)
+        and (workers > 0)
+    )
 
 
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
@@ -551,7 +582,8 @@ class Trainer:
             the checkpoints and restored on resume, so the resumed run draws the shuffles the
             uninterrupted one would. None (the default): the loader's own generator, if it
             has one (``DataLoader(..., shuffle=True, generator=g)``, or a sampler's:
-            ``RandomSampler(ds, generator=g)``), read at each checkpoint (a ``train_loader``
+            ``RandomSampler(ds, generator=g)``, also inside a ``BatchSampler`` given as
+            ``batch_sampler`` or as ``sampler``), read at each checkpoint (a ``train_loader``
             assigned later counts); a loader that shuffles with the global RNG needs none
             (the checkpoints hold it). Before, None saved nothing, and a resume of such a
             loader silently repeated the shuffles of the run's first epochs. A
@@ -1051,6 +1083,20 @@ class Trainer:
                 "training loader (written by a run whose loader had none, or by a version of "
                 "bbb that saved it only with loader_generator): the generator starts afresh, "
                 "so the resumed run's shuffles are not the uninterrupted run's",
+                UserWarning,
+                stacklevel=4,
+            )
+        if _persistent_workers(self.train_loader):
+            import warnings
+
+            warnings.warn(
+                "the training loader keeps its worker processes from epoch to epoch "
+                "(persistent_workers=True): the uninterrupted run drew their base seed (from "
+                "the loader's generator, else the global RNG) once, at its first epoch, and "
+                "the workers' random state carried on from there, where this resumed run "
+                "draws it anew at its first epoch: its shuffles, weight noise and any random "
+                "draw in the workers are not the uninterrupted run's. For an exact resume, "
+                "train with persistent_workers=False",
                 UserWarning,
                 stacklevel=4,
             )
