@@ -217,3 +217,29 @@ def test_a_checkpoint_from_before_session_27_resumes_exactly(tmp_path: Path) -> 
     sampler = resumed.train_loader.sampler
     assert isinstance(sampler, RecordingSampler) and sampler.epochs_set == [4, 5]
     assert torch.equal(params(resumed), params(straight))
+
+
+def test_the_meta_device_is_refused_at_construction() -> None:
+    model = bayes_mlp(1, [4], 1).to("meta")
+    # before: accepted; fit() failed at its first step ("Tensor.item() cannot be called on
+    # meta tensors")
+    with pytest.raises(ValueError, match=r"device='meta' cannot train: .*model.to_empty"):
+        Trainer(
+            model,
+            bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), N),
+            torch.optim.SGD(model.parameters(), lr=1e-2),
+            DataLoader(DS, batch_size=5),
+            device="meta",
+            progress=False,
+            log=None,
+        )
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_a_loader_emptied_by_drop_last_says_so(which: str) -> None:
+    short = DataLoader(DS, batch_size=N + 1, drop_last=True)  # its one minibatch is dropped
+    loaders = {"train": DataLoader(DS, batch_size=5), "val": None, which: short}
+    # before: "the ... data loader is empty", of a data set holding 20 examples
+    with pytest.raises(ValueError, match=r"is empty \(a pass gives 20 examples, fewer than "
+                       r"batch_size=21, and drop_last=True"):  # fmt: skip
+        make_trainer(None, 1, loaders["train"], val_loader=loaders["val"])

@@ -253,6 +253,15 @@ def _check_device(device: torch.device | str, model: nn.Module, elbo: ELBO) -> t
     from ..runs import check_device
 
     dev = check_device(device, remedy="give the device the model lives on (e.g. device='cpu')")
+    if dev.type == "meta":
+        # a meta tensor has a shape and no values: the first step failed mid-fit() ("Tensor.item()
+        # cannot be called on meta tensors")
+        raise ValueError(
+            "device='meta' cannot train: meta tensors have shapes and no values (the loss "
+            "could not be read); materialise the model on a real device first "
+            "(model.to_empty(device='cpu'), then initialise or load its weights) and give "
+            "that device"
+        )
 
     def there(d: torch.device) -> bool:
         # device="cuda" is the current GPU: any index matches (torch resolves it so)
@@ -339,6 +348,28 @@ def _unshuffled(loader: Iterable[Any]) -> str | None:
     if getattr(sampler, "shuffle", None) is False:
         return f"a {type(sampler).__name__} with shuffle=False"
     return None
+
+
+def _why_empty(loader: Iterable[Any]) -> str:
+    """Why a loader of length 0 whose passes hold examples gives no minibatch (its
+    ``drop_last=True`` drops the only, short one), as ``" (...)"``; empty otherwise."""
+    batch_size = getattr(loader, "batch_size", None)
+    if not (batch_size and getattr(loader, "drop_last", False)):
+        return ""
+    # the examples of one pass: its sampler's (a subset, a shard), else its data set's
+    for source in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        try:
+            n = len(source)  # type: ignore[arg-type]
+        except TypeError:
+            continue
+        if n:
+            return (
+                f" (a pass gives {n} examples, fewer than batch_size={batch_size}, and "
+                "drop_last=True drops that short minibatch: lower batch_size or set "
+                "drop_last=False)"
+            )
+        return ""
+    return ""
 
 
 def _persistent_workers(loader: Iterable[Any]) -> bool:
@@ -693,7 +724,7 @@ class Trainer:
                 "a map-style Dataset"
             ) from None
         if n_batches == 0:
-            raise ValueError("the training data loader is empty")
+            raise ValueError(f"the training data loader is empty{_why_empty(train_loader)}")
         self._scheduler_interval = _check_scheduler_interval(scheduler_interval)
         self._steps_per_epoch = _check_steps_per_epoch(steps_per_epoch)
         if grad_clip is not None and (
@@ -721,8 +752,8 @@ class Trainer:
                 n_val = None
             if n_val == 0:
                 raise ValueError(
-                    "the validation data loader (val_loader) is empty: give it the validation "
-                    "set, or val_loader=None to train without validation"
+                    f"the validation data loader (val_loader) is empty{_why_empty(val_loader)}: "
+                    "give it the validation set, or val_loader=None to train without validation"
                 )
         # an FSDP-sharded model: DDP failed on it in DTensor's words, and without DDP each
         # rank's checkpoint held its shards only
