@@ -625,9 +625,9 @@ class Trainer:
         grad_clip: clip the gradient norm to this value (None: no clipping).
         device: where the model lives (and the minibatches are sent): checked at
             construction, a ``ValueError`` when this machine cannot use it (CUDA or MPS
-            missing, a GPU index beyond the last) or when none of the model's (or the
-            ELBO's) parameters is there (move them first: ``model.to(device)``, before
-            building the optimizer).
+            missing, a GPU index beyond the last; ``"meta"``, whose tensors hold no values)
+            or when none of the model's (or the ELBO's) parameters is there (move them
+            first: ``model.to(device)``, before building the optimizer).
         distributed: train with ``DistributedDataParallel`` (None: when a ``torch.distributed``
             process group with more than one process is initialised).
         find_unused_parameters: passed to DDP; only needed for a model with parameters the
