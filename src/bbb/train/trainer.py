@@ -8,7 +8,8 @@ Used by the ``bbb`` command line, the experiments and library users alike::
 
 Each epoch: ELBO steps over ``train_loader`` (minibatch i of M gets the ELBO's KL weight for
 index i), a validation pass (``evaluate``), a line in ``metrics.jsonl``, an atomic checkpoint
-(model, optimizer, scheduler, ELBO state, RNG states, loader generator, epoch) and, when the
+(model, optimizer, scheduler, ELBO state, RNG states, the training and validation loaders'
+generators, epoch) and, when the
 validation metric improved, ``best.pt``. ``fit(resume=True)`` continues from the newest
 readable checkpoint; on CPU the resumed run ends with exactly the parameters of an uninterrupted
 one (all randomness comes from the saved generators), except with a loader that keeps its
@@ -1048,6 +1049,15 @@ class Trainer:
             return found
         return [g, *(other for other in found if other is not g)]
 
+    def _val_generators(self) -> list[torch.Generator]:
+        """The generators the validation loader draws from (a ``DataLoader(val, shuffle=True,
+        generator=g)``: its order decides which weight sample scores which example), those
+        of :meth:`_resume_generators` left out; their states are in the checkpoints too."""
+        if self.val_loader is None:
+            return []
+        train = self._resume_generators()
+        return [g for g in _shuffle_generators(self.val_loader) if not any(g is t for t in train)]
+
     def _state(self) -> dict[str, Any]:
         generators = self._resume_generators()
         return {
@@ -1069,6 +1079,9 @@ class Trainer:
             # a DataLoader(generator=g) over a RandomSampler(generator=g2) draws from both
             "loader_generator": generators[0].get_state() if generators else None,
             "loader_generators": [g.get_state() for g in generators],
+            # a shuffled val_loader's: a resumed run's validation metrics (best epoch, early
+            # stopping, a ReduceLROnPlateau's steps) are the uninterrupted run's
+            "val_loader_generators": [g.get_state() for g in self._val_generators()],
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -1114,6 +1127,23 @@ class Trainer:
                 "training loader (written by a run whose loader had none, or by a version of "
                 "bbb that saved it only with loader_generator): the generator starts afresh, "
                 "so the resumed run's shuffles are not the uninterrupted run's",
+                UserWarning,
+                stacklevel=4,
+            )
+        val_generators = self._val_generators()
+        # absent: written before they were saved (by a version that left them at their start)
+        saved_val = state.get("val_loader_generators") or []
+        for g, g_state in zip(val_generators, saved_val, strict=False):
+            g.set_state(g_state)
+        if len(val_generators) != len(saved_val):
+            import warnings
+
+            warnings.warn(
+                f"the checkpoint holds the states of {len(saved_val)} generator(s) that "
+                f"the validation loader drew from, but this Trainer's val_loader draws from "
+                f"{len(val_generators)}: the resumed run's validation order, and so its "
+                "validation metrics, are not the uninterrupted run's; build the val_loader as "
+                "the run did (an unshuffled one needs none)",
                 UserWarning,
                 stacklevel=4,
             )
