@@ -528,7 +528,11 @@ def test_bandit_run_directory_edge_cases(
     stub.mkdir()
     (stub / "config.json").write_text(json.dumps({**saved, "noise_sigma": 3.0}))
     assert cli(*BANDIT, "--steps", "5", "--out", stub) == 0
-    assert json.loads((stub / "config.json").read_text())["noise_sigma"] == 0.1
+    from bbb.bandit import BanditConfig
+
+    assert (
+        json.loads((stub / "config.json").read_text())["noise_sigma"] == BanditConfig().noise_sigma
+    )
 
 
 def test_bandit_refuses_duplicate_agents() -> None:

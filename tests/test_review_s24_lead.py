@@ -395,15 +395,16 @@ def test_bandit_merge_reads_an_old_runs_config_as_resume_does(
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     if not (data / "mushroom").is_dir():
         pytest.skip("the mushroom data set is not in ../shared/data")
+    # made with the legacy eps (1e-8), which the old run's config.json, lacking the key, means
     base = dict(steps=4, seeds=[0], updates_per_step=1, batch_size=4, buffer_size=8, hidden=4,
-                checkpoint_every=4, data_dir=str(data))  # fmt: skip
+                checkpoint_every=4, data_dir=str(data), adam_eps=1e-8)  # fmt: skip
     old, new = tmp_path / "old", tmp_path / "new"
     run_bandit(BanditConfig(agents=["greedy-0"], **base), old, progress=False, log=None)
     run_bandit(BanditConfig(agents=["greedy-0.01"], **base), new, progress=False, log=None)
     cfg = json.loads((old / "config.json").read_text())
     del cfg["adam_eps"]  # a run made before the setting existed
     (old / "config.json").write_text(json.dumps(cfg))
-    merge_runs([old, new], tmp_path / "m1")  # the old runs' value is today's default: merges
+    merge_runs([old, new], tmp_path / "m1")  # the old run's legacy value is the new run's: merges
     # had the default changed since, the old run's own value (the legacy one) would differ
     monkeypatch.setitem(bandit_config._LEGACY_SETTINGS, "adam_eps", 1e-6)
     with pytest.raises(ValueError, match=r"settings differ in \['adam_eps'\]"):
