@@ -18,11 +18,16 @@
 7. ``bbb.acquire(method="batch_bald")`` scored the pool's BALD in float64 over the whole pool
    at once (three S x N x C float64 temporaries: 400 MB each at S = 100, N = 50000, C = 10);
    now in chunks of inputs, with the same numbers up to float64 rounding.
+8. ``Trainer`` restored the states of the generators a training loader draws from by
+   position: a run saved with ``loader_generator`` set to its sampler's generator (listed
+   first) and resumed without it (the loader's own generator first) swapped the two states,
+   silently. They are saved and restored by where they sit in the loader.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +237,62 @@ def test_pool_bald_in_chunks_gives_the_numbers_of_one_pass(monkeypatch: pytest.M
     # and the public score agrees with ClassificationPrediction.epistemic
     pred = bbb.ClassificationPrediction(p.mean(0), p)
     torch.testing.assert_close(acq.acquisition_scores(pred, "bald").double(), chunked)
+
+
+def _two_generator_trainer(out_dir: Path | None, epochs: int, pin: bool) -> Any:
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from bbb.models import bayes_mlp
+    from bbb.train import Trainer
+
+    x = torch.rand(20, 1, generator=torch.Generator().manual_seed(1))
+    ds = TensorDataset(x, torch.sin(3 * x))
+    g_sampler = torch.Generator().manual_seed(6)
+    g_loader = torch.Generator().manual_seed(10)
+    loader = DataLoader(
+        ds, batch_size=5, sampler=RandomSampler(ds, generator=g_sampler), generator=g_loader
+    )
+    torch.manual_seed(0)
+    model = bayes_mlp(1, [4], 1)
+    return Trainer(
+        model,
+        bbb.ELBO(bbb.Gaussian("fixed", sigma=0.3), 20),
+        torch.optim.SGD(model.parameters(), lr=1e-2),
+        loader,
+        epochs=epochs,
+        out_dir=out_dir,
+        progress=False,
+        log=None,
+        loader_generator=g_sampler if pin else None,
+    )
+
+
+def test_a_resume_restores_each_loader_generator_by_its_place_not_its_position(
+    tmp_path: Path,
+) -> None:
+    whole = _two_generator_trainer(None, 3, pin=True)
+    whole.fit()
+    _two_generator_trainer(tmp_path, 2, pin=True).fit()  # saved with the sampler's listed first
+    torch.manual_seed(123)  # the global RNG moved: everything must come from the checkpoint
+    resumed = _two_generator_trainer(tmp_path, 3, pin=False)  # the loader's listed first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mismatch to warn about: the same two generators
+        resumed.fit(resume=True)
+    # before: the two states swapped, the third epoch shuffled otherwise
+    for a, b in zip(
+        whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_a_resume_whose_loader_generators_sit_elsewhere_warns(tmp_path: Path) -> None:
+    first = _two_generator_trainer(tmp_path, 1, pin=False)  # at "loader" and "sampler"
+    first.fit()
+    other = _two_generator_trainer(tmp_path, 2, pin=False)
+    other.train_loader = torch.utils.data.DataLoader(  # the loader's own and a pinned one
+        first.train_loader.dataset, batch_size=5, shuffle=True, generator=torch.Generator()
+    )
+    other.loader_generator = torch.Generator()
+    with pytest.warns(UserWarning, match=r"generators at loader, sampler, but this Trainer's "
+                      r"loader draws from generators at loader_generator, loader"):  # fmt: skip
+        other.fit(resume=True)

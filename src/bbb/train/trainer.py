@@ -292,12 +292,18 @@ def _sampler_chain(loader: Iterable[Any]) -> list[Any]:
     or of a wrapper of the user's), then its ``batch_sampler`` and every sampler that one
     wraps (``BatchSampler(RandomSampler(ds, generator=g), ...)``); empty for a list of
     minibatches. Followed at most :data:`_MAX_SAMPLER_DEPTH` deep."""
-    found: list[Any] = []
-    for start in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        s, depth = start, 0
-        while s is not None and depth < _MAX_SAMPLER_DEPTH and not any(s is f for f in found):
-            found.append(s)
-            s, depth = getattr(s, "sampler", None), depth + 1
+    return [s for _, s in _sampler_paths(loader)]
+
+
+def _sampler_paths(loader: Iterable[Any]) -> list[tuple[str, Any]]:
+    """:func:`_sampler_chain` with where each sampler sits (``"sampler"``,
+    ``"batch_sampler.sampler"``, ...), in the same order."""
+    found: list[tuple[str, Any]] = []
+    for name in ("sampler", "batch_sampler"):
+        s, path, depth = getattr(loader, name, None), name, 0
+        while s is not None and depth < _MAX_SAMPLER_DEPTH and not any(s is f for _, f in found):
+            found.append((path, s))
+            s, path, depth = getattr(s, "sampler", None), f"{path}.sampler", depth + 1
     return found
 
 
@@ -309,11 +315,19 @@ def _shuffle_generators(loader: Iterable[Any]) -> list[torch.Generator]:
     empty when it has none (it shuffles with the global RNG, or not at all). A loader and a
     sampler given different generators draw from both: the shuffle from the sampler's, the
     base seed from the loader's."""
-    found: list[torch.Generator] = []
-    for candidate in (loader, *_sampler_chain(loader)):
+    return [g for _, g in _generator_roles(loader)]
+
+
+def _generator_roles(loader: Iterable[Any]) -> list[tuple[str, torch.Generator]]:
+    """:func:`_shuffle_generators` with where each was found (``"loader"``, ``"sampler"``,
+    ``"batch_sampler.sampler"``, ...): the checkpoints save each generator's state under its
+    role, so a resume restores it into the generator in the same place (by position, a loader
+    whose generators came in another order got their states swapped, silently)."""
+    found: list[tuple[str, torch.Generator]] = []
+    for role, candidate in (("loader", loader), *_sampler_paths(loader)):
         generator = getattr(candidate, "generator", None)
-        if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
-            found.append(generator)
+        if isinstance(generator, torch.Generator) and not any(generator is g for _, g in found):
+            found.append((role, generator))
     return found
 
 
@@ -1049,6 +1063,15 @@ class Trainer:
             return found
         return [g, *(other for other in found if other is not g)]
 
+    def _resume_generator_roles(self) -> list[str]:
+        """Where each of :meth:`_resume_generators` sits in the training loader (see
+        :func:`_generator_roles`), ``"loader_generator"`` for one it does not hold."""
+        roles = _generator_roles(self.train_loader)
+        return [
+            next((role for role, other in roles if other is g), "loader_generator")
+            for g in self._resume_generators()
+        ]
+
     def _val_generators(self) -> list[torch.Generator]:
         """The generators the validation loader draws from (a ``DataLoader(val, shuffle=True,
         generator=g)``: its order decides which weight sample scores which example), those
@@ -1079,6 +1102,8 @@ class Trainer:
             # a DataLoader(generator=g) over a RandomSampler(generator=g2) draws from both
             "loader_generator": generators[0].get_state() if generators else None,
             "loader_generators": [g.get_state() for g in generators],
+            # where each sits: a resume restores them by role, not by position
+            "loader_generator_roles": self._resume_generator_roles(),
             # a shuffled val_loader's: a resumed run's validation metrics (best epoch, early
             # stopping, a ReduceLROnPlateau's steps) are the uninterrupted run's
             "val_loader_generators": [g.get_state() for g in self._val_generators()],
@@ -1100,8 +1125,31 @@ class Trainer:
         if saved is None:  # a checkpoint written before every generator was saved
             first = state.get("loader_generator")
             saved = [] if first is None else [first]
-        for g, g_state in zip(generators, saved, strict=False):
-            g.set_state(g_state)
+        roles = self._resume_generator_roles()
+        saved_roles: list[str] | None = state.get("loader_generator_roles")  # since session 28
+        by_role = (
+            saved_roles is not None
+            and len(saved_roles) == len(saved)
+            and sorted(saved_roles) == sorted(roles)
+        )
+        if by_role and saved_roles is not None:
+            states = dict(zip(saved_roles, saved, strict=True))
+            for g, role in zip(generators, roles, strict=True):
+                g.set_state(states[role])
+        else:
+            for g, g_state in zip(generators, saved, strict=False):
+                g.set_state(g_state)
+        if saved_roles is not None and not by_role and len(saved) == len(generators) > 0:
+            import warnings
+
+            warnings.warn(
+                f"the checkpoint holds the states of the training loader's generators at "
+                f"{', '.join(saved_roles)}, but this Trainer's loader draws from generators "
+                f"at {', '.join(roles)}: they were restored in order, so the resumed run's "
+                "shuffles may not be the uninterrupted run's; build the loader as the run did",
+                UserWarning,
+                stacklevel=4,
+            )
         if generators and saved and len(generators) != len(saved):
             import warnings
 
