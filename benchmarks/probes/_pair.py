@@ -18,9 +18,10 @@ def pair(estimator: str) -> tuple[Tensor, Tensor, nn.Module, nn.Module, bbb.ELBO
     return x, y, det, bay, bbb.ELBO(bbb.Categorical(), DATASET_SIZE)
 
 
-def time_phases(nets: dict, opts: dict, rounds: int = 40, warmup: int = 8) -> None:
+def time_phases(nets: dict, opts: dict, rounds: int = 40, warmup: int = 8) -> dict[str, float]:
     """Interleave one Adam step of each ``nets[k] = (model, loss_fn)`` per round; print the
-    median forward / backward / Adam / whole-step ms and the ratio to ``nets["det"]``."""
+    median forward / backward / Adam / whole-step ms and the ratio to ``nets["det"]``;
+    return each net's median whole step (seconds)."""
     import statistics
     import time
 
@@ -48,3 +49,4 @@ def time_phases(nets: dict, opts: dict, rounds: int = 40, warmup: int = 8) -> No
             " ".join(f"{p} {1e3 * statistics.median(s):.1f}" for p, s in v.items()),
             f"ratio {statistics.median(v['all']) / d:.2f}",
         )
+    return {k: statistics.median(v["all"]) for k, v in times.items()}
