@@ -108,6 +108,14 @@ def _require_tensor(x: object, name: str) -> Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor, got {kind}" + (f": {hint}" if hint else "")
         )
+    if x.is_meta:
+        # a meta tensor has a shape but no values: every check below failed deep inside
+        # torch ("Tensor.item() cannot be called on meta tensors")
+        raise ValueError(
+            f"{name} is a meta tensor (shape {_shape(x)}, no values): metrics need values; "
+            "run the model on a real device (cpu or cuda), e.g. after model.to_empty(device=...) "
+            "and loading its weights"
+        )
     return x
 
 
@@ -721,6 +729,7 @@ def _check_probability_levels(levels: object, name: str, *, sort: bool) -> Tenso
     """``levels`` (a probability or a sequence/1-D tensor of them, each in the open interval
     (0, 1), no repeats) as a float64 CPU tensor; sorted when ``sort``."""
     if isinstance(levels, Tensor):
+        _require_tensor(levels, name)  # not a meta tensor
         if levels.dim() > 1 or levels.dtype.is_complex or levels.dtype == torch.bool:
             raise ValueError(
                 f"{name} must be a probability or a 1-D sequence of probabilities in (0, 1), "
