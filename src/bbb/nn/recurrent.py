@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..priors import Prior
-from .estimators import rademacher
+from .estimators import _autocast_on, rademacher
 from .module import BayesModule, _is_real, _Record, check_float_dtype, positive_int
 from .stacking import repeat_samples
 
@@ -225,6 +225,20 @@ def _lin(x: Tensor, w: Tensor, b: Tensor | None, samples: int) -> Tensor:
     wt = w.transpose(1, 2)
     y = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xs, wt)
     return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _as_lstm_kernel_output(t: Tensor) -> Tensor:
+    """``t`` (an LSTM output or final state, any shape) in the dtype torch's LSTM kernel
+    returns under the current autocast: autocast casts that kernel (``mkldnn_rnn_layer`` on
+    CPU) to its lower precision, so ``nn.LSTM`` returns output, ``h_n`` and ``c_n`` in the
+    autocast dtype (float32 tensors only; float64 is not cast), whatever ``h_0``'s dtype.
+    The Python loop keeps the state in ``h_0``'s dtype (as ``nn.LSTMCell`` and ``nn.GRU``,
+    whose kernels autocast does not cast, do): cast here, flipout returned float32 where
+    reparam returned bfloat16."""
+    dev = t.device.type
+    if t.dtype != torch.float32 or not _autocast_on(dev):
+        return t
+    return t.to(torch.get_autocast_dtype(dev))
 
 
 class _BayesRNNBase(nn.Module):
@@ -722,6 +736,8 @@ class _BayesRNNBase(nn.Module):
             cn = None if cn is None else cn.squeeze(1)
         if self._kind == "LSTM":
             assert cn is not None
+            # the dtypes of nn.LSTM under autocast, whichever path computed them
+            out, hn, cn = (_as_lstm_kernel_output(t) for t in (out, hn, cn))
             return out, (hn, cn)
         return out, hn
 
@@ -789,14 +805,15 @@ class _BayesRNNBase(nn.Module):
             # per-example signs, drawn once per sequence and reused at every step: example
             # n's weight is mu + dW * (s_n r_n^T) at every step (one weight-space sample)
             r = rademacher((n, k + self.hidden_size), x)
-            sgn = rademacher((n, g), x)
+            mean_i = F.linear(x, w_ih, b_ih)
+            # the output signs in the projections' dtype (autocast's, under autocast): float32
+            # signs promoted a bfloat16 state to float32 at every step (nn.GRU keeps h_0's)
+            sgn = rademacher((n, g), mean_i)
             dw_ih, dw_hh = d.dw[..., :k], d.dw[..., k:]
             db_ih = None if d.db is None else d.db[..., :g]
             db_hh = None if d.db is None else d.db[..., g:]
             r_h = r[:, k:]
-            gi = torch.addcmul(
-                F.linear(x, w_ih, b_ih), _lin(x * r[:, None, :k], dw_ih, db_ih, s), sgn[:, None]
-            )
+            gi = torch.addcmul(mean_i, _lin(x * r[:, None, :k], dw_ih, db_ih, s), sgn[:, None])
 
             def recurrent(h: Tensor) -> Tensor:
                 return torch.addcmul(F.linear(h, w_hh, b_hh), _lin(h * r_h, dw_hh, db_hh, s), sgn)
