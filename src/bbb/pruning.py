@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -79,29 +80,74 @@ def _floor_count(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(float(fraction))) * n)
 
 
+def _check_fraction(fraction: object) -> float:
+    """``fraction`` as a float in [0, 1), or a ValueError naming it: a real number (Python,
+    NumPy or a one-element real tensor), not a bool, a string or None."""
+    if isinstance(fraction, Tensor) and fraction.numel() == 1 and not fraction.is_meta:
+        fraction = fraction.item()  # a bool or complex tensor's item is refused below
+    if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):
+        # float() took "0.5" silently and failed on None with a message naming no argument
+        raise ValueError(
+            f"fraction must be a number in [0, 1) (the share of weights to remove), got "
+            f"{fraction!r} ({type(fraction).__name__})"
+        )
+    value = float(fraction)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"fraction must lie in [0, 1), got {value!r}")
+    return value
+
+
+def _checked_scores(name: str, layer: BayesModule) -> Tensor:
+    """The layer's unmasked SNRs, flattened; a ValueError for a layer on the meta device (no
+    values) or with a NaN SNR (a NaN mu or rho), which has no rank."""
+    shown = repr(name) if name else "(the model itself)"
+    if layer.weight_mu.is_meta or layer.weight_rho.is_meta:
+        raise ValueError(
+            f"prune_by_snr: layer {shown} is on the meta device (shapes, no values): pruning "
+            "ranks the trained weights; materialise the model first (model.to_empty(device=...)"
+            " and load its weights)"
+        )
+    s = _unmasked_snr(layer).flatten()
+    bad = int(torch.isnan(s).sum())
+    if bad:
+        # a NaN SNR sorted above every other, so such a weight was always kept, silently
+        raise ValueError(
+            f"prune_by_snr: layer {shown} has {bad} of {s.numel()} weights whose SNR "
+            "|mu| / sigma is NaN (NaN in weight_mu or weight_rho): they cannot be ranked; "
+            "the parameters are corrupt (a diverged training run?)"
+        )
+    return s
+
+
 @torch.no_grad()
 def prune_by_snr(model: nn.Module, fraction: float, *, per_layer: bool = False) -> PruneResult:
     """Remove the ``fraction`` of weights with the lowest SNR |mu| / sigma (in place).
 
     Args:
         model: a network with Bayesian layers.
-        fraction: in [0, 1): the share of weights to remove.
+        fraction: in [0, 1): the share of weights to remove (a number).
         per_layer: ``False`` (the paper): one global threshold over the weights of all Bayesian
             layers; ``True``: remove ``fraction`` of each layer's weights.
 
     Exactly ``floor(fraction * n)`` weights are removed (ties broken by position). Pruning again
     starts from the unpruned SNRs, so ``prune_by_snr(m, 0.5)`` then ``0.75`` removes 75%.
+
+    Raises:
+        ValueError: for a ``fraction`` that is not a number in [0, 1), a ``per_layer`` that is
+            not a bool, a model without Bayesian layers, a layer on the meta device or one
+            with a NaN SNR (NaN parameters); the model's masks are then left as they were.
     """
-    fraction = float(fraction)
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must lie in [0, 1), got {fraction!r}")
+    fraction = _check_fraction(fraction)
+    if per_layer not in (True, False):  # "no" or "false" would have meant per layer
+        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
     layers = _named_layers(model)
     if not layers:
         raise ValueError("prune_by_snr: the model has no Bayesian layers")
-    scores = {}
-    for name, layer in layers:
+    # every layer's SNRs are computed and checked before any mask changes: a refused model
+    # keeps the pruning it had
+    scores = {name: _checked_scores(name, layer) for name, layer in layers}
+    for _, layer in layers:
         layer.weight_mask = None
-        scores[name] = _unmasked_snr(layer).flatten()
     per_layer_frac: dict[str, float] = {}
     threshold = float("nan")
     if per_layer:
