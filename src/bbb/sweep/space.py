@@ -193,7 +193,8 @@ class Space:
 
     def check_step_plans(self) -> list[str]:
         """Check, before any trial starts, the epoch layouts the space can give against the
-        data (:func:`bbb.runs.check_step_plan`, the check ``bbb train`` makes: a
+        data (the checks ``bbb train`` makes before it writes anything: a ``batch_size``
+        larger than the training set, and :func:`bbb.runs.check_step_plan`'s: a
         ``lr_warmup_steps`` not below the run's total optimizer steps, and a
         ``steps_per_epoch`` that is not a multiple of the steps per pass under
         ``kl_weighting = "blundell"``); return notes on values that cannot train.
@@ -206,22 +207,28 @@ class Space:
         the range's ``step`` reaches); the other searched options at their first value.
 
         * No combination can train (a fixed ``lr_warmup_steps = 100`` with 4 optimizer
-          steps in all; a range whose lowest warm-up is already too long): refused with a
+          steps in all; a fixed ``batch_size = 512`` with 100 training examples; a range
+          whose lowest warm-up or batch size is already too large): refused with a
           :class:`SweepError` that gives the setting, its value and the limit.
-        * Some can (a warm-up range ``[10, 500]`` over 100 steps): the sweep runs; a
-          trial given an impossible value fails at its start, before it trains or writes
-          anything, with the same message as its error (``bbb sweep show``'s error
-          column); the notes returned say which values will fail.
+        * Some can (a warm-up range ``[10, 500]`` over 100 steps, a ``batch_size`` range
+          ``[16, 512]`` over 100 examples): the sweep runs; a trial given an impossible
+          value fails at its start, before it trains or writes anything, with the same
+          message as its error (``bbb sweep show``'s error column); the notes returned
+          say which values will fail. (Such a trial is not run with another value, e.g. a
+          batch size clipped to the training set: its recorded parameters would not be
+          the ones it trained with, and a range's every value above the limit would train
+          the same full-batch configuration again; narrow the range instead.)
 
-        The warm-up check is exact on a range's ends: the limit only grows with ``epochs``,
-        ``steps_per_epoch``, the training set and a smaller ``batch_size``. The blundell
+        The batch-size and warm-up checks are exact on a range's ends: the limits only grow
+        with ``epochs``, ``steps_per_epoch``, the training set and a smaller ``batch_size``
+        (the warm-up's). The blundell
         multiple is not (a range may hold a multiple between two ends that are not), so it
         is checked here only when ``steps_per_epoch``, ``batch_size`` and the data options
         are fixed or lists; under a range it is left to each trial. Data that cannot be
         loaded here (its combinations are not counted) and a space of more than
         :data:`_PLAN_COMBINATIONS` combinations of these options are left to the trials
-        too. Nothing is loaded when no candidate sets a warm-up or a blundell
-        ``steps_per_epoch``.
+        too. The training set is loaded once per distinct combination of the data options
+        (every check needs its size).
         """
         from ..runs import build_data, check_step_plan
 
@@ -244,12 +251,6 @@ class Space:
             except (ConfigError, SweepError):
                 continue  # a combination the trials refuse anyway (each value passed alone)
             configs.append((at, cfg))
-        if not any(
-            cfg.lr_warmup_steps > 0
-            or (cfg.steps_per_epoch is not None and cfg.kl_weighting == "blundell" and not inexact)
-            for _, cfg in configs
-        ):
-            return []
         sizes: dict[tuple[Any, ...], int | None] = {}
         failed: list[tuple[dict[str, Any], str]] = []
         checked = 0
@@ -264,6 +265,9 @@ class Space:
             if n_train is None:
                 continue
             checked += 1
+            if cfg.batch_size > n_train:  # bbb.runs.train_run's first check of the data
+                failed.append((at, _batch_too_large(cfg.batch_size, n_train)))
+                continue
             # bbb.runs.train_run's weighting: the baselines' KL (zero) is weighed uniformly
             weighting = cfg.kl_weighting if cfg.method == "bbb" and not inexact else "uniform"
             try:
@@ -314,6 +318,12 @@ _PLAN_KEYS = (
     "method",
     *_DATA_KEYS,
 )
+
+
+def _batch_too_large(batch_size: int, n_train: int) -> str:
+    """Why a trial of ``batch_size`` cannot train on ``n_train`` examples: the words of the
+    error ``bbb.runs.train_run`` raises at its start (a trial's error column shows them)."""
+    return f"batch_size={batch_size} is larger than the training set ({n_train} examples)"
 
 
 def _plan_candidates(p: Param) -> list[Any]:

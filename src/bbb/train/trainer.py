@@ -143,6 +143,35 @@ def _check_plateau_mode(scheduler: Any, val_metric: str, has_val: bool) -> None:
         )
 
 
+#: the metrics of :func:`evaluate`'s report a Trainer can select on, by task
+_CLASSIFICATION_METRICS = ("error", "accuracy", "nll", "ece", "brier")
+_REGRESSION_METRICS = ("rmse", "log_likelihood", "nll")
+
+
+def _check_val_metric(value: object, classification: bool, has_val: bool) -> str:
+    """The metric the best epoch is chosen on: ``value``, or the task's default (``"error"``
+    for classification, ``"nll"`` for regression) when it is None; a ``ValueError`` for a
+    metric :func:`evaluate` does not report for the task, and for a non-default one given
+    without a ``val_loader`` (it would never be computed: without validation the best model
+    is the last epoch's). The default itself is accepted without one: a caller that
+    validates only sometimes (``bbb.uci``'s training) passes it either way, and it selects
+    nothing the Trainer would not select without it."""
+    default = "error" if classification else "nll"
+    if value is None:
+        return default
+    valid = _CLASSIFICATION_METRICS if classification else _REGRESSION_METRICS
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"unknown val_metric {value!r}; accepted values: {', '.join(valid)}")
+    if not has_val and value != default:
+        raise ValueError(
+            f"val_metric={value!r} needs a val_loader, and none was given: the metric would "
+            "never be computed. Without validation data the best model is the last epoch's "
+            "(and a ReduceLROnPlateau steps on the training loss); pass val_loader=... to "
+            "choose the best epoch on it, or leave val_metric out"
+        )
+    return value
+
+
 def _check_scheduler_interval(value: object) -> str:
     """``value`` if it is one of :data:`SCHEDULER_INTERVALS`, else a ``ValueError`` listing them."""
     if not isinstance(value, str) or value not in SCHEDULER_INTERVALS:
@@ -619,7 +648,9 @@ class Trainer:
         out_dir: run directory for ``metrics.jsonl``, checkpoints, ``best.pt``; None: in memory.
         val_metric: the key of :func:`evaluate`'s report to select on (``"error"`` for
             classification and ``"nll"`` for regression by default; lower is better except
-            for ``accuracy`` and ``log_likelihood``).
+            for ``accuracy`` and ``log_likelihood``). Another metric without a ``val_loader``
+            is a ``ValueError`` (it would never be computed: without validation the best
+            model is the last epoch's); the default is accepted there.
         val_samples: weight samples for validation predictions.
         patience: stop after this many epochs without improvement (None: never).
         progress: show a tqdm progress bar per epoch.
@@ -789,17 +820,9 @@ class Trainer:
                 "or out_dir=None to keep the run in memory"
             )
         self.out_dir = None if out_dir is None else Path(out_dir)
-        classification = isinstance(elbo.likelihood, Categorical)
-        self.val_metric = val_metric or ("error" if classification else "nll")
-        valid = (
-            ("error", "accuracy", "nll", "ece", "brier")
-            if classification
-            else ("rmse", "log_likelihood", "nll")
+        self.val_metric = _check_val_metric(
+            val_metric, isinstance(elbo.likelihood, Categorical), val_loader is not None
         )
-        if self.val_metric not in valid:
-            raise ValueError(
-                f"unknown val_metric {self.val_metric!r}; accepted values: {', '.join(valid)}"
-            )
         self.scheduler = scheduler  # validated: see the property
         if getattr(elbo, "accumulation_steps", 1) != 1:
             raise ValueError(
