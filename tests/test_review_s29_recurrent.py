@@ -122,3 +122,55 @@ def test_lstm_float64_under_autocast_stays_float64() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, (h, c) = m(x)
         assert (out.dtype, h.dtype, c.dtype) == (torch.float64,) * 3, estimator
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_float16_autocast_runs_every_path(
+    cls: type[_BayesRNNBase], estimator: str, backend: str, samples: int
+) -> None:
+    """Under CPU float16 autocast every path runs and trains, in the dtypes of the plain layer:
+    the LSTM in float16 (what autocast gives nn.LSTM where oneDNN has a float16 LSTM; torch's
+    kernel on float16 copies here), the GRU as nn.GRU under the same autocast. Before, the
+    LSTM's kernel paths (reparam, mean) failed with oneDNN's "could not create a primitive
+    descriptor" on CPUs without float16 support while flipout returned float32."""
+    torch.manual_seed(0)
+    m = cls(4, 6, num_layers=2, bidirectional=True, estimator=estimator, rho_init=0.0)
+    x = torch.randn(5, 3 * samples, 4)
+    if cls is BayesLSTM:
+        expected = [torch.float16] * 3
+    else:
+        with torch.autocast("cpu", dtype=torch.float16):
+            ref_out, ref_state = m.to_torch()(x)
+        expected = [ref_out.dtype] + [t.dtype for t in _flat(ref_state)]
+    with _run(backend, samples, m):
+        torch.manual_seed(1)
+        full_out, full_state = m(x)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, state = m(x)
+    assert [out.dtype] + [t.dtype for t in _flat(state)] == expected
+    # float16 rounds 8x finer than bfloat16: the bounds of the bfloat16 test hold a fortiori
+    # (another weight sample moves the outputs by >= 0.28 on average)
+    for a, b in zip([out, *_flat(state)], [full_out, *_flat(full_state)], strict=True):
+        diff = (a.float() - b.float()).abs()
+        assert diff.mean().item() < 0.02 and diff.max().item() < 0.2, diff.max().item()
+    out.float().sum().backward()
+    grad = m.l0.weight_mu.grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(grad.isfinite().all())
+
+
+def test_float16_autocast_lstm_mean_is_torch_float16_lstm() -> None:
+    """In mean mode the LSTM under CPU float16 autocast is torch's float16 LSTM of the mean
+    weights, bit for bit (the same kernel on the same float16 arguments)."""
+    torch.manual_seed(0)
+    m = BayesLSTM(4, 6, num_layers=2)
+    bbb.set_sampling(m, "mean")
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, (h, c) = m(x)
+    ref, (rh, rc) = m.to_torch().half()(x.half())
+    for a, b in ((out, ref), (h, rh), (c, rc)):
+        torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)

@@ -241,6 +241,36 @@ def _as_lstm_kernel_output(t: Tensor) -> Tensor:
     return t.to(torch.get_autocast_dtype(dev))
 
 
+def _cpu_float16_autocast(x: Tensor) -> bool:
+    """Whether ``x`` is on the CPU under an autocast to float16."""
+    return (
+        x.device.type == "cpu"
+        and _autocast_on("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.float16
+    )
+
+
+def _lstm_float16(
+    x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], bias: bool, args: tuple[Any, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's LSTM kernel as a CPU autocast to float16 runs it, on float16 copies of its
+    arguments outside autocast: autocast hands float16 to oneDNN's LSTM, which CPUs without
+    float16 support lack (nn.LSTM fails with "could not create a primitive descriptor for the
+    LSTM forward propagation primitive"); outside autocast torch takes oneDNN where the CPU
+    has it and its own float16 LSTM elsewhere. ``args``: ``torch.lstm``'s (num_layers,
+    dropout, train, bidirectional, batch_first). Returns output, h_n, c_n in float16."""
+
+    def half(t: Tensor) -> Tensor:
+        # what autocast casts: floating tensors other than float64
+        return t.half() if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    with torch.autocast("cpu", enabled=False):
+        out, hn, cn = torch.lstm(
+            half(x), (half(h0), half(c0)), [half(p) for p in params], bias, *args
+        )
+    return out, hn, cn
+
+
 class _BayesRNNBase(nn.Module):
     """What :class:`BayesLSTM` and :class:`BayesGRU` share (see their docstrings)."""
 
@@ -757,6 +787,8 @@ class _BayesRNNBase(nn.Module):
         args = (self.num_layers, self.dropout, self.training, self.bidirectional, batch_first)
         if self._kind == "LSTM":
             assert c0 is not None
+            if _cpu_float16_autocast(x):
+                return _lstm_float16(x, h0, c0, params, self.bias, args)
             out, hn, cn = torch.lstm(x, (h0, c0), params, self.bias, *args)
             return out, hn, cn
         out, hn = torch.gru(x, h0, params, self.bias, *args)
