@@ -174,3 +174,44 @@ def test_float16_autocast_lstm_mean_is_torch_float16_lstm() -> None:
     ref, (rh, rc) = m.to_torch().half()(x.half())
     for a, b in ((out, ref), (h, rh), (c, rc)):
         torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_lstm_accepts_hx_as_a_list(estimator: str) -> None:
+    """``hx = [h_0, c_0]`` (a list, as nn.LSTM accepts it) gives the output of the tuple; it
+    was refused ("hx must be a tuple"). A list of another length is refused, naming it."""
+    torch.manual_seed(0)
+    m = BayesLSTM(4, 6, estimator=estimator)
+    x = torch.randn(5, 3, 4)
+    h, c = torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+    torch.manual_seed(1)
+    out_t, (h_t, c_t) = m(x, (h, c))
+    torch.manual_seed(1)
+    out_l, (h_l, c_l) = m(x, [h, c])  # type: ignore[arg-type]
+    for a, b in ((out_t, out_l), (h_t, h_l), (c_t, c_l)):
+        torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
+    with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got "
+                       r"list of length 3"):  # fmt: skip
+        m(x, [h, c, c])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.float64])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_initial_state_dtype_autocast_cannot_cast_is_refused(
+    cls: type[_BayesRNNBase], bad: torch.dtype
+) -> None:
+    """Under autocast an initial state in a dtype autocast does not cast (integers, float64)
+    is refused by name, listing the accepted dtypes; it passed the check (any dtype was
+    accepted under autocast) and failed in torch's kernel ("get_mkldnn_dtype: unsupported
+    data type")."""
+    m = cls(4, 6)
+    x = torch.randn(5, 3, 4)
+    h = torch.zeros(1, 3, 6, dtype=bad)
+    hx = (h, h) if cls is BayesLSTM else h
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(ValueError, match=rf"h_0 must have the parameters' dtype torch.float32 "
+                      rf"\(under autocast: one of torch.bfloat16, torch.float16, torch.float32, "
+                      rf"the dtypes autocast casts\), got {bad}"),
+    ):  # fmt: skip
+        m(x, hx)

@@ -241,6 +241,11 @@ def _as_lstm_kernel_output(t: Tensor) -> Tensor:
     return t.to(torch.get_autocast_dtype(dev))
 
 
+# the dtypes autocast casts to its lower precision (not float64, not integers): an initial state
+# in one of them may differ from float32 parameters under autocast
+_AUTOCAST_CASTS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
 def _cpu_float16_autocast(x: Tensor) -> bool:
     """Whether ``x`` is on the CPU under an autocast to float16."""
     return (
@@ -578,9 +583,13 @@ class _BayesRNNBase(nn.Module):
         first = self.l0
         assert isinstance(first, BayesRecurrentWeights)
         dtype = first.weight_mu.dtype
-        if h.dtype != dtype and not torch.is_autocast_enabled(h.device.type):
+        if h.dtype != dtype and not (
+            _autocast_on(h.device.type) and {h.dtype, dtype} <= _AUTOCAST_CASTS
+        ):
             raise ValueError(
-                f"{name}: {what} must have the parameters' dtype {dtype}, got {h.dtype}"
+                f"{name}: {what} must have the parameters' dtype {dtype} (under autocast: "
+                f"one of {', '.join(sorted(str(t) for t in _AUTOCAST_CASTS))}, the dtypes "
+                f"autocast casts), got {h.dtype}"
             )
         return h
 
@@ -684,10 +693,12 @@ class _BayesRNNBase(nn.Module):
         c0: Tensor | None = None
         if hx is not None:
             if self._kind == "LSTM":
-                if not (isinstance(hx, tuple) and len(hx) == 2):
+                # a list as nn.LSTM accepts it (its kernel takes a tensor list)
+                if not (isinstance(hx, tuple | list) and len(hx) == 2):
                     raise ValueError(
                         f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got "
                         f"{type(hx).__name__}"
+                        + (f" of length {len(hx)}" if isinstance(hx, tuple | list) else "")
                     )
                 h0 = self._check_hidden(hx[0], "h_0", b, rows, batched)
                 c0 = self._check_hidden(hx[1], "c_0", b, rows, batched)
