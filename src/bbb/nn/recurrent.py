@@ -965,6 +965,11 @@ _DOC_COMMON = """
     :func:`bbb.to_deterministic`) builds the plain layer of the means;
     ``bbb.bayesianize(model, recurrent=True)`` converts ``nn.LSTM``/``nn.GRU``.
 
+    Autocast: every estimator and path returns the dtypes of the plain ``nn.LSTM`` /
+    ``nn.GRU``: autocast casts torch's LSTM kernel, so a float32 LSTM returns output, h_n and
+    c_n in the autocast dtype (under CPU float16 autocast the kernel runs on float16 copies,
+    where oneDNN has no float16 LSTM); the GRU keeps ``h_0``'s dtype (float32 without one).
+
     A ``PackedSequence`` is refused (pad the sequences); ``proj_size`` is not supported.
 """
 
