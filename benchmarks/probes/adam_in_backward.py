@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,8 +77,15 @@ def build() -> ctypes.CDLL:
     subprocess.run(["cc", *flags, "probe.c", "-o", "probe.so", "-lm"], cwd=out, check=True)
     lib = ctypes.CDLL(str(out / "probe.so"))
     p, f = ctypes.c_void_p, ctypes.c_float
-    lib.probe_bwd_adam.argtypes = [p] * 5 + [f] + [p] * 4 + [ctypes.c_int64] * 2 + [f] * 8
-    lib.probe_bwd_adam.argtypes += [ctypes.c_int]
+    ptrs: list[Any] = [p] * 5
+    lib.probe_bwd_adam.argtypes = [
+        *ptrs,
+        f,
+        *[p] * 4,
+        *[ctypes.c_int64] * 2,
+        *[f] * 8,
+        ctypes.c_int,
+    ]
     return lib
 
 

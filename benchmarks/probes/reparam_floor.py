@@ -57,8 +57,9 @@ nets = {
     "bbb reparam": (bay, lambda: elbo(bay, x, y).loss),
 }
 if "bayesian-torch" in bench_peers.available_peers():
-    bt = bench_peers._bayesian_torch("mlp", 1200, "reparam", "gaussian", 1)
-    assert bt is not None
+    built = bench_peers._bayesian_torch("mlp", 1200, "reparam", "gaussian", 1)
+    assert built is not None
+    bt: nn.Module = built
 
     def loss_bt() -> torch.Tensor:
         out, kl = bt(x)
