@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,23 @@ CLASSIFICATION = TensorDataset(X, (X[:, 0] > 0).long())
 
 
 def trainer(classification: bool = False, **kwargs: Any) -> Trainer:
-    """A Trainer of a tiny Bayesian MLP on ``N`` toy points (no validation unless given)."""
+    """A Trainer of a tiny Bayesian MLP on ``N`` toy points (no validation unless given);
+    ``model``, ``elbo``, ``optimizer`` and ``train_loader`` may be replaced too."""
     torch.manual_seed(0)
     ds = CLASSIFICATION if classification else REGRESSION
-    model = bayes_mlp(1, [4], 2 if classification else 1)
+    model = kwargs.pop("model", None) or bayes_mlp(1, [4], 2 if classification else 1)
     likelihood = bbb.Categorical() if classification else bbb.Gaussian(sigma=0.5)
+    elbo = kwargs.pop("elbo", None) or bbb.ELBO(likelihood, N)
+    parameters = (
+        model.parameters()
+        if isinstance(model, torch.nn.Module)
+        else [torch.nn.Parameter(torch.zeros(1))]
+    )
+    optimizer = kwargs.pop("optimizer", None) or torch.optim.SGD(parameters, lr=0.01)
+    loader = kwargs.pop("train_loader", None) or DataLoader(ds, batch_size=4)
     options: dict[str, Any] = {"progress": False, "log": None, "epochs": 1}
     options.update(kwargs)
-    return Trainer(
-        model,
-        bbb.ELBO(likelihood, N),
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        DataLoader(ds, batch_size=4),
-        **options,
-    )
+    return Trainer(model, elbo, optimizer, loader, **options)
 
 
 # --------------------------------------------------------------------------- 1. val_metric
@@ -192,3 +196,80 @@ def test_a_sweep_with_some_batch_sizes_too_large_trains_the_others(
     assert "failed: batch_size=128 is larger than the training set (64 examples)" in printed
     finished = [json.loads(p.read_text()) for p in out.glob("trials/*/trial.json")]
     assert [t["params"]["batch_size"] for t in finished] == [32]
+
+
+# --------------------------------------------------------------------------- 3. input validation
+@pytest.mark.parametrize(
+    ("loader", "expected"),
+    [
+        # a TensorDataset of the inputs alone: an IndexError ("list index out of range")
+        (DataLoader(TensorDataset(X), batch_size=4), r"got a list of 1 element\(s\) \(a "
+         r"TensorDataset of the inputs alone\? give TensorDataset\(x, y\)\)"),
+        # dict minibatches: a KeyError (0)
+        ([{"x": X[:4], "y": X[:4]}], r"got a dict with keys 'x', 'y' \(give the pair"),
+        # a loader over a bare tensor: "index 1 is out of bounds for dimension 0"
+        (DataLoader(X, batch_size=4), r"got a single tensor of shape \(4, 1\) \(a loader over "
+         r"a tensor: wrap inputs and targets as TensorDataset\(x, y\)\)"),
+        # arrays, not tensors: "'list' object has no attribute 'to'"
+        ([(X[:4].tolist(), X[:4].tolist())], r"got a tuple whose first two elements are list, "
+         r"list, not tensors"),
+    ],
+)  # fmt: skip
+def test_a_loader_that_does_not_yield_x_y_pairs_is_named(loader: Any, expected: str) -> None:
+    prefix = r"the data loader must yield \(x, y\) minibatches \(inputs and targets: two tensors\)"
+    with pytest.raises(TypeError, match=prefix + ", " + expected):
+        trainer(train_loader=loader).fit()
+    # the validation loader and evaluate() read minibatches the same way
+    with pytest.raises(TypeError, match=prefix):
+        bbb.train.evaluate(bayes_mlp(1, [4], 1), loader, bbb.Gaussian())
+
+
+def test_extra_elements_after_x_and_y_are_still_accepted() -> None:
+    """(x, y, index) minibatches trained before; they still do (the rest is ignored)."""
+    t = trainer(train_loader=[(X[:4], REGRESSION.tensors[1][:4], torch.arange(4))])
+    assert t.fit()["epochs_trained"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "expected"),
+    [
+        ({"model": lambda x: x}, TypeError, r"model must be a torch.nn.Module, got function"),
+        ({"elbo": bbb.Gaussian()}, TypeError, r"elbo must be a bbb.ELBO, got Gaussian: wrap "
+         r"it, e.g. bbb.ELBO\(likelihood, dataset_size=len\(train_set\)\)"),
+        # the class, not an instance: "type object 'Adam' has no attribute 'param_groups'"
+        ({"optimizer": torch.optim.Adam}, TypeError, r"optimizer must be an optimizer "
+         r"instance built on the model's parameters .*got the class Adam"),
+        # each of these failed only after the first epoch's training
+        ({"log": True}, TypeError, r"log must be a callable or None, got bool True"),
+        ({"epoch_callback": "stop"}, TypeError,
+         r"epoch_callback must be a callable or None, got str 'stop'"),
+        ({"loader_generator": 0}, TypeError, r"loader_generator must be the torch.Generator "
+         r"that shuffles train_loader, or None \(the loader's own\), got int 0"),
+    ],
+)  # fmt: skip
+def test_wrong_components_are_refused_at_construction(
+    kwargs: dict[str, Any], error: type[Exception], expected: str
+) -> None:
+    with pytest.raises(error, match=expected):
+        trainer(**kwargs)
+
+
+def test_an_optimizer_of_part_of_the_model_is_accepted_silently() -> None:
+    """Fine-tuning the head alone (the body's parameters left out of the optimizer) is a
+    choice: no warning."""
+    torch.manual_seed(0)
+    model = bayes_mlp(1, [4], 1)
+    head = list(model.parameters())[-2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = trainer(model=model, optimizer=torch.optim.SGD(head, lr=0.01))
+    assert t.fit()["epochs_trained"] == 1
+
+
+def test_an_optimizer_of_another_model_is_warned_about() -> None:
+    """It trained nothing, silently (a warning, not an error: a deliberately frozen model,
+    e.g. a plateau test, trains so too)."""
+    other = torch.optim.SGD(bayes_mlp(1, [4], 1).parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"the optimizer holds none of the model's 8 "
+                      r"trainable parameter tensors .*training will not change the model"):  # fmt: skip
+        trainer(optimizer=other)

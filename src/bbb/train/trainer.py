@@ -33,7 +33,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,65 @@ def _warn_untrained_elbo_parameters(elbo: ELBO, optimizer: torch.optim.Optimizer
         )
 
 
+def _check_components(model: object, elbo: object, optimizer: object) -> None:
+    """A ``TypeError`` unless ``model`` is an ``nn.Module``, ``elbo`` a :class:`bbb.ELBO` and
+    ``optimizer`` an optimizer instance (each failed with an ``AttributeError`` deep in the
+    constructor or the loop)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(elbo, ELBO):
+        hint = (
+            ": wrap it, e.g. bbb.ELBO(likelihood, dataset_size=len(train_set))"
+            if isinstance(elbo, Likelihood)
+            else ""
+        )
+        raise TypeError(f"elbo must be a bbb.ELBO, got {type(elbo).__name__}{hint}")
+    groups = getattr(optimizer, "param_groups", None)
+    if isinstance(optimizer, type) or not isinstance(groups, list):
+        what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else None
+        raise TypeError(
+            "optimizer must be an optimizer instance built on the model's parameters "
+            "(e.g. torch.optim.Adam(model.parameters(), lr=1e-3)), got "
+            f"{what or type(optimizer).__name__}"
+        )
+
+
+def _warn_untrained_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Warn when ``optimizer`` holds none of the model's trainable parameters (built on
+    another model, or before the model was rebuilt): every step leaves the model as it was,
+    silently. Not an error: a deliberately frozen model (a test of a plateau, training the
+    ELBO's noise alone) trains so too."""
+    import warnings
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if trainable and not any(id(p) in in_optimizer for p in trainable):
+        warnings.warn(
+            f"the optimizer holds none of the model's {len(trainable)} trainable parameter "
+            "tensors (built on another model, or before the model was rebuilt or replaced): "
+            "training will not change the model; build it from model.parameters() (and "
+            "elbo.parameters(), e.g. a learned noise)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_hooks(log: object, epoch_callback: object, loader_generator: object) -> None:
+    """A ``TypeError`` for a ``log`` or ``epoch_callback`` that is neither None nor callable and
+    a ``loader_generator`` that is neither None nor a ``torch.Generator``: each failed only
+    after the first epoch's training (its log line, its callback, its checkpoint)."""
+    for name, value in (("log", log), ("epoch_callback", epoch_callback)):
+        if value is not None and not callable(value):
+            raise TypeError(
+                f"{name} must be a callable or None, got {type(value).__name__} {value!r}"
+            )
+    if loader_generator is not None and not isinstance(loader_generator, torch.Generator):
+        raise TypeError(
+            "loader_generator must be the torch.Generator that shuffles train_loader, or None "
+            f"(the loader's own), got {type(loader_generator).__name__} {loader_generator!r}"
+        )
+
+
 _COMPILED_PREFIX = "_orig_mod."
 
 
@@ -428,8 +487,42 @@ def _persistent_workers(loader: Iterable[Any]) -> bool:
     )
 
 
+def _describe_batch(batch: object) -> str:
+    """What a minibatch that is not an ``(x, y)`` pair of tensors is, for an error message."""
+    if isinstance(batch, Tensor):
+        return (
+            f"a single tensor of shape {tuple(batch.shape)} (a loader over a tensor: wrap "
+            "inputs and targets as TensorDataset(x, y))"
+        )
+    if isinstance(batch, dict):
+        return f"a dict with keys {', '.join(map(repr, batch))} (give the pair (x, y) instead)"
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) < 2:
+        return (
+            f"a {type(batch).__name__} of {len(batch)} element(s) (a TensorDataset of the "
+            "inputs alone? give TensorDataset(x, y))"
+        )
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        kinds = ", ".join(type(v).__name__ for v in batch[:2])
+        return f"a {type(batch).__name__} whose first two elements are {kinds}, not tensors"
+    return f"a {type(batch).__name__}"
+
+
 def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+    """``loader``'s minibatches as ``(x, y)`` on ``device``: the first two elements of each
+    (a tuple or list; further elements are ignored); a ``TypeError`` for any other minibatch
+    (inputs alone, a dict, a bare tensor), which failed as an ``IndexError`` or ``KeyError``."""
     for batch in loader:
+        if not (
+            isinstance(batch, Sequence)
+            and not isinstance(batch, str)
+            and len(batch) >= 2
+            and isinstance(batch[0], Tensor)
+            and isinstance(batch[1], Tensor)
+        ):
+            raise TypeError(
+                "the data loader must yield (x, y) minibatches (inputs and targets: two "
+                f"tensors), got {_describe_batch(batch)}"
+            )
         x, y = batch[0], batch[1]
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -732,6 +825,10 @@ class Trainer:
         find_unused_parameters: bool = False,
         epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
+        # refused here, not in the middle of fit() (an AttributeError deep in the loop, or
+        # after the first epoch's training)
+        _check_components(model, elbo, optimizer)
+        _check_hooks(log, epoch_callback, loader_generator)
         if not _is_positive_int(epochs):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if patience is not None and not _is_positive_int(patience):
@@ -831,6 +928,7 @@ class Trainer:
                 "schedule would advance that many times too slowly; use accumulation_steps=1"
             )
         _warn_dataset_size(train_loader, elbo)
+        _warn_untrained_model(model, optimizer)
         _warn_untrained_elbo_parameters(elbo, optimizer)
         self.epoch = 0
         # one more than the largest value given to the training sampler's set_epoch (0: none
