@@ -939,6 +939,25 @@ class BayesModule(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._mask_like_weights()
+
+    def _mask_like_weights(self) -> None:
+        """Give the pruning mask (shape W, 0/1) the weights' dtype and device, as
+        :func:`bbb.prune_by_snr` makes it, if it has others.
+
+        After ``load_state_dict(..., assign=True)``: torch assigns each tensor of the state as
+        it is, so the parameters take the state's dtype and device (as for ``nn.Linear``), and
+        so did the mask, whatever the weights' were: a float32 checkpoint's mask with bfloat16
+        weights (``weight_mu`` and ``weight_rho`` cast in the state) failed every forward with
+        "self and mat2 must have the same dtype". The copy path (``assign=False``) already
+        casts into the layer's mask; the mask's values are exact in any float dtype. Not onto
+        "meta" weights (a partial load of the mask before the weights' would lose its values).
+        """
+        mask, w = self.weight_mask, self.weight_mu
+        if mask is None or (w.is_meta and not mask.is_meta):
+            return
+        if mask.dtype != w.dtype or mask.device != w.device:
+            self.weight_mask = mask.to(device=w.device, dtype=w.dtype)
 
     def _apply(self: _M, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _M:
         # .to(device/dtype), .double(), .half(), .cuda(), .cpu(), to_empty(): what the latest

@@ -1,0 +1,130 @@
+"""Review session 29: the Bayesian layers' base class, its save/load paths (issue #3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bbb
+from bbb.nn import BayesConv2d, BayesLinear, BayesModule, sampling
+
+# (checkpoint dtype, layer dtype): down and up in precision
+_DTYPE_PAIRS = [
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+]
+
+
+def _layer(kind: str, dtype: torch.dtype) -> BayesModule:
+    if kind == "linear":
+        return BayesLinear(4, 3, dtype=dtype)
+    return BayesConv2d(2, 3, 3, dtype=dtype)
+
+
+def _input(kind: str, dtype: torch.dtype) -> Tensor:
+    shape = (2, 4) if kind == "linear" else (2, 2, 5, 5)
+    return torch.randn(shape, dtype=dtype)
+
+
+def _mean_output(layer: BayesModule, x: Tensor) -> Tensor:
+    """The mean network's output computed by hand: (mu * mask) applied as the layer's op."""
+    w = layer.weight_mu if layer.weight_mask is None else layer.weight_mu * layer.weight_mask
+    if isinstance(layer, BayesLinear):
+        return F.linear(x, w, layer.bias_mu)
+    return F.conv2d(x, w, layer.bias_mu)
+
+
+# ------------------------------------------------------------------ 1. masks under assign=True
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize(("saved", "target"), _DTYPE_PAIRS)
+@pytest.mark.parametrize("assign", [True, False])
+@pytest.mark.parametrize("pruned", [True, False])
+def test_a_loaded_mask_follows_the_loaded_weights_dtype(
+    kind: str, saved: torch.dtype, target: torch.dtype, assign: bool, pruned: bool
+) -> None:
+    # A checkpoint whose mu and rho were cast to the layer's dtype but whose mask was not (as
+    # torch's assign=True keeps every tensor's dtype): the mask follows the weights. Before,
+    # assign=True kept the checkpoint's mask dtype and every forward failed ("self and mat2
+    # must have the same dtype, but got BFloat16 and Float").
+    source = nn.Sequential(_layer(kind, saved))
+    if pruned:
+        bbb.prune_by_snr(source, 0.5)
+    state = {
+        k: v.to(target) if k.endswith(("_mu", "_rho")) else v
+        for k, v in source.state_dict().items()
+    }
+    model = nn.Sequential(_layer(kind, target))
+    model.load_state_dict(state, assign=assign)
+    layer = model[0]
+    assert isinstance(layer, BayesModule)
+    assert layer.weight_mu.dtype == target
+    if pruned:
+        assert layer.weight_mask is not None
+        assert layer.weight_mask.dtype == target
+        # 0/1 values: exact in every float dtype
+        assert torch.equal(layer.weight_mask, state["0.weight_mask"].to(target))
+    else:
+        assert layer.weight_mask is None
+    x = _input(kind, target)
+    with sampling(model, "mean"):
+        y = model(x)
+    # the same op on the same tensors: equal up to the op's own rounding (a bfloat16 ulp)
+    torch.testing.assert_close(y, _mean_output(layer, x))
+    for mode in ("sample", "frozen"):
+        with sampling(model, mode):
+            out = model(x)
+        assert out.dtype == target
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(bbb.kl_divergence(model))
+
+
+@pytest.mark.parametrize(("saved", "target"), _DTYPE_PAIRS)
+def test_assign_of_a_whole_checkpoint_takes_its_dtype_mask_included(
+    saved: torch.dtype, target: torch.dtype
+) -> None:
+    # torch's rule for assign=True (nn.Linear too): the layer takes the state's dtype. A pruned
+    # layer already holding a mask of the old dtype gets the state's mask, in that dtype.
+    source = nn.Sequential(BayesLinear(4, 3, dtype=saved))
+    bbb.prune_by_snr(source, 0.5)
+    model = nn.Sequential(BayesLinear(4, 3, dtype=target))
+    bbb.prune_by_snr(model, 0.25)
+    model.load_state_dict(source.state_dict(), assign=True)
+    layer = model[0]
+    assert isinstance(layer, BayesLinear)
+    assert layer.weight_mu.dtype == saved
+    assert layer.weight_mask is not None
+    assert layer.weight_mask.dtype == saved
+    assert torch.equal(layer.weight_mask, source[0].weight_mask)
+    x = _input("linear", saved)
+    with sampling(model, "mean"), sampling(source, "mean"):
+        assert torch.equal(model(x), source(x))  # the same tensors, the same op
+
+
+def test_a_layers_own_load_state_dict_with_assign_casts_the_mask() -> None:
+    # the reported call: the layer's own load_state_dict (prefix ""), not a model's
+    source = BayesLinear(4, 3)
+    bbb.prune_by_snr(source, 0.5)
+    layer = BayesLinear(4, 3, dtype=torch.bfloat16)
+    state = {k: v.to(torch.bfloat16) if k.endswith(("_mu", "_rho")) else v
+             for k, v in source.state_dict().items()}  # fmt: skip
+    layer.load_state_dict(state, assign=True)
+    assert layer.weight_mask is not None
+    assert layer.weight_mask.dtype == torch.bfloat16
+    assert layer(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_mask_loaded_before_meta_weights_keeps_its_values() -> None:
+    # deferred initialisation: a partial assign=True load of the mask onto a layer built on
+    # "meta" keeps the mask's values (it is not moved onto the meta weights' device)
+    source = BayesLinear(4, 3)
+    bbb.prune_by_snr(source, 0.5)
+    assert source.weight_mask is not None
+    layer = BayesLinear(4, 3, device="meta")
+    layer.load_state_dict({"weight_mask": source.weight_mask}, strict=False, assign=True)
+    assert layer.weight_mask is not None
+    assert not layer.weight_mask.is_meta
+    assert torch.equal(layer.weight_mask, source.weight_mask)
