@@ -128,3 +128,61 @@ def test_a_mask_loaded_before_meta_weights_keeps_its_values() -> None:
     assert layer.weight_mask is not None
     assert not layer.weight_mask.is_meta
     assert torch.equal(layer.weight_mask, source.weight_mask)
+
+
+# ------------------------------------------------------------------ 2. frozen samples and state_dict
+def _frozen_net() -> nn.Sequential:
+    return nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 2))
+
+
+def test_the_state_dict_holds_the_posterior_not_the_frozen_sample() -> None:
+    # documented contract (README "model.state_dict() is the portable form"): mu, rho, the
+    # mask if pruned and the prior's hyper-parameters; the frozen sample is not saved, so a
+    # checkpoint of a model in frozen mode loads into any model built the same way (strict)
+    model = _frozen_net()
+    bbb.set_sampling(model, "frozen")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        model(x)  # draws and keeps the frozen sample
+    keys = set(model.state_dict())
+    fresh = _frozen_net()
+    assert keys == set(fresh.state_dict())
+    assert not any("frozen" in k or "eps" in k for k in keys)
+    fresh.load_state_dict(model.state_dict())  # strict: no missing or unexpected key
+
+
+def test_a_reloaded_model_redraws_its_frozen_sample_the_same_under_the_same_seed() -> None:
+    # the documented way to get the frozen network back from a state dict: the first frozen
+    # pass draws the sample from torch's global generator, so the same seed gives the same one
+    x = torch.randn(5, 4)
+    model = _frozen_net()
+    bbb.set_sampling(model, "frozen")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        y = model(x)
+    fresh = _frozen_net()
+    fresh.load_state_dict(model.state_dict())
+    bbb.set_sampling(fresh, "frozen")  # the mode is not in the state dict either
+    torch.manual_seed(7)
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), y)  # another seed: another sample
+    bbb.resample(fresh)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+
+
+def test_a_layer_keeps_its_frozen_noise_across_load_state_dict() -> None:
+    # the frozen sample is the noise eps of w = mu + sigma * eps (kept until resample, as
+    # Thompson sampling needs): loading a state changes mu and sigma, not the noise, as an
+    # optimizer step does; loading the first state back gives the first network again
+    x = torch.randn(5, 4)
+    model = _frozen_net()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    bbb.set_sampling(model, "frozen")
+    with torch.no_grad():
+        y = model(x)
+        model.load_state_dict(_frozen_net().state_dict())  # another posterior
+        assert not torch.equal(model(x), y)
+        model.load_state_dict(first)
+        assert torch.equal(model(x), y)

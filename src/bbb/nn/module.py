@@ -10,7 +10,18 @@ Sampling modes (per layer; set them for a whole model with :func:`sampling`):
 - ``"sample"`` (default): fresh noise at every forward pass, drawn by the layer's estimator.
 - ``"mean"``: use ``mu``: a deterministic network (the "mean network").
 - ``"frozen"``: draw one weight sample and keep it across calls until :func:`resample`; always
-  weight-space (local noise cannot be frozen), as Thompson sampling needs.
+  weight-space (local noise cannot be frozen), as Thompson sampling needs. What is kept is the
+  noise ``eps`` of ``w = mu + sigma * eps`` (shape (S, *W)), drawn at the first frozen pass
+  from torch's global generator.
+
+Saving and loading: ``state_dict()`` holds the posterior (``mu``, ``rho``, the pruning mask if
+pruned, the prior's hyper-parameters), not the sampling mode nor the frozen sample, so that a
+checkpoint loads into any model built the same way. A model loaded from it draws its own
+frozen sample at its first frozen pass: the same one as the original's under the same
+``torch.manual_seed`` before that pass. ``copy.deepcopy``, ``pickle`` and ``torch.save(model)``
+keep the sample and the mode. A layer that holds a frozen sample keeps its noise across
+``load_state_dict`` (as across an optimizer step): its weights are then the loaded
+posterior's at that noise; call :func:`resample` for a new one.
 
 Several Monte Carlo samples in one pass: inside :func:`vectorized_samples` (used by
 :class:`bbb.ELBO` and :func:`bbb.predict`), a layer receives a batch of ``S * B`` rows, the S
@@ -893,7 +904,8 @@ class BayesModule(nn.Module):
 
     # ----------------------------------------------------------------- modes
     def resample(self) -> None:
-        """Forget the frozen weight sample; the next forward in ``"frozen"`` mode draws anew."""
+        """Forget the frozen weight sample; the next forward in ``"frozen"`` mode draws anew
+        (``load_state_dict`` does not: see the module docstring, "Saving and loading")."""
         self._frozen = None
 
     def set_sampling(self, mode: str) -> None:
