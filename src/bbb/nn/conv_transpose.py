@@ -51,6 +51,29 @@ _CONV_T: dict[int, Callable[..., Tensor]] = {
 _SPATIAL: dict[int, str] = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
+def _size_entries(output_size: object) -> list[int | torch.SymInt] | None:
+    """The entries of a ``forward(..., output_size=...)`` argument as ints, or None when it
+    is not a size: a sequence of integers (``torch.Size`` included, with the symbolic sizes
+    of ``x.shape`` under ``torch.export`` with dynamic shapes, kept symbolic) or a 1-D
+    integer tensor or NumPy array, the forms ``nn.ConvTranspose*d.forward`` takes."""
+    if isinstance(output_size, Tensor) or type(output_size).__module__ == "numpy":
+        shape = getattr(output_size, "shape", None)
+        if shape is None or len(shape) != 1:
+            return None
+        output_size = cast("Tensor", output_size).tolist()
+    if isinstance(output_size, (str, bytes)) or not isinstance(output_size, Sequence):
+        return None
+    values: list[int | torch.SymInt] = []
+    for v in output_size:
+        if isinstance(v, torch.SymInt):
+            values.append(v)  # int() would fix the exported graph to the example's size
+        elif _is_int(v):
+            values.append(int(cast(numbers.Integral, v)))
+        else:
+            return None
+    return values
+
+
 class OutputSizeError(ValueError, RuntimeError):
     """An input too small for a transposed convolution's padding (an output size below 1).
 
@@ -194,14 +217,12 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
         name, d = type(self).__name__, self._dim
         accepted = (
             f"a sequence of {d} positive ints (the spatial size {_SPATIAL[d]}) or of {d + 2} "
-            f"(N, C_out, {_SPATIAL[d]}) as torch.Size gives it"
+            f"(N, C_out, {_SPATIAL[d]}) as torch.Size gives it, or a 1-D integer tensor or "
+            "array of them"
         )
-        if isinstance(output_size, (str, bytes)) or not isinstance(output_size, Sequence):
+        values = _size_entries(output_size)
+        if values is None or len(values) not in (d, d + 2):
             raise ValueError(f"{name} output_size must be {accepted}, got {output_size!r}")
-        sizes = list(output_size)
-        if len(sizes) not in (d, d + 2) or not all(_is_int(v) for v in sizes):
-            raise ValueError(f"{name} output_size must be {accepted}, got {output_size!r}")
-        values = [int(cast(numbers.Integral, v)) for v in sizes]
         if len(values) == d + 2:
             # the batch entry is not checked: inside bbb.vectorized_samples the layer sees the
             # S copies of the batch, S * N rows
@@ -222,15 +243,20 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
                 f"size {spatial_in} gives sizes in ({ranges}) per dimension (output_padding "
                 "0 .. stride - 1, as nn.ConvTranspose*d)"
             )
-        return tuple(v - lo for v, lo in zip(values, smallest, strict=True))
+        # (a symbolic size under torch.export stays one: torch.SymInt computes as an int)
+        return cast(
+            "tuple[int, ...]", tuple(v - lo for v, lo in zip(values, smallest, strict=True))
+        )
 
     # ----------------------------------------------------------------- forward and ops
-    def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, output_size: Sequence[int] | Tensor | None = None) -> Tensor:
         """Apply the layer to ``x`` (N, in_channels, *spatial) -> (N, out_channels,
         *spatial').
 
         ``output_size``: the spatial output size wanted (``_dim`` ints, or ``_dim + 2`` with
-        the batch and channel entries in front, as ``nn.ConvTranspose*d.forward`` takes it);
+        the batch and channel entries in front, as ``nn.ConvTranspose*d.forward`` takes it:
+        a sequence such as ``skip.shape``, symbolic under ``torch.export`` with dynamic
+        shapes, or a 1-D integer tensor or array);
         it sets ``output_padding`` for this call only (the layer's ``output_padding`` is then
         not used). A size outside those this input can give is a ValueError naming the range.
         Inside :func:`bbb.vectorized_samples`, ``x`` is (S * N, ...) as for every layer.

@@ -1,0 +1,69 @@
+"""Session 29 review of ``BayesConvTranspose1d/2d/3d``, ``BayesLinearEnsemble`` and
+``bbb.nn.stacking`` (issue #3): regression tests for the defects found.
+
+Deterministic checks only (exact, or at float rounding level); fixed seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bbb
+from bbb import BayesConvTranspose2d
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
+
+
+class _UpNet(nn.Module):
+    """A U-Net's up-sampling step: a strided down convolution, then a transposed one told
+    the input's size (``output_size=x.shape``), which is symbolic under ``torch.export`` with
+    dynamic shapes."""
+
+    def __init__(self, up: nn.Module) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.up = up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x), output_size=x.shape)
+
+
+def test_output_size_from_a_dynamic_shape_exports_as_nn_conv_transpose_does() -> None:
+    # Before: torch.export with a dynamic height refused output_size=x.shape ("output_size
+    # must be a sequence of 2 positive ints ..., got torch.Size([2, 4, s53, 8])"), which
+    # nn.ConvTranspose2d exports; now the exported graph gives each height's size.
+    torch.manual_seed(0)
+    net = _UpNet(BayesConvTranspose2d(4, 4, 3, stride=2, padding=1))
+    bbb.set_sampling(net, "mean")
+    half = torch.export.Dim("half", min=2, max=32)
+    exported = torch.export.export(
+        net, (torch.randn(2, 4, 8, 8),), dynamic_shapes={"x": {2: 2 * half}}
+    ).module()
+    for height in (8, 12):  # 12: another size than the example's
+        x = torch.randn(2, 4, height, 8)
+        y = exported(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, net(x), rtol=0, atol=1e-6)
+
+
+def test_output_size_as_an_integer_tensor_or_array_as_nn_conv_transpose_takes_it() -> None:
+    # Before: a 1-D tensor or NumPy array, which nn.ConvTranspose2d.forward takes, was refused
+    torch.manual_seed(0)
+    layer = BayesConvTranspose2d(4, 6, 3, stride=2)
+    ref = nn.ConvTranspose2d(4, 6, 3, stride=2)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight_mu)
+        ref.bias.copy_(layer.bias_mu)  # type: ignore[union-attr,arg-type]
+    x = torch.randn(2, 4, 5, 5)
+    with bbb.sampling(layer, "mean"):
+        for size in (torch.tensor([12, 11]), np.array([12, 11]), np.array([2, 6, 12, 11])):
+            y = layer(x, output_size=size)  # type: ignore[arg-type]
+            assert y.shape == (2, 6, 12, 11)
+            assert torch.equal(y, ref(x, output_size=[12, 11]))
+        # a float tensor or a 2-D one is not a size: refused naming the accepted forms
+        for bad in (torch.tensor([12.0, 11.0]), torch.tensor([[12, 11]])):
+            with pytest.raises(ValueError, match="or a 1-D integer tensor or array of them"):
+                layer(x, output_size=bad)
