@@ -98,7 +98,7 @@ def test_assign_of_a_whole_checkpoint_takes_its_dtype_mask_included(
     assert layer.weight_mu.dtype == saved
     assert layer.weight_mask is not None
     assert layer.weight_mask.dtype == saved
-    assert torch.equal(layer.weight_mask, source[0].weight_mask)
+    assert torch.equal(layer.weight_mask, source.state_dict()["0.weight_mask"])
     x = _input("linear", saved)
     with sampling(model, "mean"), sampling(source, "mean"):
         assert torch.equal(model(x), source(x))  # the same tensors, the same op
@@ -186,3 +186,27 @@ def test_a_layer_keeps_its_frozen_noise_across_load_state_dict() -> None:
         assert not torch.equal(model(x), y)
         model.load_state_dict(first)
         assert torch.equal(model(x), y)
+
+
+# ------------------------------------------------------------------ 3. save/load paths
+@pytest.mark.parametrize("as_type", ["list", "numpy"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_mask_that_is_not_a_tensor_is_named_as_torch_names_it(as_type: str, pruned: bool) -> None:
+    # an unpruned layer failed with "'list' object has no attribute 'shape'" or a TypeError of
+    # empty_like, naming neither the key nor the problem; a pruned one got torch's message
+    source = nn.Sequential(BayesLinear(4, 3))
+    bbb.prune_by_snr(source, 0.5)
+    state: dict[str, object] = dict(source.state_dict())
+    mask = state["0.weight_mask"]
+    assert isinstance(mask, Tensor)
+    state["0.weight_mask"] = mask.tolist() if as_type == "list" else mask.numpy()
+    model = nn.Sequential(BayesLinear(4, 3))
+    if pruned:
+        bbb.prune_by_snr(model, 0.25)
+    with pytest.raises(RuntimeError) as info:
+        model.load_state_dict(state)
+    msg = str(info.value)
+    assert 'While copying the parameter named "0.weight_mask"' in msg
+    assert "expected torch.Tensor" in msg
+    assert ("list" if as_type == "list" else "numpy.ndarray") in msg
+    assert "Unexpected key" not in msg  # reported once, as the wrong type

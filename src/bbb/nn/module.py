@@ -931,14 +931,10 @@ class BayesModule(nn.Module):
         mask = state_dict.get(key)
         if mask is not None and self.weight_mask is None:
             w = self.weight_mu
-            if mask.shape != w.shape:
-                # the mask multiplies the weights: any other shape is another layer's (it was
-                # loaded silently, and every later forward failed with a broadcast error). An
-                # error in torch's words; the key is then not reported as unexpected too.
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {mask.shape} from "
-                    f"checkpoint, the shape in current model is {w.shape} (the weights')."
-                )
+            problem = self._loaded_mask_problem(key, mask)
+            if problem is not None:
+                # an error in torch's words; the key is then not reported as unexpected too
+                error_msgs.append(problem)
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
             else:
                 # in the parameters' dtype, as prune_by_snr makes it (a float32 checkpoint's
@@ -952,6 +948,26 @@ class BayesModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._mask_like_weights()
+
+    def _loaded_mask_problem(self, key: str, mask: object) -> str | None:
+        """Why the state's ``mask`` (under ``key``) cannot be this unpruned layer's pruning
+        mask, in torch's words, or None. It must be a tensor (a list or a NumPy array failed
+        with an AttributeError or a TypeError of ``empty_like``, where torch names the key
+        for a layer that has the buffer) of the weights' shape W (the mask multiplies the
+        weights: any other shape is another layer's; it was loaded silently, and every later
+        forward failed with a broadcast error)."""
+        if not torch.overrides.is_tensor_like(mask):
+            return (
+                f'While copying the parameter named "{key}", expected torch.Tensor or '
+                f"Tensor-like object from checkpoint but received {type(mask)}"
+            )
+        shape, w_shape = cast(Tensor, mask).shape, self.weight_mu.shape
+        if shape != w_shape:
+            return (
+                f"size mismatch for {key}: copying a param with shape {shape} from "
+                f"checkpoint, the shape in current model is {w_shape} (the weights')."
+            )
+        return None
 
     def _mask_like_weights(self) -> None:
         """Give the pruning mask (shape W, 0/1) the weights' dtype and device, as
