@@ -67,3 +67,34 @@ def test_output_size_as_an_integer_tensor_or_array_as_nn_conv_transpose_takes_it
         for bad in (torch.tensor([12.0, 11.0]), torch.tensor([[12, 11]])):
             with pytest.raises(ValueError, match="or a 1-D integer tensor or array of them"):
                 layer(x, output_size=bad)
+
+
+def test_ensemble_bias_must_be_a_bool() -> None:
+    # Before: bias="no" (truthy) gave every member a bias silently, as any non-bool did
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match=r"bias must be True or False, got "):
+            bbb.BayesLinearEnsemble(2, 3, 4, bias=bad)  # type: ignore[arg-type]
+    assert bbb.BayesLinearEnsemble(2, 3, 4, bias=False).bias_mu is None
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_ensemble_on_repeated_blocks_that_split_the_members(estimator: str) -> None:
+    # One member's input repeated for all K members with repeat_samples: blocks of 1 row
+    # for K = 3 members. Before: local and flipout computed the mean path on one block as if
+    # it held the K members and failed in torch's reshape ("shape '[0, 3, 5, 4]' is
+    # invalid"); now the rows are applied as any input: the mean network's output equals that
+    # of the same rows without the mark, and with sigma ~ 0 (rho = -30: sigma ~ 1e-13) so do
+    # the sampled outputs.
+    torch.manual_seed(0)
+    layer = bbb.BayesLinearEnsemble(3, 4, 2, estimator=estimator, rho_init=-30.0)
+    x = torch.randn(1, 5, 4)
+    marked = bbb.nn.repeat_samples(x, 3)
+    plain = x.expand(3, 5, 4)
+    y = layer(marked)
+    assert y.shape == (3, 5, 2)
+    with bbb.sampling(layer, "mean"):
+        reference = layer(plain)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
+    with bbb.vectorized_samples(layer, 2):  # 2 samples x 3 members, blocks of one row
+        y2 = layer(bbb.nn.repeat_samples(x, 6))
+    torch.testing.assert_close(y2, reference.repeat(2, 1, 1), rtol=0, atol=1e-6)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..priors import Prior
 from .module import BayesModule, _Record, positive_int
+from .stacking import identical_blocks
 
 __all__ = ["BayesLinearEnsemble"]
 
@@ -55,6 +56,9 @@ class BayesLinearEnsemble(BayesModule):
         members = positive_int("BayesLinearEnsemble", "members", members)
         in_features = positive_int("BayesLinearEnsemble", "in_features", in_features)
         out_features = positive_int("BayesLinearEnsemble", "out_features", out_features)
+        if not isinstance(bias, bool):
+            # a truthy string ("no", "False") gave the members a bias silently
+            raise ValueError(f"BayesLinearEnsemble bias must be True or False, got {bias!r}")
         self.members = members
         self.in_features = in_features
         self.out_features = out_features
@@ -91,6 +95,21 @@ class BayesLinearEnsemble(BayesModule):
                 (num_samples, *self.bias_mu.shape), dtype=like.dtype, device=like.device
             )
         return record
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the K members to ``x`` (K, N, in_features) -> (K, N, out_features); inside
+        :func:`bbb.vectorized_samples` with S samples, (S * K, N, in) -> (S * K, N, out).
+
+        Input rows are members: S identical blocks of rows (:func:`bbb.nn.repeat_samples`)
+        let the local and flipout estimators compute the mean path once per block only when
+        each block holds whole sets of K members. Blocks that split the members (one
+        member's input repeated for all K, ``repeat_samples(x[:1], K)``) are applied row by
+        row as any input: the shared path failed in torch's reshape
+        ("shape '[0, K, N, in]' is invalid")."""
+        blocks = identical_blocks(x)
+        if blocks > 1 and (x.shape[0] // blocks) % self.members:
+            x = x.view_as(x)  # the same rows, without repeat_samples' mark
+        return super().forward(x)
 
     def _check_input(self, x: Tensor) -> None:
         s, k, n = self.num_samples, self.members, self.in_features
