@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +215,40 @@ def test_a_mask_that_is_not_a_tensor_is_named_as_torch_names_it(as_type: str, pr
     assert "expected torch.Tensor" in msg
     assert ("list" if as_type == "list" else "numpy.ndarray") in msg
     assert "Unexpected key" not in msg  # reported once, as the wrong type
+
+
+def _torch_round_trip(model: nn.Module) -> nn.Module:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded: nn.Module = torch.load(buf, weights_only=False)  # our own module: a trusted pickle
+    return loaded
+
+
+_COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "torch.save": _torch_round_trip,
+}
+
+
+@pytest.mark.parametrize("how", list(_COPIES))
+@pytest.mark.parametrize("batch_size", [None, 6])
+def test_a_copy_made_inside_vectorized_samples_is_outside_it(
+    how: str, batch_size: int | None
+) -> None:
+    # the context's state is the original's, restored on exit; a copy kept num_samples=S
+    # (and the context's batch_size) for good: its forward of 6 rows then failed as not a
+    # multiple of S=4
+    model = nn.Sequential(BayesLinear(4, 3), nn.ReLU(), BayesLinear(3, 1))
+    x = torch.randn(6, 4)
+    with bbb.vectorized_samples(model, 4, batch_size=batch_size):
+        clone = _COPIES[how](model)
+    for layer in bbb.bayes_modules(clone):
+        assert (layer.num_samples, layer._prefix_rows, layer._prefix_copied) == (1, None, None)
+    with sampling(clone, "mean"), sampling(model, "mean"):
+        assert torch.equal(clone(x), model(x))
+    assert clone(x).shape == (6, 1)
+    # and the copy enters a context of its own as the original does
+    pred = bbb.predict(clone, x, likelihood=bbb.Gaussian(), num_samples=5)
+    assert torch.isfinite(pred.mean).all()

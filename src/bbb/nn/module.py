@@ -1020,8 +1020,15 @@ class BayesModule(nn.Module):
     def __getstate__(self) -> dict[str, object]:
         # The record of the last forward holds non-leaf tensors of the autograd graph, which
         # copy.deepcopy and pickle refuse; it is transient, so copies start without it.
+        # So is the state of a vectorized_samples context, which restores it on exit for the
+        # layers it entered, never for a copy: a copy made inside one kept num_samples=S for
+        # good (every later forward of B rows took them for S stacked copies, or failed as not
+        # a multiple of S), and shared the context's flag list with the original.
         state = dict(super().__getstate__())
         state["_record"] = None
+        state["num_samples"] = 1
+        state.pop("_prefix_rows", None)  # the class defaults: None
+        state.pop("_prefix_copied", None)
         return state
 
     def __prepare_scriptable__(self) -> nn.Module:
