@@ -98,3 +98,18 @@ def test_ensemble_on_repeated_blocks_that_split_the_members(estimator: str) -> N
     with bbb.vectorized_samples(layer, 2):  # 2 samples x 3 members, blocks of one row
         y2 = layer(bbb.nn.repeat_samples(x, 6))
     torch.testing.assert_close(y2, reference.repeat(2, 1, 1), rtol=0, atol=1e-6)
+
+
+def test_output_shape_refuses_sizes_of_another_length_by_name() -> None:
+    # Before: Python's "zip() argument 2 is longer than argument 1" (or a TypeError for an int)
+    layer = BayesConvTranspose2d(4, 6, 3, stride=2)
+    assert layer.output_shape((5, 5)) == (11, 11)
+    assert layer.output_shape((5, 5), (1, 0)) == (12, 11)
+    with pytest.raises(ValueError, match=r"input_size must be a sequence of 2 ints .*H, W.*\(5,\)"):
+        layer.output_shape((5,))
+    with pytest.raises(ValueError, match=r"input_size must be a sequence of 2 ints.*got 5"):
+        layer.output_shape(5)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"output_padding must be a sequence of 2 ints.*\(1, 1, 1\)"
+    ):
+        layer.output_shape((5, 5), (1, 1, 1))

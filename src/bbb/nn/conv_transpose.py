@@ -195,8 +195,18 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
     ) -> tuple[int, ...]:
         """The spatial output size for spatial input size ``input_size`` (``_dim`` ints):
         ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per
-        dimension (``output_padding`` None: the layer's)."""
-        pad_out = self.output_padding if output_padding is None else tuple(output_padding)
+        dimension (``output_padding`` None: the layer's). Sizes of another length are a
+        ValueError naming the layer's number of spatial dimensions."""
+        pad_out = self.output_padding if output_padding is None else output_padding
+        d = self._dim
+        for arg, value in (("input_size", input_size), ("output_padding", pad_out)):
+            if not isinstance(value, Sequence) or len(value) != d:
+                # (it was Python's "zip() argument 2 is longer than argument 1")
+                raise ValueError(
+                    f"{type(self).__name__}.output_shape {arg} must be a sequence of {d} "
+                    f"int{'s' if d > 1 else ''} (one per spatial dimension: {_SPATIAL[d]}), "
+                    f"got {value!r}"
+                )
         return tuple(
             (n - 1) * s - 2 * p + d * (k - 1) + op + 1
             for n, s, p, d, k, op in zip(
