@@ -278,6 +278,16 @@ def build_objective(
     return elbo, optimizer, scheduler
 
 
+def check_batch_size(batch_size: int, n_train: int) -> None:
+    """Raise ``ValueError`` when a minibatch of ``batch_size`` examples cannot be drawn from a
+    training set of ``n_train`` (:func:`train_run`'s first check of the data; ``bbb sweep``
+    runs it on every trial's settings before the first trial)."""
+    if batch_size > n_train:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the training set ({n_train} examples)"
+        )
+
+
 def check_step_plan(
     cfg: TrainConfig, n_train: int, batches_per_pass: int, kl_weighting: str
 ) -> int:
@@ -501,10 +511,7 @@ def _train_run(
         data.test = None  # never checked, evaluated or plotted
     for name, ds in (("training", data.train), ("validation", data.val), ("test", data.test)):
         _check_data(name, ds)
-    if cfg.batch_size > len(data.train):
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} examples)"
-        )
+    check_batch_size(cfg.batch_size, len(data.train))
     if cfg.batch_size % world:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is the global batch: it must be a multiple of the "

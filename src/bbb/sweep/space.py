@@ -230,7 +230,7 @@ class Space:
         too. The training set is loaded once per distinct combination of the data options
         (every check needs its size).
         """
-        from ..runs import build_data, check_step_plan
+        from ..runs import build_data, check_batch_size, check_step_plan
 
         by_name = {p.name: p for p in self.params}
         relevant = [p for p in self.params if p.name in _PLAN_KEYS]
@@ -265,8 +265,10 @@ class Space:
             if n_train is None:
                 continue
             checked += 1
-            if cfg.batch_size > n_train:  # bbb.runs.train_run's first check of the data
-                failed.append((at, _batch_too_large(cfg.batch_size, n_train)))
+            try:  # bbb.runs.train_run's first check of the data
+                check_batch_size(cfg.batch_size, n_train)
+            except ValueError as e:
+                failed.append((at, str(e)))
                 continue
             # bbb.runs.train_run's weighting: the baselines' KL (zero) is weighed uniformly
             weighting = cfg.kl_weighting if cfg.method == "bbb" and not inexact else "uniform"
@@ -318,12 +320,6 @@ _PLAN_KEYS = (
     "method",
     *_DATA_KEYS,
 )
-
-
-def _batch_too_large(batch_size: int, n_train: int) -> str:
-    """Why a trial of ``batch_size`` cannot train on ``n_train`` examples: the words of the
-    error ``bbb.runs.train_run`` raises at its start (a trial's error column shows them)."""
-    return f"batch_size={batch_size} is larger than the training set ({n_train} examples)"
 
 
 def _plan_candidates(p: Param) -> list[Any]:
