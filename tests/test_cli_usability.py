@@ -124,6 +124,9 @@ def plateau_trainer(
     unused = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([unused], lr=0.1)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **plateau)
+    # deliberate: the Trainer's warning about an optimizer that holds none of the model's
+    # parameters is what makes the plateau here
+    warnings.filterwarnings("ignore", message="the optimizer holds none of the model")
     return Trainer(
         model,
         elbo,
