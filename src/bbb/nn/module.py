@@ -19,9 +19,11 @@ pruned, the prior's hyper-parameters), not the sampling mode nor the frozen samp
 checkpoint loads into any model built the same way. A model loaded from it draws its own
 frozen sample at its first frozen pass: the same one as the original's under the same
 ``torch.manual_seed`` before that pass. ``copy.deepcopy``, ``pickle`` and ``torch.save(model)``
-keep the sample and the mode. A layer that holds a frozen sample keeps its noise across
-``load_state_dict`` (as across an optimizer step): its weights are then the loaded
-posterior's at that noise; call :func:`resample` for a new one.
+keep the sample and the mode. A pruned layer loads an unpruned state of itself (every key of
+its own but ``weight_mask``) as unpruned: the mask is dropped; a state with only some of its
+keys (``strict=False``) leaves the mask alone. A layer that holds a frozen sample keeps its
+noise across ``load_state_dict`` (as across an optimizer step): its weights are then the
+loaded posterior's at that noise; call :func:`resample` for a new one.
 
 Several Monte Carlo samples in one pass: inside :func:`vectorized_samples` (used by
 :class:`bbb.ELBO` and :func:`bbb.predict`), a layer receives a batch of ``S * B`` rows, the S
@@ -40,7 +42,7 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -929,25 +931,50 @@ class BayesModule(nn.Module):
     ) -> None:
         key = prefix + "weight_mask"
         mask = state_dict.get(key)
-        if mask is not None and self.weight_mask is None:
-            w = self.weight_mu
+        if key in state_dict and self.weight_mask is None:
             problem = self._loaded_mask_problem(key, mask)
             if problem is not None:
-                # an error in torch's words; the key is then not reported as unexpected too
+                # an error in torch's words (a None too, as torch refuses it for a pruned
+                # layer); the key is then not reported as unexpected too
                 error_msgs.append(problem)
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
             else:
                 # in the parameters' dtype, as prune_by_snr makes it (a float32 checkpoint's
                 # mask in a bfloat16 layer made its weights float32 and every forward fail)
-                self.weight_mask = torch.empty_like(mask, device=w.device, dtype=w.dtype)
-        elif mask is None and self.weight_mask is not None and prefix + "weight_mu" in state_dict:
-            # an unpruned state of this layer; a state without this layer's weights (a partial
-            # load_state_dict(..., strict=False)) leaves its pruning alone
+                w = self.weight_mu
+                self.weight_mask = torch.empty_like(
+                    cast(Tensor, mask), device=w.device, dtype=w.dtype
+                )
+        elif key not in state_dict and self._holds_all_but_the_mask(state_dict, prefix):
+            # an unpruned state of this layer. Only where the key is absent: a None under it
+            # dropped the mask, then torch failed the load on the key as unexpected (a failed
+            # load lost the mask); it is now torch's error for a non-tensor, the mask kept
             self.weight_mask = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._mask_like_weights()
+
+    def _holds_all_but_the_mask(self, state_dict: Mapping[str, object], prefix: str) -> bool:
+        """Whether ``state_dict`` holds every key of this layer's own state (``weight_mu``,
+        ``weight_rho``, ``bias_mu`` and ``bias_rho`` if it has a bias; not its prior's) but
+        the pruning mask: an unpruned state of the layer, whose load drops the layer's mask.
+
+        A state with only some of them (a partial ``load_state_dict(..., strict=False)``, or
+        one shard of a load in several calls with disjoint keys) leaves the mask alone: it
+        was dropped as soon as ``weight_mu`` was there, so a mask loaded from an earlier shard
+        with ``weight_rho`` was lost. A shard with all of them but not the mask cannot be told
+        from an unpruned state: load a layer's mask with its weights or after them.
+        """
+        own = itertools.chain(self._parameters.items(), self._buffers.items())
+        keys = [
+            prefix + name
+            for name, value in own
+            if value is not None
+            and name != "weight_mask"
+            and name not in self._non_persistent_buffers_set
+        ]
+        return all(k in state_dict for k in keys)
 
     def _loaded_mask_problem(self, key: str, mask: object) -> str | None:
         """Why the state's ``mask`` (under ``key``) cannot be this unpruned layer's pruning

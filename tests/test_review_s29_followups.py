@@ -1,0 +1,78 @@
+"""Review session 29, follow-ups: loading a pruning mask (#3), the Trainer's progress option
+(#4), recurrent layers on the meta device (#3), the regression metrics' input checks (#3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import bbb
+from bbb.nn import BayesLinear
+
+
+# ------------------------------------------------------------------ 1. the pruning mask on load
+def _pruned_layer(seed: int) -> BayesLinear:
+    torch.manual_seed(seed)
+    layer = BayesLinear(4, 3)
+    bbb.prune_by_snr(nn.Sequential(layer), 0.5)
+    assert layer.weight_mask is not None
+    return layer
+
+
+def test_a_none_under_the_mask_key_fails_the_load_and_keeps_the_mask() -> None:
+    # Before: the layer dropped its mask (taken as an unpruned state), then torch failed the
+    # load on the key as unexpected: the failed load had lost the mask.
+    layer = _pruned_layer(0)
+    mask = layer.weight_mask.clone()
+    state: dict[str, Tensor | None] = dict(layer.state_dict())
+    state["weight_mask"] = None
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="weight_mask.*expected torch.Tensor.*NoneType"):
+            layer.load_state_dict(state, strict=strict)
+        assert layer.weight_mask is not None and torch.equal(layer.weight_mask, mask)
+
+
+def test_a_none_under_the_mask_key_of_an_unpruned_layer_is_the_same_error() -> None:
+    layer = BayesLinear(4, 3)
+    state: dict[str, Tensor | None] = dict(layer.state_dict())
+    state["weight_mask"] = None
+    with pytest.raises(RuntimeError, match="weight_mask.*expected torch.Tensor.*NoneType"):
+        layer.load_state_dict(state, strict=False)
+    assert layer.weight_mask is None
+
+
+def test_a_mask_loaded_from_an_earlier_shard_survives_the_weights_shard() -> None:
+    # Two load_state_dict(strict=False) calls with disjoint keys: the mask with weight_rho,
+    # then weight_mu and the bias. Before: the second call dropped the mask (weight_mu present,
+    # mask absent: read as an unpruned state).
+    source = _pruned_layer(0)
+    full = source.state_dict()
+    first = ("weight_mask", "weight_rho")
+    target = BayesLinear(4, 3)
+    target.load_state_dict({k: full[k] for k in first}, strict=False)
+    target.load_state_dict({k: v for k, v in full.items() if k not in first}, strict=False)
+    assert target.weight_mask is not None and torch.equal(target.weight_mask, full["weight_mask"])
+    x = torch.randn(5, 4)
+    with bbb.sampling(source, "mean"), bbb.sampling(target, "mean"):
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_a_partial_state_with_weight_mu_keeps_the_mask_and_a_whole_one_drops_it() -> None:
+    layer = _pruned_layer(0)
+    mask = layer.weight_mask.clone()
+    unpruned = BayesLinear(4, 3).state_dict()
+    layer.load_state_dict({"weight_mu": unpruned["weight_mu"]}, strict=False)
+    assert layer.weight_mask is not None and torch.equal(layer.weight_mask, mask)
+    # every key of the layer's own but the mask: an unpruned state (the documented rule)
+    own = {k: v for k, v in unpruned.items() if not k.startswith("prior.")}
+    layer.load_state_dict(own, strict=False)
+    assert layer.weight_mask is None
+
+
+def test_a_strict_load_missing_a_key_keeps_the_mask() -> None:
+    layer = _pruned_layer(0)
+    state = {k: v for k, v in BayesLinear(4, 3).state_dict().items() if k != "bias_rho"}
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "bias_rho"'):
+        layer.load_state_dict(state)
+    assert layer.weight_mask is not None
