@@ -2,7 +2,10 @@
 
 Same arguments as ``torch.nn.ConvNd`` plus ``prior``, ``estimator``, ``kl``, ``mu_init`` and
 ``rho_init`` (see :class:`bbb.BayesLinear`). Several weight samples in one pass are folded into
-the channel groups of a single convolution.
+the channel groups of a single convolution. An unbatched input (C_in, *spatial) is taken as
+torch takes it (as the batch of one ``x.unsqueeze(0)``), except inside
+:func:`bbb.vectorized_samples` with several samples, which are stacked along the batch
+dimension an unbatched input lacks.
 
 Note on ``estimator="local"``: local reparameterisation samples each output from a Gaussian with
 the right mean and variance, but independently across output positions, whereas positions that
@@ -24,6 +27,7 @@ from torch.nn.modules.utils import _reverse_repeat_tuple
 
 from ..priors import Prior
 from .module import BayesModule, _is_int, positive_int
+from .stacking import identical_blocks
 
 __all__ = ["BayesConv1d", "BayesConv2d", "BayesConv3d"]
 
@@ -56,7 +60,9 @@ def spatial_tuple(owner: str, dim: int, arg: str, value: object, minimum: int) -
 
 class _SpatialBayesModule(BayesModule):
     """What the convolutions and transposed convolutions share: their size arguments read as
-    one int per spatial dimension, and the input check (N, C_in, *spatial) with its advice."""
+    one int per spatial dimension, and the input: (N, C_in, *spatial), or unbatched
+    (C_in, *spatial) as ``nn.ConvNd`` and ``nn.ConvTransposeNd`` take it (see
+    :meth:`_unbatched`)."""
 
     _dim: int = 2
     in_channels: int
@@ -80,27 +86,76 @@ class _SpatialBayesModule(BayesModule):
     def _ntuple(self, arg: str, value: object, minimum: int) -> tuple[int, ...]:
         return spatial_tuple(type(self).__name__, self._dim, arg, value, minimum)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the layer to ``x`` (N, in_channels, *spatial) -> (N, out_channels,
+        *spatial'), or to an unbatched ``x`` (in_channels, *spatial) -> (out_channels,
+        *spatial') as ``nn.ConvNd`` does (the batch of one ``x.unsqueeze(0)``, removed from
+        the output: the same result, random draws included). Inside
+        :func:`bbb.vectorized_samples` with S > 1, ``x`` is (S * N, ...): an unbatched input
+        is refused there (see :meth:`_unbatched`)."""
+        if self._unbatched(x):
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
+    def _unbatched(self, x: Tensor) -> bool:
+        """Whether ``x`` is an unbatched input (in_channels, *spatial), which the layer runs
+        as the batch of one ``x.unsqueeze(0)`` (as torch). False for any other number of
+        dimensions (:meth:`_check_input` judges those). A ``(_dim + 1)``-D input is a
+        ValueError when it is not one: inside :func:`bbb.vectorized_samples` with
+        num_samples S > 1 (the S samples are stacked along the batch dimension, which an
+        unbatched input lacks: the rule of ``BayesLinear``'s 1-D and the recurrent layers'
+        2-D inputs), for a one-channel layer given N > 1 rows of one channel each (MNIST's
+        (N, 28, 28): ``x.unsqueeze(1)``), or with another number of channels."""
+        d, c, s = self._dim, self.in_channels, self.num_samples
+        if x.dim() != d + 1:
+            return False
+        spatial = ", ".join(["..."] * d)
+        if self._lacks_channel(x):
+            raise self._shape_error(
+                x,
+                f"(N, {c}, {spatial})",
+                f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {d + 1}-D "
+                "(N inputs of one channel need a channel dimension: x.unsqueeze(1))",
+            )
+        if s > 1:
+            # the user's input: one block of repeat_samples' S copies (bbb.predict, bbb.ELBO)
+            per = x.shape[0] // s if identical_blocks(x) == s else x.shape[0]
+            given = f" (your input: {(per, *x.shape[1:])})" if per != x.shape[0] else ""
+            raise ValueError(
+                f"{type(self).__name__}: an unbatched (C_in, {_SPATIAL[d]}) input cannot hold "
+                f"the {s} Monte Carlo samples of bbb.vectorized_samples (used by bbb.predict and "
+                f"bbb.ELBO), which are stacked along dim 0 (received {tuple(x.shape)}){given}; "
+                "give a batch of one: x.unsqueeze(0)"
+            )
+        if x.shape[0] != c:
+            raise self._shape_error(
+                x,
+                f"(N, {c}, {spatial}) or unbatched ({c}, {spatial})",
+                f"dimension 0 of an unbatched input (C_in, {_SPATIAL[d]}) must be "
+                f"in_channels={c}, got {x.shape[0]}",
+            )
+        return True
+
     def _check_input(self, x: Tensor) -> None:
         d, c = self._dim, self.in_channels
         if x.dim() != d + 2 or x.shape[1] != c:
             spatial = ", ".join(["..."] * d)
             if x.dim() != d + 2:
-                problem = f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
-                if x.dim() == d + 1:
-                    problem += f" ({self._missing_dim_advice(x)})"
+                problem = (
+                    f"a {d + 2}-D input (N, C_in, {_SPATIAL[d]}) or an unbatched {d + 1}-D one "
+                    f"(C_in, {_SPATIAL[d]}) is needed, got {x.dim()}-D"
+                )
             else:
                 problem = f"dimension 1 (channels) must be in_channels={c}, got {x.shape[1]}"
             raise self._shape_error(x, f"(N, {c}, {spatial})", problem)
 
-    def _missing_dim_advice(self, x: Tensor) -> str:
-        """Which dimension a (d + 1)-D input lacks: the batch (one unbatched example, as
-        ``nn.ConvNd`` and ``nn.ConvTransposeNd`` take it) or, for a one-channel layer, the
-        channel (N single-channel inputs: MNIST's (N, 28, 28))."""
-        c, s = self.in_channels, self.num_samples
+    def _lacks_channel(self, x: Tensor) -> bool:
+        """Whether the ``(_dim + 1)``-D ``x`` given to a one-channel layer is N > 1 inputs
+        without their channel dimension (MNIST's (N, 28, 28)) rather than one unbatched input
+        (1, *spatial) (inside :func:`bbb.vectorized_samples`, N counted per sample)."""
+        s = self.num_samples
         lead = x.shape[0] // s if s > 1 and x.shape[0] % s == 0 else x.shape[0]
-        unbatched = "an unbatched input needs a leading batch dimension: x.unsqueeze(0)"
-        channel = "N inputs of one channel need a channel dimension: x.unsqueeze(1)"
-        return channel if c == 1 and lead != 1 else unbatched
+        return self.in_channels == 1 and lead != 1
 
 
 class _BayesConvNd(_SpatialBayesModule):
@@ -252,18 +307,21 @@ class _BayesConvNd(_SpatialBayesModule):
 
 
 class BayesConv1d(_BayesConvNd):
-    """Bayesian ``nn.Conv1d``: input (N, C_in, L) -> output (N, C_out, L')."""
+    """Bayesian ``nn.Conv1d``: input (N, C_in, L) -> output (N, C_out, L'); unbatched
+    (C_in, L) -> (C_out, L') as torch."""
 
     _dim = 1
 
 
 class BayesConv2d(_BayesConvNd):
-    """Bayesian ``nn.Conv2d``: input (N, C_in, H, W) -> output (N, C_out, H', W')."""
+    """Bayesian ``nn.Conv2d``: input (N, C_in, H, W) -> output (N, C_out, H', W'); unbatched
+    (C_in, H, W) -> (C_out, H', W') as torch."""
 
     _dim = 2
 
 
 class BayesConv3d(_BayesConvNd):
-    """Bayesian ``nn.Conv3d``: input (N, C_in, D, H, W) -> output (N, C_out, D', H', W')."""
+    """Bayesian ``nn.Conv3d``: input (N, C_in, D, H, W) -> output (N, C_out, D', H', W');
+    unbatched (C_in, D, H, W) -> (C_out, D', H', W') as torch."""
 
     _dim = 3

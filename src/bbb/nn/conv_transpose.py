@@ -220,28 +220,36 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
             )
         )
 
-    def _output_padding_for(self, x: Tensor, output_size: object) -> tuple[int, ...]:
-        """The output_padding that gives spatial size ``output_size`` for input ``x``
-        (checked by :meth:`_check_input`), or a ValueError that says which sizes this input
-        can give."""
+    def _output_padding_for(
+        self, x: Tensor, output_size: object, batched: bool = True
+    ) -> tuple[int, ...]:
+        """The output_padding that gives spatial size ``output_size`` for the batched input
+        ``x`` (checked by :meth:`_check_input`), or a ValueError that says which sizes this
+        input can give. ``batched`` False: the caller's input was unbatched (``x`` is its
+        ``unsqueeze(0)``), whose ``output_size`` has a channel entry but no batch entry in
+        front of the spatial ones, as ``nn.ConvTranspose*d`` takes it."""
         name, d = type(self).__name__, self._dim
+        lead = 2 if batched else 1  # the non-spatial entries: (N, C_out) or (C_out)
+        leading = "N, C_out" if batched else "C_out"
         accepted = (
-            f"a sequence of {d} positive ints (the spatial size {_SPATIAL[d]}) or of {d + 2} "
-            f"(N, C_out, {_SPATIAL[d]}) as torch.Size gives it, or a 1-D integer tensor or "
+            f"a sequence of {d} positive ints (the spatial size {_SPATIAL[d]}) or of {d + lead} "
+            f"({leading}, {_SPATIAL[d]}) as torch.Size gives it, or a 1-D integer tensor or "
             "array of them"
         )
+        if not batched:
+            accepted += " (the input is unbatched: no batch entry)"
         values = _size_entries(output_size)
-        if values is None or len(values) not in (d, d + 2):
+        if values is None or len(values) not in (d, d + lead):
             raise ValueError(f"{name} output_size must be {accepted}, got {output_size!r}")
-        if len(values) == d + 2:
+        if len(values) == d + lead:
             # the batch entry is not checked: inside bbb.vectorized_samples the layer sees the
             # S copies of the batch, S * N rows
-            if values[1] != self.out_channels:
+            if values[lead - 1] != self.out_channels:
                 raise ValueError(
-                    f"{name} output_size {tuple(values)} gives {values[1]} channels, but the "
-                    f"layer has out_channels={self.out_channels}"
+                    f"{name} output_size {tuple(values)} gives {values[lead - 1]} channels, but "
+                    f"the layer has out_channels={self.out_channels}"
                 )
-            values = values[2:]
+            values = values[lead:]
         spatial_in = tuple(x.shape[2:])
         smallest = self.output_shape(spatial_in, (0,) * d)
         # as nn.ConvTranspose*d: output_padding 0 .. stride - 1
@@ -261,20 +269,33 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
     # ----------------------------------------------------------------- forward and ops
     def forward(self, x: Tensor, output_size: Sequence[int] | Tensor | None = None) -> Tensor:
         """Apply the layer to ``x`` (N, in_channels, *spatial) -> (N, out_channels,
-        *spatial').
+        *spatial'), or to an unbatched ``x`` (in_channels, *spatial) -> (out_channels,
+        *spatial') as ``nn.ConvTranspose*d`` does (the batch of one ``x.unsqueeze(0)``, removed
+        from the output; refused inside :func:`bbb.vectorized_samples` with S > 1, whose
+        samples are stacked along the batch dimension).
 
         ``output_size``: the spatial output size wanted (``_dim`` ints, or ``_dim + 2`` with
-        the batch and channel entries in front, as ``nn.ConvTranspose*d.forward`` takes it:
+        the batch and channel entries in front, ``_dim + 1`` with the channel entry for an
+        unbatched input, as ``nn.ConvTranspose*d.forward`` takes it:
         a sequence such as ``skip.shape``, symbolic under ``torch.export`` with dynamic
         shapes, or a 1-D integer tensor or array);
         it sets ``output_padding`` for this call only (the layer's ``output_padding`` is then
         not used). A size outside those this input can give is a ValueError naming the range.
         Inside :func:`bbb.vectorized_samples`, ``x`` is (S * N, ...) as for every layer.
         """
+        if self._unbatched(x):
+            return self._forward_batched(x.unsqueeze(0), output_size, False).squeeze(0)
+        return self._forward_batched(x, output_size, True)
+
+    def _forward_batched(
+        self, x: Tensor, output_size: Sequence[int] | Tensor | None, batched: bool
+    ) -> Tensor:
+        """:meth:`forward` on the batched ``x`` (N, in_channels, *spatial); ``batched``: as
+        :meth:`_output_padding_for`."""
         if output_size is None:
             return super().forward(x)
         self._check_input(x)
-        pad_out = self._output_padding_for(x, output_size)
+        pad_out = self._output_padding_for(x, output_size, batched)
         previous = self._call_output_padding
         self._call_output_padding = pad_out
         try:
