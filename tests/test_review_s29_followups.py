@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bbb
 from bbb.nn import BayesLinear
+from bbb.train import Trainer
 
 
 # ------------------------------------------------------------------ 1. the pruning mask on load
@@ -76,3 +81,30 @@ def test_a_strict_load_missing_a_key_keeps_the_mask() -> None:
     with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "bias_rho"'):
         layer.load_state_dict(state)
     assert layer.weight_mask is not None
+
+
+# ------------------------------------------------------------------ 2. Trainer(progress=...)
+def _trainer(progress: object) -> Trainer:
+    """A Trainer of one Bayesian layer on four toy points, with the given ``progress``."""
+    torch.manual_seed(0)
+    model = BayesLinear(1, 1)
+    data = TensorDataset(torch.zeros(4, 1), torch.zeros(4, 1))
+    elbo = bbb.ELBO(bbb.Gaussian(sigma=0.5), len(data))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = DataLoader(data, batch_size=2)
+    return Trainer(model, elbo, optimizer, loader, epochs=1, log=None, progress=progress)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["no", "False", None, 0, 1, np.bool_(False)])
+def test_a_progress_that_is_not_a_bool_is_refused_by_name(value: object) -> None:
+    # Before: any value was taken for its truth (progress="no" drew the bar; None hid it).
+    match = r"progress must be True \(a progress bar per epoch\) or False, got " + re.escape(
+        repr(value)
+    )
+    with pytest.raises(ValueError, match=match):
+        _trainer(value)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_progress_true_or_false_is_kept(value: bool) -> None:
+    assert _trainer(value).progress is value

@@ -746,7 +746,8 @@ class Trainer:
             model is the last epoch's); the default is accepted there.
         val_samples: weight samples for validation predictions.
         patience: stop after this many epochs without improvement (None: never).
-        progress: show a tqdm progress bar per epoch.
+        progress: show a tqdm progress bar per epoch (True or False; another value is a
+            ``ValueError``).
         log: called with one line per epoch (``print`` by default; None for silence).
         loader_generator: the generator that shuffles ``train_loader``: its state is saved in
             the checkpoints and restored on resume, so the resumed run draws the shuffles the
@@ -849,6 +850,11 @@ class Trainer:
             )
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
+        if not isinstance(progress, bool):
+            # any other value was taken for its truth: progress="no" showed the bar
+            raise ValueError(
+                f"progress must be True (a progress bar per epoch) or False, got {progress!r}"
+            )
         if (
             isinstance(y_scale, bool)
             or not isinstance(y_scale, (int, float))
