@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bbb
-from bbb.nn import BayesLinear
+from bbb.nn import BayesGRU, BayesLinear, BayesLSTM
 from bbb.train import Trainer
 
 
@@ -108,3 +109,34 @@ def test_a_progress_that_is_not_a_bool_is_refused_by_name(value: object) -> None
 @pytest.mark.parametrize("value", [True, False])
 def test_progress_true_or_false_is_kept(value: bool) -> None:
     assert _trainer(value).progress is value
+
+
+# ------------------------------------------------------------------ 3. layers on "meta"
+_META_LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, ...]]] = {
+    # name: (constructor, input shape, output shape)
+    "linear": (lambda: BayesLinear(4, 3), (2, 4), (2, 3)),
+    "lstm": (lambda: BayesLSTM(4, 3, batch_first=True), (2, 5, 4), (2, 5, 3)),
+    "gru": (lambda: BayesGRU(4, 3), (5, 2, 4), (5, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_META_LAYERS))
+def test_a_meta_layer_infers_shapes_and_names_an_input_of_another_dtype(kind: str) -> None:
+    # Before: an input of another dtype than the parameters' on the "meta" device failed in
+    # torch.is_autocast_enabled ("unknown device type for autocast") instead of the layer's
+    # own error; a recurrent layer and BayesLinear alike.
+    make, in_shape, out_shape = _META_LAYERS[kind]
+    with torch.device("meta"):
+        layer = make()
+    out = layer(torch.empty(in_shape, device="meta"))
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.device.type == "meta" and tuple(out.shape) == out_shape
+    name = type(layer).__name__
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{name} expected a torch.float32 input (the dtype of its parameters), got "
+            "torch.float64; convert the input (x.to(torch.float32)) or the model"
+        ),
+    ):
+        layer(torch.empty(in_shape, device="meta", dtype=torch.float64))

@@ -211,6 +211,19 @@ def _outside_inference(rec: _Record) -> _Record:
     return dataclasses.replace(rec, **changed) if changed else rec
 
 
+def check_input_dtype(name: str, x: Tensor, dtype: torch.dtype) -> None:
+    """Refuse an input ``x`` whose dtype is not the parameters' ``dtype``, for the layer
+    ``name``; a floating input under autocast passes (autocast casts it). A device type that
+    autocast does not know (``meta``: shape inference) has it off: torch's
+    ``is_autocast_enabled`` raised "unknown device type for autocast" there instead of this
+    error."""
+    if x.dtype != dtype and not (x.is_floating_point() and est._autocast_on(x.device.type)):
+        raise ValueError(
+            f"{name} expected a {dtype} input (the dtype of its parameters), got {x.dtype}; "
+            f"convert the input (x.to({dtype})) or the model (model.to(dtype))"
+        )
+
+
 def check_float_dtype(name: str, dtype: object, note: str = "") -> None:
     """A ValueError naming layer ``name`` unless ``dtype`` is None or a floating-point
     :class:`torch.dtype` (a complex one gave a posterior with a complex sigma = softplus(rho),
@@ -541,14 +554,7 @@ class BayesModule(nn.Module):
                     "needs the copies from its input: leave shared_prefix off"
                 )
         self._check_input(x)
-        if x.dtype != self.weight_mu.dtype and not (
-            x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
-        ):
-            raise ValueError(
-                f"{type(self).__name__} expected a {self.weight_mu.dtype} input (the dtype of its "
-                f"parameters), got {x.dtype}; convert the input (x.to({self.weight_mu.dtype})) or "
-                "the model (model.to(dtype))"
-            )
+        check_input_dtype(type(self).__name__, x, self.weight_mu.dtype)
         if num_samples > 1 and x.shape[0] % num_samples != 0:
             raise ValueError(
                 f"{type(self).__name__}: batch of {x.shape[0]} rows is not a multiple of "

@@ -39,7 +39,14 @@ from torch import Tensor, nn
 
 from ..priors import Prior
 from .estimators import _autocast_on, rademacher
-from .module import BayesModule, _is_real, _Record, check_float_dtype, positive_int
+from .module import (
+    BayesModule,
+    _is_real,
+    _Record,
+    check_float_dtype,
+    check_input_dtype,
+    positive_int,
+)
 from .stacking import repeat_samples
 
 __all__ = ["BayesLSTM", "BayesGRU", "BayesRecurrentWeights", "RECURRENT_ESTIMATORS"]
@@ -667,13 +674,7 @@ class _BayesRNNBase(nn.Module):
         first = self.l0
         assert isinstance(first, BayesRecurrentWeights)
         dtype = first.weight_mu.dtype
-        if input.dtype != dtype and not (
-            input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
-        ):
-            raise ValueError(
-                f"{name} expected a {dtype} input (the dtype of its parameters), got "
-                f"{input.dtype}; convert the input (x.to({dtype})) or the model"
-            )
+        check_input_dtype(name, input, dtype)
         s = first.num_samples
         batched = input.dim() == 3
         if not batched:
