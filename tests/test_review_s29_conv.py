@@ -195,3 +195,95 @@ def test_a_bayesianized_network_takes_the_unbatched_inputs_of_the_original() -> 
     assert bnet(x).shape == (2, 10, 12)
     with bbb.sampling(bnet, "mean"):
         torch.testing.assert_close(bnet(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- 2. review of conv.py
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_local_variance_follows_the_padding_mode(padding_mode: str) -> None:
+    """Local reparameterisation's output variance is op(x^2, sigma^2) + sigma_b^2 with x^2
+    padded in the layer's mode: the exact variance of weight-space sampling, sum_i sigma_i^2
+    (dy/dw_i)^2 + sigma_b^2 (y is linear in w; the Jacobian from torch's nn.Conv2d with that
+    padding mode), also at the border, where zero padding of the variance would lose the taps
+    that read the padded values. Checked against the empirical variance of 4000 draws."""
+    torch.manual_seed(5)
+    layer = BayesConv2d(
+        2, 3, 3, padding=1, padding_mode=padding_mode, estimator="local", rho_init=(-1.0, 0.0)
+    )
+    x = torch.randn(1, 2, 5, 6)
+    twin = nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode)
+
+    def out(w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(twin, {"weight": w, "bias": layer.bias_mu}, (x,))
+
+    jac = torch.func.jacrev(out)(layer.weight_mu.detach())  # (1, 3, 5, 6, *W)
+    exact = (jac.square() * layer.weight_sigma.detach().square()).flatten(4).sum(-1)
+    exact = exact + layer.bias_sigma.detach().square().view(1, 3, 1, 1)
+    n = 4000
+    with torch.no_grad(), bbb.vectorized_samples(layer, n):
+        y = layer(bbb.repeat_samples(x, n))
+    var = y.var(0, keepdim=True)
+    # the sample variance of n Gaussian draws has standard error var * sqrt(2 / (n - 1)):
+    # 5 standard errors (a false failure over the 90 outputs has probability ~ 5e-5)
+    tol = 5 * exact * (2 / (n - 1)) ** 0.5
+    assert torch.all((var - exact).abs() <= tol)
+    # the check can tell: zero padding of the variance is far outside it at the border
+    zero_padded = torch.nn.functional.conv2d(
+        x.square(),
+        layer.weight_sigma.detach().square(),
+        layer.bias_sigma.detach().square(),
+        padding=1,
+    )
+    assert ((zero_padded - exact).abs() > 3 * tol).any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"padding_mode": "mirror"},
+            "BayesConv2d: unknown padding_mode 'mirror'; accepted values: zeros, reflect, "
+            "replicate, circular",
+        ),
+        (
+            {"padding": "full"},
+            "BayesConv2d padding string must be 'same' or 'valid', got 'full' (or give a "
+            "non-negative int, or a tuple of them, one per spatial dimension)",
+        ),
+        (
+            {"padding": 1.5},
+            "BayesConv2d padding must be an int or a tuple of 2 ints (one per spatial "
+            "dimension), got 1.5 (or one of the strings 'same', 'valid')",
+        ),
+        (
+            {"padding": "same", "stride": (1, 2)},
+            "BayesConv2d: padding='same' is not supported for strided convolutions (stride=(1, "
+            "2)), as in torch; give the padding as ints, or stride=1",
+        ),
+    ],
+)
+def test_bad_padding_arguments_name_the_layer_and_every_accepted_form(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """In a network of many layers the constructor's padding errors said neither which kind of
+    layer refused (``unknown padding_mode 'mirror'``) nor, for a non-int padding, that the
+    strings 'same' and 'valid' are accepted too."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BayesConv2d(3, 4, 3, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(("kernel", "dilation"), [(4, 1), (3, 2), ((2, 3), (3, 1))])
+def test_same_padding_matches_torch_in_every_padding_mode(
+    padding_mode: str, kernel: int | tuple[int, int], dilation: int | tuple[int, int]
+) -> None:
+    """padding='same' with even kernels and dilations (the odd element after, as torch), for
+    every padding mode, unbatched too: nn.Conv2d's output in mean mode."""
+    torch.manual_seed(2)
+    layer = BayesConv2d(2, 3, kernel, padding="same", dilation=dilation, padding_mode=padding_mode)
+    twin = nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation, padding_mode=padding_mode)
+    with torch.no_grad():
+        twin.weight.copy_(layer.weight_mu)
+        twin.bias.copy_(layer.bias_mu)
+    bbb.set_sampling(layer, "mean")
+    for x in (torch.randn(2, 2, 7, 8), torch.randn(2, 7, 8)):
+        torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-5, atol=1e-6)

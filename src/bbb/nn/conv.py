@@ -183,13 +183,12 @@ class _BayesConvNd(_SpatialBayesModule):
         in_channels, out_channels, groups = self._channels(in_channels, out_channels, groups)
         if padding_mode not in _PADDING_MODES:
             raise ValueError(
-                f"unknown padding_mode {padding_mode!r}; accepted values: {', '.join(_PADDING_MODES)}"
+                f"{type(self).__name__}: unknown padding_mode {padding_mode!r}; accepted values: "
+                f"{', '.join(_PADDING_MODES)}"
             )
         kernel_size = self._ntuple("kernel_size", kernel_size, 1)
         stride = self._ntuple("stride", stride, 1)
         dilation = self._ntuple("dilation", dilation, 1)
-        if not isinstance(padding, str):
-            padding = self._ntuple("padding", padding, 0)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size: tuple[int, ...] = kernel_size
@@ -197,23 +196,8 @@ class _BayesConvNd(_SpatialBayesModule):
         self.dilation: tuple[int, ...] = dilation
         self.groups = groups
         self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-            self.padding: tuple[int, ...] | str = padding
-            if padding == "same":
-                total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
-                pads: list[int] = []
-                for t in reversed(total):
-                    pads += [t // 2, t - t // 2]
-                self._explicit_pad: tuple[int, ...] = tuple(pads)
-            else:
-                self._explicit_pad = (0,) * (2 * self._dim)
-        else:
-            self.padding = padding
-            self._explicit_pad = _reverse_repeat_tuple(self.padding, 2)
+        self.padding: tuple[int, ...] | str
+        self.padding, self._explicit_pad = self._padding(padding)
         weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = (in_channels // groups) * math.prod(self.kernel_size)
         self._init_posterior(
@@ -228,6 +212,37 @@ class _BayesConvNd(_SpatialBayesModule):
             device=device,
             dtype=dtype,
         )
+
+    def _padding(self, padding: object) -> tuple[tuple[int, ...] | str, tuple[int, ...]]:
+        """``padding`` as the layer keeps it (``"same"``, ``"valid"`` or one int per spatial
+        dimension, in elements) and as ``F.pad`` takes it for the non-zero padding modes
+        (before and after, last dimension first; ``"same"``: ``dilation * (kernel_size - 1)``
+        per dimension, the odd one after, as torch). A ValueError naming the layer and every
+        accepted form otherwise (``"same"`` with a stride above 1 too, as torch)."""
+        name = type(self).__name__
+        if not isinstance(padding, str):
+            try:
+                pads = self._ntuple("padding", padding, 0)
+            except ValueError as err:
+                raise ValueError(f"{err} (or one of the strings 'same', 'valid')") from None
+            return pads, _reverse_repeat_tuple(pads, 2)
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"{name} padding string must be 'same' or 'valid', got {padding!r} (or give a "
+                "non-negative int, or a tuple of them, one per spatial dimension)"
+            )
+        if padding == "valid":
+            return padding, (0,) * (2 * self._dim)
+        if any(s != 1 for s in self.stride):
+            raise ValueError(
+                f"{name}: padding='same' is not supported for strided convolutions "
+                f"(stride={self.stride}), as in torch; give the padding as ints, or stride=1"
+            )
+        explicit: list[int] = []
+        for d, k in zip(reversed(self.dilation), reversed(self.kernel_size), strict=True):
+            total = d * (k - 1)
+            explicit += [total // 2, total - total // 2]
+        return padding, tuple(explicit)
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         conv = _CONV[self._dim]
