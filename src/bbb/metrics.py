@@ -536,8 +536,13 @@ def gaussian_log_likelihood(mean: Tensor, var: Tensor, target: Tensor) -> float:
     return _gaussian_log_density(m, v, t).sum(dim=1).mean().item()
 
 
-def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate (S, B, D) means/vars and (B, D)/(B,) target; return float64 3-D/2-D tensors."""
+def _check_mixture(
+    means: object, vars: object, target: object, fn: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate (S, B, D) means/vars and (B, D)/(B,) target for the function named ``fn``;
+    return float64 3-D/2-D tensors, the targets on the predictions' device (see
+    :func:`_on_predictions_device`). Every function of a mixture predictive checks its
+    inputs here."""
     mu = _as_float64(means, "means")
     var = _as_float64(vars, "vars")
     y = _as_float64(target, "target")
@@ -570,7 +575,20 @@ def _check_mixture(means: object, vars: object, target: object) -> tuple[Tensor,
             )
         )
     _require_positive(var, "vars")
-    return mu, var, y2
+    return _on_predictions_device(mu, var, y2, fn)
+
+
+def _on_predictions_device(
+    mu: Tensor, var: Tensor, y: Tensor, fn: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mu, var, y)`` with the targets ``y`` moved to the device of the means ``mu``, as
+    :meth:`bbb.RegressionPrediction.log_prob` does (targets on the CPU, predictions on the
+    model's device); variances on another device than the means are refused, naming ``fn``.
+    Before, ``regression_report`` and ``mixture_gaussian_log_likelihood`` did neither (torch's
+    "Expected all tensors to be on the same device", or rmse's "target is on cpu")."""
+    if var.device != mu.device:
+        raise ValueError(f"{fn}: vars is on {var.device} but means is on {mu.device}")
+    return mu, var, y.to(mu.device)
 
 
 def _check_y_scale(y_scale: float) -> None:
@@ -613,7 +631,13 @@ def mixture_gaussian_log_likelihood(
         Mean log-likelihood in nats per example (higher is better).
     """
     _check_y_scale(y_scale)
-    mu, var, y = _check_mixture(means, vars, target)
+    mu, var, y = _check_mixture(means, vars, target, "mixture_gaussian_log_likelihood")
+    return _mixture_log_likelihood(mu, var, y, y_scale)
+
+
+def _mixture_log_likelihood(mu: Tensor, var: Tensor, y: Tensor, y_scale: float) -> float:
+    """:func:`mixture_gaussian_log_likelihood` of checked float64 ``(S, B, D)`` ``mu`` and
+    ``var`` and ``(B, D)`` ``y`` on one device (nats per example)."""
     S, _, D = mu.shape
     log_comp = _gaussian_log_density(mu, var, y.unsqueeze(0)).sum(dim=2)  # (S, B)
     log_mix = torch.logsumexp(log_comp, dim=0) - math.log(S)  # (B,)
@@ -649,12 +673,11 @@ def regression_report(
         ``mixture_gaussian_log_likelihood(means, vars, target, y_scale)`` (nats/example,
         original units).
     """
-    means_in, vars_in, target_in = _report_inputs(means, vars, target)
     _check_y_scale(y_scale)
-    mu, var, y = _check_mixture(means_in, vars_in, target_in)
+    mu, var, y = _regression_inputs(means, vars, target, "regression_report")
     return {
         "rmse": rmse(mu.mean(dim=0), y) * y_scale,
-        "log_likelihood": mixture_gaussian_log_likelihood(mu, var, y, y_scale=y_scale),
+        "log_likelihood": _mixture_log_likelihood(mu, var, y, y_scale),
     }
 
 
@@ -714,15 +737,11 @@ _CHUNK_ELEMENTS = 1 << 22
 def _regression_inputs(
     means: object, vars: object, target: object, fn: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated float64 ``(S, B, D)`` means and variances and ``(B, D)`` targets from either
-    call form (tensors, or a :class:`bbb.RegressionPrediction` and the targets)."""
+    """Validated float64 ``(S, B, D)`` means and variances and ``(B, D)`` targets (on the
+    means' device) from either call form (tensors, or a :class:`bbb.RegressionPrediction` and
+    the targets), for the function named ``fn``."""
     means_in, vars_in, target_in = _report_inputs(means, vars, target, fn=fn)
-    mu, var, y = _check_mixture(means_in, vars_in, target_in)
-    if var.device != mu.device:
-        raise ValueError(f"{fn}: vars is on {var.device} but means is on {mu.device}")
-    # targets on the CPU, predictions on the model's device: moved, as
-    # RegressionPrediction.log_prob does
-    return mu, var, y.to(mu.device)
+    return _check_mixture(means_in, vars_in, target_in, fn)
 
 
 def _check_probability_levels(levels: object, name: str, *, sort: bool) -> Tensor:
