@@ -407,8 +407,10 @@ def test_construction_refuses_bad_options_naming_what_is_accepted() -> None:
 
 def test_bad_inputs_are_refused_in_the_callers_terms() -> None:
     layer = BayesConvTranspose2d(3, 2, 2)
-    with pytest.raises(ValueError, match=r"4-D input \(N, C_in, H, W\).*got 3-D.*unsqueeze\(0\)"):
-        layer(torch.randn(3, 4, 4))
+    with pytest.raises(
+        ValueError, match=r"dimension 0 of an unbatched input.*in_channels=3, got 5"
+    ):
+        layer(torch.randn(5, 4, 4))
     with pytest.raises(ValueError, match="channels\\) must be in_channels=3, got 5"):
         layer(torch.randn(2, 5, 4, 4))
     with bbb.vectorized_samples(layer, 4), pytest.raises(ValueError, match=r"got \(2, 5, 4, 4\)"):

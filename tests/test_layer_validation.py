@@ -266,8 +266,8 @@ def test_shape_errors_outside_vectorized_samples_name_the_problem() -> None:
         (bbb.BayesLinear(3, 2), torch.ones(4, 5), "got (4, 5): the last dimension must be "
          "in_features=3, got 5"),
         (bbb.BayesLinear(3, 2), torch.tensor(1.0), "got (): a 0-d input has no feature dimension"),
-        (bbb.BayesConv1d(3, 2, 3), torch.ones(3, 8), "got (3, 8): a 3-D input (N, C_in, L) is "
-         "needed, got 2-D"),
+        (bbb.BayesConv1d(3, 2, 3), torch.ones(8), "got (8,): a 3-D input (N, C_in, L) or an "
+         "unbatched 2-D one (C_in, L) is needed, got 1-D"),
         (BayesLinearEnsemble(3, 4, 2), torch.ones(2, 5, 4), "got (2, 5, 4): dimension 0 must be "
          "members=3, got 2"),
     ]  # fmt: skip

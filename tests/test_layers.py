@@ -824,9 +824,13 @@ def test_wrong_input_shapes_are_rejected() -> None:
     ):
         BayesConv2d(3, 2, 3)(torch.randn(2, 4, 5, 5))
     with pytest.raises(
-        ValueError, match=re.escape("BayesConv1d expected input of shape (N, 3, ...), got (3, 8)")
+        ValueError,
+        match=re.escape(
+            "BayesConv1d expected input of shape (N, 3, ...) or unbatched (3, ...), got (4, 8): "
+            "dimension 0 of an unbatched input (C_in, L) must be in_channels=3, got 4"
+        ),
     ):
-        BayesConv1d(3, 2, 3)(torch.randn(3, 8))  # unbatched
+        BayesConv1d(3, 2, 3)(torch.randn(4, 8))  # unbatched, with the wrong channels
     layer = BayesLinear(3, 2)
     with (
         pytest.raises(ValueError, match="batch of 5 rows is not a multiple of num_samples=2"),
