@@ -269,7 +269,6 @@ def _worker(r: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     warnings.filterwarnings("ignore", message="ELBO. a training step")
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=WORLD)
     try:
         results: dict[str, Any] = {}

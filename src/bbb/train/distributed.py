@@ -29,6 +29,7 @@ to turn on for a model that needs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import inspect
@@ -359,10 +360,38 @@ def rank_seed(seed: int, r: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _owned_outputs(result: ELBOResult) -> ELBOResult:
+    """``result`` with each of its tensors that needs a gradient and is a view of another
+    tensor replaced by a copy of its own (the others, and ``result`` itself when there is
+    none, as they are).
+
+    What a view is here: the ELBO's ``output`` (S, B, ...), reshaped from the network's
+    (S * B, ...) output; ``loss`` is a new scalar and ``nll``, ``kl`` are detached scalars
+    (no gradient). FSDP2 hooks the tensors a sharded module returns, to gather the shards
+    again before their backward; an in-place op on a returned view (``out += y``) rebuilds its
+    autograd history without that hook (torch warns "returned a view tensor" at each step), so
+    the copy makes such an op safe. Its cost: one tensor of the network output's size
+    (S * B * output features, the size the likelihood's own intermediates already have), in
+    training only: under ``torch.no_grad()`` nothing needs a gradient and nothing is copied.
+    """
+    changes: dict[str, Any] = {
+        f.name: value.clone()
+        for f in dataclasses.fields(result)
+        if isinstance(value := getattr(result, f.name), Tensor)
+        and value.requires_grad
+        and value._base is not None
+    }
+    return dataclasses.replace(result, **changes) if changes else result
+
+
 class ELBOStep(nn.Module):
     """The network and its ELBO in one module, so that DDP wraps the whole objective.
 
-    ``forward(x, y, batch_index=i, num_batches=M)`` returns ``elbo(model, x, y, ...)``.
+    ``forward(x, y, batch_index=i, num_batches=M)`` returns ``elbo(model, x, y, ...)``, with
+    no tensor that needs a gradient being a view of another (a copy of the (S, B, ...)
+    ``output`` in its place while training: see :func:`_owned_outputs`), so that
+    ``fully_shard(ELBOStep(model, elbo))`` returns no view and an in-place op on the result
+    keeps FSDP's pre-backward hook.
     """
 
     def __init__(self, model: nn.Module, elbo: ELBO) -> None:
@@ -379,7 +408,9 @@ class ELBOStep(nn.Module):
         num_batches: int | None = None,
     ) -> ELBOResult:
         """The ELBO of the minibatch ``(x, y)`` (see :class:`bbb.ELBO`)."""
-        return self.elbo(self.model, x, y, batch_index=batch_index, num_batches=num_batches)
+        return _owned_outputs(
+            self.elbo(self.model, x, y, batch_index=batch_index, num_batches=num_batches)
+        )
 
 
 def fsdp_sharded(module: nn.Module) -> str | None:
