@@ -131,6 +131,22 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _check_flag(
+    name: str, value: object, true: str, false: str = "", *, none: str | None = None
+) -> None:
+    """A ``ValueError`` naming ``name`` and the accepted values unless ``value`` is ``True``
+    or ``False`` (or None, where ``none`` says what it means): ``true``, ``false`` and
+    ``none`` say what each value does. Anything else (a string, 0 or 1, a NumPy bool) is
+    refused: the Trainer took it for its truth, and ``"no"`` is true."""
+    if isinstance(value, bool) or (none is not None and value is None):
+        return
+    accepted = [f"True ({true})", f"False ({false})" if false else "False"]
+    if none is not None:
+        accepted.append(f"None ({none})")
+    listed = ", ".join(accepted[:-1]) + " or " + accepted[-1]
+    raise ValueError(f"{name} must be {listed}, got {value!r}")
+
+
 def _check_plateau_mode(scheduler: Any, val_metric: str, has_val: bool) -> None:
     """Refuse a ``ReduceLROnPlateau`` whose mode would cut the rate when the run improves."""
     monitored = f"val_metric {val_metric!r}" if has_val else "the training loss (no val_loader)"
@@ -769,9 +785,11 @@ class Trainer:
             or when none of the model's (or the ELBO's) parameters is there (move them
             first: ``model.to(device)``, before building the optimizer).
         distributed: train with ``DistributedDataParallel`` (None: when a ``torch.distributed``
-            process group with more than one process is initialised).
+            process group with more than one process is initialised; True, False or None,
+            another value is a ``ValueError``).
         find_unused_parameters: passed to DDP; only needed for a model with parameters the
-            loss does not reach at every step.
+            loss does not reach at every step (True or False; another value is a
+            ``ValueError``).
         epoch_callback: called as ``epoch_callback(epoch, row)`` after each epoch's files are
             written (``row``: the ``metrics.jsonl`` line, with the ``val_*`` keys), on every
             process; raise :class:`StopTraining` from it to end training there (e.g. a pruned
@@ -850,11 +868,21 @@ class Trainer:
             )
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
-        if not isinstance(progress, bool):
-            # any other value was taken for its truth: progress="no" showed the bar
-            raise ValueError(
-                f"progress must be True (a progress bar per epoch) or False, got {progress!r}"
-            )
+        # any other value was taken for its truth: progress="no" showed the bar,
+        # distributed="no" asked for DDP
+        _check_flag("progress", progress, "a progress bar per epoch")
+        _check_flag(
+            "distributed",
+            distributed,
+            "train with DistributedDataParallel",
+            "this process alone",
+            none="DDP when a process group of more than one process is initialised",
+        )
+        _check_flag(
+            "find_unused_parameters",
+            find_unused_parameters,
+            "DDP looks for the parameters the loss did not reach, at every step",
+        )
         if (
             isinstance(y_scale, bool)
             or not isinstance(y_scale, (int, float))
