@@ -9,6 +9,15 @@ All priors are zero-centred by default and factorised over weights. The built-in
 fixed (not learned). A prior with learnable hyper-parameters is a :class:`Prior` subclass
 that holds them as ``nn.Parameter`` objects and builds :meth:`Prior.distribution` from them;
 both KL modes (closed form and Monte Carlo) backpropagate to them.
+
+A prior shared by several layers (``bbb.models.bayes_mlp(..., prior=p)``) is one object with
+one value per hyper-parameter, stored under each layer's key of ``state_dict()``. A state
+dict that gives those keys two different values is refused on loading, naming both keys,
+whichever key differs from the model's own values (the prior then keeps its value). The
+tensors of the model's own ``state_dict()`` are its buffers (as torch's are its parameters and
+buffers): editing one of those keys in place (``sd["0.prior.sigma"].fill_(0.5)``) changes the
+shared prior itself, so every layer's key then reads 0.5, and loading the dict back is
+accepted. To give the layers different priors, build them with one prior each.
 """
 
 from __future__ import annotations
@@ -79,11 +88,19 @@ def _transformed(t: Tensor) -> bool:
     return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t)
 
 
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of the same memory at the same place (a buffer and
+    the detached copy of it that ``state_dict()`` returns)."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.data_ptr() != 0
+
+
 #: per prior, the load in progress (its error list, the object torch shares among one
-#: load_state_dict's calls) and the values it gave, by name: (value, key prefix)
-_LOADS: weakref.WeakKeyDictionary[Prior, tuple[list[str], dict[str, tuple[float, str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: load_state_dict's calls), the values it gave, by name: (value, key prefix), and the
+#: prior's own before that load copied any, by name: (buffer value, exact value) (see
+#: Prior._conflicting_shared_values)
+_LOADS: weakref.WeakKeyDictionary[
+    Prior, tuple[list[str], dict[str, tuple[float, str]], dict[str, tuple[float, float]]]
+] = weakref.WeakKeyDictionary()
 
 
 class Prior(nn.Module):
@@ -303,18 +320,31 @@ class Prior(nn.Module):
         """Messages for a prior that one ``load_state_dict`` reaches under several prefixes
         (shared by several layers) with different values: torch copied each into the one
         buffer, the last silently winning (the first layer's KL then used the last layer's
-        prior)."""
+        prior).
+
+        The values compared are those the state dict held when the load began. The model's
+        own ``state_dict()`` holds the prior's buffer itself (detached, same storage) under
+        each of its keys: replacing one key by another tensor and loading gave two values,
+        but the first layer's copy wrote through to the other key, which then read as equal
+        (the load was accepted, the replaced value won). A key that holds the buffer is read
+        as the buffer was before this load (and a refused load leaves the prior as it was).
+        Editing such a key in place (``sd[k].fill_(v)``) is no load at all: it changes the
+        shared prior itself, as torch's ``state_dict()`` tensors change any parameter or
+        buffer; every key then reads ``v`` and loading it back is accepted (one prior, one
+        value)."""
         record = _LOADS.get(self)
         if record is None or record[0] is not error_msgs:  # a new load_state_dict call
-            record = (error_msgs, {})
+            record = (error_msgs, {}, self._values_now())
             _LOADS[self] = record
-        given = record[1]
+        given, before = record[1], record[2]
         bad = []
         for name in getattr(self, "_exact", {}):
             value = state_dict.get(prefix + name)
             if not isinstance(value, Tensor) or value.dim() != 0 or value.is_meta:
                 continue
-            v = float(value)
+            buf = self._buffers.get(name)
+            aliased = buf is not None and name in before and _same_memory(value, buf)
+            v = before[name][0] if aliased else float(value)
             first = given.setdefault(name, (v, prefix))
             if first[0] != v:
                 bad.append(
@@ -323,7 +353,31 @@ class Prior(nn.Module):
                     f"{first[1]}{name} = {first[0]!r}, {prefix}{name} = {v!r}; load it into a "
                     "model whose layers each have their own prior"
                 )
+        if bad:
+            # an earlier layer's copy of this load may have written a value: the refused
+            # prior keeps the one it had
+            self._restore(before)
         return bad
+
+    def _values_now(self) -> dict[str, tuple[float, float]]:
+        """The built-in hyper-parameters' current values, by name: (the buffer's value, the
+        exact value); those with a value to read only (0-d, not on the meta device)."""
+        values = {}
+        exact: dict[str, float] = getattr(self, "_exact", {})
+        for name in exact:
+            buf = self._buffers.get(name)
+            if buf is not None and not buf.is_meta and buf.dim() == 0:
+                values[name] = (float(buf), exact[name])
+        return values
+
+    @torch.no_grad()
+    def _restore(self, values: dict[str, tuple[float, float]]) -> None:
+        """Put back the hyper-parameters :meth:`_values_now` returned where they changed."""
+        for name, (value, exact) in values.items():
+            buf = self._buffers[name]
+            if buf is not None and not buf.is_inference() and float(buf) != value:
+                buf.fill_(value)
+                self._exact[name] = exact
 
     #: hyper-parameters that must be positive, and those that must lie in (0, 1), checked
     #: when a state dict is loaded (the constructors check their arguments)

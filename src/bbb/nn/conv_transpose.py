@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..priors import Prior
 from .conv import _SpatialBayesModule
-from .module import _is_int, check_float_dtype
+from .module import _is_int, check_flag, check_float_dtype
 
 __all__ = [
     "BayesConvTranspose1d",
@@ -137,8 +137,7 @@ class _BayesConvTransposeNd(_SpatialBayesModule):
         super().__init__()
         name = type(self).__name__
         in_channels, out_channels, groups = self._channels(in_channels, out_channels, groups)
-        if not isinstance(bias, bool):
-            raise ValueError(f"{name} bias must be True or False, got {bias!r}")
+        bias = check_flag(name, "bias", bias)
         if padding_mode not in PADDING_MODES:
             raise ValueError(
                 f"{name}: unknown padding_mode {padding_mode!r} (torch defines transposed "

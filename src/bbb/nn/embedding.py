@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule, _is_int, _is_real, check_float_dtype, positive_int
+from .module import (
+    BayesModule,
+    _is_int,
+    _is_real,
+    check_flag,
+    check_float_dtype,
+    positive_int,
+)
 from .stacking import identical_blocks, repeat_samples
 
 __all__ = ["BayesEmbedding", "INDEX_DTYPES"]
@@ -162,12 +169,8 @@ class BayesEmbedding(BayesModule):
             raise ValueError(
                 f"BayesEmbedding norm_type must be a finite number above 0, got {norm_type!r}"
             )
-        if not isinstance(scale_grad_by_freq, bool):
-            raise ValueError(
-                "BayesEmbedding scale_grad_by_freq must be True or False, got "
-                f"{scale_grad_by_freq!r}"
-            )
-        if sparse is not False:
+        scale_grad_by_freq = check_flag("BayesEmbedding", "scale_grad_by_freq", scale_grad_by_freq)
+        if check_flag("BayesEmbedding", "sparse", sparse):
             raise ValueError(
                 f"BayesEmbedding does not support sparse={sparse!r}; accepted value: False. The "
                 "KL term's gradient reaches every row of weight_mu and weight_rho at every "

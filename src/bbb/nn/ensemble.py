@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..priors import Prior
-from .module import BayesModule, _Record, positive_int
+from .module import BayesModule, _Record, check_flag, positive_int
 from .stacking import identical_blocks
 
 __all__ = ["BayesLinearEnsemble"]
@@ -56,9 +56,8 @@ class BayesLinearEnsemble(BayesModule):
         members = positive_int("BayesLinearEnsemble", "members", members)
         in_features = positive_int("BayesLinearEnsemble", "in_features", in_features)
         out_features = positive_int("BayesLinearEnsemble", "out_features", out_features)
-        if not isinstance(bias, bool):
-            # a truthy string ("no", "False") gave the members a bias silently
-            raise ValueError(f"BayesLinearEnsemble bias must be True or False, got {bias!r}")
+        # a truthy string ("no", "False") gave the members a bias silently
+        bias = check_flag("BayesLinearEnsemble", "bias", bias)
         self.members = members
         self.in_features = in_features
         self.out_features = out_features

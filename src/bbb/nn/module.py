@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,6 +105,21 @@ def positive_int(owner: str, name: str, value: object) -> int:
         hint = " (a bool is not accepted)" if isinstance(value, bool) else ""
         raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}{hint}")
     return int(cast(numbers.Integral, value))
+
+
+def check_flag(owner: str, name: str, value: object) -> bool:
+    """``value`` as a Python ``bool`` if it is ``True``/``False`` or NumPy's
+    ``np.True_``/``np.False_``, else a ``ValueError`` naming ``owner`` (the layer), the argument
+    ``name`` and what is accepted. The on/off arguments of every Bayesian layer (``bias``,
+    ``batch_first``, ...) go through it. torch's layers take any value by its truth; a truthy
+    non-bool is refused here because it is more often a mistake than a choice (``bias="no"``
+    or ``bias="False"`` would give the layer a bias)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(
+        f"{owner} {name} must be True or False, got {value!r} of type {type(value).__name__} "
+        "(accepted: a bool or a numpy.bool_)"
+    )
 
 
 def _range(name: str, value: object, accepted: str) -> tuple[float, float]:
@@ -279,6 +295,7 @@ class BayesModule(nn.Module):
         is (out, ...); a transposed convolution's weight is (in, out / groups, *k) and gives
         its ``out_channels``."""
         check_float_dtype(type(self).__name__, dtype)
+        bias = check_flag(type(self).__name__, "bias", bias)
         if estimator not in est.ESTIMATORS:
             raise ValueError(
                 f"unknown estimator {estimator!r}; accepted values: {', '.join(est.ESTIMATORS)}"

@@ -43,6 +43,7 @@ from .module import (
     BayesModule,
     _is_real,
     _Record,
+    check_flag,
     check_float_dtype,
     check_input_dtype,
     positive_int,
@@ -313,13 +314,9 @@ class _BayesRNNBase(nn.Module):
         self.input_size = positive_int(name, "input_size", input_size)
         self.hidden_size = positive_int(name, "hidden_size", hidden_size)
         self.num_layers = positive_int(name, "num_layers", num_layers)
-        for opt, value in (
-            ("bias", bias),
-            ("batch_first", batch_first),
-            ("bidirectional", bidirectional),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} {opt} must be True or False, got {value!r}")
+        bias = check_flag(name, "bias", bias)
+        batch_first = check_flag(name, "batch_first", batch_first)
+        bidirectional = check_flag(name, "bidirectional", bidirectional)
         if not _is_real(dropout) or not 0.0 <= float(cast(numbers.Real, dropout)) <= 1.0:
             raise ValueError(
                 f"{name} dropout must be a number in [0, 1] (the probability of zeroing an "
