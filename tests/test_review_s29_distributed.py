@@ -205,3 +205,13 @@ def test_progress_keeps_its_refusal() -> None:
     # the shared check keeps progress's message (test_review_s29_followups checks it fully)
     with pytest.raises(ValueError, match=r"progress must be True \(a progress bar per epoch\)"):
         _trainer(progress="no")
+
+
+def test_wrap_elbo_refuses_a_find_unused_parameters_that_is_not_a_bool() -> None:
+    # it went to DistributedDataParallel as it was, which takes it for its truth ("no" is
+    # true); refused before the process group is looked at, naming the argument
+    from bbb.train.distributed import wrap_elbo
+
+    model = bbb.BayesLinear(2, 1)
+    with pytest.raises(ValueError, match=r"find_unused_parameters must be True \(DDP looks"):
+        wrap_elbo(model, bbb.ELBO(bbb.Gaussian(), 4), find_unused_parameters="no")  # type: ignore[arg-type]

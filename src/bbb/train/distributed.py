@@ -457,6 +457,22 @@ _WRAP_ELBO_OWNS = frozenset(
 )
 
 
+def check_bool_option(
+    name: str, value: object, true: str, false: str = "", *, none: str | None = None
+) -> None:
+    """A ``ValueError`` naming ``name`` and the accepted values unless ``value`` is ``True``
+    or ``False`` (or None, where ``none`` says what it means): ``true``, ``false`` and
+    ``none`` say what each value does. Anything else (a string, 0 or 1, a NumPy bool) is
+    refused: the Trainer and ``wrap_elbo`` took it for its truth, and ``"no"`` is true."""
+    if isinstance(value, bool) or (none is not None and value is None):
+        return
+    accepted = [f"True ({true})", f"False ({false})" if false else "False"]
+    if none is not None:
+        accepted.append(f"None ({none})")
+    listed = ", ".join(accepted[:-1]) + " or " + accepted[-1]
+    raise ValueError(f"{name} must be {listed}, got {value!r}")
+
+
 def wrap_elbo(
     model: nn.Module,
     elbo: ELBO,
@@ -479,6 +495,11 @@ def wrap_elbo(
     ``"blundell"`` KL weight must divide by the global batch, ``replicas * B`` (the uniform
     weight, ``KL / N``, does not depend on it).
     """
+    check_bool_option(
+        "find_unused_parameters",
+        find_unused_parameters,
+        "DDP looks for the parameters the loss did not reach, at every step",
+    )
     owned = sorted(set(ddp_options) & _WRAP_ELBO_OWNS)
     if owned:
         raise TypeError(

@@ -131,22 +131,6 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _check_flag(
-    name: str, value: object, true: str, false: str = "", *, none: str | None = None
-) -> None:
-    """A ``ValueError`` naming ``name`` and the accepted values unless ``value`` is ``True``
-    or ``False`` (or None, where ``none`` says what it means): ``true``, ``false`` and
-    ``none`` say what each value does. Anything else (a string, 0 or 1, a NumPy bool) is
-    refused: the Trainer took it for its truth, and ``"no"`` is true."""
-    if isinstance(value, bool) or (none is not None and value is None):
-        return
-    accepted = [f"True ({true})", f"False ({false})" if false else "False"]
-    if none is not None:
-        accepted.append(f"None ({none})")
-    listed = ", ".join(accepted[:-1]) + " or " + accepted[-1]
-    raise ValueError(f"{name} must be {listed}, got {value!r}")
-
-
 def _check_plateau_mode(scheduler: Any, val_metric: str, has_val: bool) -> None:
     """Refuse a ``ReduceLROnPlateau`` whose mode would cut the rate when the run improves."""
     monitored = f"val_metric {val_metric!r}" if has_val else "the training loss (no val_loader)"
@@ -870,15 +854,15 @@ class Trainer:
             raise ValueError(f"val_samples must be >= 1, got {val_samples!r}")
         # any other value was taken for its truth: progress="no" showed the bar,
         # distributed="no" asked for DDP
-        _check_flag("progress", progress, "a progress bar per epoch")
-        _check_flag(
+        _dist.check_bool_option("progress", progress, "a progress bar per epoch")
+        _dist.check_bool_option(
             "distributed",
             distributed,
             "train with DistributedDataParallel",
             "this process alone",
             none="DDP when a process group of more than one process is initialised",
         )
-        _check_flag(
+        _dist.check_bool_option(
             "find_unused_parameters",
             find_unused_parameters,
             "DDP looks for the parameters the loss did not reach, at every step",
